@@ -1,0 +1,184 @@
+"""`study` command line: parses, validates, calls. No training or plotting logic lives here.
+
+Every user error ends in one line on stderr (`study: error: ...` naming the fix) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ConfigError, RunConfig, parse_seeds
+from .data import DATASETS, DataError
+from .grids import GRIDS, grid_configs
+from .runstore import RunStoreError, list_runs
+
+USER_ERRORS = (ConfigError, DataError, RunStoreError)
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="study", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="train one network, a set of seeds, or a named grid")
+    what = run.add_mutually_exclusive_group(required=True)
+    what.add_argument("--grid", help="a named grid (see `study grids`)")
+    what.add_argument("--arch", choices=("plain", "resnet"), help="train one network of this kind")
+    run.add_argument("--depth", type=int, help="6n+2: 20, 32, 44, 56, 110, 1202 (with --arch)")
+    run.add_argument("--shortcut", choices=("A", "B", "C"), help="residual shortcut option (default A)")
+    run.add_argument("--dataset", choices=DATASETS, help="data set (default: the grid's, else fashion-mnist-mini)")
+    seeds = run.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="one seed (default 0)")
+    seeds.add_argument("--seeds", help="several seeds: 0,1,2 or 0-4")
+    run.add_argument("--iterations", type=_positive_int, help="total iterations (paper: 64000); milestones scale")
+    run.add_argument("--batch-size", type=_positive_int, help="mini-batch size (paper: 128)")
+    run.add_argument(
+        "--holdout", action="store_true", default=None, help="train on 90%% of the training set, log `val` on the rest"
+    )
+    run.add_argument("--data-dir", help="where the data set's files are (default ./data)")
+    run.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
+    run.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+
+    models = sub.add_parser("models", help="table of every architecture: parameters and multiply-accumulates")
+    models.add_argument("--format", choices=("table", "json"), default="table")
+
+    sub.add_parser("grids", help="list the named grids and their runs")
+
+    status = sub.add_parser("status", help="one line per run: id, status, iteration, last errors")
+    status.add_argument("--runs-dir", default="runs")
+    return parser
+
+
+def _run_configs(args: argparse.Namespace) -> list[RunConfig]:
+    if args.seeds is not None:
+        seeds = parse_seeds(args.seeds)
+    elif args.seed is not None:
+        seeds = parse_seeds(str(args.seed))
+    else:
+        seeds = None
+    if args.grid is not None:
+        for flag in ("depth", "shortcut"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag} does not apply to --grid; use --arch/--depth for a single run")
+        return grid_configs(
+            args.grid,
+            dataset=args.dataset,
+            seeds=seeds,
+            iterations=args.iterations,
+            batch_size=args.batch_size,
+            holdout=args.holdout,
+        )
+    if args.depth is None:
+        raise ConfigError("--arch needs --depth (6n+2, e.g. --depth 20)")
+    settings = {
+        k: v
+        for k, v in dict(
+            dataset=args.dataset,
+            shortcut=args.shortcut,
+            iterations=args.iterations,
+            batch_size=args.batch_size,
+            holdout=args.holdout,
+        ).items()
+        if v is not None
+    }
+    return [RunConfig(arch=args.arch, depth=args.depth, seed=s, **settings) for s in (seeds or [0])]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .train import run_all  # imports torch-heavy modules only when training
+
+    configs = _run_configs(args)
+    try:
+        results = run_all(
+            configs,
+            args.runs_dir,
+            data_dir=args.data_dir,
+            device=args.device,
+            download=args.download,
+            progress=False if args.no_progress else None,
+        )
+    except ValueError as e:  # resolve_device
+        if isinstance(e, USER_ERRORS):
+            raise
+        raise ConfigError(str(e)) from None
+    bad = {k: v for k, v in results.items() if v != "done"}
+    return 1 if bad else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import architecture_table
+
+    rows = architecture_table()
+    if args.format == "json":
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'name':<12} {'dataset':<8} {'depth':>5} {'shortcut':>8} {'params':>12} {'MACs/image':>14}")
+    for r in rows:
+        name = f"{r['arch']}-{r['depth']}"
+        print(f"{name:<12} {r['dataset']:<8} {r['depth']:>5} {r['shortcut']:>8} {r['params']:>12,} {r['macs']:>14,}")
+    return 0
+
+
+def cmd_grids(args: argparse.Namespace) -> int:
+    for grid in GRIDS.values():
+        print(f"{grid.name}: {grid.description}")
+        for cfg in grid.configs:
+            print(f"  {cfg.run_id}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    runs = list_runs(args.runs_dir)
+    if not runs:
+        print(f"no runs in {args.runs_dir}")
+        return 0
+    print(f"{'run':<40} {'status':<12} {'iteration':>15} {'train err %':>11} {'eval err %':>10}")
+    for run in runs:
+        st = run.status()
+        metrics = run.read_metrics()
+        last = metrics.groupby("split")["error_pct"].last() if not metrics.empty else {}
+        train_err = f"{last['train']:.2f}" if "train" in last else "-"
+        eval_split = "val" if run.cfg.holdout else "test"
+        eval_err = f"{last[eval_split]:.2f}" if eval_split in last else "-"
+        it = f"{st.get('iteration', 0)}/{run.cfg.iterations}"
+        print(f"{run.cfg.run_id:<40} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "models": cmd_models, "grids": cmd_grids, "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except (UsageError, *USER_ERRORS) as e:
+        print(f"study: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("study: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130

@@ -1,0 +1,84 @@
+"""Model builders and the architecture table (`study models`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cifar import SHORTCUTS, BasicBlock, CifarNet, blocks_per_stage, cifar_net
+
+__all__ = [
+    "SHORTCUTS",
+    "BasicBlock",
+    "CifarNet",
+    "blocks_per_stage",
+    "build_model",
+    "count_params",
+    "count_macs",
+    "architecture_table",
+    "CIFAR_DEPTHS",
+]
+
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+
+
+def build_model(
+    arch: str, depth: int, *, shortcut: str = "A", num_classes: int = 10, in_channels: int = 3
+) -> nn.Module:
+    """Build a network by its paper name: `arch` is `plain` or `resnet`."""
+    return cifar_net(arch, depth, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters, BN affine parameters included (the paper's counts include them)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Forward multiply-accumulates for one input of `input_shape` (C, H, W), counting convolutions
+    and fully connected layers as the paper does (BN, ReLU, pooling and additions are not counted).
+
+    Measured by forward hooks during one eval-mode forward pass of a single zero image.
+    """
+    macs = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            macs += output.numel() * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, nn.Linear):
+            macs += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return macs
+
+
+def architecture_table(depths: tuple[int, ...] = CIFAR_DEPTHS) -> list[dict]:
+    """One row per CIFAR-10 architecture: plain, and residual with each shortcut option."""
+    rows = []
+    for depth in depths:
+        for arch, shortcut in (("plain", "A"), *(("resnet", s) for s in SHORTCUTS)):
+            model = build_model(arch, depth, shortcut=shortcut)
+            rows.append(
+                {
+                    "arch": arch,
+                    "depth": depth,
+                    # A plain net has no shortcuts; it is listed under "A" because its parameters
+                    # and MACs equal the option-A residual twin's (run ids use the same convention).
+                    "shortcut": shortcut,
+                    "dataset": "cifar10",
+                    "params": count_params(model),
+                    "macs": count_macs(model, (3, 32, 32)),
+                }
+            )
+    return rows
