@@ -109,24 +109,31 @@ def _run_configs(args: argparse.Namespace) -> list[RunConfig]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .train import run_all  # imports torch-heavy modules only when training
+    from .train import StopRequested, graceful_stop, run_all  # torch-heavy: imported only to train
 
     configs = _run_configs(args)
     try:
-        results = run_all(
-            configs,
-            args.runs_dir,
-            data_dir=args.data_dir,
-            device=args.device,
-            download=args.download,
-            progress=False if args.no_progress else None,
-        )
+        with graceful_stop() as stop:
+            results = run_all(
+                configs,
+                args.runs_dir,
+                data_dir=args.data_dir,
+                device=args.device,
+                download=args.download,
+                progress=False if args.no_progress else None,
+                stop=stop,
+            )
+    except StopRequested as e:
+        print(f"study: stopped by {e}; checkpoint written, run the same command again to resume", file=sys.stderr)
+        return 128 + e.signum
     except ValueError as e:  # resolve_device
         if isinstance(e, USER_ERRORS):
             raise
         raise ConfigError(str(e)) from None
-    bad = {k: v for k, v in results.items() if v != "done"}
-    return 1 if bad else 0
+    unfinished = {k: v for k, v in results.items() if v != "done"}
+    if unfinished:
+        print(f"study: not done: {', '.join(f'{k} ({v})' for k, v in unfinished.items())}", file=sys.stderr)
+    return 1 if unfinished else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -6,12 +6,15 @@ any moment leaves either the old or the new version, never a truncated one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,8 @@ METRIC_COLUMNS = [
     "elapsed_s",
 ]
 STATUSES = ("running", "done", "failed", "interrupted", "diverged")
+# A run in one of these states is not trained again: `diverged` is deterministic for its seed.
+FINAL_STATUSES = ("done", "diverged")
 
 
 class RunStoreError(RuntimeError):
@@ -127,16 +132,12 @@ class Run:
     # --- config -----------------------------------------------------------------------------
     def prepare(self, device: str) -> None:
         """Create the directory and write `config.json`, or check that an existing one matches."""
+        if self.conflicts():
+            raise RunStoreError(
+                f"{self.dir} holds a run with a different or unreadable config.json; "
+                "move that directory away or use another --runs-dir"
+            )
         if self.config_path.exists():
-            try:
-                existing = RunConfig.from_dict(json.loads(self.config_path.read_text())["config"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                existing = None
-            if existing != self.cfg:
-                raise RunStoreError(
-                    f"{self.dir} holds a run with a different or unreadable config.json; "
-                    "move that directory away or use another --runs-dir"
-                )
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         record = {"run_id": self.cfg.run_id, "config": self.cfg.to_dict(), "provenance": provenance(device)}
@@ -144,33 +145,87 @@ class Run:
 
     # --- metrics ----------------------------------------------------------------------------
     def read_metrics(self) -> pd.DataFrame:
-        if not self.metrics_path.exists():
+        """The run's metrics; an empty frame if there are none (or the file is unreadable)."""
+        try:
+            return pd.read_parquet(self.metrics_path)
+        except (FileNotFoundError, OSError, ValueError):
             return pd.DataFrame(columns=METRIC_COLUMNS)
-        return pd.read_parquet(self.metrics_path)
 
-    def write_metrics(self, df: pd.DataFrame) -> None:
-        atomic_write(self.metrics_path, lambda p: df[METRIC_COLUMNS].to_parquet(p, index=False))
-
-    def append_metrics(self, rows: list[dict]) -> None:
-        """Add rows (Parquet has no append: rewrite atomically; a run has a few hundred rows)."""
-        new = pd.DataFrame(rows, columns=METRIC_COLUMNS)
-        old = self.read_metrics()
-        self.write_metrics(new if old.empty else pd.concat([old, new], ignore_index=True))
-
-    def truncate_metrics(self, last_epoch: int) -> None:
-        """Drop rows after `last_epoch` (written before a kill, but past the last checkpoint)."""
-        df = self.read_metrics()
-        if not df.empty and (df["epoch"] > last_epoch).any():
-            self.write_metrics(df[df["epoch"] <= last_epoch].reset_index(drop=True))
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Write all of the run's rows (Parquet has no append; a run has a few hundred rows, and
+        the checkpoint holds the same rows, so this file can always be rebuilt from it)."""
+        df = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+        atomic_write(self.metrics_path, lambda p: df.to_parquet(p, index=False))
 
     # --- checkpoint -------------------------------------------------------------------------
-    def save_checkpoint(self, state: dict) -> None:
-        atomic_write(self.checkpoint_path, lambda p: torch.save(state, p))
+    @property
+    def previous_checkpoint_path(self) -> Path:
+        return self.dir / "checkpoint.prev.pt"
 
-    def load_checkpoint(self) -> dict | None:
-        if not self.checkpoint_path.exists():
-            return None
-        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+    def save_checkpoint(self, state: dict) -> None:
+        """Write the new checkpoint beside the old one, keep the old one as `checkpoint.prev.pt`
+        (the fallback if the new one is ever unreadable), then move the new one into place."""
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".checkpoint.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            if self.checkpoint_path.exists():
+                os.replace(self.checkpoint_path, self.previous_checkpoint_path)
+            os.replace(tmp, self.checkpoint_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, log: Any = None) -> dict | None:
+        """The newest readable checkpoint, or None. An unreadable one (truncated, corrupt) is
+        reported through `log` in one line and the previous one is used instead."""
+        for path in (self.checkpoint_path, self.previous_checkpoint_path):
+            if not path.exists():
+                continue
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(state, dict) or "model" not in state:
+                    raise ValueError("not a study checkpoint")
+                return state
+            except Exception as e:  # any unreadable file: torch raises several types
+                if log is not None:
+                    log(f"{self.cfg.run_id}: {path.name} is unreadable ({type(e).__name__}); "
+                        "using the previous good state")
+        return None
+
+    def clean_temporaries(self) -> None:
+        """Remove temporary files a killed writer left behind (call while holding the lock)."""
+        for tmp in self.dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    # --- lock ---------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, *, wait: bool = False) -> Iterator[bool]:
+        """Hold the run's lock (an flock on `<run dir>/lock`, released by the OS if the holder
+        dies). Yields False at once if another process holds it and `wait` is False."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def is_finished(self) -> bool:
+        return self.status().get("status") in FINAL_STATUSES
+
+    def conflicts(self) -> bool:
+        """True if the directory holds a config.json that is not this run's config."""
+        if not self.config_path.exists():
+            return False
+        try:
+            return RunConfig.from_dict(json.loads(self.config_path.read_text())["config"]) != self.cfg
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError):
+            return True
 
 
 def list_runs(runs_dir: str | os.PathLike) -> list[Run]:

@@ -1,14 +1,27 @@
 """One run, top to bottom: build the net, train it with the paper's schedule, evaluate every epoch,
-append the epoch's rows to `metrics.parquet`, checkpoint, and resume from that checkpoint if the run
+write the epoch's rows to `metrics.parquet`, checkpoint, and resume from that checkpoint if the run
 was stopped.
+
+What survives what:
+- kill -9 at any moment: files are replaced atomically; the next start resumes from the last
+  end-of-epoch checkpoint, which also holds every metrics row so far (rows written after it are
+  redone, never duplicated). The result equals an uninterrupted run's, bit for bit on CPU.
+- SIGTERM / SIGINT: the current step finishes, a mid-epoch checkpoint is written (with the epoch's
+  data order, position and running sums), the run is marked `interrupted`; resuming continues
+  exactly where it stopped.
+- an unreadable checkpoint: reported in one line, the previous one is used (or a clean restart).
+- NaN/inf loss: the run is marked `diverged` at the iteration it happened; a grid goes on.
+- two processes on one runs dir: each run is trained by whoever holds its lock; the other skips it,
+  then waits for it at the end of its own list.
 """
 
 from __future__ import annotations
 
-import math
+import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,12 +29,50 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import RunConfig
-from .data import Data, augment, eval_batches, load_data, normalize, train_batches
+from .data import Data, augment, eval_batches, load_data, normalize
 from .models import build_model
-from .runstore import Run, check_writable
+from .runstore import Run, RunStoreError, check_writable
 
 EVAL_BATCH_SIZE = 1000
 PROGRESS_EVERY = 20  # iterations between progress-bar refreshes (each costs one device sync)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class StopRequested(Exception):
+    """Raised after a SIGTERM/SIGINT once the run's state is safely on disk."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopFlag:
+    """Set by a signal handler, polled by the training loop between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+
+@contextmanager
+def graceful_stop() -> Iterator[StopFlag]:
+    """While active, SIGTERM and SIGINT ask the loop to stop after the current step (a second
+    signal of the same kind stops at once, the usual escape hatch)."""
+    flag = StopFlag()
+
+    def handler(signum: int, frame: object) -> None:
+        if flag.signum is not None:
+            raise KeyboardInterrupt
+        flag.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -74,13 +125,24 @@ def _metric_row(cfg: RunConfig, **values: object) -> dict:
     }
 
 
-def train_run(cfg: RunConfig, run: Run, data: Data, device: torch.device, *, progress: bool | None = None) -> str:
+def train_run(
+    cfg: RunConfig,
+    run: Run,
+    data: Data,
+    device: torch.device,
+    *,
+    progress: bool | None = None,
+    stop: StopFlag | None = None,
+    log: Callable[[str], None] = _stderr,
+) -> str:
     """Train (or resume) one run to completion. Returns its final status: `done` or `diverged`.
 
-    `data` must already be on `device`. On an exception the run is marked `interrupted` (Ctrl-C) or
-    `failed`; the last end-of-epoch checkpoint stays the resume point.
+    `data` must already be on `device`. The caller should hold `run.lock()`. A SIGTERM/SIGINT
+    recorded in `stop` ends the run after the current step with a checkpoint and raises
+    StopRequested; any other exception marks the run `failed` and propagates.
     """
     run.prepare(str(device))
+    run.clean_temporaries()
     torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed alone
     model = build_model(
         cfg.arch,
@@ -93,35 +155,66 @@ def train_run(cfg: RunConfig, run: Run, data: Data, device: torch.device, *, pro
     # One generator drives the data order and the augmentation, so both resume exactly.
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     iteration, epoch, elapsed_before, warming_up = 0, 0, 0.0, cfg.uses_warmup
+    rows: list[dict] = []
+    partial = None  # the state of an epoch interrupted by a signal
 
-    ckpt = run.load_checkpoint()
+    ckpt = run.load_checkpoint(log=log)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["generator"])
         iteration, epoch = ckpt["iteration"], ckpt["epoch"]
         elapsed_before, warming_up = ckpt["elapsed_s"], ckpt["warming_up"]
-    # Rows written after the last checkpoint (a kill between the two writes) are redone.
-    run.truncate_metrics(epoch)
+        rows, partial = list(ckpt["metrics"]), ckpt["partial_epoch"]
+    # The checkpoint holds every row so far: rewriting the file from it drops rows written after
+    # the checkpoint (a kill between the two writes) and repairs an unreadable file.
+    run.write_metrics(rows)
     if iteration >= cfg.iterations:
         run.set_status("done", iteration=iteration, epoch=epoch)
         return "done"
+
+    def checkpoint(partial_epoch: dict | None) -> None:
+        run.save_checkpoint(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": gen.get_state(),
+                "iteration": iteration,
+                "epoch": epoch,  # completed epochs
+                "elapsed_s": elapsed_before + time.perf_counter() - start,
+                "warming_up": warming_up,
+                "metrics": rows,
+                "partial_epoch": partial_epoch,
+            }
+        )
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(
         total=cfg.iterations, initial=iteration, desc=cfg.run_id, disable=not show, dynamic_ncols=True, leave=False
     )
     start = time.perf_counter()
+    n_train = len(data.train.labels)
     run.set_status("running", iteration=iteration, epoch=epoch)
     try:
         while iteration < cfg.iterations:
-            epoch += 1
             model.train()
-            # Sums stay on the device: no host sync per step.
-            loss_sum = torch.zeros((), device=device)
-            wrong = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            for x_u8, y in train_batches(data.train, cfg.batch_size, gen):
+            if partial is None:
+                order = torch.randperm(n_train, generator=gen, device=device)
+                pos, seen = 0, 0
+                # Sums stay on the device: no host sync per step.
+                loss_sum = torch.zeros((), device=device)
+                wrong = torch.zeros((), device=device, dtype=torch.long)
+                # -1 until a step's loss is not finite, then that step's iteration number.
+                first_bad = torch.full((), -1, device=device, dtype=torch.long)
+            else:
+                order, pos, seen = partial["order"].to(device), partial["pos"], partial["seen"]
+                loss_sum, wrong = partial["loss_sum"].to(device), partial["wrong"].to(device)
+                first_bad = partial["first_bad"].to(device)
+                partial = None
+            while pos < n_train and iteration < cfg.iterations:
+                idx = order[pos : pos + cfg.batch_size]
+                x_u8, y = data.train.images.index_select(0, idx), data.train.labels.index_select(0, idx)
+                pos += len(idx)
                 lr = lr_at(cfg, iteration, warming_up)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -131,10 +224,11 @@ def train_run(cfg: RunConfig, run: Run, data: Data, device: torch.device, *, pro
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                iteration += 1
                 loss_sum += loss.detach() * len(y)
                 wrong += (out.detach().argmax(1) != y).sum()
                 seen += len(y)
-                iteration += 1
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), iteration, first_bad)
                 if warming_up and (
                     100.0 * wrong.item() / seen < cfg.warmup_until_error
                     or iteration >= cfg.milestone_iterations[0]
@@ -143,34 +237,33 @@ def train_run(cfg: RunConfig, run: Run, data: Data, device: torch.device, *, pro
                 if show and iteration % PROGRESS_EVERY == 0:
                     bar.update(iteration - bar.n)
                     bar.set_postfix(lr=f"{lr:g}", err=f"{100.0 * wrong.item() / seen:.1f}%")
-                if iteration >= cfg.iterations:
-                    break  # a shortened run may end inside an epoch: that partial epoch is logged too
+                if stop is not None and stop.signum is not None:
+                    checkpoint(
+                        {"order": order, "pos": pos, "seen": seen, "loss_sum": loss_sum, "wrong": wrong, "first_bad": first_bad}
+                    )
+                    run.set_status("interrupted", iteration=iteration, epoch=epoch, signal=signal.Signals(stop.signum).name)
+                    raise StopRequested(stop.signum)
+            # End of an epoch, or of a shortened run inside one (that partial epoch is logged too).
+            epoch += 1
             train_loss, train_err = loss_sum.item() / seen, 100.0 * wrong.item() / seen
             eval_loss, eval_err = evaluate(model, data)
-            elapsed = elapsed_before + time.perf_counter() - start
-            common = dict(epoch=epoch, iteration=iteration, lr=lr, elapsed_s=elapsed)
-            run.append_metrics(
-                [
-                    _metric_row(cfg, split="train", loss=train_loss, error_pct=train_err, **common),
-                    _metric_row(cfg, split=data.eval_split, loss=eval_loss, error_pct=eval_err, **common),
-                ]
-            )
-            if not math.isfinite(train_loss):
-                run.set_status("diverged", iteration=iteration, epoch=epoch)
+            common = dict(epoch=epoch, iteration=iteration, lr=lr, elapsed_s=elapsed_before + time.perf_counter() - start)
+            rows += [
+                _metric_row(cfg, split="train", loss=train_loss, error_pct=train_err, **common),
+                _metric_row(cfg, split=data.eval_split, loss=eval_loss, error_pct=eval_err, **common),
+            ]
+            run.write_metrics(rows)
+            bad_at = int(first_bad.item())
+            if bad_at >= 0:
+                # Keep the last good checkpoint; the rows show the epoch it happened in.
+                run.set_status("diverged", iteration=bad_at, epoch=epoch)
+                log(f"{cfg.run_id}: loss is not finite at iteration {bad_at}; marked diverged")
                 return "diverged"
-            run.save_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "iteration": iteration,
-                    "epoch": epoch,
-                    "elapsed_s": elapsed,
-                    "warming_up": warming_up,
-                }
-            )
+            checkpoint(None)
             run.set_status("running", iteration=iteration, epoch=epoch, train_error=train_err, eval_error=eval_err)
             bar.update(iteration - bar.n)
+    except StopRequested:
+        raise
     except KeyboardInterrupt:
         run.set_status("interrupted", iteration=iteration, epoch=epoch)
         raise
@@ -191,12 +284,14 @@ def run_all(
     device: str = "auto",
     download: bool = False,
     progress: bool | None = None,
-    log=print,
+    stop: StopFlag | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, str]:
-    """Run each config in turn (skipping finished runs, resuming unfinished ones).
+    """Run each config in turn: skip finished runs, resume unfinished ones, leave runs that another
+    process holds to it (waiting for them at the end), and go on after a run diverges or fails.
 
-    All checks that can fail on bad input (device, runs dir, data) happen before the first run
-    directory is created. Returns {run_id: final status}.
+    Every check that can fail on bad input (device, data, runs dir, conflicting run dirs) happens
+    before the first run directory is created. Returns {run_id: final status}.
     """
     configs = list(configs)
     dev = resolve_device(device)
@@ -205,16 +300,44 @@ def run_all(
         key = (cfg.dataset, cfg.holdout)
         if key not in datasets:
             datasets[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=download).to(dev)
+    runs = [Run(runs_dir, cfg) for cfg in configs]
+    for run in runs:
+        if run.conflicts():
+            raise RunStoreError(
+                f"{run.dir} holds a run with a different or unreadable config.json; "
+                "move that directory away or use another --runs-dir"
+            )
     check_writable(Path(runs_dir))  # last check: it creates the runs dir
-    results = {}
-    for i, cfg in enumerate(configs, 1):
-        run = Run(runs_dir, cfg)
-        if run.status().get("status") == "done":
-            log(f"[{i}/{len(configs)}] {cfg.run_id}: done, skipped")
-            results[cfg.run_id] = "done"
-            continue
-        log(f"[{i}/{len(configs)}] {cfg.run_id}: training on {dev}")
-        results[cfg.run_id] = train_run(cfg, run, datasets[(cfg.dataset, cfg.holdout)], dev, progress=progress)
-        final = run.read_metrics().groupby("split").last()["error_pct"].round(2).to_dict()
-        log(f"[{i}/{len(configs)}] {cfg.run_id}: {results[cfg.run_id]} (error % {final})")
+
+    results: dict[str, str] = {}
+    total = len(runs)
+
+    def attempt(i: int, run: Run, wait: bool) -> bool:
+        """Train `run` if this process gets its lock; False if another process holds it."""
+        tag = f"[{i}/{total}] {run.cfg.run_id}"
+        with run.lock(wait=wait) as held:
+            if not held:
+                log(f"{tag}: held by another process; will wait for it at the end")
+                return False
+            if run.is_finished():
+                results[run.cfg.run_id] = run.status()["status"]
+                log(f"{tag}: {results[run.cfg.run_id]}, skipped")
+                return True
+            log(f"{tag}: training on {dev}")
+            data = datasets[(run.cfg.dataset, run.cfg.holdout)]
+            try:
+                results[run.cfg.run_id] = train_run(run.cfg, run, data, dev, progress=progress, stop=stop)
+            except (StopRequested, KeyboardInterrupt):
+                raise
+            except Exception as e:  # one broken run must not take the grid down
+                results[run.cfg.run_id] = "failed"
+                log(f"{tag}: failed ({type(e).__name__}: {e})")
+                return True
+            last = run.read_metrics().groupby("split")["error_pct"].last().round(2).to_dict()
+            log(f"{tag}: {results[run.cfg.run_id]} (last error %: {last})")
+            return True
+
+    held_elsewhere = [(i, run) for i, run in enumerate(runs, 1) if not attempt(i, run, wait=False)]
+    for i, run in held_elsewhere:
+        attempt(i, run, wait=True)
     return results

@@ -148,7 +148,7 @@ def test_rows_past_the_checkpoint_are_redone_not_duplicated(tmp_path, small_data
         train_run(cfg, run, small_data, torch.device("cpu"), progress=False)
     monkeypatch.setattr(Run, "save_checkpoint", real_save)
     # Epoch 2's rows reached disk, its checkpoint did not.
-    run.write_metrics(whole.read_metrics().query("epoch <= 2"))
+    run.write_metrics(whole.read_metrics().query("epoch <= 2").to_dict("records"))
     assert run.load_checkpoint()["epoch"] == 1
 
     train_run(cfg, run, small_data, torch.device("cpu"), progress=False)

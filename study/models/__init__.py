@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .cifar import SHORTCUTS, BasicBlock, CifarNet, blocks_per_stage, cifar_net
+from .imagenet import IMAGENET_DATASETS, IMAGENET_DEPTHS, ImageNetNet, from_torchvision, imagenet_net
 
 __all__ = [
     "SHORTCUTS",
@@ -17,16 +18,36 @@ __all__ = [
     "count_macs",
     "architecture_table",
     "CIFAR_DEPTHS",
+    "IMAGENET_DATASETS",
+    "IMAGENET_DEPTHS",
+    "ImageNetNet",
+    "imagenet_net",
+    "from_torchvision",
 ]
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 
 
 def build_model(
-    arch: str, depth: int, *, shortcut: str = "A", num_classes: int = 10, in_channels: int = 3
+    arch: str,
+    depth: int,
+    *,
+    shortcut: str = "A",
+    num_classes: int | None = None,
+    in_channels: int = 3,
+    dataset: str = "cifar10",
 ) -> nn.Module:
-    """Build a network by its paper name: `arch` is `plain` or `resnet`."""
-    return cifar_net(arch, depth, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels)
+    """Build a network by its paper name: `arch` is `plain` or `resnet`.
+
+    The data set picks the family: ImageNet-sized data (`IMAGENET_DATASETS`) gets the Table-1 nets
+    (depth 18 or 34, 1000 classes by default), any other data set the 6n+2 CIFAR nets (10 classes
+    by default).
+    """
+    imagenet = dataset in IMAGENET_DATASETS
+    if num_classes is None:
+        num_classes = 1000 if imagenet else 10
+    builder = imagenet_net if imagenet else cifar_net
+    return builder(arch, depth, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels)
 
 
 def count_params(model: nn.Module) -> int:
@@ -63,12 +84,20 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return macs
 
 
-def architecture_table(depths: tuple[int, ...] = CIFAR_DEPTHS) -> list[dict]:
-    """One row per CIFAR-10 architecture: plain, and residual with each shortcut option."""
+def architecture_table(
+    depths: tuple[int, ...] = CIFAR_DEPTHS, imagenet_depths: tuple[int, ...] = IMAGENET_DEPTHS
+) -> list[dict]:
+    """One row per architecture: plain, and residual with each shortcut option, for the CIFAR-10
+    nets (MACs per 32x32 image) and the ImageNet nets (MACs per 224x224 image)."""
+    families = [("cifar10", d, (3, 32, 32)) for d in depths]
+    families += [("imagenet", d, (3, 224, 224)) for d in imagenet_depths]
     rows = []
-    for depth in depths:
+    for dataset, depth, input_shape in families:
         for arch, shortcut in (("plain", "A"), *(("resnet", s) for s in SHORTCUTS)):
-            model = build_model(arch, depth, shortcut=shortcut)
+            # On the meta device a net has shapes but no storage, and a forward pass does no
+            # arithmetic: counting needs nothing else, so even the 224x224 and 1202-layer nets are quick to count.
+            with torch.device("meta"):
+                model = build_model(arch, depth, shortcut=shortcut, dataset=dataset)
             rows.append(
                 {
                     "arch": arch,
@@ -76,9 +105,9 @@ def architecture_table(depths: tuple[int, ...] = CIFAR_DEPTHS) -> list[dict]:
                     # A plain net has no shortcuts; it is listed under "A" because its parameters
                     # and MACs equal the option-A residual twin's (run ids use the same convention).
                     "shortcut": shortcut,
-                    "dataset": "cifar10",
+                    "dataset": dataset,
                     "params": count_params(model),
-                    "macs": count_macs(model, (3, 32, 32)),
+                    "macs": count_macs(model, input_shape),
                 }
             )
     return rows

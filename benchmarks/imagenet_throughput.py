@@ -1,0 +1,256 @@
+"""Training throughput of ResNet-18/34 on ImageNet-like JPEGs, split into data loading and model time.
+
+Writes synthetic JPEGs of ImageNet's typical size (500x375 by default) into a temporary ImageFolder
+and measures, through the package's own loader (`study.data.imagenet.make_loaders`) and nets:
+
+- loader: images/s the DataLoader workers deliver to the device (decode, random rescale, crop,
+  flip, host-to-device copy, `normalize`), with no model;
+- model: images/s of forward + backward + SGD step on a batch already on the device (bf16
+  autocast and channels-last on CUDA, as the training loop uses them), with no loader;
+- end to end: both together, each step timed in two parts: waiting for the batch (data) and
+  computing on it (model). The device is synchronised between the parts so the split is honest;
+  that costs end-to-end speed a little.
+
+    python benchmarks/imagenet_throughput.py                          # CPU: small, about a minute
+    python benchmarks/imagenet_throughput.py --out benchmarks/results/imagenet_throughput_h100.json
+
+Defaults depend on the device (CPU: 32 images, batch 4, 2 timed steps; CUDA: 4096 images,
+batch 256, 50 timed steps, a worker per CPU core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+from study.data.imagenet import Lighting, make_loaders, normalize, set_epoch
+from study.models import build_model, count_macs
+
+CLASSES = 10
+
+
+def write_jpegs(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> float:
+    """``count`` JPEGs of ``size`` (w, h) under root/train/<class>/, and a few under root/val/;
+    returns their mean file size in bytes.
+
+    Smooth random colour fields plus pixel noise: pure noise would compress far worse than photos
+    (larger files, slower decoding), a flat colour far better; this lands near ImageNet's average
+    of about 110 KB per image (about 100 KB at 500x375).
+    """
+    w, h = size
+
+    def one(args: tuple[str, int]) -> int:
+        path, i = args
+        rng = np.random.default_rng(seed * 1_000_003 + i)
+        coarse = Image.fromarray(rng.integers(0, 256, (h // 12 + 1, w // 12 + 1, 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int16)
+        pixels = np.clip(smooth + rng.integers(-25, 26, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path, quality=90)
+        return Path(path).stat().st_size
+
+    jobs = []
+    for split, n in (("train", count), ("val", CLASSES)):
+        for c in range(CLASSES):
+            (root / split / f"class{c:02d}").mkdir(parents=True)
+        jobs += [(str(root / split / f"class{i % CLASSES:02d}" / f"{split}_{i}.JPEG"), i) for i in range(n)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL releases the GIL while encoding
+        sizes = list(pool.map(one, jobs))
+    return sum(sizes) / len(sizes)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batches(loader, device: torch.device, lighting: Lighting | None):
+    """Endless device batches (normalised input, labels) from ``loader``, epoch after epoch."""
+    epoch = 0
+    while True:
+        set_epoch(loader, epoch)
+        for images, labels in loader:
+            x = normalize(images.to(device, non_blocking=True), lighting=lighting)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, labels.to(device, non_blocking=True)
+        epoch += 1
+
+
+def loader_throughput(loader, device, lighting, warmup: int, steps: int) -> float:
+    """Images/s the loader delivers, on the device and normalised, with no model."""
+    it = batches(loader, device, lighting)
+    for _ in range(warmup):
+        next(it)
+    sync(device)
+    start, n = time.perf_counter(), 0
+    for _ in range(steps):
+        x, _ = next(it)
+        n += x.shape[0]
+    sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def make_step(depth: int, device: torch.device, compile_model: bool):
+    """One SGD training step of ResNet-``depth`` (option B, as torchvision's) with the paper's
+    optimiser settings; bf16 autocast and channels-last on CUDA."""
+    model = build_model("resnet", depth, shortcut="B", dataset="imagenet", num_classes=CLASSES).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    forward = torch.compile(model) if compile_model else model
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = F.cross_entropy(forward(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def model_throughput(step, batch: int, device: torch.device, warmup: int, steps: int) -> float:
+    """Images/s of training steps on one batch that already sits on the device."""
+    x = normalize(torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device))
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, CLASSES, (batch,), device=device)
+    for _ in range(warmup):
+        step(x, y)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    sync(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def end_to_end(step, loader, device, lighting, warmup: int, steps: int) -> dict:
+    """Loader and model together: images/s, and seconds per step waiting for data vs computing."""
+    it = batches(loader, device, lighting)
+    for _ in range(warmup):
+        step(*next(it))
+    sync(device)
+    data_s = model_s = 0.0
+    n = 0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        x, y = next(it)
+        sync(device)
+        t1 = time.perf_counter()
+        step(x, y)
+        sync(device)
+        t2 = time.perf_counter()
+        data_s, model_s, n = data_s + t1 - t0, model_s + t2 - t1, n + x.shape[0]
+    return {
+        "images_per_s": n / (data_s + model_s),
+        "data_s_per_step": data_s / steps,
+        "model_s_per_step": model_s / steps,
+        "data_fraction": data_s / (data_s + model_s),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--images", type=int, help="synthetic training JPEGs (CPU 32, CUDA 4096)")
+    p.add_argument("--batch", type=int, help="batch size (CPU 4, CUDA 256)")
+    p.add_argument("--steps", type=int, help="timed steps per measurement (CPU 2, CUDA 50)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (CPU 1, CUDA 10)")
+    p.add_argument("--workers", type=int, help="DataLoader workers (CPU 2, CUDA one per core)")
+    p.add_argument("--size", default="500x375", help="JPEG width x height (ImageNet's typical 500x375)")
+    p.add_argument("--depths", type=int, nargs="+", default=[18, 34], choices=[18, 34])
+    p.add_argument("--lighting", action="store_true", help="include PCA colour lighting in the loader path")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--out", help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    cuda = device.type == "cuda"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    images = args.images or (4096 if cuda else 32)
+    batch = args.batch or (256 if cuda else 4)
+    steps = args.steps or (50 if cuda else 2)
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    workers = args.workers if args.workers is not None else (cores if cuda else min(2, cores))
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    lighting = Lighting(0.1).to(device) if args.lighting else None
+    torch.manual_seed(0)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        mean_bytes = write_jpegs(Path(tmp), images, size)
+        print(f"wrote {images} JPEGs of {size[0]}x{size[1]} ({mean_bytes / 1e3:.0f} KB each) "
+              f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        loader = make_loaders(tmp, batch, workers, pin_memory=cuda).train
+        loader_ips = loader_throughput(loader, device, lighting, warmup, steps)
+        rows = []
+        for depth in args.depths:
+            step = make_step(depth, device, args.compile)
+            model_ips = model_throughput(step, batch, device, warmup, steps)
+            e2e = end_to_end(step, loader, device, lighting, warmup, steps)
+            with torch.device("meta"):
+                macs = count_macs(build_model("resnet", depth, shortcut="B", dataset="imagenet"), (3, 224, 224))
+            rows.append({
+                "model": f"resnet{depth}",
+                "loader_images_per_s": loader_ips,
+                "model_images_per_s": model_ips,
+                # Forward + backward is about 3 forward passes; a MAC is 2 FLOPs.
+                "model_tflops": 6 * macs * model_ips / 1e12,
+                "end_to_end_images_per_s": e2e["images_per_s"],
+                "data_s_per_step": e2e["data_s_per_step"],
+                "model_s_per_step": e2e["model_s_per_step"],
+                "data_fraction": e2e["data_fraction"],
+            })
+
+    print(f"{'model':<9} {'loader img/s':>12} {'model img/s':>12} {'model TFLOP/s':>13} "
+          f"{'end-to-end img/s':>16} {'data s/step':>11} {'model s/step':>12} {'data %':>7}")
+    for r in rows:
+        print(f"{r['model']:<9} {r['loader_images_per_s']:>12.1f} {r['model_images_per_s']:>12.1f} "
+              f"{r['model_tflops']:>13.2f} {r['end_to_end_images_per_s']:>16.1f} {r['data_s_per_step']:>11.3f} "
+              f"{r['model_s_per_step']:>12.3f} {100 * r['data_fraction']:>7.1f}")
+
+    if args.out:
+        result = {
+            "benchmark": "imagenet_throughput",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+            "cpu_cores": cores,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "python": platform.python_version(),
+            "settings": {
+                "images": images, "batch": batch, "steps": steps, "warmup": warmup, "workers": workers,
+                "jpeg_size": list(size), "jpeg_mean_bytes": round(mean_bytes), "lighting": args.lighting,
+                "compile": args.compile, "bf16_autocast": cuda, "channels_last": cuda,
+            },
+            "results": rows,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

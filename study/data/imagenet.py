@@ -1,0 +1,376 @@
+"""ImageNet (paper sections 3.4 and 4.1): folders of JPEGs, decoded by DataLoader workers.
+
+Unlike the CIFAR-sized data sets, ImageNet does not fit on the device, so this is the one data set
+that goes through `torchvision.datasets.ImageFolder` and a `DataLoader`. The layout is torchvision's:
+
+    root/train/<class>/*.JPEG
+    root/val/<class>/*.JPEG      (the official flat val/ must first be sorted into class folders)
+
+Labels are the indices of the sorted class-folder names, the same in both splits.
+
+The work is split where it is cheapest. Workers decode, rescale, crop and flip each image with
+PIL and hand over uint8 224x224 crops (a quarter of the bytes of float32 through pinned memory);
+`normalize` then turns a whole batch into the model's input on the training device, with the
+optional PCA colour lighting applied there, batched.
+
+Mean subtraction: the paper subtracts the per-pixel mean. After random rescaling to [256, 480] and
+random 224 crops, the mean of the training crops is, up to sampling noise, the same at every pixel
+position, i.e. a per-channel mean; so `normalize` subtracts the per-channel ImageNet training-set
+mean (torchvision's values) and, like the paper, divides by no standard deviation.
+
+GPU JPEG decoding (`torchvision.io.decode_jpeg(device="cuda")`) is not offered: torchvision 0.29
+deprecates its image decoders in favour of TorchCodec, and ImageNet's few CMYK and non-JPEG files
+would need a CPU fallback beside it; the PIL workers are the supported path, and
+`benchmarks/imagenet_throughput.py` measures whether they keep up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
+from torchvision.transforms import v2
+
+from .sources import DataError
+
+#: Training augmentation (paper 3.4): the shorter side is resized to a length drawn from this range.
+TRAIN_SCALE = (256, 480)
+CROP = 224
+#: Validation and 10-crop testing resize the shorter side to this before cropping (the paper's 256).
+EVAL_RESIZE = 256
+#: Per-channel mean of the ImageNet training set in [0, 1] scale (RGB), as torchvision uses it.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+# PCA of the ImageNet training set's RGB pixel values in [0, 1] scale (Krizhevsky et al. 2012,
+# "ImageNet Classification with Deep Convolutional Neural Networks", section 4.1), the values the
+# authors' Torch code (fb.resnet.torch) applies: eigenvalues, and eigenvectors as columns.
+PCA_EIGENVALUES = (0.2175, 0.0188, 0.0045)
+PCA_EIGENVECTORS = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+
+
+class Lighting(nn.Module):
+    """AlexNet's PCA colour augmentation: add to every pixel of an image the RGB offset
+    ``eigenvectors @ (alpha * eigenvalues)``, alpha ~ N(0, alphastd^2) drawn once per image.
+
+    Takes float images in [0, 1] scale, one (3, H, W) or a batch (..., 3, H, W); each image gets its
+    own alpha. ``alphastd=0.1`` is AlexNet's value.
+    """
+
+    def __init__(self, alphastd: float = 0.1) -> None:
+        super().__init__()
+        self.alphastd = alphastd
+        self.register_buffer("eigenvalues", torch.tensor(PCA_EIGENVALUES), persistent=False)
+        self.register_buffer("eigenvectors", torch.tensor(PCA_EIGENVECTORS), persistent=False)
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.alphastd == 0:
+            return images
+        lead = images.shape[:-3]
+        alpha = torch.randn((*lead, 3), generator=generator, device=images.device) * self.alphastd
+        eigenvalues = self.eigenvalues.to(images.device)
+        eigenvectors = self.eigenvectors.to(images.device)
+        offset = (alpha * eigenvalues) @ eigenvectors.T  # (..., 3): one RGB shift per image
+        return images + offset[..., None, None].to(images.dtype)
+
+
+def normalize(
+    images: torch.Tensor,
+    *,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    lighting: Lighting | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """uint8 crops from these loaders (B, 3, H, W), or (B, 10, 3, H, W) for 10-crop) -> the
+    model's float32 input, on the images' device: scale to [0, 1], apply ``lighting`` if given
+    (training only), subtract the per-channel ``mean`` (no std division, as in the paper)."""
+    x = v2.functional.to_dtype(images, torch.float32, scale=True)
+    if lighting is not None:
+        x = lighting(x, generator)
+    return v2.functional.normalize(x, list(mean), [1.0, 1.0, 1.0])
+
+
+def train_transform(scale: tuple[int, int] = TRAIN_SCALE, crop: int = CROP) -> v2.Compose:
+    """Per-image training augmentation (paper 3.4): shorter side resized to a length drawn uniformly
+    from ``scale`` (inclusive), random ``crop`` x ``crop`` crop, horizontal flip with p=0.5; uint8 out."""
+    lo, hi = scale
+    return v2.Compose(
+        [
+            v2.RandomShortestSize(list(range(lo, hi + 1))),
+            v2.RandomCrop(crop),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+        ]
+    )
+
+
+def val_transform(resize: int = EVAL_RESIZE, crop: int = CROP) -> v2.Compose:
+    """Centre-crop validation (the paper's Figure 4 curves): shorter side to ``resize``, centre crop."""
+    return v2.Compose([v2.Resize(resize), v2.CenterCrop(crop), v2.PILToTensor()])
+
+
+class _StackCrops(nn.Module):
+    """A tuple of crops -> one (n, C, H, W) tensor, so a 10-crop sample collates like any other."""
+
+    def forward(self, crops: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.stack(crops)
+
+
+def ten_crop_transform(resize: int = EVAL_RESIZE, crop: int = CROP) -> v2.Compose:
+    """The standard 10-crop test (paper 4.1, Table 2): the four corner and centre crops of the image
+    resized to ``resize``, and their mirror images; a (10, 3, crop, crop) uint8 tensor out."""
+    return v2.Compose([v2.Resize(resize), v2.TenCrop(crop), v2.PILToTensor(), _StackCrops()])
+
+
+def load_image(path: str) -> Image.Image:
+    """ImageFolder's own loader (RGB, so greyscale and CMYK JPEGs work too); an unreadable file is a
+    DataError naming it."""
+    try:
+        return default_loader(path)
+    except OSError as e:  # PIL's UnidentifiedImageError and "image file is truncated" are OSErrors
+        raise DataError(f"cannot decode image {path} ({e}); replace or delete that file") from e
+
+
+def split_dir(root: str | os.PathLike, split: str) -> Path:
+    """``root/split``, or DataError (one line, naming the fix) if it or ``root`` is missing."""
+    where = Path(root) / split
+    if not Path(root).is_dir():
+        raise DataError(f"ImageNet root {root}/ not found; pass --data-dir pointing at the folder "
+                        "that holds train/ and val/")
+    if not where.is_dir():
+        raise DataError(f"{where}/ not found; ImageNet needs {root}/train/<class>/*.JPEG and "
+                        f"{root}/val/<class>/*.JPEG (torchvision's ImageFolder layout)")
+    return where
+
+
+def image_folder(root: str | os.PathLike, split: str, transform: Callable | None) -> ImageFolder:
+    """``root/split`` as an ImageFolder with ``transform``; DataError (one line, naming the fix) if
+    the folder is missing, holds no class folders or a class folder holds no images."""
+    where = split_dir(root, split)
+    try:
+        return ImageFolder(str(where), transform=transform, loader=load_image)
+    except FileNotFoundError as e:  # ImageFolder: no class folders, or a class without images
+        first_sentence = str(e).split(". ")[0]
+        raise DataError(f"{where}/ holds no usable <class>/<image> files ({first_sentence}); "
+                        f"put one folder of JPEGs per class in {where}/") from e
+
+
+def _check_pair(train: ImageFolder, val: ImageFolder, root: str | os.PathLike) -> None:
+    """Catch layouts that load but would mislabel: different classes in train/ and val/, or files
+    that are not images (checked on each split's first file, not all 1.3 million)."""
+    if train.classes != val.classes:
+        differ = sorted(set(train.classes) ^ set(val.classes))[:3]
+        raise DataError(
+            f"{root}/train/ has {len(train.classes)} class folders and {root}/val/ has "
+            f"{len(val.classes)}, differing in e.g. {', '.join(differ)}; sort val/ into the same class "
+            "folders as train/ (ImageNet's official val/ is flat: sort it first, e.g. with valprep.sh)")
+    for ds in (train, val):
+        load_image(ds.samples[0][0])
+
+
+class EvalResult(NamedTuple):
+    """Mean cross-entropy loss and top-1 / top-5 error % over an evaluation set."""
+
+    loss: float
+    top1: float
+    top5: float
+
+
+@dataclass
+class Loaders:
+    """The training loader and the centre-crop validation loader of one ImageNet root."""
+
+    train: DataLoader
+    val: DataLoader
+
+    @property
+    def classes(self) -> list[str]:
+        """Class-folder names; label i is ``classes[i]``."""
+        return self.train.dataset.classes
+
+
+def _sampler(dataset: ImageFolder, distributed: bool, *, shuffle: bool, seed: int) -> DistributedSampler | None:
+    if distributed:
+        return DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    # One replica of a DistributedSampler is a seeded shuffle whose order depends on (seed, epoch)
+    # alone, so training order is set the same way, and resumes the same way, with or without DDP.
+    return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed) if shuffle else None
+
+
+def _per_process_batch(batch_size: int, distributed: bool) -> int:
+    if not distributed:
+        return batch_size
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs torch.distributed initialised first "
+                         "(launch with torchrun and call init_process_group)")
+    world = dist.get_world_size()
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} does not split evenly over {world} processes; "
+                         f"use a multiple of {world}")
+    return batch_size // world
+
+
+def _loader(dataset: ImageFolder, batch_size: int, workers: int, sampler: DistributedSampler | None,
+            pin_memory: bool | None, seed: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        # Seeds the workers' augmentation; `set_epoch` re-seeds it per epoch.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def make_loaders(
+    root: str | os.PathLike,
+    batch_size: int,
+    workers: int,
+    distributed: bool = False,
+    *,
+    seed: int = 0,
+    scale: tuple[int, int] = TRAIN_SCALE,
+    pin_memory: bool | None = None,
+) -> Loaders:
+    """Training and centre-crop validation DataLoaders over ``root/train`` and ``root/val``.
+
+    Batches are (uint8 images (B, 3, 224, 224), int64 labels); pass the images through
+    `normalize` on the device. ``batch_size`` is the global batch: with ``distributed=True``
+    (torch.distributed already initialised) each process loads ``batch_size / world_size`` images
+    of its own ``DistributedSampler`` shard, and validation is sharded too (`evaluate` sums over
+    processes; the sampler pads the shards to equal length by repeating up to world_size - 1
+    images). Pinned memory defaults to on when CUDA is available. The last, smaller batch is kept.
+
+    The training order is a function of (``seed``, epoch), with or without DDP: **the caller must
+    call `set_epoch(loaders.train, epoch)` at the start of every epoch**, or every epoch repeats the
+    first one's order. Raises DataError, naming the fix, for missing or malformed folders.
+    """
+    for split in ("train", "val"):  # both folders exist before the long scan of either
+        split_dir(root, split)
+    train = image_folder(root, "train", train_transform(scale))
+    val = image_folder(root, "val", val_transform())
+    _check_pair(train, val, root)
+    per_process = _per_process_batch(batch_size, distributed)
+    return Loaders(
+        train=_loader(train, per_process, workers, _sampler(train, distributed, shuffle=True, seed=seed),
+                      pin_memory, seed),
+        val=_loader(val, per_process, workers, _sampler(val, distributed, shuffle=False, seed=seed),
+                    pin_memory, seed),
+    )
+
+
+def make_ten_crop_loader(
+    root: str | os.PathLike,
+    batch_size: int,
+    workers: int,
+    distributed: bool = False,
+    *,
+    split: str = "val",
+    pin_memory: bool | None = None,
+) -> DataLoader:
+    """A DataLoader of (uint8 (B, 10, 3, 224, 224), labels) 10-crop batches of ``root/split``,
+    for `ten_crop_error`. ``batch_size`` counts images (each brings 10 crops), globally as in
+    `make_loaders`."""
+    dataset = image_folder(root, split, ten_crop_transform())
+    load_image(dataset.samples[0][0])
+    per_process = _per_process_batch(batch_size, distributed)
+    return _loader(dataset, per_process, workers, _sampler(dataset, distributed, shuffle=False, seed=0),
+                   pin_memory, 0)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Start epoch ``epoch`` of a training loader from `make_loaders`; call it before iterating.
+
+    Sets the sampler's shuffle (the same permutation on every process, each taking its shard) and
+    re-seeds the workers' augmentation from (seed, rank, epoch), so an epoch sees the same images
+    and crops whether or not the run was stopped and resumed before it (for the same number of
+    workers and processes, and ``workers > 0``: without workers, augmentation draws from the main
+    process's global RNG).
+    """
+    sampler = loader.sampler
+    if not isinstance(sampler, DistributedSampler):
+        raise TypeError("set_epoch needs a training loader from make_loaders")
+    sampler.set_epoch(epoch)
+    # Distinct per process, so that shards are not all cropped with one random stream.
+    loader.generator.manual_seed(((sampler.seed * 1_000_003 + sampler.rank) * 1_000_003 + epoch) % 2**63)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str,
+    *,
+    crops: int | None = None,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    autocast: bool = False,
+) -> EvalResult:
+    """Loss and top-1/top-5 error % of ``model`` (eval mode) over ``loader``.
+
+    Centre-crop batches (B, 3, H, W) are scored directly; multi-crop batches (B, n, 3, H, W) by the
+    average of the n crops' softmax probabilities (the standard 10-crop test). ``crops``, if given,
+    is the number of crops every batch must carry (ValueError otherwise). With a sharded
+    (distributed) loader the counts are summed over all processes, so every process gets the
+    whole set's result. ``autocast`` runs the forward pass in bfloat16.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    # Sums stay on the device, so there is no host sync per batch: loss, top-1 and top-5 misses.
+    totals = torch.zeros(3, device=device, dtype=torch.float64)
+    n = 0
+    for images, labels in loader:
+        n_crops = images.shape[1] if images.ndim == 5 else 1
+        if crops is not None and n_crops != crops:
+            raise ValueError(f"expected batches of {crops} crops per image, got shape {tuple(images.shape)}")
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        x = normalize(images.flatten(0, 1) if images.ndim == 5 else images, mean=mean)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x)
+        log_probs = F.log_softmax(logits.float(), dim=1).unflatten(0, (labels.shape[0], n_crops))
+        # The log of the crops' mean probability; exactly log_softmax for a single crop.
+        log_probs = torch.logsumexp(log_probs, dim=1) - math.log(n_crops)
+        top5 = log_probs.topk(min(5, log_probs.shape[1]), dim=1).indices
+        totals += torch.stack(
+            [
+                F.nll_loss(log_probs, labels, reduction="sum"),
+                (top5[:, 0] != labels).sum(),
+                (top5 != labels[:, None]).all(1).sum(),
+            ]
+        ).double()
+        n += labels.shape[0]
+    sampler = loader.sampler
+    if isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1:
+        totals = torch.cat([totals, torch.tensor([float(n)], device=device, dtype=torch.float64)])
+        dist.all_reduce(totals)
+        totals, n = totals[:3], int(totals[3].item())
+    model.train(was_training)
+    if n == 0:
+        raise DataError("the evaluation loader yielded no images; check its folder")
+    loss, wrong1, wrong5 = totals.tolist()
+    return EvalResult(loss / n, 100.0 * wrong1 / n, 100.0 * wrong5 / n)
+
+
+def ten_crop_error(
+    model: nn.Module, loader: DataLoader, device: torch.device | str, *, autocast: bool = False
+) -> EvalResult:
+    """The paper's 10-crop test (Tables 2 and 3) over a loader from `make_ten_crop_loader`:
+    loss, top-1 and top-5 error % of the 10 crops' averaged softmax."""
+    return evaluate(model, loader, device, crops=10, autocast=autocast)

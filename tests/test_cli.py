@@ -1,0 +1,133 @@
+"""The `study` command: every sub-command end to end, and one-line errors with exit code 2 on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from study.cli import main
+from study.runstore import METRIC_COLUMNS
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    args = ["run", "--arch", "resnet", "--depth", "8", "--iterations", "6", "--batch-size", "32", "--seeds", "0,1"]
+    code, out, err = run_cli(capsys, *args, "--runs-dir", str(runs), "--device", "cpu")
+    assert code == 0, err
+    ids = sorted(p.name for p in runs.iterdir())
+    assert ids == ["fashion-mnist-mini-resnet8-A-s0-it6-b32", "fashion-mnist-mini-resnet8-A-s1-it6-b32"]
+    run_dir = runs / ids[0]
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.parquet", "checkpoint.pt", "status.json", "lock"}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["depth"] == 8 and config["config"]["iterations"] == 6
+    assert {"package_version", "git_commit", "torch_version", "device"} <= set(config["provenance"])
+    assert config["provenance"]["device"] == "cpu"
+    df = pd.read_parquet(run_dir / "metrics.parquet")
+    assert list(df.columns) == METRIC_COLUMNS and list(df.split) == ["train", "test"]  # 6 iterations < 1 epoch
+
+    code, out, err = run_cli(capsys, "status", "--runs-dir", str(runs))
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 3  # header + one line per run
+    assert all(line.split()[1] == "done" and "6/6" in line for line in lines[1:])
+    assert f"{df.error_pct.iloc[0]:.2f}" in lines[1]
+
+    # Same command again: both runs skipped, exit 0.
+    code, out, err = run_cli(capsys, *args, "--runs-dir", str(runs), "--device", "cpu")
+    assert code == 0 and out.count("skipped") == 2
+
+
+def test_grid_overrides(tmp_path, capsys):
+    code, out, err = run_cli(
+        capsys, "run", "--grid", "quick", "--iterations", "2", "--batch-size", "16", "--runs-dir", str(tmp_path)
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"fashion-mnist-mini-{a}{d}-A-s0-it2-b16" for a in ("plain", "resnet") for d in (20, 56)
+    )
+
+
+def test_holdout_logs_val_split(tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, "run", "--arch", "plain", "--depth", "8", "--iterations", "2", "--holdout", "--runs-dir", str(tmp_path)
+    )
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.endswith("-val")
+    assert list(pd.read_parquet(run_dir / "metrics.parquet").split) == ["train", "val"]
+
+
+def test_models_json(capsys, monkeypatch):
+    import study.models as models
+
+    real = models.architecture_table
+    monkeypatch.setattr(models, "architecture_table", lambda: real(depths=(20, 56)))
+    code, out, _ = run_cli(capsys, "models", "--format", "json")
+    rows = json.loads(out)
+    assert code == 0 and all(set(r) == {"arch", "depth", "shortcut", "dataset", "params", "macs"} for r in rows)
+    assert {"arch": "plain", "depth": 56, "shortcut": "A", "dataset": "cifar10", "params": 853_018, "macs": 125_485_696} in rows
+    code, out, _ = run_cli(capsys, "models")
+    assert "853,018" in out and "plain-56" in out
+
+
+def test_grids_lists_runs(capsys):
+    code, out, _ = run_cli(capsys, "grids")
+    assert code == 0
+    assert "cifar10-plain110-A-s0" in out and "cifar10-resnet1202-A-s0" in out and "quick" in out
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["run", "--grid", "nope"], "unknown grid"),
+        (["run", "--arch", "plain", "--depth", "21"], "6n+2"),
+        (["run", "--arch", "plain"], "needs --depth"),
+        (["run", "--arch", "wide", "--depth", "20"], "invalid choice"),
+        (["run", "--arch", "plain", "--depth", "20", "--dataset", "mnist"], "invalid choice"),
+        (["run", "--arch", "plain", "--depth", "20", "--shortcut", "B"], "plain nets have no shortcuts"),
+        (["run", "--arch", "plain", "--depth", "20", "--seeds", "1,x"], "malformed seeds"),
+        (["run", "--arch", "plain", "--depth", "20", "--iterations", "0"], "positive integer"),
+        (["run", "--arch", "plain", "--depth", "20", "--iterations", "-5"], "positive integer"),
+        (["run", "--arch", "plain", "--depth", "20", "--dataset", "cifar10"], "CIFAR-10 not found"),
+        (["run", "--arch", "plain", "--depth", "20", "--device", "tpu"], "unknown device"),
+        (["run", "--grid", "quick", "--depth", "20"], "does not apply to --grid"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)  # default ./runs and ./data resolve here
+    code, out, err = run_cli(capsys, *argv, *(["--runs-dir", "runs"] if argv[0] == "run" else []))
+    assert code == 2
+    assert err.startswith("study: error: ") and err.count("\n") == 1 and needle in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_runs_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--runs-dir", str(blocker / "runs"))
+    assert code == 2 and "not writable" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_console_script_in_a_pipe_is_quiet_and_fails_cleanly(tmp_path):
+    """The installed `study` entry point: no progress bar in a pipe, no traceback on bad input."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "study", "run", "--arch", "plain", "--depth", "8", "--iterations", "3",
+         "--batch-size", "16", "--runs-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "it/s" not in proc.stderr and "\r" not in proc.stderr  # no tqdm bar
+    proc = subprocess.run([sys.executable, "-m", "study", "run", "--grid", "x"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

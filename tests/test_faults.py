@@ -1,0 +1,153 @@
+"""Fault injection, one real subprocess per case: kills, signals, corrupt files, NaN, concurrent
+runners. Each asserts the exact outcome: rows, statuses, messages, exit codes."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+DRIVER = Path(__file__).with_name("fault_driver.py")
+RUN_ID = "fashion-mnist-mini-resnet8-A-s0-it17-b64"
+# 320 training images at batch 64: 5 steps per epoch; 17 steps = epochs of 5, 5, 5 and 2.
+ARGS = ["run", "--arch", "resnet", "--depth", "8", "--iterations", "17", "--batch-size", "64", "--device", "cpu"]
+
+
+def study(runs: Path, *faults: str, args=ARGS, wait=True, timeout=300):
+    cmd = [sys.executable, str(DRIVER), *faults, "--", *args, "--runs-dir", str(runs)]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(runs: Path, run_id: str = RUN_ID) -> pd.DataFrame:
+    return pd.read_parquet(runs / run_id / "metrics.parquet").drop(columns="elapsed_s")
+
+
+def status(runs: Path, run_id: str = RUN_ID) -> dict:
+    return json.loads((runs / run_id / "status.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> pd.DataFrame:
+    """The uninterrupted run every interrupted one must equal."""
+    runs = tmp_path_factory.mktemp("reference")
+    proc = study(runs)
+    assert proc.returncode == 0, proc.stderr
+    df = metrics(runs)
+    assert list(df.epoch) == [1, 1, 2, 2, 3, 3, 4, 4]
+    return df
+
+
+@pytest.mark.parametrize("step", [3, 5, 11, 16])
+def test_kill_9_after_a_step_then_resume_equals_uninterrupted(tmp_path, reference, step):
+    proc = study(tmp_path, "--kill-at-step", str(step))
+    assert proc.returncode == -signal.SIGKILL
+    assert status(tmp_path)["status"] == "running"
+    done_epochs = (step - 1) // 5  # an epoch is logged after its 5th step
+    if done_epochs:
+        assert metrics(tmp_path).epoch.max() == done_epochs
+    proc = study(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pd.testing.assert_frame_equal(metrics(tmp_path), reference)  # no missing, no duplicate rows
+    assert status(tmp_path)["status"] == "done"
+
+
+@pytest.mark.parametrize("which", [1, 3])
+def test_kill_9_during_a_checkpoint_write(tmp_path, reference, which):
+    proc = study(tmp_path, "--kill-in-checkpoint", str(which))
+    assert proc.returncode == -signal.SIGKILL
+    run_dir = tmp_path / RUN_ID
+    assert list(run_dir.glob(".checkpoint.*.tmp"))  # the half-written file is left behind...
+    proc = study(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(run_dir.glob(".*.tmp"))  # ...and cleaned up on resume
+    pd.testing.assert_frame_equal(metrics(tmp_path), reference)
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, reference):
+    proc = study(tmp_path, "--sleep-per-step", "0.2", wait=False)
+    status_path = tmp_path / RUN_ID / "status.json"
+    deadline = time.time() + 240
+    # Wait until the first epoch is checkpointed, then stop it somewhere in the second.
+    while time.time() < deadline and not (status_path.exists() and json.loads(status_path.read_text()).get("epoch", 0) >= 1):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    st = status(tmp_path)
+    assert st["status"] == "interrupted" and st["signal"] == "SIGTERM" and st["iteration"] % 5 != 0
+    assert metrics(tmp_path).epoch.max() == st["epoch"]  # the interrupted epoch is not logged yet
+    proc = study(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pd.testing.assert_frame_equal(metrics(tmp_path), reference)
+
+
+def test_truncated_checkpoint_falls_back_to_previous(tmp_path, reference):
+    assert study(tmp_path, "--kill-at-step", "12").returncode == -signal.SIGKILL  # after epoch 2's checkpoint
+    ckpt = tmp_path / RUN_ID / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    proc = study(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "unreadable" in line]
+    assert warnings == [f"{RUN_ID}: checkpoint.pt is unreadable (RuntimeError); using the previous good state"]
+    pd.testing.assert_frame_equal(metrics(tmp_path), reference)
+
+
+def test_corrupt_checkpoints_and_metrics_restart_cleanly(tmp_path, reference):
+    assert study(tmp_path, "--kill-at-step", "12").returncode == -signal.SIGKILL
+    run_dir = tmp_path / RUN_ID
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "metrics.parquet"):
+        (run_dir / name).write_bytes(b"garbage")
+    proc = study(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("unreadable") == 2
+    pd.testing.assert_frame_equal(metrics(tmp_path), reference)
+
+
+def test_nan_marks_run_diverged_and_the_grid_goes_on(tmp_path):
+    grid = ["run", "--arch", "plain", "--depth", "8", "--seeds", "0,1", "--iterations", "12", "--batch-size", "64"]
+    proc = study(tmp_path, "--nan-at-step", "7", args=grid)
+    assert proc.returncode == 1
+    first, second = "fashion-mnist-mini-plain8-A-s0-it12-b64", "fashion-mnist-mini-plain8-A-s1-it12-b64"
+    assert status(tmp_path, first) == {**status(tmp_path, first), "status": "diverged", "iteration": 7}
+    assert "loss is not finite at iteration 7" in proc.stderr
+    assert f"not done: {first} (diverged), {second} (diverged)" in proc.stderr
+    # The second run went on (and, with the fault still injected, diverged at its own step 7).
+    df = metrics(tmp_path, first)
+    assert list(df.epoch) == [1, 1, 2, 2] and df.loss.iloc[2] != df.loss.iloc[2]  # epoch 2 train loss is NaN
+    # A diverged run is final: running again skips it.
+    proc = study(tmp_path, args=grid)
+    assert proc.returncode == 1 and proc.stdout.count("diverged, skipped") == 2
+
+    out = subprocess.run([sys.executable, "-m", "study", "status", "--runs-dir", str(tmp_path)], capture_output=True, text=True)
+    assert out.stdout.count(" diverged ") == 2
+
+
+def test_two_concurrent_grid_runners_train_each_run_once(tmp_path):
+    grid = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-3", "--iterations", "6", "--batch-size", "64"]
+    a, b = study(tmp_path, args=grid, wait=False), study(tmp_path, args=grid, wait=False)
+    out_a, err_a = a.communicate(timeout=300)
+    out_b, err_b = b.communicate(timeout=300)
+    assert a.returncode == 0 and b.returncode == 0, err_a + err_b
+    trained = [line.split()[1].rstrip(":") for line in (out_a + out_b).splitlines() if line.endswith("training on cpu")]
+    run_ids = [f"fashion-mnist-mini-resnet8-A-s{s}-it6-b64" for s in range(4)]
+    assert sorted(trained) == sorted(run_ids)  # every run trained, none twice
+    for run_id in run_ids:
+        df = metrics(tmp_path, run_id)
+        assert list(df.split) == ["train", "test", "train", "test"] and status(tmp_path, run_id)["status"] == "done"
+
+
+def test_config_conflicting_with_existing_run_dir(tmp_path):
+    run_dir = tmp_path / RUN_ID
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"config": {"arch": "plain", "depth": 20}}))
+    proc = study(tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "different or unreadable config.json" in proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]  # nothing written

@@ -1,0 +1,287 @@
+"""The ImageNet part: Table-1 nets (counts, MACs, torchvision equivalence) and the ImageFolder data
+path (real loader on a tiny generated ImageFolder, the paper's augmentation, 10-crop, errors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+from study.data import DataError
+from study.data.imagenet import (
+    IMAGENET_MEAN,
+    Lighting,
+    evaluate,
+    make_loaders,
+    make_ten_crop_loader,
+    normalize,
+    set_epoch,
+    ten_crop_error,
+    train_transform,
+)
+from study.models import architecture_table, build_model, count_params, from_torchvision
+
+# PROTOCOL.md: plain = option A, and option B (= torchvision's resnet18/resnet34).
+PARAMS = {18: (11_515_688, 11_689_512), 34: (21_623_848, 21_797_672)}
+MACS = {18: 1.8e9, 34: 3.6e9}  # paper Table 1, multiply-adds per 224x224 image
+
+COLOURS = {"cls_blue": (20, 30, 220), "cls_green": (30, 210, 40), "cls_red": (230, 25, 20)}
+CHANNEL = {"cls_blue": 2, "cls_green": 1, "cls_red": 0}  # the dominant channel of each class
+
+
+def imagenet(arch, depth, shortcut="A", **kw):
+    return build_model(arch, depth, shortcut=shortcut, dataset="imagenet", **kw)
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", sorted(PARAMS))
+def test_parameter_counts_match_paper(depth):
+    plain_a, resnet_b = PARAMS[depth]
+    with torch.device("meta"):  # counting needs shapes only
+        assert count_params(imagenet("plain", depth)) == plain_a
+        assert count_params(imagenet("resnet", depth, "A")) == plain_a
+        assert count_params(imagenet("resnet", depth, "B")) == resnet_b
+        assert count_params(imagenet("resnet", depth, "C")) > resnet_b
+
+
+@pytest.mark.parametrize("depth", sorted(PARAMS))
+def test_plain_and_option_a_have_same_state_dict_layout(depth):
+    with torch.device("meta"):
+        plain = imagenet("plain", depth).state_dict()
+        resnet = imagenet("resnet", depth).state_dict()
+    assert list(plain) == list(resnet)
+    assert all(plain[k].shape == resnet[k].shape for k in plain)
+
+
+def test_plain_and_option_a_twins_start_from_identical_weights():
+    torch.manual_seed(3)
+    plain = imagenet("plain", 18).state_dict()
+    torch.manual_seed(3)
+    resnet = imagenet("resnet", 18).state_dict()
+    assert all(torch.equal(plain[k], resnet[k]) for k in plain)
+
+
+def test_table_lists_imagenet_nets_with_paper_params_and_macs():
+    rows = architecture_table(depths=(), imagenet_depths=(18, 34))
+    by_key = {(r["arch"], r["depth"], r["shortcut"]): r for r in rows}
+    assert len(rows) == 8 and {r["dataset"] for r in rows} == {"imagenet"}
+    for depth, (plain_a, resnet_b) in PARAMS.items():
+        assert by_key[("plain", depth, "A")]["params"] == by_key[("resnet", depth, "A")]["params"] == plain_a
+        assert by_key[("resnet", depth, "B")]["params"] == resnet_b
+        for arch, shortcut in (("plain", "A"), ("resnet", "A"), ("resnet", "B")):
+            assert by_key[(arch, depth, shortcut)]["macs"] == pytest.approx(MACS[depth], rel=0.05)
+        # Option A's shortcuts are free, so the plain net and its twin do the same work.
+        assert by_key[("plain", depth, "A")]["macs"] == by_key[("resnet", depth, "A")]["macs"]
+
+
+@pytest.mark.parametrize("depth,tv_builder", [(18, torchvision.models.resnet18), (34, torchvision.models.resnet34)])
+def test_torchvision_weights_load_and_give_the_same_outputs(depth, tv_builder):
+    torch.manual_seed(0)
+    tv = tv_builder(weights=None)
+    # Non-trivial BN statistics, so that a mis-mapped running_mean/var would show in eval mode.
+    state = tv.state_dict()
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            value.normal_(0, 0.1)
+        elif key.endswith("running_var"):
+            value.uniform_(0.5, 2.0)
+    tv.eval()
+    ours = imagenet("resnet", depth, "B").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, before = tv(x), ours(x)
+        ours.load_state_dict(from_torchvision(state))  # strict: every key maps, none is left over
+        got = ours(x)
+    assert got.shape == (1, 1000)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # Before loading, its own random weights disagree: the comparison has teeth.
+    assert not torch.allclose(before, expected, atol=1e-3)
+
+
+def test_forward_at_224_any_classes_and_bad_depth():
+    torch.manual_seed(0)
+    model = imagenet("plain", 18, num_classes=7).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 224, 224)).shape == (2, 7)
+    assert imagenet("resnet", 18).fc.out_features == 1000  # ImageNet's default
+    with pytest.raises(ValueError, match="18, 34"):
+        imagenet("resnet", 20)
+
+
+# --- data: a tiny generated ImageFolder ----------------------------------------------------------
+
+
+def write_image_folder(root, per_class=(6, 3), size=(72, 54)):
+    """root/train/<class>/*.JPEG and root/val/<class>/*.JPEG, each class one noisy dominant colour."""
+    gen = torch.Generator().manual_seed(0)
+    for split, count in zip(("train", "val"), per_class):
+        for name, rgb in COLOURS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                w, h = size if i % 2 == 0 else size[::-1]  # landscape and portrait
+                noise = torch.randint(-15, 16, (h, w, 3), generator=gen)
+                pixels = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{name}_{i}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("imagenet"))
+
+
+def dominant_channel(images_u8):
+    return images_u8.float().mean(dim=(-2, -1)).argmax(-1)
+
+
+def test_real_loader_gives_crops_and_right_labels(folder):
+    loaders = make_loaders(folder, batch_size=4, workers=1, seed=0, pin_memory=False)
+    assert loaders.classes == sorted(COLOURS)
+    set_epoch(loaders.train, 0)
+    batches = list(loaders.train)
+    images = torch.cat([x for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    assert [len(y) for _, y in batches] == [4, 4, 4, 4, 2]  # one pass over 18 images, last batch kept
+    assert images.shape == (18, 3, 224, 224) and images.dtype == torch.uint8
+    assert sorted(labels.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
+    expected = torch.tensor([CHANNEL[loaders.classes[i]] for i in labels])
+    assert torch.equal(dominant_channel(images), expected)
+
+    val_images, val_labels = next(iter(loaders.val))
+    assert val_images.shape == (4, 3, 224, 224) and val_labels.tolist() == [0, 0, 0, 1]  # in order
+
+
+def test_epoch_order_is_reproducible_and_changes_between_epochs(folder):
+    loader = make_loaders(folder, batch_size=6, workers=1, seed=5, pin_memory=False).train
+
+    def epoch(e):
+        set_epoch(loader, e)
+        return [(x, y) for x, y in loader]
+
+    first, again, second = epoch(1), epoch(1), epoch(2)
+    # The same epoch gives the same images and the same random crops (a resumed run sees them too)...
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    # ...and another epoch another order.
+    assert torch.cat([y for _, y in first]).tolist() != torch.cat([y for _, y in second]).tolist()
+
+
+def test_training_augmentation_honours_the_scale_range_and_flips():
+    """A horizontal ramp's slope in the crop reveals the scale the shorter side was resized to."""
+    h, w = 300, 400
+    ramp = torch.linspace(0, 255, w).round().to(torch.uint8).expand(h, w)
+    image = Image.fromarray(ramp[..., None].expand(h, w, 3).contiguous().numpy())
+    transform = train_transform()
+    torch.manual_seed(0)
+    shorter_sides, flips = [], 0
+    for _ in range(80):
+        crop = transform(image)
+        assert crop.shape == (3, 224, 224) and crop.dtype == torch.uint8
+        row = crop[0].float().mean(0)  # (224,) the ramp across the crop
+        slope = (row[-10:].mean() - row[:10].mean()) / (224 - 10)
+        flips += bool(slope < 0)
+        # Resized width = 255 / |slope|, and shorter side = that * h / w.
+        shorter_sides.append((255 / slope.abs() * h / w).item())
+    assert min(shorter_sides) > 256 * 0.97 and max(shorter_sides) < 480 * 1.03
+    assert min(shorter_sides) < 300 and max(shorter_sides) > 430  # the whole range is drawn
+    assert 20 < flips < 60
+
+
+def test_normalize_subtracts_the_channel_mean_without_std_division():
+    red = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    red[:, 0] = 255
+    x = normalize(red)
+    expected = torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(IMAGENET_MEAN)
+    torch.testing.assert_close(x[0, :, 2, 2], expected)
+
+
+def test_lighting_shifts_each_image_by_one_colour():
+    images = torch.rand(4, 3, 8, 8)
+    assert torch.equal(Lighting(0.0)(images), images)
+    out = Lighting(0.1)(images, torch.Generator().manual_seed(0))
+    shift = out - images
+    # One RGB offset per image, the same at every pixel...
+    torch.testing.assert_close(shift, shift[:, :, :1, :1].expand_as(shift))
+    # ...drawn independently per image, and reproducible from the generator.
+    assert not torch.allclose(shift[0, :, 0, 0], shift[1, :, 0, 0])
+    torch.testing.assert_close(Lighting(0.1)(images, torch.Generator().manual_seed(0)), out)
+
+
+class ColourModel(nn.Module):
+    """Class scores = channel means: a classifier that is right on the generated folder."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3))[:, [2, 1, 0]] * 10  # classes sorted: blue, green, red
+
+
+class AlwaysBlue(nn.Module):
+    def forward(self, x):
+        return torch.tensor([[1.0, 0.0, 0.0]]).expand(x.shape[0], 3)
+
+
+def test_ten_crop_evaluation(folder):
+    loader = make_ten_crop_loader(folder, batch_size=5, workers=0, pin_memory=False)
+    crops, labels = next(iter(loader))
+    assert crops.shape == (5, 10, 3, 224, 224)
+    # Crops 5-8 (the corners of the mirrored image) are mirror images of corners 0-3. (The centre
+    # crops can be a pixel apart when the width's margin is odd, so they are not compared.)
+    assert torch.equal(crops[:, 5:9], crops[:, [1, 0, 3, 2]].flip(-1))
+    assert not torch.equal(crops[:, 0], crops[:, 1])
+    result = ten_crop_error(ColourModel(), loader, "cpu")
+    assert result.top1 == 0.0 and result.top5 == 0.0 and result.loss < 1.0
+    # A classifier that always answers "blue" is wrong on the 6 green and red images of 9.
+    always_blue = ten_crop_error(AlwaysBlue(), loader, "cpu")
+    assert always_blue.top1 == pytest.approx(100 * 6 / 9)
+    # The centre-crop loader is not a 10-crop loader.
+    with pytest.raises(ValueError, match="10 crops"):
+        ten_crop_error(ColourModel(), make_loaders(folder, 4, 0, pin_memory=False).val, "cpu")
+    centre = evaluate(ColourModel(), make_loaders(folder, 4, 0, pin_memory=False).val, "cpu")
+    assert centre.top1 == 0.0
+
+
+def test_a_real_net_trains_a_step_on_loader_output(folder):
+    """The loader, normalize, lighting and an ImageNet net fit together."""
+    torch.manual_seed(0)
+    loaders = make_loaders(folder, batch_size=2, workers=0, pin_memory=False)
+    set_epoch(loaders.train, 0)
+    images, labels = next(iter(loaders.train))
+    model = imagenet("resnet", 18, num_classes=len(loaders.classes))
+    x = normalize(images, lighting=Lighting(0.1))
+    loss = nn.functional.cross_entropy(model(x), labels)
+    loss.backward()
+    assert torch.isfinite(loss) and model.conv1.weight.grad.abs().sum() > 0
+
+
+# --- data: what goes wrong -----------------------------------------------------------------------
+
+
+def test_missing_or_malformed_folders_are_data_errors(tmp_path, folder):
+    with pytest.raises(DataError, match="--data-dir"):
+        make_loaders(tmp_path / "nowhere", 4, 0)
+    (tmp_path / "only_train" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="val/ not found"):
+        make_loaders(tmp_path / "only_train", 4, 0)
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir()
+    with pytest.raises(DataError, match="one folder of JPEGs per class"):
+        make_loaders(tmp_path / "empty", 4, 0)
+
+
+def test_mismatched_classes_and_corrupt_images_are_data_errors(tmp_path):
+    root = write_image_folder(tmp_path / "mismatch", per_class=(1, 1))
+    (root / "val" / "cls_red").rename(root / "val" / "cls_rouge")
+    with pytest.raises(DataError, match="same class folders"):
+        make_loaders(root, 4, 0)
+    root = write_image_folder(tmp_path / "corrupt", per_class=(1, 1))
+    (root / "train" / "cls_blue" / "cls_blue_0.JPEG").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="cls_blue_0.JPEG.*replace or delete") as err:
+        make_loaders(root, 4, 0)
+    assert "\n" not in str(err.value)
+
+
+def test_distributed_needs_an_initialised_process_group(folder):
+    with pytest.raises(ValueError, match="torchrun"):
+        make_loaders(folder, 4, 0, distributed=True)
