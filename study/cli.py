@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
     run.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    run.add_argument(
+        "--precision", choices=("fp32", "bf16"), help="fp32 (paper, default) or bf16 autocast (a deviation)"
+    )
+    run.add_argument(
+        "--concurrency", type=_positive_int, help="runs trained at once by separate processes (default: 4 on a GPU, 1 on CPU)"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
 
     models = sub.add_parser("models", help="table of every architecture: parameters and multiply-accumulates")
@@ -91,6 +97,7 @@ def _run_configs(args: argparse.Namespace) -> list[RunConfig]:
             iterations=args.iterations,
             batch_size=args.batch_size,
             holdout=args.holdout,
+            precision=args.precision,
         )
     if args.depth is None:
         raise ConfigError("--arch needs --depth (6n+2, e.g. --depth 20)")
@@ -102,6 +109,7 @@ def _run_configs(args: argparse.Namespace) -> list[RunConfig]:
             iterations=args.iterations,
             batch_size=args.batch_size,
             holdout=args.holdout,
+            precision=args.precision,
         ).items()
         if v is not None
     }
@@ -122,6 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 download=args.download,
                 progress=False if args.no_progress else None,
                 stop=stop,
+                concurrency=args.concurrency,
             )
     except StopRequested as e:
         print(f"study: stopped by {e}; checkpoint written, run the same command again to resume", file=sys.stderr)

@@ -16,6 +16,7 @@ from .models import SHORTCUTS, blocks_per_stage
 ARCHS = ("plain", "resnet")
 PAPER_ITERATIONS = 64_000
 PAPER_BATCH_SIZE = 128
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,9 @@ class RunConfig:
     # False: train on the full training set, evaluate on the test set (the paper's curves).
     # True: hold out 10% of the training set as validation (the paper's 45k/5k split).
     holdout: bool = False
+    # "fp32" (the paper) or "bf16": bf16 autocast for the forward pass, fp32 weights, optimizer
+    # state and BN statistics. A deviation, so a flag; it is part of the run id.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -52,7 +56,7 @@ class RunConfig:
     @property
     def run_id(self) -> str:
         """Readable directory name, e.g. `cifar10-plain56-A-s0`; non-paper settings add a suffix
-        (`-it2000`, `-b64`, `-val`) so that a shortened run never shares a directory with a full one."""
+        (`-it2000`, `-b64`, `-val`, `-bf16`) so that a shortened run never shares a directory with a full one."""
         parts = [self.dataset, f"{self.arch}{self.depth}", self.shortcut, f"s{self.seed}"]
         if self.iterations != PAPER_ITERATIONS:
             parts.append(f"it{self.iterations}")
@@ -60,6 +64,8 @@ class RunConfig:
             parts.append(f"b{self.batch_size}")
         if self.holdout:
             parts.append("val")
+        if self.precision != "fp32":
+            parts.append(self.precision)
         return "-".join(parts)
 
     @property
@@ -105,6 +111,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}")
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer; got {cfg.seed!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {cfg.precision!r}; use --precision fp32 or bf16")
     if not all(0 < f < 1 for f in cfg.milestones) or list(cfg.milestones) != sorted(cfg.milestones):
         raise ConfigError(f"milestones must be increasing fractions in (0, 1); got {cfg.milestones!r}")
 

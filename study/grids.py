@@ -57,13 +57,16 @@ def grid_configs(
     iterations: int | None = None,
     batch_size: int | None = None,
     holdout: bool | None = None,
+    precision: str | None = None,
 ) -> list[RunConfig]:
     """The grid's runs, with any of these settings overridden, one copy per seed."""
     if name not in GRIDS:
         raise ConfigError(f"unknown grid {name!r}; `study grids` lists them: {', '.join(GRIDS)}")
     overrides = {
         k: v
-        for k, v in dict(dataset=dataset, iterations=iterations, batch_size=batch_size, holdout=holdout).items()
+        for k, v in dict(
+            dataset=dataset, iterations=iterations, batch_size=batch_size, holdout=holdout, precision=precision
+        ).items()
         if v is not None
     }
     return [

@@ -17,6 +17,7 @@ What survives what:
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import sys
 import time
@@ -34,6 +35,7 @@ from .models import build_model
 from .runstore import Run, RunStoreError, check_writable
 
 EVAL_BATCH_SIZE = 1000
+AUTO_GPU_CONCURRENCY = 4  # runs sharing one GPU when --concurrency is not given
 PROGRESS_EVERY = 20  # iterations between progress-bar refreshes (each costs one device sync)
 
 
@@ -151,6 +153,10 @@ def train_run(
         num_classes=data.info.num_classes,
         in_channels=data.info.in_channels,
     ).to(device)
+    # Channels-last lets cuDNN pick its fastest kernels on tensor cores; on CPU it buys nothing.
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # One generator drives the data order and the augmentation, so both resume exactly.
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -218,9 +224,10 @@ def train_run(
                 lr = lr_at(cfg, iteration, warming_up)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                x = augment(normalize(x_u8, data.mean), gen)
-                out = model(x)
-                loss = F.cross_entropy(out, y)
+                x = augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt)
+                with autocast:
+                    out = model(x)
+                    loss = F.cross_entropy(out, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -246,7 +253,8 @@ def train_run(
             # End of an epoch, or of a shortened run inside one (that partial epoch is logged too).
             epoch += 1
             train_loss, train_err = loss_sum.item() / seen, 100.0 * wrong.item() / seen
-            eval_loss, eval_err = evaluate(model, data)
+            with autocast:
+                eval_loss, eval_err = evaluate(model, data)
             common = dict(epoch=epoch, iteration=iteration, lr=lr, elapsed_s=elapsed_before + time.perf_counter() - start)
             rows += [
                 _metric_row(cfg, split="train", loss=train_loss, error_pct=train_err, **common),
@@ -286,9 +294,16 @@ def run_all(
     progress: bool | None = None,
     stop: StopFlag | None = None,
     log: Callable[[str], None] = print,
+    concurrency: int | None = 1,
 ) -> dict[str, str]:
     """Run each config in turn: skip finished runs, resume unfinished ones, leave runs that another
     process holds to it (waiting for them at the end), and go on after a run diverges or fails.
+
+    `concurrency` K > 1 starts K-1 worker processes that work through the same list beside this
+    one, sharing the device: the per-run locks hand each run to exactly one process, and each run
+    is still its own run (seed, data order, metrics, checkpoint, resume), computed by the same code
+    as when it trains alone. Thin nets leave a GPU mostly idle between kernel launches; several
+    processes fill those gaps.
 
     Every check that can fail on bad input (device, data, runs dir, conflicting run dirs) happens
     before the first run directory is created. Returns {run_id: final status}.
@@ -308,7 +323,50 @@ def run_all(
                 "move that directory away or use another --runs-dir"
             )
     check_writable(Path(runs_dir))  # last check: it creates the runs dir
+    if concurrency is None:  # auto: share a GPU between a few runs, one at a time on a CPU
+        concurrency = min(AUTO_GPU_CONCURRENCY, len(runs)) if dev.type == "cuda" else 1
 
+    workers = []
+    if concurrency > 1:
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        kwargs = dict(data_dir=data_dir, device=str(dev), download=False, progress=False)
+        workers = [
+            ctx.Process(target=_worker, args=(configs, str(runs_dir), kwargs, f"worker {k}"), daemon=False)
+            for k in range(1, concurrency)
+        ]
+        for w in workers:
+            w.start()
+    try:
+        results = _run_list(runs, datasets, dev, progress=progress, stop=stop, log=log)
+    finally:
+        for w in workers:
+            if w.is_alive() and sys.exc_info()[0] is not None:
+                w.terminate()  # SIGTERM: each worker checkpoints its run and exits
+            w.join()
+    return results
+
+
+def _worker(configs: list[RunConfig], runs_dir: str, kwargs: dict, name: str) -> None:
+    """A concurrent runner (see `run_all`); its own SIGTERM/SIGINT handling checkpoints its run."""
+    def log(message: str) -> None:
+        print(f"({name}) {message}", flush=True)
+
+    with graceful_stop() as stop:
+        try:
+            run_all(configs, runs_dir, stop=stop, log=log, **kwargs)
+        except (StopRequested, KeyboardInterrupt):
+            sys.exit(1)
+
+
+def _run_list(
+    runs: list[Run],
+    datasets: dict[tuple[str, bool], Data],
+    dev: torch.device,
+    *,
+    progress: bool | None,
+    stop: StopFlag | None,
+    log: Callable[[str], None],
+) -> dict[str, str]:
     results: dict[str, str] = {}
     total = len(runs)
 
@@ -319,9 +377,12 @@ def run_all(
             if not held:
                 log(f"{tag}: held by another process; will wait for it at the end")
                 return False
-            if run.is_finished():
-                results[run.cfg.run_id] = run.status()["status"]
-                log(f"{tag}: {results[run.cfg.run_id]}, skipped")
+            status = run.status()["status"]
+            # A run that failed in another process is left failed (not trained twice); one whose
+            # process died resumes here.
+            if run.is_finished() or (wait and status == "failed"):
+                results[run.cfg.run_id] = status
+                log(f"{tag}: {status}, skipped")
                 return True
             log(f"{tag}: training on {dev}")
             data = datasets[(run.cfg.dataset, run.cfg.holdout)]

@@ -8,19 +8,8 @@ import pytest
 import torch
 
 from study.config import RunConfig
-from study.data import Data, Split, load_data
 from study.runstore import METRIC_COLUMNS, Run
 from study.train import lr_at, run_all, train_run
-
-
-@pytest.fixture(scope="module")
-def small_data() -> Data:
-    """A slice of the embedded real data: 320 training and 200 test images, every class present."""
-    full = load_data("fashion-mnist-mini")
-    train = Split(full.train.images[:320].clone(), full.train.labels[:320].clone())
-    test = Split(full.eval.images[:200].clone(), full.eval.labels[:200].clone())
-    mean = train.images.float().div(255).mean(0)
-    return Data(info=full.info, train=train, eval=test, eval_split="test", mean=mean)
 
 
 def tiny(**kw) -> RunConfig:

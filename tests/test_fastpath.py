@@ -1,0 +1,57 @@
+"""The fast path keeps every run an independent run: concurrent runs equal runs trained alone, and
+bf16 stays within seed noise of fp32."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from study.cli import main
+from study.config import RunConfig
+from study.runstore import Run, list_runs
+from study.train import train_run
+
+from conftest import make_small_data
+
+
+def all_metrics(runs_dir) -> pd.DataFrame:
+    frames = [run.read_metrics() for run in list_runs(runs_dir)]
+    return pd.concat(frames, ignore_index=True).drop(columns="elapsed_s")
+
+
+def test_runs_trained_concurrently_equal_runs_trained_alone(tmp_path, capsys):
+    """K=2 processes share the list; the metrics of all 4 runs equal, exactly, those of one process
+    training them one after another (each run is the same code on its own seed and data order;
+    CPU float results do not depend on which process computes them)."""
+    args = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-3", "--iterations", "3", "--batch-size", "16", "--device", "cpu"]
+    assert main([*args, "--runs-dir", str(tmp_path / "alone"), "--concurrency", "1"]) == 0
+    assert main([*args, "--runs-dir", str(tmp_path / "together"), "--concurrency", "2"]) == 0
+    alone, together = all_metrics(tmp_path / "alone"), all_metrics(tmp_path / "together")
+    assert len(alone) == 8 and alone.run_id.nunique() == 4
+    pd.testing.assert_frame_equal(alone, together)
+
+
+def test_precision_is_part_of_the_run(tmp_path):
+    cfg = RunConfig(arch="plain", depth=8, iterations=2, batch_size=16, precision="bf16")
+    assert cfg.run_id.endswith("-bf16") and RunConfig(arch="plain", depth=8).run_id.endswith("-s0")
+    with pytest.raises(ValueError, match="precision"):
+        RunConfig(arch="plain", depth=8, precision="fp8")
+
+
+@pytest.mark.slow
+def test_bf16_is_within_seed_noise_of_fp32(tmp_path):
+    """Final training error of ResNet-8 over 4 seeds, bf16 autocast vs fp32: the difference of the
+    means is within twice the larger seed spread (plus one point)."""
+    data = make_small_data(n_train=2000, n_test=1000)
+    finals = {}
+    for precision in ("fp32", "bf16"):
+        errs = []
+        for seed in range(4):
+            cfg = RunConfig(arch="resnet", depth=8, iterations=150, batch_size=64, seed=seed, precision=precision)
+            run = Run(tmp_path, cfg)
+            train_run(cfg, run, data, torch.device("cpu"), progress=False)
+            df = run.read_metrics()
+            errs.append(df[df.split == "test"].error_pct.iloc[-1])
+        finals[precision] = np.array(errs)
+    spread = max(finals["fp32"].std(), finals["bf16"].std())
+    assert abs(finals["fp32"].mean() - finals["bf16"].mean()) <= 2 * spread + 1.0, finals
