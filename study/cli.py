@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--concurrency", type=_positive_int, help="runs trained at once by separate processes (default: 4 on a GPU, 1 on CPU)"
     )
+    run.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU); same protocol"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
 
     models = sub.add_parser("models", help="table of every architecture: parameters and multiply-accumulates")
@@ -131,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 progress=False if args.no_progress else None,
                 stop=stop,
                 concurrency=args.concurrency,
+                compile=args.compile,
             )
     except StopRequested as e:
         print(f"study: stopped by {e}; checkpoint written, run the same command again to resume", file=sys.stderr)
