@@ -1,0 +1,606 @@
+"""Training throughput of the degradation grid: a common-reproduction pipeline against our fast path.
+
+In one process and one run, on synthetic uint8 data of CIFAR-10's shape (50,000 training images),
+measures training images/s of every net of the grid (plain and residual at each depth) for
+
+- (a) reference: what the common reproductions do. A torchvision-style CIFAR Dataset that makes a
+  PIL image per sample, `RandomCrop(32, padding=4)`, `RandomHorizontalFlip`, `ToTensor`,
+  `Normalize`, a `DataLoader` (shuffle, 4 workers, pinned memory on CUDA), eager fp32 in the default
+  memory format, cuDNN autotuning on, one net at a time, a plain SGD step and the usual per-step
+  logging of loss and top-1 (`.item()`, one host sync per step);
+- (b) fast, one run: the per-step work of `study.train.train_run`: the whole uint8 set on the device,
+  `study.data.train_batches`, `normalize` and `augment` as batched tensor ops, the paper's schedule
+  (`lr_at`), channels-last and bf16 autocast on CUDA (`--precision`), running sums kept on the device;
+- (c) fast, concurrent grid: K processes (`--concurrency`, as `study run --concurrency K`), each
+  training a different net of the grid with (b) at the same time.
+
+The grid figure of (a) and (b) is the whole grid trained one net after another with equal
+iterations per net: total images / total time. For (c) the grid is cut, in the grid's own order
+(plain20, resnet20, plain32, ...), into rounds of K nets that start together; a round's wall time is
+its slowest net's, so this is slightly pessimistic (`run_all`'s workers take the next run as soon as
+they are free). From the grid figures it projects minutes for the paper's schedule (64k iterations of
+128 images per net) and model FLOP utilisation, 6 x MACs x images/s over a bf16 (CUDA) or fp32 (CPU)
+matrix-multiply peak measured here.
+
+Timing: after warm-up steps, `--repeats` windows of `--steps` steps, CUDA events (after a sync) on
+CUDA and perf_counter on CPU; figures are medians over the windows. (c) is timed by wall clock
+between barriers that every process reaches only after synchronising its device.
+
+    python benchmarks/grid_throughput.py                     # CPU: small defaults, about a minute
+    python benchmarks/grid_throughput.py --out benchmarks/results/grid_throughput_h100.json
+    python benchmarks/grid_throughput.py --compile           # (b), (c) as `study run --compile` trains
+
+Defaults depend on the device. CUDA: depths 20,32,44,56,110, batch 128, 20 warm-up and 3 x 100
+timed steps, 4 loader workers, concurrency 4, bf16. CPU: depths 20,56, batch 32, 1 warm-up and 2 x 2
+timed steps, 2 loader workers, concurrency 2, fp32: a smoke test that anyone can run, whose figures say
+little. On CPU every process of the benchmark computes with cores / K threads, (a) and (b) included: two
+threads on a busy 2-core machine (or beside the loader's workers) can be ten times slower than one, and
+equal threads keep (a), (b) and each of (c)'s processes comparable; (c) then uses K times the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import queue
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from study.config import PAPER_BATCH_SIZE, PAPER_ITERATIONS, PRECISIONS, RunConfig
+from study.data import Data, Split, augment, dataset_info, normalize, train_batches
+from study.data.sources import pixel_mean
+from study.models import build_model, count_macs, count_params
+from study.train import AUTO_GPU_CONCURRENCY, lr_at, resolve_device
+
+TRAIN_SIZE = 50_000  # CIFAR-10's training set
+# The per-channel statistics every torchvision CIFAR recipe normalises with.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+BARRIER_TIMEOUT_S = 900  # a worker that has not reached a barrier by then has hung or died
+
+# Per-device defaults: on CPU the benchmark must finish in about a minute on 2 cores.
+DEFAULTS = {
+    "cuda": {"depths": "20,32,44,56,110", "batch_size": 128, "warmup": 20, "steps": 100, "repeats": 3,
+             "workers": 4, "concurrency": AUTO_GPU_CONCURRENCY, "precision": "bf16"},
+    "cpu": {"depths": "20,56", "batch_size": 32, "warmup": 1, "steps": 2, "repeats": 2,
+            "workers": 2, "concurrency": 2, "precision": "fp32"},
+}
+
+
+# --- data --------------------------------------------------------------------------------------
+
+def synthetic_cifar(n: int = TRAIN_SIZE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 images (n, 32, 32, 3), stored like torchvision's CIFAR10.data, and labels."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.int64)
+
+
+def device_data(images_hwc: np.ndarray, labels: np.ndarray, device: torch.device) -> Data:
+    """The same images as our training loop holds them: uint8 (N, C, H, W) on the device."""
+    images = torch.from_numpy(images_hwc).permute(0, 3, 1, 2).contiguous()
+    train = Split(images, torch.from_numpy(labels))
+    # The step never evaluates; a small eval split keeps the Data well formed.
+    return Data(dataset_info("cifar10"), train, Split(images[:1000], train.labels[:1000]), "test",
+                pixel_mean(images)).to(device)
+
+
+class PILCifar(Dataset):
+    """What torchvision.datasets.CIFAR10 does per sample: an HWC uint8 array row becomes a PIL image,
+    then the transform runs on it."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
+        self.images, self.labels, self.transform = images, labels.tolist(), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def reference_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int,
+                     cuda: bool) -> DataLoader:
+    """The common recipe's training loader. Workers persist across epochs and nets, so their start
+    (paid once per run in a real reproduction) is not timed."""
+    transform = transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
+    ])
+    return DataLoader(PILCifar(images, labels, transform), batch_size=batch_size, shuffle=True,
+                      num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
+
+
+def forever(epochs: Callable[[], Iterable]) -> Iterator:
+    """Batches epoch after epoch; ``epochs()`` starts a fresh epoch."""
+    while True:
+        yield from epochs()
+
+
+# --- the two training steps ----------------------------------------------------------------------
+
+def make_reference_step(arch: str, depth: int, batches: Iterator, device: torch.device) -> Callable[[], int]:
+    """One step of the common recipe; returns the batch's image count."""
+    torch.manual_seed(0)
+    model = build_model(arch, depth).to(device)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> int:
+        images, target = next(batches)
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        output = model(images)
+        loss = F.cross_entropy(output, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        # The recipes' AverageMeter logging: a host sync per step.
+        loss.item()
+        (output.argmax(1) == target).float().mean().item()
+        return len(target)
+
+    return step
+
+
+def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bool = False) -> Callable[[], int]:
+    """One iteration of `study.train.train_run`'s loop for ``cfg`` (same model set-up, data order,
+    augmentation, schedule, autocast, memory format and on-device running sums), without its
+    per-epoch evaluation, checkpoint and logging; returns the batch's image count. ``compile`` is
+    `train_run`'s `compile` (`study run --compile`): compilation and CUDA-graph capture happen in the
+    first steps, which the caller leaves out of its timing.
+
+    It mirrors that loop: when the loop changes (a captured step, say), change this with it.
+    Warm-up's per-step error check (nets of 110 layers and more, until the training error is below
+    80%, usually within the first epoch) is left out: it is not the steady state.
+    """
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=data.info.num_classes,
+                        in_channels=data.info.in_channels).to(device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    model.train()
+    forward = torch.compile(model, mode="max-autotune" if device.type == "cuda" else None) if compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    batches = forever(lambda: train_batches(data.train, cfg.batch_size, gen))
+    loss_sum = torch.zeros((), device=device)
+    wrong = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    iteration = 0
+
+    def step() -> int:
+        nonlocal iteration, first_bad
+        x_u8, y = next(batches)
+        lr = lr_at(cfg, iteration, False)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt)
+        with autocast:
+            out = forward(x)
+            loss = F.cross_entropy(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        iteration += 1
+        loss_sum.add_(loss.detach() * len(y))
+        wrong.add_((out.detach().argmax(1) != y).sum())
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), iteration, first_bad)
+        return len(y)
+
+    return step
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_s(step: Callable[[], int], device: torch.device, warmup: int, steps: int,
+                 repeats: int) -> tuple[list[float], float]:
+    """Images/s of each of ``repeats`` windows of ``steps`` steps, after ``warmup`` untimed steps,
+    and the seconds those warm-up steps took (compilation, autotuning, a loader's start).
+
+    On CUDA the window is timed by events recorded on an idle stream, so it spans the host's
+    waiting and launching as well as the kernels: it is the wall time of the window."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    rates = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            images = sum(step() for _ in range(steps))
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            images = sum(step() for _ in range(steps))
+            seconds = time.perf_counter() - t0
+        rates.append(images / seconds)
+    return rates, warmup_s
+
+
+def matmul_peak(device: torch.device, repeats: int = 5) -> dict:
+    """The best of ``repeats`` timed windows of square matrix multiplies: bf16 8192^2 on CUDA
+    (tensor cores), fp32 1024^2 on CPU (with this process's threads). The denominator of model FLOP
+    utilisation."""
+    cuda = device.type == "cuda"
+    n, dtype, count = (8192, torch.bfloat16, 50) if cuda else (1024, torch.float32, 4)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    c = torch.empty_like(a)
+    for _ in range(count):  # also lets a GPU reach its steady clock
+        torch.mm(a, b, out=c)
+    sync(device)
+    windows = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(count):
+            torch.mm(a, b, out=c)
+        sync(device)
+        windows.append(2 * n**3 * count / (time.perf_counter() - t0))
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": max(windows),
+            "median_flops_per_s": statistics.median(windows)}
+
+
+# --- (c): several runs at once ------------------------------------------------------------------
+
+def _grid_worker(rank: int, rounds: list[list[tuple[str, int]]], settings: dict,
+                 barrier: multiprocessing.synchronize.Barrier, results: multiprocessing.Queue) -> None:
+    """One of K processes: in each round, train net ``rank`` of the round (if it has one) with the
+    fast step, meeting the others at a barrier before and after every timed window."""
+    try:
+        device = torch.device(settings["device"])
+        if device.type == "cpu":
+            torch.set_num_threads(settings["threads"])  # K processes share the cores
+        data = device_data(*synthetic_cifar(), device)
+        counts: list[list[int]] = []
+        for nets in rounds:
+            step = None
+            if rank < len(nets):
+                arch, depth = nets[rank]
+                cfg = RunConfig(arch=arch, depth=depth, dataset="cifar10", batch_size=settings["batch_size"],
+                                precision=settings["precision"])
+                step = make_fast_step(cfg, data, device, settings["compile"])
+                for _ in range(settings["warmup"]):
+                    step()
+                sync(device)
+            barrier.wait(BARRIER_TIMEOUT_S)  # everyone warmed up
+            per_window = []
+            for _ in range(settings["repeats"]):
+                barrier.wait(BARRIER_TIMEOUT_S)  # start
+                images = sum(step() for _ in range(settings["steps"])) if step else 0
+                sync(device)
+                barrier.wait(BARRIER_TIMEOUT_S)  # every process's work is done
+                per_window.append(images)
+            counts.append(per_window)
+            del step
+        results.put((rank, counts, None))
+    except BaseException as e:  # noqa: BLE001 - report anything, then let the main process fail
+        results.put((rank, None, f"{type(e).__name__}: {e}"))
+        barrier.abort()
+
+
+def concurrent_grid(nets: list[tuple[str, int]], k: int, settings: dict) -> list[dict]:
+    """Train the grid in rounds of ``k`` nets, one process each; per round: its nets, and the wall
+    time and total images of each timed window."""
+    rounds = [nets[i:i + k] for i in range(0, len(nets), k)]
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    barrier = ctx.Barrier(k + 1)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_grid_worker, args=(r, rounds, settings, barrier, results), daemon=True)
+             for r in range(k)]
+    for p in procs:
+        p.start()
+    # A worker that dies without reaching its except clause (killed, out of memory) would leave the
+    # others waiting at a barrier until it times out; this watch breaks the barrier at once instead.
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(0.5):
+            if any(p.exitcode not in (None, 0) for p in procs):
+                barrier.abort()
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+    walls: list[list[float]] = []
+    try:
+        for _ in rounds:
+            barrier.wait(BARRIER_TIMEOUT_S)
+            per_window = []
+            for _ in range(settings["repeats"]):
+                barrier.wait(BARRIER_TIMEOUT_S)
+                t0 = time.perf_counter()
+                barrier.wait(BARRIER_TIMEOUT_S)
+                per_window.append(time.perf_counter() - t0)
+            walls.append(per_window)
+        reports = [results.get(timeout=BARRIER_TIMEOUT_S) for _ in procs]
+    except threading.BrokenBarrierError:
+        errors = []
+        try:
+            while True:
+                rank, _, error = results.get(timeout=10)
+                if error:
+                    errors.append(f"worker {rank}: {error}")
+        except queue.Empty:
+            pass
+        raise RuntimeError("concurrent grid failed: " + ("; ".join(errors) or "a worker died")) from None
+    finally:
+        finished.set()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    errors = [f"worker {rank}: {error}" for rank, _, error in reports if error]
+    if errors:
+        raise RuntimeError("concurrent grid failed: " + "; ".join(errors))
+    counts = {rank: c for rank, c, _ in reports}
+    return [
+        {"nets": nets_r,
+         "images_per_net": [statistics.median(counts[r][i]) for r in range(len(nets_r))],
+         "wall_s": walls[i],
+         "images": [sum(counts[r][i][w] for r in range(k)) for w in range(settings["repeats"])]}
+        for i, nets_r in enumerate(rounds)
+    ]
+
+
+# --- the three measurements ----------------------------------------------------------------------
+
+def measure_reference(nets: list[tuple[str, int]], images: np.ndarray, labels: np.ndarray, settings: dict,
+                      device: torch.device, log: Callable[[str], None]) -> dict[tuple[str, int], tuple]:
+    """(a): (images/s per window, warm-up seconds) of each net, one after another, fed by one
+    DataLoader (whose workers stop when this returns). cuDNN autotuning is on, as the recipes set
+    it, and restored afterwards."""
+    flag = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        loader = reference_loader(images, labels, settings["batch_size"], settings["workers"], device.type == "cuda")
+        batches = forever(lambda: loader)
+        rates = {}
+        for net in nets:
+            step = make_reference_step(*net, batches, device)
+            rates[net] = images_per_s(step, device, settings["warmup"], settings["steps"], settings["repeats"])
+            log(f"(a) reference {net[0]}{net[1]}: {statistics.median(rates[net][0]):,.0f} images/s")
+        return rates
+    finally:
+        torch.backends.cudnn.benchmark = flag
+
+
+def measure_fast(nets: list[tuple[str, int]], images: np.ndarray, labels: np.ndarray, settings: dict,
+                 device: torch.device, log: Callable[[str], None]) -> dict[tuple[str, int], tuple]:
+    """(b): (images/s per window, warm-up seconds) of each net, one after another, through
+    `make_fast_step`."""
+    data = device_data(images, labels, device)
+    rates = {}
+    for arch, depth in nets:
+        cfg = RunConfig(arch=arch, depth=depth, dataset="cifar10", batch_size=settings["batch_size"],
+                        precision=settings["precision"])
+        step = make_fast_step(cfg, data, device, settings["compile"])
+        rates[(arch, depth)] = images_per_s(step, device, settings["warmup"], settings["steps"], settings["repeats"])
+        log(f"(b) fast {arch}{depth}: {statistics.median(rates[(arch, depth)][0]):,.0f} images/s")
+    return rates
+
+
+# --- reporting -----------------------------------------------------------------------------------
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {
+            "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "gpu_sms": props.multi_processor_count,
+            "gpu_capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "conv_tf32": torch.backends.cudnn.allow_tf32,  # on by default: "fp32" convs use TF32
+        }
+    return info
+
+
+def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict, rounds: list[dict],
+            peak_flops: float) -> tuple[list[dict], dict]:
+    """Per-net rows and whole-grid figures: medians, ratios, model FLOP utilisation (6 x MACs per
+    image: forward, and a backward of twice its cost) and minutes projected for the paper's grid."""
+    rows = []
+    for net in nets:
+        row = {"arch": net[0], "depth": net[1], "macs": macs[net][0], "params": macs[net][1],
+               "reference": reference[net][0], "reference_warmup_s": reference[net][1],
+               "fast": fast[net][0], "fast_warmup_s": fast[net][1]}
+        for key in ("reference", "fast"):
+            row[f"{key}_images_per_s"] = statistics.median(row[key])
+            row[f"{key}_mfu"] = 6 * row["macs"] * row[f"{key}_images_per_s"] / peak_flops
+        row["fast_over_reference"] = row["fast_images_per_s"] / row["reference_images_per_s"]
+        rows.append(row)
+    # One net after another, equal images each: the grid takes sum(images / rate).
+    mean_macs = statistics.mean(row["macs"] for row in rows)
+    grid = {}
+    for key in ("reference", "fast"):
+        rate = len(rows) / sum(1 / row[f"{key}_images_per_s"] for row in rows)
+        grid[key] = {"images_per_s": rate, "mfu": 6 * mean_macs * rate / peak_flops}
+    # Rounds of K nets, each round as long as its slowest net.
+    wall = sum(statistics.median(r["wall_s"]) for r in rounds)
+    flops = sum(6 * macs[(arch, depth)][0] * n
+                for r in rounds for (arch, depth), n in zip(r["nets"], r["images_per_net"]))
+    grid["concurrent"] = {"images_per_s": sum(statistics.median(r["images"]) for r in rounds) / wall,
+                          "mfu": flops / wall / peak_flops}
+    paper_images = len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE
+    for g in grid.values():
+        g["vs_reference"] = g["images_per_s"] / grid["reference"]["images_per_s"]
+        g["projected_grid_minutes"] = paper_images / g["images_per_s"] / 60
+    return rows, grid
+
+
+def print_report(title: str, rows: list[dict], grid: dict, k: int) -> None:
+    print(title)
+    print()
+    print(f"{'net':<10} {'MMACs':>7} {'(a) ref img/s':>14} {'(b) fast img/s':>15} {'b/a':>6} "
+          f"{'MFU a':>7} {'MFU b':>7}")
+    for r in rows:
+        print(f"{r['arch'] + str(r['depth']):<10} {r['macs'] / 1e6:>7.1f} {r['reference_images_per_s']:>14,.0f} "
+              f"{r['fast_images_per_s']:>15,.0f} {r['fast_over_reference']:>5.2f}x "
+              f"{100 * r['reference_mfu']:>6.2f}% {100 * r['fast_mfu']:>6.2f}%")
+    print()
+    print(f"whole grid ({len(rows)} nets; minutes projected for {PAPER_ITERATIONS:,} iterations x "
+          f"{PAPER_BATCH_SIZE} images per net)")
+    print(f"{'pipeline':<28} {'images/s':>10} {'vs (a)':>7} {'minutes':>9} {'MFU':>7}")
+    titles = {"reference": "(a) reference", "fast": "(b) fast, one run at a time",
+              "concurrent": f"(c) fast, K={k} at once"}
+    for key, g in grid.items():
+        print(f"{titles[key]:<28} {g['images_per_s']:>10,.0f} {g['vs_reference']:>6.2f}x "
+              f"{g['projected_grid_minutes']:>9.1f} {100 * g['mfu']:>6.2f}%", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--depths", help="comma-separated 6n+2 depths (CUDA 20,32,44,56,110; CPU 20,56)")
+    p.add_argument("--steps", type=int, help="timed steps per window (CUDA 100, CPU 2)")
+    p.add_argument("--warmup", type=int, help="untimed steps before timing each net (CUDA 20, CPU 1)")
+    p.add_argument("--repeats", type=int, help="timed windows; figures are their medians (CUDA 3, CPU 2)")
+    p.add_argument("--batch-size", type=int, help="images per step (CUDA 128, the paper's; CPU 32)")
+    p.add_argument("--workers", type=int, help="reference DataLoader workers (CUDA 4, CPU 2)")
+    p.add_argument("--concurrency", type=int, help="processes training at once in (c) (CUDA 4, CPU 2)")
+    p.add_argument("--precision", choices=PRECISIONS, help="fast path precision (CUDA bf16, CPU fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the fast path's nets, as `study run --compile` (at least 3 warm-up steps)")
+    p.add_argument("--out", help="write every figure as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    cuda = device.type == "cuda"
+    settings = dict(DEFAULTS[device.type])
+    settings |= {k: v for k, v in vars(args).items() if k in settings and v is not None}
+    try:
+        depths = [int(d) for d in str(settings["depths"]).split(",")]
+        for d in depths:
+            RunConfig(arch="plain", depth=d)  # validates 6n+2
+    except ValueError as e:
+        print(f"bad --depths {settings['depths']!r}: {e}", file=sys.stderr)
+        return 2
+    for name, least in (("batch_size", 1), ("steps", 1), ("repeats", 1), ("concurrency", 1), ("warmup", 0),
+                        ("workers", 0)):
+        if settings[name] < least:
+            print(f"--{name.replace('_', '-')} must be at least {least}", file=sys.stderr)
+            return 2
+    nets = [(arch, d) for d in depths for arch in ("plain", "resnet")]  # the grid's order
+    k = min(settings["concurrency"], len(nets))
+    machine = machine_info(device)
+    cores = machine["cpu_cores"]
+    # Compilation, and on CUDA the graph capture after it, take the first steps.
+    settings |= {"device": str(device), "depths": depths, "concurrency": k, "compile": args.compile,
+                 "warmup": max(settings["warmup"], 3) if args.compile else settings["warmup"]}
+    if not cuda:
+        torch.set_num_threads(max(1, cores // k))  # see the module's docstring
+    settings["threads"] = torch.get_num_threads()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    peak = matmul_peak(device)
+    log(f"matmul peak ({peak['dtype']} {peak['n']}^2): {peak['flops_per_s'] / 1e12:.2f} TFLOP/s")
+    macs = {}
+    for net in nets:
+        with torch.device("meta"):  # shapes only: counting needs no storage
+            model = build_model(*net)
+        macs[net] = (count_macs(model, (3, 32, 32)), count_params(model))
+
+    images, labels = synthetic_cifar()
+    reference = measure_reference(nets, images, labels, settings, device, log)
+    fast = measure_fast(nets, images, labels, settings, device, log)
+    if cuda:
+        torch.cuda.empty_cache()  # leave the memory to (c)'s processes
+    log(f"(c) starting {k} processes")
+    rounds = concurrent_grid(nets, k, settings)
+    for r in rounds:
+        together = statistics.median(r["images"]) / statistics.median(r["wall_s"])
+        log(f"(c) {' + '.join(f'{a}{d}' for a, d in r['nets'])}: {together:,.0f} images/s together")
+
+    rows, grid = figures(nets, macs, reference, fast, rounds, peak["flops_per_s"])
+    name = machine.get("gpu", f"cpu ({cores} cores, {settings['threads']} thread(s) per process)")
+    print_report(
+        f"grid throughput on {name}, torch {torch.__version__}: batch {settings['batch_size']}, "
+        f"{settings['warmup']} warm-up + {settings['repeats']} x {settings['steps']} timed steps, medians; "
+        f"fast path {settings['precision']}{', channels-last' if cuda else ''}"
+        f"{', compiled' if settings['compile'] else ''}; "
+        f"matmul peak {peak['flops_per_s'] / 1e12:.2f} TFLOP/s ({peak['dtype']})",
+        rows, grid, k)
+    total_s = time.perf_counter() - started
+    log(f"done in {total_s:.0f} s")
+
+    if args.out:
+        result = {
+            "benchmark": "grid_throughput",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": name,
+            "torch": torch.__version__,
+            "machine": machine,
+            "command_line": sys.argv,
+            "args": vars(args),
+            "settings": settings | {
+                "train_images": TRAIN_SIZE,
+                "reference_cudnn_benchmark": True,
+                "fast_cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "fast_channels_last": cuda,
+                "paper_images_per_grid": len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE,
+            },
+            "matmul_peak": peak,
+            "nets": rows,
+            "grid": grid,
+            "concurrent_rounds": rounds,
+            "wall_s": total_s,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
