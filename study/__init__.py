@@ -7,7 +7,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not pip-installed
     __version__ = "0.0.0+unknown"
 
+from .analysis.load import load_runs  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .runstore import list_runs  # noqa: E402
 
-__all__ = ["RunConfig", "list_runs", "__version__"]
+__all__ = ["RunConfig", "list_runs", "load_runs", "__version__"]

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from .analysis.commands import register as register_analysis
 from .config import ConfigError, RunConfig, parse_seeds
 from .data import DATASETS, DataError
 from .grids import GRIDS, grid_configs
@@ -39,7 +40,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="study", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="study", description="Plain vs residual nets: the degradation study of He et al. (2015).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="train one network, a set of seeds, or a named grid")
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="one line per run: id, status, iteration, last errors")
     status.add_argument("--runs-dir", default="runs")
+
+    COMMANDS.update(register_analysis(sub))  # plot, table, report, probe (study/analysis/commands.py)
     return parser
 
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .config import RunConfig
 from .data import Data, augment, eval_batches, load_data, normalize
 from .models import build_model
+from .probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_responses, truncate_gradients
 from .runstore import Run, RunStoreError, check_writable
 
 EVAL_BATCH_SIZE = 1000
@@ -137,6 +138,7 @@ def train_run(
     stop: StopFlag | None = None,
     log: Callable[[str], None] = _stderr,
     compile: bool = False,
+    gradient_every: int = GRADIENT_EVERY,
 ) -> str:
     """Train (or resume) one run to completion. Returns its final status: `done` or `diverged`.
 
@@ -183,6 +185,10 @@ def train_run(
     # The checkpoint holds every row so far: rewriting the file from it drops rows written after
     # the checkpoint (a kill between the two writes) and repairs an unreadable file.
     run.write_metrics(rows)
+    truncate_gradients(run, iteration)
+    # Per-layer gradient norms every `gradient_every` iterations (kept on the device until the
+    # epoch ends): evidence for the paper's claim that plain nets do not suffer vanishing gradients.
+    grad_norms = GradientNorms(model, every=gradient_every)
     if iteration >= cfg.iterations:
         run.set_status("done", iteration=iteration, epoch=epoch)
         return "done"
@@ -238,6 +244,7 @@ def train_run(
                     loss = F.cross_entropy(out, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                grad_norms.maybe_record(iteration + 1)
                 opt.step()
                 iteration += 1
                 loss_sum += loss.detach() * len(y)
@@ -253,6 +260,7 @@ def train_run(
                     bar.update(iteration - bar.n)
                     bar.set_postfix(lr=f"{lr:g}", err=f"{100.0 * wrong.item() / seen:.1f}%")
                 if stop is not None and stop.signum is not None:
+                    append_gradients(run, grad_norms.rows(cfg.run_id))
                     checkpoint(
                         {"order": order, "pos": pos, "seen": seen, "loss_sum": loss_sum, "wrong": wrong, "first_bad": first_bad}
                     )
@@ -269,6 +277,7 @@ def train_run(
                 _metric_row(cfg, split=data.eval_split, loss=eval_loss, error_pct=eval_err, **common),
             ]
             run.write_metrics(rows)
+            append_gradients(run, grad_norms.rows(cfg.run_id))
             bad_at = int(first_bad.item())
             if bad_at >= 0:
                 # Keep the last good checkpoint; the rows show the epoch it happened in.
@@ -288,6 +297,9 @@ def train_run(
         raise
     finally:
         bar.close()
+    # Figure 7's layer responses, measured once on the finished model (defaults: eval split, BN in
+    # eval mode, std over the whole tensor, first conv excluded; `study probe` re-measures).
+    record_responses(run, model, data, split=data.eval_split)
     run.set_status("done", iteration=iteration, epoch=epoch, train_error=train_err, eval_error=eval_err)
     return "done"
 

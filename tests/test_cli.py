@@ -26,7 +26,7 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     ids = sorted(p.name for p in runs.iterdir())
     assert ids == ["fashion-mnist-mini-resnet8-A-s0-it6-b32", "fashion-mnist-mini-resnet8-A-s1-it6-b32"]
     run_dir = runs / ids[0]
-    assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.parquet", "checkpoint.pt", "status.json", "lock"}
+    assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.parquet", "checkpoint.pt", "status.json", "lock", "responses.parquet"}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["depth"] == 8 and config["config"]["iterations"] == 6
     assert {"package_version", "git_commit", "torch_version", "device"} <= set(config["provenance"])

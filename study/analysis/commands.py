@@ -1,0 +1,201 @@
+"""The analysis sub-commands of `study`: plot, table, report, probe.
+
+`register(sub)` adds them to the CLI's sub-parsers and returns {name: handler}; a handler returns the
+exit code. User errors (no runs, an unknown run id, an unwritable output) raise ConfigError, whose one
+line the CLI prints as `study: error: ...` with exit code 2. Parsing needs no plotting library:
+matplotlib and seaborn are imported when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+
+from ..config import ConfigError
+from ..probes import BN_MODES, REDUCTIONS, SPLITS
+from .figures import FIGURE_NAMES
+from .load import NoRunsError, RunData
+from .tables import TABLE_NAMES
+
+
+def _study_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    parser.add_argument("--dataset", help="draw the runs of this data set (default: the study closest to the paper)")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        help="draw the runs of this iteration budget (default: the study closest to the paper)",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add `plot`, `table`, `report` and `probe` to the CLI's sub-parsers; return their handlers."""
+    plot = sub.add_parser("plot", help="draw the paper's figures from your runs (PNG and PDF)")
+    plot.add_argument("figure", choices=(*FIGURE_NAMES, "all"), help="which figure; `all` draws every one it can")
+    _study_options(plot)
+    plot.add_argument("--out", default="figures", help="output directory (default ./figures)")
+
+    table = sub.add_parser("table", help="the paper's tables: your final errors beside the paper's")
+    table.add_argument("table", choices=TABLE_NAMES)
+    _study_options(table)
+    table.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+
+    report = sub.add_parser("report", help="every figure and table, and a verdict on each claim of the paper")
+    report.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    report.add_argument("--out", default="figures/report.md", help="the report (figures go beside it)")
+
+    probe = sub.add_parser("probe", help="measure layer responses (Figure 7) of finished runs into responses.parquet")
+    probe.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to probe (default: every finished run)")
+    probe.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    probe.add_argument("--split", choices=SPLITS, default="test", help="images to use (default test)")
+    probe.add_argument(
+        "--bn-mode", choices=BN_MODES, default="eval", help="BN running stats (eval) or batch stats (train)"
+    )
+    probe.add_argument(
+        "--reduction",
+        choices=REDUCTIONS,
+        default="tensor",
+        help="std over the whole response tensor, or per channel then averaged",
+    )
+    probe.add_argument("--include-first", action="store_true", help="also measure the first conv layer")
+    probe.add_argument("--max-images", type=int, help="use only the split's first N images")
+    probe.add_argument("--data-dir", help="where the data set's files are (default ./data)")
+    probe.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    return {"plot": cmd_plot, "table": cmd_table, "report": cmd_report, "probe": cmd_probe}
+
+
+def _print_notes(name: str, notes: list[str], file=None) -> None:
+    for note in notes:
+        print(f"{name}: {note}", file=file)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw one figure, or every figure that has runs (`all`), into --out as PNG and PDF."""
+    from .figures import build, save
+
+    data = RunData.load(args.runs_dir)
+    names = FIGURE_NAMES if args.figure == "all" else (args.figure,)
+    drawn_any = False
+    for name in names:
+        try:
+            drawn = build(name, data, dataset=args.dataset, iterations=args.iterations)
+        except NoRunsError as e:
+            if args.figure != "all":
+                raise
+            print(f"{name}: skipped: {e}")
+            continue
+        paths = save(drawn, args.out)
+        drawn_any = True
+        print(f"{name}: {drawn.study.label()} -> {', '.join(map(str, paths))}")
+        _print_notes(name, drawn.notes)
+    if not drawn_any:
+        raise NoRunsError(
+            f"no figure could be drawn from {args.runs_dir} (see the lines above); "
+            "train runs with metrics first or pass --runs-dir"
+        )
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    """Print a table as markdown (with its notes) or CSV (notes on stderr)."""
+    from .tables import build
+
+    table = build(args.table, RunData.load(args.runs_dir), dataset=args.dataset, iterations=args.iterations)
+    if args.format == "csv":
+        print(table.csv(), end="")
+        _print_notes(args.table, table.notes, file=sys.stderr)
+    else:
+        print(table.markdown(), end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the report (figures beside it) and print one line per claim."""
+    from .report import write_report
+
+    path = write_report(RunData.load(args.runs_dir), args.out)
+    print(f"report -> {path}")
+    return 0
+
+
+def _probe_data(cfg, split: str, data_dir: str | None, cache: dict):
+    """The images to probe a run on, mean-subtracted with the mean of the run's own training split."""
+    from ..data import load_data
+
+    def load(holdout: bool):
+        key = (cfg.dataset, holdout)
+        if key not in cache:
+            cache[key] = load_data(cfg.dataset, data_dir, holdout=holdout)
+        return cache[key]
+
+    if split == "val" and not cfg.holdout:
+        raise ConfigError(
+            f"run {cfg.run_id} trained on the whole training set, so it has no validation split; use --split test"
+        )
+    data = load(cfg.holdout)
+    if split == "test" and cfg.holdout:
+        # The test set with the 90% training split's mean, which is what this net was trained with.
+        data = replace(load(False), mean=data.mean)
+    return data
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Measure the layer responses of the named (or every finished) run from its checkpoint."""
+    from ..models import build_model
+    from ..probes import record_responses
+    from ..runstore import list_runs
+    from ..train import resolve_device
+
+    if args.max_images is not None and args.max_images <= 0:
+        raise ConfigError(f"--max-images must be a positive number of images; got {args.max_images}")
+    runs = {run.cfg.run_id: run for run in list_runs(args.runs_dir)}
+    if not runs:
+        raise NoRunsError(
+            f"no runs in {args.runs_dir} to probe; train some first (e.g. `study run --grid quick`) or pass --runs-dir"
+        )
+    unknown = [r for r in args.run_ids if r not in runs]
+    if unknown:
+        raise ConfigError(
+            f"unknown run id {unknown[0]!r} in {args.runs_dir}; "
+            f"`study status --runs-dir {args.runs_dir}` lists the runs"
+        )
+    if args.run_ids:
+        chosen = [runs[r] for r in args.run_ids]
+    else:
+        chosen = [run for run in runs.values() if run.status().get("status") == "done"]
+        if not chosen:
+            raise NoRunsError(f"no finished run in {args.runs_dir} to probe; wait for one to finish or name run ids")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cache: dict = {}
+    for run in chosen:
+        state = run.load_checkpoint()
+        if state is None:
+            raise ConfigError(
+                f"run {run.cfg.run_id} has no checkpoint yet (no epoch finished); probe it once it has trained an epoch"
+            )
+        data = _probe_data(run.cfg, args.split, args.data_dir, cache)
+        model = build_model(
+            run.cfg.arch,
+            run.cfg.depth,
+            shortcut=run.cfg.shortcut,
+            num_classes=data.info.num_classes,
+            in_channels=data.info.in_channels,
+        )
+        model.load_state_dict(state["model"])
+        path = record_responses(
+            run,
+            model.to(device),
+            data.to(device),
+            split=args.split,
+            bn_mode=args.bn_mode,
+            reduction=args.reduction,
+            include_first=args.include_first,
+            max_images=args.max_images,
+        )
+        print(f"{run.cfg.run_id}: layer responses at iteration {state['iteration']} -> {path}")
+    return 0

@@ -1,0 +1,515 @@
+"""The paper's Figures 1, 4, 6 and 7 from your runs, and a gradient-norm figure beyond the paper.
+
+Encoding follows the paper: x in iterations (shown in units of 1e4 for paper-length runs), y error %;
+Figures 1 and 6 dashed training error and bold test error, Figure 4 thin training and bold validation
+error. Where a series has several seeds the line is their mean and a band their spread (min to max).
+The data set, depths and budget are the runs' own, and the figure says so; runs the paper has but the
+runs directory lacks, and runs not finished, are named on the figure and returned as notes.
+
+matplotlib and seaborn are imported inside the functions, so `study` starts fast without them.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from ..config import ConfigError
+from .load import RunData, Study, coverage, pick_study
+from .paper import FIGURES, TABLE2, TABLE6, Series, series_label
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+FIGURE_NAMES = ("fig1", "fig4", "fig6", "fig7", "gradients")
+SPREAD = ("pi", 100)  # seaborn's errorbar: the band spans every seed, min to max
+BAND_ALPHA = 0.18
+FEW_POINTS = 12  # curves with at most this many logged epochs get markers
+
+
+@dataclass
+class Drawn:
+    """A built figure, the study it shows, and what it lacks (missing or unfinished runs)."""
+
+    name: str
+    figure: "Figure"
+    study: Study
+    notes: list[str]
+    caption: str
+    paths: list[Path] = field(default_factory=list)
+
+
+# --- shared pieces ---------------------------------------------------------------------------
+
+
+def _series_in(df: pd.DataFrame) -> list[Series]:
+    """The (arch, depth, shortcut) series in `df`, plain before ResNet, shallow before deep."""
+    keys = set(zip(df["arch"], df["depth"].astype(int), df["shortcut"]))
+    return sorted(keys, key=lambda s: (s[0] != "plain", s[1], s[2]))
+
+
+def _rows_of(df: pd.DataFrame, series: Series) -> pd.DataFrame:
+    arch, depth, shortcut = series
+    return df[(df["arch"] == arch) & (df["depth"] == depth) & (df["shortcut"] == shortcut)]
+
+
+def _colors(series: list[Series]) -> dict[Series, tuple]:
+    """One colour per depth (a plain net and its ResNet twin share it), fixed across panels."""
+    import seaborn as sns
+
+    depths = sorted({s[1] for s in series})
+    palette = dict(zip(depths, sns.color_palette("tab10", max(len(depths), 1))))
+    return {s: palette[s[1]] for s in series}
+
+
+def _seeds_text(runs: pd.DataFrame) -> str:
+    seeds = sorted(set(runs["seed"]))
+    return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
+
+
+def _new_figure(ncols: int, nrows: int = 1, *, width: float = 4.3, height: float = 3.4) -> tuple["Figure", list]:
+    # A bare Figure (not pyplot) needs no GUI backend and is not kept alive by pyplot's registry.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height * nrows + 0.9), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _iteration_axis(ax: "Axes", budget: int) -> None:
+    """x from 0 to the budget; paper-length runs (>= 1e4 iterations) in units of 1e4, as the paper."""
+    ax.set_xlim(0, budget)
+    ax.set_xlabel("iterations")
+    if budget >= 1e4:
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(4, 4))
+
+
+def _error_axis(ax: "Axes", study: Study, paper_ylim: tuple[float, float] | None) -> None:
+    ax.set_ylabel("error (%)")
+    if study.is_paper and paper_ylim is not None:
+        ax.set_ylim(*paper_ylim)
+    else:
+        ax.set_ylim(bottom=0)
+
+
+def _curve(ax: "Axes", rows: pd.DataFrame, color: tuple, **line: object) -> None:
+    """Mean error over seeds against iteration, with the seeds' spread as a band."""
+    import seaborn as sns
+
+    if rows.empty:
+        return
+    # A short run logs a few epochs (one, for a run shorter than an epoch): markers keep it visible.
+    few = rows["iteration"].nunique() <= FEW_POINTS
+    sns.lineplot(
+        data=rows,
+        x="iteration",
+        y="error_pct",
+        estimator="mean",
+        errorbar=SPREAD,
+        err_kws={"alpha": BAND_ALPHA, "linewidth": 0},
+        color=color,
+        ax=ax,
+        **({"marker": "o", "markersize": 6, "clip_on": False} if few else {}),
+        **line,
+    )
+
+
+def _mark_paper(ax: "Axes", x: float, value: float, color: tuple) -> None:
+    # At the right edge: the paper's number is a final error, whatever our budget is.
+    ax.plot(
+        [x],
+        [value],
+        marker="*",
+        markersize=12,
+        color=color,
+        markeredgecolor="black",
+        markeredgewidth=0.6,
+        linestyle="none",
+        clip_on=False,
+        zorder=5,
+    )
+
+
+def _legend(
+    ax: "Axes", series: list[Series], colors: dict, styles: list[tuple[str, dict]], dashes: dict | None = None
+) -> None:
+    """Legend: one entry per series (its colour, and its dash pattern if `dashes` gives one), then
+    one grey entry per line style (training/test, the paper's star)."""
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=colors[s],
+            linewidth=2,
+            label=series_label(*s),
+            **({"dashes": dashes[s]} if dashes and dashes[s] else {}),
+        )
+        for s in series
+    ]
+    handles += [Line2D([], [], color="0.2", label=label, **kws) for label, kws in styles]
+    ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.85)
+
+
+def _empty(ax: "Axes", text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.4", wrap=True)
+
+
+def _finish(fig: "Figure", title: str, caption: str, notes: list[str]) -> str:
+    """Title and, under the panels, the caption and the notes on missing runs."""
+    fig.suptitle(title, fontsize=11)
+    text = caption + ("\n" + "\n".join(f"Note: {n}" for n in notes) if notes else "")
+    width = int(fig.get_figwidth() * 17)
+    wrapped = "\n".join(textwrap.fill(line, width) for line in text.splitlines())
+    fig.supxlabel(wrapped, fontsize=7.5, x=0.01, ha="left", color="0.15")
+    return text
+
+
+def _title(number: str, study: Study, runs: pd.DataFrame) -> str:
+    return f"{number} from your runs: {study.label()}, {_seeds_text(runs)}"
+
+
+def _choose(present: list[Series], wanted: tuple[Series, ...], fallback: list[Series]) -> list[Series]:
+    """The paper's series where the runs have any of them, else `fallback` (depths the runs have)."""
+    chosen = [s for s in wanted if s in present]
+    return chosen or fallback
+
+
+# --- Figures 1, 4 and 6: error curves --------------------------------------------------------
+
+
+def fig1(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+    """Figure 1: training (left) and test (right) error of plain-20 and plain-56; without those runs,
+    of the shallowest and deepest plain nets present."""
+    spec = FIGURES["fig1"]
+    wanted = spec.panels[0][1]
+    study, notes = pick_study(data, "fig1", imagenet=False, wanted=wanted, dataset=dataset, iterations=iterations)
+    runs, metrics = study.select(data.runs), study.select(data.metrics)
+    plain = [s for s in _series_in(runs) if s[0] == "plain"]
+    drawn = _choose(plain, wanted, sorted({plain[0], plain[-1]}) if plain else [])
+    colors = _colors(drawn)
+    fig, axes = _new_figure(2)
+    for ax, (split, name) in zip(axes[0], (("train", "training"), (_eval_split(metrics), study.eval_name))):
+        for s in drawn:
+            rows = _rows_of(metrics, s)
+            _curve(ax, rows[rows["split"] == split], colors[s], linewidth=1.6)
+        ax.set_title(f"{name} error")
+        _iteration_axis(ax, study.iterations)
+        _error_axis(ax, study, spec.ylim)
+        if drawn:
+            _legend(ax, drawn, colors, [])
+        else:
+            _empty(ax, "no plain-net runs in this study")
+    notes = coverage(runs, drawn, wanted) + notes
+    caption = (
+        f"Plain nets of {' and '.join(str(s[1]) for s in drawn) or 'no'} layers (paper: 20 and 56, CIFAR-10). "
+        "Line: mean over seeds; band: min to max over seeds. The paper gives no final numbers for plain nets."
+    )
+    text = _finish(fig, _title("Figure 1", study, runs), caption, notes)
+    return Drawn("fig1", fig, study, notes, text)
+
+
+def _eval_split(metrics: pd.DataFrame) -> str:
+    """The split the bold curves show: `val` where the runs logged one, else `test`."""
+    return "val" if (metrics["split"] == "val").any() else "test"
+
+
+def _curve_panels(
+    name: str,
+    number: str,
+    data: RunData,
+    panels: list[tuple[str, list[Series], tuple[Series, ...]]],
+    study: Study,
+    notes: list[str],
+    *,
+    train_line: dict,
+    paper: dict[Series, float],
+    paper_label: str,
+) -> Drawn:
+    """One panel per (title, drawn series, the paper's series): training and evaluation error."""
+    spec = FIGURES[name]
+    runs, metrics = study.select(data.runs), study.select(data.metrics)
+    split = _eval_split(metrics)
+    all_drawn = [s for _, drawn, _ in panels for s in drawn]
+    colors = _colors(all_drawn)
+    fig, axes = _new_figure(len(panels))
+    marked = False
+    for ax, (title, drawn, wanted) in zip(axes[0], panels):
+        for s in drawn:
+            rows = _rows_of(metrics, s)
+            _curve(ax, rows[rows["split"] == "train"], colors[s], **train_line)
+            _curve(ax, rows[rows["split"] == split], colors[s], linewidth=2.2)
+            if s in paper:
+                _mark_paper(ax, study.iterations, paper[s], colors[s])
+                marked = True
+        ax.set_title(title)
+        _iteration_axis(ax, study.iterations)
+        _error_axis(ax, study, spec.ylim)
+        if drawn:
+            styles = [("training", train_line), (study.eval_name, {"linewidth": 2.2})]
+            if any(s in paper for s in drawn):
+                styles.append((paper_label, {"marker": "*", "linestyle": "none", "markersize": 9}))
+            _legend(ax, drawn, colors, styles)
+        else:
+            _empty(ax, "no runs: " + ", ".join(series_label(*s) for s in wanted))
+    wanted_all = list(dict.fromkeys(s for _, _, wanted in panels for s in wanted))
+    notes = coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all) + notes
+    train_word = "dashed" if train_line.get("linestyle") == "--" else "thin"
+    caption = (
+        f"{train_word.capitalize()}: training error; bold: {study.eval_name} error. "
+        "Line: mean over seeds; band: min to max over seeds."
+    )
+    if marked:
+        caption += f" Star: {paper_label}, at the right edge."
+    elif study.dataset in ("cifar10", "imagenet"):
+        caption += " The paper gives no final number for the nets drawn."
+    else:
+        caption += f" The paper's numbers are not marked: they are for {'ImageNet' if name == 'fig4' else 'CIFAR-10'}."
+    text = _finish(fig, _title(number, study, runs), caption, notes)
+    return Drawn(name, fig, study, notes, text)
+
+
+def fig6(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+    """Figure 6: plain nets (left), ResNets (middle), ResNet-110 vs 1202 (right); dashed training
+    error, bold test error; the paper's Table 6 errors starred on CIFAR-10."""
+    spec = FIGURES["fig6"]
+    wanted = [s for _, series in spec.panels for s in series]
+    study, notes = pick_study(data, "fig6", imagenet=False, wanted=wanted, dataset=dataset, iterations=iterations)
+    present = _series_in(study.select(data.runs))
+    (t1, w1), (t2, w2), (t3, w3) = spec.panels
+    panels = [
+        (t1, [s for s in present if s[0] == "plain"], w1),
+        (t2, [s for s in present if s[0] == "resnet" and s[2] == "A" and s[1] != 1202], w2),
+        (t3, [s for s in w3 if s in present], w3),
+    ]
+    paper = {s: e.best for s, e in TABLE6.items()} if study.dataset == "cifar10" else {}
+    return _curve_panels(
+        "fig6",
+        "Figure 6",
+        data,
+        panels,
+        study,
+        notes,
+        train_line={"linestyle": "--", "linewidth": 1.0},
+        paper=paper,
+        paper_label="paper's final test error (Table 6)",
+    )
+
+
+def fig4(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+    """Figure 4: ImageNet plain-18/34 (left) and ResNet-18/34 (right); thin training error, bold
+    validation error; the paper's Table 2 (10-crop) errors starred."""
+    spec = FIGURES["fig4"]
+    wanted = [s for _, series in spec.panels for s in series]
+    study, notes = pick_study(data, "fig4", imagenet=True, wanted=wanted, dataset=dataset, iterations=iterations)
+    present = _series_in(study.select(data.runs))
+    (t1, w1), (t2, w2) = spec.panels
+    panels = [
+        (t1, [s for s in present if s[0] == "plain"], w1),
+        (t2, [s for s in present if s[0] == "resnet" and s[2] == "A"], w2),
+    ]
+    return _curve_panels(
+        "fig4",
+        "Figure 4",
+        data,
+        panels,
+        study,
+        notes,
+        train_line={"linewidth": 0.8},
+        paper={s: e.best for s, e in TABLE2.items()},
+        paper_label="paper's top-1 error, 10-crop (Table 2)",
+    )
+
+
+# --- Figure 7: layer responses ---------------------------------------------------------------
+
+
+def _options_text(responses: pd.DataFrame) -> str:
+    """How the responses were measured, from the option columns `record_responses` writes."""
+
+    def values(col: str) -> list:
+        return sorted(responses[col].dropna().unique().tolist()) if col in responses else []
+
+    parts = []
+    split = values("split")
+    parts.append(f"on the {'/'.join(map(str, split))} split" if split else "on an unrecorded split")
+    bn = values("bn_mode")
+    parts.append(f"BN in {'/'.join(map(str, bn))} mode" if bn else "BN mode not recorded")
+    reduction = values("reduction")
+    kinds = {"tensor": "std over the whole response tensor", "channel": "std per channel, averaged over channels"}
+    parts.append(" / ".join(kinds.get(r, str(r)) for r in reduction) or "reduction not recorded")
+    first = values("include_first")
+    if first:
+        parts.append(" / ".join("first conv included" if f else "first conv excluded" for f in first))
+    limit = values("max_images")
+    if limit:
+        parts.append(f"first {', '.join(str(int(v)) for v in limit)} images")
+    return ", ".join(parts)
+
+
+def fig7(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+    """Figure 7: the std of each 3x3 layer's response (after BN, before ReLU or addition), top in
+    layer order, bottom sorted in descending order; plain-20/56 and ResNet-20/56/110 where measured
+    (else every net measured). Reads `responses.parquet` (`study probe`)."""
+    import seaborn as sns
+
+    wanted = FIGURES["fig7"].panels[0][1]
+    study, notes = pick_study(
+        data, "fig7", imagenet=False, wanted=wanted, dataset=dataset, iterations=iterations, needs="responses"
+    )
+    responses = study.select(data.responses).copy()
+    present = _series_in(responses)
+    drawn = _choose(present, wanted, present)
+    responses = pd.concat([_rows_of(responses, s) for s in drawn], ignore_index=True)
+    responses["net"] = [series_label(a, d, sc) for a, d, sc in zip(responses.arch, responses.depth, responses.shortcut)]
+    # Rank within each run, so the sorted curve of several seeds averages like with like.
+    responses["rank"] = responses.groupby("run_id")["std"].rank(ascending=False, method="first")
+    # Five series on one axis, as in the paper: a colour each, plain dashed, ResNet solid.
+    colors = dict(zip(drawn, sns.color_palette("tab10", len(drawn))))
+    order = [series_label(*s) for s in drawn]
+    palette = {series_label(*s): colors[s] for s in drawn}
+    dashes = {"plain": (4, 2), "resnet": ""}
+    fig, axes = _new_figure(1, 2, width=7.5, height=2.9)
+    for ax, x, xlabel in (
+        (axes[0][0], "layer_index", "layer index (original)"),
+        (axes[1][0], "rank", "layer index (sorted by magnitude)"),
+    ):
+        sns.lineplot(
+            data=responses,
+            x=x,
+            y="std",
+            hue="net",
+            hue_order=order,
+            palette=palette,
+            style="arch",
+            style_order=["plain", "resnet"],
+            dashes=dashes,
+            linewidth=1.3,
+            errorbar=SPREAD,
+            err_kws={"alpha": BAND_ALPHA, "linewidth": 0},
+            legend=False,
+            ax=ax,
+        )
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("std")
+        ax.set_ylim(bottom=0)
+        _legend(ax, drawn, colors, [], dashes={s: dashes[s[0]] for s in drawn})
+    runs = study.select(data.runs)
+    measured = runs[runs["run_id"].isin(responses["run_id"])]
+    notes = coverage(measured, drawn, wanted) + notes
+    unprobed = runs[~runs["run_id"].isin(data.responses["run_id"]) & (runs["status"] == "done")]
+    if not unprobed.empty:
+        notes.append(f"finished but not probed (run `study probe`): {', '.join(unprobed['run_id'])}")
+    caption = (
+        f"Std of each 3x3 layer's response, after BN and before ReLU or the residual addition, "
+        f"{_options_text(responses)}. Line: mean over seeds; band: min to max over seeds."
+    )
+    text = _finish(fig, _title("Figure 7", study, measured), caption, notes)
+    return Drawn("fig7", fig, study, notes, text)
+
+
+# --- Beyond the paper: gradient norms --------------------------------------------------------
+
+
+def gradients(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+    """Per-layer gradient norms, plain vs ResNet, one column per depth: top, the median over
+    layers during training; bottom, each layer's norm (median over the recordings). The paper's
+    claim (section 4.1) is that plain nets degrade although these stay healthy."""
+    import seaborn as sns
+
+    study, notes = pick_study(
+        data, "gradients", imagenet=False, dataset=dataset, iterations=iterations, needs="gradients"
+    )
+    grads = study.select(data.gradients).copy()
+    drawn = _series_in(grads)
+    grads["net"] = [series_label(a, d, sc) for a, d, sc in zip(grads.arch, grads.depth, grads.shortcut)]
+    # Colour by kind, plain vs ResNet, within a depth's column: the comparison the claim is about.
+    kind_colors = dict(zip(["plain", "resnet"], sns.color_palette("Set1", 2)))
+    colors = {series_label(*s): kind_colors[s[0]] for s in drawn}
+    depths = sorted({s[1] for s in drawn})
+    fig, axes = _new_figure(len(depths), 2, width=3.8, height=2.8)
+    over_layers = grads.groupby(["run_id", "net", "depth", "iteration"], as_index=False)["grad_norm"].median()
+    for col, depth in enumerate(depths):
+        nets = [series_label(*s) for s in drawn if s[1] == depth]
+        top, bottom = axes[0][col], axes[1][col]
+        sns.lineplot(
+            data=over_layers[over_layers.depth == depth],
+            x="iteration",
+            y="grad_norm",
+            hue="net",
+            hue_order=nets,
+            palette=colors,
+            errorbar=SPREAD,
+            err_kws={"alpha": BAND_ALPHA},
+            ax=top,
+        )
+        sns.lineplot(
+            data=grads[grads.depth == depth],
+            x="layer_index",
+            y="grad_norm",
+            hue="net",
+            hue_order=nets,
+            palette=colors,
+            estimator="median",
+            errorbar=("pi", 50),
+            err_kws={"alpha": BAND_ALPHA},
+            marker="o",
+            markersize=3,
+            ax=bottom,
+        )
+        top.set_title(f"{depth} layers")
+        _iteration_axis(top, study.iterations)
+        bottom.set_xlabel("layer (conv/fc weight, input to output)")
+        for ax in (top, bottom):
+            ax.set_yscale("log")
+            ax.set_ylabel("gradient L2 norm" if col == 0 else "")
+            ax.legend(fontsize=7)
+    runs = study.select(data.runs)
+    measured = runs[runs["run_id"].isin(grads["run_id"])]
+    notes = coverage(measured, drawn, []) + notes
+    every = sorted(grads.groupby("run_id")["iteration"].min().unique())
+    caption = (
+        f"Top: median over layers of each weight's gradient L2 norm, recorded every {'/'.join(map(str, every))} "
+        "iterations (line: mean over seeds; band: min to max). Bottom: each layer's norm, median over the "
+        "recordings and seeds (band: interquartile range). Vanishing gradients would show as a norm falling "
+        "by orders of magnitude towards the first layers."
+    )
+    text = _finish(fig, _title("Gradient norms", study, measured), caption, notes)
+    return Drawn("gradients", fig, study, notes, text)
+
+
+BUILDERS = {"fig1": fig1, "fig4": fig4, "fig6": fig6, "fig7": fig7, "gradients": gradients}
+
+
+def build(name: str, data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+    """Build figure `name` (one of FIGURE_NAMES) from the runs in `data`; NoRunsError if none fit."""
+    import seaborn as sns
+
+    with sns.axes_style("whitegrid"):
+        return BUILDERS[name](data, dataset=dataset, iterations=iterations)
+
+
+def save(drawn: Drawn, out_dir: str | os.PathLike) -> list[Path]:
+    """Write `<out_dir>/<name>.png` and `.pdf`; ConfigError naming the fix if that is impossible."""
+    out = Path(out_dir)
+    paths = [out / f"{drawn.name}.png", out / f"{drawn.name}.pdf"]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        drawn.figure.savefig(paths[0], dpi=150)
+        # The layout is in inches, the same for both files: computing it once more for the PDF would
+        # only cost time, so it is frozen after the PNG.
+        drawn.figure.set_layout_engine("none")
+        drawn.figure.savefig(paths[1])
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write figures to {out} ({e.strerror or e}); pass --out a writable directory"
+        ) from None
+    drawn.paths = paths
+    return paths

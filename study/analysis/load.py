@@ -1,0 +1,286 @@
+"""Reading run directories into long-form pandas tables, and choosing which runs form one study.
+
+Everything here reads files only (`config.json`, `status.json`, `metrics.parquet`, `responses.parquet`,
+`gradients.parquet`); nothing imports the trainer. A run directory written by another tool (an
+ImageNet run, say, whose data set or depth `RunConfig` does not know) is read all the same: its
+`config.json` is taken as plain JSON, and without one the identity comes from its metrics rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import PAPER_BATCH_SIZE, ConfigError
+from ..runstore import METRIC_COLUMNS
+from .paper import CIFAR_ITERATIONS, IMAGENET, IMAGENET_ITERATIONS, Series, series_label
+
+IDENTITY = ["run_id", "dataset", "arch", "depth", "shortcut", "seed"]
+STUDY_KEY = ["dataset", "iterations", "batch_size", "holdout"]
+RUN_COLUMNS = IDENTITY + ["iterations", "batch_size", "holdout", "status", "last_iteration"]
+RESPONSE_COLUMNS = ["run_id", "layer_index", "layer_name", "std"]
+GRADIENT_COLUMNS = ["run_id", "iteration", "layer_index", "layer_name", "grad_norm"]
+
+
+class NoRunsError(ConfigError):
+    """No run matches what was asked for. str(e) is one line naming the fix."""
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _run_row(run_dir: Path) -> dict | None:
+    """One run's identity, budget and status, or None for a directory that is not a run."""
+    record = _read_json(run_dir / "config.json")
+    cfg = record.get("config") if record else None
+    metrics_path = run_dir / "metrics.parquet"
+    if not isinstance(cfg, dict):
+        if not metrics_path.exists():
+            return None
+        # No config: the metrics rows carry the identity; the budget is unknown, so the last
+        # logged iteration stands in for it.
+        metrics = pd.read_parquet(metrics_path)
+        if metrics.empty or not {"arch", "depth", "dataset"} <= set(metrics.columns):
+            return None
+        cfg = metrics.iloc[0].to_dict()
+        cfg["iterations"] = int(metrics["iteration"].max())
+    if "arch" not in cfg or "depth" not in cfg or "dataset" not in cfg:
+        return None
+    status = _read_json(run_dir / "status.json") or {}
+    return {
+        "run_id": run_dir.name,
+        "dataset": str(cfg["dataset"]),
+        "arch": str(cfg["arch"]),
+        "depth": int(cfg["depth"]),
+        "shortcut": str(cfg.get("shortcut", "A")),
+        "seed": int(cfg.get("seed", 0)),
+        "iterations": int(cfg.get("iterations", CIFAR_ITERATIONS)),
+        "batch_size": int(cfg.get("batch_size", PAPER_BATCH_SIZE)),
+        "holdout": bool(cfg.get("holdout", False)),
+        "status": str(status.get("status", "new")),
+        "last_iteration": int(status.get("iteration", 0)),
+    }
+
+
+def load_run_table(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
+    """One row per run directory under `runs_dir`: identity, budget (`iterations`, `batch_size`,
+    `holdout`), `status` and `last_iteration`. Empty (with these columns) when there are none."""
+    root = Path(runs_dir)
+    rows = [_run_row(d) for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+    return pd.DataFrame([r for r in rows if r is not None], columns=RUN_COLUMNS)
+
+
+def _no_runs(runs_dir: str | os.PathLike) -> NoRunsError:
+    return NoRunsError(
+        f"no runs in {runs_dir}; train some first (e.g. `study run --grid quick`) "
+        "or pass --runs-dir to the directory that holds them"
+    )
+
+
+def _per_run_files(runs_dir: str | os.PathLike, table: pd.DataFrame, filename: str, columns: list[str]) -> pd.DataFrame:
+    """Concatenate `filename` of every run in `table`, with the run's identity, budget and status
+    taken from the run table (the authority for them) rather than from the file."""
+    frames = []
+    for run_id in table["run_id"]:
+        path = Path(runs_dir) / run_id / filename
+        if not path.exists():
+            continue
+        try:
+            frames.append(pd.read_parquet(path).assign(run_id=run_id))
+        except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
+            # Files are replaced atomically, so this is damage from outside; the rest still loads.
+            warnings.warn(f"skipped unreadable {path}: {e}", stacklevel=3)
+    frames = [f for f in frames if not f.empty]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    df = df.drop(columns=[c for c in RUN_COLUMNS if c in df.columns and c != "run_id"])
+    df = df.merge(table, on="run_id", how="inner", validate="many_to_one")
+    extras = [c for c in df.columns if c not in columns and c not in RUN_COLUMNS]
+    return df[[*dict.fromkeys([*columns, *IDENTITY, *extras, *RUN_COLUMNS])]]
+
+
+def load_runs(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
+    """Long-form metrics of every run under `runs_dir`: one row per run, epoch and split with the
+    columns of `metrics.parquet` (`study.runstore.METRIC_COLUMNS`) plus the run's `status`, its
+    budget `iterations` (the planned total, beside `iteration`, the row's own), `batch_size`,
+    `holdout` and `last_iteration`.
+
+    Raises NoRunsError (a ConfigError) when `runs_dir` holds no run at all.
+    """
+    table = load_run_table(runs_dir)
+    if table.empty:
+        raise _no_runs(runs_dir)
+    return _per_run_files(runs_dir, table, "metrics.parquet", METRIC_COLUMNS)
+
+
+def load_responses(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
+    """Every run's `responses.parquet` (Figure 7's layer-response stds, see `study.probes`), long
+    form, with the run's identity and budget; empty when no run has been probed."""
+    return _per_run_files(runs_dir, load_run_table(runs_dir), "responses.parquet", RESPONSE_COLUMNS)
+
+
+def load_gradients(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
+    """Every run's `gradients.parquet` (per-layer gradient norms during training), long form, with
+    the run's identity and budget; empty when no run recorded any."""
+    return _per_run_files(runs_dir, load_run_table(runs_dir), "gradients.parquet", GRADIENT_COLUMNS)
+
+
+@dataclass
+class RunData:
+    """All that the figures, tables and report read: the run table and the three long-form tables."""
+
+    runs_dir: Path
+    runs: pd.DataFrame
+    metrics: pd.DataFrame
+    responses: pd.DataFrame
+    gradients: pd.DataFrame
+
+    @classmethod
+    def load(cls, runs_dir: str | os.PathLike = "runs") -> "RunData":
+        """Read `runs_dir`; NoRunsError when it holds no run."""
+        runs = load_run_table(runs_dir)
+        if runs.empty:
+            raise _no_runs(runs_dir)
+        return cls(
+            Path(runs_dir),
+            runs,
+            _per_run_files(runs_dir, runs, "metrics.parquet", METRIC_COLUMNS),
+            _per_run_files(runs_dir, runs, "responses.parquet", RESPONSE_COLUMNS),
+            _per_run_files(runs_dir, runs, "gradients.parquet", GRADIENT_COLUMNS),
+        )
+
+
+@dataclass(frozen=True)
+class Study:
+    """Runs that can share a figure: same data set, iteration budget, batch size and split."""
+
+    dataset: str
+    iterations: int
+    batch_size: int
+    holdout: bool
+
+    @property
+    def is_paper(self) -> bool:
+        """The paper's own setting: CIFAR-10 for 64k iterations, or ImageNet for 60e4."""
+        budget = IMAGENET_ITERATIONS if self.dataset == IMAGENET else CIFAR_ITERATIONS
+        return self.dataset in ("cifar10", IMAGENET) and self.iterations == budget
+
+    @property
+    def eval_name(self) -> str:
+        """What the bold curves show: the test set, or the validation set (hold-out or ImageNet)."""
+        return "validation" if self.holdout or self.dataset == IMAGENET else "test"
+
+    def label(self) -> str:
+        """E.g. `fashion-mnist-mini, 200 iterations`; a non-paper batch size or a hold-out is named."""
+        parts = [self.dataset, f"{self.iterations:,} iterations"]
+        if self.batch_size != PAPER_BATCH_SIZE and self.dataset != IMAGENET:
+            parts.append(f"batch {self.batch_size}")
+        if self.holdout:
+            parts.append("90/10 hold-out")
+        return ", ".join(parts)
+
+    def select(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The rows of `df` (which carries the study columns) that belong to this study."""
+        mask = (
+            (df["dataset"] == self.dataset)
+            & (df["iterations"] == self.iterations)
+            & (df["batch_size"] == self.batch_size)
+            & (df["holdout"] == self.holdout)
+        )
+        return df[mask]
+
+
+def studies(runs: pd.DataFrame) -> list[Study]:
+    """The distinct studies in a run table."""
+    keys = runs[STUDY_KEY].drop_duplicates().itertuples(index=False)
+    return [Study(str(d), int(i), int(b), bool(h)) for d, i, b, h in keys]
+
+
+def pick_study(
+    data: RunData,
+    what: str,
+    *,
+    imagenet: bool,
+    wanted: Iterable[Series] = (),
+    dataset: str | None = None,
+    iterations: int | None = None,
+    needs: str = "metrics",
+) -> tuple[Study, list[str]]:
+    """Choose the study that `what` (a figure or table name) is drawn from.
+
+    Candidates are ImageNet runs or the others (`imagenet`), narrowed by `dataset`/`iterations`
+    when given, and only runs with rows in `needs` (`metrics`, `responses` or `gradients`).
+    Preferred: the study holding any of the paper's `wanted` series, then the paper's own setting,
+    then the one with most of `wanted`, then the most runs. Returns the study and one note naming
+    the studies left out. NoRunsError when no run qualifies.
+    """
+    runs = data.runs[data.runs["run_id"].isin(getattr(data, needs)["run_id"])]
+    candidates = runs[(runs["dataset"] == IMAGENET) == imagenet]
+    if dataset is not None:
+        candidates = candidates[candidates["dataset"] == dataset]
+    if iterations is not None:
+        candidates = candidates[candidates["iterations"] == iterations]
+    if candidates.empty:
+        present = "; ".join(s.label() for s in studies(runs)) or "none"
+        kind = "ImageNet runs (dataset imagenet)" if imagenet else "CIFAR-style runs"
+        fixes = {
+            "responses": "run `study probe` on finished runs first",
+            "gradients": "runs trained by this version of study record them (gradients.parquet); train one",
+        }
+        fix = fixes.get(needs, "pass --runs-dir to the directory that holds them")
+        if needs == "metrics" and runs.empty:
+            fix = "no run has finished an epoch yet: wait for one, or " + fix
+        filters = ", ".join(
+            f"{k} {v}" for k, v in (("--dataset", dataset), ("--iterations", iterations)) if v is not None
+        )
+        if filters:
+            fix = "pick --dataset/--iterations among those, or leave them out"
+        raise NoRunsError(
+            f"{what} needs {kind} with {needs}{' matching ' + filters if filters else ''} in {data.runs_dir}, "
+            f"found none (runs with {needs}: {present}); {fix}"
+        )
+    wanted = set(wanted)
+
+    def score(study: Study) -> tuple:
+        group = study.select(candidates)
+        hits = len(set(zip(group["arch"], group["depth"], group["shortcut"])) & wanted)
+        return (hits > 0, study.is_paper, hits, len(group))
+
+    ranked = sorted(studies(candidates), key=score, reverse=True)
+    notes = []
+    if len(ranked) > 1:
+        others = "; ".join(s.label() for s in ranked[1:])
+        notes.append(f"also present, not used here: {others} (choose with --dataset/--iterations)")
+    return ranked[0], notes
+
+
+def coverage(runs: pd.DataFrame, drawn: Iterable[Series], wanted: Iterable[Series]) -> list[str]:
+    """Notes on what a figure lacks: the paper's `wanted` series with no run, seeds of a `drawn`
+    series that other series of the study have but it has not, and drawn runs not `done`."""
+    present = set(zip(runs["arch"], runs["depth"], runs["shortcut"]))
+    seeds = set(runs["seed"])
+    missing = [series_label(*s) for s in wanted if s not in present]
+    for s in drawn:
+        have = set(runs.loc[(runs["arch"] == s[0]) & (runs["depth"] == s[1]) & (runs["shortcut"] == s[2]), "seed"])
+        if have:
+            missing += [f"{series_label(*s)} s{seed}" for seed in sorted(seeds - have)]
+    notes = [f"missing runs: {', '.join(missing)}"] if missing else []
+    drawn = set(drawn)
+    unfinished = [
+        f"{series_label(r.arch, r.depth, r.shortcut)} s{r.seed} ({r.status}, {r.last_iteration:,}/{r.iterations:,} it.)"
+        for r in runs.itertuples()
+        if (r.arch, r.depth, r.shortcut) in drawn and r.status != "done"
+    ]
+    if unfinished:
+        notes.append(f"unfinished: {', '.join(unfinished)}")
+    return notes

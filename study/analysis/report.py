@@ -1,0 +1,365 @@
+"""The claims report: every figure, every table, and one verdict per claim of the paper.
+
+Each claim of PROTOCOL.md ("Claims the study exists to test") is judged from the finished runs
+present: `holds`, `does not hold`, or `cannot be judged` when the runs it needs are missing. Verdicts
+compare means over seeds; the evidence line gives the numbers and the number of seeds, and says when
+a difference is within the seeds' spread, so a reader can weigh it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import ConfigError
+from .load import NoRunsError, RunData, Study, pick_study, studies
+from .paper import CLAIMS, FIGURES, TABLE3, TABLE6, series_label
+from .tables import TABLE_NAMES, final_errors
+
+HOLDS, FAILS, UNKNOWN = "holds", "does not hold", "cannot be judged"
+# Claim 2: "vanishing" = some hidden layer's gradient norm (median over the recordings) below 1% of
+# the largest hidden layer's (two orders of magnitude); "non-zero variance" = every layer's response
+# std above 1e-3.
+GRADIENT_RATIO_HEALTHY = 0.01
+RESPONSE_STD_NONZERO = 1e-3
+FIGURE_TITLES = {
+    "fig1": "Figure 1: plain-20 vs plain-56",
+    "fig4": "Figure 4: ImageNet, plain vs ResNet",
+    "fig6": "Figure 6: plain nets, ResNets, ResNet-110 vs 1202",
+    "fig7": "Figure 7: layer responses",
+    "gradients": "Gradient norms (beyond the paper)",
+}
+# Claim 4: "the same low training error" = within this many percentage points.
+SAME_TRAIN_ERROR_PP = 0.5
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'' if n == 1 else 's'}"
+
+
+@dataclass
+class Claim:
+    """One claim's verdict, the evidence behind it and the fewest seeds any compared net had."""
+
+    number: int
+    text: str
+    verdict: str
+    evidence: str
+    seeds: int
+
+    def line(self) -> str:
+        """The one line the report and the terminal show."""
+        return f"claim {self.number}: {self.verdict} ({_seeds(self.seeds)}): {self.evidence}"
+
+
+@dataclass
+class _Stat:
+    mean: float
+    std: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.n > 1 else "")
+
+
+def _stat(values: pd.Series) -> _Stat | None:
+    values = values.dropna()
+    return _Stat(values.mean(), values.std(), len(values)) if len(values) else None
+
+
+def _spread_note(a: _Stat, b: _Stat) -> str:
+    if a.n > 1 and b.n > 1 and abs(a.mean - b.mean) < a.std + b.std:
+        return " (within the seeds' spread)"
+    return ""
+
+
+def _combine(parts: list[tuple[str | None, str]], conjunctive: bool) -> tuple[str, str]:
+    """Verdict from parts (verdict or None when unjudgeable, evidence). Conjunctive: every part is
+    needed for `holds`; otherwise the judged parts decide."""
+    judged = [v for v, _ in parts if v is not None]
+    if FAILS in judged:
+        verdict = FAILS
+    elif judged and (not conjunctive or len(judged) == len(parts)):
+        verdict = HOLDS
+    else:
+        verdict = UNKNOWN
+    return verdict, "; ".join(e for _, e in parts)
+
+
+class _Finals:
+    """Finished runs' final errors in one study, by net."""
+
+    def __init__(self, data: RunData, study: Study) -> None:
+        self.study = study
+        done = study.select(data.runs).query("status == 'done'")
+        metrics = study.select(data.metrics)
+        self.df = final_errors(metrics[metrics["run_id"].isin(done["run_id"])]) if not metrics.empty else None
+        self.eval = "val" if self.df is not None and "val" in self.df else "test"
+
+    def get(self, arch: str, depth: int, column: str, shortcut: str = "A") -> _Stat | None:
+        if self.df is None or column not in self.df:
+            return None
+        df = self.df
+        return _stat(df[(df["arch"] == arch) & (df["depth"] == depth) & (df["shortcut"] == shortcut)][column])
+
+    def depths(self, arch: str, shortcut: str = "A") -> list[int]:
+        if self.df is None:
+            return []
+        return sorted(set(self.df[(self.df["arch"] == arch) & (self.df["shortcut"] == shortcut)]["depth"]))
+
+
+def _pair(depths: list[int], preferred: tuple[int, int]) -> tuple[int, int] | None:
+    """The paper's pair of depths where both are present, else the shallowest and deepest."""
+    if set(preferred) <= set(depths):
+        return preferred
+    return (depths[0], depths[-1]) if len(depths) >= 2 else None
+
+
+def _deeper_is_worse(f: _Finals, arch: str, pair: tuple[int, int]) -> tuple[str | None, str, int]:
+    """Degradation test of one pair: (verdict, evidence, seeds)."""
+    shallow, deep = pair
+    name_s, name_d = series_label(arch, shallow), series_label(arch, deep)
+    tr_s, tr_d = f.get(arch, shallow, "train"), f.get(arch, deep, "train")
+    te_s, te_d = f.get(arch, shallow, f.eval), f.get(arch, deep, f.eval)
+    if None in (tr_s, tr_d, te_s, te_d):
+        return None, f"{f.study.dataset}: {name_s} or {name_d} lacks a final training or {f.eval} error", 0
+    worse = tr_d.mean > tr_s.mean and te_d.mean > te_s.mean
+    evidence = (
+        f"{f.study.dataset}: training error {name_d} {tr_d} vs {name_s} {tr_s}{_spread_note(tr_d, tr_s)}, "
+        f"{f.eval} error {te_d} vs {te_s}{_spread_note(te_d, te_s)}"
+    )
+    return (HOLDS if worse else FAILS), evidence, min(tr_s.n, tr_d.n)
+
+
+def _claim1(cifar: _Finals | None, imagenet: _Finals | None) -> tuple[str, str, int]:
+    parts, seeds = [], []
+    for f, preferred in ((cifar, (20, 56)), (imagenet, (18, 34))):
+        if f is None:
+            continue
+        pair = _pair(f.depths("plain"), preferred)
+        if pair is None:
+            parts.append(
+                (None, f"{f.study.dataset}: needs two finished plain depths, has {f.depths('plain') or 'none'}")
+            )
+            continue
+        verdict, evidence, n = _deeper_is_worse(f, "plain", pair)
+        parts.append((verdict, evidence))
+        seeds.append(n)
+    if not parts:
+        parts.append((None, "no finished plain-net runs"))
+    verdict, evidence = _combine(parts, conjunctive=False)
+    return verdict, evidence, min(seeds, default=0)
+
+
+def _claim2(data: RunData, study: Study | None) -> tuple[str, str, int]:
+    if study is None:
+        return UNKNOWN, "no CIFAR-style runs", 0
+    runs = study.select(data.runs).query("arch == 'plain' and status == 'done'")
+    grads = data.gradients[data.gradients["run_id"].isin(runs["run_id"])]
+    resp = data.responses[data.responses["run_id"].isin(runs["run_id"])]
+    parts, seeds = [], []
+    if grads.empty:
+        parts.append((None, "no gradient norms recorded for finished plain nets"))
+    else:
+        depth = int(grads["depth"].max())
+        deepest = grads[grads["depth"] == depth]
+        # The hidden layers only: the stem conv (few input channels) and the classifier have norms
+        # of another scale whatever the gradient flow; they are the first and last layer recorded.
+        ends = deepest.groupby("run_id")["layer_index"].transform
+        hidden = deepest[(deepest["layer_index"] > ends("min")) & (deepest["layer_index"] < ends("max"))]
+        per_layer = hidden.groupby(["run_id", "layer_index"])["grad_norm"].median()
+        ratio = per_layer.groupby("run_id").agg(lambda s: s.min() / s.max())
+        healthy = bool((ratio >= GRADIENT_RATIO_HEALTHY).all())
+        parts.append(
+            (
+                HOLDS if healthy else FAILS,
+                f"plain-{depth}: the smallest hidden layer's gradient norm (median over training) is "
+                f"{ratio.min():.3g} of the largest (vanishing: below {GRADIENT_RATIO_HEALTHY:g})",
+            )
+        )
+        seeds.append(len(ratio))
+    if resp.empty:
+        parts.append((None, "no layer responses of finished plain nets (`study probe`)"))
+    else:
+        depth = int(resp["depth"].max())
+        low = resp[resp["depth"] == depth]["std"].min()
+        parts.append(
+            (
+                HOLDS if low > RESPONSE_STD_NONZERO else FAILS,
+                f"plain-{depth}: smallest layer response std {low:.3g} (zero below {RESPONSE_STD_NONZERO:g})",
+            )
+        )
+        seeds.append(resp[resp["depth"] == depth]["run_id"].nunique())
+    verdict, evidence = _combine(parts, conjunctive=True)
+    return verdict, evidence, min(seeds, default=0)
+
+
+def _claim3(f: _Finals | None) -> tuple[str, str, int]:
+    depths = [d for d in f.depths("resnet") if d <= 110] if f else []
+    if len(depths) < 2:
+        return UNKNOWN, f"needs two finished ResNet depths up to 110, has {depths or 'none'}", 0
+    rows = {d: (f.get("resnet", d, "train"), f.get("resnet", d, f.eval)) for d in depths}
+    shallow, deep = rows[depths[0]], rows[depths[-1]]
+    better = deep[0].mean < shallow[0].mean and deep[1].mean < shallow[1].mean
+    listing = ", ".join(f"{series_label('resnet', d)} {tr.mean:.2f}/{te.mean:.2f}" for d, (tr, te) in rows.items())
+    monotone = all(rows[a][1].mean > rows[b][1].mean for a, b in zip(depths, depths[1:]))
+    evidence = (
+        f"{f.study.dataset}, training/{f.eval} error: {listing}"
+        f"{_spread_note(deep[1], shallow[1])}; {f.eval} error "
+        f"{'falls' if monotone else 'does not fall'} at every step in depth"
+    )
+    return (HOLDS if better else FAILS), evidence, min(s[0].n for s in rows.values())
+
+
+def _claim4(f: _Finals | None) -> tuple[str, str, int]:
+    stats = {d: (f.get("resnet", d, "train"), f.get("resnet", d, f.eval)) for d in (110, 1202)} if f else {}
+    if not stats or any(tr is None or te is None for tr, te in stats.values()):
+        return UNKNOWN, "needs finished ResNet-110 and ResNet-1202 runs", 0
+    (tr110, te110), (tr1202, te1202) = stats[110], stats[1202]
+    holds = tr1202.mean <= tr110.mean + SAME_TRAIN_ERROR_PP and te1202.mean > te110.mean
+    evidence = (
+        f"training error ResNet-1202 {tr1202} vs ResNet-110 {tr110} (same: within {SAME_TRAIN_ERROR_PP} points), "
+        f"{f.eval} error {te1202} vs {te110}{_spread_note(te1202, te110)}; paper: "
+        f"{TABLE6[('resnet', 1202, 'A')]} vs {TABLE6[('resnet', 110, 'A')]}"
+    )
+    return (HOLDS if holds else FAILS), evidence, min(tr110.n, tr1202.n)
+
+
+def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int]:
+    resp = study.select(data.responses) if study is not None else data.responses.iloc[0:0]
+    resp = resp[(resp["status"] == "done") & (resp["shortcut"] == "A")]
+    if resp.empty:
+        return UNKNOWN, "no layer responses of finished runs (`study probe`)", 0
+    # One number per run (its mean layer std), then the mean over a net's seeds.
+    per_run = resp.groupby(["arch", "depth", "run_id"])["std"].mean()
+    per_net = per_run.groupby(["arch", "depth"]).mean()
+    seeds = per_run.groupby(["arch", "depth"]).size()
+    nets = per_net.to_dict()
+    pairs = sorted(d for a, d in nets if a == "resnet" and ("plain", d) in nets)
+    parts = []
+    if pairs:
+        smaller = all(nets[("resnet", d)] < nets[("plain", d)] for d in pairs)
+        parts.append(
+            (
+                HOLDS if smaller else FAILS,
+                "mean response std ResNet vs plain: "
+                + ", ".join(f"{d} layers {nets[('resnet', d)]:.3f} vs {nets[('plain', d)]:.3f}" for d in pairs),
+            )
+        )
+    else:
+        parts.append((None, "needs a plain net and a ResNet of the same depth with responses"))
+    res_depths = sorted(d for a, d in nets if a == "resnet")
+    if len(res_depths) >= 2:
+        shrink = all(nets[("resnet", a)] > nets[("resnet", b)] for a, b in zip(res_depths, res_depths[1:]))
+        parts.append(
+            (
+                HOLDS if shrink else FAILS,
+                "ResNet mean response std by depth: "
+                + ", ".join(f"{d}: {nets[('resnet', d)]:.3f}" for d in res_depths),
+            )
+        )
+    else:
+        parts.append((None, "needs responses of two ResNet depths to judge shrinking with depth"))
+    verdict, evidence = _combine(parts, conjunctive=True)
+    return verdict, evidence, int(seeds.min())
+
+
+def _claim6(f: _Finals | None) -> tuple[str, str, int]:
+    nets = [("plain", "A"), ("resnet", "A"), ("resnet", "B"), ("resnet", "C")]
+    stats = {n: f.get(n[0], 34, f.eval, shortcut=n[1]) for n in nets} if f else {}
+    if not stats or any(s is None for s in stats.values()):
+        return UNKNOWN, "needs finished ImageNet plain-34 and ResNet-34 A, B and C runs", 0
+    a, b, c, plain = stats[("resnet", "A")], stats[("resnet", "B")], stats[("resnet", "C")], stats[("plain", "A")]
+    holds = c.mean < b.mean < a.mean < plain.mean
+    paper = ", ".join(f"{series_label(*k)} {v[0]}" for k, v in TABLE3.items())
+    evidence = (
+        f"top-1 {f.eval} error plain-34 {plain}, ResNet-34 A {a}, B {b}, C {c}{_spread_note(b, a)}; paper: {paper}"
+    )
+    return (HOLDS if holds else FAILS), evidence, min(s.n for s in stats.values())
+
+
+def _study_or_none(data: RunData, *, imagenet: bool, wanted: list) -> Study | None:
+    try:
+        return pick_study(data, "the claims", imagenet=imagenet, wanted=wanted)[0]
+    except NoRunsError:
+        return None
+
+
+def _cifar_study(data: RunData) -> Study | None:
+    """The CIFAR-style study the claims are judged on: the one Figures 1 and 6 draw."""
+    wanted = [s for spec in ("fig1", "fig6") for _, series in FIGURES[spec].panels for s in series]
+    return _study_or_none(data, imagenet=False, wanted=wanted)
+
+
+def classify_claims(data: RunData) -> list[Claim]:
+    """One Claim per PROTOCOL.md claim, judged on the CIFAR-style study closest to the paper (the
+    one the figures draw) and, for the ImageNet claims, on the ImageNet runs."""
+    cifar_study = _cifar_study(data)
+    imagenet_study = _study_or_none(data, imagenet=True, wanted=list(TABLE3))
+    cifar = _Finals(data, cifar_study) if cifar_study else None
+    imagenet = _Finals(data, imagenet_study) if imagenet_study else None
+    results = {
+        1: _claim1(cifar, imagenet),
+        2: _claim2(data, cifar_study),
+        3: _claim3(cifar),
+        4: _claim4(cifar),
+        5: _claim5(data, cifar_study),
+        6: _claim6(imagenet),
+    }
+    return [Claim(n, CLAIMS[n], *results[n]) for n in sorted(results)]
+
+
+def write_report(data: RunData, out: str | os.PathLike, *, log=print) -> Path:
+    """Write the markdown report to `out`, with every figure (PNG and PDF) beside it; a figure or
+    table with no runs to draw from is listed as such. Prints one line per claim through `log`."""
+    from . import figures, tables
+
+    out = Path(out)
+    out_dir = out.parent
+    lines = ["# The degradation study: your runs against the paper", ""]
+    statuses = data.runs["status"].value_counts().to_dict()
+    lines += [
+        f"Runs in `{data.runs_dir}`: {len(data.runs)} ({', '.join(f'{v} {k}' for k, v in statuses.items())}); "
+        f"studies: {'; '.join(s.label() for s in studies(data.runs))}.",
+        "",
+        "## Claims",
+        "",
+    ]
+    claims = classify_claims(data)
+    judged_on = _cifar_study(data)
+    if judged_on is not None and not judged_on.is_paper:
+        lines += [
+            f"Judged on {judged_on.label()}; the paper's claims are about CIFAR-10 nets trained for 64,000 "
+            "iterations, so a verdict here says what these runs show, not whether the paper is right.",
+            "",
+        ]
+    for claim in claims:
+        lines.append(
+            f"{claim.number}. **{claim.verdict}**: {claim.text}. Evidence ({_seeds(claim.seeds)}): {claim.evidence}."
+        )
+        log(claim.line())
+    lines += ["", "## Figures", ""]
+    for name in figures.FIGURE_NAMES:
+        heading = f"### {FIGURE_TITLES[name]} (`study plot {name}`)"
+        try:
+            drawn = figures.build(name, data)
+        except NoRunsError as e:
+            lines += [heading, "", f"Not drawn: {e}", ""]
+            continue
+        figures.save(drawn, out_dir)
+        lines += [heading, "", f"![{name}]({name}.png)", "", drawn.caption.replace("\n", "  \n"), ""]
+    lines += ["## Tables", ""]
+    for name in TABLE_NAMES:
+        try:
+            lines += [tables.build(name, data).markdown(), ""]
+        except NoRunsError as e:
+            lines += [f"**{name}**: not made: {e}", ""]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+    except OSError as e:
+        raise ConfigError(f"cannot write {out} ({e.strerror or e}); pass --out a writable path") from None
+    return out

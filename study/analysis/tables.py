@@ -1,0 +1,190 @@
+"""The paper's Tables 2, 3 and 6 from your runs: our final-epoch errors beside the paper's.
+
+With several seeds a cell reads "best (mean ± std)" as the paper reports ResNet-110 (std with n - 1);
+the difference is our mean minus the paper's mean where it gives one, else its single number. Only
+finished (`done`) runs count; unfinished and missing runs are named in the table's notes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .load import RunData, Study, coverage, pick_study
+from .paper import IMAGENET, TABLE2, TABLE3, TABLE6, PaperError, Series, series_label
+
+TABLE_NAMES = ("table2", "table3", "table6")
+TOP5_COLUMN = "top5_error_pct"  # an optional metrics column; Table 3 shows it where runs log it
+
+
+@dataclass
+class Table:
+    """A table in two forms: `frame` numeric (CSV) and `shown` formatted (markdown), with notes."""
+
+    name: str
+    title: str
+    study: Study
+    frame: pd.DataFrame
+    shown: pd.DataFrame
+    notes: list[str]
+
+    def markdown(self) -> str:
+        """Title, the table as GitHub markdown, and its notes."""
+        notes = "".join(f"\n- {n}" for n in self.notes)
+        return f"**{self.title}**\n\n{self.shown.to_markdown(index=False, disable_numparse=True)}\n{notes}\n"
+
+    def csv(self) -> str:
+        """One row per net, numeric columns: n, best, mean, std, paper, diff per measure."""
+        return self.frame.to_csv(index=False)
+
+
+def final_errors(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: identity, status, and the last logged epoch's error per split (`train`,
+    `test` and/or `val`, and `top5` where the runs log `top5_error_pct` for their eval split)."""
+    last = metrics.sort_values("iteration").groupby(["run_id", "split"], as_index=False).tail(1)
+    wide = last.pivot(index="run_id", columns="split", values="error_pct")
+    if TOP5_COLUMN in last.columns:
+        top5 = last[last["split"] != "train"].set_index("run_id")[TOP5_COLUMN].rename("top5")
+        wide = wide.join(top5)
+    identity = last.drop_duplicates("run_id").set_index("run_id")[["arch", "depth", "shortcut", "seed", "status"]]
+    return identity.join(wide).reset_index()
+
+
+def series_summary(values: pd.Series) -> dict:
+    """n, best (lowest error), mean and sample std (n - 1) of one net's errors over seeds."""
+    values = values.dropna()
+    return {"n": len(values), "best": values.min(), "mean": values.mean(), "std": values.std()}
+
+
+def format_cell(n: int, best: float, mean: float, std: float) -> str:
+    """`best (mean ± std)` over several seeds, the value alone for one, `–` for none."""
+    if n == 0:
+        return "–"
+    if n == 1:
+        return f"{best:.2f}"
+    return f"{best:.2f} ({mean:.2f} ± {std:.2f})"
+
+
+def _sort(series: set[Series]) -> list[Series]:
+    return sorted(series, key=lambda s: (s[0] != "plain", s[1], s[2]))
+
+
+def _compare(
+    name: str,
+    title: str,
+    data: RunData,
+    study: Study,
+    notes: list[str],
+    wanted: list[Series],
+    measures: list[tuple[str, str, dict[Series, PaperError] | None]],
+    keep: Callable[[Series], bool] = lambda s: True,
+) -> Table:
+    """Rows: the paper's `wanted` nets and every net the study has (that `keep` accepts). Per
+    measure (heading, final_errors column, the paper's values or None): ours, paper, difference."""
+    runs = study.select(data.runs)
+    final = final_errors(study.select(data.metrics))
+    done = final[final["status"] == "done"]
+    present = set(zip(runs["arch"], runs["depth"], runs["shortcut"]))
+    rows = _sort({s for s in present if keep(s)} | set(wanted))
+    # The paper's numbers are CIFAR-10 / ImageNet ones: a difference with other data would mislead.
+    comparable = study.dataset in ("cifar10", IMAGENET)
+    frame_rows, shown_rows = [], []
+    for s in rows:
+        mine = done[(done["arch"] == s[0]) & (done["depth"] == s[1]) & (done["shortcut"] == s[2])]
+        numeric = {"net": series_label(*s), "arch": s[0], "depth": s[1], "shortcut": s[2]}
+        shown = {"net": series_label(*s)}
+        for heading, column, paper in measures:
+            stats = series_summary(mine[column] if column in mine else pd.Series(dtype=float))
+            numeric.update({f"{column}_{k}": v for k, v in stats.items()})
+            shown.setdefault("seeds", stats["n"])  # the first measure's count (the error every run logs)
+            shown[f"ours: {heading}"] = format_cell(**stats)
+            if paper is None:
+                continue
+            ref = paper.get(s)
+            diff = stats["mean"] - ref.reference if ref is not None and stats["n"] and comparable else math.nan
+            numeric.update({f"{column}_paper": ref.reference if ref else math.nan, f"{column}_diff": diff})
+            shown[f"paper: {heading}"] = str(ref) if ref else "–"
+            shown[f"diff {heading}"] = f"{diff:+.2f}" if not math.isnan(diff) else "–"
+        frame_rows.append(numeric)
+        shown_rows.append(shown)
+    shown = pd.DataFrame(shown_rows)
+    frame = pd.DataFrame(frame_rows).assign(dataset=study.dataset, iterations=study.iterations)
+    drawn = [s for s in rows if s in present]
+    notes = coverage(runs, drawn, wanted) + notes
+    if not comparable:
+        notes.append(
+            f"the paper's numbers are for {'ImageNet' if name != 'table6' else 'CIFAR-10'}; "
+            f"yours are {study.dataset}, so no difference is computed"
+        )
+    elif not study.is_paper:
+        notes.append(f"your runs are shortened ({study.iterations:,} iterations), the paper's are not")
+    notes.append(
+        "cells: best (mean ± std over seeds, n - 1); only finished runs count; "
+        "diff = our mean minus the paper's mean (its single number where it gives no mean)"
+    )
+    return Table(name, f"{title}: {study.label()}", study, frame, shown, notes)
+
+
+def table6(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Table:
+    """Table 6: CIFAR-10 final test error of the ResNets (and of the plain nets, which the paper
+    gives only as curves), our training error beside it."""
+    wanted = list(TABLE6)
+    study, notes = pick_study(data, "table6", imagenet=False, wanted=wanted, dataset=dataset, iterations=iterations)
+    split = "val" if study.holdout else "test"
+    return _compare(
+        "table6",
+        f"Table 6, {study.eval_name} error (%)",
+        data,
+        study,
+        notes,
+        wanted,
+        [(f"{study.eval_name} error", split, TABLE6), ("training error", "train", None)],
+    )
+
+
+def table2(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Table:
+    """Table 2: ImageNet top-1 validation error of plain and ResNet (option A), 18 and 34 layers."""
+    wanted = list(TABLE2)
+    study, notes = pick_study(data, "table2", imagenet=True, wanted=wanted, dataset=dataset, iterations=iterations)
+    notes.append("the paper's numbers are 10-crop testing; yours are what the runs logged as `val`")
+    return _compare(
+        "table2",
+        "Table 2, ImageNet top-1 validation error (%)",
+        data,
+        study,
+        notes,
+        wanted,
+        [("top-1", "val", TABLE2)],
+        keep=lambda s: s[2] == "A",
+    )
+
+
+def table3(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Table:
+    """Table 3: ImageNet 34-layer nets, top-1 and top-5 validation error per shortcut option."""
+    wanted = list(TABLE3)
+    study, notes = pick_study(data, "table3", imagenet=True, wanted=wanted, dataset=dataset, iterations=iterations)
+    notes.append(f"top-5 comes from the metrics column `{TOP5_COLUMN}` where runs log it")
+    return _compare(
+        "table3",
+        "Table 3, ImageNet 34-layer validation error (%)",
+        data,
+        study,
+        notes,
+        wanted,
+        [
+            ("top-1", "val", {s: v[0] for s, v in TABLE3.items()}),
+            ("top-5", "top5", {s: v[1] for s, v in TABLE3.items()}),
+        ],
+        keep=lambda s: s[1] == 34,
+    )
+
+
+BUILDERS = {"table2": table2, "table3": table3, "table6": table6}
+
+
+def build(name: str, data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Table:
+    """Build table `name` (one of TABLE_NAMES) from the runs in `data`; NoRunsError if none fit."""
+    return BUILDERS[name](data, dataset=dataset, iterations=iterations)

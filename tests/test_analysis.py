@@ -1,0 +1,527 @@
+"""Figures, tables, the claims report and the analysis commands, from small generated run directories
+(several seeds, a missing run, an unfinished run, a shortened schedule) and one tiny real end-to-end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from study.analysis import commands
+from study.analysis.figures import build
+from study.analysis.load import RunData, load_gradients, load_responses, load_run_table, load_runs
+from study.analysis.paper import TABLE2, TABLE6
+from study.analysis.report import classify_claims
+from study.analysis.tables import build as build_table
+from study.analysis.tables import format_cell, series_summary
+from study.config import ConfigError, RunConfig
+from study.runstore import METRIC_COLUMNS, Run
+
+# --- synthetic run directories ---------------------------------------------------------------
+# Curves fall from ~90% towards a floor; `floor` sets the final (train, test) error of a net.
+
+
+def _curve_rows(run_id, identity, *, iterations, epoch_iters, stop_at, floor, seed, eval_split, top5=False):
+    rng = np.random.default_rng(seed)
+    rows = []
+    its = list(range(epoch_iters, stop_at + 1, epoch_iters))
+    if its[-1] != stop_at:
+        its.append(stop_at)
+    for epoch, it in enumerate(its, start=1):
+        decay = math.exp(-6 * it / iterations)
+        for split, final in zip(("train", eval_split), floor):
+            err = final + (90 - final) * decay + rng.normal(0, 0.05)
+            row = {
+                **identity,
+                "run_id": run_id,
+                "epoch": epoch,
+                "iteration": it,
+                "split": split,
+                "loss": err / 40,
+                "error_pct": err,
+                "lr": 0.1,
+                "elapsed_s": float(epoch),
+            }
+            if top5:
+                row["top5_error_pct"] = err / 3
+            rows.append(row)
+    return rows
+
+
+def write_run(
+    runs_dir,
+    arch,
+    depth,
+    *,
+    seed=0,
+    dataset="fashion-mnist-mini",
+    iterations=400,
+    floor=(5.0, 10.0),
+    status="done",
+    stop_at=None,
+    shortcut="A",
+    epoch_iters=None,
+):
+    """A run written through the real Run API: config.json and status.json by `Run`, metrics in
+    the METRIC_COLUMNS schema at the run's own metrics path."""
+    cfg = RunConfig(arch=arch, depth=depth, dataset=dataset, seed=seed, iterations=iterations, shortcut=shortcut)
+    run = Run(runs_dir, cfg)
+    run.prepare("cpu")
+    stop_at = stop_at or iterations
+    identity = {"dataset": dataset, "arch": arch, "depth": depth, "shortcut": shortcut, "seed": seed}
+    rows = _curve_rows(
+        cfg.run_id,
+        identity,
+        iterations=iterations,
+        epoch_iters=epoch_iters or max(iterations // 20, 1),
+        stop_at=stop_at,
+        floor=floor,
+        seed=seed + depth,
+        eval_split="test",
+    )
+    pd.DataFrame(rows, columns=METRIC_COLUMNS).to_parquet(run.metrics_path, index=False)
+    run.set_status(status, iteration=stop_at)
+    return run
+
+
+def write_imagenet_run(
+    runs_dir, arch, depth, *, seed=0, shortcut="A", floor=(25.0, 28.0), iterations=600_000, status="done"
+):
+    """An ImageNet-shaped run, as another tool would write it (RunConfig does not know imagenet)."""
+    run_id = f"imagenet-{arch}{depth}-{shortcut}-s{seed}"
+    d = Path(runs_dir) / run_id
+    d.mkdir(parents=True)
+    config = {
+        "arch": arch,
+        "depth": depth,
+        "dataset": "imagenet",
+        "shortcut": shortcut,
+        "seed": seed,
+        "iterations": iterations,
+        "batch_size": 256,
+    }
+    (d / "config.json").write_text(json.dumps({"run_id": run_id, "config": config}))
+    (d / "status.json").write_text(json.dumps({"status": status, "iteration": iterations}))
+    identity = {k: config[k] for k in ("dataset", "arch", "depth", "shortcut", "seed")}
+    rows = _curve_rows(
+        run_id,
+        identity,
+        iterations=iterations,
+        epoch_iters=5000,
+        stop_at=iterations,
+        floor=floor,
+        seed=seed + depth,
+        eval_split="val",
+        top5=True,
+    )
+    pd.DataFrame(rows).to_parquet(d / "metrics.parquet", index=False)
+    return d
+
+
+def write_responses(run, stds, **options):
+    df = pd.DataFrame(
+        {
+            "run_id": run.cfg.run_id,
+            "layer_index": range(2, len(stds) + 2),
+            "layer_name": [f"layer{i}" for i in range(len(stds))],
+            "std": stds,
+            "split": "test",
+            "bn_mode": "eval",
+            "reduction": "tensor",
+            "include_first": False,
+            **options,
+        }
+    )
+    df.to_parquet(run.dir / "responses.parquet", index=False)
+
+
+def write_gradients(run, depth, arch, every=20):
+    its = range(every, run.cfg.iterations + 1, every)
+    layers = depth  # depth - 1 convs and the fc layer
+    rows = [
+        {
+            "run_id": run.cfg.run_id,
+            "iteration": it,
+            "layer_index": i,
+            "layer_name": f"l{i}.weight",
+            "grad_norm": (0.5 if arch == "resnet" else 0.2) * (1 + i / layers) / (1 + it / 100),
+        }
+        for it in its
+        for i in range(1, layers + 1)
+    ]
+    pd.DataFrame(rows).to_parquet(run.dir / "gradients.parquet", index=False)
+
+
+# Final (train, test) errors of a study that shows the paper's effects: plain degrades with depth,
+# ResNets improve, plain-56 trains worse than plain-20.
+FLOORS = {
+    ("plain", 20): (6.0, 10.0),
+    ("plain", 56): (11.0, 14.0),
+    ("resnet", 20): (4.0, 9.0),
+    ("resnet", 56): (2.0, 7.5),
+}
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory) -> Path:
+    """The quick grid shape (plain/ResNet 20/56, 400 it.) with 3 seeds, except: plain-56 seed 2 is
+    missing and ResNet-56 seed 1 is unfinished (stopped at 240 of 400 iterations)."""
+    runs = tmp_path_factory.mktemp("runs")
+    for (arch, depth), floor in FLOORS.items():
+        for seed in range(3):
+            if (arch, depth, seed) == ("plain", 56, 2):
+                continue
+            shifted = (floor[0] + 0.3 * seed, floor[1] + 0.2 * seed)
+            unfinished = (arch, depth, seed) == ("resnet", 56, 1)
+            run = write_run(
+                runs,
+                arch,
+                depth,
+                seed=seed,
+                floor=shifted,
+                status="running" if unfinished else "done",
+                stop_at=240 if unfinished else None,
+            )
+            if not unfinished:
+                stds = np.linspace(1.5, 1.0, depth - 1) if arch == "plain" else np.linspace(0.8, 0.4, depth - 1)
+                write_responses(run, stds * (1 if depth == 20 else 0.9))
+                write_gradients(run, depth, arch)
+    return runs
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`study.cli.main` with the analysis commands registered the way the CLI registers them (a
+    no-op once cli.py does it itself). Returns run(*argv) -> (exit code, stdout, stderr)."""
+    import study.cli as cli_module
+
+    parser = cli_module.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    handlers = dict(cli_module.COMMANDS)
+    if "plot" not in sub.choices:
+        handlers.update(commands.register(sub))
+    monkeypatch.setattr(cli_module, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli_module, "COMMANDS", handlers)
+
+    def run(*argv):
+        code = cli_module.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def final_test_errors(runs_dir: Path, run_ids: list[str]) -> list[float]:
+    """Each run's last logged test error, read straight from its metrics file."""
+    out = []
+    for run_id in run_ids:
+        df = pd.read_parquet(runs_dir / run_id / "metrics.parquet")
+        out.append(df[df.split == "test"].sort_values("iteration").error_pct.iloc[-1])
+    return out
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def test_load_runs_is_long_form_metrics_with_status_and_budget(study_dir):
+    df = load_runs(study_dir)
+    assert list(df.columns[: len(METRIC_COLUMNS)]) == METRIC_COLUMNS
+    assert {"status", "iterations"} <= set(df.columns)
+    assert df.run_id.nunique() == 11 and set(df.iterations) == {400}
+    assert set(df.split) == {"train", "test"}
+    unfinished = df[df.run_id == "fashion-mnist-mini-resnet56-A-s1-it400"]
+    assert set(unfinished.status) == {"running"} and unfinished.iteration.max() == 240
+    done = df[df.run_id == "fashion-mnist-mini-plain20-A-s0-it400"]
+    assert set(done.status) == {"done"} and len(done) == 40  # 20 epochs x 2 splits
+    responses, gradients = load_responses(study_dir), load_gradients(study_dir)
+    assert responses.run_id.nunique() == 10 and {"arch", "depth", "seed", "std", "bn_mode"} <= set(responses.columns)
+    assert gradients.run_id.nunique() == 10 and {"iteration", "grad_norm", "depth"} <= set(gradients.columns)
+
+
+def test_load_runs_reads_runs_that_other_tools_wrote(tmp_path):
+    write_imagenet_run(tmp_path, "plain", 18)
+    # A directory with metrics only (no config.json): identity from the rows.
+    other = write_imagenet_run(tmp_path, "resnet", 34)
+    (other / "config.json").unlink()
+    (tmp_path / "not-a-run").mkdir()
+    table = load_run_table(tmp_path)
+    assert sorted(table.run_id) == ["imagenet-plain18-A-s0", "imagenet-resnet34-A-s0"]
+    assert set(table.dataset) == {"imagenet"} and set(table.depth) == {18, 34}
+    df = load_runs(tmp_path)
+    assert set(df.split) == {"train", "val"} and "top5_error_pct" in df.columns
+
+
+def test_no_runs_at_all_is_a_one_line_error_exit_2(tmp_path, cli):
+    with pytest.raises(ConfigError, match="no runs in"):
+        load_runs(tmp_path)
+    for argv in (["plot", "fig6"], ["plot", "all"], ["table", "table6"], ["report"], ["probe"]):
+        code, out, err = cli(*argv, "--runs-dir", tmp_path / "nothing")
+        assert code == 2, argv
+        assert err.count("\n") == 1 and err.startswith("study: error: no runs in") and "--runs-dir" in err, err
+    assert not (tmp_path / "figures").exists()
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_writes_png_and_pdf_and_names_missing_runs(study_dir, tmp_path, cli):
+    out = tmp_path / "figs"
+    code, stdout, err = cli("plot", "fig6", "--runs-dir", study_dir, "--out", out)
+    assert code == 0, err
+    png, pdf = out / "fig6.png", out / "fig6.pdf"
+    assert _is_png(png) and png.stat().st_size > 10_000
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000
+    assert {p.name for p in out.iterdir()} == {"fig6.png", "fig6.pdf"}
+    assert f"fig6: fashion-mnist-mini, 400 iterations -> {png}, {pdf}" in stdout
+    assert "fig6: missing runs: plain-32" in stdout and "plain-56 s2" in stdout
+    assert "fig6: unfinished: ResNet-56 s1 (running, 240/400 it.)" in stdout
+
+
+def test_plot_one_figure_without_matching_runs_is_an_error(study_dir, tmp_path, cli):
+    code, out, err = cli("plot", "fig4", "--runs-dir", study_dir, "--out", tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "ImageNet" in err
+    code, out, err = cli("plot", "fig6", "--runs-dir", study_dir, "--dataset", "cifar10", "--out", tmp_path)
+    assert code == 2 and "--dataset cifar10" in err
+
+
+def _legend_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def _stars(ax) -> list[float]:
+    return sorted(float(y) for line in ax.get_lines() if line.get_marker() == "*" for y in line.get_ydata())
+
+
+def test_fig6_panels_series_and_labels_come_from_the_runs(study_dir):
+    drawn = build("fig6", RunData.load(study_dir))
+    axes = drawn.figure.axes
+    assert [ax.get_title() for ax in axes] == ["plain", "ResNet", "ResNet-110 vs 1202"]
+    assert _legend_texts(axes[0])[:2] == ["plain-20", "plain-56"] and "training" in _legend_texts(axes[0])
+    assert _legend_texts(axes[1])[:2] == ["ResNet-20", "ResNet-56"]
+    assert axes[2].get_legend() is None and "no runs: ResNet-110, ResNet-1202" in axes[2].texts[0].get_text()
+    # Dashed training and bold test curve per series, on the runs' own budget.
+    styles = [(line.get_linestyle(), line.get_linewidth()) for line in axes[0].get_lines() if len(line.get_xdata()) > 1]
+    assert styles.count(("--", 1.0)) == 2 and styles.count(("-", 2.2)) == 2
+    assert axes[0].get_xlim() == (0, 400) and axes[0].get_ylabel() == "error (%)"
+    assert "fashion-mnist-mini, 400 iterations, 3 seeds" in drawn.figure._suptitle.get_text()
+    assert not _stars(axes[1])  # the paper's CIFAR-10 numbers are not put on Fashion-MNIST curves
+    assert "missing runs" in drawn.caption and "ResNet-56 s1" in drawn.caption
+
+
+def test_fig6_on_cifar10_marks_the_papers_numbers_on_paper_axes(tmp_path):
+    for arch, depth in (("plain", 20), ("resnet", 20), ("resnet", 110)):
+        write_run(tmp_path, arch, depth, dataset="cifar10", iterations=64_000, floor=(1.0, 8.0), epoch_iters=3200)
+    drawn = build("fig6", RunData.load(tmp_path))
+    plain, resnet, deep = drawn.figure.axes
+    assert _stars(resnet) == [TABLE6[("resnet", 110, "A")].best, TABLE6[("resnet", 20, "A")].best]
+    assert _stars(deep) == [TABLE6[("resnet", 110, "A")].best]
+    assert resnet.get_ylim() == (0, 20) and resnet.get_xlim() == (0, 64_000)
+    drawn.figure.savefig(tmp_path / "f.png")  # lays out the ticks
+    assert resnet.xaxis.get_offset_text().get_text() == "1e4"  # x in units of 1e4 iterations, as the paper
+
+
+def test_fig4_from_imagenet_runs(tmp_path, cli):
+    for arch in ("plain", "resnet"):
+        for depth in (18, 34):
+            write_imagenet_run(tmp_path, arch, depth)
+    drawn = build("fig4", RunData.load(tmp_path))
+    left, right = drawn.figure.axes
+    assert (left.get_title(), right.get_title()) == ("plain", "ResNet")
+    assert _legend_texts(left)[:2] == ["plain-18", "plain-34"] and "validation" in _legend_texts(left)
+    assert _stars(right) == sorted([TABLE2[("resnet", 18, "A")].best, TABLE2[("resnet", 34, "A")].best])
+    assert left.get_ylim() == (20, 60) and not drawn.notes
+    widths = {line.get_linewidth() for line in left.get_lines() if len(line.get_xdata()) > 1}
+    assert widths == {0.8, 2.2}  # thin training, bold validation
+    code, out, err = cli("table", "table2", "--runs-dir", tmp_path)
+    assert code == 0 and "27.94" in out and "ResNet-34" in out
+
+
+def test_fig7_layer_responses_and_caption_states_the_choices(study_dir):
+    drawn = build("fig7", RunData.load(study_dir))
+    top, bottom = drawn.figure.axes
+    assert _legend_texts(top) == ["plain-20", "plain-56", "ResNet-20", "ResNet-56"]
+    assert top.get_xlabel() == "layer index (original)" and "sorted" in bottom.get_xlabel()
+    for words in ("test split", "BN in eval mode", "whole response tensor", "first conv excluded"):
+        assert words in drawn.caption
+    assert "ResNet-110" in drawn.caption  # one of the paper's series, missing
+    # Sorted panel: each curve falls.
+    for line in bottom.get_lines():
+        y = line.get_ydata()
+        if len(y) > 1:
+            assert all(np.diff(y) <= 1e-12)
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def test_format_cell_and_series_summary():
+    assert format_cell(5, 6.43, 6.61, 0.16) == "6.43 (6.61 ± 0.16)"
+    assert format_cell(1, 8.75, 8.75, float("nan")) == "8.75"
+    assert format_cell(0, float("nan"), float("nan"), float("nan")) == "–"
+    stats = series_summary(pd.Series([7.0, 6.0, 8.0, None]))
+    assert stats["n"] == 3 and stats["best"] == 6.0 and stats["mean"] == 7.0 and stats["std"] == pytest.approx(1.0)
+
+
+def test_table6_best_mean_std_over_seeds(study_dir, cli):
+    code, out, err = cli("table", "table6", "--runs-dir", study_dir, "--format", "csv")
+    assert code == 0, err
+    df = pd.read_csv(__import__("io").StringIO(out)).set_index("net")
+    errors = final_test_errors(study_dir, [f"fashion-mnist-mini-plain20-A-s{s}-it400" for s in range(3)])
+    row = df.loc["plain-20"]
+    assert row.test_n == 3 and row.test_best == pytest.approx(min(errors))
+    assert row.test_mean == pytest.approx(np.mean(errors)) and row.test_std == pytest.approx(np.std(errors, ddof=1))
+    assert df.loc["ResNet-56"].test_n == 2  # seed 1 is unfinished: not counted
+    assert df.loc["ResNet-110"].test_n == 0 and df.loc["ResNet-110"].test_paper == pytest.approx(6.61)
+    assert "unfinished: ResNet-56 s1" in err  # notes on stderr keep the CSV clean
+    code, out, err = cli("table", "table6", "--runs-dir", study_dir)
+    cell = f"{min(errors):.2f} ({np.mean(errors):.2f} ± {np.std(errors, ddof=1):.2f})"
+    plain20 = next(line for line in out.splitlines() if line.startswith("| plain-20"))
+    assert cell in plain20 and "fashion-mnist-mini, 400 iterations" in out
+    assert "no difference is computed" in out  # Fashion-MNIST is not compared with CIFAR-10 numbers
+
+
+def test_table6_difference_to_the_paper_on_cifar10(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path, "resnet", 110, seed=seed, dataset="cifar10", iterations=2000, floor=(0.5, 7.0 + seed))
+    write_run(tmp_path, "resnet", 20, dataset="cifar10", iterations=2000, floor=(1.0, 9.0))
+    table = build_table("table6", RunData.load(tmp_path))
+    frame = table.frame.set_index("net")
+    r110 = final_test_errors(tmp_path, [f"cifar10-resnet110-A-s{s}-it2000" for s in (0, 1)])
+    r20 = final_test_errors(tmp_path, ["cifar10-resnet20-A-s0-it2000"])
+    # ResNet-110: our mean against the paper's mean of 5 runs; ResNet-20 against its single number.
+    assert frame.loc["ResNet-110", "test_diff"] == pytest.approx(np.mean(r110) - 6.61)
+    assert frame.loc["ResNet-20", "test_diff"] == pytest.approx(r20[0] - 8.75)
+    assert any("shortened (2,000 iterations)" in n for n in table.notes)
+
+
+def test_table3_top1_and_top5_per_shortcut_option(tmp_path, cli):
+    write_imagenet_run(tmp_path, "plain", 34)
+    for shortcut in ("A", "B", "C"):
+        write_imagenet_run(tmp_path, "resnet", 34, shortcut=shortcut)
+    code, out, err = cli("table", "table3", "--runs-dir", tmp_path)
+    assert code == 0, err
+    lines = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"plain-34", "ResNet-34", "ResNet-34 B", "ResNet-34 C"} <= set(lines)
+    assert "24.19" in lines["ResNet-34 C"] and "7.40" in lines["ResNet-34 C"]
+
+
+# --- claims and report -----------------------------------------------------------------------
+
+
+def test_claims_are_classified_from_the_runs_present(study_dir):
+    claims = {c.number: c for c in classify_claims(RunData.load(study_dir))}
+    assert {n: c.verdict for n, c in claims.items()} == {
+        1: "holds",
+        2: "holds",
+        3: "holds",
+        4: "cannot be judged",
+        5: "holds",
+        6: "cannot be judged",
+    }
+    assert claims[1].seeds == 2  # plain-56 has two finished seeds
+    assert "plain-56" in claims[1].evidence and "plain-20" in claims[1].evidence
+    assert "ResNet-1202" in claims[4].evidence
+
+
+def test_claims_that_the_runs_contradict(tmp_path):
+    # Plain-56 better than plain-20, ResNet-56 worse than ResNet-20, ResNet responses larger.
+    floors = {
+        ("plain", 20): (8.0, 12.0),
+        ("plain", 56): (4.0, 9.0),
+        ("resnet", 20): (3.0, 8.0),
+        ("resnet", 56): (6.0, 11.0),
+    }
+    for (arch, depth), floor in floors.items():
+        run = write_run(tmp_path, arch, depth, floor=floor)
+        write_responses(run, np.full(depth - 1, 2.0 if arch == "resnet" else 1.0))
+    claims = {c.number: c.verdict for c in classify_claims(RunData.load(tmp_path))}
+    assert claims[1] == claims[3] == claims[5] == "does not hold"
+    assert claims[2] == "cannot be judged"  # responses present, gradient norms not
+
+
+@pytest.fixture(scope="module")
+def report_of_study(study_dir, tmp_path_factory):
+    """`study report` on the generated study, once for the tests that read it."""
+    import study.cli as cli_module
+
+    parser = cli_module.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    handlers = {**cli_module.COMMANDS, **(commands.register(sub) if "plot" not in sub.choices else {})}
+    out = tmp_path_factory.mktemp("report") / "report.md"
+    args = parser.parse_args(["report", "--runs-dir", str(study_dir), "--out", str(out)])
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = handlers["report"](args)
+    return code, out, stdout.getvalue()
+
+
+def test_report_has_every_figure_table_and_claim(report_of_study):
+    code, out, stdout = report_of_study
+    assert code == 0
+    text = out.read_text()
+    verdicts = [line for line in text.splitlines() if line[:1].isdigit() and ". **" in line]
+    assert len(verdicts) == 6 and all(
+        any(f"**{v}**" in line for v in ("holds", "does not hold", "cannot be judged")) for line in verdicts
+    )
+    for name in ("fig1", "fig6", "fig7", "gradients"):
+        assert f"![{name}]({name}.png)" in text
+        assert _is_png(out.parent / f"{name}.png") and (out.parent / f"{name}.pdf").stat().st_size > 5_000
+    assert "Not drawn: fig4 needs ImageNet runs" in text
+    assert "**Table 6, test error (%)" in text and "**table2**: not made" in text
+    assert "missing runs: plain-32" in text  # each figure's notes come along
+    assert sum(line.startswith("claim ") for line in stdout.splitlines()) == 6
+    assert f"report -> {out}" in stdout
+
+
+# --- a tiny real study, end to end -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    """A slice of the embedded real data (as in test_train.py): 320 training and 200 test images."""
+    from study.data import Data, Split, load_data
+
+    full = load_data("fashion-mnist-mini")
+    train = Split(full.train.images[:320].clone(), full.train.labels[:320].clone())
+    test = Split(full.eval.images[:200].clone(), full.eval.labels[:200].clone())
+    return Data(info=full.info, train=train, eval=test, eval_split="test", mean=train.images.float().div(255).mean(0))
+
+
+def test_end_to_end_real_runs_probe_plot_table_report(tmp_path, cli, small_data):
+    import torch
+
+    from study.train import train_run
+
+    runs, out = tmp_path / "runs", tmp_path / "figs"
+    for arch, depth in (("plain", 8), ("plain", 14), ("resnet", 8)):
+        cfg = RunConfig(arch=arch, depth=depth, iterations=3, batch_size=32)
+        assert train_run(cfg, Run(runs, cfg), small_data, torch.device("cpu"), progress=False) == "done"
+    code, _, err = cli("probe", "no-such-run", "--runs-dir", runs)
+    assert code == 2 and "unknown run id 'no-such-run'" in err and "study status" in err
+    code, stdout, err = cli("probe", "--runs-dir", runs, "--max-images", 100)
+    assert code == 0, err
+    assert stdout.count("layer responses at iteration 3") == 3
+    probed = pd.read_parquet(runs / "fashion-mnist-mini-plain14-A-s0-it3-b32" / "responses.parquet")
+    assert probed.layer_index.tolist() == list(range(2, 14)) and (probed["std"] > 0).all()
+    assert set(probed.max_images) == {100} and set(probed.split) == {"test"}
+    code, stdout, err = cli("plot", "all", "--runs-dir", runs, "--out", out)
+    assert code == 0, err
+    assert {p.name for p in out.iterdir()} == {f"{n}.{x}" for n in ("fig1", "fig6", "fig7") for x in ("png", "pdf")}
+    assert "fashion-mnist-mini, 3 iterations, batch 32" in stdout
+    assert "fig4: skipped" in stdout and "gradients: skipped" in stdout
+    code, stdout, err = cli("table", "table6", "--runs-dir", runs)
+    assert code == 0 and "| plain-14" in stdout
+    code, stdout, err = cli("report", "--runs-dir", runs, "--out", out / "report.md")
+    assert code == 0 and (out / "report.md").exists() and "claim 1:" in stdout

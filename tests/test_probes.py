@@ -1,0 +1,229 @@
+"""Probes: hooked layer responses equal the ones computed by running the layers by hand, hooks change
+nothing and are removed; gradient norms are the real ones, recorded without a host sync, and their
+file survives resume (rows past the checkpoint are dropped)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from study.config import RunConfig
+from study.data import Data, Split, dataset_info, normalize
+from study.models import build_model
+from study.probes import (
+    GradientNorms,
+    append_gradients,
+    conv3x3_bns,
+    layer_responses,
+    record_responses,
+    response_hooks,
+    truncate_gradients,
+)
+from study.runstore import Run
+
+
+@pytest.fixture(scope="module")
+def data() -> Data:
+    """37 random 1x12x12 images: with batches of 10 the last batch is partial."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (37, 1, 12, 12), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (37,), generator=gen)
+    split = Split(images, labels)
+    mean = images.float().div(255).mean(0)
+    return Data(dataset_info("fashion-mnist-mini"), split, Split(images.flip(0), labels.flip(0)), "test", mean)
+
+
+def net(arch: str, depth: int = 14, shortcut: str = "A") -> torch.nn.Module:
+    """A net with non-trivial BN statistics and affine parameters, so eval-mode BN is not ~identity."""
+    torch.manual_seed(1)
+    model = build_model(arch, depth, shortcut=shortcut, in_channels=1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def by_hand(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every 3x3 layer's BN output, computed by calling the layers one after another."""
+    outs = {}
+    h = model.bn1(model.conv1(x))
+    outs["bn1"] = h
+    h = F.relu(h)
+    for stage in ("stage1", "stage2", "stage3"):
+        for i, block in enumerate(getattr(model, stage)):
+            a = block.bn1(block.conv1(h))
+            b = block.bn2(block.conv2(F.relu(a)))
+            outs[f"{stage}.{i}.bn1"], outs[f"{stage}.{i}.bn2"] = a, b
+            h = F.relu(b + block.shortcut(h) if block.shortcut is not None else b)
+    return outs
+
+
+@pytest.mark.parametrize("arch,shortcut", [("plain", "A"), ("resnet", "A"), ("resnet", "B")])
+@pytest.mark.parametrize("reduction", ["tensor", "channel"])
+def test_hooked_std_equals_std_of_layers_run_by_hand(data, arch, shortcut, reduction):
+    model = net(arch, shortcut=shortcut)
+    got = layer_responses(model, data, reduction=reduction, include_first=True, batch_size=10)
+    with torch.no_grad():
+        outs = by_hand(model, normalize(data.eval.images, data.mean))
+    if reduction == "tensor":
+        expected = {k: v.double().std().item() for k, v in outs.items()}
+    else:
+        expected = {k: v.double().transpose(0, 1).flatten(1).std(1).mean().item() for k, v in outs.items()}
+    # 14 layers: the first conv and 2 x 3 x 2 block convs; a projection shortcut's BN is not one.
+    assert list(got.layer_name) == list(expected) and len(got) == 13
+    assert list(got.layer_index) == list(range(1, 14))
+    assert got["std"].tolist() == pytest.approx(list(expected.values()), rel=1e-5)
+    # The stds differ from layer to layer: the test would notice a mix-up.
+    assert got["std"].nunique() == len(got)
+
+
+def test_defaults_exclude_the_first_conv_and_use_the_eval_split(data):
+    model = net("resnet")
+    got = layer_responses(model, data)
+    full = layer_responses(model, data, include_first=True)
+    assert list(got.layer_index) == list(range(2, 14))
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), full.iloc[1:].reset_index(drop=True))
+    on_train = layer_responses(model, data, split="train")
+    assert not on_train["std"].equals(got["std"])  # the eval split is the flipped copy: other numbers
+    few = layer_responses(model, data, max_images=5)
+    with torch.no_grad():
+        outs = by_hand(model, normalize(data.eval.images[:5], data.mean))
+    assert few["std"].iloc[0] == pytest.approx(outs["stage1.0.bn1"].double().std().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="split"):
+        layer_responses(model, data, split="val")
+
+
+def test_only_bns_after_3x3_convs_are_hooked():
+    names = [name for name, _ in conv3x3_bns(build_model("resnet", 20, shortcut="C"))]
+    assert len(names) == 19 and names[0] == "bn1" and all("shortcut" not in n for n in names)
+
+
+def test_hooks_leave_outputs_bit_identical_and_are_removed(data):
+    model = net("resnet")
+    x = normalize(data.eval.images, data.mean)
+    with torch.no_grad():
+        before = model(x)
+        with response_hooks(model, reduction="channel") as moments:
+            assert sum(len(m._forward_hooks) for m in model.modules()) == 12
+            during = model(x)
+        after = model(x)
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert all(m.count > 0 for m in moments.values())
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    # Removed on an exception too.
+    with pytest.raises(RuntimeError, match="boom"), response_hooks(model):
+        raise RuntimeError("boom")
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_probe_leaves_model_state_and_mode_as_they_were(data, bn_mode):
+    model = net("plain")
+    model.train()
+    model.stage2.eval()  # a mixed state must come back exactly
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    layer_responses(model, data, bn_mode=bn_mode, batch_size=10)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_train_mode_bn_normalises_each_batch(data):
+    """With batch statistics a BN output has std ~ its scale: different from eval mode's."""
+    model = net("plain")
+    eval_std = layer_responses(model, data, batch_size=37)
+    train_std = layer_responses(model, data, bn_mode="train", batch_size=37)
+    first = model.stage1[0].bn1
+    assert train_std["std"].iloc[0] == pytest.approx(first.weight.abs().mean().item(), rel=0.2)
+    assert not eval_std["std"].equals(train_std["std"])
+
+
+def test_record_responses_writes_parquet_with_options(tmp_path, data):
+    cfg = RunConfig(arch="resnet", depth=14, iterations=10)
+    run = Run(tmp_path, cfg)
+    run.prepare("cpu")
+    path = record_responses(run, net("resnet"), data, reduction="channel", max_images=20)
+    df = pd.read_parquet(path)
+    assert path == run.dir / "responses.parquet"
+    assert list(df.columns[:4]) == ["run_id", "layer_index", "layer_name", "std"]
+    assert set(df.run_id) == {cfg.run_id} and len(df) == 12
+    assert df[["split", "bn_mode", "reduction", "include_first"]].drop_duplicates().values.tolist() == [
+        ["test", "eval", "channel", False]
+    ]
+    assert df.max_images.tolist() == [20] * 12
+    assert not list(run.dir.glob(".*tmp"))  # written atomically: no temporary left over
+
+
+def _step(model, data, gen):
+    x = normalize(data.train.images[:8], data.mean)
+    loss = F.cross_entropy(model(x), data.train.labels[:8])
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+
+
+def test_gradient_norms_are_the_real_ones_every_n_iterations(data):
+    model = net("plain", depth=8).train()
+    grads = GradientNorms(model, every=3)
+    expected = {}
+    for iteration in range(1, 8):
+        _step(model, data, None)
+        grads.maybe_record(iteration)
+        if iteration % 3 == 0:
+            expected[iteration] = [
+                torch.linalg.vector_norm(m.weight.grad).item()
+                for m in model.modules()
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+            ]
+    rows = pd.DataFrame(grads.rows("r"))
+    assert sorted(set(rows.iteration)) == [3, 6]
+    assert list(rows.columns) == ["run_id", "iteration", "layer_index", "layer_name", "grad_norm"]
+    # depth 8: 7 convs and the fc layer, in module order, named by parameter
+    first = rows[rows.iteration == 3]
+    assert first.layer_name.tolist()[0] == "conv1.weight" and first.layer_name.tolist()[-1] == "fc.weight"
+    assert first.layer_index.tolist() == list(range(1, 9))
+    for it, norms in expected.items():
+        assert rows[rows.iteration == it].grad_norm.tolist() == pytest.approx(norms, rel=1e-6)
+    assert grads.rows("r") == []  # the buffer was emptied
+
+
+def test_recording_does_not_sync_with_the_host(data, monkeypatch):
+    model = net("resnet", depth=8).train()
+    grads = GradientNorms(model, every=1)
+    _step(model, data, None)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync during maybe_record")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    grads.maybe_record(1)
+    monkeypatch.undo()
+    assert len(grads.rows("r")) == 8
+
+
+def test_gradients_file_appends_and_truncates_on_resume(tmp_path):
+    run = Run(tmp_path, RunConfig(arch="plain", depth=8, iterations=10))
+    run.prepare("cpu")
+
+    def rows(its):
+        return [
+            {"run_id": "r", "iteration": i, "layer_index": 1, "layer_name": "w", "grad_norm": float(i)} for i in its
+        ]
+
+    append_gradients(run, rows([2, 4]))
+    append_gradients(run, rows([6, 8]))
+    append_gradients(run, [])
+    df = pd.read_parquet(run.dir / "gradients.parquet")
+    assert df.iteration.tolist() == [2, 4, 6, 8]
+    truncate_gradients(run, 5)  # resumed from a checkpoint at iteration 5: rows 6 and 8 are redone
+    append_gradients(run, rows([6, 8]))
+    df = pd.read_parquet(run.dir / "gradients.parquet")
+    assert df.iteration.tolist() == [2, 4, 6, 8]
+    truncate_gradients(Run(tmp_path / "none", run.cfg), 3)  # no file yet: nothing to do
