@@ -21,10 +21,10 @@ def _pairs(depths: tuple[int, ...], **kw) -> tuple[RunConfig, ...]:
     return tuple(RunConfig(arch=a, depth=d, **kw) for d in depths for a in ("plain", "resnet"))
 
 
-# The quick demo: chosen so that 2 CPU cores finish it in about 10 minutes and it already shows the
+# The quick demo: chosen so that 2 CPU cores finish it in about 15 minutes and it already shows the
 # study's point (see the README): plain-56 trains worse than plain-20, ResNet-56 better than plain-56.
 QUICK_DEPTHS = (20, 56)
-QUICK_ITERATIONS = 200
+QUICK_ITERATIONS = 300
 
 GRIDS = {
     g.name: g
@@ -42,7 +42,7 @@ GRIDS = {
         Grid(
             "quick",
             f"CPU demo: plain and residual x {'/'.join(map(str, QUICK_DEPTHS))} on the embedded "
-            f"fashion-mnist-mini, {QUICK_ITERATIONS} iterations (about 10 minutes on 2 cores)",
+            f"fashion-mnist-mini, {QUICK_ITERATIONS} iterations (about 15 minutes on 2 cores)",
             _pairs(QUICK_DEPTHS, dataset="fashion-mnist-mini", iterations=QUICK_ITERATIONS),
         ),
     )
