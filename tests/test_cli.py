@@ -103,10 +103,15 @@ def test_grids_lists_runs(capsys):
         (["frobnicate"], "invalid choice"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, argv, needle):
-    monkeypatch.chdir(tmp_path)  # default ./runs and ./data resolve here
-    code, out, err = run_cli(capsys, *argv, *(["--runs-dir", "runs"] if argv[0] == "run" else []))
-    assert code == 2
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, argv, needle):
+    """A real `python -m study` process per case: one line on stderr, exit code 2, no traceback,
+    nothing written (the default ./runs and ./data resolve in an empty directory)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "study", *argv, *(["--runs-dir", "runs"] if argv[0] == "run" else [])],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 2
+    err = proc.stderr
     assert err.startswith("study: error: ") and err.count("\n") == 1 and needle in err, err
     assert list(tmp_path.iterdir()) == []
 

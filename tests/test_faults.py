@@ -43,7 +43,10 @@ def reference(tmp_path_factory) -> pd.DataFrame:
     return df
 
 
-@pytest.mark.parametrize("step", [3, 5, 11, 16])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("step", [3, pytest.param(5, marks=SLOW), 11, pytest.param(16, marks=SLOW)])
 def test_kill_9_after_a_step_then_resume_equals_uninterrupted(tmp_path, reference, step):
     proc = study(tmp_path, "--kill-at-step", str(step))
     assert proc.returncode == -signal.SIGKILL
@@ -57,7 +60,7 @@ def test_kill_9_after_a_step_then_resume_equals_uninterrupted(tmp_path, referenc
     assert status(tmp_path)["status"] == "done"
 
 
-@pytest.mark.parametrize("which", [1, 3])
+@pytest.mark.parametrize("which", [pytest.param(1, marks=SLOW), 3])
 def test_kill_9_during_a_checkpoint_write(tmp_path, reference, which):
     proc = study(tmp_path, "--kill-in-checkpoint", str(which))
     assert proc.returncode == -signal.SIGKILL
