@@ -9,7 +9,7 @@ measures training images/s of every net of the grid (plain and residual at each 
   memory format, cuDNN autotuning on, one net at a time, a plain SGD step and the usual per-step
   logging of loss and top-1 (`.item()`, one host sync per step);
 - (b) fast, one run: the per-step work of `study.train.train_run`: the whole uint8 set on the device,
-  `study.data.train_batches`, `normalize` and `augment` as batched tensor ops, the paper's schedule
+  `study.data.train_batches`, and `study.train.sgd_step` (the loop's own step), the paper's schedule
   (`lr_at`), channels-last and bf16 autocast on CUDA (`--precision`), running sums kept on the device;
 - (c) fast, concurrent grid: K processes (`--concurrency`, as `study run --concurrency K`), each
   training a different net of the grid with (b) at the same time.
@@ -63,10 +63,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from study.config import PAPER_BATCH_SIZE, PAPER_ITERATIONS, PRECISIONS, RunConfig
-from study.data import Data, Split, augment, dataset_info, normalize, train_batches
+from study.data import Data, Split, dataset_info, train_batches
 from study.data.sources import pixel_mean
 from study.models import build_model, count_macs, count_params
-from study.train import AUTO_GPU_CONCURRENCY, lr_at, resolve_device
+from study.train import AUTO_GPU_CONCURRENCY, lr_at, resolve_device, sgd_step
 
 TRAIN_SIZE = 50_000  # CIFAR-10's training set
 # The per-channel statistics every torchvision CIFAR recipe normalises with.
@@ -189,20 +189,11 @@ def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bo
     def step() -> int:
         nonlocal iteration, first_bad
         x_u8, y = next(batches)
-        lr = lr_at(cfg, iteration, False)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x = augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt)
-        with autocast:
-            out = forward(x)
-            loss = F.cross_entropy(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, out = sgd_step(forward, opt, data, x_u8, y, gen, lr_at(cfg, iteration, False), autocast, fmt)
         iteration += 1
-        loss_sum.add_(loss.detach() * len(y))
-        wrong.add_((out.detach().argmax(1) != y).sum())
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), iteration, first_bad)
+        loss_sum.add_(loss * len(y))
+        wrong.add_((out.argmax(1) != y).sum())
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), iteration, first_bad)
         return len(y)
 
     return step

@@ -116,6 +116,36 @@ def evaluate(model: torch.nn.Module, data: Data) -> tuple[float, float]:
     return loss_sum.item() / n, 100.0 * wrong.item() / n
 
 
+def sgd_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    data: Data,
+    x_u8: torch.Tensor,
+    y: torch.Tensor,
+    gen: torch.Generator,
+    lr: float,
+    autocast: torch.autocast,
+    fmt: torch.memory_format,
+    before_update: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step of the paper's protocol on a uint8 batch: mean subtraction, per-image
+    pad/crop/flip, forward (under `autocast`), cross-entropy, backward, SGD update at `lr`.
+    `before_update` runs between backward and the update (to read the gradients). Returns the
+    detached loss and logits; nothing here waits for the device."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    x = augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt)
+    with autocast:
+        out = forward(x)
+        loss = F.cross_entropy(out, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if before_update is not None:
+        before_update()
+    opt.step()
+    return loss.detach(), out.detach()
+
+
 def _metric_row(cfg: RunConfig, **values: object) -> dict:
     return {
         "run_id": cfg.run_id,
@@ -236,21 +266,15 @@ def train_run(
                 x_u8, y = data.train.images.index_select(0, idx), data.train.labels.index_select(0, idx)
                 pos += len(idx)
                 lr = lr_at(cfg, iteration, warming_up)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                x = augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt)
-                with autocast:
-                    out = forward(x)
-                    loss = F.cross_entropy(out, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norms.maybe_record(iteration + 1)
-                opt.step()
+                loss, out = sgd_step(
+                    forward, opt, data, x_u8, y, gen, lr, autocast, fmt,
+                    before_update=lambda: grad_norms.maybe_record(iteration + 1),
+                )
                 iteration += 1
-                loss_sum += loss.detach() * len(y)
-                wrong += (out.detach().argmax(1) != y).sum()
+                loss_sum += loss * len(y)
+                wrong += (out.argmax(1) != y).sum()
                 seen += len(y)
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), iteration, first_bad)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), iteration, first_bad)
                 if warming_up and (
                     100.0 * wrong.item() / seen < cfg.warmup_until_error
                     or iteration >= cfg.milestone_iterations[0]
