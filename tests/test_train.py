@@ -9,7 +9,8 @@ import torch
 
 from study.config import RunConfig
 from study.runstore import METRIC_COLUMNS, Run
-from study.train import lr_at, run_all, train_run
+from study.models import build_model
+from study.train import evaluate, lr_at, run_all, train_run
 
 
 def tiny(**kw) -> RunConfig:
@@ -76,10 +77,14 @@ def test_metrics_rows_and_columns(tmp_path, small_data):
     assert set(df.run_id) == {cfg.run_id} and set(df.arch) == {"resnet"} and set(df.depth) == {8}
     assert df.error_pct.between(0, 100).all() and (df.loss > 0).all()
     assert df.elapsed_s.is_monotonic_increasing
-    # The logged test error is the model's real error on the test split.
     assert run.status()["status"] == "done"
     ckpt = run.load_checkpoint()
     assert ckpt["iteration"] == 12 and ckpt["epoch"] == 3
+    # The logged test error is the final model's real error on the whole test split.
+    model = build_model("resnet", 8, in_channels=1)
+    model.load_state_dict(ckpt["model"])
+    loss, err = evaluate(model, small_data)
+    assert df.error_pct.iloc[-1] == pytest.approx(err) and df.loss.iloc[-1] == pytest.approx(loss)
 
 
 def test_same_seed_gives_identical_metrics_and_other_seed_differs(tmp_path, small_data):
