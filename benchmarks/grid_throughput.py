@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from study.config import PAPER_BATCH_SIZE, PAPER_ITERATIONS, PRECISIONS, RunConfig
-from study.data import Data, Split, dataset_info, train_batches
+from study.data import Data, Split, augment, dataset_info, normalize, train_batches
 from study.data.sources import pixel_mean
 from study.models import build_model, count_macs, count_params
 from study.train import AUTO_GPU_CONCURRENCY, lr_at, resolve_device, sgd_step
@@ -189,7 +189,9 @@ def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bo
     def step() -> int:
         nonlocal iteration, first_bad
         x_u8, y = next(batches)
-        loss, out = sgd_step(forward, opt, data, x_u8, y, gen, lr_at(cfg, iteration, False), autocast, fmt)
+        # CifarFeed.next_batch's work on a batch, then the loop's own step.
+        x = augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt)
+        loss, out = sgd_step(forward, opt, x, y, lr_at(cfg, iteration, False), autocast)
         iteration += 1
         loss_sum.add_(loss * len(y))
         wrong.add_((out.argmax(1) != y).sum())

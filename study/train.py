@@ -18,19 +18,24 @@ What survives what:
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .config import RunConfig
-from .data import Data, augment, eval_batches, load_data, normalize
+from .config import ConfigError, RunConfig
+from .data import Data, augment, eval_batches, imagenet, load_data, normalize
 from .models import build_model
 from .probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_responses, truncate_gradients
 from .runstore import Run, RunStoreError, check_writable
@@ -102,6 +107,219 @@ def lr_at(cfg: RunConfig, iteration: int, warming_up: bool) -> float:
     return lr
 
 
+class Schedule:
+    """The run's learning rate. `step`: `lr_at`, a function of the iteration. `plateau` (ImageNet):
+    lr / 10 whenever the evaluation error has not improved by `plateau_threshold` points for more
+    than `plateau_patience` epochs, decided by torch's ReduceLROnPlateau at each epoch's end."""
+
+    def __init__(self, cfg: RunConfig, opt: torch.optim.Optimizer) -> None:
+        self.cfg = cfg
+        self.opt = opt
+        self.plateau = None
+        if cfg.lr_schedule == "plateau":
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="min", factor=0.1, patience=cfg.plateau_patience,
+                threshold=cfg.plateau_threshold, threshold_mode="abs",
+            )
+
+    def lr(self, iteration: int, warming_up: bool) -> float:
+        if self.plateau is None:
+            return lr_at(self.cfg, iteration, warming_up)
+        lr = self.opt.param_groups[0]["lr"]
+        return min(lr, self.cfg.warmup_lr) if warming_up else lr
+
+    def end_epoch(self, eval_error: float) -> None:
+        if self.plateau is not None:
+            self.plateau.step(eval_error)
+
+    def state_dict(self) -> dict | None:
+        return None if self.plateau is None else self.plateau.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.plateau is not None and state is not None:
+            self.plateau.load_state_dict(state)
+
+
+# --- one process's place in a DDP job ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's rank among `world` processes training one run together (torchrun), or the
+    single process. Rank 0 alone writes the run's files."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    sync_bn: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    def chunks(self, cfg: RunConfig) -> int:
+        """How many BN groups this process splits its share of a batch into (see RunConfig.batch_split)."""
+        if not self.enabled:
+            return cfg.batch_split
+        if self.sync_bn:
+            if cfg.batch_split != 1:
+                raise ConfigError("--sync-bn computes BN over the whole batch; drop --batch-split or --sync-bn")
+            return 1
+        if cfg.batch_split % self.world:
+            raise ConfigError(
+                f"with per-device BN, {self.world} processes split each batch into at least {self.world} BN "
+                f"groups; pass --batch-split {self.world} (or a multiple), or --sync-bn"
+            )
+        return cfg.batch_split // self.world
+
+
+SINGLE = Distributed()
+
+
+def distributed_from_env(sync_bn: bool = False) -> Distributed:
+    """Join the DDP job torchrun (or SLURM via submitit) describes in RANK / WORLD_SIZE /
+    LOCAL_RANK / MASTER_ADDR / MASTER_PORT; the single process when WORLD_SIZE is unset or 1.
+    NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(sync_bn=sync_bn)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Distributed(rank=rank, world=world, local_rank=local_rank, sync_bn=sync_bn)
+
+
+def _all_reduce(values: torch.Tensor, ddp: Distributed, op: "dist.ReduceOp" = None) -> torch.Tensor:
+    if ddp.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM if op is None else op)
+    return values
+
+
+def _broadcast(value: object, ddp: Distributed) -> object:
+    """Rank 0's `value` on every process."""
+    if not ddp.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _Follower:
+    """A Run seen by a DDP rank other than 0: it reads the run's files but writes nothing."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self.cfg, self.dir = run.cfg, run.dir
+
+    def load_checkpoint(self, log: object = None) -> dict | None:
+        return self._run.load_checkpoint()
+
+    def status(self) -> dict:
+        return self._run.status()
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None  # prepare, set_status, write_metrics, save_checkpoint ...
+
+
+# --- where batches come from -------------------------------------------------------------------
+
+class _Chunked(nn.Module):
+    """Forward a batch as `chunks` equal parts, so each BN sees its own part's statistics (as on
+    that many devices), and return the concatenated outputs."""
+
+    def __init__(self, model: nn.Module, chunks: int) -> None:
+        super().__init__()
+        self.model, self.chunks = model, chunks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.model(part) for part in x.chunk(self.chunks)])
+
+
+class CifarFeed:
+    """Batches of a device-resident data set (CIFAR, Fashion-MNIST): one random order per epoch
+    and the paper's per-image augmentation, both drawn from the run's generator. Under DDP every
+    process draws the same order and augmentation for the whole batch and keeps its own slice, so
+    the global batch is exactly the single-process one."""
+
+    def __init__(self, cfg: RunConfig, data: Data, device: torch.device, fmt: torch.memory_format,
+                 ddp: Distributed) -> None:
+        self.cfg, self.data, self.fmt, self.ddp, self.device = cfg, data, fmt, ddp, device
+        self.num_classes, self.in_channels = data.info.num_classes, data.info.in_channels
+        self.eval_split = data.eval_split
+        self.n_train = len(data.train.labels)
+
+    def start_epoch(self, epoch: int, gen: torch.Generator, partial: dict | None) -> None:
+        if partial is None:
+            self.order, self.pos = torch.randperm(self.n_train, generator=gen, device=self.device), 0
+        else:
+            self.order, self.pos = partial["order"].to(self.device), partial["pos"]
+
+    def state(self) -> dict:
+        return {"order": self.order, "pos": self.pos}
+
+    def next_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(this process's augmented input, its labels, the global batch's size), or None at the
+        epoch's end."""
+        if self.pos >= self.n_train:
+            return None
+        idx = self.order[self.pos : self.pos + self.cfg.batch_size]
+        self.pos += len(idx)
+        x_u8, y = self.data.train.images.index_select(0, idx), self.data.train.labels.index_select(0, idx)
+        x = augment(normalize(x_u8, self.data.mean), gen).contiguous(memory_format=self.fmt)
+        if self.ddp.enabled:
+            x, y = x.tensor_split(self.ddp.world)[self.ddp.rank], y.tensor_split(self.ddp.world)[self.ddp.rank]
+        return x, y, len(idx)
+
+    def evaluate(self, model: nn.Module, autocast: torch.autocast) -> dict:
+        with autocast:
+            loss, err = evaluate(model, self.data)
+        return {"loss": loss, "error_pct": err}
+
+
+class ImageNetFeed:
+    """Batches from DataLoader workers that decode JPEGs (ImageNet): uint8 crops to the device,
+    then mean subtraction and the optional PCA lighting there. Under DDP each process loads its
+    own DistributedSampler shard of every global batch."""
+
+    def __init__(self, cfg: RunConfig, data: imagenet.ImageNetData, device: torch.device,
+                 fmt: torch.memory_format, ddp: Distributed, workers: int) -> None:
+        self.cfg, self.fmt, self.ddp, self.device = cfg, fmt, ddp, device
+        self.num_classes, self.in_channels, self.eval_split = data.num_classes, 3, data.eval_split
+        self.loaders = imagenet.loaders_for(data, cfg.batch_size, workers, ddp.enabled, seed=cfg.seed)
+        self.lighting = imagenet.Lighting(cfg.lighting).to(device) if cfg.lighting else None
+
+    def start_epoch(self, epoch: int, gen: torch.Generator, partial: dict | None) -> None:
+        self.batches = 0 if partial is None else partial["batches"]
+        imagenet.set_epoch(self.loaders.train, epoch, skip_batches=self.batches)
+        # The lighting draws: per process and epoch, like the workers' crops (set_epoch).
+        gen.manual_seed(((self.cfg.seed * 1_000_003 + self.ddp.rank) * 1_000_003 + epoch) % 2**63)
+        self.it = iter(self.loaders.train)
+
+    def state(self) -> dict:
+        return {"batches": self.batches}
+
+    def next_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        try:
+            images, labels = next(self.it)
+        except StopIteration:
+            return None
+        self.batches += 1
+        x = imagenet.normalize(images.to(self.device, non_blocking=True), lighting=self.lighting, generator=gen)
+        y = labels.to(self.device, non_blocking=True)
+        # Shards are padded to equal length, so every process's batch has the same size.
+        return x.contiguous(memory_format=self.fmt), y, len(y) * self.ddp.world
+
+    def evaluate(self, model: nn.Module, autocast: torch.autocast) -> dict:
+        result = imagenet.evaluate(model, self.loaders.val, self.device, autocast=self.cfg.precision == "bf16")
+        return {"loss": result.loss, "error_pct": result.top1, "top5_error_pct": result.top5}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Data) -> tuple[float, float]:
     """Mean loss and error % over the whole evaluation split, BN in eval mode, no augmentation."""
@@ -119,31 +337,35 @@ def evaluate(model: torch.nn.Module, data: Data) -> tuple[float, float]:
 def sgd_step(
     forward: Callable[[torch.Tensor], torch.Tensor],
     opt: torch.optim.Optimizer,
-    data: Data,
-    x_u8: torch.Tensor,
+    x: torch.Tensor,
     y: torch.Tensor,
-    gen: torch.Generator,
     lr: float,
     autocast: torch.autocast,
-    fmt: torch.memory_format,
+    *,
+    loss_scale: float | None = None,
     before_update: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training step of the paper's protocol on a uint8 batch: mean subtraction, per-image
-    pad/crop/flip, forward (under `autocast`), cross-entropy, backward, SGD update at `lr`.
+    """One SGD step at `lr` on an input batch: forward (under `autocast`), cross-entropy, backward,
+    update. The loss is the batch mean, or with `loss_scale` the summed loss times it (DDP: a
+    process's share of the global batch's mean, which DDP's gradient averaging completes).
     `before_update` runs between backward and the update (to read the gradients). Returns the
-    detached loss and logits; nothing here waits for the device."""
+    detached mean loss and logits; nothing here waits for the device."""
     for group in opt.param_groups:
         group["lr"] = lr
-    x = augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt)
     with autocast:
         out = forward(x)
-        loss = F.cross_entropy(out, y)
+        if loss_scale is None:
+            loss = F.cross_entropy(out, y)
+            mean = loss
+        else:
+            total = F.cross_entropy(out, y, reduction="sum")
+            loss, mean = total * loss_scale, total.detach() / len(y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if before_update is not None:
         before_update()
     opt.step()
-    return loss.detach(), out.detach()
+    return mean.detach(), out.detach()
 
 
 def _metric_row(cfg: RunConfig, **values: object) -> dict:
@@ -161,7 +383,7 @@ def _metric_row(cfg: RunConfig, **values: object) -> dict:
 def train_run(
     cfg: RunConfig,
     run: Run,
-    data: Data,
+    data: "Data | imagenet.ImageNetData",
     device: torch.device,
     *,
     progress: bool | None = None,
@@ -169,53 +391,80 @@ def train_run(
     log: Callable[[str], None] = _stderr,
     compile: bool = False,
     gradient_every: int = GRADIENT_EVERY,
+    ddp: Distributed = SINGLE,
+    workers: int = 0,
+    checkpoint_every: int | None = None,
 ) -> str:
     """Train (or resume) one run to completion. Returns its final status: `done` or `diverged`.
 
-    `data` must already be on `device`. The caller should hold `run.lock()`. A SIGTERM/SIGINT
-    recorded in `stop` ends the run after the current step with a checkpoint and raises
-    StopRequested; any other exception marks the run `failed` and propagates.
+    `data` is a device-resident `Data` (already on `device`) or, for ImageNet, the scanned folders
+    (`imagenet.ImageNetData`, loaded by `workers` DataLoader workers). The caller should hold
+    `run.lock()`. A SIGTERM/SIGINT recorded in `stop` ends the run after the current step with a
+    checkpoint and raises StopRequested; any other exception marks the run `failed` and propagates.
+    `checkpoint_every` N also writes a mid-epoch checkpoint every N iterations (long ImageNet
+    epochs on preemptible clusters). Under DDP (`ddp`) every process calls this with the same
+    arguments; rank 0 alone writes.
     """
+    if not ddp.writer:
+        run = _Follower(run)  # type: ignore[assignment]
     run.prepare(str(device))
     run.clean_temporaries()
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    if isinstance(data, imagenet.ImageNetData):
+        feed: CifarFeed | ImageNetFeed = ImageNetFeed(cfg, data, device, fmt, ddp, workers)
+    else:
+        feed = CifarFeed(cfg, data, device, fmt, ddp)
+    chunks = ddp.chunks(cfg)
     torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed alone
     model = build_model(
         cfg.arch,
         cfg.depth,
         shortcut=cfg.shortcut,
-        num_classes=data.info.num_classes,
-        in_channels=data.info.in_channels,
+        num_classes=feed.num_classes,
+        in_channels=feed.in_channels,
+        dataset=cfg.dataset,
     ).to(device)
     # Channels-last lets cuDNN pick its fastest kernels on tensor cores; on CPU it buys nothing.
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    if ddp.sync_bn and ddp.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter and buffer names
+    # `model` is what checkpoints hold and evaluation uses; `trained` adds the BN split and DDP.
+    trained: nn.Module = model if chunks == 1 else _Chunked(model, chunks)
+    if ddp.enabled:
+        trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
     # The compiled module shares its parameters with `model`; checkpoints keep using `model`, so
     # they load with or without --compile. On CUDA "max-autotune" also captures CUDA graphs,
     # removing the launch overhead that dominates these thin nets. Compilation happens on the
     # first steps; the run's elapsed_s includes that time.
-    forward = model
+    forward = trained
     if compile:
-        forward = torch.compile(model, mode="max-autotune" if device.type == "cuda" else None)
+        forward = torch.compile(trained, mode="max-autotune" if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    schedule = Schedule(cfg, opt)
     # One generator drives the data order and the augmentation, so both resume exactly.
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     iteration, epoch, elapsed_before, warming_up = 0, 0, 0.0, cfg.uses_warmup
     rows: list[dict] = []
     partial = None  # the state of an epoch interrupted by a signal
+    # Mean loss over the whole batch: single process, one BN group (the original, fastest form);
+    # otherwise each process's summed loss scaled to its share of the global mean.
+    exact_mean = not ddp.enabled and chunks == 1
 
     ckpt = run.load_checkpoint(log=log)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["generator"])
+        schedule.load_state_dict(ckpt.get("schedule"))
         iteration, epoch = ckpt["iteration"], ckpt["epoch"]
         elapsed_before, warming_up = ckpt["elapsed_s"], ckpt["warming_up"]
         rows, partial = list(ckpt["metrics"]), ckpt["partial_epoch"]
     # The checkpoint holds every row so far: rewriting the file from it drops rows written after
     # the checkpoint (a kill between the two writes) and repairs an unreadable file.
     run.write_metrics(rows)
-    truncate_gradients(run, iteration)
+    if ddp.writer:
+        truncate_gradients(run, iteration)
     # Per-layer gradient norms every `gradient_every` iterations (kept on the device until the
     # epoch ends): evidence for the paper's claim that plain nets do not suffer vanishing gradients.
     grad_norms = GradientNorms(model, every=gradient_every)
@@ -229,6 +478,7 @@ def train_run(
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "generator": gen.get_state(),
+                "schedule": schedule.state_dict(),
                 "iteration": iteration,
                 "epoch": epoch,  # completed epochs
                 "elapsed_s": elapsed_before + time.perf_counter() - start,
@@ -238,36 +488,45 @@ def train_run(
             }
         )
 
-    show = sys.stderr.isatty() if progress is None else progress
+    def save_gradients() -> None:
+        if ddp.writer:
+            append_gradients(run, grad_norms.rows(cfg.run_id))
+
+    show = ddp.writer and (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(
         total=cfg.iterations, initial=iteration, desc=cfg.run_id, disable=not show, dynamic_ncols=True, leave=False
     )
     start = time.perf_counter()
-    n_train = len(data.train.labels)
     run.set_status("running", iteration=iteration, epoch=epoch)
     try:
         while iteration < cfg.iterations:
-            model.train()
+            trained.train()
+            feed.start_epoch(epoch, gen, partial)
             if partial is None:
-                order = torch.randperm(n_train, generator=gen, device=device)
-                pos, seen = 0, 0
+                seen = 0
                 # Sums stay on the device: no host sync per step.
                 loss_sum = torch.zeros((), device=device)
                 wrong = torch.zeros((), device=device, dtype=torch.long)
                 # -1 until a step's loss is not finite, then that step's iteration number.
                 first_bad = torch.full((), -1, device=device, dtype=torch.long)
             else:
-                order, pos, seen = partial["order"].to(device), partial["pos"], partial["seen"]
+                seen = partial["seen"]
                 loss_sum, wrong = partial["loss_sum"].to(device), partial["wrong"].to(device)
                 first_bad = partial["first_bad"].to(device)
                 partial = None
-            while pos < n_train and iteration < cfg.iterations:
-                idx = order[pos : pos + cfg.batch_size]
-                x_u8, y = data.train.images.index_select(0, idx), data.train.labels.index_select(0, idx)
-                pos += len(idx)
-                lr = lr_at(cfg, iteration, warming_up)
+
+            def epoch_state() -> dict:
+                return {**feed.state(), "seen": seen, "loss_sum": loss_sum, "wrong": wrong, "first_bad": first_bad}
+
+            while iteration < cfg.iterations:
+                batch = feed.next_batch(gen)
+                if batch is None:
+                    break
+                x, y, global_len = batch
+                lr = schedule.lr(iteration, warming_up)
                 loss, out = sgd_step(
-                    forward, opt, data, x_u8, y, gen, lr, autocast, fmt,
+                    forward, opt, x, y, lr, autocast,
+                    loss_scale=None if exact_mean else ddp.world / global_len,
                     before_update=lambda: grad_norms.maybe_record(iteration + 1),
                 )
                 iteration += 1
@@ -275,40 +534,53 @@ def train_run(
                 wrong += (out.argmax(1) != y).sum()
                 seen += len(y)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), iteration, first_bad)
-                if warming_up and (
-                    100.0 * wrong.item() / seen < cfg.warmup_until_error
-                    or iteration >= cfg.milestone_iterations[0]
-                ):
-                    warming_up = False
+                if warming_up:
+                    # The whole batch's running error, agreed by all processes.
+                    counts = _all_reduce(torch.stack([wrong.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]), ddp)
+                    if 100.0 * counts[0].item() / counts[1].item() < cfg.warmup_until_error or (
+                        iteration >= cfg.milestone_iterations[0] and cfg.lr_schedule == "step"
+                    ):
+                        warming_up = False
                 if show and iteration % PROGRESS_EVERY == 0:
                     bar.update(iteration - bar.n)
                     bar.set_postfix(lr=f"{lr:g}", err=f"{100.0 * wrong.item() / seen:.1f}%")
-                if stop is not None and stop.signum is not None:
-                    append_gradients(run, grad_norms.rows(cfg.run_id))
-                    checkpoint(
-                        {"order": order, "pos": pos, "seen": seen, "loss_sum": loss_sum, "wrong": wrong, "first_bad": first_bad}
-                    )
-                    run.set_status("interrupted", iteration=iteration, epoch=epoch, signal=signal.Signals(stop.signum).name)
-                    raise StopRequested(stop.signum)
+                if _stop_requested(stop, ddp, iteration):
+                    save_gradients()
+                    checkpoint(epoch_state())
+                    signum = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
+                    run.set_status("interrupted", iteration=iteration, epoch=epoch, signal=signal.Signals(signum).name)
+                    raise StopRequested(signum)
+                if checkpoint_every and iteration % checkpoint_every == 0:
+                    save_gradients()
+                    checkpoint(epoch_state())
             # End of an epoch, or of a shortened run inside one (that partial epoch is logged too).
             epoch += 1
-            train_loss, train_err = loss_sum.item() / seen, 100.0 * wrong.item() / seen
-            with autocast:
-                eval_loss, eval_err = evaluate(model, data)
+            sums = _all_reduce(
+                torch.stack([loss_sum.double(), wrong.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]), ddp
+            ).tolist()
+            first_bad = _all_reduce(first_bad, ddp, dist.ReduceOp.MAX if ddp.enabled else None)
+            train_loss, train_err = sums[0] / sums[2], 100.0 * sums[1] / sums[2]
+            if ddp.enabled:  # every process evaluates rank 0's BN statistics (the checkpoint's)
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, src=0)
+            evaluated = feed.evaluate(model, autocast)
+            schedule.end_epoch(evaluated["error_pct"])
             common = dict(epoch=epoch, iteration=iteration, lr=lr, elapsed_s=elapsed_before + time.perf_counter() - start)
             rows += [
                 _metric_row(cfg, split="train", loss=train_loss, error_pct=train_err, **common),
-                _metric_row(cfg, split=data.eval_split, loss=eval_loss, error_pct=eval_err, **common),
+                _metric_row(cfg, split=feed.eval_split, **evaluated, **common),
             ]
             run.write_metrics(rows)
-            append_gradients(run, grad_norms.rows(cfg.run_id))
+            save_gradients()
             bad_at = int(first_bad.item())
             if bad_at >= 0:
                 # Keep the last good checkpoint; the rows show the epoch it happened in.
                 run.set_status("diverged", iteration=bad_at, epoch=epoch)
-                log(f"{cfg.run_id}: loss is not finite at iteration {bad_at}; marked diverged")
+                if ddp.writer:
+                    log(f"{cfg.run_id}: loss is not finite at iteration {bad_at}; marked diverged")
                 return "diverged"
             checkpoint(None)
+            eval_err = evaluated["error_pct"]
             run.set_status("running", iteration=iteration, epoch=epoch, train_error=train_err, eval_error=eval_err)
             bar.update(iteration - bar.n)
     except StopRequested:
@@ -323,9 +595,38 @@ def train_run(
         bar.close()
     # Figure 7's layer responses, measured once on the finished model (defaults: eval split, BN in
     # eval mode, std over the whole tensor, first conv excluded; `study probe` re-measures).
-    record_responses(run, model, data, split=data.eval_split)
+    # Figure 7 is a CIFAR figure; ImageNet runs skip it.
+    if ddp.writer and isinstance(feed, CifarFeed):
+        record_responses(run, model, data, split=data.eval_split)
     run.set_status("done", iteration=iteration, epoch=epoch, train_error=train_err, eval_error=eval_err)
     return "done"
+
+
+def _stop_requested(stop: StopFlag | None, ddp: Distributed, iteration: int) -> bool:
+    """Whether to stop after this step. A single process checks its flag every step; DDP processes
+    agree every PROGRESS_EVERY steps (one tiny all-reduce), so that they all stop at one step."""
+    local = stop is not None and stop.signum is not None
+    if not ddp.enabled:
+        return local
+    if iteration % PROGRESS_EVERY:
+        return False
+    flag = torch.tensor([1.0 if local else 0.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+IMAGENET_CHECKPOINT_EVERY = 1000  # iterations between mid-epoch checkpoints of an ImageNet run
+
+
+def default_workers() -> int:
+    """DataLoader workers per process for ImageNet: the CPUs this process may use, at most 12."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(12, cpus))
 
 
 def run_all(
@@ -340,6 +641,8 @@ def run_all(
     log: Callable[[str], None] = print,
     concurrency: int | None = 1,
     compile: bool = False,
+    ddp: Distributed = SINGLE,
+    workers: int | None = None,
 ) -> dict[str, str]:
     """Run each config in turn: skip finished runs, resume unfinished ones, leave runs that another
     process holds to it (waiting for them at the end), and go on after a run diverges or fails.
@@ -350,15 +653,30 @@ def run_all(
     as when it trains alone. Thin nets leave a GPU mostly idle between kernel launches; several
     processes fill those gaps.
 
+    Under DDP (`ddp`, from `distributed_from_env`) every process of the job calls this with the
+    same list; they train each run together, rank 0 holding its lock and writing its files.
+    ImageNet runs read `data_dir` (default ./data/imagenet) with `workers` DataLoader workers per
+    process.
+
     Every check that can fail on bad input (device, data, runs dir, conflicting run dirs) happens
     before the first run directory is created. Returns {run_id: final status}.
     """
     configs = list(configs)
+    if ddp.enabled and concurrency not in (None, 1):
+        raise ConfigError("--concurrency shares one device between runs; under torchrun each run uses all processes, drop it")
+    if ddp.enabled and device == "auto":
+        device = f"cuda:{ddp.local_rank}" if torch.cuda.is_available() else "cpu"
     dev = resolve_device(device)
-    datasets: dict[tuple[str, bool], Data] = {}
+    for cfg in configs:
+        ddp.chunks(cfg)  # a batch split the process count cannot honour is an error before any run
+    datasets: dict[tuple[str, bool], Data | imagenet.ImageNetData] = {}
     for cfg in configs:
         key = (cfg.dataset, cfg.holdout)
-        if key not in datasets:
+        if key in datasets:
+            continue
+        if cfg.imagenet:
+            datasets[key] = imagenet.open_imagenet(data_dir or os.path.join("data", "imagenet"))
+        else:
             datasets[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=download).to(dev)
     runs = [Run(runs_dir, cfg) for cfg in configs]
     for run in runs:
@@ -367,28 +685,36 @@ def run_all(
                 f"{run.dir} holds a run with a different or unreadable config.json; "
                 "move that directory away or use another --runs-dir"
             )
-    check_writable(Path(runs_dir))  # last check: it creates the runs dir
+    if ddp.writer:
+        check_writable(Path(runs_dir))  # last check: it creates the runs dir
     if concurrency is None:  # auto: share a GPU between a few runs, one at a time on a CPU
-        concurrency = min(AUTO_GPU_CONCURRENCY, len(runs)) if dev.type == "cuda" else 1
+        concurrency = min(AUTO_GPU_CONCURRENCY, len(runs)) if dev.type == "cuda" and not ddp.enabled else 1
+    workers = default_workers() if workers is None else workers
 
-    workers = []
+    pool = []
     if concurrency > 1:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        kwargs = dict(data_dir=data_dir, device=str(dev), download=False, progress=False, compile=compile)
-        workers = [
+        kwargs = dict(data_dir=data_dir, device=str(dev), download=False, progress=False, compile=compile,
+                      workers=workers)
+        pool = [
             ctx.Process(target=_worker, args=(configs, str(runs_dir), kwargs, f"worker {k}"), daemon=False)
             for k in range(1, concurrency)
         ]
-        for w in workers:
+        for w in pool:
             w.start()
     try:
-        results = _run_list(runs, datasets, dev, progress=progress, stop=stop, log=log, compile=compile)
+        results = _run_list(runs, datasets, dev, progress=progress, stop=stop, log=log if ddp.writer else _quiet,
+                            compile=compile, ddp=ddp, workers=workers)
     finally:
-        for w in workers:
+        for w in pool:
             if w.is_alive() and sys.exc_info()[0] is not None:
                 w.terminate()  # SIGTERM: each worker checkpoints its run and exits
             w.join()
     return results
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def _worker(configs: list[RunConfig], runs_dir: str, kwargs: dict, name: str) -> None:
@@ -405,45 +731,55 @@ def _worker(configs: list[RunConfig], runs_dir: str, kwargs: dict, name: str) ->
 
 def _run_list(
     runs: list[Run],
-    datasets: dict[tuple[str, bool], Data],
+    datasets: dict[tuple[str, bool], "Data | imagenet.ImageNetData"],
     dev: torch.device,
     *,
     progress: bool | None,
     stop: StopFlag | None,
     log: Callable[[str], None],
     compile: bool,
+    ddp: Distributed = SINGLE,
+    workers: int = 0,
 ) -> dict[str, str]:
     results: dict[str, str] = {}
     total = len(runs)
 
     def attempt(i: int, run: Run, wait: bool) -> bool:
-        """Train `run` if this process gets its lock; False if another process holds it."""
+        """Train `run` if this process gets its lock; False if another process holds it. Under
+        DDP rank 0 takes the lock (waiting for it) and tells the others what it found."""
         tag = f"[{i}/{total}] {run.cfg.run_id}"
-        with run.lock(wait=wait) as held:
+        with run.lock(wait=wait or ddp.enabled) if ddp.writer else nullcontext(True) as held:
+            status = run.status()["status"] if held else None
+            # A run that failed in another process is left failed (not trained twice); one whose
+            # process died resumes here.
+            finished = held and (run.is_finished() or (wait and status == "failed"))
+            held, status, finished = _broadcast((held, status, finished), ddp)
             if not held:
                 log(f"{tag}: held by another process; will wait for it at the end")
                 return False
-            status = run.status()["status"]
-            # A run that failed in another process is left failed (not trained twice); one whose
-            # process died resumes here.
-            if run.is_finished() or (wait and status == "failed"):
+            if finished:
                 results[run.cfg.run_id] = status
                 log(f"{tag}: {status}, skipped")
                 return True
-            log(f"{tag}: training on {dev}")
+            where = f"{dev}" + (f" x {ddp.world} processes (DDP)" if ddp.enabled else "")
+            log(f"{tag}: training on {where}")
             data = datasets[(run.cfg.dataset, run.cfg.holdout)]
             try:
                 results[run.cfg.run_id] = train_run(
-                    run.cfg, run, data, dev, progress=progress, stop=stop, compile=compile
+                    run.cfg, run, data, dev, progress=progress, stop=stop, compile=compile, ddp=ddp,
+                    workers=workers, checkpoint_every=IMAGENET_CHECKPOINT_EVERY if run.cfg.imagenet else None,
                 )
             except (StopRequested, KeyboardInterrupt):
                 raise
             except Exception as e:  # one broken run must not take the grid down
+                if ddp.enabled:
+                    raise  # the other processes cannot carry on alone
                 results[run.cfg.run_id] = "failed"
                 log(f"{tag}: failed ({type(e).__name__}: {e})")
                 return True
-            last = run.read_metrics().groupby("split")["error_pct"].last().round(2).to_dict()
-            log(f"{tag}: {results[run.cfg.run_id]} (last error %: {last})")
+            if ddp.writer:
+                last = run.read_metrics().groupby("split")["error_pct"].last().round(2).to_dict()
+                log(f"{tag}: {results[run.cfg.run_id]} (last error %: {last})")
             return True
 
     held_elsewhere = [(i, run) for i, run in enumerate(runs, 1) if not attempt(i, run, wait=False)]

@@ -26,9 +26,10 @@ would need a CPU fallback beside it; the PIL workers are the supported path, and
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -204,12 +205,26 @@ class Loaders:
         return self.train.dataset.classes
 
 
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start an epoch part-way: `skip` leading indices of this
+    process's shard are left out (set it after `set_epoch`, before iterating), so a run stopped
+    mid-epoch resumes with the images it had not yet seen, without decoding the others."""
+
+    skip: int = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, super().__len__() - self.skip)
+
+
 def _sampler(dataset: ImageFolder, distributed: bool, *, shuffle: bool, seed: int) -> DistributedSampler | None:
     if distributed:
-        return DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        return ResumableSampler(dataset, shuffle=shuffle, seed=seed)
     # One replica of a DistributedSampler is a seeded shuffle whose order depends on (seed, epoch)
     # alone, so training order is set the same way, and resumes the same way, with or without DDP.
-    return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed) if shuffle else None
+    return ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed) if shuffle else None
 
 
 def _per_process_batch(batch_size: int, distributed: bool) -> int:
@@ -238,6 +253,55 @@ def _loader(dataset: ImageFolder, batch_size: int, workers: int, sampler: Distri
     )
 
 
+@dataclass
+class ImageNetData:
+    """The two scanned folders of an ImageNet root (scanning 1.3 million files takes a while, so a
+    grid does it once and builds each run's loaders from these)."""
+
+    root: Path
+    train: ImageFolder
+    val: ImageFolder
+    eval_split: str = "val"
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.classes)
+
+
+def open_imagenet(root: str | os.PathLike, *, scale: tuple[int, int] = TRAIN_SCALE) -> ImageNetData:
+    """Scan ``root/train`` and ``root/val`` (with the training and centre-crop transforms); DataError,
+    naming the fix, for missing or malformed folders."""
+    for split in ("train", "val"):  # both folders exist before the long scan of either
+        split_dir(root, split)
+    train = image_folder(root, "train", train_transform(scale))
+    val = image_folder(root, "val", val_transform())
+    _check_pair(train, val, root)
+    return ImageNetData(Path(root), train, val)
+
+
+def loaders_for(
+    data: ImageNetData,
+    batch_size: int,
+    workers: int,
+    distributed: bool = False,
+    *,
+    seed: int = 0,
+    pin_memory: bool | None = None,
+) -> Loaders:
+    """Training and centre-crop validation DataLoaders over scanned folders (see `make_loaders`)."""
+    per_process = _per_process_batch(batch_size, distributed)
+    return Loaders(
+        train=_loader(data.train, per_process, workers, _sampler(data.train, distributed, shuffle=True, seed=seed),
+                      pin_memory, seed),
+        val=_loader(data.val, per_process, workers, _sampler(data.val, distributed, shuffle=False, seed=seed),
+                    pin_memory, seed),
+    )
+
+
 def make_loaders(
     root: str | os.PathLike,
     batch_size: int,
@@ -261,18 +325,8 @@ def make_loaders(
     call `set_epoch(loaders.train, epoch)` at the start of every epoch**, or every epoch repeats the
     first one's order. Raises DataError, naming the fix, for missing or malformed folders.
     """
-    for split in ("train", "val"):  # both folders exist before the long scan of either
-        split_dir(root, split)
-    train = image_folder(root, "train", train_transform(scale))
-    val = image_folder(root, "val", val_transform())
-    _check_pair(train, val, root)
-    per_process = _per_process_batch(batch_size, distributed)
-    return Loaders(
-        train=_loader(train, per_process, workers, _sampler(train, distributed, shuffle=True, seed=seed),
-                      pin_memory, seed),
-        val=_loader(val, per_process, workers, _sampler(val, distributed, shuffle=False, seed=seed),
-                    pin_memory, seed),
-    )
+    data = open_imagenet(root, scale=scale)
+    return loaders_for(data, batch_size, workers, distributed, seed=seed, pin_memory=pin_memory)
 
 
 def make_ten_crop_loader(
@@ -294,8 +348,10 @@ def make_ten_crop_loader(
                    pin_memory, 0)
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     """Start epoch ``epoch`` of a training loader from `make_loaders`; call it before iterating.
+    ``skip_batches`` > 0 resumes the epoch after that many of this process's batches (the same
+    images follow; their random crops are drawn afresh, so a mid-epoch resume is not bit-exact).
 
     Sets the sampler's shuffle (the same permutation on every process, each taking its shard) and
     re-seeds the workers' augmentation from (seed, rank, epoch), so an epoch sees the same images
@@ -307,6 +363,10 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     if not isinstance(sampler, DistributedSampler):
         raise TypeError("set_epoch needs a training loader from make_loaders")
     sampler.set_epoch(epoch)
+    if isinstance(sampler, ResumableSampler):
+        sampler.skip = skip_batches * loader.batch_size
+    elif skip_batches:
+        raise TypeError("skip_batches needs a loader from make_loaders")
     # Distinct per process, so that shards are not all cropped with one random stream.
     loader.generator.manual_seed(((sampler.seed * 1_000_003 + sampler.rank) * 1_000_003 + epoch) % 2**63)
 

@@ -1,0 +1,481 @@
+"""`study run --launcher slurm`: a grid's unfinished runs as one SLURM job array, one array task per
+run, through submitit. Nothing here trains: each task calls `study.train.run_all([cfg], ...)`, which
+resumes from the run directory's checkpoint, so a task that is requeued, or a grid submitted again,
+continues where its run stopped.
+
+What a task keeps when it is stopped:
+- time limit (submitit asks SLURM for `--signal=USR2@90`) or a preemption that sends USR2: the
+  current step finishes, a mid-epoch checkpoint is written (as for SIGTERM in `train.py`), the run
+  is marked `interrupted`, and only then is submitit's handler called, which calls
+  `SlurmTask.checkpoint` and requeues the task (`scontrol requeue`). Nothing is lost but the step
+  in flight. Timeouts are requeued at most `--slurm-max-timeouts` times, preemptions always.
+- SIGTERM (scancel, or a preemption without USR2): the same mid-epoch checkpoint; the task then
+  waits PREEMPT_WAIT_S for the USR2 that may follow a preemption (and requeues if it comes),
+  otherwise it ends; SLURM requeues a preempted job itself where the cluster is set up to.
+- SIGKILL, node failure: the last end-of-epoch checkpoint (see `train.py`).
+
+`study status` reads `<run dir>/slurm_job.json` (written here) through `list_runs_with_queued` and
+`run_status`: a run submitted (or requeued) and not started since reads `queued`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+from .runstore import FINAL_STATUSES, Run, RunStoreError, atomic_write_text, check_writable, list_runs
+
+try:  # optional: `pip install 'study[slurm]'`; submit() says so when it is missing
+    import submitit
+    from submitit.helpers import Checkpointable
+except ImportError:  # pragma: no cover - exercised only without submitit
+    submitit = None
+    Checkpointable = object
+
+LAUNCHERS = ("local", "slurm")
+SLURM_DIR = "_slurm"  # submitit's folder under the runs dir: pickles, sbatch files, logs
+JOB_FILE = "slurm_job.json"  # in a run directory: the SLURM job that trains it
+DEFAULT_TIME_MIN = 240
+DEFAULT_GPUS = 1
+DEFAULT_MAX_TIMEOUTS = 10
+# After a SIGTERM a task waits this long for the USR2 that a preemption may send next (then it is
+# requeued) before it exits; scancel's SIGKILL comes KillWait (30 s by default) after its SIGTERM.
+PREEMPT_WAIT_S = 5.0
+SLURM_FLAGS = (
+    "partition", "account", "qos", "time", "gpus_per_run", "cpus_per_run", "mem",
+    "slurm_array_parallelism", "slurm_max_timeouts",
+)
+
+
+# --- flags ------------------------------------------------------------------------------------------
+
+
+def parse_time(text: str | int) -> int:
+    """SLURM time limit -> whole minutes: `90` (minutes), `HH:MM:SS` or `D-HH:MM:SS`."""
+    text = str(text).strip()
+    if text.isdigit():
+        minutes = int(text)
+    else:
+        m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", text)
+        if m is None or int(m[3]) >= 60 or int(m[4]) >= 60:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a time limit; write minutes (90) or [D-]HH:MM:SS (01:30:00, 2-00:00:00)"
+            )
+        days, hours, mins, secs = (int(g or 0) for g in m.groups())
+        minutes = math.ceil(((days * 24 + hours) * 60 + mins) + secs / 60)
+    if minutes <= 0:
+        raise argparse.ArgumentTypeError(f"the time limit must be at least 1 minute, got {text!r}")
+    return minutes
+
+
+def _positive(text: str | int) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str | int) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def parse_mem(text: str) -> str:
+    """Memory per run as sbatch takes it: `16G`, `500M`, `16GB`, or a number of megabytes."""
+    m = re.fullmatch(r"([1-9]\d*)\s*([KMGT]?)B?", str(text).strip(), flags=re.IGNORECASE)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size; write e.g. 16G or 500M")
+    return m[1] + m[2].upper()
+
+
+def _label(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.,:+@-]+", str(text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SLURM name (letters, digits, _ . , : + @ -)")
+    return str(text)
+
+
+_TYPES = {
+    "partition": _label,
+    "account": _label,
+    "qos": _label,
+    "time": parse_time,
+    "gpus_per_run": _positive,
+    "cpus_per_run": _positive,
+    "mem": parse_mem,
+    "slurm_array_parallelism": _positive,
+    "slurm_max_timeouts": _non_negative,
+}
+
+
+def add_launcher_arguments(run_parser: argparse.ArgumentParser) -> None:
+    """Add `--launcher {local,slurm}` (default local) and the SLURM flags to `study run`'s parser."""
+    run_parser.add_argument(
+        "--launcher", choices=LAUNCHERS, default="local",
+        help="local: train here (default); slurm: submit the unfinished runs as one SLURM job array",
+    )
+    g = run_parser.add_argument_group("SLURM (with --launcher slurm)")
+    g.add_argument("--partition", type=_label, help="partition to submit to (default: the cluster's)")
+    g.add_argument("--account", type=_label, help="account to charge (default: yours)")
+    g.add_argument("--qos", type=_label, help="quality of service (default: the cluster's)")
+    g.add_argument(
+        "--time", type=parse_time,
+        help=f"time limit per job: minutes or [D-]HH:MM:SS (default {DEFAULT_TIME_MIN // 60}:00:00); "
+        "a run that needs longer is requeued from its checkpoint",
+    )
+    g.add_argument(
+        "--gpus-per-run", type=_positive,
+        help=f"GPUs per run (default {DEFAULT_GPUS}); G > 1 trains one run with G DDP processes",
+    )
+    g.add_argument("--cpus-per-run", type=_positive, help="CPU cores per run (default: the cluster's)")
+    g.add_argument("--mem", type=parse_mem, help="memory per run, e.g. 16G (default: the cluster's)")
+    g.add_argument(
+        "--slurm-array-parallelism", type=_positive, help="at most N runs of the array at once (default 256)"
+    )
+    g.add_argument(
+        "--slurm-max-timeouts", type=_non_negative,
+        help=f"requeue a run after at most N time-limit stops (default {DEFAULT_MAX_TIMEOUTS}); "
+        "preemptions are always requeued",
+    )
+
+
+def check_local_arguments(args: argparse.Namespace) -> None:
+    """ConfigError if a SLURM flag is given without `--launcher slurm` (it would be ignored, and the
+    grid would train on this machine)."""
+    given = [f for f in SLURM_FLAGS if getattr(args, f, None) is not None]
+    if given and getattr(args, "launcher", "local") != "slurm":
+        raise ConfigError(f"--{given[0].replace('_', '-')} applies to --launcher slurm only; add --launcher slurm or drop it")
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The SLURM flags, validated (whether argparse parsed them or not) and with defaults filled."""
+    opts = {}
+    for name, parse in _TYPES.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            try:
+                value = parse(value)
+            except argparse.ArgumentTypeError as e:
+                raise ConfigError(f"--{name.replace('_', '-')}: {e}") from None
+        opts[name] = value
+    opts["time"] = opts["time"] or DEFAULT_TIME_MIN
+    opts["gpus_per_run"] = opts["gpus_per_run"] or DEFAULT_GPUS
+    if opts["slurm_max_timeouts"] is None:
+        opts["slurm_max_timeouts"] = DEFAULT_MAX_TIMEOUTS
+    device = str(getattr(args, "device", "auto") or "auto")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"unknown device {device!r}; use --device auto, cpu or cuda")
+    if opts["gpus_per_run"] > 1 and device == "cpu":
+        raise ConfigError(f"--gpus-per-run {opts['gpus_per_run']} trains on GPUs; drop --device cpu")
+    if getattr(args, "concurrency", None) not in (None, 1):
+        raise ConfigError(
+            "--concurrency does not apply to --launcher slurm (each run is its own array task); "
+            "use --slurm-array-parallelism"
+        )
+    return opts
+
+
+def slurm_parameters(opts: dict, job_name: str = "study") -> dict:
+    """submitit SlurmExecutor parameters (sbatch's vocabulary) for validated `_options`."""
+    g = opts["gpus_per_run"]
+    params = {
+        "job_name": job_name,
+        "time": opts["time"],
+        "nodes": 1,
+        # One process per GPU, torchrun-style; each sees all the job's GPUs and uses cuda:LOCAL_RANK.
+        "ntasks_per_node": g,
+        "gpus_per_node": g,
+        # Requeue-able: `scontrol requeue` after a timeout, and SLURM's own requeue on preemption or
+        # node failure, whatever the cluster's JobRequeue default.
+        "additional_parameters": {"requeue": True},
+    }
+    for flag, key in (("partition", "partition"), ("account", "account"), ("qos", "qos"), ("mem", "mem"),
+                      ("slurm_array_parallelism", "array_parallelism")):
+        if opts[flag] is not None:
+            params[key] = opts[flag]
+    if opts["cpus_per_run"] is not None:
+        params["cpus_per_task"] = math.ceil(opts["cpus_per_run"] / g)
+    return params
+
+
+# --- the array task ---------------------------------------------------------------------------------
+
+
+def _preempt_signal() -> signal.Signals:
+    """The signal submitit has SLURM send before the time limit (USR2 unless SUBMITIT_PREEMPT_SIGNAL)."""
+    return signal.Signals(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG))
+
+
+def _job_file(run: Run) -> Path:
+    return run.dir / JOB_FILE
+
+
+def read_job_file(run: Run) -> dict | None:
+    """The run's `slurm_job.json`, or None."""
+    try:
+        record = json.loads(_job_file(run).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_job_file(run: Run, **fields: object) -> None:
+    record = read_job_file(run) or {"run_id": run.cfg.run_id, "config": run.cfg.to_dict()}
+    record.update(fields)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(_job_file(run), json.dumps(record, indent=1) + "\n")
+
+
+def export_distributed_env() -> str | None:
+    """In a job with several tasks (`--gpus-per-run G > 1`: G tasks, one per GPU), export what
+    torchrun would: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (the
+    same port on every rank, drawn from the job id). CUDA_VISIBLE_DEVICES stays as SLURM set it:
+    every rank sees the job's GPUs and uses cuda:LOCAL_RANK. Returns a description, or None in a
+    one-task job (nothing exported)."""
+    if submitit.JobEnvironment().num_tasks <= 1:
+        return None
+    dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return f"rank {dist.rank} of {dist.world_size}, master {dist.master_addr}:{dist.master_port}"
+
+
+class SlurmTask(Checkpointable):
+    """One array task: train (or resume) one run. Its state is the run directory, so the
+    checkpoint submitit pickles on requeue is the task itself, unchanged."""
+
+    def __init__(self, cfg: RunConfig, runs_dir: str, *, data_dir: str | None, device: str, compile: bool) -> None:
+        self.cfg = cfg
+        self.runs_dir = runs_dir
+        self.data_dir = data_dir
+        self.device = device
+        self.compile = compile
+
+    def checkpoint(self, *args: object, **kwargs: object) -> "submitit.helpers.DelayedSubmission":
+        """Called by submitit (rank 0) just before it requeues this task: the run's state is on disk
+        already; record the requeue so `study status` shows the run as queued again."""
+        run = Run(self.runs_dir, self.cfg)
+        record = read_job_file(run) or {}
+        _write_job_file(run, requeues=int(record.get("requeues", 0)) + 1,
+                        requeued=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        return super().checkpoint(*args, **kwargs)
+
+    def __call__(self) -> dict[str, str]:
+        from .train import StopRequested, graceful_stop, run_all  # torch-heavy: only in the job
+
+        env = submitit.JobEnvironment()
+        where = f"job {env.job_id} on {env.hostname} (pid {os.getpid()})"
+        dist = export_distributed_env()
+        if dist is not None:
+            where += f", {dist}"
+        print(f"study: {self.cfg.run_id}: {where}", flush=True)
+
+        run = Run(self.runs_dir, self.cfg)
+        usr_sig = _preempt_signal()
+        requeue = signal.getsignal(usr_sig)  # submitit's checkpoint-and-requeue handler
+        preempted = False
+        stopped: StopRequested | None = None
+        try:
+            with graceful_stop() as stop:
+                # USR2 and SIGTERM both stop the run after the current step with a mid-epoch
+                # checkpoint; neither escalates (a preemption may send both; SLURM, not a person,
+                # sends them). Ctrl-C keeps graceful_stop's second-signal escape.
+                def request_stop(signum: int, frame: object) -> None:
+                    nonlocal preempted
+                    preempted = preempted or signum == usr_sig
+                    if stop.signum is None:
+                        stop.signum = signum
+
+                signal.signal(signal.SIGTERM, request_stop)
+                signal.signal(usr_sig, request_stop)
+                try:
+                    results = run_all(
+                        [self.cfg], self.runs_dir, data_dir=self.data_dir, device=self.device,
+                        progress=False, stop=stop, concurrency=1, compile=self.compile,
+                    )
+                except StopRequested as e:
+                    stopped = e
+        except Exception as e:  # set-up errors (data, device, run dir): training errors are caught in run_all
+            if not run.is_finished():
+                st = run.status()
+                run.dir.mkdir(parents=True, exist_ok=True)
+                run.set_status("failed", iteration=st.get("iteration", 0), epoch=st.get("epoch", 0),
+                               error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            signal.signal(usr_sig, requeue)  # graceful_stop has put submitit's SIGTERM handler back
+
+        if stopped is not None:
+            st = run.status()
+            print(f"study: {self.cfg.run_id}: stopped by {stopped} at iteration {st.get('iteration')}; "
+                  "checkpoint written", flush=True)
+            if preempted and callable(requeue):
+                requeue(usr_sig, None)  # calls self.checkpoint(), requeues, exits (rank 0 only)
+            elif stopped.signum == signal.SIGTERM:
+                # A preemption's USR2 may follow its SIGTERM: submitit's handler, back in place,
+                # requeues and exits if it comes within the wait.
+                deadline = time.monotonic() + PREEMPT_WAIT_S
+                while time.monotonic() < deadline:
+                    time.sleep(0.05)
+            raise stopped
+        if results.get(self.cfg.run_id) == "failed":
+            raise RuntimeError(f"{self.cfg.run_id} failed: {run.status().get('error', 'see the log above')}")
+        return results
+
+
+# --- submission ---------------------------------------------------------------------------------------
+
+
+def _active_jobs() -> set[str] | None:
+    """Ids (`123` or `123_4`) of this user's pending or running SLURM jobs, array tasks one by one;
+    None if squeue cannot tell."""
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return None
+    try:
+        proc = subprocess.run(
+            [squeue, "--noheader", "--array", "--format=%i", f"--user={getpass.getuser()}"],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return {line.strip() for line in proc.stdout.splitlines() if line.strip()}
+
+
+def _one_line_error(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    last = lines[-1] if lines else "no message"
+    return re.sub(r"^sbatch: error: ", "", last)
+
+
+def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *, executor=None) -> int:
+    """Submit the unfinished runs among `configs` as one job array, one task per run; print one
+    line per submitted run (`run id -> job id`). Runs already pending or running in SLURM (per
+    `slurm_job.json` and squeue) are not submitted twice. `executor` replaces the SlurmExecutor
+    (tests: a submitit LocalExecutor, used as configured). Bad input: ConfigError, DataError or
+    RunStoreError, one line, before anything is submitted. Returns the exit code."""
+    opts = _options(args)
+    if submitit is None:
+        raise ConfigError("--launcher slurm needs submitit: pip install 'study[slurm]'")
+    if executor is None and shutil.which("sbatch") is None:
+        raise ConfigError("no sbatch found: run on a SLURM login node or use --launcher local")
+    if executor is None and shutil.which("srun") is None:
+        raise ConfigError("no srun found (submitit runs each task through srun): run on a SLURM login node or use --launcher local")
+
+    root = Path(runs_dir).absolute()
+    runs = [Run(root, cfg) for cfg in configs]
+    for run in runs:
+        if run.conflicts():
+            raise RunStoreError(
+                f"{run.dir} holds a run with a different or unreadable config.json; "
+                "move that directory away or use another --runs-dir"
+            )
+    todo = [run for run in runs if not run.is_finished()]
+    if not todo:
+        print(f"nothing to submit: all {len(runs)} runs are finished (`study status --runs-dir {runs_dir}`)")
+        return 0
+    # The checks run_all makes before training, here, so that no job starts only to fail. The data
+    # must be where the jobs will look (a shared file system); --download fetches it now.
+    from .data import load_data
+
+    data_dir = getattr(args, "data_dir", None)
+    for dataset, holdout in dict.fromkeys((r.cfg.dataset, r.cfg.holdout) for r in todo):
+        load_data(dataset, data_dir, holdout=holdout, download=bool(getattr(args, "download", False)))
+    check_writable(root)
+
+    if executor is None:
+        active = _active_jobs()
+        if active is None:
+            print("study: squeue could not list your jobs; runs already queued may be submitted again "
+                  "(the second job then waits for the first)", file=sys.stderr)
+        else:
+            queued = {run.cfg.run_id: (read_job_file(run) or {}).get("job_id") for run in todo}
+            for run in [r for r in todo if queued[r.cfg.run_id] in active]:
+                print(f"{run.cfg.run_id}: already queued or running as job {queued[run.cfg.run_id]}, not submitted again")
+                todo.remove(run)
+            if not todo:
+                return 0
+        grid = getattr(args, "grid", None)
+        executor = submitit.SlurmExecutor(root / SLURM_DIR, max_num_timeout=opts["slurm_max_timeouts"])
+        executor.update_parameters(**slurm_parameters(opts, job_name=f"study-{grid}" if grid else "study"))
+
+    abs_data_dir = None if data_dir is None else str(Path(data_dir).absolute())
+    tasks = [
+        SlurmTask(run.cfg, str(root), data_dir=abs_data_dir, device=str(getattr(args, "device", "auto") or "auto"),
+                  compile=bool(getattr(args, "compile", False)))
+        for run in todo
+    ]
+    captured = io.StringIO()  # submitit prints sbatch's stderr itself; we report its last line once
+    try:
+        with contextlib.redirect_stderr(captured):
+            jobs = executor.submit_array(tasks)
+    except submitit.core.utils.UncompletedJobError as e:
+        raise ConfigError(f"sbatch refused the job array: {_one_line_error(str(e) or captured.getvalue())}; "
+                          "check --partition, --account, --qos, --time, --gpus-per-run") from None
+    except submitit.core.utils.FailedSubmissionError as e:
+        raise ConfigError(f"could not read the job id from sbatch: {_one_line_error(str(e))}") from None
+
+    submitted = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for run, job in zip(todo, jobs):
+        _write_job_file(run, job_id=str(job.job_id), submitted=submitted, requeues=0,
+                        log=str(job.paths.stdout))
+        print(f"{run.cfg.run_id} -> {job.job_id}")
+    array = sorted({str(job.job_id).split("_")[0] for job in jobs})
+    print(f"submitted {len(jobs)} run{'s' * (len(jobs) != 1)} as job {', '.join(array)}; logs in {root / SLURM_DIR}/, "
+          f"progress: study status --runs-dir {runs_dir}")
+    return 0
+
+
+# --- status ----------------------------------------------------------------------------------------
+
+
+def list_runs_with_queued(runs_dir: str | os.PathLike) -> list[Run]:
+    """`list_runs`, plus the runs submitted to SLURM that have not started yet (a `slurm_job.json`
+    but no `config.json`), sorted by id."""
+    runs = {run.cfg.run_id: run for run in list_runs(runs_dir)}
+    root = Path(runs_dir)
+    for path in sorted(root.glob(f"*/{JOB_FILE}")) if root.is_dir() else []:
+        if path.parent.name in runs:
+            continue
+        try:
+            cfg = RunConfig.from_dict(json.loads(path.read_text())["config"])
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+        if cfg.run_id == path.parent.name:
+            runs[cfg.run_id] = Run(root, cfg)
+    return [runs[k] for k in sorted(runs)]
+
+
+def run_status(run: Run) -> dict:
+    """`run.status()`, except that a run submitted (or requeued) to SLURM and not started since reads
+    `queued`; a run with a SLURM job also carries its `job_id`."""
+    st = run.status()
+    job = read_job_file(run)
+    if job is None or st.get("status") in FINAL_STATUSES:
+        return st
+    st = {**st, "job_id": job.get("job_id")}
+    try:
+        started_since = run.status_path.stat().st_mtime_ns > _job_file(run).stat().st_mtime_ns
+    except FileNotFoundError:
+        started_since = False
+    return st if started_since else {**st, "status": "queued"}
