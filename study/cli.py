@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .analysis.commands import register as register_analysis
-from .config import ConfigError, RunConfig, parse_seeds
-from .data import DATASETS, DataError
+from .config import ALL_DATASETS, LR_SCHEDULES, ConfigError, RunConfig, parse_seeds
+from .data import DataError
 from .grids import GRIDS, grid_configs
-from .runstore import RunStoreError, list_runs
+from .launch import add_launcher_arguments, check_local_arguments, list_runs_with_queued, run_status
+from .runstore import RunStoreError
 
 USER_ERRORS = (ConfigError, DataError, RunStoreError)
 
@@ -47,14 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
     what = run.add_mutually_exclusive_group(required=True)
     what.add_argument("--grid", help="a named grid (see `study grids`)")
     what.add_argument("--arch", choices=("plain", "resnet"), help="train one network of this kind")
-    run.add_argument("--depth", type=int, help="6n+2: 20, 32, 44, 56, 110, 1202 (with --arch)")
+    run.add_argument("--depth", type=int, help="CIFAR 6n+2: 20, 32, 44, 56, 110, 1202; ImageNet 18 or 34 (with --arch)")
     run.add_argument("--shortcut", choices=("A", "B", "C"), help="residual shortcut option (default A)")
-    run.add_argument("--dataset", choices=DATASETS, help="data set (default: the grid's, else fashion-mnist-mini)")
+    run.add_argument("--dataset", choices=ALL_DATASETS, help="data set (default: the grid's, else fashion-mnist-mini)")
     seeds = run.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, help="one seed (default 0)")
     seeds.add_argument("--seeds", help="several seeds: 0,1,2 or 0-4")
-    run.add_argument("--iterations", type=_positive_int, help="total iterations (paper: 64000); milestones scale")
-    run.add_argument("--batch-size", type=_positive_int, help="mini-batch size (paper: 128)")
+    run.add_argument(
+        "--iterations", type=_positive_int, help="total iterations (paper: 64000 CIFAR, 600000 ImageNet); milestones scale"
+    )
+    run.add_argument("--batch-size", type=_positive_int, help="global mini-batch size (paper: 128 CIFAR, 256 ImageNet)")
+    run.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES,
+        help="step: lr/10 at 50%% and 75%% of the iterations (paper CIFAR); plateau: lr/10 when the eval error "
+        "stops improving (paper ImageNet). Default: the paper's for the data set",
+    )
+    run.add_argument(
+        "--batch-split", type=_positive_int,
+        help="BN groups per batch, as on that many devices (default 1; under torchrun: the process count)",
+    )
+    run.add_argument("--sync-bn", action="store_true", help="under torchrun: BN statistics over the whole global batch")
+    run.add_argument(
+        "--lighting", type=float, help="ImageNet PCA colour augmentation strength (paper: 0.1; 0 turns it off)"
+    )
+    run.add_argument("--workers", type=_positive_int, help="ImageNet DataLoader workers per process (default: CPUs, at most 12)")
     run.add_argument(
         "--holdout", action="store_true", default=None, help="train on 90%% of the training set, log `val` on the rest"
     )
@@ -72,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU); same protocol"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    add_launcher_arguments(run)
 
     models = sub.add_parser("models", help="table of every architecture: parameters and multiply-accumulates")
     models.add_argument("--format", choices=("table", "json"), default="table")
@@ -85,47 +104,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_configs(args: argparse.Namespace) -> list[RunConfig]:
+def _run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
     elif args.seed is not None:
         seeds = parse_seeds(str(args.seed))
     else:
         seeds = None
+    batch_split = args.batch_split
+    if world > 1 and batch_split is None and not args.sync_bn:
+        batch_split = world  # per-device BN, recorded in the config (and the run id) as a split
+    settings = dict(
+        dataset=args.dataset,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        holdout=args.holdout,
+        precision=args.precision,
+        lr_schedule=args.lr_schedule,
+        batch_split=batch_split,
+        lighting=args.lighting,
+    )
     if args.grid is not None:
         for flag in ("depth", "shortcut"):
             if getattr(args, flag) is not None:
                 raise ConfigError(f"--{flag} does not apply to --grid; use --arch/--depth for a single run")
-        return grid_configs(
-            args.grid,
-            dataset=args.dataset,
-            seeds=seeds,
-            iterations=args.iterations,
-            batch_size=args.batch_size,
-            holdout=args.holdout,
-            precision=args.precision,
-        )
+        return grid_configs(args.grid, seeds=seeds, **settings)
     if args.depth is None:
-        raise ConfigError("--arch needs --depth (6n+2, e.g. --depth 20)")
-    settings = {
-        k: v
-        for k, v in dict(
-            dataset=args.dataset,
-            shortcut=args.shortcut,
-            iterations=args.iterations,
-            batch_size=args.batch_size,
-            holdout=args.holdout,
-            precision=args.precision,
-        ).items()
-        if v is not None
-    }
+        raise ConfigError("--arch needs --depth (6n+2 for CIFAR, e.g. --depth 20; 18 or 34 for ImageNet)")
+    settings = {k: v for k, v in dict(settings, shortcut=args.shortcut).items() if v is not None}
     return [RunConfig(arch=args.arch, depth=args.depth, seed=s, **settings) for s in (seeds or [0])]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .train import StopRequested, graceful_stop, run_all  # torch-heavy: imported only to train
+    from .train import StopRequested, distributed_from_env, graceful_stop, run_all  # torch-heavy
 
-    configs = _run_configs(args)
+    # The processes that will train each run: torchrun's here, or --gpus-per-run on SLURM.
+    world = (args.gpus_per_run or 1) if args.launcher == "slurm" else int(os.environ.get("WORLD_SIZE", "1"))
+    if args.sync_bn and world == 1:
+        raise ConfigError("--sync-bn applies to runs launched by torchrun over several processes; drop it")
+    configs = _run_configs(args, world)
+    if args.launcher != "local":
+        from .launch import submit
+
+        return submit(configs, args.runs_dir, args)
+    check_local_arguments(args)
+    ddp = distributed_from_env(sync_bn=args.sync_bn)
     try:
         with graceful_stop() as stop:
             results = run_all(
@@ -138,16 +161,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                 stop=stop,
                 concurrency=args.concurrency,
                 compile=args.compile,
+                ddp=ddp,
+                workers=args.workers,
             )
     except StopRequested as e:
-        print(f"study: stopped by {e}; checkpoint written, run the same command again to resume", file=sys.stderr)
+        if ddp.writer:
+            print(f"study: stopped by {e}; checkpoint written, run the same command again to resume", file=sys.stderr)
         return 128 + e.signum
     except ValueError as e:  # resolve_device
         if isinstance(e, USER_ERRORS):
             raise
         raise ConfigError(str(e)) from None
+    finally:
+        if ddp.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     unfinished = {k: v for k, v in results.items() if v != "done"}
-    if unfinished:
+    if unfinished and ddp.writer:
         print(f"study: not done: {', '.join(f'{k} ({v})' for k, v in unfinished.items())}", file=sys.stderr)
     return 1 if unfinished else 0
 
@@ -175,13 +206,13 @@ def cmd_grids(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    runs = list_runs(args.runs_dir)
+    runs = list_runs_with_queued(args.runs_dir)
     if not runs:
         print(f"no runs in {args.runs_dir}")
         return 0
     print(f"{'run':<40} {'status':<12} {'iteration':>15} {'train err %':>11} {'eval err %':>10}")
     for run in runs:
-        st = run.status()
+        st = run_status(run)
         metrics = run.read_metrics()
         last = metrics.groupby("split")["error_pct"].last() if not metrics.empty else {}
         train_err = f"{last['train']:.2f}" if "train" in last else "-"

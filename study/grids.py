@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .config import ConfigError, RunConfig
+from .models import IMAGENET_DATASETS
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
 
@@ -40,6 +41,17 @@ GRIDS = {
             tuple(RunConfig(arch="resnet", depth=d, dataset="cifar10") for d in (110, 1202)),
         ),
         Grid(
+            "degradation-imagenet",
+            "plain and residual (option A) x 18/34 on ImageNet, paper protocol (Figure 4, Table 2)",
+            _pairs((18, 34), dataset="imagenet"),
+        ),
+        Grid(
+            "shortcuts-imagenet",
+            "plain-34 and ResNet-34 with shortcut options A, B and C on ImageNet (Table 3)",
+            (RunConfig(arch="plain", depth=34, dataset="imagenet"),)
+            + tuple(RunConfig(arch="resnet", depth=34, dataset="imagenet", shortcut=o) for o in "ABC"),
+        ),
+        Grid(
             "quick",
             f"CPU demo: plain and residual x {'/'.join(map(str, QUICK_DEPTHS))} on the embedded "
             f"fashion-mnist-mini, {QUICK_ITERATIONS} iterations (about 15 minutes on 2 cores)",
@@ -54,23 +66,22 @@ def grid_configs(
     *,
     dataset: str | None = None,
     seeds: list[int] | None = None,
-    iterations: int | None = None,
-    batch_size: int | None = None,
-    holdout: bool | None = None,
-    precision: str | None = None,
+    **settings: object,
 ) -> list[RunConfig]:
-    """The grid's runs, with any of these settings overridden, one copy per seed."""
+    """The grid's runs, with any RunConfig field in `settings` (and `dataset`) overridden where it is
+    not None, one copy per seed. A grid's data set can change only within its family (CIFAR-style
+    data sets, or ImageNet): the depths differ between the two."""
     if name not in GRIDS:
         raise ConfigError(f"unknown grid {name!r}; `study grids` lists them: {', '.join(GRIDS)}")
-    overrides = {
-        k: v
-        for k, v in dict(
-            dataset=dataset, iterations=iterations, batch_size=batch_size, holdout=holdout, precision=precision
-        ).items()
-        if v is not None
-    }
-    return [
-        replace(cfg, seed=seed, **overrides)
-        for seed in (seeds if seeds is not None else [0])
-        for cfg in GRIDS[name].configs
-    ]
+    overrides = {k: v for k, v in settings.items() if v is not None}
+    out = []
+    for seed in seeds if seeds is not None else [0]:
+        for cfg in GRIDS[name].configs:
+            if dataset is not None and (dataset in IMAGENET_DATASETS) != cfg.imagenet:
+                family = "ImageNet" if cfg.imagenet else "CIFAR-style"
+                raise ConfigError(
+                    f"grid {name!r} is for {family} data; use a {family} --dataset or another grid (`study grids`)"
+                )
+            changed = {**overrides, **({"dataset": dataset} if dataset is not None else {})}
+            out.append(replace(cfg, seed=seed, **changed))
+    return out

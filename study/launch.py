@@ -36,7 +36,14 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
-from .runstore import FINAL_STATUSES, Run, RunStoreError, atomic_write_text, check_writable, list_runs
+from .runstore import (
+    FINAL_STATUSES,
+    Run,
+    RunStoreError,
+    atomic_write_text,
+    check_writable,
+    list_runs,
+)
 
 try:  # optional: `pip install 'study[slurm]'`; submit() says so when it is missing
     import submitit
@@ -135,26 +142,26 @@ def add_launcher_arguments(run_parser: argparse.ArgumentParser) -> None:
         help="local: train here (default); slurm: submit the unfinished runs as one SLURM job array",
     )
     g = run_parser.add_argument_group("SLURM (with --launcher slurm)")
-    g.add_argument("--partition", type=_label, help="partition to submit to (default: the cluster's)")
-    g.add_argument("--account", type=_label, help="account to charge (default: yours)")
-    g.add_argument("--qos", type=_label, help="quality of service (default: the cluster's)")
+    g.add_argument("--partition", type=_label, metavar="P", help="partition to submit to (default: the cluster's)")
+    g.add_argument("--account", type=_label, metavar="A", help="account to charge (default: yours)")
+    g.add_argument("--qos", type=_label, metavar="Q", help="quality of service (default: the cluster's)")
     g.add_argument(
-        "--time", type=parse_time,
+        "--time", type=parse_time, metavar="T",
         help=f"time limit per job: minutes or [D-]HH:MM:SS (default {DEFAULT_TIME_MIN // 60}:00:00); "
         "a run that needs longer is requeued from its checkpoint",
     )
     g.add_argument(
-        "--gpus-per-run", type=_positive,
+        "--gpus-per-run", type=_positive, metavar="G",
         help=f"GPUs per run (default {DEFAULT_GPUS}); G > 1 trains one run with G DDP processes",
     )
-    g.add_argument("--cpus-per-run", type=_positive, help="CPU cores per run (default: the cluster's)")
-    g.add_argument("--mem", type=parse_mem, help="memory per run, e.g. 16G (default: the cluster's)")
+    g.add_argument("--cpus-per-run", type=_positive, metavar="C", help="CPU cores per run (default: the cluster's)")
+    g.add_argument("--mem", type=parse_mem, metavar="M", help="memory per run, e.g. 16G (default: the cluster's)")
     g.add_argument(
-        "--slurm-array-parallelism", type=_positive, help="at most N runs of the array at once (default 256)"
+        "--slurm-array-parallelism", type=_positive, metavar="N", help="at most N runs of the array at once (default 256)"
     )
     g.add_argument(
-        "--slurm-max-timeouts", type=_non_negative,
-        help=f"requeue a run after at most N time-limit stops (default {DEFAULT_MAX_TIMEOUTS}); "
+        "--slurm-max-timeouts", type=_non_negative, metavar="N",
+        help=f"requeue a job after a time-limit stop at most N times (default {DEFAULT_MAX_TIMEOUTS}); "
         "preemptions are always requeued",
     )
 
@@ -262,14 +269,19 @@ class SlurmTask(Checkpointable):
     """One array task: train (or resume) one run. Its state is the run directory, so the
     checkpoint submitit pickles on requeue is the task itself, unchanged."""
 
-    def __init__(self, cfg: RunConfig, runs_dir: str, *, data_dir: str | None, device: str, compile: bool) -> None:
+    def __init__(
+        self, cfg: RunConfig, runs_dir: str, *, data_dir: str | None = None, device: str = "auto",
+        compile: bool = False, sync_bn: bool = False, workers: int | None = None,
+    ) -> None:
         self.cfg = cfg
         self.runs_dir = runs_dir
         self.data_dir = data_dir
         self.device = device
         self.compile = compile
+        self.sync_bn = sync_bn
+        self.workers = workers
 
-    def checkpoint(self, *args: object, **kwargs: object) -> "submitit.helpers.DelayedSubmission":
+    def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
         """Called by submitit (rank 0) just before it requeues this task: the run's state is on disk
         already; record the requeue so `study status` shows the run as queued again."""
         run = Run(self.runs_dir, self.cfg)
@@ -279,7 +291,12 @@ class SlurmTask(Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
     def __call__(self) -> dict[str, str]:
-        from .train import StopRequested, graceful_stop, run_all  # torch-heavy: only in the job
+        from .train import (  # torch-heavy: only in the job
+            StopRequested,
+            distributed_from_env,
+            graceful_stop,
+            run_all,
+        )
 
         env = submitit.JobEnvironment()
         where = f"job {env.job_id} on {env.hostname} (pid {os.getpid()})"
@@ -287,6 +304,7 @@ class SlurmTask(Checkpointable):
         if dist is not None:
             where += f", {dist}"
         print(f"study: {self.cfg.run_id}: {where}", flush=True)
+        ddp = distributed_from_env(sync_bn=self.sync_bn)  # the single process unless WORLD_SIZE > 1
 
         run = Run(self.runs_dir, self.cfg)
         usr_sig = _preempt_signal()
@@ -310,18 +328,26 @@ class SlurmTask(Checkpointable):
                     results = run_all(
                         [self.cfg], self.runs_dir, data_dir=self.data_dir, device=self.device,
                         progress=False, stop=stop, concurrency=1, compile=self.compile,
+                        ddp=ddp, workers=self.workers,
                     )
                 except StopRequested as e:
                     stopped = e
-        except Exception as e:  # set-up errors (data, device, run dir): training errors are caught in run_all
-            if not run.is_finished():
-                st = run.status()
-                run.dir.mkdir(parents=True, exist_ok=True)
-                run.set_status("failed", iteration=st.get("iteration", 0), epoch=st.get("epoch", 0),
-                               error=f"{type(e).__name__}: {e}")
+        except Exception as e:
+            # Set-up errors (data, device, run dir) leave no status behind; record them, so that
+            # `study status` does not show the run queued forever. (train_run records its own.)
+            st = run.status()
+            if ddp.writer and st.get("status") not in (*FINAL_STATUSES, "failed"):
+                with contextlib.suppress(OSError):  # an unwritable runs dir: the log has the error
+                    run.dir.mkdir(parents=True, exist_ok=True)
+                    run.set_status("failed", iteration=st.get("iteration", 0), epoch=st.get("epoch", 0),
+                                   error=f"{type(e).__name__}: {e}")
             raise
         finally:
             signal.signal(usr_sig, requeue)  # graceful_stop has put submitit's SIGTERM handler back
+            if ddp.enabled:
+                import torch.distributed
+
+                torch.distributed.destroy_process_group()
 
         if stopped is not None:
             st = run.status()
@@ -353,7 +379,7 @@ def _active_jobs() -> set[str] | None:
     try:
         proc = subprocess.run(
             [squeue, "--noheader", "--array", "--format=%i", f"--user={getpass.getuser()}"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, timeout=60, check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -398,9 +424,17 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *,
     # must be where the jobs will look (a shared file system); --download fetches it now.
     from .data import load_data
 
+    checked: set[tuple[str, bool]] = set()
     data_dir = getattr(args, "data_dir", None)
-    for dataset, holdout in dict.fromkeys((r.cfg.dataset, r.cfg.holdout) for r in todo):
-        load_data(dataset, data_dir, holdout=holdout, download=bool(getattr(args, "download", False)))
+    for cfg in dict.fromkeys(r.cfg for r in todo):
+        if getattr(cfg, "imagenet", False):  # the folders only: scanning them is the job's work
+            from .data import imagenet
+
+            for split in ("train", "val"):
+                imagenet.split_dir(data_dir or os.path.join("data", "imagenet"), split)
+        elif (cfg.dataset, cfg.holdout) not in checked:
+            checked.add((cfg.dataset, cfg.holdout))
+            load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=bool(getattr(args, "download", False)))
     check_writable(root)
 
     if executor is None:
@@ -421,8 +455,11 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *,
 
     abs_data_dir = None if data_dir is None else str(Path(data_dir).absolute())
     tasks = [
-        SlurmTask(run.cfg, str(root), data_dir=abs_data_dir, device=str(getattr(args, "device", "auto") or "auto"),
-                  compile=bool(getattr(args, "compile", False)))
+        SlurmTask(
+            run.cfg, str(root), data_dir=abs_data_dir, device=str(getattr(args, "device", "auto") or "auto"),
+            compile=bool(getattr(args, "compile", False)), sync_bn=bool(getattr(args, "sync_bn", False)),
+            workers=getattr(args, "workers", None),
+        )
         for run in todo
     ]
     captured = io.StringIO()  # submitit prints sbatch's stderr itself; we report its last line once

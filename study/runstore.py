@@ -38,6 +38,8 @@ METRIC_COLUMNS = [
     "lr",
     "elapsed_s",
 ]
+#: Columns some runs add after METRIC_COLUMNS: ImageNet runs log top-5 error on their `val` rows.
+OPTIONAL_METRIC_COLUMNS = ["top5_error_pct"]
 STATUSES = ("running", "done", "failed", "interrupted", "diverged")
 # A run in one of these states is not trained again: `diverged` is deterministic for its seed.
 FINAL_STATUSES = ("done", "diverged")
@@ -154,7 +156,8 @@ class Run:
     def write_metrics(self, rows: list[dict]) -> None:
         """Write all of the run's rows (Parquet has no append; a run has a few hundred rows, and
         the checkpoint holds the same rows, so this file can always be rebuilt from it)."""
-        df = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+        extra = [c for c in OPTIONAL_METRIC_COLUMNS if any(c in r for r in rows)]
+        df = pd.DataFrame(rows, columns=METRIC_COLUMNS + extra)
         atomic_write(self.metrics_path, lambda p: df.to_parquet(p, index=False))
 
     # --- checkpoint -------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from .config import ConfigError, RunConfig
 from .data import Data, augment, eval_batches, imagenet, load_data, normalize
 from .models import build_model
+from .models.syncbn import convert_sync_batchnorm
 from .probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_responses, truncate_gradients
 from .runstore import Run, RunStoreError, check_writable
 
@@ -427,7 +428,7 @@ def train_run(
     # Channels-last lets cuDNN pick its fastest kernels on tensor cores; on CPU it buys nothing.
     model = model.to(memory_format=fmt)
     if ddp.sync_bn and ddp.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameter and buffer names
+        model = convert_sync_batchnorm(model, device)  # same parameter and buffer names
     # `model` is what checkpoints hold and evaluation uses; `trained` adds the BN split and DDP.
     trained: nn.Module = model if chunks == 1 else _Chunked(model, chunks)
     if ddp.enabled:

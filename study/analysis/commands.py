@@ -1,9 +1,10 @@
-"""The analysis sub-commands of `study`: plot, table, report, probe.
+"""The analysis sub-commands of `study`: plot, table, report, probe, evaluate.
 
 `register(sub)` adds them to the CLI's sub-parsers and returns {name: handler}; a handler returns the
 exit code. User errors (no runs, an unknown run id, an unwritable output) raise ConfigError, whose one
 line the CLI prints as `study: error: ...` with exit code 2. Parsing needs no plotting library:
-matplotlib and seaborn are imported when a figure is drawn.
+matplotlib and seaborn are imported when a figure is drawn, and `study.evaluate` (checkpoints,
+torchvision's loaders) when `evaluate` runs.
 """
 
 from __future__ import annotations
@@ -30,8 +31,24 @@ def _study_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    """Add `plot`, `table`, `report` and `probe` to the CLI's sub-parsers; return their handlers."""
+    """Add `plot`, `table`, `report`, `probe` and `evaluate` to the CLI's sub-parsers; return their
+    handlers."""
     plot = sub.add_parser("plot", help="draw the paper's figures from your runs (PNG and PDF)")
     plot.add_argument("figure", choices=(*FIGURE_NAMES, "all"), help="which figure; `all` draws every one it can")
     _study_options(plot)
@@ -63,7 +80,23 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     probe.add_argument("--max-images", type=int, help="use only the split's first N images")
     probe.add_argument("--data-dir", help="where the data set's files are (default ./data)")
     probe.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    return {"plot": cmd_plot, "table": cmd_table, "report": cmd_report, "probe": cmd_probe}
+
+    evaluate = sub.add_parser(
+        "evaluate", help="10-crop test of finished ImageNet runs (the paper's Tables 2 and 3) into tencrop.json"
+    )
+    evaluate.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    evaluate.add_argument(
+        "--data-dir", default="data/imagenet", help="the ImageNet folder holding val/<class>/ (default ./data/imagenet)"
+    )
+    evaluate.add_argument(
+        "--run", dest="run_ids", action="extend", nargs="+", metavar="RUN_ID",
+        help="evaluate these runs (any status, from their last checkpoint) instead of every finished ImageNet run",
+    )
+    evaluate.add_argument("--batch-size", type=_count(1), default=32, help="images per batch, 10 crops each (default 32)")
+    evaluate.add_argument("--workers", type=_count(0), help="DataLoader workers (default: CPUs, at most 12)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    evaluate.add_argument("--force", action="store_true", help="recompute runs that already have a 10-crop result")
+    return {"plot": cmd_plot, "table": cmd_table, "report": cmd_report, "probe": cmd_probe, "evaluate": cmd_evaluate}
 
 
 def _print_notes(name: str, notes: list[str], file=None) -> None:
@@ -198,4 +231,21 @@ def cmd_probe(args: argparse.Namespace) -> int:
             max_images=args.max_images,
         )
         print(f"{run.cfg.run_id}: layer responses at iteration {state['iteration']} -> {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """10-crop test the finished (or named) ImageNet runs; print a table of the results."""
+    from ..evaluate import evaluate_runs, format_outcomes
+
+    outcomes = evaluate_runs(
+        args.runs_dir,
+        data_dir=args.data_dir,
+        run_ids=args.run_ids,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        force=args.force,
+    )
+    print(format_outcomes(outcomes))
     return 0

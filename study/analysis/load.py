@@ -1,14 +1,16 @@
 """Reading run directories into long-form pandas tables, and choosing which runs form one study.
 
 Everything here reads files only (`config.json`, `status.json`, `metrics.parquet`, `responses.parquet`,
-`gradients.parquet`); nothing imports the trainer. A run directory written by another tool (an
-ImageNet run, say, whose data set or depth `RunConfig` does not know) is read all the same: its
-`config.json` is taken as plain JSON, and without one the identity comes from its metrics rows.
+`gradients.parquet`, and `tencrop.json`, the 10-crop test that `study evaluate` writes); nothing
+imports the trainer. A run directory written by another tool (an ImageNet run, say, whose data set or
+depth `RunConfig` does not know) is read all the same: its `config.json` is taken as plain JSON, and
+without one the identity comes from its metrics rows.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterable
@@ -18,12 +20,16 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import PAPER_BATCH_SIZE, ConfigError
+from ..evaluate import TENCROP_FILE
 from ..runstore import METRIC_COLUMNS
 from .paper import CIFAR_ITERATIONS, IMAGENET, IMAGENET_ITERATIONS, Series, series_label
 
 IDENTITY = ["run_id", "dataset", "arch", "depth", "shortcut", "seed"]
 STUDY_KEY = ["dataset", "iterations", "batch_size", "holdout"]
 RUN_COLUMNS = IDENTITY + ["iterations", "batch_size", "holdout", "status", "last_iteration"]
+# From `tencrop.json` (ImageNet runs that `study evaluate` has tested): 10-crop top-1 and top-5
+# error % and the checkpoint iteration they score; NaN for runs without one.
+TENCROP_COLUMNS = ["tencrop_top1", "tencrop_top5", "tencrop_iteration"]
 RESPONSE_COLUMNS = ["run_id", "layer_index", "layer_name", "std"]
 GRADIENT_COLUMNS = ["run_id", "iteration", "layer_index", "layer_name", "grad_norm"]
 
@@ -70,15 +76,28 @@ def _run_row(run_dir: Path) -> dict | None:
         "holdout": bool(cfg.get("holdout", False)),
         "status": str(status.get("status", "new")),
         "last_iteration": int(status.get("iteration", 0)),
+        **_tencrop(run_dir),
     }
+
+
+def _tencrop(run_dir: Path) -> dict:
+    """The run's 10-crop result as TENCROP_COLUMNS (NaN without a readable tencrop.json)."""
+    record = _read_json(run_dir / TENCROP_FILE) or {}
+    try:
+        values = [float(record[k]) for k in ("top1", "top5", "iteration")]
+    except (KeyError, TypeError, ValueError):
+        values = [math.nan] * 3
+    return dict(zip(TENCROP_COLUMNS, values))
 
 
 def load_run_table(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
     """One row per run directory under `runs_dir`: identity, budget (`iterations`, `batch_size`,
-    `holdout`), `status` and `last_iteration`. Empty (with these columns) when there are none."""
+    `holdout`), `status`, `last_iteration`, and the 10-crop test where `study evaluate` made one
+    (`tencrop_top1`, `tencrop_top5`, `tencrop_iteration`; NaN otherwise). Empty (with these
+    columns) when there are none."""
     root = Path(runs_dir)
     rows = [_run_row(d) for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
-    return pd.DataFrame([r for r in rows if r is not None], columns=RUN_COLUMNS)
+    return pd.DataFrame([r for r in rows if r is not None], columns=RUN_COLUMNS + TENCROP_COLUMNS)
 
 
 def _no_runs(runs_dir: str | os.PathLike) -> NoRunsError:
@@ -104,7 +123,7 @@ def _per_run_files(runs_dir: str | os.PathLike, table: pd.DataFrame, filename: s
     frames = [f for f in frames if not f.empty]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     df = df.drop(columns=[c for c in RUN_COLUMNS if c in df.columns and c != "run_id"])
-    df = df.merge(table, on="run_id", how="inner", validate="many_to_one")
+    df = df.merge(table[RUN_COLUMNS], on="run_id", how="inner", validate="many_to_one")
     extras = [c for c in df.columns if c not in columns and c not in RUN_COLUMNS]
     return df[[*dict.fromkeys([*columns, *IDENTITY, *extras, *RUN_COLUMNS])]]
 
@@ -137,7 +156,8 @@ def load_gradients(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
 
 @dataclass
 class RunData:
-    """All that the figures, tables and report read: the run table and the three long-form tables."""
+    """All that the figures, tables and report read: the run table (with the 10-crop columns) and
+    the three long-form tables."""
 
     runs_dir: Path
     runs: pd.DataFrame

@@ -3,6 +3,10 @@
 With several seeds a cell reads "best (mean ± std)" as the paper reports ResNet-110 (std with n - 1);
 the difference is our mean minus the paper's mean where it gives one, else its single number. Only
 finished (`done`) runs count; unfinished and missing runs are named in the table's notes.
+
+Tables 2 and 3 are the paper's 10-crop testing. A run that `study evaluate` has tested (its
+`tencrop.json`, of its final checkpoint) is shown with those numbers; any other falls back to the
+centre-crop `val` it logged, and the notes say which runs are which.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .load import RunData, Study, coverage, pick_study
+from .load import TENCROP_COLUMNS, RunData, Study, coverage, pick_study
 from .paper import IMAGENET, TABLE2, TABLE3, TABLE6, PaperError, Series, series_label
 
 TABLE_NAMES = ("table2", "table3", "table6")
@@ -81,12 +85,18 @@ def _compare(
     wanted: list[Series],
     measures: list[tuple[str, str, dict[Series, PaperError] | None]],
     keep: Callable[[Series], bool] = lambda s: True,
+    tencrop: bool = False,
 ) -> Table:
     """Rows: the paper's `wanted` nets and every net the study has (that `keep` accepts). Per
-    measure (heading, final_errors column, the paper's values or None): ours, paper, difference."""
+    measure (heading, final_errors column, the paper's values or None): ours, paper, difference.
+    `tencrop`: `val` and `top5` come from the runs' 10-crop tests where current (`with_tencrop`)."""
     runs = study.select(data.runs)
     final = final_errors(study.select(data.metrics))
     done = final[final["status"] == "done"]
+    if tencrop:
+        shown_nets = [keep(s) for s in zip(done["arch"], done["depth"], done["shortcut"])]
+        done, crop_notes = with_tencrop(done[pd.Series(shown_nets, index=done.index, dtype=bool)], runs)
+        notes = notes + crop_notes
     present = set(zip(runs["arch"], runs["depth"], runs["shortcut"]))
     rows = _sort({s for s in present if keep(s)} | set(wanted))
     # The paper's numbers are CIFAR-10 / ImageNet ones: a difference with other data would mislead.
@@ -108,6 +118,8 @@ def _compare(
             numeric.update({f"{column}_paper": ref.reference if ref else math.nan, f"{column}_diff": diff})
             shown[f"paper: {heading}"] = str(ref) if ref else "–"
             shown[f"diff {heading}"] = f"{diff:+.2f}" if not math.isnan(diff) else "–"
+        if tencrop:
+            numeric["tencrop_n"] = int(mine["tencrop"].sum())  # of the runs counted, how many 10-crop
         frame_rows.append(numeric)
         shown_rows.append(shown)
     shown = pd.DataFrame(shown_rows)
@@ -126,6 +138,43 @@ def _compare(
         "diff = our mean minus the paper's mean (its single number where it gives no mean)"
     )
     return Table(name, f"{title}: {study.label()}", study, frame, shown, notes)
+
+
+def with_tencrop(done: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """`done` (final_errors of finished runs) with `val` and `top5` replaced by each run's 10-crop
+    test where it has a current one (`tencrop.json` of a checkpoint not behind the run's last
+    iteration), a boolean column `tencrop` saying which, and one note naming the runs of each kind."""
+    # reindex: a run table built without the 10-crop columns reads as no run having one.
+    crops = runs.set_index("run_id").reindex(columns=[*TENCROP_COLUMNS, "last_iteration"])
+    done = done.join(crops, on="run_id")
+    has = done["tencrop_top1"].notna()
+    current = has & (done["tencrop_iteration"] >= done["last_iteration"])
+    done = done.assign(tencrop=current)
+    done.loc[current, "val"] = done.loc[current, "tencrop_top1"]
+    top5 = done["top5"] if "top5" in done else pd.Series(math.nan, index=done.index)
+    done["top5"] = top5.where(~current, done["tencrop_top5"])
+    tested = sorted(done.loc[current, "run_id"])
+    logged = sorted(done.loc[~current & ~has, "run_id"])
+    stale = [
+        f"{r.run_id} (its tencrop.json scores iteration {int(r.tencrop_iteration):,}, the run ended at {int(r.last_iteration):,})"
+        for r in done[has & ~current].sort_values("run_id").itertuples()
+    ]
+    if not tested and not stale and not logged:
+        return done, []
+    if not (logged or stale):
+        return done, ["10-crop testing, as the paper: every run's final checkpoint, tested by `study evaluate`"]
+    centre = ", ".join(logged + stale)
+    if not tested:
+        note = (
+            "the paper's numbers are 10-crop testing; yours are the centre-crop `val` the runs logged "
+            f"({centre}): run `study evaluate` for 10-crop numbers"
+        )
+    else:
+        note = (
+            f"10-crop testing, as the paper (`study evaluate`): {', '.join(tested)}; "
+            f"centre-crop `val` as logged, not 10-crop (run `study evaluate` for these): {centre}"
+        )
+    return done, [note]
 
 
 def table6(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Table:
@@ -149,7 +198,6 @@ def table2(data: RunData, *, dataset: str | None = None, iterations: int | None 
     """Table 2: ImageNet top-1 validation error of plain and ResNet (option A), 18 and 34 layers."""
     wanted = list(TABLE2)
     study, notes = pick_study(data, "table2", imagenet=True, wanted=wanted, dataset=dataset, iterations=iterations)
-    notes.append("the paper's numbers are 10-crop testing; yours are what the runs logged as `val`")
     return _compare(
         "table2",
         "Table 2, ImageNet top-1 validation error (%)",
@@ -159,6 +207,7 @@ def table2(data: RunData, *, dataset: str | None = None, iterations: int | None 
         wanted,
         [("top-1", "val", TABLE2)],
         keep=lambda s: s[2] == "A",
+        tencrop=True,
     )
 
 
@@ -166,7 +215,7 @@ def table3(data: RunData, *, dataset: str | None = None, iterations: int | None 
     """Table 3: ImageNet 34-layer nets, top-1 and top-5 validation error per shortcut option."""
     wanted = list(TABLE3)
     study, notes = pick_study(data, "table3", imagenet=True, wanted=wanted, dataset=dataset, iterations=iterations)
-    notes.append(f"top-5 comes from the metrics column `{TOP5_COLUMN}` where runs log it")
+    notes.append(f"top-5 without a 10-crop test comes from the metrics column `{TOP5_COLUMN}` where runs log it")
     return _compare(
         "table3",
         "Table 3, ImageNet 34-layer validation error (%)",
@@ -179,6 +228,7 @@ def table3(data: RunData, *, dataset: str | None = None, iterations: int | None 
             ("top-5", "top5", {s: v[1] for s, v in TABLE3.items()}),
         ],
         keep=lambda s: s[1] == 34,
+        tencrop=True,
     )
 
 

@@ -1,0 +1,95 @@
+"""DDP through the real launcher: `torchrun --nproc_per_node 2 -m study run ...` on CPU (gloo).
+
+One SGD step from the same seed tells whether two processes computed the single process's gradient:
+after one step of SGD with momentum from identical weights, w1 = w0 - lr * (g + wd * w0), so equal
+weights after the step mean equal gradients. With `--sync-bn` the DDP run must equal the single
+process on the whole global batch; with per-device BN (the default) it must equal the single
+process with `--batch-split 2` (BN over each half), and legitimately differ from the first.
+"""
+
+import socket
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from study.runstore import METRIC_COLUMNS
+
+STEP = ["--arch", "resnet", "--depth", "20", "--iterations", "1", "--batch-size", "64", "--device", "cpu", "--no-progress"]
+RUN = "fashion-mnist-mini-resnet20-A-s0-it1-b64"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def study(runs, *args, processes=1):
+    launcher = [sys.executable, "-m", "study"]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "study"]
+    proc = subprocess.run([*launcher, "run", *STEP, "--runs-dir", str(runs), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def weights(run_dir):
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def assert_equal_weights(a, b, keys):
+    for k in keys:
+        # Equal up to float reassociation (sums over two processes, float64 BN sums on one side).
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=2e-7, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    study(root / "single", )
+    study(root / "ddp-sync", "--sync-bn", processes=2)
+    study(root / "ddp", processes=2)
+    study(root / "single-split", "--batch-split", "2")
+    return root
+
+
+def test_sync_bn_ddp_step_equals_the_single_process_step(runs):
+    single, ddp = weights(runs / "single" / RUN), weights(runs / "ddp-sync" / RUN)
+    assert single.keys() == ddp.keys()
+    assert_equal_weights(single, ddp, single)  # parameters and BN running statistics
+    torch.manual_seed(0)
+    from study.models import build_model
+
+    start = build_model("resnet", 20, num_classes=10, in_channels=1).state_dict()
+    moved = [k for k in single if k.endswith("conv1.weight") and not torch.allclose(single[k], start[k], atol=1e-6)]
+    assert moved, "the step did not change the weights: the comparison would be empty"
+
+
+def test_per_device_bn_ddp_step_equals_the_split_batch_and_differs_from_sync(runs):
+    split_run = RUN + "-bn2"
+    assert not (runs / "ddp" / RUN).exists(), "per-device BN must be recorded in the run id"
+    ddp, single_split = weights(runs / "ddp" / split_run), weights(runs / "single-split" / split_run)
+    params = [k for k in ddp if "running" not in k]  # running stats: rank 0's half vs two updates
+    assert_equal_weights(ddp, single_split, params)
+    sync = weights(runs / "ddp-sync" / RUN)
+    assert any(not torch.allclose(ddp[k], sync[k], rtol=1e-5, atol=2e-7) for k in params)
+
+
+def test_ddp_run_writes_one_consistent_set_of_files_and_metrics(runs):
+    run_dir = runs / "ddp-sync" / RUN
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        ["checkpoint.pt", "config.json", "lock", "metrics.parquet", "responses.parquet", "status.json"]
+    )
+    ddp = pd.read_parquet(run_dir / "metrics.parquet")
+    single = pd.read_parquet(runs / "single" / RUN / "metrics.parquet")
+    assert list(ddp.columns) == METRIC_COLUMNS
+    assert list(ddp["split"]) == ["train", "test"] and list(ddp["iteration"]) == [1, 1]
+    # The train row covers the whole global batch (both processes' halves), not rank 0's half.
+    pd.testing.assert_series_equal(ddp["error_pct"], single["error_pct"])
+    pd.testing.assert_series_equal(ddp["loss"], single["loss"], rtol=1e-5)

@@ -1,0 +1,104 @@
+"""ImageNet runs end to end: `study run` on a tiny ImageFolder of real JPEGs through the real loader,
+then `study plot fig4` from their logs; the plateau schedule; mid-epoch resume of the loader."""
+
+import pandas as pd
+import pytest
+import torch
+
+from study.cli import main
+from study.config import ConfigError, RunConfig
+from study.data.imagenet import loaders_for, open_imagenet, set_epoch
+from study.train import Schedule
+
+from test_imagenet import write_image_folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    # 3 training images at batch 2: 2 steps per epoch, so 3 iterations log a full and a partial
+    # epoch; 6 validation images. (ResNet-34 at 224x224 costs CPU seconds per image.)
+    root = write_image_folder(tmp_path_factory.mktemp("imagenet"), per_class=(1, 2))
+    runs = tmp_path_factory.mktemp("runs")
+    args = ["run", "--grid", "degradation-imagenet", "--data-dir", str(root), "--iterations", "3",
+            "--batch-size", "2", "--workers", "1", "--device", "cpu", "--runs-dir", str(runs), "--no-progress"]
+    assert main(args) == 0
+    return root, runs
+
+
+def test_grid_trains_every_imagenet_net_and_logs_train_and_val(trained):
+    _, runs = trained
+    ids = sorted(p.name for p in runs.iterdir())
+    assert ids == sorted(f"imagenet-{a}{d}-A-s0-it3-b2" for a in ("plain", "resnet") for d in (18, 34))
+    for run_id in ids:
+        m = pd.read_parquet(runs / run_id / "metrics.parquet")
+        assert list(m["split"]) == ["train", "val", "train", "val"]
+        assert list(m["iteration"]) == [2, 2, 3, 3] and list(m["epoch"]) == [1, 1, 2, 2]
+        val = m[m["split"] == "val"]
+        # 3 classes: top-5 always contains the label; top-1 error is a share of the 6 val images.
+        assert (val["top5_error_pct"] == 0).all()
+        assert all(round(e * 6 / 100, 6).is_integer() for e in val["error_pct"])
+        # Epoch 1 saw all 3 training images, the partial epoch 2 its first batch of 2.
+        train = m.loc[m["split"] == "train", "error_pct"].tolist()
+        assert round(train[0] * 3 / 100, 6).is_integer() and round(train[1] * 2 / 100, 6).is_integer()
+        assert not (runs / run_id / "responses.parquet").exists()  # Figure 7 is a CIFAR figure
+
+
+def test_fig4_and_table2_from_the_imagenet_logs(trained, tmp_path, capsys):
+    _, runs = trained
+    assert main(["plot", "fig4", "--runs-dir", str(runs), "--out", str(tmp_path)]) == 0
+    assert any(p.name.startswith("fig4") and p.stat().st_size > 0 for p in tmp_path.iterdir())
+    assert main(["table", "table2", "--runs-dir", str(runs)]) == 0
+    assert "ResNet-34" in capsys.readouterr().out
+
+
+def test_a_finished_imagenet_run_is_skipped_and_bad_data_is_one_line(trained, tmp_path, capsys):
+    root, runs = trained
+    args = ["run", "--arch", "plain", "--depth", "18", "--dataset", "imagenet", "--iterations", "3",
+            "--batch-size", "2", "--workers", "1", "--device", "cpu", "--runs-dir", str(runs), "--no-progress"]
+    assert main([*args, "--data-dir", str(root)]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert main([*args, "--data-dir", str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--data-dir" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_plateau_schedule_divides_by_ten_after_patience_and_restores():
+    cfg = RunConfig("resnet", 18, dataset="imagenet", plateau_patience=2)
+    assert cfg.lr_schedule == "plateau" and cfg.iterations == 600_000 and cfg.batch_size == 256
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    schedule = Schedule(cfg, opt)
+    lrs = []
+    for err in [50.0, 40.0, 39.95, 39.97, 39.99, 39.85, 39.9, 39.9]:  # improving means by > 0.1 points
+        schedule.end_epoch(err)
+        lrs.append(round(schedule.lr(0, False), 6))
+    # No improvement after 40.0: the third such epoch (more than patience 2) divides by 10; 39.85
+    # then improves on 39.99 and restarts the count.
+    assert lrs == [0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01]
+    copy = Schedule(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr))
+    copy.opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"]  # the optimizer's own state holds it
+    copy.load_state_dict(schedule.state_dict())
+    for s in (schedule, copy):
+        for err in [39.9, 39.9, 39.9]:
+            s.end_epoch(err)
+    assert schedule.lr(0, False) == copy.lr(0, False) == pytest.approx(0.001)
+
+
+def test_imagenet_config_validation():
+    with pytest.raises(ConfigError, match="depth 18 or 34"):
+        RunConfig("resnet", 20, dataset="imagenet")
+    with pytest.raises(ConfigError, match="ImageNet only"):
+        RunConfig("resnet", 20, dataset="cifar10", lighting=0.1)
+    assert RunConfig("resnet", 34, dataset="imagenet", shortcut="B", lighting=0.0).run_id == "imagenet-resnet34-B-s0-light0"
+    assert RunConfig("resnet", 20, dataset="cifar10", lr_schedule="plateau").run_id == "cifar10-resnet20-A-s0-plateau"
+
+
+def test_a_resumed_epoch_continues_with_the_images_not_yet_seen(tmp_path):
+    data = open_imagenet(write_image_folder(tmp_path))
+    loader = loaders_for(data, batch_size=4, workers=0, seed=3).train
+    set_epoch(loader, 2)
+    whole = list(loader.sampler)
+    set_epoch(loader, 2, skip_batches=2)
+    assert list(loader.sampler) == whole[8:] and len(loader) == 3  # 10 of 18 images left: 3 batches
+    set_epoch(loader, 3)
+    assert len(list(loader.sampler)) == 18 and list(loader.sampler) != whole

@@ -1,0 +1,404 @@
+"""`study run --launcher slurm` (study/launch.py): real submitit jobs run by its LocalExecutor (one
+process per task, as on a node), interrupted the way SLURM interrupts them, and requeued; the sbatch
+script and job files written through submitit's real SlurmExecutor against fake sbatch/srun/squeue;
+the DDP environment as SLURM describes it; one-line errors for bad flags."""
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import signal
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+submitit = pytest.importorskip("submitit")
+
+from study.config import ConfigError, RunConfig
+from study.data import DataError, load_data
+from study.launch import (
+    JOB_FILE,
+    SLURM_DIR,
+    add_launcher_arguments,
+    check_local_arguments,
+    export_distributed_env,
+    list_runs_with_queued,
+    parse_time,
+    read_job_file,
+    run_status,
+    submit,
+)
+from study.runstore import Run
+
+# 320 training images at batch 64: 5 steps per epoch; 12 steps are epochs of 5, 5 and 2. Depth 8 is
+# the smallest 6n+2 net.
+CFG = RunConfig(arch="resnet", depth=8, dataset="fashion-mnist", iterations=12, batch_size=64)
+TIMEOUT = 180  # seconds any single wait may take on a busy machine
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small real Fashion-MNIST (the embedded subset's first 320 training and 200 test images) as
+    raw IDX files, read by the production loader in the job process (no monkeypatching there)."""
+    out = tmp_path_factory.mktemp("fashion-mnist")
+    full = load_data("fashion-mnist-mini")
+    for split, (images_stem, labels_stem), n in (
+        (full.train, ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), 320),
+        (full.eval, ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), 200),
+    ):
+        images = split.images[:n, 0].contiguous().numpy()
+        labels = split.labels[:n].numpy().astype("uint8")
+        (out / images_stem).write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (out / labels_stem).write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    return out
+
+
+def parse(*argv: str, **extra) -> argparse.Namespace:
+    """`study run`'s launcher flags as the CLI parses them, plus the other run options submit reads."""
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_launcher_arguments(parser)
+    args = parser.parse_args(["--launcher", "slurm", *argv])
+    defaults = dict(device="cpu", data_dir=None, download=False, compile=False, concurrency=None, grid=None)
+    for key, value in {**defaults, **extra}.items():
+        setattr(args, key, value)
+    return args
+
+
+class RecordingExecutor(submitit.LocalExecutor):
+    """submitit's LocalExecutor (each task a process, as srun starts it), keeping the jobs it made.
+    Its tasks use one thread each, so that two jobs share 2 cores without oversubscribing them."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.update_parameters(timeout_min=10)
+        self.jobs = []
+
+    def _internal_process_submissions(self, delayed_submissions):
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"  # the job processes inherit this environment
+        try:
+            jobs = super()._internal_process_submissions(delayed_submissions)
+        finally:
+            if saved is None:
+                del os.environ["OMP_NUM_THREADS"]
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
+        self.jobs += jobs
+        return jobs
+
+
+def wait_for(predicate, what: str, timeout: float = TIMEOUT):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def task_pids(job) -> list[int]:
+    """The pid of every start of the task, from the line each start logs."""
+    return [int(p) for p in re.findall(r"\(pid (\d+)\)", job.stdout() or "")]
+
+
+def metrics(runs: Path) -> pd.DataFrame:
+    return pd.read_parquet(runs / CFG.run_id / "metrics.parquet").drop(columns="elapsed_s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """One uninterrupted run, submitted as a job and not waited for here (it trains while the
+    interrupted one does): (runs dir, job, what submit printed)."""
+    runs = tmp_path_factory.mktemp("reference") / "runs"
+    ex = RecordingExecutor(runs / SLURM_DIR)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert submit([CFG], str(runs), parse(data_dir=str(data_dir)), executor=ex) == 0
+    [job] = ex.jobs
+    return runs, job, out.getvalue().splitlines()
+
+
+def reference_metrics(reference) -> pd.DataFrame:
+    runs, job, _ = reference
+    assert job.result() == {CFG.run_id: "done"}, job.stderr()
+    return metrics(runs)
+
+
+def test_time_limit_signal_requeues_and_resumes_exactly(tmp_path, reference, data_dir):
+    """USR2, what SLURM sends (through submitit's --signal) before the time limit, stops the task
+    one step later with a mid-epoch checkpoint; submitit's handler then calls the task's
+    checkpoint() and requeues it; the new process resumes, and the finished run's metrics equal
+    the uninterrupted run's bit for bit."""
+    runs = tmp_path / "runs"
+    ex = RecordingExecutor(runs / SLURM_DIR)
+    assert submit([CFG], str(runs), parse(data_dir=str(data_dir)), executor=ex) == 0
+    [job] = ex.jobs
+    run = Run(runs, CFG)
+
+    # (LocalJob._interrupt() signals submitit's local controller, which USR2 kills; SLURM signals
+    # the task processes, so that is what this test does.)
+    first = wait_for(lambda: task_pids(job), "the task to start")[0]
+    wait_for(run.checkpoint_path.exists, "the first end-of-epoch checkpoint")
+    os.kill(first, signal.SIGUSR2)
+    assert job.result() == {CFG.run_id: "done"}, job.stderr()
+
+    out = job.stdout()
+    pids = task_pids(job)
+    assert len(pids) == 2 and pids[0] == first and out.count("training on cpu") == 2  # requeued: a new process
+    stopped_at = int(re.search(r"stopped by SIGUSR2 at iteration (\d+); checkpoint written", out)[1])
+    assert 5 < stopped_at < 10  # the step after the signal, inside epoch 2: a mid-epoch checkpoint
+    assert out.count(f"Requeued job {job.job_id}") == 1 and job.stderr().count("Caught signal SIGUSR2") == 1
+    assert read_job_file(run)["requeues"] == 1
+    assert run.status()["status"] == "done"
+    pd.testing.assert_frame_equal(metrics(runs), reference_metrics(reference))  # nothing lost, nothing repeated
+
+
+def test_submitted_run_finishes_and_is_not_submitted_again(reference, data_dir, capsys):
+    df = reference_metrics(reference)
+    runs, job, printed = reference
+    assert printed[0] == f"{CFG.run_id} -> {job.job_id}"
+    assert printed[1].startswith("submitted 1 run as job ")
+    run = Run(runs, CFG)
+    assert run.status()["status"] == "done" and run.status()["iteration"] == 12
+    assert list(df.epoch) == [1, 1, 2, 2, 3, 3] and list(df.split[:2]) == ["train", "test"]
+    assert read_job_file(run)["job_id"] == job.job_id and read_job_file(run)["requeues"] == 0
+    assert run_status(run)["status"] == "done"
+    assert (runs / SLURM_DIR / f"{job.job_id}_0_log.out").exists()  # submitit's logs live under the runs dir
+
+    ex = RecordingExecutor(runs / SLURM_DIR)
+    assert submit([CFG], str(runs), parse(data_dir=str(data_dir)), executor=ex) == 0
+    assert ex.jobs == []  # finished: nothing submitted
+    assert "nothing to submit: all 1 runs are finished" in capsys.readouterr().out
+
+
+@pytest.fixture
+def in_job(monkeypatch, tmp_path):
+    """This process as task 0 of a local submitit job, with stand-ins for the handlers submitit
+    installs (USR2: checkpoint, requeue and exit 144 as LocalJobEnvironment does; SIGTERM: ignore),
+    and `train.run_all` replaced by the training loop's side of a stop: it sends the given signals
+    to this process, then stops as the loop does after a step (StopRequested with the flag's
+    signal), optionally with one more signal 0.2 s later. Returns (task, calls, set_signals)."""
+    import study.launch
+    import study.train
+
+    for key, value in dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="77", SUBMITIT_LOCAL_NTASKS="1",
+                           SUBMITIT_LOCAL_GLOBALID="0", SUBMITIT_LOCAL_LOCALID="0", SUBMITIT_LOCAL_NODEID="0",
+                           SUBMITIT_LOCAL_JOB_NUM_NODES="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(study.launch, "PREEMPT_WAIT_S", 0.6)
+    calls, plan = [], {}
+
+    def requeue(signum, frame):
+        calls.append("requeue")
+        raise SystemExit(144)
+
+    def run_all(configs, runs_dir, *, stop, **kwargs):
+        for sig in plan["now"]:
+            os.kill(os.getpid(), sig)  # the handler runs here, in this (the main) thread
+        calls.append(f"stopped by {signal.Signals(stop.signum).name}")
+        if plan.get("late"):
+            threading.Timer(0.2, os.kill, (os.getpid(), plan["late"])).start()
+        raise study.train.StopRequested(stop.signum)
+
+    monkeypatch.setattr(study.train, "run_all", run_all)
+    previous = {signal.SIGUSR2: signal.signal(signal.SIGUSR2, requeue),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *a: calls.append("bypass"))}
+    task = study.launch.SlurmTask(CFG, str(tmp_path / "runs"), device="cpu")
+    yield task, calls, lambda *now, late=None: plan.update(now=now, late=late)
+    assert signal.getsignal(signal.SIGUSR2) is requeue  # the task put submitit's handler back
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("now, late, outcome, expected", [
+    ((signal.SIGUSR2,), None, SystemExit, ["stopped by SIGUSR2", "requeue"]),  # time limit
+    ((signal.SIGUSR2, signal.SIGUSR2), None, SystemExit, ["stopped by SIGUSR2", "requeue"]),  # no escalation
+    ((signal.SIGTERM, signal.SIGUSR2), None, SystemExit, ["stopped by SIGTERM", "requeue"]),  # preemption
+    ((signal.SIGTERM,), signal.SIGUSR2, SystemExit, ["stopped by SIGTERM", "requeue"]),  # its USR2 comes late
+    ((signal.SIGTERM, signal.SIGTERM), None, "StopRequested", ["stopped by SIGTERM"]),  # scancel: no requeue
+    ((signal.SIGINT, signal.SIGINT), None, KeyboardInterrupt, []),  # a person's second Ctrl-C stops at once
+])
+def test_task_signals_stop_after_a_step_then_requeue(in_job, now, late, outcome, expected):
+    """The task's signal plumbing: submitit's requeue runs only after the loop has stopped (and so
+    checkpointed), for the time-limit/preemption signal only; SIGTERM and USR2 never escalate."""
+    import study.train
+
+    task, calls, send = in_job
+    send(*now, late=late)
+    started = time.monotonic()
+    with pytest.raises(study.train.StopRequested if outcome == "StopRequested" else outcome) as e:
+        task()
+    assert calls == expected
+    if outcome is SystemExit:
+        assert e.value.code == 144
+    if outcome == "StopRequested":  # it waited for a USR2 that did not come
+        assert e.value.signum == signal.SIGTERM and time.monotonic() - started >= 0.6
+
+
+def test_task_set_up_error_marks_the_run_failed(in_job, monkeypatch):
+    import study.train
+
+    task, _, _ = in_job
+
+    def run_all(*args, **kwargs):
+        raise DataError("Fashion-MNIST not found; pass --data-dir DIR")
+
+    monkeypatch.setattr(study.train, "run_all", run_all)
+    with pytest.raises(DataError):
+        task()
+    run = Run(task.runs_dir, CFG)
+    assert run.status()["status"] == "failed"  # `study status` shows it failed, not queued forever
+    assert run.status()["error"] == "DataError: Fashion-MNIST not found; pass --data-dir DIR"
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """sbatch, srun and squeue stand-ins on PATH: sbatch answers like SLURM (job 4242, then 4243,
+    ...) and keeps each script; squeue prints `squeue.out`; FAKE_SBATCH_ERROR makes sbatch fail."""
+    bin_dir, state = tmp_path / "bin", tmp_path / "slurm"
+    bin_dir.mkdir()
+    state.mkdir()
+    (bin_dir / "sbatch").write_text(f"""#!/bin/sh
+if [ -n "$FAKE_SBATCH_ERROR" ]; then echo "sbatch: error: $FAKE_SBATCH_ERROR" >&2; exit 1; fi
+n=$(cat {state}/next 2>/dev/null || echo 4242)
+echo $((n + 1)) > {state}/next
+cp "$1" {state}/sbatch_$n.sh
+echo "Submitted batch job $n"
+""")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\ncat {state}/squeue.out 2>/dev/null\nexit 0\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return state
+
+
+def test_sbatch_array_job_files_and_status(tmp_path, fake_slurm, capsys):
+    runs = tmp_path / "runs"
+    configs = [RunConfig(arch="plain", depth=20, seed=s, iterations=300) for s in range(3)]
+    finished = Run(runs, configs[0])
+    finished.prepare("cpu")
+    finished.set_status("done", iteration=300)
+    args = parse("--partition", "gpu", "--account", "proj", "--time", "1:30:00", "--gpus-per-run", "2",
+                 "--cpus-per-run", "8", "--mem", "16GB", "--slurm-array-parallelism", "1", device="auto", grid="quick")
+    assert submit(configs, str(runs), args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"{configs[1].run_id} -> 4242_0", f"{configs[2].run_id} -> 4242_1"]
+    assert out[2].startswith(f"submitted 2 runs as job 4242; logs in {runs.absolute() / SLURM_DIR}/")
+
+    script = (fake_slurm / "sbatch_4242.sh").read_text()
+    for line in ("--array=0-1%1", "--time=90", "--partition=gpu", "--account=proj", "--mem=16G", "--nodes=1",
+                 "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=4", "--signal=USR2@90",
+                 "--requeue", "--job-name=study-quick", f"--output={runs.absolute() / SLURM_DIR}/%A_%a_0_log.out"):
+        assert f"#SBATCH {line}\n" in script, line
+    # Each array task's pickle is one run's task, ready for submitit to run (and requeue).
+    task = submitit.helpers.DelayedSubmission.load(runs / SLURM_DIR / "4242_1_submitted.pkl").function
+    assert task.cfg == configs[2] and task.runs_dir == str(runs.absolute()) and task.device == "auto"
+
+    # `study status`: the submitted runs are listed (no config.json yet) and read `queued`.
+    listed = list_runs_with_queued(runs)
+    assert [r.cfg.run_id for r in listed] == [c.run_id for c in configs]
+    assert [run_status(r)["status"] for r in listed] == ["done", "queued", "queued"]
+    assert run_status(listed[1])["job_id"] == "4242_0"
+
+    # Submitting again while 4242_0 is still queued: only the other run goes (squeue says so).
+    (fake_slurm / "squeue.out").write_text("4242_0\n999_3\n")
+    assert submit(configs, str(runs), args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"{configs[1].run_id}: already queued or running as job 4242_0, not submitted again",
+                       f"{configs[2].run_id} -> 4243"]  # one run: a plain job, not an array
+
+    # The job starts (its first status write), then is requeued (submitit calls task.checkpoint()).
+    run = Run(runs, configs[2])
+    time.sleep(0.05)  # file times tick in milliseconds; in a cluster the start is seconds later
+    run.prepare("cpu")
+    run.set_status("running", iteration=0)
+    assert run_status(run) == {**run.status(), "job_id": "4243"}
+    resubmission = task.checkpoint()
+    assert resubmission.function is task and run_status(run)["status"] == "queued"
+    assert read_job_file(run)["requeues"] == 1
+
+
+def test_sbatch_refusal_is_one_line(tmp_path, fake_slurm, monkeypatch):
+    monkeypatch.setenv("FAKE_SBATCH_ERROR", "Batch job submission failed: Invalid partition name specified")
+    with pytest.raises(ConfigError) as e:
+        submit([RunConfig(arch="plain", depth=20)], str(tmp_path / "runs"), parse("--partition", "nope"))
+    assert str(e.value).startswith("sbatch refused the job array: Batch job submission failed: Invalid partition")
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "runs").glob(f"*/{JOB_FILE}"))
+
+
+def test_bad_flags_and_missing_sbatch_are_one_line_errors(tmp_path, monkeypatch):
+    cfg = [RunConfig(arch="plain", depth=20)]
+    runs = tmp_path / "runs"
+    # As the CLI parses them: argparse rejects them with our one-line reason.
+    for argv, reason in ((["--time", "abc"], "is not a time limit; write minutes (90) or [D-]HH:MM:SS"),
+                         (["--gpus-per-run", "0"], "must be a positive integer, got 0"),
+                         (["--mem", "lots"], "is not a memory size")):
+        with pytest.raises(argparse.ArgumentError, match=re.escape(reason)):
+            parse(*argv)
+    # Namespaces built by other callers are checked again by submit: ConfigError, one line.
+    for field, value, message in (("time", "abc", "--time: 'abc' is not a time limit"),
+                                  ("time", "1:30", "--time: '1:30' is not a time limit"),
+                                  ("gpus_per_run", 0, "--gpus-per-run: must be a positive integer, got 0"),
+                                  ("concurrency", 4, "--concurrency does not apply to --launcher slurm")):
+        args = parse()
+        setattr(args, field, value)
+        with pytest.raises(ConfigError) as e:
+            submit(cfg, str(runs), args)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="--gpus-per-run 2 trains on GPUs; drop --device cpu"):
+        submit(cfg, str(runs), parse("--gpus-per-run", "2", device="cpu"))
+
+    import study.launch
+
+    with monkeypatch.context() as m:
+        m.setattr(study.launch, "submitit", None)  # as without `pip install 'study[slurm]'`
+        with pytest.raises(ConfigError) as e:
+            submit(cfg, str(runs), parse())
+        assert str(e.value) == "--launcher slurm needs submitit: pip install 'study[slurm]'"
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
+    with pytest.raises(ConfigError) as e:
+        submit(cfg, str(runs), parse())
+    assert str(e.value) == "no sbatch found: run on a SLURM login node or use --launcher local"
+    assert not runs.exists()  # nothing written
+
+    local = argparse.Namespace(launcher="local", partition="gpu")
+    with pytest.raises(ConfigError, match="--partition applies to --launcher slurm only"):
+        check_local_arguments(local)
+    assert [parse_time(t) for t in ("90", "01:30:00", "0:00:30", "2-00:00:00")] == [90, 90, 1, 2880]
+
+
+def test_ddp_environment_exported_as_torchrun_would(monkeypatch):
+    """A 2-GPU run is 2 tasks of one job: each exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT
+    from what SLURM sets, the same master on both, and leaves CUDA_VISIBLE_DEVICES alone."""
+    saved = dict(os.environ)
+    try:
+        exported = []
+        for rank in (0, 1):
+            for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+                os.environ.pop(name, None)
+            os.environ.update(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1",
+                              SLURM_NODEID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                              SLURM_JOB_NODELIST="gpu[07]", CUDA_VISIBLE_DEVICES="3,5")
+            assert export_distributed_env().startswith(f"rank {rank} of 2, master gpu07:")
+            exported.append({k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                                                        "CUDA_VISIBLE_DEVICES")})
+        assert [e["RANK"] for e in exported] == ["0", "1"] and [e["LOCAL_RANK"] for e in exported] == ["0", "1"]
+        assert {e["WORLD_SIZE"] for e in exported} == {"2"} and {e["MASTER_ADDR"] for e in exported} == {"gpu07"}
+        assert len({e["MASTER_PORT"] for e in exported}) == 1 and 20000 <= int(exported[0]["MASTER_PORT"]) <= 60000
+        assert {e["CUDA_VISIBLE_DEVICES"] for e in exported} == {"3,5"}
+        os.environ["SLURM_NTASKS"] = "1"
+        os.environ.pop("RANK")
+        assert export_distributed_env() is None and "RANK" not in os.environ  # one GPU: plain single process
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -1,0 +1,165 @@
+"""`study evaluate` (the paper's 10-crop test of ImageNet runs, into tencrop.json) and Tables 2/3
+reading it: one tiny real ImageNet run trained on a generated ImageFolder, evaluated through the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from test_analysis import write_run
+from test_imagenet import write_image_folder
+
+import study.cli
+from study.config import RunConfig
+from study.data.imagenet import make_ten_crop_loader, open_imagenet, ten_crop_error
+from study.models import build_model
+from study.runstore import Run
+from study.train import train_run
+
+CFG = RunConfig(arch="resnet", depth=18, dataset="imagenet", iterations=2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(ImageNet root, runs dir, run): ResNet-18 trained 2 iterations on 3 classes x 2 images,
+    validated on 3 images."""
+    base = tmp_path_factory.mktemp("tencrop")
+    root = write_image_folder(base / "imagenet", per_class=(2, 1))
+    run = Run(base / "runs", CFG)
+    assert train_run(CFG, run, open_imagenet(root), torch.device("cpu"), progress=False, workers=0) == "done"
+    return root, base / "runs", run
+
+
+def cli(capsys, *argv):
+    code = study.cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def evaluate(capsys, runs, root, *extra):
+    return cli(capsys, "evaluate", "--runs-dir", runs, "--data-dir", root, "--workers", 0, "--device", "cpu", *extra)
+
+
+def direct_ten_crop(run, root):
+    """The 10-crop test of the run's checkpoint, computed here without the command."""
+    state = torch.load(run.checkpoint_path, map_location="cpu", weights_only=True)
+    model = build_model("resnet", 18, shortcut="A", num_classes=3, dataset="imagenet")
+    model.load_state_dict(state["model"])
+    return ten_crop_error(model, make_ten_crop_loader(root, 32, 0), "cpu"), state["iteration"]
+
+
+def files(path):
+    """Every file under `path` with its size and modification time: to show nothing was written."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).rglob("*") if p.is_file()}
+
+
+def test_evaluate_writes_the_checkpoints_ten_crop_error_then_skips_and_force_recomputes(trained, capsys):
+    root, runs, run = trained
+    path = run.dir / "tencrop.json"
+    path.unlink(missing_ok=True)
+    code, out, err = evaluate(capsys, runs, root)
+    assert code == 0, err
+    record = json.loads(path.read_text())
+    expected, iteration = direct_ten_crop(run, root)
+    assert (record["loss"], record["top1"], record["top5"]) == tuple(expected)  # equal, not approximately
+    assert record["images"] == 3 and record["iteration"] == iteration == 2
+    assert record["device"] == "cpu" and record["torch_version"] == torch.__version__ and record["date"]
+    row = out.splitlines()[-1]  # the table's row (a log line per computed run comes before the table)
+    assert row.startswith(CFG.run_id)
+    assert f"{expected.top1:.2f}" in row and f"{expected.top5:.2f}" in row and "computed" in row
+
+    # A current result is kept, not recomputed: planted numbers survive a second call...
+    path.write_text(json.dumps({**record, "top1": 12.5, "top5": 1.5}))
+    code, out, err = evaluate(capsys, runs, root)
+    assert code == 0, err
+    assert json.loads(path.read_text())["top1"] == 12.5 and "kept" in out and "12.50" in out
+    # ... and --force recomputes them.
+    code, out, err = evaluate(capsys, runs, root, "--force")
+    assert code == 0, err
+    assert json.loads(path.read_text())["top1"] == expected.top1 and "computed" in out
+    # A result of an older checkpoint than the run's last is recomputed without --force.
+    path.write_text(json.dumps({**record, "top1": 12.5, "iteration": 1}))
+    code, out, err = evaluate(capsys, runs, root, "--run", CFG.run_id)
+    assert code == 0, err
+    assert json.loads(path.read_text()) | {"date": None} == record | {"date": None}
+
+
+def test_table2_and_table3_use_ten_crop_where_present_and_say_which_runs(trained, capsys, tmp_path):
+    root, source, _ = trained
+    runs = tmp_path / "runs"
+    shutil.copytree(source, runs)
+    code, out, err = evaluate(capsys, runs, root)
+    assert code == 0, err
+    tested = json.loads((runs / CFG.run_id / "tencrop.json").read_text())
+    # A second seed without a 10-crop result (same files, its logged val set apart at 50%).
+    other = RunConfig(arch="resnet", depth=18, dataset="imagenet", iterations=2, batch_size=4, seed=1)
+    shutil.copytree(runs / CFG.run_id, runs / other.run_id)
+    (runs / other.run_id / "tencrop.json").unlink()
+    cfg_path = runs / other.run_id / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "run_id": other.run_id, "config": other.to_dict()}))
+    metrics = pd.read_parquet(runs / other.run_id / "metrics.parquet")
+    metrics.loc[metrics.split == "val", "error_pct"] = 50.0
+    metrics.assign(run_id=other.run_id, seed=1).to_parquet(runs / other.run_id / "metrics.parquet", index=False)
+
+    code, out, err = cli(capsys, "table", "table2", "--runs-dir", runs, "--format", "csv")
+    assert code == 0, err
+    row = pd.read_csv(io.StringIO(out)).set_index("net").loc["ResNet-18"]
+    assert row.val_n == 2 and row.tencrop_n == 1
+    assert row.val_mean == pytest.approx((tested["top1"] + 50.0) / 2)
+    assert f"10-crop testing, as the paper (`study evaluate`): {CFG.run_id}" in err
+    assert f"centre-crop `val` as logged, not 10-crop (run `study evaluate` for these): {other.run_id}" in err
+
+    # The markdown table shows the 10-crop number of the tested run: a planted one proves where it comes from.
+    shutil.rmtree(runs / other.run_id)
+    (runs / CFG.run_id / "tencrop.json").write_text(json.dumps({**tested, "top1": 12.34, "top5": 1.23}))
+    code, out, err = cli(capsys, "table", "table2", "--runs-dir", runs)
+    assert code == 0, err
+    resnet18 = next(line for line in out.splitlines() if line.startswith("| ResNet-18"))
+    assert "12.34" in resnet18 and "every run's final checkpoint, tested by `study evaluate`" in out
+    assert "yours are what the runs logged" not in out
+
+    # A 10-crop result of an earlier checkpoint is not the final one: the logged val stands, and the note says why.
+    (runs / CFG.run_id / "tencrop.json").write_text(json.dumps({**tested, "top1": 12.34, "iteration": 1}))
+    code, out, err = cli(capsys, "table", "table2", "--runs-dir", runs)
+    assert code == 0, err
+    logged = pd.read_parquet(runs / CFG.run_id / "metrics.parquet").query("split == 'val'").error_pct.iloc[-1]
+    resnet18 = next(line for line in out.splitlines() if line.startswith("| ResNet-18"))
+    assert "12.34" not in resnet18 and f"{logged:.2f}" in resnet18
+    assert "scores iteration 1, the run ended at 2" in out
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained, capsys, tmp_path):
+    root, runs, _ = trained
+    before = files(runs)
+    for argv in (
+        ("--data-dir", tmp_path / "nope", "--force"),  # missing data dir (with work to do)
+        ("--data-dir", root, "--run", "no-such-run"),
+        ("--data-dir", root, "--batch-size", "0"),
+        ("--data-dir", root, "--device", "tpu", "--force"),
+    ):
+        code, out, err = cli(capsys, "evaluate", "--runs-dir", runs, "--workers", 0, *argv)
+        assert code == 2 and err.startswith("study: error: ") and len(err.strip().splitlines()) == 1, (argv, err)
+        assert out == ""
+    assert "--data-dir" in cli(capsys, "evaluate", "--runs-dir", runs, "--data-dir", tmp_path / "nope", "--force")[2]
+    # A folder with other classes than the run trained on.
+    two = shutil.copytree(root, tmp_path / "two-classes")
+    for split in ("train", "val"):
+        shutil.rmtree(two / split / "cls_red")
+    code, out, err = cli(capsys, "evaluate", "--runs-dir", runs, "--workers", 0, "--data-dir", two, "--force")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "trained with 3 classes" in err, err
+    assert files(runs) == before
+
+    # No ImageNet runs: an empty runs dir, and one holding only a CIFAR-style run.
+    cifar = tmp_path / "cifar"
+    write_run(cifar, "resnet", 20)
+    for where in (tmp_path / "empty", cifar):
+        before = files(tmp_path)
+        code, out, err = cli(capsys, "evaluate", "--runs-dir", where, "--data-dir", root)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "no ImageNet runs" in err, err
+        assert "study run --arch resnet --depth 18 --dataset imagenet" in err
+        assert files(tmp_path) == before and not (tmp_path / "empty").exists()
