@@ -665,8 +665,8 @@ def run_all(
     configs = list(configs)
     if ddp.enabled and concurrency not in (None, 1):
         raise ConfigError("--concurrency shares one device between runs; under torchrun each run uses all processes, drop it")
-    if ddp.enabled and device == "auto":
-        device = f"cuda:{ddp.local_rank}" if torch.cuda.is_available() else "cpu"
+    if ddp.enabled and device in ("auto", "cuda"):  # one GPU per process: torchrun's LOCAL_RANK
+        device = f"cuda:{ddp.local_rank}" if torch.cuda.is_available() or device == "cuda" else "cpu"
     dev = resolve_device(device)
     for cfg in configs:
         ddp.chunks(cfg)  # a batch split the process count cannot honour is an error before any run

@@ -46,14 +46,20 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     assert code == 0 and out.count("skipped") == 2
 
 
-def test_grid_overrides(tmp_path, capsys):
+def test_grid_overrides(tmp_path, capsys, monkeypatch):
+    import study.train
+
+    seen = []
+    monkeypatch.setattr(study.train, "run_all", lambda configs, runs_dir, **kw: seen.extend(configs) or {})
     code, out, err = run_cli(
-        capsys, "run", "--grid", "quick", "--iterations", "2", "--batch-size", "16", "--runs-dir", str(tmp_path)
+        capsys, "run", "--grid", "quick", "--iterations", "2", "--batch-size", "16", "--seeds", "0-1",
+        "--batch-split", "2", "--runs-dir", str(tmp_path),
     )
     assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"fashion-mnist-mini-{a}{d}-A-s0-it2-b16" for a in ("plain", "resnet") for d in (20, 56)
-    )
+    assert [c.run_id for c in seen] == [
+        f"fashion-mnist-mini-{a}{d}-A-s{s}-it2-b16-bn2" for s in (0, 1) for d in (20, 56) for a in ("plain", "resnet")
+    ]
+    assert all(c.iterations == 2 and c.batch_size == 16 and c.batch_split == 2 for c in seen)
 
 
 def test_holdout_logs_val_split(tmp_path, capsys):

@@ -17,8 +17,23 @@ import torch
 
 from study.runstore import METRIC_COLUMNS
 
-STEP = ["--arch", "resnet", "--depth", "20", "--iterations", "1", "--batch-size", "64", "--device", "cpu", "--no-progress"]
-RUN = "fashion-mnist-mini-resnet20-A-s0-it1-b64"
+STEP = ["--arch", "resnet", "--depth", "20", "--iterations", "1", "--batch-size", "64", "--device", "cpu",
+        "--no-progress", "--dataset", "fashion-mnist"]
+RUN = "fashion-mnist-resnet20-A-s0-it1-b64"
+
+
+def write_small_fashion_mnist(directory):
+    """Raw IDX files (torchvision's names) of 96 training and 40 test images of the embedded real
+    data: a step and an evaluation cost little, and every launch is mostly process start-up."""
+    from study.data import load_data
+    from study.data.fashion_mnist_mini.build import write_idx
+
+    full = load_data("fashion-mnist-mini")
+    directory.mkdir(parents=True)
+    for prefix, split, n in (("train", full.train, 96), ("t10k", full.eval, 40)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", split.images[:n, 0].clone())
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", split.labels[:n].to(torch.uint8))
+    return directory
 
 
 def free_port() -> int:
@@ -32,7 +47,8 @@ def study(runs, *args, processes=1):
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                     "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "study"]
-    proc = subprocess.run([*launcher, "run", *STEP, "--runs-dir", str(runs), *args],
+    data = runs.parent / "data"
+    proc = subprocess.run([*launcher, "run", *STEP, "--runs-dir", str(runs), "--data-dir", str(data), *args],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -43,16 +59,16 @@ def weights(run_dir):
     return {k: v for k, v in state.items() if v.is_floating_point()}
 
 
-def assert_equal_weights(a, b, keys):
+def assert_equal_weights(a, b, keys, atol=2e-7):
     for k in keys:
-        # Equal up to float reassociation (sums over two processes, float64 BN sums on one side).
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=2e-7, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    study(root / "single", )
+    write_small_fashion_mnist(root / "data")
+    study(root / "single")
     study(root / "ddp-sync", "--sync-bn", processes=2)
     study(root / "ddp", processes=2)
     study(root / "single-split", "--batch-split", "2")
@@ -62,7 +78,11 @@ def runs(tmp_path_factory):
 def test_sync_bn_ddp_step_equals_the_single_process_step(runs):
     single, ddp = weights(runs / "single" / RUN), weights(runs / "ddp-sync" / RUN)
     assert single.keys() == ddp.keys()
-    assert_equal_weights(single, ddp, single)  # parameters and BN running statistics
+    # Parameters and BN running statistics. The global BN computes its statistics from float64
+    # sums, torch's BN in float32 with another formula; a 20-layer net amplifies that rounding in
+    # its first layers' gradients (float32 vs float64 gradients of conv1 differ by up to 1% here),
+    # so weights agree to 2e-5 (gradients to 2e-4), where per-device BN moves them by 1e-3.
+    assert_equal_weights(single, ddp, single, atol=2e-5)
     torch.manual_seed(0)
     from study.models import build_model
 
@@ -76,9 +96,9 @@ def test_per_device_bn_ddp_step_equals_the_split_batch_and_differs_from_sync(run
     assert not (runs / "ddp" / RUN).exists(), "per-device BN must be recorded in the run id"
     ddp, single_split = weights(runs / "ddp" / split_run), weights(runs / "single-split" / split_run)
     params = [k for k in ddp if "running" not in k]  # running stats: rank 0's half vs two updates
-    assert_equal_weights(ddp, single_split, params)
+    assert_equal_weights(ddp, single_split, params)  # the same float32 BN on the same halves
     sync = weights(runs / "ddp-sync" / RUN)
-    assert any(not torch.allclose(ddp[k], sync[k], rtol=1e-5, atol=2e-7) for k in params)
+    assert max((ddp[k] - sync[k]).abs().max().item() for k in params) > 50 * 2e-5
 
 
 def test_ddp_run_writes_one_consistent_set_of_files_and_metrics(runs):

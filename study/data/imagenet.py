@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +241,15 @@ def _per_process_batch(batch_size: int, distributed: bool) -> int:
     return batch_size // world
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM, SIGINT and SIGUSR2 to the training process: SLURM and a
+    terminal signal every process, and a worker killed by one would turn the run's orderly stop
+    (step, checkpoint, exit) into a `DataLoader worker exited unexpectedly` failure. The training
+    process shuts its workers down when it exits."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _loader(dataset: ImageFolder, batch_size: int, workers: int, sampler: DistributedSampler | None,
             pin_memory: bool | None, seed: int) -> DataLoader:
     return DataLoader(
@@ -250,6 +260,7 @@ def _loader(dataset: ImageFolder, batch_size: int, workers: int, sampler: Distri
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         # Seeds the workers' augmentation; `set_epoch` re-seeds it per epoch.
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_stop_signals,
     )
 
 
