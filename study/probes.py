@@ -9,6 +9,7 @@ gradients.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -223,8 +224,19 @@ def _gradients_path(run: Run) -> Path:
 
 
 def _read_gradients(run: Run) -> pd.DataFrame:
+    """The run's gradient rows so far. An unreadable file (damage from outside: writes are atomic)
+    is moved aside to `gradients.parquet.bad` and recording starts afresh, rather than failing the
+    run over a diagnostic."""
     path = _gradients_path(run)
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=GRADIENT_COLUMNS)
+    if not path.exists():
+        return pd.DataFrame(columns=GRADIENT_COLUMNS)
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
+        path.replace(path.with_name(path.name + ".bad"))
+        warnings.warn(f"{path} is unreadable ({type(e).__name__}); moved it to {path.name}.bad and "
+                      "started the gradient record afresh", stacklevel=2)
+        return pd.DataFrame(columns=GRADIENT_COLUMNS)
 
 
 def append_gradients(run: Run, rows: list[dict]) -> None:

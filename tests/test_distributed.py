@@ -113,3 +113,40 @@ def test_ddp_run_writes_one_consistent_set_of_files_and_metrics(runs):
     # The train row covers the whole global batch (both processes' halves), not rank 0's half.
     pd.testing.assert_series_equal(ddp["error_pct"], single["error_pct"])
     pd.testing.assert_series_equal(ddp["loss"], single["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_both_processes_at_one_step_and_resume_is_exact(tmp_path):
+    """torchrun forwards SIGTERM to its processes; they agree on a step to stop at, rank 0 writes a
+    mid-epoch checkpoint, and the resumed DDP run ends with exactly an uninterrupted one's metrics."""
+    import os
+    import signal
+    import time
+
+    data = write_small_fashion_mnist(tmp_path / "data")
+    args = ["run", "--arch", "resnet", "--depth", "20", "--iterations", "120", "--batch-size", "16",
+            "--device", "cpu", "--no-progress", "--dataset", "fashion-mnist", "--data-dir", str(data)]
+
+    def launch(runs):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port()), "-m", "study", *args, "--runs-dir", str(runs)]
+
+    whole = subprocess.run(launch(tmp_path / "whole"), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    run_id = "fashion-mnist-resnet20-A-s0-it120-b16-bn2"
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(launch(cut), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (cut / run_id / "checkpoint.pt").exists():  # the first epoch (6 steps) is done
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    status = __import__("json").loads((cut / run_id / "status.json").read_text())
+    assert status["status"] == "interrupted", err
+    assert status["iteration"] % 20 == 0 and status["iteration"] < 120  # the agreed step
+    resumed = subprocess.run(launch(cut), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    a = pd.read_parquet(tmp_path / "whole" / run_id / "metrics.parquet").drop(columns="elapsed_s")
+    b = pd.read_parquet(cut / run_id / "metrics.parquet").drop(columns="elapsed_s")
+    pd.testing.assert_frame_equal(a, b)

@@ -227,3 +227,14 @@ def test_gradients_file_appends_and_truncates_on_resume(tmp_path):
     df = pd.read_parquet(run.dir / "gradients.parquet")
     assert df.iteration.tolist() == [2, 4, 6, 8]
     truncate_gradients(Run(tmp_path / "none", run.cfg), 3)  # no file yet: nothing to do
+
+
+def test_an_unreadable_gradients_file_is_set_aside_not_fatal(tmp_path):
+    run = Run(tmp_path, RunConfig(arch="plain", depth=8, iterations=10))
+    run.prepare("cpu")
+    (run.dir / "gradients.parquet").write_bytes(b"not parquet")
+    with pytest.warns(UserWarning, match="unreadable"):
+        truncate_gradients(run, 5)  # what a resuming run does first
+    assert (run.dir / "gradients.parquet.bad").read_bytes() == b"not parquet"
+    append_gradients(run, [{"run_id": "r", "iteration": 6, "layer_index": 1, "layer_name": "w", "grad_norm": 1.0}])
+    assert pd.read_parquet(run.dir / "gradients.parquet").iteration.tolist() == [6]
