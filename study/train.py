@@ -514,10 +514,20 @@ def train_run(
                 seen = partial["seen"]
                 loss_sum, wrong = partial["loss_sum"].to(device), partial["wrong"].to(device)
                 first_bad = partial["first_bad"].to(device)
+                if not ddp.writer:  # the checkpoint's sums are the whole job's; rank 0 carries them
+                    seen, loss_sum, wrong = 0, torch.zeros_like(loss_sum), torch.zeros_like(wrong)
                 partial = None
 
             def epoch_state() -> dict:
-                return {**feed.state(), "seen": seen, "loss_sum": loss_sum, "wrong": wrong, "first_bad": first_bad}
+                """The interrupted epoch's state; its running sums over all processes (every
+                process calls this at the same step)."""
+                if not ddp.enabled:
+                    return {**feed.state(), "seen": seen, "loss_sum": loss_sum, "wrong": wrong, "first_bad": first_bad}
+                total = _all_reduce(torch.stack([loss_sum.double(), wrong.double(),
+                                                 torch.tensor(float(seen), device=device, dtype=torch.float64)]), ddp)
+                return {**feed.state(), "seen": int(total[2].item()), "loss_sum": total[0].to(loss_sum.dtype),
+                        "wrong": total[1].round().to(wrong.dtype),
+                        "first_bad": _all_reduce(first_bad.clone(), ddp, dist.ReduceOp.MAX)}
 
             while iteration < cfg.iterations:
                 batch = feed.next_batch(gen)
