@@ -153,7 +153,8 @@ def validate(cfg: RunConfig) -> None:
         try:
             blocks_per_stage(cfg.depth)
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            hint = f" ({cfg.depth} is an ImageNet depth: add --dataset imagenet)" if cfg.depth in IMAGENET_DEPTHS else ""
+            raise ConfigError(f"{e}{hint}") from None
         if cfg.lighting:
             raise ConfigError("--lighting (PCA colour augmentation) applies to ImageNet only; drop it")
     if cfg.shortcut not in SHORTCUTS:

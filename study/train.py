@@ -231,15 +231,29 @@ class _Follower:
 # --- where batches come from -------------------------------------------------------------------
 
 class _Chunked(nn.Module):
-    """Forward a batch as `chunks` equal parts, so each BN sees its own part's statistics (as on
-    that many devices), and return the concatenated outputs."""
+    """Forward a batch as `chunks` equal parts, so each BN normalises with its own part's
+    statistics (as on that many devices), and return the concatenated outputs. The BN running
+    averages are updated from the first part only, as under DDP, whose buffers are rank 0's: so a
+    `--batch-split S` run is the same computation on one device as on S."""
 
     def __init__(self, model: nn.Module, chunks: int) -> None:
         super().__init__()
         self.model, self.chunks = model, chunks
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.model(part) for part in x.chunk(self.chunks)])
+        first, *rest = x.chunk(self.chunks)
+        outs = [self.model(first)]
+        if rest:
+            tracking = [bn.track_running_stats for bn in self.bns]
+            for bn in self.bns:
+                bn.track_running_stats = False  # batch statistics, running averages untouched
+            try:
+                outs += [self.model(part) for part in rest]
+            finally:
+                for bn, flag in zip(self.bns, tracking):
+                    bn.track_running_stats = flag
+        return torch.cat(outs)
 
 
 class CifarFeed:

@@ -66,10 +66,12 @@ def write_run(
     stop_at=None,
     shortcut="A",
     epoch_iters=None,
+    **settings,
 ):
     """A run written through the real Run API: config.json and status.json by `Run`, metrics in
     the METRIC_COLUMNS schema at the run's own metrics path."""
-    cfg = RunConfig(arch=arch, depth=depth, dataset=dataset, seed=seed, iterations=iterations, shortcut=shortcut)
+    cfg = RunConfig(arch=arch, depth=depth, dataset=dataset, seed=seed, iterations=iterations, shortcut=shortcut,
+                    **settings)
     run = Run(runs_dir, cfg)
     run.prepare("cpu")
     stop_at = stop_at or iterations
@@ -401,6 +403,23 @@ def test_table6_difference_to_the_paper_on_cifar10(tmp_path):
     assert frame.loc["ResNet-110", "test_diff"] == pytest.approx(np.mean(r110) - 6.61)
     assert frame.loc["ResNet-20", "test_diff"] == pytest.approx(r20[0] - 8.75)
     assert any("shortened (2,000 iterations)" in n for n in table.notes)
+
+
+def test_runs_with_other_settings_are_another_study_not_extra_seeds(tmp_path, cli):
+    write_run(tmp_path, "resnet", 20, floor=(1.0, 9.0))
+    write_run(tmp_path, "resnet", 20, floor=(2.0, 30.0), precision="bf16", batch_split=2)
+    data = RunData.load(tmp_path)
+    assert sorted(data.runs["variant"]) == ["", "bf16,bn2"]
+    table = build_table("table6", data)
+    assert table.study.variant == "" and table.frame.set_index("net").loc["ResNet-20", "test_n"] == 1
+    assert any("variant bf16,bn2" in n and "--variant" in n for n in table.notes)
+    code, out, err = cli("table", "table6", "--runs-dir", tmp_path, "--variant", "bn2,bf16")
+    assert code == 0, err
+    assert "variant bf16,bn2" in out
+    bf16 = final_test_errors(tmp_path, ["fashion-mnist-mini-resnet20-A-s0-it400-bn2-bf16"])[0]
+    assert f"{bf16:.2f}" in out
+    code, out, err = cli("table", "table6", "--runs-dir", tmp_path, "--variant", "light0")
+    assert code == 2 and "--variant light0" in err
 
 
 def test_table3_top1_and_top5_per_shortcut_option(tmp_path, cli):

@@ -95,10 +95,18 @@ def test_per_device_bn_ddp_step_equals_the_split_batch_and_differs_from_sync(run
     split_run = RUN + "-bn2"
     assert not (runs / "ddp" / RUN).exists(), "per-device BN must be recorded in the run id"
     ddp, single_split = weights(runs / "ddp" / split_run), weights(runs / "single-split" / split_run)
-    params = [k for k in ddp if "running" not in k]  # running stats: rank 0's half vs two updates
-    assert_equal_weights(ddp, single_split, params)  # the same float32 BN on the same halves
+    # The same float32 BN on the same halves; the running averages are rank 0's half's in both.
+    assert_equal_weights(ddp, single_split, ddp)
+    params = [k for k in ddp if "running" not in k]
     sync = weights(runs / "ddp-sync" / RUN)
     assert max((ddp[k] - sync[k]).abs().max().item() for k in params) > 50 * 2e-5
+
+
+def test_per_device_bn_ddp_metrics_equal_the_split_batch_metrics(runs):
+    split_run = RUN + "-bn2"
+    ddp = pd.read_parquet(runs / "ddp" / split_run / "metrics.parquet").drop(columns="elapsed_s")
+    single = pd.read_parquet(runs / "single-split" / split_run / "metrics.parquet").drop(columns="elapsed_s")
+    pd.testing.assert_frame_equal(ddp, single, rtol=1e-5)  # the same run id computes the same thing
 
 
 def test_ddp_run_writes_one_consistent_set_of_files_and_metrics(runs):

@@ -23,12 +23,27 @@ from .tables import TABLE_NAMES
 
 def _study_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
-    parser.add_argument("--dataset", help="draw the runs of this data set (default: the study closest to the paper)")
+    parser.add_argument("--dataset", help="use the runs of this data set (default: the study closest to the paper)")
     parser.add_argument(
         "--iterations",
         type=int,
-        help="draw the runs of this iteration budget (default: the study closest to the paper)",
+        help="use the runs of this iteration budget (default: the study closest to the paper)",
     )
+    parser.add_argument("--batch-size", type=int, help="use the runs of this batch size")
+    parser.add_argument(
+        "--variant",
+        help="use the runs with these non-paper settings, as the notes name them, e.g. bf16 or bn2,light0 "
+        "(default: the paper's settings where present); `paper` for none",
+    )
+
+
+def _selection(args: argparse.Namespace) -> dict:
+    """The study-choosing options given on the command line, for `pick_study`."""
+    variant = args.variant
+    if variant is not None:
+        variant = "" if variant == "paper" else ",".join(sorted(v.strip() for v in variant.split(",") if v.strip()))
+    select = dict(dataset=args.dataset, iterations=args.iterations, batch_size=args.batch_size, variant=variant)
+    return {k: v for k, v in select.items() if v is not None}
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -113,7 +128,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     drawn_any = False
     for name in names:
         try:
-            drawn = build(name, data, dataset=args.dataset, iterations=args.iterations)
+            drawn = build(name, data, **_selection(args))
         except NoRunsError as e:
             if args.figure != "all":
                 raise
@@ -135,7 +150,7 @@ def cmd_table(args: argparse.Namespace) -> int:
     """Print a table as markdown (with its notes) or CSV (notes on stderr)."""
     from .tables import build
 
-    table = build(args.table, RunData.load(args.runs_dir), dataset=args.dataset, iterations=args.iterations)
+    table = build(args.table, RunData.load(args.runs_dir), **_selection(args))
     if args.format == "csv":
         print(table.csv(), end="")
         _print_notes(args.table, table.notes, file=sys.stderr)
@@ -196,8 +211,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
         )
     if args.run_ids:
         chosen = [runs[r] for r in args.run_ids]
+        imagenet = [r.cfg.run_id for r in chosen if r.cfg.imagenet]
+        if imagenet:
+            raise ConfigError(f"{imagenet[0]} is an ImageNet run; Figure 7's probe is for CIFAR-style runs, leave it out")
     else:
-        chosen = [run for run in runs.values() if run.status().get("status") == "done"]
+        # Figure 7 is a CIFAR figure: every finished run of a CIFAR-style data set.
+        chosen = [run for run in runs.values() if run.status().get("status") == "done" and not run.cfg.imagenet]
         if not chosen:
             raise NoRunsError(f"no finished run in {args.runs_dir} to probe; wait for one to finish or name run ids")
     try:

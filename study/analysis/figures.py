@@ -185,12 +185,12 @@ def _choose(present: list[Series], wanted: tuple[Series, ...], fallback: list[Se
 # --- Figures 1, 4 and 6: error curves --------------------------------------------------------
 
 
-def fig1(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+def fig1(data: RunData, **select: object) -> Drawn:
     """Figure 1: training (left) and test (right) error of plain-20 and plain-56; without those runs,
     of the shallowest and deepest plain nets present."""
     spec = FIGURES["fig1"]
     wanted = spec.panels[0][1]
-    study, notes = pick_study(data, "fig1", imagenet=False, wanted=wanted, dataset=dataset, iterations=iterations)
+    study, notes = pick_study(data, "fig1", imagenet=False, wanted=wanted, **select)
     runs, metrics = study.select(data.runs), study.select(data.metrics)
     plain = [s for s in _series_in(runs) if s[0] == "plain"]
     drawn = _choose(plain, wanted, sorted({plain[0], plain[-1]}) if plain else [])
@@ -276,12 +276,12 @@ def _curve_panels(
     return Drawn(name, fig, study, notes, text)
 
 
-def fig6(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+def fig6(data: RunData, **select: object) -> Drawn:
     """Figure 6: plain nets (left), ResNets (middle), ResNet-110 vs 1202 (right); dashed training
     error, bold test error; the paper's Table 6 errors starred on CIFAR-10."""
     spec = FIGURES["fig6"]
     wanted = [s for _, series in spec.panels for s in series]
-    study, notes = pick_study(data, "fig6", imagenet=False, wanted=wanted, dataset=dataset, iterations=iterations)
+    study, notes = pick_study(data, "fig6", imagenet=False, wanted=wanted, **select)
     present = _series_in(study.select(data.runs))
     (t1, w1), (t2, w2), (t3, w3) = spec.panels
     panels = [
@@ -303,12 +303,12 @@ def fig6(data: RunData, *, dataset: str | None = None, iterations: int | None = 
     )
 
 
-def fig4(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+def fig4(data: RunData, **select: object) -> Drawn:
     """Figure 4: ImageNet plain-18/34 (left) and ResNet-18/34 (right); thin training error, bold
     validation error; the paper's Table 2 (10-crop) errors starred."""
     spec = FIGURES["fig4"]
     wanted = [s for _, series in spec.panels for s in series]
-    study, notes = pick_study(data, "fig4", imagenet=True, wanted=wanted, dataset=dataset, iterations=iterations)
+    study, notes = pick_study(data, "fig4", imagenet=True, wanted=wanted, **select)
     present = _series_in(study.select(data.runs))
     (t1, w1), (t2, w2) = spec.panels
     panels = [
@@ -354,7 +354,7 @@ def _options_text(responses: pd.DataFrame) -> str:
     return ", ".join(parts)
 
 
-def fig7(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+def fig7(data: RunData, **select: object) -> Drawn:
     """Figure 7: the std of each 3x3 layer's response (after BN, before ReLU or addition), top in
     layer order, bottom sorted in descending order; plain-20/56 and ResNet-20/56/110 where measured
     (else every net measured). Reads `responses.parquet` (`study probe`)."""
@@ -362,7 +362,7 @@ def fig7(data: RunData, *, dataset: str | None = None, iterations: int | None = 
 
     wanted = FIGURES["fig7"].panels[0][1]
     study, notes = pick_study(
-        data, "fig7", imagenet=False, wanted=wanted, dataset=dataset, iterations=iterations, needs="responses"
+        data, "fig7", imagenet=False, wanted=wanted, **select, needs="responses"
     )
     responses = study.select(data.responses).copy()
     present = _series_in(responses)
@@ -418,14 +418,14 @@ def fig7(data: RunData, *, dataset: str | None = None, iterations: int | None = 
 # --- Beyond the paper: gradient norms --------------------------------------------------------
 
 
-def gradients(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+def gradients(data: RunData, **select: object) -> Drawn:
     """Per-layer gradient norms, plain vs ResNet, one column per depth: top, the median over
     layers during training; bottom, each layer's norm (median over the recordings). The paper's
     claim (section 4.1) is that plain nets degrade although these stay healthy."""
     import seaborn as sns
 
     study, notes = pick_study(
-        data, "gradients", imagenet=False, dataset=dataset, iterations=iterations, needs="gradients"
+        data, "gradients", imagenet=False, **select, needs="gradients"
     )
     grads = study.select(data.gradients).copy()
     drawn = _series_in(grads)
@@ -488,12 +488,12 @@ def gradients(data: RunData, *, dataset: str | None = None, iterations: int | No
 BUILDERS = {"fig1": fig1, "fig4": fig4, "fig6": fig6, "fig7": fig7, "gradients": gradients}
 
 
-def build(name: str, data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Drawn:
+def build(name: str, data: RunData, **select: object) -> Drawn:
     """Build figure `name` (one of FIGURE_NAMES) from the runs in `data`; NoRunsError if none fit."""
     import seaborn as sns
 
     with sns.axes_style("whitegrid"):
-        return BUILDERS[name](data, dataset=dataset, iterations=iterations)
+        return BUILDERS[name](data, **select)
 
 
 def save(drawn: Drawn, out_dir: str | os.PathLike) -> list[Path]:

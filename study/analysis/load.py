@@ -19,14 +19,32 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import PAPER_BATCH_SIZE, ConfigError
+from ..config import IMAGENET_BATCH_SIZE, PAPER_BATCH_SIZE, ConfigError
 from ..evaluate import TENCROP_FILE
 from ..runstore import METRIC_COLUMNS
 from .paper import CIFAR_ITERATIONS, IMAGENET, IMAGENET_ITERATIONS, Series, series_label
 
 IDENTITY = ["run_id", "dataset", "arch", "depth", "shortcut", "seed"]
-STUDY_KEY = ["dataset", "iterations", "batch_size", "holdout"]
-RUN_COLUMNS = IDENTITY + ["iterations", "batch_size", "holdout", "status", "last_iteration"]
+STUDY_KEY = ["dataset", "iterations", "batch_size", "holdout", "variant"]
+RUN_COLUMNS = IDENTITY + ["iterations", "batch_size", "holdout", "variant", "status", "last_iteration"]
+
+
+def variant_of(cfg: dict) -> str:
+    """A run's settings that differ from the paper's, other than budget, batch and hold-out, as the
+    run id's suffixes name them (`bf16`, `bn2`, `light0`, `plateau`, ...), sorted and comma-joined;
+    "" for the paper's protocol. Runs of different variants are different studies."""
+    from ..config import ALL_DATASETS, ConfigError as _ConfigError, RunConfig
+
+    if cfg.get("dataset") not in ALL_DATASETS:
+        return ""
+    try:
+        run = RunConfig.from_dict(cfg)
+        paper = RunConfig(arch=run.arch, depth=run.depth, dataset=run.dataset, shortcut=run.shortcut, seed=run.seed,
+                          iterations=run.iterations, batch_size=run.batch_size, holdout=run.holdout)
+    except (_ConfigError, TypeError, ValueError):
+        return ""
+    base = paper.run_id
+    return ",".join(sorted(p for p in run.run_id[len(base):].split("-") if p)) if run.run_id.startswith(base) else ""
 # From `tencrop.json` (ImageNet runs that `study evaluate` has tested): 10-crop top-1 and top-5
 # error % and the checkpoint iteration they score; NaN for runs without one.
 TENCROP_COLUMNS = ["tencrop_top1", "tencrop_top5", "tencrop_iteration"]
@@ -74,6 +92,7 @@ def _run_row(run_dir: Path) -> dict | None:
         "iterations": int(cfg.get("iterations", CIFAR_ITERATIONS)),
         "batch_size": int(cfg.get("batch_size", PAPER_BATCH_SIZE)),
         "holdout": bool(cfg.get("holdout", False)),
+        "variant": variant_of(cfg),
         "status": str(status.get("status", "new")),
         "last_iteration": int(status.get("iteration", 0)),
         **_tencrop(run_dir),
@@ -188,12 +207,14 @@ class Study:
     iterations: int
     batch_size: int
     holdout: bool
+    variant: str = ""
 
     @property
     def is_paper(self) -> bool:
-        """The paper's own setting: CIFAR-10 for 64k iterations, or ImageNet for 60e4."""
+        """The paper's own setting: CIFAR-10 for 64k iterations, or ImageNet for 60e4, and no
+        deviation of protocol (`variant`)."""
         budget = IMAGENET_ITERATIONS if self.dataset == IMAGENET else CIFAR_ITERATIONS
-        return self.dataset in ("cifar10", IMAGENET) and self.iterations == budget
+        return self.dataset in ("cifar10", IMAGENET) and self.iterations == budget and not self.variant
 
     @property
     def eval_name(self) -> str:
@@ -203,10 +224,12 @@ class Study:
     def label(self) -> str:
         """E.g. `fashion-mnist-mini, 200 iterations`; a non-paper batch size or a hold-out is named."""
         parts = [self.dataset, f"{self.iterations:,} iterations"]
-        if self.batch_size != PAPER_BATCH_SIZE and self.dataset != IMAGENET:
+        if self.batch_size != (IMAGENET_BATCH_SIZE if self.dataset == IMAGENET else PAPER_BATCH_SIZE):
             parts.append(f"batch {self.batch_size}")
         if self.holdout:
             parts.append("90/10 hold-out")
+        if self.variant:
+            parts.append(f"variant {self.variant}")
         return ", ".join(parts)
 
     def select(self, df: pd.DataFrame) -> pd.DataFrame:
@@ -216,6 +239,7 @@ class Study:
             & (df["iterations"] == self.iterations)
             & (df["batch_size"] == self.batch_size)
             & (df["holdout"] == self.holdout)
+            & (df["variant"] == self.variant)
         )
         return df[mask]
 
@@ -223,7 +247,7 @@ class Study:
 def studies(runs: pd.DataFrame) -> list[Study]:
     """The distinct studies in a run table."""
     keys = runs[STUDY_KEY].drop_duplicates().itertuples(index=False)
-    return [Study(str(d), int(i), int(b), bool(h)) for d, i, b, h in keys]
+    return [Study(str(d), int(i), int(b), bool(h), str(v)) for d, i, b, h, v in keys]
 
 
 def pick_study(
@@ -234,37 +258,40 @@ def pick_study(
     wanted: Iterable[Series] = (),
     dataset: str | None = None,
     iterations: int | None = None,
+    batch_size: int | None = None,
+    variant: str | None = None,
     needs: str = "metrics",
 ) -> tuple[Study, list[str]]:
     """Choose the study that `what` (a figure or table name) is drawn from.
 
-    Candidates are ImageNet runs or the others (`imagenet`), narrowed by `dataset`/`iterations`
-    when given, and only runs with rows in `needs` (`metrics`, `responses` or `gradients`).
-    Preferred: the study holding any of the paper's `wanted` series, then the paper's own setting,
+    Candidates are ImageNet runs or the others (`imagenet`), narrowed by `dataset`, `iterations`,
+    `batch_size` and `variant` ("" for the paper's protocol) when given, and only runs with rows in
+    `needs` (`metrics`, `responses` or `gradients`). Preferred: the study holding any of the
+    paper's `wanted` series, then the paper's own setting, then the paper's protocol (no variant),
     then the one with most of `wanted`, then the most runs. Returns the study and one note naming
     the studies left out. NoRunsError when no run qualifies.
     """
     runs = data.runs[data.runs["run_id"].isin(getattr(data, needs)["run_id"])]
     candidates = runs[(runs["dataset"] == IMAGENET) == imagenet]
-    if dataset is not None:
-        candidates = candidates[candidates["dataset"] == dataset]
-    if iterations is not None:
-        candidates = candidates[candidates["iterations"] == iterations]
+    chosen = (("dataset", "--dataset", dataset), ("iterations", "--iterations", iterations),
+              ("batch_size", "--batch-size", batch_size), ("variant", "--variant", variant))
+    for column, _, value in chosen:
+        if value is not None:
+            candidates = candidates[candidates[column] == value]
     if candidates.empty:
         present = "; ".join(s.label() for s in studies(runs)) or "none"
         kind = "ImageNet runs (dataset imagenet)" if imagenet else "CIFAR-style runs"
         fixes = {
             "responses": "run `study probe` on finished runs first",
-            "gradients": "runs trained by this version of study record them (gradients.parquet); train one",
+            "gradients": "runs record them every 100 iterations (gradients.parquet); train one of at least 100",
         }
         fix = fixes.get(needs, "pass --runs-dir to the directory that holds them")
         if needs == "metrics" and runs.empty:
             fix = "no run has finished an epoch yet: wait for one, or " + fix
-        filters = ", ".join(
-            f"{k} {v}" for k, v in (("--dataset", dataset), ("--iterations", iterations)) if v is not None
-        )
+        filters = ", ".join(f"{flag} {value if value != '' else 'paper'}" for _, flag, value in chosen
+                            if value is not None)
         if filters:
-            fix = "pick --dataset/--iterations among those, or leave them out"
+            fix = "pick --dataset/--iterations/--batch-size/--variant among those, or leave them out"
         raise NoRunsError(
             f"{what} needs {kind} with {needs}{' matching ' + filters if filters else ''} in {data.runs_dir}, "
             f"found none (runs with {needs}: {present}); {fix}"
@@ -274,13 +301,13 @@ def pick_study(
     def score(study: Study) -> tuple:
         group = study.select(candidates)
         hits = len(set(zip(group["arch"], group["depth"], group["shortcut"])) & wanted)
-        return (hits > 0, study.is_paper, hits, len(group))
+        return (hits > 0, study.is_paper, not study.variant, hits, len(group))
 
     ranked = sorted(studies(candidates), key=score, reverse=True)
     notes = []
     if len(ranked) > 1:
         others = "; ".join(s.label() for s in ranked[1:])
-        notes.append(f"also present, not used here: {others} (choose with --dataset/--iterations)")
+        notes.append(f"also present, not used here: {others} (choose with --dataset/--iterations/--batch-size/--variant)")
     return ranked[0], notes
 
 

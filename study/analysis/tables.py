@@ -177,11 +177,11 @@ def with_tencrop(done: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, 
     return done, [note]
 
 
-def table6(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Table:
+def table6(data: RunData, **select: object) -> Table:
     """Table 6: CIFAR-10 final test error of the ResNets (and of the plain nets, which the paper
     gives only as curves), our training error beside it."""
     wanted = list(TABLE6)
-    study, notes = pick_study(data, "table6", imagenet=False, wanted=wanted, dataset=dataset, iterations=iterations)
+    study, notes = pick_study(data, "table6", imagenet=False, wanted=wanted, **select)
     split = "val" if study.holdout else "test"
     return _compare(
         "table6",
@@ -194,10 +194,10 @@ def table6(data: RunData, *, dataset: str | None = None, iterations: int | None 
     )
 
 
-def table2(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Table:
+def table2(data: RunData, **select: object) -> Table:
     """Table 2: ImageNet top-1 validation error of plain and ResNet (option A), 18 and 34 layers."""
     wanted = list(TABLE2)
-    study, notes = pick_study(data, "table2", imagenet=True, wanted=wanted, dataset=dataset, iterations=iterations)
+    study, notes = pick_study(data, "table2", imagenet=True, wanted=wanted, **select)
     return _compare(
         "table2",
         "Table 2, ImageNet top-1 validation error (%)",
@@ -211,10 +211,10 @@ def table2(data: RunData, *, dataset: str | None = None, iterations: int | None 
     )
 
 
-def table3(data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Table:
+def table3(data: RunData, **select: object) -> Table:
     """Table 3: ImageNet 34-layer nets, top-1 and top-5 validation error per shortcut option."""
     wanted = list(TABLE3)
-    study, notes = pick_study(data, "table3", imagenet=True, wanted=wanted, dataset=dataset, iterations=iterations)
+    study, notes = pick_study(data, "table3", imagenet=True, wanted=wanted, **select)
     notes.append(f"top-5 without a 10-crop test comes from the metrics column `{TOP5_COLUMN}` where runs log it")
     return _compare(
         "table3",
@@ -235,6 +235,6 @@ def table3(data: RunData, *, dataset: str | None = None, iterations: int | None 
 BUILDERS = {"table2": table2, "table3": table3, "table6": table6}
 
 
-def build(name: str, data: RunData, *, dataset: str | None = None, iterations: int | None = None) -> Table:
+def build(name: str, data: RunData, **select: object) -> Table:
     """Build table `name` (one of TABLE_NAMES) from the runs in `data`; NoRunsError if none fit."""
-    return BUILDERS[name](data, dataset=dataset, iterations=iterations)
+    return BUILDERS[name](data, **select)
