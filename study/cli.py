@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--holdout", action="store_true", default=None, help="train on 90%% of the training set, log `val` on the rest"
     )
-    run.add_argument("--data-dir", help="where the data set's files are (default ./data)")
+    run.add_argument("--data-dir", help="where the data set's files are (default ./data; ImageNet: ./data/imagenet)")
     run.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
     run.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -143,6 +143,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.sync_bn and world == 1:
         raise ConfigError("--sync-bn applies to runs launched by torchrun over several processes; drop it")
     configs = _run_configs(args, world)
+    if not any(cfg.imagenet for cfg in configs):
+        if args.workers is not None:
+            raise ConfigError("--workers sets ImageNet's DataLoader workers; CIFAR-style data sit on the device, drop it")
+    elif args.download:
+        raise ConfigError("ImageNet cannot be downloaded; drop --download and pass --data-dir to your copy")
     if args.launcher != "local":
         from .launch import submit
 
@@ -206,11 +211,14 @@ def cmd_grids(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.runs_dir):
+        raise RunStoreError(f"runs dir {args.runs_dir} does not exist; pass --runs-dir to where your runs are")
     runs = list_runs_with_queued(args.runs_dir)
     if not runs:
         print(f"no runs in {args.runs_dir}")
         return 0
-    print(f"{'run':<40} {'status':<12} {'iteration':>15} {'train err %':>11} {'eval err %':>10}")
+    width = max(40, *(len(run.cfg.run_id) + 1 for run in runs))
+    print(f"{'run':<{width}} {'status':<12} {'iteration':>15} {'train err %':>11} {'eval err %':>10}")
     for run in runs:
         st = run_status(run)
         metrics = run.read_metrics()
@@ -219,7 +227,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         eval_split = "val" if run.cfg.holdout else "test"
         eval_err = f"{last[eval_split]:.2f}" if eval_split in last else "-"
         it = f"{st.get('iteration', 0)}/{run.cfg.iterations}"
-        print(f"{run.cfg.run_id:<40} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10}")
+        print(f"{run.cfg.run_id:<{width}} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10}")
     return 0
 
 
@@ -231,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except (UsageError, *USER_ERRORS) as e:
-        print(f"study: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
+            print(f"study: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("study: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)

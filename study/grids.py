@@ -78,10 +78,9 @@ def grid_configs(
     for seed in seeds if seeds is not None else [0]:
         for cfg in GRIDS[name].configs:
             if dataset is not None and (dataset in IMAGENET_DATASETS) != cfg.imagenet:
+                fix = "--dataset imagenet" if cfg.imagenet else "a CIFAR-style --dataset"
                 family = "ImageNet" if cfg.imagenet else "CIFAR-style"
-                raise ConfigError(
-                    f"grid {name!r} is for {family} data; use a {family} --dataset or another grid (`study grids`)"
-                )
+                raise ConfigError(f"grid {name!r} is for {family} data; use {fix} or another grid (`study grids`)")
             changed = {**overrides, **({"dataset": dataset} if dataset is not None else {})}
             out.append(replace(cfg, seed=seed, **changed))
     return out

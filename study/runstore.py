@@ -132,8 +132,9 @@ class Run:
         atomic_write_text(self.status_path, json.dumps(record, indent=1) + "\n")
 
     # --- config -----------------------------------------------------------------------------
-    def prepare(self, device: str) -> None:
-        """Create the directory and write `config.json`, or check that an existing one matches."""
+    def prepare(self, device: str, **provenance_extra: Any) -> None:
+        """Create the directory and write `config.json`, or check that an existing one matches.
+        `provenance_extra` (e.g. the DDP process count) joins the provenance record."""
         if self.conflicts():
             raise RunStoreError(
                 f"{self.dir} holds a run with a different or unreadable config.json; "
@@ -142,7 +143,7 @@ class Run:
         if self.config_path.exists():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        record = {"run_id": self.cfg.run_id, "config": self.cfg.to_dict(), "provenance": provenance(device)}
+        record = {"run_id": self.cfg.run_id, "config": self.cfg.to_dict(), "provenance": {**provenance(device), **provenance_extra}}
         atomic_write_text(self.config_path, json.dumps(record, indent=1) + "\n")
 
     # --- metrics ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .config import ConfigError, RunConfig
-from .data import Data, augment, eval_batches, imagenet, load_data, normalize
+from .data import Data, DataError, augment, eval_batches, imagenet, load_data, normalize
 from .models import build_model
 from .models.syncbn import convert_sync_batchnorm
 from .probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_responses, truncate_gradients
@@ -324,6 +324,10 @@ class ImageNetFeed:
             images, labels = next(self.it)
         except StopIteration:
             return None
+        except DataError as e:
+            # Raised in a worker, it arrives with the worker's traceback; keep its last line.
+            last = str(e).strip().splitlines()[-1]
+            raise DataError(last.split("DataError: ", 1)[-1]) from None
         self.batches += 1
         x = imagenet.normalize(images.to(self.device, non_blocking=True), lighting=self.lighting, generator=gen)
         y = labels.to(self.device, non_blocking=True)
@@ -422,7 +426,8 @@ def train_run(
     """
     if not ddp.writer:
         run = _Follower(run)  # type: ignore[assignment]
-    run.prepare(str(device))
+    run.prepare(str(device), processes=ddp.world,
+                **({"backend": dist.get_backend(), "sync_bn": ddp.sync_bn} if ddp.enabled else {}))
     run.clean_temporaries()
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     if isinstance(data, imagenet.ImageNetData):
@@ -794,8 +799,8 @@ def _run_list(
                     run.cfg, run, data, dev, progress=progress, stop=stop, compile=compile, ddp=ddp,
                     workers=workers, checkpoint_every=IMAGENET_CHECKPOINT_EVERY if run.cfg.imagenet else None,
                 )
-            except (StopRequested, KeyboardInterrupt):
-                raise
+            except (StopRequested, KeyboardInterrupt, DataError):
+                raise  # bad data (an unreadable image) would fail every run: stop, say which file
             except Exception as e:  # one broken run must not take the grid down
                 if ddp.enabled:
                     raise  # the other processes cannot carry on alone

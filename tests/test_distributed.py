@@ -114,6 +114,8 @@ def test_ddp_run_writes_one_consistent_set_of_files_and_metrics(runs):
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         ["checkpoint.pt", "config.json", "lock", "metrics.parquet", "responses.parquet", "status.json"]
     )
+    provenance = __import__("json").loads((run_dir / "config.json").read_text())["provenance"]
+    assert provenance["processes"] == 2 and provenance["backend"] == "gloo" and provenance["sync_bn"] is True
     ddp = pd.read_parquet(run_dir / "metrics.parquet")
     single = pd.read_parquet(runs / "single" / RUN / "metrics.parquet")
     assert list(ddp.columns) == METRIC_COLUMNS

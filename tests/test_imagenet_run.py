@@ -102,3 +102,20 @@ def test_a_resumed_epoch_continues_with_the_images_not_yet_seen(tmp_path):
     assert list(loader.sampler) == whole[8:] and len(loader) == 3  # 10 of 18 images left: 3 batches
     set_epoch(loader, 3)
     assert len(list(loader.sampler)) == 18 and list(loader.sampler) != whole
+
+
+def test_an_unreadable_image_met_during_training_is_one_line_exit_2(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "data", per_class=(1, 1))
+    # Not the first file: the up-front check decodes each split's first file.
+    bad = sorted((root / "train").glob("*/*.JPEG"))[-1]
+    bad.write_bytes(b"\xff\xd8 this is not a JPEG")  # found only when a worker decodes it
+    runs = tmp_path / "runs"
+    args = ["run", "--arch", "resnet", "--depth", "18", "--dataset", "imagenet", "--iterations", "3",
+            "--batch-size", "3", "--workers", "1", "--device", "cpu", "--runs-dir", str(runs), "--no-progress",
+            "--data-dir", str(root)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot decode image" in err and bad.name in err
+    (run_dir,) = runs.iterdir()
+    status = __import__("json").loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "\n" not in status["error"]

@@ -9,6 +9,7 @@ a difference is within the seeds' spread, so a reader can weigh it.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,6 +320,12 @@ def write_report(data: RunData, out: str | os.PathLike, *, log=print) -> Path:
 
     out = Path(out)
     out_dir = out.parent
+    try:  # before anything is printed or drawn: an unwritable --out is a one-line error
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write the report to {out_dir} ({e.strerror or e}); pass --out a writable path") from None
     lines = ["# The degradation study: your runs against the paper", ""]
     statuses = data.runs["status"].value_counts().to_dict()
     lines += [
