@@ -103,6 +103,23 @@ class Data:
 
 def load_data(name: str, data_dir: str | os.PathLike | None = None, *, holdout: bool = False,
               download: bool = False) -> Data:
+    """Load data set ``name`` into CPU tensors (see `_load_data`). A failed ``download`` leaves no
+    directory behind that it created (they are removed if still empty)."""
+    root = Path(data_dir if data_dir is not None else "data").absolute()
+    created = [p for p in (root, *root.parents) if not p.exists()] if download else []
+    try:
+        return _load_data(name, data_dir, holdout=holdout, download=download)
+    except DataError:
+        for path in created:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _load_data(name: str, data_dir: str | os.PathLike | None = None, *, holdout: bool = False,
+               download: bool = False) -> Data:
     """Load data set ``name`` into CPU tensors.
 
     With ``holdout=False`` the model trains on the full official training set and is evaluated on
