@@ -39,7 +39,6 @@ from .config import ConfigError, RunConfig
 from .runstore import (
     FINAL_STATUSES,
     Run,
-    RunStoreError,
     atomic_write_text,
     check_writable,
     list_runs,
@@ -411,11 +410,7 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *,
     root = Path(runs_dir).absolute()
     runs = [Run(root, cfg) for cfg in configs]
     for run in runs:
-        if run.conflicts():
-            raise RunStoreError(
-                f"{run.dir} holds a run with a different or unreadable config.json; "
-                "move that directory away or use another --runs-dir"
-            )
+        run.check_no_conflict()
     todo = [run for run in runs if not run.is_finished()]
     if not todo:
         print(f"nothing to submit: all {len(runs)} runs are finished (`study status --runs-dir {runs_dir}`)")

@@ -135,11 +135,7 @@ class Run:
     def prepare(self, device: str, **provenance_extra: Any) -> None:
         """Create the directory and write `config.json`, or check that an existing one matches.
         `provenance_extra` (e.g. the DDP process count) joins the provenance record."""
-        if self.conflicts():
-            raise RunStoreError(
-                f"{self.dir} holds a run with a different or unreadable config.json; "
-                "move that directory away or use another --runs-dir"
-            )
+        self.check_no_conflict()
         if self.config_path.exists():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +217,14 @@ class Run:
 
     def is_finished(self) -> bool:
         return self.status().get("status") in FINAL_STATUSES
+
+    def check_no_conflict(self) -> None:
+        """RunStoreError (one line, naming the fix) if `conflicts()`."""
+        if self.conflicts():
+            raise RunStoreError(
+                f"{self.dir} holds a run with a different or unreadable config.json; "
+                "move that directory away or use another --runs-dir"
+            )
 
     def conflicts(self) -> bool:
         """True if the directory holds a config.json that is not this run's config."""

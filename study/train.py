@@ -39,7 +39,7 @@ from .data import Data, DataError, augment, eval_batches, imagenet, load_data, n
 from .models import build_model
 from .models.syncbn import convert_sync_batchnorm
 from .probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_responses, truncate_gradients
-from .runstore import Run, RunStoreError, check_writable
+from .runstore import Run, check_writable
 
 EVAL_BATCH_SIZE = 1000
 AUTO_GPU_CONCURRENCY = 4  # runs sharing one GPU when --concurrency is not given
@@ -710,11 +710,7 @@ def run_all(
             datasets[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=download).to(dev)
     runs = [Run(runs_dir, cfg) for cfg in configs]
     for run in runs:
-        if run.conflicts():
-            raise RunStoreError(
-                f"{run.dir} holds a run with a different or unreadable config.json; "
-                "move that directory away or use another --runs-dir"
-            )
+        run.check_no_conflict()
     if ddp.writer:
         check_writable(Path(runs_dir))  # last check: it creates the runs dir
     if concurrency is None:  # auto: share a GPU between a few runs, one at a time on a CPU
