@@ -566,8 +566,12 @@ def train_run(
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), iteration, first_bad)
                 if warming_up:
                     # The whole batch's running error, agreed by all processes.
-                    counts = _all_reduce(torch.stack([wrong.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]), ddp)
-                    if 100.0 * counts[0].item() / counts[1].item() < cfg.warmup_until_error or (
+                    if ddp.enabled:
+                        counts = _all_reduce(torch.stack([wrong.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]), ddp)
+                        running_err = 100.0 * counts[0].item() / counts[1].item()
+                    else:
+                        running_err = 100.0 * wrong.item() / seen  # one host sync per warm-up step
+                    if running_err < cfg.warmup_until_error or (
                         iteration >= cfg.milestone_iterations[0] and cfg.lr_schedule == "step"
                     ):
                         warming_up = False
