@@ -224,8 +224,11 @@ class _Follower:
     def status(self) -> dict:
         return self._run.status()
 
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args, **kwargs: None  # prepare, set_status, write_metrics, save_checkpoint ...
+    # What train_run writes through a Run: nothing, on this rank.
+    def prepare(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    clean_temporaries = write_metrics = save_checkpoint = set_status = prepare
 
 
 # --- where batches come from -------------------------------------------------------------------
@@ -537,13 +540,17 @@ def train_run(
                     seen, loss_sum, wrong = 0, torch.zeros_like(loss_sum), torch.zeros_like(wrong)
                 partial = None
 
+            def job_sums() -> torch.Tensor:
+                """(loss sum, wrong, seen) of the epoch so far, summed over all processes."""
+                seen_t = torch.tensor(float(seen), device=device, dtype=torch.float64)
+                return _all_reduce(torch.stack([loss_sum.double(), wrong.double(), seen_t]), ddp)
+
             def epoch_state() -> dict:
                 """The interrupted epoch's state; its running sums over all processes (every
                 process calls this at the same step)."""
                 if not ddp.enabled:
                     return {**feed.state(), "seen": seen, "loss_sum": loss_sum, "wrong": wrong, "first_bad": first_bad}
-                total = _all_reduce(torch.stack([loss_sum.double(), wrong.double(),
-                                                 torch.tensor(float(seen), device=device, dtype=torch.float64)]), ddp)
+                total = job_sums()
                 return {**feed.state(), "seen": int(total[2].item()), "loss_sum": total[0].to(loss_sum.dtype),
                         "wrong": total[1].round().to(wrong.dtype),
                         "first_bad": _all_reduce(first_bad.clone(), ddp, dist.ReduceOp.MAX)}
@@ -567,8 +574,8 @@ def train_run(
                 if warming_up:
                     # The whole batch's running error, agreed by all processes.
                     if ddp.enabled:
-                        counts = _all_reduce(torch.stack([wrong.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]), ddp)
-                        running_err = 100.0 * counts[0].item() / counts[1].item()
+                        _, wrong_all, seen_all = job_sums().tolist()
+                        running_err = 100.0 * wrong_all / seen_all
                     else:
                         running_err = 100.0 * wrong.item() / seen  # one host sync per warm-up step
                     if running_err < cfg.warmup_until_error or (
@@ -589,9 +596,7 @@ def train_run(
                     checkpoint(epoch_state())
             # End of an epoch, or of a shortened run inside one (that partial epoch is logged too).
             epoch += 1
-            sums = _all_reduce(
-                torch.stack([loss_sum.double(), wrong.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]), ddp
-            ).tolist()
+            sums = job_sums().tolist()
             first_bad = _all_reduce(first_bad, ddp, dist.ReduceOp.MAX if ddp.enabled else None)
             train_loss, train_err = sums[0] / sums[2], 100.0 * sums[1] / sums[2]
             if ddp.enabled:  # every process evaluates rank 0's BN statistics (the checkpoint's)
