@@ -66,7 +66,7 @@ from study.config import PAPER_BATCH_SIZE, PAPER_ITERATIONS, PRECISIONS, RunConf
 from study.data import Data, Split, augment, dataset_info, normalize, train_batches
 from study.data.sources import pixel_mean
 from study.models import build_model, count_macs, count_params
-from study.train import AUTO_GPU_CONCURRENCY, lr_at, resolve_device, sgd_step
+from study.train import AUTO_GPU_CONCURRENCY, compile_model, lr_at, resolve_device, sgd_step, tune_device
 
 TRAIN_SIZE = 50_000  # CIFAR-10's training set
 # The per-channel statistics every torchvision CIFAR recipe normalises with.
@@ -176,7 +176,8 @@ def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bo
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=fmt)
     model.train()
-    forward = torch.compile(model, mode="max-autotune" if device.type == "cuda" else None) if compile else model
+    tune_device(device)
+    forward = compile_model(model, device) if compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -197,6 +198,73 @@ def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bo
         wrong.add_((out.argmax(1) != y).sum())
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), iteration, first_bad)
         return len(y)
+
+    return step
+
+
+def make_graphed_step(cfg: RunConfig, data: Data, device: torch.device) -> Callable[[], int]:
+    """Diagnostic (d), CUDA only, not what `study run` trains: the fast step with the whole
+    training step (forward, loss, backward, SGD update) captured by hand as one CUDA graph and
+    replayed, so the host launches one graph per step. The update is torch's fused SGD with the
+    learning rate as a device tensor (set before each replay, so the schedule still applies).
+    Full batches only: an epoch's partial last batch is skipped. Its speed is the launch-free floor
+    of one run at a time, against which (b) and `--compile` can be judged."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=data.info.num_classes,
+                        in_channels=data.info.in_channels).to(device).to(memory_format=torch.channels_last)
+    model.train()
+    tune_device(device)
+    lr = torch.tensor(cfg.lr, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          fused=True)
+    # Autocast's cast cache must be off under graph capture.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16", cache_enabled=False)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    batches = forever(lambda: train_batches(data.train, cfg.batch_size, gen))
+    b = cfg.batch_size
+    x_static = torch.empty((b, *data.train.images.shape[1:]), device=device).contiguous(memory_format=torch.channels_last)
+    y_static = torch.empty(b, device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=device)
+    wrong = torch.zeros((), device=device, dtype=torch.long)
+    iteration = 0
+
+    def load() -> None:
+        nonlocal iteration
+        x_u8, y = next(batches)
+        while len(y) != b:
+            x_u8, y = next(batches)
+        x_static.copy_(augment(normalize(x_u8, data.mean), gen))
+        y_static.copy_(y)
+        lr.fill_(lr_at(cfg, iteration, False))
+        iteration += 1
+
+    def train_step() -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast:
+            out = model(x_static)
+            loss = F.cross_entropy(out, y_static)
+        loss.backward()
+        opt.step()
+        return loss.detach(), out.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up steps (real steps of the run) off the capturing stream
+        for _ in range(3):
+            load()
+            opt.zero_grad(set_to_none=True)
+            train_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # backward in the graph then writes, rather than adds, the gradients
+    with torch.cuda.graph(graph):
+        loss, out = train_step()
+
+    def step() -> int:
+        load()
+        graph.replay()
+        loss_sum.add_(loss * b)
+        wrong.add_((out.argmax(1) != y_static).sum())
+        return b
 
     return step
 
@@ -397,6 +465,29 @@ def measure_fast(nets: list[tuple[str, int]], images: np.ndarray, labels: np.nda
     return rates
 
 
+def measure_graphed(nets: list[tuple[str, int]], images: np.ndarray, labels: np.ndarray, settings: dict,
+                    device: torch.device, log: Callable[[str], None]) -> dict[tuple[str, int], dict]:
+    """(d), a diagnostic: images/s of each net through `make_graphed_step`; a net whose capture
+    fails records the error instead, and the benchmark goes on."""
+    data = device_data(images, labels, device)
+    results = {}
+    for arch, depth in nets:
+        cfg = RunConfig(arch=arch, depth=depth, dataset="cifar10", batch_size=settings["batch_size"],
+                        precision=settings["precision"])
+        try:
+            step = make_graphed_step(cfg, data, device)
+            rates, warmup_s = images_per_s(step, device, settings["warmup"], settings["steps"], settings["repeats"])
+            results[(arch, depth)] = {"rates": rates, "images_per_s": statistics.median(rates), "warmup_s": warmup_s}
+            log(f"(d) whole step as one CUDA graph {arch}{depth}: {statistics.median(rates):,.0f} images/s")
+        except Exception as e:  # noqa: BLE001 - a diagnostic must not cost the benchmark
+            results[(arch, depth)] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"(d) {arch}{depth} failed: {type(e).__name__}: {e}")
+        finally:
+            step = None
+            torch.cuda.empty_cache()
+    return results
+
+
 # --- reporting -----------------------------------------------------------------------------------
 
 def machine_info(device: torch.device) -> dict:
@@ -430,7 +521,7 @@ def machine_info(device: torch.device) -> dict:
 
 
 def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict, rounds: list[dict],
-            peak_flops: float) -> tuple[list[dict], dict]:
+            peak_flops: float, graphed: dict | None = None) -> tuple[list[dict], dict]:
     """Per-net rows and whole-grid figures: medians, ratios, model FLOP utilisation (6 x MACs per
     image: forward, and a backward of twice its cost) and minutes projected for the paper's grid."""
     rows = []
@@ -442,6 +533,13 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
             row[f"{key}_images_per_s"] = statistics.median(row[key])
             row[f"{key}_mfu"] = 6 * row["macs"] * row[f"{key}_images_per_s"] / peak_flops
         row["fast_over_reference"] = row["fast_images_per_s"] / row["reference_images_per_s"]
+        if graphed is not None:
+            g = graphed[net]
+            row["graphed"] = g
+            if "images_per_s" in g:
+                row["graphed_images_per_s"] = g["images_per_s"]
+                row["graphed_over_reference"] = g["images_per_s"] / row["reference_images_per_s"]
+                row["graphed_mfu"] = 6 * row["macs"] * g["images_per_s"] / peak_flops
         rows.append(row)
     # One net after another, equal images each: the grid takes sum(images / rate).
     mean_macs = statistics.mean(row["macs"] for row in rows)
@@ -455,6 +553,9 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
                 for r in rounds for (arch, depth), n in zip(r["nets"], r["images_per_net"]))
     grid["concurrent"] = {"images_per_s": sum(statistics.median(r["images"]) for r in rounds) / wall,
                           "mfu": flops / wall / peak_flops}
+    if rows and all("graphed_images_per_s" in row for row in rows):
+        rate = len(rows) / sum(1 / row["graphed_images_per_s"] for row in rows)
+        grid["graphed"] = {"images_per_s": rate, "mfu": 6 * mean_macs * rate / peak_flops}
     paper_images = len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE
     for g in grid.values():
         g["vs_reference"] = g["images_per_s"] / grid["reference"]["images_per_s"]
@@ -468,15 +569,16 @@ def print_report(title: str, rows: list[dict], grid: dict, k: int) -> None:
     print(f"{'net':<10} {'MMACs':>7} {'(a) ref img/s':>14} {'(b) fast img/s':>15} {'b/a':>6} "
           f"{'MFU a':>7} {'MFU b':>7}")
     for r in rows:
+        graphed = f"   (d) {r['graphed_images_per_s']:,.0f} img/s" if "graphed_images_per_s" in r else ""
         print(f"{r['arch'] + str(r['depth']):<10} {r['macs'] / 1e6:>7.1f} {r['reference_images_per_s']:>14,.0f} "
               f"{r['fast_images_per_s']:>15,.0f} {r['fast_over_reference']:>5.2f}x "
-              f"{100 * r['reference_mfu']:>6.2f}% {100 * r['fast_mfu']:>6.2f}%")
+              f"{100 * r['reference_mfu']:>6.2f}% {100 * r['fast_mfu']:>6.2f}%{graphed}")
     print()
     print(f"whole grid ({len(rows)} nets; minutes projected for {PAPER_ITERATIONS:,} iterations x "
           f"{PAPER_BATCH_SIZE} images per net)")
     print(f"{'pipeline':<28} {'images/s':>10} {'vs (a)':>7} {'minutes':>9} {'MFU':>7}")
     titles = {"reference": "(a) reference", "fast": "(b) fast, one run at a time",
-              "concurrent": f"(c) fast, K={k} at once"}
+              "concurrent": f"(c) fast, K={k} at once", "graphed": "(d) one CUDA graph per step"}
     for key, g in grid.items():
         print(f"{titles[key]:<28} {g['images_per_s']:>10,.0f} {g['vs_reference']:>6.2f}x "
               f"{g['projected_grid_minutes']:>9.1f} {100 * g['mfu']:>6.2f}%", flush=True)
@@ -495,6 +597,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, help="fast path precision (CUDA bf16, CPU fp32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fast path's nets, as `study run --compile` (at least 3 warm-up steps)")
+    p.add_argument("--no-graph", action="store_true",
+                   help="skip diagnostic (d), the whole step captured as one CUDA graph (CUDA only)")
     p.add_argument("--out", help="write every figure as JSON here")
     return p.parse_args(argv)
 
@@ -536,42 +640,15 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
 
-    peak = matmul_peak(device)
-    log(f"matmul peak ({peak['dtype']} {peak['n']}^2): {peak['flops_per_s'] / 1e12:.2f} TFLOP/s")
-    macs = {}
-    for net in nets:
-        with torch.device("meta"):  # shapes only: counting needs no storage
-            model = build_model(*net)
-        macs[net] = (count_macs(model, (3, 32, 32)), count_params(model))
-
-    images, labels = synthetic_cifar()
-    reference = measure_reference(nets, images, labels, settings, device, log)
-    fast = measure_fast(nets, images, labels, settings, device, log)
-    if cuda:
-        torch.cuda.empty_cache()  # leave the memory to (c)'s processes
-    log(f"(c) starting {k} processes")
-    rounds = concurrent_grid(nets, k, settings)
-    for r in rounds:
-        together = statistics.median(r["images"]) / statistics.median(r["wall_s"])
-        log(f"(c) {' + '.join(f'{a}{d}' for a, d in r['nets'])}: {together:,.0f} images/s together")
-
-    rows, grid = figures(nets, macs, reference, fast, rounds, peak["flops_per_s"])
-    name = machine.get("gpu", f"cpu ({cores} cores, {settings['threads']} thread(s) per process)")
-    print_report(
-        f"grid throughput on {name}, torch {torch.__version__}: batch {settings['batch_size']}, "
-        f"{settings['warmup']} warm-up + {settings['repeats']} x {settings['steps']} timed steps, medians; "
-        f"fast path {settings['precision']}{', channels-last' if cuda else ''}"
-        f"{', compiled' if settings['compile'] else ''}; "
-        f"matmul peak {peak['flops_per_s'] / 1e12:.2f} TFLOP/s ({peak['dtype']})",
-        rows, grid, k)
-    total_s = time.perf_counter() - started
-    log(f"done in {total_s:.0f} s")
-
-    if args.out:
+    def dump(figures_so_far: dict, partial: bool = False) -> None:
+        """Write the JSON (``--out``); ``partial`` ones, written after each measurement, keep what a
+        run stopped at its time limit had measured."""
+        if not args.out:
+            return
         result = {
             "benchmark": "grid_throughput",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": name,
+            "device": machine.get("gpu", f"cpu ({cores} cores, {settings['threads']} thread(s) per process)"),
             "torch": torch.__version__,
             "machine": machine,
             "command_line": sys.argv,
@@ -584,14 +661,55 @@ def main(argv: list[str] | None = None) -> int:
                 "paper_images_per_grid": len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE,
             },
             "matmul_peak": peak,
-            "nets": rows,
-            "grid": grid,
-            "concurrent_rounds": rounds,
-            "wall_s": total_s,
+            **({"partial": True} if partial else {}),
+            **figures_so_far,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        log(f"wrote {args.out}")
+        tmp = Path(f"{args.out}.tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        tmp.replace(args.out)
+        log(f"wrote {args.out}{' (partial)' if partial else ''}")
+
+    def per_net(rates: dict) -> list[dict]:
+        return [{"arch": a, "depth": d, "result": r} for (a, d), r in rates.items()]
+
+    peak = matmul_peak(device)
+    log(f"matmul peak ({peak['dtype']} {peak['n']}^2): {peak['flops_per_s'] / 1e12:.2f} TFLOP/s")
+    macs = {}
+    for net in nets:
+        with torch.device("meta"):  # shapes only: counting needs no storage
+            model = build_model(*net)
+        macs[net] = (count_macs(model, (3, 32, 32)), count_params(model))
+
+    images, labels = synthetic_cifar()
+    reference = measure_reference(nets, images, labels, settings, device, log)
+    dump({"reference": per_net(reference)}, partial=True)
+    fast = measure_fast(nets, images, labels, settings, device, log)
+    dump({"reference": per_net(reference), "fast": per_net(fast)}, partial=True)
+    graphed = measure_graphed(nets, images, labels, settings, device, log) if cuda and not args.no_graph else None
+    if graphed is not None:
+        dump({"reference": per_net(reference), "fast": per_net(fast), "graphed": per_net(graphed)}, partial=True)
+    if cuda:
+        torch.cuda.empty_cache()  # leave the memory to (c)'s processes
+    log(f"(c) starting {k} processes")
+    rounds = concurrent_grid(nets, k, settings)
+    for r in rounds:
+        together = statistics.median(r["images"]) / statistics.median(r["wall_s"])
+        log(f"(c) {' + '.join(f'{a}{d}' for a, d in r['nets'])}: {together:,.0f} images/s together")
+
+    rows, grid = figures(nets, macs, reference, fast, rounds, peak["flops_per_s"], graphed)
+    name = machine.get("gpu", f"cpu ({cores} cores, {settings['threads']} thread(s) per process)")
+    print_report(
+        f"grid throughput on {name}, torch {torch.__version__}: batch {settings['batch_size']}, "
+        f"{settings['warmup']} warm-up + {settings['repeats']} x {settings['steps']} timed steps, medians; "
+        f"fast path {settings['precision']}{', channels-last' if cuda else ''}"
+        f"{', compiled' if settings['compile'] else ''}; "
+        f"matmul peak {peak['flops_per_s'] / 1e12:.2f} TFLOP/s ({peak['dtype']})",
+        rows, grid, k)
+    total_s = time.perf_counter() - started
+    log(f"done in {total_s:.0f} s")
+
+    dump({"nets": rows, "grid": grid, "concurrent_rounds": rounds, "wall_s": total_s})
     return 0
 
 
