@@ -83,20 +83,21 @@ def provenance(device: str) -> dict:
     """Where and with what a run was produced."""
     from . import __version__
 
-    commit = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                  text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    # Tracked files that differ from that commit: the commit alone does not say what ran.
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", str(Path(__file__).resolve().parents[1]))
     return {
         "package_version": __version__,
         "git_commit": commit,
+        "git_dirty": None if commit is None or changed is None else bool(changed.strip()),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "device": device,

@@ -29,7 +29,7 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.parquet", "checkpoint.pt", "status.json", "lock", "responses.parquet"}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["depth"] == 8 and config["config"]["iterations"] == 6
-    assert {"package_version", "git_commit", "torch_version", "device"} <= set(config["provenance"])
+    assert {"package_version", "git_commit", "git_dirty", "torch_version", "device"} <= set(config["provenance"])
     assert config["provenance"]["device"] == "cpu"
     df = pd.read_parquet(run_dir / "metrics.parquet")
     assert list(df.columns) == METRIC_COLUMNS and list(df.split) == ["train", "test"]  # 6 iterations < 1 epoch
