@@ -12,7 +12,10 @@ measures training images/s of every net of the grid (plain and residual at each 
   `study.data.train_batches`, and `study.train.sgd_step` (the loop's own step), the paper's schedule
   (`lr_at`), channels-last and bf16 autocast on CUDA (`--precision`), running sums kept on the device;
 - (c) fast, concurrent grid: K processes (`--concurrency`, as `study run --concurrency K`), each
-  training a different net of the grid with (b) at the same time.
+  training a different net of the grid with (b) at the same time;
+- (d), CUDA only (`--no-graph` skips it): (b) as `study run --cuda-graph` trains, each whole step
+  replayed as one CUDA graph (`study.graphstep.GraphedStep`), one net at a time;
+- (e), CUDA only, if (d) worked for every net: (d) in K processes at once, as (c).
 
 The grid figure of (a) and (b) is the whole grid trained one net after another with equal
 iterations per net: total images / total time. For (c) the grid is cut, in the grid's own order
@@ -29,6 +32,7 @@ between barriers that every process reaches only after synchronising its device.
     python benchmarks/grid_throughput.py                     # CPU: small defaults, about a minute
     python benchmarks/grid_throughput.py --out benchmarks/results/grid_throughput_h100.json
     python benchmarks/grid_throughput.py --compile           # (b), (c) as `study run --compile` trains
+    python benchmarks/grid_throughput.py --no-graph          # without (d) and (e)
 
 Defaults depend on the device. CUDA: depths 20,32,44,56,110, batch 128, 20 warm-up and 3 x 100
 timed steps, 4 loader workers, concurrency 4, bf16. CPU: depths 20,56, batch 32, 1 warm-up and 2 x 2
@@ -66,6 +70,8 @@ from study.config import PAPER_BATCH_SIZE, PAPER_ITERATIONS, PRECISIONS, RunConf
 from study.data import Data, Split, augment, dataset_info, normalize, train_batches
 from study.data.sources import pixel_mean
 from study.models import build_model, count_macs, count_params
+from study.graphstep import WARMUP_STEPS, GraphedStep
+from study.probes import GradientNorms
 from study.train import AUTO_GPU_CONCURRENCY, compile_model, lr_at, resolve_device, sgd_step, tune_device
 
 TRAIN_SIZE = 50_000  # CIFAR-10's training set
@@ -159,16 +165,17 @@ def make_reference_step(arch: str, depth: int, batches: Iterator, device: torch.
     return step
 
 
-def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bool = False) -> Callable[[], int]:
+def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bool = False,
+                   cuda_graph: bool = False) -> Callable[[], int]:
     """One iteration of `study.train.train_run`'s loop for ``cfg`` (same model set-up, data order,
     augmentation, schedule, autocast, memory format and on-device running sums), without its
-    per-epoch evaluation, checkpoint and logging; returns the batch's image count. ``compile`` is
-    `train_run`'s `compile` (`study run --compile`): compilation and CUDA-graph capture happen in the
-    first steps, which the caller leaves out of its timing.
+    per-epoch evaluation, checkpoint and logging; returns the batch's image count. ``compile`` and
+    ``cuda_graph`` are `train_run`'s (`study run --compile`, `--cuda-graph`): compilation and
+    CUDA-graph capture happen in the first steps, which the caller leaves out of its timing.
 
-    It mirrors that loop: when the loop changes (a captured step, say), change this with it.
-    Warm-up's per-step error check (nets of 110 layers and more, until the training error is below
-    80%, usually within the first epoch) is left out: it is not the steady state.
+    It mirrors that loop: when the loop changes, change this with it. Warm-up's per-step error
+    check (nets of 110 layers and more, until the training error is below 80%, usually within the
+    first epoch) is left out: it is not the steady state.
     """
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=data.info.num_classes,
@@ -180,6 +187,9 @@ def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bo
     forward = compile_model(model, device) if compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    grad_norms = GradientNorms(model)
+    graphed = GraphedStep(model, opt, [w for _, w in grad_norms.params], bf16=cfg.precision == "bf16",
+                          device=device) if cuda_graph else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     batches = forever(lambda: train_batches(data.train, cfg.batch_size, gen))
     loss_sum = torch.zeros((), device=device)
@@ -192,79 +202,20 @@ def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bo
         x_u8, y = next(batches)
         # CifarFeed.next_batch's work on a batch, then the loop's own step.
         x = augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt)
-        loss, out = sgd_step(forward, opt, x, y, lr_at(cfg, iteration, False), autocast)
+        lr = lr_at(cfg, iteration, False)
+        if graphed is not None:
+            loss, out, norms = graphed.step(x, y, lr)
+            grad_norms.record(iteration + 1, norms)
+        else:
+            loss, out = sgd_step(forward, opt, x, y, lr, autocast,
+                                 before_update=lambda: grad_norms.maybe_record(iteration + 1))
         iteration += 1
         loss_sum.add_(loss * len(y))
         wrong.add_((out.argmax(1) != y).sum())
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), iteration, first_bad)
+        if iteration % 1000 == 0:
+            grad_norms.rows("")  # the loop converts them at each epoch's end
         return len(y)
-
-    return step
-
-
-def make_graphed_step(cfg: RunConfig, data: Data, device: torch.device) -> Callable[[], int]:
-    """Diagnostic (d), CUDA only, not what `study run` trains: the fast step with the whole
-    training step (forward, loss, backward, SGD update) captured by hand as one CUDA graph and
-    replayed, so the host launches one graph per step. The update is torch's fused SGD with the
-    learning rate as a device tensor (set before each replay, so the schedule still applies).
-    Full batches only: an epoch's partial last batch is skipped. Its speed is the launch-free floor
-    of one run at a time, against which (b) and `--compile` can be judged."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=data.info.num_classes,
-                        in_channels=data.info.in_channels).to(device).to(memory_format=torch.channels_last)
-    model.train()
-    tune_device(device)
-    lr = torch.tensor(cfg.lr, device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          fused=True)
-    # Autocast's cast cache must be off under graph capture.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16", cache_enabled=False)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    batches = forever(lambda: train_batches(data.train, cfg.batch_size, gen))
-    b = cfg.batch_size
-    x_static = torch.empty((b, *data.train.images.shape[1:]), device=device).contiguous(memory_format=torch.channels_last)
-    y_static = torch.empty(b, device=device, dtype=torch.long)
-    loss_sum = torch.zeros((), device=device)
-    wrong = torch.zeros((), device=device, dtype=torch.long)
-    iteration = 0
-
-    def load() -> None:
-        nonlocal iteration
-        x_u8, y = next(batches)
-        while len(y) != b:
-            x_u8, y = next(batches)
-        x_static.copy_(augment(normalize(x_u8, data.mean), gen))
-        y_static.copy_(y)
-        lr.fill_(lr_at(cfg, iteration, False))
-        iteration += 1
-
-    def train_step() -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast:
-            out = model(x_static)
-            loss = F.cross_entropy(out, y_static)
-        loss.backward()
-        opt.step()
-        return loss.detach(), out.detach()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up steps (real steps of the run) off the capturing stream
-        for _ in range(3):
-            load()
-            opt.zero_grad(set_to_none=True)
-            train_step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)  # backward in the graph then writes, rather than adds, the gradients
-    with torch.cuda.graph(graph):
-        loss, out = train_step()
-
-    def step() -> int:
-        load()
-        graph.replay()
-        loss_sum.add_(loss * b)
-        wrong.add_((out.argmax(1) != y_static).sum())
-        return b
 
     return step
 
@@ -345,7 +296,7 @@ def _grid_worker(rank: int, rounds: list[list[tuple[str, int]]], settings: dict,
                 arch, depth = nets[rank]
                 cfg = RunConfig(arch=arch, depth=depth, dataset="cifar10", batch_size=settings["batch_size"],
                                 precision=settings["precision"])
-                step = make_fast_step(cfg, data, device, settings["compile"])
+                step = make_fast_step(cfg, data, device, settings["compile"], settings.get("cuda_graph", False))
                 for _ in range(settings["warmup"]):
                     step()
                 sync(device)
@@ -467,23 +418,27 @@ def measure_fast(nets: list[tuple[str, int]], images: np.ndarray, labels: np.nda
 
 def measure_graphed(nets: list[tuple[str, int]], images: np.ndarray, labels: np.ndarray, settings: dict,
                     device: torch.device, log: Callable[[str], None]) -> dict[tuple[str, int], dict]:
-    """(d), a diagnostic: images/s of each net through `make_graphed_step`; a net whose capture
-    fails records the error instead, and the benchmark goes on."""
+    """(d): images/s of each net, one after another, through `make_fast_step` with `cuda_graph`
+    (`study run --cuda-graph`); a net that fails records the error instead, and the benchmark goes
+    on."""
     data = device_data(images, labels, device)
     results = {}
     for arch, depth in nets:
         cfg = RunConfig(arch=arch, depth=depth, dataset="cifar10", batch_size=settings["batch_size"],
                         precision=settings["precision"])
+        step = None
         try:
-            step = make_graphed_step(cfg, data, device)
-            rates, warmup_s = images_per_s(step, device, settings["warmup"], settings["steps"], settings["repeats"])
+            step = make_fast_step(cfg, data, device, cuda_graph=True)
+            # The graph is captured after GraphedStep's eager warm-up steps.
+            warmup = max(settings["warmup"], WARMUP_STEPS + 2)
+            rates, warmup_s = images_per_s(step, device, warmup, settings["steps"], settings["repeats"])
             results[(arch, depth)] = {"rates": rates, "images_per_s": statistics.median(rates), "warmup_s": warmup_s}
-            log(f"(d) whole step as one CUDA graph {arch}{depth}: {statistics.median(rates):,.0f} images/s")
-        except Exception as e:  # noqa: BLE001 - a diagnostic must not cost the benchmark
+            log(f"(d) --cuda-graph {arch}{depth}: {statistics.median(rates):,.0f} images/s")
+        except Exception as e:  # noqa: BLE001 - one failing net must not cost the benchmark
             results[(arch, depth)] = {"error": f"{type(e).__name__}: {e}"}
             log(f"(d) {arch}{depth} failed: {type(e).__name__}: {e}")
         finally:
-            step = None
+            del step
             torch.cuda.empty_cache()
     return results
 
@@ -520,8 +475,24 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def log_rounds(label: str, rounds: list[dict], log: Callable[[str], None]) -> None:
+    for r in rounds:
+        together = statistics.median(r["images"]) / statistics.median(r["wall_s"])
+        log(f"{label} {' + '.join(f'{a}{d}' for a, d in r['nets'])}: {together:,.0f} images/s together")
+
+
+def round_figures(rounds: list[dict], macs: dict, peak_flops: float) -> dict:
+    """Grid figures of rounds of K nets, each round as long as its slowest net."""
+    wall = sum(statistics.median(r["wall_s"]) for r in rounds)
+    flops = sum(6 * macs[(arch, depth)][0] * n
+                for r in rounds for (arch, depth), n in zip(r["nets"], r["images_per_net"]))
+    return {"images_per_s": sum(statistics.median(r["images"]) for r in rounds) / wall,
+            "mfu": flops / wall / peak_flops}
+
+
 def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict, rounds: list[dict],
-            peak_flops: float, graphed: dict | None = None) -> tuple[list[dict], dict]:
+            peak_flops: float, graphed: dict | None = None,
+            graphed_rounds: list[dict] | None = None) -> tuple[list[dict], dict]:
     """Per-net rows and whole-grid figures: medians, ratios, model FLOP utilisation (6 x MACs per
     image: forward, and a backward of twice its cost) and minutes projected for the paper's grid."""
     rows = []
@@ -547,15 +518,12 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
     for key in ("reference", "fast"):
         rate = len(rows) / sum(1 / row[f"{key}_images_per_s"] for row in rows)
         grid[key] = {"images_per_s": rate, "mfu": 6 * mean_macs * rate / peak_flops}
-    # Rounds of K nets, each round as long as its slowest net.
-    wall = sum(statistics.median(r["wall_s"]) for r in rounds)
-    flops = sum(6 * macs[(arch, depth)][0] * n
-                for r in rounds for (arch, depth), n in zip(r["nets"], r["images_per_net"]))
-    grid["concurrent"] = {"images_per_s": sum(statistics.median(r["images"]) for r in rounds) / wall,
-                          "mfu": flops / wall / peak_flops}
+    grid["concurrent"] = round_figures(rounds, macs, peak_flops)
     if rows and all("graphed_images_per_s" in row for row in rows):
         rate = len(rows) / sum(1 / row["graphed_images_per_s"] for row in rows)
         grid["graphed"] = {"images_per_s": rate, "mfu": 6 * mean_macs * rate / peak_flops}
+    if graphed_rounds:
+        grid["graphed_concurrent"] = round_figures(graphed_rounds, macs, peak_flops)
     paper_images = len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE
     for g in grid.values():
         g["vs_reference"] = g["images_per_s"] / grid["reference"]["images_per_s"]
@@ -578,7 +546,8 @@ def print_report(title: str, rows: list[dict], grid: dict, k: int) -> None:
           f"{PAPER_BATCH_SIZE} images per net)")
     print(f"{'pipeline':<28} {'images/s':>10} {'vs (a)':>7} {'minutes':>9} {'MFU':>7}")
     titles = {"reference": "(a) reference", "fast": "(b) fast, one run at a time",
-              "concurrent": f"(c) fast, K={k} at once", "graphed": "(d) one CUDA graph per step"}
+              "concurrent": f"(c) fast, K={k} at once", "graphed": "(d) --cuda-graph",
+              "graphed_concurrent": f"(e) --cuda-graph, K={k} at once"}
     for key, g in grid.items():
         print(f"{titles[key]:<28} {g['images_per_s']:>10,.0f} {g['vs_reference']:>6.2f}x "
               f"{g['projected_grid_minutes']:>9.1f} {100 * g['mfu']:>6.2f}%", flush=True)
@@ -598,7 +567,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fast path's nets, as `study run --compile` (at least 3 warm-up steps)")
     p.add_argument("--no-graph", action="store_true",
-                   help="skip diagnostic (d), the whole step captured as one CUDA graph (CUDA only)")
+                   help="skip (d) and (e), the fast path with --cuda-graph (CUDA only)")
     p.add_argument("--out", help="write every figure as JSON here")
     return p.parse_args(argv)
 
@@ -693,11 +662,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()  # leave the memory to (c)'s processes
     log(f"(c) starting {k} processes")
     rounds = concurrent_grid(nets, k, settings)
-    for r in rounds:
-        together = statistics.median(r["images"]) / statistics.median(r["wall_s"])
-        log(f"(c) {' + '.join(f'{a}{d}' for a, d in r['nets'])}: {together:,.0f} images/s together")
+    log_rounds("(c)", rounds, log)
+    graphed_rounds = None
+    if graphed is not None and all("images_per_s" in g for g in graphed.values()):
+        dump({"reference": per_net(reference), "fast": per_net(fast), "graphed": per_net(graphed),
+              "concurrent_rounds": rounds}, partial=True)
+        log(f"(e) starting {k} processes, --cuda-graph")
+        try:
+            graphed_rounds = concurrent_grid(nets, k, settings | {"cuda_graph": True,
+                                                                  "warmup": max(settings["warmup"], WARMUP_STEPS + 2)})
+            log_rounds("(e)", graphed_rounds, log)
+        except RuntimeError as e:
+            log(f"(e) failed: {e}")
 
-    rows, grid = figures(nets, macs, reference, fast, rounds, peak["flops_per_s"], graphed)
+    rows, grid = figures(nets, macs, reference, fast, rounds, peak["flops_per_s"], graphed, graphed_rounds)
     name = machine.get("gpu", f"cpu ({cores} cores, {settings['threads']} thread(s) per process)")
     print_report(
         f"grid throughput on {name}, torch {torch.__version__}: batch {settings['batch_size']}, "
@@ -709,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.perf_counter() - started
     log(f"done in {total_s:.0f} s")
 
-    dump({"nets": rows, "grid": grid, "concurrent_rounds": rounds, "wall_s": total_s})
+    dump({"nets": rows, "grid": grid, "concurrent_rounds": rounds, "graphed_concurrent_rounds": graphed_rounds,
+          "wall_s": total_s})
     return 0
 
 

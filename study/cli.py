@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU); same protocol"
     )
+    run.add_argument(
+        "--cuda-graph", action="store_true",
+        help="replay each whole training step as one CUDA graph (GPU only, CIFAR-style data); same protocol",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     add_launcher_arguments(run)
 
@@ -166,6 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 stop=stop,
                 concurrency=args.concurrency,
                 compile=args.compile,
+                cuda_graph=args.cuda_graph,
                 ddp=ddp,
                 workers=args.workers,
             )

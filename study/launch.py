@@ -270,13 +270,14 @@ class SlurmTask(Checkpointable):
 
     def __init__(
         self, cfg: RunConfig, runs_dir: str, *, data_dir: str | None = None, device: str = "auto",
-        compile: bool = False, sync_bn: bool = False, workers: int | None = None,
+        compile: bool = False, cuda_graph: bool = False, sync_bn: bool = False, workers: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.runs_dir = runs_dir
         self.data_dir = data_dir
         self.device = device
         self.compile = compile
+        self.cuda_graph = cuda_graph
         self.sync_bn = sync_bn
         self.workers = workers
 
@@ -327,7 +328,7 @@ class SlurmTask(Checkpointable):
                     results = run_all(
                         [self.cfg], self.runs_dir, data_dir=self.data_dir, device=self.device,
                         progress=False, stop=stop, concurrency=1, compile=self.compile,
-                        ddp=ddp, workers=self.workers,
+                        cuda_graph=getattr(self, "cuda_graph", False), ddp=ddp, workers=self.workers,
                     )
                 except StopRequested as e:
                     stopped = e
@@ -452,7 +453,8 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *,
     tasks = [
         SlurmTask(
             run.cfg, str(root), data_dir=abs_data_dir, device=str(getattr(args, "device", "auto") or "auto"),
-            compile=bool(getattr(args, "compile", False)), sync_bn=bool(getattr(args, "sync_bn", False)),
+            compile=bool(getattr(args, "compile", False)), cuda_graph=bool(getattr(args, "cuda_graph", False)),
+            sync_bn=bool(getattr(args, "sync_bn", False)),
             workers=getattr(args, "workers", None),
         )
         for run in todo

@@ -198,7 +198,15 @@ class GradientNorms:
             return
         # A weight without a gradient (unused in this forward) is recorded as NaN, not as 0.
         grads = [p.grad if p.grad is not None else p.new_full((1,), float("nan")) for _, p in self.params]
-        self._norms.append(torch.stack(torch._foreach_norm(grads)))
+        self.record(iteration, torch.stack(torch._foreach_norm(grads)))
+
+    def record(self, iteration: int, norms: torch.Tensor) -> None:
+        """Keep `norms` (one per weight of `params`, computed elsewhere: a replayed CUDA graph's
+        output) if `iteration` is a multiple of `every`. A copy is kept: the caller may overwrite
+        `norms` at the next step."""
+        if iteration % self.every:
+            return
+        self._norms.append(norms.clone())
         self._iterations.append(iteration)
 
     def rows(self, run_id: str) -> list[dict]:

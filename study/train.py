@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from .config import ConfigError, RunConfig
 from .data import Data, DataError, augment, eval_batches, imagenet, load_data, normalize
+from .graphstep import GraphedStep
 from .models import build_model
 from .models.syncbn import convert_sync_batchnorm
 from .probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_responses, truncate_gradients
@@ -430,6 +431,7 @@ def train_run(
     stop: StopFlag | None = None,
     log: Callable[[str], None] = _stderr,
     compile: bool = False,
+    cuda_graph: bool = False,
     gradient_every: int = GRADIENT_EVERY,
     ddp: Distributed = SINGLE,
     workers: int = 0,
@@ -442,12 +444,19 @@ def train_run(
     `run.lock()`. A SIGTERM/SIGINT recorded in `stop` ends the run after the current step with a
     checkpoint and raises StopRequested; any other exception marks the run `failed` and propagates.
     `checkpoint_every` N also writes a mid-epoch checkpoint every N iterations (long ImageNet
-    epochs on preemptible clusters). Under DDP (`ddp`) every process calls this with the same
+    epochs on preemptible clusters). `cuda_graph` replays each step as one CUDA graph
+    (`study.graphstep`; one process, CIFAR-style data, no BN split, not with `compile`); on CPU the
+    same step runs uncaptured. Under DDP (`ddp`) every process calls this with the same
     arguments; rank 0 alone writes.
     """
     if not ddp.writer:
         run = _Follower(run)  # type: ignore[assignment]
-    run.prepare(str(device), processes=ddp.world,
+    chunks = ddp.chunks(cfg)
+    if cuda_graph and (ddp.enabled or chunks > 1 or compile or cfg.imagenet):
+        raise ConfigError("--cuda-graph trains one CIFAR-style run in one process: drop it with torchrun, "
+                          "--batch-split, --compile or ImageNet")
+    step_kind = "cuda-graph" if cuda_graph else "compiled" if compile else "eager"
+    run.prepare(str(device), processes=ddp.world, step=step_kind,
                 **({"backend": dist.get_backend(), "sync_bn": ddp.sync_bn} if ddp.enabled else {}))
     run.clean_temporaries()
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -455,7 +464,6 @@ def train_run(
         feed: CifarFeed | ImageNetFeed = ImageNetFeed(cfg, data, device, fmt, ddp, workers)
     else:
         feed = CifarFeed(cfg, data, device, fmt, ddp)
-    chunks = ddp.chunks(cfg)
     torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed alone
     model = build_model(
         cfg.arch,
@@ -494,6 +502,8 @@ def train_run(
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        for group in opt.param_groups:  # a --cuda-graph checkpoint's fused SGD and tensor lr
+            group.update(lr=cfg.lr, fused=None, foreach=None)
         gen.set_state(ckpt["generator"])
         schedule.load_state_dict(ckpt.get("schedule"))
         iteration, epoch = ckpt["iteration"], ckpt["epoch"]
@@ -507,6 +517,8 @@ def train_run(
     # Per-layer gradient norms every `gradient_every` iterations (kept on the device until the
     # epoch ends): evidence for the paper's claim that plain nets do not suffer vanishing gradients.
     grad_norms = GradientNorms(model, every=gradient_every)
+    graphed = GraphedStep(model, opt, [w for _, w in grad_norms.params], bf16=cfg.precision == "bf16",
+                          device=device, log=log) if cuda_graph else None
     if iteration >= cfg.iterations:
         run.set_status("done", iteration=iteration, epoch=epoch)
         return "done"
@@ -577,11 +589,15 @@ def train_run(
                     break
                 x, y, global_len = batch
                 lr = schedule.lr(iteration, warming_up)
-                loss, out = sgd_step(
-                    forward, opt, x, y, lr, autocast,
-                    loss_scale=None if exact_mean else ddp.world / global_len,
-                    before_update=lambda: grad_norms.maybe_record(iteration + 1),
-                )
+                if graphed is not None:
+                    loss, out, norms = graphed.step(x, y, lr)
+                    grad_norms.record(iteration + 1, norms)
+                else:
+                    loss, out = sgd_step(
+                        forward, opt, x, y, lr, autocast,
+                        loss_scale=None if exact_mean else ddp.world / global_len,
+                        before_update=lambda: grad_norms.maybe_record(iteration + 1),
+                    )
                 iteration += 1
                 loss_sum += loss * len(y)
                 wrong += (out.argmax(1) != y).sum()
@@ -684,6 +700,21 @@ def default_workers() -> int:
     return max(1, min(12, cpus))
 
 
+def _check_cuda_graph(configs: list[RunConfig], dev: torch.device, compile: bool, ddp: Distributed) -> None:
+    """`--cuda-graph`'s requirements, checked before any run starts."""
+    if dev.type != "cuda":
+        raise ConfigError(f"--cuda-graph captures CUDA graphs and needs a GPU (the device is {dev}); drop it")
+    if compile:
+        raise ConfigError("--cuda-graph and --compile are two ways to remove launch overhead; pick one")
+    if ddp.enabled:
+        raise ConfigError("--cuda-graph trains a run in one process; drop it under torchrun")
+    for cfg in configs:
+        if cfg.imagenet:
+            raise ConfigError(f"--cuda-graph is for the CIFAR-style data sets; {cfg.run_id} is ImageNet, drop it")
+        if cfg.batch_split > 1:
+            raise ConfigError(f"--cuda-graph does not split BN over parts of a batch ({cfg.run_id}); drop one of them")
+
+
 def run_all(
     configs: Iterable[RunConfig],
     runs_dir: str | Path,
@@ -696,6 +727,7 @@ def run_all(
     log: Callable[[str], None] = print,
     concurrency: int | None = 1,
     compile: bool = False,
+    cuda_graph: bool = False,
     ddp: Distributed = SINGLE,
     workers: int | None = None,
 ) -> dict[str, str]:
@@ -724,6 +756,8 @@ def run_all(
     dev = resolve_device(device)
     for cfg in configs:
         ddp.chunks(cfg)  # a batch split the process count cannot honour is an error before any run
+    if cuda_graph:
+        _check_cuda_graph(configs, dev, compile, ddp)
     datasets: dict[tuple[str, bool], Data | imagenet.ImageNetData] = {}
     for cfg in configs:
         key = (cfg.dataset, cfg.holdout)
@@ -746,7 +780,7 @@ def run_all(
     if concurrency > 1:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         kwargs = dict(data_dir=data_dir, device=str(dev), download=False, progress=False, compile=compile,
-                      workers=workers)
+                      cuda_graph=cuda_graph, workers=workers)
         pool = [
             ctx.Process(target=_worker, args=(configs, str(runs_dir), kwargs, f"worker {k}"), daemon=False)
             for k in range(1, concurrency)
@@ -755,7 +789,7 @@ def run_all(
             w.start()
     try:
         results = _run_list(runs, datasets, dev, progress=progress, stop=stop, log=log if ddp.writer else _quiet,
-                            compile=compile, ddp=ddp, workers=workers)
+                            compile=compile, cuda_graph=cuda_graph, ddp=ddp, workers=workers)
     finally:
         for w in pool:
             if w.is_alive() and sys.exc_info()[0] is not None:
@@ -789,6 +823,7 @@ def _run_list(
     stop: StopFlag | None,
     log: Callable[[str], None],
     compile: bool,
+    cuda_graph: bool = False,
     ddp: Distributed = SINGLE,
     workers: int = 0,
 ) -> dict[str, str]:
@@ -817,7 +852,7 @@ def _run_list(
             data = datasets[(run.cfg.dataset, run.cfg.holdout)]
             try:
                 results[run.cfg.run_id] = train_run(
-                    run.cfg, run, data, dev, progress=progress, stop=stop, compile=compile, ddp=ddp,
+                    run.cfg, run, data, dev, progress=progress, stop=stop, compile=compile, cuda_graph=cuda_graph, ddp=ddp,
                     workers=workers, checkpoint_every=IMAGENET_CHECKPOINT_EVERY if run.cfg.imagenet else None,
                 )
             except (StopRequested, KeyboardInterrupt, DataError):

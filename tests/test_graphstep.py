@@ -1,0 +1,172 @@
+"""`--cuda-graph`: the whole training step as one replayed CUDA graph (`study.graphstep`).
+
+There is no GPU here: on CPU `GraphedStep` runs the same step uncaptured (fused SGD, learning rate
+in a tensor, gradient norms from the step), which is what these tests check. The capture itself
+was measured on an H200 by `benchmarks/grid_throughput.py` (d).
+"""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from study.cli import main
+from study.config import RunConfig
+from study.graphstep import GraphedStep
+from study.models import build_model
+from study.runstore import Run
+from study.train import StopFlag, StopRequested, train_run
+
+CPU = torch.device("cpu")
+
+
+def cfg(**kw) -> RunConfig:
+    # 320 training images at batch 48: 6 full batches and a partial one of 32 per epoch.
+    return RunConfig(**{"arch": "resnet", "depth": 8, "iterations": 20, "batch_size": 48, **kw})
+
+
+def metrics(run: Run) -> pd.DataFrame:
+    return run.read_metrics().drop(columns="elapsed_s")
+
+
+def gradients(run: Run) -> pd.DataFrame:
+    return pd.read_parquet(run.dir / "gradients.parquet")
+
+
+def test_graph_step_trains_like_the_eager_step(tmp_path, small_data):
+    """Same rows, the partial batches included; the numbers agree to float rounding. Fused SGD
+    rounds differently from the multi-tensor SGD, by about 1e-8 per step; over 20 steps the
+    weights agree to 1e-5, the losses to 1e-5 and the gradient norms to 1e-5 relative."""
+    c = cfg()
+    eager, graphed = Run(tmp_path / "eager", c), Run(tmp_path / "graph", c)
+    train_run(c, eager, small_data, CPU, progress=False, gradient_every=3)
+    train_run(c, graphed, small_data, CPU, progress=False, gradient_every=3, cuda_graph=True)
+    a, b = metrics(eager), metrics(graphed)
+    pd.testing.assert_frame_equal(a.drop(columns=["loss", "error_pct"]), b.drop(columns=["loss", "error_pct"]))
+    assert list(a.iteration.unique()) == [7, 14, 20]  # 7 steps an epoch: the partial batch is trained on
+    assert (a.loss - b.loss).abs().max() < 1e-5
+    assert (a.error_pct - b.error_pct).abs().max() <= 100 / 320  # at most one image's prediction
+    ga, gb = gradients(eager), gradients(graphed)
+    pd.testing.assert_frame_equal(ga.drop(columns="grad_norm"), gb.drop(columns="grad_norm"))
+    assert sorted(ga.iteration.unique()) == list(range(3, 21, 3))
+    torch.testing.assert_close(torch.tensor(gb.grad_norm.values), torch.tensor(ga.grad_norm.values), rtol=1e-5, atol=1e-7)
+    wa, wb = eager.load_checkpoint()["model"], graphed.load_checkpoint()["model"]
+    for k in wa:
+        torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=0, atol=1e-5, msg=k)
+    assert json.loads(graphed.config_path.read_text())["provenance"]["step"] == "cuda-graph"
+    assert json.loads(eager.config_path.read_text())["provenance"]["step"] == "eager"
+
+
+def test_the_learning_rate_reaches_the_update_through_its_tensor(small_data):
+    """The learning rate reaches the update through the tensor: a step at lr 0 leaves the weights
+    as they were, and the step's tensor holds the rate the loop asked for."""
+    torch.manual_seed(0)
+    model = build_model("plain", 8, in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    step = GraphedStep(model, opt, weights, bf16=False, device=CPU)
+    x = small_data.train.images[:16].float().div(255).sub(small_data.mean)
+    y = small_data.train.labels[:16]
+    step.step(x, y, 0.1)  # the first step fills the momentum buffers
+    before = [p.detach().clone() for p in model.parameters()]
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p]["momentum_buffer"].zero_()
+    loss, out, norms = step.step(x, y, 0.0)
+    assert float(step.lr) == 0.0 and opt.param_groups[0]["lr"] is step.lr
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert out.shape == (16, 10) and norms.shape == (len(weights),) and torch.isfinite(loss)
+    step.step(x, y, 0.01)
+    assert float(step.lr) == pytest.approx(0.01)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert step.captured == []  # nothing is captured without CUDA
+
+
+def test_interrupted_graph_run_resumes_exactly(tmp_path, small_data, monkeypatch):
+    """A stop in the middle of an epoch checkpoints (with the fused SGD's tensor learning rate);
+    resuming with --cuda-graph gives the uninterrupted run's metrics, gradients and weights
+    exactly; resuming without it also finishes the run."""
+    c = cfg(iterations=17)
+    whole = Run(tmp_path / "whole", c)
+    train_run(c, whole, small_data, CPU, progress=False, gradient_every=2, cuda_graph=True)
+
+    stop = StopFlag()
+    real_step = GraphedStep.step
+    calls = []
+
+    def step_then_signal(self, x, y, lr):
+        calls.append(len(y))
+        if len(calls) == 10:  # in the second epoch
+            stop.signum = 15
+        return real_step(self, x, y, lr)
+
+    for name in ("cut", "eager"):
+        calls.clear()
+        stop.signum = None
+        run = Run(tmp_path / name, c)
+        monkeypatch.setattr(GraphedStep, "step", step_then_signal)
+        with pytest.raises(StopRequested):
+            train_run(c, run, small_data, CPU, progress=False, gradient_every=2, stop=stop, cuda_graph=True)
+        monkeypatch.setattr(GraphedStep, "step", real_step)
+        assert run.status()["status"] == "interrupted" and run.status()["iteration"] == 10
+        assert train_run(c, run, small_data, CPU, progress=False, gradient_every=2, cuda_graph=name == "cut") == "done"
+
+    cut, eager = Run(tmp_path / "cut", c), Run(tmp_path / "eager", c)
+    pd.testing.assert_frame_equal(metrics(whole), metrics(cut))
+    pd.testing.assert_frame_equal(gradients(whole), gradients(cut))
+    for k, v in whole.load_checkpoint()["model"].items():
+        assert torch.equal(v, cut.load_checkpoint()["model"][k]), k
+    # Resumed eagerly: the same rows, up to fused vs multi-tensor rounding after the stop.
+    a, b = metrics(whole), metrics(eager)
+    pd.testing.assert_frame_equal(a.drop(columns=["loss", "error_pct"]), b.drop(columns=["loss", "error_pct"]))
+    assert (a.loss - b.loss).abs().max() < 1e-5
+    assert eager.load_checkpoint()["optimizer"]["param_groups"][0]["fused"] is None
+
+
+def test_cuda_graph_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code = main(["run", "--arch", "resnet", "--depth", "8", "--iterations", "2", "--device", "cpu",
+                 "--cuda-graph", "--runs-dir", str(runs)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--cuda-graph captures CUDA graphs and needs a GPU" in err and len(err.splitlines()) == 1
+    assert not runs.exists()
+
+
+def test_train_run_refuses_what_the_graph_cannot_hold(tmp_path, small_data):
+    """Split BN and --compile are refused before anything is written."""
+    for c, kw in ((cfg(batch_split=2), {}), (cfg(), {"compile": True})):
+        run = Run(tmp_path / "r", c)
+        with pytest.raises(ValueError, match="--cuda-graph"):
+            train_run(c, run, small_data, CPU, progress=False, cuda_graph=True, **kw)
+        assert not run.dir.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_captured_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data, monkeypatch, precision):
+    """On a GPU: both batch sizes get captured and replayed, and the run's rows match the eager
+    run's up to GPU rounding (cuDNN's algorithm choice and atomics, fused SGD): losses to 2e-3
+    (bf16: 2e-2), errors within 2 points, gradient norms to 1% (bf16: 5%)."""
+    gpu = torch.device("cuda")
+    data = small_data.to(gpu)
+    c = cfg(iterations=40, precision=precision)  # 6 epochs: the partial batch is captured in the 4th
+    steps = []
+    real_init = GraphedStep.__init__
+
+    def keep(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        steps.append(self)
+
+    monkeypatch.setattr(GraphedStep, "__init__", keep)
+    eager, graphed = Run(tmp_path / "eager", c), Run(tmp_path / "graph", c)
+    train_run(c, eager, data, gpu, progress=False, gradient_every=3)
+    train_run(c, graphed, data, gpu, progress=False, gradient_every=3, cuda_graph=True)
+    assert steps[0].captured == [32, 48]
+    a, b = metrics(eager), metrics(graphed)
+    pd.testing.assert_frame_equal(a.drop(columns=["loss", "error_pct"]), b.drop(columns=["loss", "error_pct"]))
+    assert (a.loss - b.loss).abs().max() < (2e-3 if precision == "fp32" else 2e-2)
+    assert (a.error_pct - b.error_pct).abs().max() <= 2.0
+    ga, gb = gradients(eager), gradients(graphed)
+    torch.testing.assert_close(torch.tensor(gb.grad_norm.values), torch.tensor(ga.grad_norm.values),
+                               rtol=1e-2 if precision == "fp32" else 5e-2, atol=1e-4)
