@@ -10,6 +10,7 @@
 #   3. a full paper-schedule run (64k iterations) of ResNet-20 on real Fashion-MNIST with
 #      --cuda-graph, bf16; stopped by SIGTERM at its limit (it checkpoints; metrics.parquet says
 #      how far it got)
+#   3b. four runs of the grid at once in one process (--streams 4 --cuda-graph), stopped at its limit
 #   4. imagenet_throughput.py (JSON), if time is left
 # The 2026-11-27 session (results/) ran the version before --cuda-graph: its step 2 was a
 # --compile run, and its grid benchmark had a hand-written (d) and no (e).
@@ -31,23 +32,29 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gp
 python3 -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.get_device_name())" >> "$LOG" 2>&1
 echo "cores: $(nproc); cc: $(command -v cc gcc | head -1)" >> "$LOG"
 
-t=$(slot 90 440)
+t=$(slot 60 470)
 log "1. GPU tests: --cuda-graph against eager, limit ${t}s"
 limited "$t" "$t" python3 -m pytest -q -p no:cacheprovider tests/test_graphstep.py >> "$LOG" 2>&1
 log "rc=$?"
 
-t=$(slot 260 200)
+t=$(slot 230 240)
 log "2. grid throughput: (a) reference, (b) fast, (c) K at once, (d) --cuda-graph, (e) both (bf16), limit ${t}s"
 limited "$t" "$t" python3 benchmarks/grid_throughput.py --steps 60 --out "$OUT/grid_throughput_gpu.json" >> "$LOG" 2>&1
 log "rc=$?"
 
-t=$(slot 220 0)
+t=$(slot 170 70)
 log "3. end to end: ResNet-20, 64k iterations, real Fashion-MNIST, --cuda-graph, bf16, limit ${t}s"
 limited "$t" -s TERM -k 30 "$t" python3 -m study run --arch resnet --depth 20 \
     --dataset fashion-mnist --data-dir data/fashion-mnist --cuda-graph --precision bf16 \
     --runs-dir /tmp/e2e --no-progress >> "$LOG" 2>&1
 log "rc=$?"
-for d in /tmp/e2e; do
+t=$(slot 120 0)
+log "3b. the degradation grid's first 4 runs at once in one process, --streams 4 --cuda-graph, bf16, limit ${t}s"
+limited "$t" -s TERM -k 30 "$t" python3 -m study run --grid degradation \
+    --dataset fashion-mnist --data-dir data/fashion-mnist --streams 4 --concurrency 1 --cuda-graph \
+    --precision bf16 --runs-dir /tmp/e2e_streams --no-progress >> "$LOG" 2>&1
+log "rc=$?"
+for d in /tmp/e2e /tmp/e2e_streams; do
     [ -d "$d" ] || continue
     python3 -m study status --runs-dir "$d" >> "$LOG" 2>&1
     python3 - "$d" >> "$LOG" 2>&1 <<'EOF'

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU); same protocol"
     )
     run.add_argument(
+        "--streams", type=_positive_int, default=1,
+        help="runs each process trains at once, interleaved step by step on their own CUDA streams (default 1)",
+    )
+    run.add_argument(
         "--cuda-graph", action="store_true",
         help="replay each whole training step as one CUDA graph (GPU only, CIFAR-style data); same protocol",
     )
@@ -171,6 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 concurrency=args.concurrency,
                 compile=args.compile,
                 cuda_graph=args.cuda_graph,
+                streams=args.streams,
                 ddp=ddp,
                 workers=args.workers,
             )

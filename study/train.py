@@ -17,15 +17,17 @@ What survives what:
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -421,7 +423,18 @@ def _metric_row(cfg: RunConfig, **values: object) -> dict:
     }
 
 
-def train_run(
+def train_run(*args: Any, **kwargs: Any) -> str:
+    """Train (or resume) one run to completion: `train_steps` (same arguments) driven to its end.
+    Returns the run's final status: `done` or `diverged`."""
+    steps = train_steps(*args, **kwargs)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value
+
+
+def train_steps(
     cfg: RunConfig,
     run: Run,
     data: "Data | imagenet.ImageNetData",
@@ -436,8 +449,10 @@ def train_run(
     ddp: Distributed = SINGLE,
     workers: int = 0,
     checkpoint_every: int | None = None,
-) -> str:
-    """Train (or resume) one run to completion. Returns its final status: `done` or `diverged`.
+) -> Generator[None, None, str]:
+    """Train (or resume) one run, yielding after every training step; its return value (that of
+    the StopIteration) is the run's final status: `done` or `diverged`. `train_run` drives it to the
+    end; `_train_together` interleaves several runs' steps.
 
     `data` is a device-resident `Data` (already on `device`) or, for ImageNet, the scanned folders
     (`imagenet.ImageNetData`, loaded by `workers` DataLoader workers). The caller should hold
@@ -626,6 +641,7 @@ def train_run(
                 if checkpoint_every and iteration % checkpoint_every == 0:
                     save_gradients()
                     checkpoint(epoch_state())
+                yield
             # End of an epoch, or of a shortened run inside one (that partial epoch is logged too).
             epoch += 1
             sums = job_sums().tolist()
@@ -671,6 +687,9 @@ def train_run(
         record_responses(run, model, data, split=data.eval_split)
     run.set_status("done", iteration=iteration, epoch=epoch, train_error=train_err, eval_error=eval_err)
     return "done"
+
+
+train_run.__signature__ = inspect.signature(train_steps).replace(return_annotation=str)  # type: ignore[attr-defined]
 
 
 def _stop_requested(stop: StopFlag | None, ddp: Distributed, iteration: int) -> bool:
@@ -730,6 +749,7 @@ def run_all(
     cuda_graph: bool = False,
     ddp: Distributed = SINGLE,
     workers: int | None = None,
+    streams: int = 1,
 ) -> dict[str, str]:
     """Run each config in turn: skip finished runs, resume unfinished ones, leave runs that another
     process holds to it (waiting for them at the end), and go on after a run diverges or fails.
@@ -739,6 +759,10 @@ def run_all(
     is still its own run (seed, data order, metrics, checkpoint, resume), computed by the same code
     as when it trains alone. Thin nets leave a GPU mostly idle between kernel launches; several
     processes fill those gaps.
+
+    `streams` S > 1 makes each process train S runs at once, interleaved step by step, each on
+    its own CUDA stream (one process launching for several runs; their kernels can overlap on
+    the GPU). Each is still its own run, computed by the same code as alone.
 
     Under DDP (`ddp`, from `distributed_from_env`) every process of the job calls this with the
     same list; they train each run together, rank 0 holding its lock and writing its files.
@@ -751,6 +775,10 @@ def run_all(
     configs = list(configs)
     if ddp.enabled and concurrency not in (None, 1):
         raise ConfigError("--concurrency shares one device between runs; under torchrun each run uses all processes, drop it")
+    if streams < 1:
+        raise ConfigError(f"--streams must be at least 1; got {streams}")
+    if ddp.enabled and streams > 1:
+        raise ConfigError("--streams interleaves runs in one process; under torchrun each run uses all processes, drop it")
     if ddp.enabled and device in ("auto", "cuda"):  # one GPU per process: torchrun's LOCAL_RANK
         device = f"cuda:{ddp.local_rank}" if torch.cuda.is_available() or device == "cuda" else "cpu"
     dev = resolve_device(device)
@@ -780,7 +808,7 @@ def run_all(
     if concurrency > 1:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         kwargs = dict(data_dir=data_dir, device=str(dev), download=False, progress=False, compile=compile,
-                      cuda_graph=cuda_graph, workers=workers)
+                      cuda_graph=cuda_graph, workers=workers, streams=streams)
         pool = [
             ctx.Process(target=_worker, args=(configs, str(runs_dir), kwargs, f"worker {k}"), daemon=False)
             for k in range(1, concurrency)
@@ -789,7 +817,7 @@ def run_all(
             w.start()
     try:
         results = _run_list(runs, datasets, dev, progress=progress, stop=stop, log=log if ddp.writer else _quiet,
-                            compile=compile, cuda_graph=cuda_graph, ddp=ddp, workers=workers)
+                            compile=compile, cuda_graph=cuda_graph, ddp=ddp, workers=workers, streams=streams)
     finally:
         for w in pool:
             if w.is_alive() and sys.exc_info()[0] is not None:
@@ -814,6 +842,40 @@ def _worker(configs: list[RunConfig], runs_dir: str, kwargs: dict, name: str) ->
             sys.exit(1)
 
 
+def _interleave(steps: list[Generator[None, None, str]], dev: torch.device) -> list[str | Exception]:
+    """Drive `train_steps` generators round-robin, one step each in turn; on CUDA, with more than
+    one, each on its own stream, so that one run's kernels can run while the host launches the
+    next run's. Returns each one's final status, or the exception that ended it (StopRequested
+    included: the stop flag is shared, so every run stops after its next step, each with its own
+    checkpoint). KeyboardInterrupt and DataError stop them all: they are thrown into the others
+    (which mark themselves interrupted) and raised."""
+    streams = [torch.cuda.Stream(dev) if dev.type == "cuda" and len(steps) > 1 else None for _ in steps]
+    outcome: list[str | Exception] = ["" for _ in steps]
+    active = list(range(len(steps)))
+    try:
+        while active:
+            for k in list(active):
+                try:
+                    with torch.cuda.stream(streams[k]) if streams[k] is not None else nullcontext():
+                        next(steps[k])
+                    continue
+                except StopIteration as finished:
+                    outcome[k] = finished.value
+                except DataError:
+                    raise  # bad data would fail every run
+                except Exception as e:  # one broken run must not take the others down
+                    outcome[k] = e
+                active.remove(k)
+    except BaseException:
+        for k in active:
+            try:
+                steps[k].throw(KeyboardInterrupt)
+            except BaseException:  # noqa: BLE001 - each marks itself interrupted and re-raises
+                pass
+        raise
+    return outcome
+
+
 def _run_list(
     runs: list[Run],
     datasets: dict[tuple[str, bool], "Data | imagenet.ImageNetData"],
@@ -826,49 +888,84 @@ def _run_list(
     cuda_graph: bool = False,
     ddp: Distributed = SINGLE,
     workers: int = 0,
+    streams: int = 1,
 ) -> dict[str, str]:
+    """Train the runs this process gets the locks of, `streams` at a time (interleaved step by
+    step, `_interleave`), then wait for those held elsewhere."""
     results: dict[str, str] = {}
     total = len(runs)
 
-    def attempt(i: int, run: Run, wait: bool) -> bool:
-        """Train `run` if this process gets its lock; False if another process holds it. Under
-        DDP rank 0 takes the lock (waiting for it) and tells the others what it found."""
+    def claim(i: int, run: Run, wait: bool) -> ExitStack | bool:
+        """Lock `run` to train it here: the ExitStack holding its lock; True if it is finished
+        (recorded as such), False if another process holds it. Under DDP rank 0 takes the lock
+        (waiting for it) and tells the others what it found."""
         tag = f"[{i}/{total}] {run.cfg.run_id}"
-        with run.lock(wait=wait or ddp.enabled) if ddp.writer else nullcontext(True) as held:
-            status = run.status()["status"] if held else None
-            # A run that failed in another process is left failed (not trained twice); one whose
-            # process died resumes here.
-            finished = held and (run.is_finished() or (wait and status == "failed"))
-            held, status, finished = _broadcast((held, status, finished), ddp)
+        lock = ExitStack()
+        held = lock.enter_context(run.lock(wait=wait or ddp.enabled) if ddp.writer else nullcontext(True))
+        status = run.status()["status"] if held else None
+        # A run that failed in another process is left failed (not trained twice); one whose
+        # process died resumes here.
+        finished = held and (run.is_finished() or (wait and status == "failed"))
+        held, status, finished = _broadcast((held, status, finished), ddp)
+        if not held or finished:
+            lock.close()
             if not held:
                 log(f"{tag}: held by another process; will wait for it at the end")
                 return False
-            if finished:
-                results[run.cfg.run_id] = status
-                log(f"{tag}: {status}, skipped")
-                return True
-            where = f"{dev}" + (f" x {ddp.world} processes (DDP)" if ddp.enabled else "")
-            log(f"{tag}: training on {where}")
-            data = datasets[(run.cfg.dataset, run.cfg.holdout)]
-            try:
-                results[run.cfg.run_id] = train_run(
-                    run.cfg, run, data, dev, progress=progress, stop=stop, compile=compile, cuda_graph=cuda_graph, ddp=ddp,
-                    workers=workers, checkpoint_every=IMAGENET_CHECKPOINT_EVERY if run.cfg.imagenet else None,
-                )
-            except (StopRequested, KeyboardInterrupt, DataError):
-                raise  # bad data (an unreadable image) would fail every run: stop, say which file
-            except Exception as e:  # one broken run must not take the grid down
-                if ddp.enabled:
-                    raise  # the other processes cannot carry on alone
-                results[run.cfg.run_id] = "failed"
-                log(f"{tag}: failed ({type(e).__name__}: {e})")
-                return True
-            if ddp.writer:
-                last = run.read_metrics().groupby("split")["error_pct"].last().round(2).to_dict()
-                log(f"{tag}: {results[run.cfg.run_id]} (last error %: {last})")
+            results[run.cfg.run_id] = status
+            log(f"{tag}: {status}, skipped")
             return True
+        return lock
 
-    held_elsewhere = [(i, run) for i, run in enumerate(runs, 1) if not attempt(i, run, wait=False)]
-    for i, run in held_elsewhere:
-        attempt(i, run, wait=True)
+    def train(group: list[tuple[int, Run, ExitStack]]) -> None:
+        steps = []
+        for k, (i, run, _) in enumerate(group, 1):
+            where = f"{dev}" + (f" x {ddp.world} processes (DDP)" if ddp.enabled else "")
+            where += f", interleaved with {len(group) - 1} other run(s) (stream {k})" if len(group) > 1 else ""
+            log(f"[{i}/{total}] {run.cfg.run_id}: training on {where}")
+            steps.append(train_steps(
+                run.cfg, run, datasets[(run.cfg.dataset, run.cfg.holdout)], dev,
+                progress=progress if len(group) == 1 else False, stop=stop, compile=compile, cuda_graph=cuda_graph,
+                ddp=ddp, workers=workers, checkpoint_every=IMAGENET_CHECKPOINT_EVERY if run.cfg.imagenet else None,
+            ))
+        try:
+            outcomes = _interleave(steps, dev)
+        finally:
+            for _, _, lock in group:
+                lock.close()
+        stopped = None
+        for (i, run, _), outcome in zip(group, outcomes):
+            tag = f"[{i}/{total}] {run.cfg.run_id}"
+            if isinstance(outcome, StopRequested):
+                stopped = outcome
+            elif isinstance(outcome, Exception):
+                if ddp.enabled:
+                    raise outcome  # the other processes cannot carry on alone
+                results[run.cfg.run_id] = "failed"
+                log(f"{tag}: failed ({type(outcome).__name__}: {outcome})")
+            else:
+                results[run.cfg.run_id] = outcome
+                if ddp.writer:
+                    last = run.read_metrics().groupby("split")["error_pct"].last().round(2).to_dict()
+                    log(f"{tag}: {outcome} (last error %: {last})")
+        if stopped is not None:
+            raise stopped
+
+    def work_through(pending: list[tuple[int, Run]], wait: bool) -> list[tuple[int, Run]]:
+        """Claim and train `pending` in order, `streams` runs at a time; returns those held elsewhere."""
+        held_elsewhere, group = [], []
+        for i, run in pending:
+            claimed = claim(i, run, wait)
+            if claimed is False:
+                held_elsewhere.append((i, run))
+            elif claimed is not True:
+                group.append((i, run, claimed))
+                if len(group) == streams:
+                    train(group)
+                    group = []
+        if group:
+            train(group)
+        return held_elsewhere
+
+    work_through(work_through(list(enumerate(runs, 1)), wait=False), wait=True)
     return results

@@ -1,0 +1,94 @@
+"""`--streams S`: one process trains S runs at once, interleaved step by step (on a GPU each on its
+own CUDA stream). Each run stays its own run: these tests hold the interleaved runs to the metrics
+of the same runs trained one after another, exactly (on CPU nothing is shared between runs but the
+process)."""
+
+import pandas as pd
+import pytest
+import torch
+
+import study.train
+from study.cli import main
+from study.config import RunConfig
+from study.runstore import Run, list_runs
+from study.train import StopFlag, StopRequested, run_all
+
+ARGS = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-2", "--iterations", "7", "--batch-size", "64",
+        "--device", "cpu", "--no-progress"]
+
+
+def all_metrics(runs_dir) -> pd.DataFrame:
+    return pd.concat([r.read_metrics() for r in list_runs(runs_dir)], ignore_index=True).drop(columns="elapsed_s")
+
+
+def configs() -> list[RunConfig]:
+    return [RunConfig(arch="resnet", depth=8, seed=s, iterations=7, batch_size=64, dataset="fashion-mnist-mini")
+            for s in range(3)]
+
+
+def test_interleaved_runs_equal_runs_trained_alone(tmp_path, capsys):
+    """Three runs, two at a time (then the third alone): the metrics equal those of one run after
+    another, and so does each run's final weights."""
+    assert main([*ARGS, "--runs-dir", str(tmp_path / "alone")]) == 0
+    assert main([*ARGS, "--runs-dir", str(tmp_path / "together"), "--streams", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "interleaved with 1 other run(s) (stream 2)" in out
+    alone, together = all_metrics(tmp_path / "alone"), all_metrics(tmp_path / "together")
+    assert alone.run_id.nunique() == 3
+    pd.testing.assert_frame_equal(alone, together)
+    for a, b in zip(list_runs(tmp_path / "alone"), list_runs(tmp_path / "together")):
+        for k, v in a.load_checkpoint()["model"].items():
+            assert torch.equal(v, b.load_checkpoint()["model"][k]), (a.cfg.run_id, k)
+
+
+def test_a_stop_checkpoints_every_interleaved_run_and_they_resume_exactly(tmp_path, monkeypatch):
+    """SIGTERM (the shared stop flag) while two runs are interleaved: each stops after its next
+    step with its own mid-epoch checkpoint; running again finishes them with the metrics of an
+    uninterrupted run."""
+    run_all(configs(), tmp_path / "whole", progress=False, log=lambda m: None, streams=2)
+
+    stop = StopFlag()
+    real_step = study.train.sgd_step
+    calls = []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # the fifth step of the first run, its partner has had four
+            stop.signum = 15
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(study.train, "sgd_step", step_then_signal)
+    with pytest.raises(StopRequested):
+        run_all(configs(), tmp_path / "cut", progress=False, log=lambda m: None, stop=stop, streams=2)
+    monkeypatch.setattr(study.train, "sgd_step", real_step)
+    statuses = {r.cfg.seed: r.status() for r in list_runs(tmp_path / "cut")}
+    assert statuses[0]["status"] == statuses[1]["status"] == "interrupted"
+    assert statuses[0]["iteration"] == statuses[1]["iteration"] == 5
+    assert 2 not in statuses  # the third run had not started
+
+    assert set(run_all(configs(), tmp_path / "cut", progress=False, log=lambda m: None, streams=2).values()) == {"done"}
+    pd.testing.assert_frame_equal(all_metrics(tmp_path / "whole"), all_metrics(tmp_path / "cut"))
+
+
+def test_a_failing_run_does_not_stop_its_partner(tmp_path, monkeypatch):
+    cfgs = configs()[:2]
+    real_write = Run.write_metrics
+
+    def fail_seed_1(self, rows):
+        if self.cfg.seed == 1 and rows:
+            raise RuntimeError("disk trouble")
+        real_write(self, rows)
+
+    monkeypatch.setattr(Run, "write_metrics", fail_seed_1)
+    messages = []
+    results = run_all(cfgs, tmp_path, progress=False, log=messages.append, streams=2)
+    assert results == {cfgs[0].run_id: "done", cfgs[1].run_id: "failed"}
+    assert any("failed (RuntimeError: disk trouble)" in m for m in messages)
+    assert Run(tmp_path, cfgs[1]).status()["status"] == "failed"
+
+
+def test_streams_must_be_positive(tmp_path, capsys):
+    assert main([*ARGS, "--runs-dir", str(tmp_path / "runs"), "--streams", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--streams" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
