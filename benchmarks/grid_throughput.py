@@ -15,7 +15,9 @@ measures training images/s of every net of the grid (plain and residual at each 
   training a different net of the grid with (b) at the same time;
 - (d), CUDA only (`--no-graph` skips it): (b) as `study run --cuda-graph` trains, each whole step
   replayed as one CUDA graph (`study.graphstep.GraphedStep`), one net at a time;
-- (e), CUDA only, if (d) worked for every net: (d) in K processes at once, as (c).
+- (e), CUDA only, if (d) worked for every net: (d) in K processes at once, as (c);
+- (f), likewise: K nets at a time trained by this one process, interleaved step by step, each on
+  its own CUDA stream, with (d)'s step (`study run --streams K --cuda-graph`).
 
 The grid figure of (a) and (b) is the whole grid trained one net after another with equal
 iterations per net: total images / total time. For (c) the grid is cut, in the grid's own order
@@ -32,7 +34,7 @@ between barriers that every process reaches only after synchronising its device.
     python benchmarks/grid_throughput.py                     # CPU: small defaults, about a minute
     python benchmarks/grid_throughput.py --out benchmarks/results/grid_throughput_h100.json
     python benchmarks/grid_throughput.py --compile           # (b), (c) as `study run --compile` trains
-    python benchmarks/grid_throughput.py --no-graph          # without (d) and (e)
+    python benchmarks/grid_throughput.py --no-graph          # without (d), (e) and (f)
 
 Defaults depend on the device. CUDA: depths 20,32,44,56,110, batch 128, 20 warm-up and 3 x 100
 timed steps, 4 loader workers, concurrency 4, bf16. CPU: depths 20,56, batch 32, 1 warm-up and 2 x 2
@@ -54,6 +56,7 @@ import statistics
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -416,6 +419,50 @@ def measure_fast(nets: list[tuple[str, int]], images: np.ndarray, labels: np.nda
     return rates
 
 
+def interleaved_grid(nets: list[tuple[str, int]], k: int, images: np.ndarray, labels: np.ndarray,
+                     settings: dict, device: torch.device) -> list[dict]:
+    """(f): the grid in rounds of ``k`` nets trained by this one process, interleaved step by step,
+    each on its own CUDA stream (`study run --streams K --cuda-graph`); rounds in (c)'s format. A
+    timed step is one step of every net of the round; the window ends when every stream is done."""
+    data = device_data(images, labels, device)
+    warmup = max(settings["warmup"], WARMUP_STEPS + 2)
+    rounds = []
+    for i in range(0, len(nets), k):
+        nets_r = nets[i:i + k]
+        streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in nets_r]
+        steps = []
+        for (arch, depth), stream in zip(nets_r, streams):
+            cfg = RunConfig(arch=arch, depth=depth, dataset="cifar10", batch_size=settings["batch_size"],
+                            precision=settings["precision"])
+            with on(stream):
+                steps.append(make_fast_step(cfg, data, device, cuda_graph=True))
+
+        def together() -> int:
+            done = 0
+            for step, stream in zip(steps, streams):
+                with on(stream):
+                    done += step()
+            for stream in streams:  # the timing event, on the current stream, waits for all
+                if stream is not None:
+                    torch.cuda.current_stream(device).wait_stream(stream)
+            return done
+
+        rates, _ = images_per_s(together, device, warmup, settings["steps"], settings["repeats"])
+        per_net = settings["steps"] * settings["batch_size"]
+        images_w = [per_net * len(nets_r)] * len(rates)
+        rounds.append({"nets": nets_r, "images_per_net": [per_net] * len(nets_r),
+                       "wall_s": [n / r for n, r in zip(images_w, rates)], "images": images_w})
+        del steps, together
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rounds
+
+
+def on(stream: "torch.cuda.Stream | None"):
+    """``stream`` as the current CUDA stream; nothing on CPU."""
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+
 def measure_graphed(nets: list[tuple[str, int]], images: np.ndarray, labels: np.ndarray, settings: dict,
                     device: torch.device, log: Callable[[str], None]) -> dict[tuple[str, int], dict]:
     """(d): images/s of each net, one after another, through `make_fast_step` with `cuda_graph`
@@ -492,7 +539,8 @@ def round_figures(rounds: list[dict], macs: dict, peak_flops: float) -> dict:
 
 def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict, rounds: list[dict],
             peak_flops: float, graphed: dict | None = None,
-            graphed_rounds: list[dict] | None = None) -> tuple[list[dict], dict]:
+            graphed_rounds: list[dict] | None = None,
+            interleaved_rounds: list[dict] | None = None) -> tuple[list[dict], dict]:
     """Per-net rows and whole-grid figures: medians, ratios, model FLOP utilisation (6 x MACs per
     image: forward, and a backward of twice its cost) and minutes projected for the paper's grid."""
     rows = []
@@ -524,6 +572,8 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
         grid["graphed"] = {"images_per_s": rate, "mfu": 6 * mean_macs * rate / peak_flops}
     if graphed_rounds:
         grid["graphed_concurrent"] = round_figures(graphed_rounds, macs, peak_flops)
+    if interleaved_rounds:
+        grid["graphed_interleaved"] = round_figures(interleaved_rounds, macs, peak_flops)
     paper_images = len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE
     for g in grid.values():
         g["vs_reference"] = g["images_per_s"] / grid["reference"]["images_per_s"]
@@ -547,7 +597,8 @@ def print_report(title: str, rows: list[dict], grid: dict, k: int) -> None:
     print(f"{'pipeline':<28} {'images/s':>10} {'vs (a)':>7} {'minutes':>9} {'MFU':>7}")
     titles = {"reference": "(a) reference", "fast": "(b) fast, one run at a time",
               "concurrent": f"(c) fast, K={k} at once", "graphed": "(d) --cuda-graph",
-              "graphed_concurrent": f"(e) --cuda-graph, K={k} at once"}
+              "graphed_concurrent": f"(e) --cuda-graph, K={k} at once",
+              "graphed_interleaved": f"(f) --cuda-graph --streams {k}"}
     for key, g in grid.items():
         print(f"{titles[key]:<28} {g['images_per_s']:>10,.0f} {g['vs_reference']:>6.2f}x "
               f"{g['projected_grid_minutes']:>9.1f} {100 * g['mfu']:>6.2f}%", flush=True)
@@ -567,7 +618,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fast path's nets, as `study run --compile` (at least 3 warm-up steps)")
     p.add_argument("--no-graph", action="store_true",
-                   help="skip (d) and (e), the fast path with --cuda-graph (CUDA only)")
+                   help="skip (d), (e) and (f), the fast path with --cuda-graph (CUDA only)")
     p.add_argument("--out", help="write every figure as JSON here")
     return p.parse_args(argv)
 
@@ -674,8 +725,19 @@ def main(argv: list[str] | None = None) -> int:
             log_rounds("(e)", graphed_rounds, log)
         except RuntimeError as e:
             log(f"(e) failed: {e}")
+    interleaved_rounds = None
+    if graphed is not None and all("images_per_s" in g for g in graphed.values()):
+        dump({"reference": per_net(reference), "fast": per_net(fast), "graphed": per_net(graphed),
+              "concurrent_rounds": rounds, "graphed_concurrent_rounds": graphed_rounds}, partial=True)
+        log(f"(f) {k} runs interleaved in this process on {k} streams, --cuda-graph")
+        try:
+            interleaved_rounds = interleaved_grid(nets, k, images, labels, settings, device)
+            log_rounds("(f)", interleaved_rounds, log)
+        except Exception as e:  # noqa: BLE001 - report it; the other figures stand
+            log(f"(f) failed: {type(e).__name__}: {e}")
 
-    rows, grid = figures(nets, macs, reference, fast, rounds, peak["flops_per_s"], graphed, graphed_rounds)
+    rows, grid = figures(nets, macs, reference, fast, rounds, peak["flops_per_s"], graphed, graphed_rounds,
+                         interleaved_rounds)
     name = machine.get("gpu", f"cpu ({cores} cores, {settings['threads']} thread(s) per process)")
     print_report(
         f"grid throughput on {name}, torch {torch.__version__}: batch {settings['batch_size']}, "
@@ -688,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"done in {total_s:.0f} s")
 
     dump({"nets": rows, "grid": grid, "concurrent_rounds": rounds, "graphed_concurrent_rounds": graphed_rounds,
-          "wall_s": total_s})
+          "interleaved_rounds": interleaved_rounds, "wall_s": total_s})
     return 0
 
 
