@@ -6,7 +6,7 @@
 # of $GPU_SESSION_BUDGET_S seconds (default 560); each gets its own limit, cut so the ones after it
 # keep their share, and a step that fails does not stop the others. In order:
 #   1. the GPU tests: --cuda-graph's captured step against the eager step (tests/test_graphstep.py)
-#   2. grid_throughput.py, every depth, (a)-(e) (JSON)
+#   2. grid_throughput.py, every depth, (a)-(f) (JSON)
 #   3. a full paper-schedule run (64k iterations) of ResNet-20 on real Fashion-MNIST with
 #      --cuda-graph, bf16; stopped by SIGTERM at its limit (it checkpoints; metrics.parquet says
 #      how far it got)
@@ -38,7 +38,7 @@ limited "$t" "$t" python3 -m pytest -q -p no:cacheprovider tests/test_graphstep.
 log "rc=$?"
 
 t=$(slot 230 240)
-log "2. grid throughput: (a) reference, (b) fast, (c) K at once, (d) --cuda-graph, (e) both (bf16), limit ${t}s"
+log "2. grid throughput: (a) reference, (b) fast, (c) K processes, (d) --cuda-graph, (e) (d) in K processes, (f) (d) on K streams (bf16), limit ${t}s"
 limited "$t" "$t" python3 benchmarks/grid_throughput.py --steps 60 --out "$OUT/grid_throughput_gpu.json" >> "$LOG" 2>&1
 log "rc=$?"
 
@@ -70,7 +70,7 @@ for m in pathlib.Path(sys.argv[1]).glob("*/metrics.parquet"):
     if len(tr) > 2:
         rate = (tr.iteration.iloc[-1] - tr.iteration.iloc[0]) * 128 / (tr.elapsed_s.iloc[-1] - tr.elapsed_s.iloc[0])
         print(f"after epoch 1: {rate:,.0f} images/s including evaluation and checkpoints; "
-              f"epoch 1 (compilation) took {tr.elapsed_s.iloc[0]:.1f} s; projected 64k iterations: "
+              f"epoch 1 (compilation or capture) took {tr.elapsed_s.iloc[0]:.1f} s; projected 64k iterations: "
               f"{tr.elapsed_s.iloc[0] + (64000 - tr.iteration.iloc[0]) * 128 / rate:.0f} s")
 EOF
     tar czf "$OUT/$(basename "$d")_run.tgz" -C "$d" --exclude='*.pt' --exclude='*.lock' . >> "$LOG" 2>&1

@@ -220,7 +220,16 @@ def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bo
             grad_norms.rows("")  # the loop converts them at each epoch's end
         return len(y)
 
+    step.graphed = graphed  # type: ignore[attr-defined]
     return step
+
+
+def check_captured(step: Callable[[], int], batch_size: int) -> None:
+    """Raise unless ``step`` (a `make_fast_step` with ``cuda_graph``) replays a captured graph for
+    ``batch_size``: a failed capture falls back to eager steps, which must not be timed as graphs."""
+    graphed = step.graphed  # type: ignore[attr-defined]
+    if batch_size not in graphed.captured:
+        raise RuntimeError(f"no CUDA graph for batch {batch_size}: {graphed.fallback or 'not captured'}")
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -303,6 +312,8 @@ def _grid_worker(rank: int, rounds: list[list[tuple[str, int]]], settings: dict,
                 for _ in range(settings["warmup"]):
                     step()
                 sync(device)
+                if settings.get("cuda_graph") and device.type == "cuda":
+                    check_captured(step, settings["batch_size"])
             barrier.wait(BARRIER_TIMEOUT_S)  # everyone warmed up
             per_window = []
             for _ in range(settings["repeats"]):
@@ -430,6 +441,9 @@ def interleaved_grid(nets: list[tuple[str, int]], k: int, images: np.ndarray, la
     for i in range(0, len(nets), k):
         nets_r = nets[i:i + k]
         streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in nets_r]
+        for stream in streams:  # the data set was put on the device on the current stream
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(device))
         steps = []
         for (arch, depth), stream in zip(nets_r, streams):
             cfg = RunConfig(arch=arch, depth=depth, dataset="cifar10", batch_size=settings["batch_size"],
@@ -448,6 +462,9 @@ def interleaved_grid(nets: list[tuple[str, int]], k: int, images: np.ndarray, la
             return done
 
         rates, _ = images_per_s(together, device, warmup, settings["steps"], settings["repeats"])
+        if device.type == "cuda":
+            for step in steps:
+                check_captured(step, settings["batch_size"])
         per_net = settings["steps"] * settings["batch_size"]
         images_w = [per_net * len(nets_r)] * len(rates)
         rounds.append({"nets": nets_r, "images_per_net": [per_net] * len(nets_r),
@@ -479,6 +496,8 @@ def measure_graphed(nets: list[tuple[str, int]], images: np.ndarray, labels: np.
             # The graph is captured after GraphedStep's eager warm-up steps.
             warmup = max(settings["warmup"], WARMUP_STEPS + 2)
             rates, warmup_s = images_per_s(step, device, warmup, settings["steps"], settings["repeats"])
+            if device.type == "cuda":
+                check_captured(step, settings["batch_size"])
             results[(arch, depth)] = {"rates": rates, "images_per_s": statistics.median(rates), "warmup_s": warmup_s}
             log(f"(d) --cuda-graph {arch}{depth}: {statistics.median(rates):,.0f} images/s")
         except Exception as e:  # noqa: BLE001 - one failing net must not cost the benchmark

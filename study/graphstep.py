@@ -2,9 +2,10 @@
 
 The CIFAR nets are thin (16-64 channels), so a step is hundreds of small kernels, and launching
 them costs more than running them: on an H200 the common-reproduction pipeline and our eager fast
-path both train the grid at about 4,800 images/s, while the same step captured as one CUDA graph
-ran at 25,500 (`benchmarks/results/`). `GraphedStep` captures forward, loss, backward, the
-per-layer gradient norms and the SGD update, and the training loop replays it with one launch.
+path both train the grid at about 4,800 images/s, while a hand-written capture of the step as one
+CUDA graph (full batches, no gradient norms) ran at 25,500 (`benchmarks/results/`, 2026-11-27).
+`GraphedStep` captures forward, loss, backward, the per-layer gradient norms and the SGD update,
+and the training loop replays it with one launch. It has not yet run on a GPU.
 
 What stays the same as the eager step (`study.train.sgd_step`):
 - The protocol: every batch, the partial last batch of an epoch included, is trained on, with the
@@ -19,7 +20,8 @@ What stays the same as the eager step (`study.train.sgd_step`):
 How it runs: each batch size (the full batch, and the epoch's last partial one) gets its own graph.
 It first takes `WARMUP_STEPS` eager steps on a side stream, as torch asks before a capture. These
 are real steps of the run: they let cuDNN pick its algorithms. The eager and graphed steps do the
-same arithmetic. If a capture fails, the run logs one line and goes on eagerly. Without CUDA (the
+same arithmetic. If a capture fails, the run logs one line, goes on eagerly and says so in its
+final status (`cuda_graph_fallback`). Without CUDA (the
 tests on CPU), every step runs eagerly through the same code.
 """
 
@@ -74,12 +76,16 @@ class GraphedStep:
         # Autocast's cache of cast weights must be off when capturing; off in eager steps too,
         # so that both compute the same.
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
-        self.lr = torch.zeros((), device=device)
+        # The group's current rate (a plateau schedule's, after a resume) until `step` sets it.
+        self.lr = torch.tensor(float(opt.param_groups[0]["lr"]), device=device)
         for group in opt.param_groups:  # after any load_state_dict, which replaces these
             group.update(lr=self.lr, fused=True, foreach=None)
+        self.device = device
+        self.fallback: str | None = None  # why captures failed, if they did
         self._graphs: dict[int, _Graph] = {}
         self._eager_steps: Counter[int] = Counter()
         self._side = torch.cuda.Stream(device) if self.capture else None
+        self._capture_stream = torch.cuda.Stream(device) if self.capture else None
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.lr.fill_(lr)
@@ -133,10 +139,12 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         self.opt.zero_grad(set_to_none=True)
         try:
-            with torch.cuda.graph(graph):
+            # On `device` (not the current device), with a capture stream of that device.
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=self._capture_stream):
                 loss, out, norms = self._body(static_x, static_y)
         except RuntimeError as e:
-            self.log(f"CUDA graph capture failed for batch size {len(y)}; training on without graphs ({e})")
+            self.fallback = f"capture failed for batch size {len(y)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            self.log(f"CUDA graph {self.fallback}; training on without graphs")
             self.capture = False
             self.opt.zero_grad(set_to_none=True)
             return None

@@ -403,6 +403,12 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *,
     (tests: a submitit LocalExecutor, used as configured). Bad input: ConfigError, DataError or
     RunStoreError, one line, before anything is submitted. Returns the exit code."""
     opts = _options(args)
+    if getattr(args, "cuda_graph", False):
+        from .train import check_cuda_graph  # torch-heavy
+
+        if str(getattr(args, "device", "auto") or "auto") == "cpu":
+            raise ConfigError("--cuda-graph captures CUDA graphs and needs a GPU; drop it or --device cpu")
+        check_cuda_graph(configs, compile=bool(getattr(args, "compile", False)), processes=opts["gpus_per_run"])
     if submitit is None:
         raise ConfigError("--launcher slurm needs submitit: pip install 'study[slurm]'")
     if executor is None and shutil.which("sbatch") is None:

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -143,23 +144,31 @@ class Schedule:
                 opt, mode="min", factor=0.1, patience=cfg.plateau_patience,
                 threshold=cfg.plateau_threshold, threshold_mode="abs",
             )
+        self._plateau_lr = self._group_lr()
+
+    def _group_lr(self) -> float:
+        # The scheduler's rate, read once per epoch: under --cuda-graph it is a device tensor, and
+        # reading it every step would wait for the device every step.
+        return float(self.opt.param_groups[0]["lr"])
 
     def lr(self, iteration: int, warming_up: bool) -> float:
         if self.plateau is None:
             return lr_at(self.cfg, iteration, warming_up)
-        lr = self.opt.param_groups[0]["lr"]
-        return min(lr, self.cfg.warmup_lr) if warming_up else lr
+        return min(self._plateau_lr, self.cfg.warmup_lr) if warming_up else self._plateau_lr
 
     def end_epoch(self, eval_error: float) -> None:
         if self.plateau is not None:
             self.plateau.step(eval_error)
+            self._plateau_lr = self._group_lr()
 
     def state_dict(self) -> dict | None:
         return None if self.plateau is None else self.plateau.state_dict()
 
     def load_state_dict(self, state: dict | None) -> None:
+        """After the optimizer's own state is loaded (the plateau's rate lives in it)."""
         if self.plateau is not None and state is not None:
             self.plateau.load_state_dict(state)
+        self._plateau_lr = self._group_lr()
 
 
 # --- one process's place in a DDP job ------------------------------------------------------------
@@ -452,7 +461,7 @@ def train_steps(
 ) -> Generator[None, None, str]:
     """Train (or resume) one run, yielding after every training step; its return value (that of
     the StopIteration) is the run's final status: `done` or `diverged`. `train_run` drives it to the
-    end; `_train_together` interleaves several runs' steps.
+    end; `_interleave` interleaves several runs' steps.
 
     `data` is a device-resident `Data` (already on `device`) or, for ImageNet, the scanned folders
     (`imagenet.ImageNetData`, loaded by `workers` DataLoader workers). The caller should hold
@@ -518,7 +527,9 @@ def train_steps(
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         for group in opt.param_groups:  # a --cuda-graph checkpoint's fused SGD and tensor lr
-            group.update(lr=cfg.lr, fused=None, foreach=None)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = float(group["lr"])  # the plateau schedule's current rate: keep it
+            group.update(fused=None, foreach=None)
         gen.set_state(ckpt["generator"])
         schedule.load_state_dict(ckpt.get("schedule"))
         iteration, epoch = ckpt["iteration"], ckpt["epoch"]
@@ -685,7 +696,9 @@ def train_steps(
     # Figure 7 is a CIFAR figure; ImageNet runs skip it.
     if ddp.writer and isinstance(feed, CifarFeed):
         record_responses(run, model, data, split=data.eval_split)
-    run.set_status("done", iteration=iteration, epoch=epoch, train_error=train_err, eval_error=eval_err)
+    # A --cuda-graph run whose capture failed trained eagerly (same steps, slower): say so.
+    fallback = {"cuda_graph_fallback": graphed.fallback} if graphed is not None and graphed.fallback else {}
+    run.set_status("done", iteration=iteration, epoch=epoch, train_error=train_err, eval_error=eval_err, **fallback)
     return "done"
 
 
@@ -719,14 +732,13 @@ def default_workers() -> int:
     return max(1, min(12, cpus))
 
 
-def _check_cuda_graph(configs: list[RunConfig], dev: torch.device, compile: bool, ddp: Distributed) -> None:
-    """`--cuda-graph`'s requirements, checked before any run starts."""
-    if dev.type != "cuda":
-        raise ConfigError(f"--cuda-graph captures CUDA graphs and needs a GPU (the device is {dev}); drop it")
+def check_cuda_graph(configs: list[RunConfig], *, compile: bool, processes: int) -> None:
+    """`--cuda-graph`'s requirements that do not depend on the device (also checked when a SLURM
+    job array is submitted), before any run starts."""
     if compile:
         raise ConfigError("--cuda-graph and --compile are two ways to remove launch overhead; pick one")
-    if ddp.enabled:
-        raise ConfigError("--cuda-graph trains a run in one process; drop it under torchrun")
+    if processes > 1:
+        raise ConfigError("--cuda-graph trains a run in one process; drop it under torchrun or --gpus-per-run > 1")
     for cfg in configs:
         if cfg.imagenet:
             raise ConfigError(f"--cuda-graph is for the CIFAR-style data sets; {cfg.run_id} is ImageNet, drop it")
@@ -785,7 +797,13 @@ def run_all(
     for cfg in configs:
         ddp.chunks(cfg)  # a batch split the process count cannot honour is an error before any run
     if cuda_graph:
-        _check_cuda_graph(configs, dev, compile, ddp)
+        if dev.type != "cuda":
+            raise ConfigError(f"--cuda-graph captures CUDA graphs and needs a GPU (the device is {dev}); drop it")
+        check_cuda_graph(configs, compile=compile, processes=ddp.world)
+    if streams > 1 and compile and dev.type == "cuda":
+        # torch.compile's CUDA graphs share one memory pool that assumes replays in one order on
+        # one stream; interleaving compiled runs on several streams is untested.
+        raise ConfigError("--streams with --compile is not supported on a GPU; use --streams with --cuda-graph")
     datasets: dict[tuple[str, bool], Data | imagenet.ImageNetData] = {}
     for cfg in configs:
         key = (cfg.dataset, cfg.holdout)
@@ -800,8 +818,9 @@ def run_all(
         run.check_no_conflict()
     if ddp.writer:
         check_writable(Path(runs_dir))  # last check: it creates the runs dir
-    if concurrency is None:  # auto: share a GPU between a few runs, one at a time on a CPU
-        concurrency = min(AUTO_GPU_CONCURRENCY, len(runs)) if dev.type == "cuda" and not ddp.enabled else 1
+    if concurrency is None:  # auto: share a GPU between a few runs (processes, unless --streams), one at a time on a CPU
+        auto = dev.type == "cuda" and not ddp.enabled and streams == 1
+        concurrency = min(AUTO_GPU_CONCURRENCY, len(runs)) if auto else 1
     workers = default_workers() if workers is None else workers
 
     pool = []
@@ -850,6 +869,9 @@ def _interleave(steps: list[Generator[None, None, str]], dev: torch.device) -> l
     checkpoint). KeyboardInterrupt and DataError stop them all: they are thrown into the others
     (which mark themselves interrupted) and raised."""
     streams = [torch.cuda.Stream(dev) if dev.type == "cuda" and len(steps) > 1 else None for _ in steps]
+    for stream in streams:  # the data set was put on the device on the current stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(dev))
     outcome: list[str | Exception] = ["" for _ in steps]
     active = list(range(len(steps)))
     try:
@@ -865,6 +887,8 @@ def _interleave(steps: list[Generator[None, None, str]], dev: torch.device) -> l
                     raise  # bad data would fail every run
                 except Exception as e:  # one broken run must not take the others down
                     outcome[k] = e
+                    if len(steps) > 1:  # free the failed run's model and graphs now, not with the group
+                        traceback.clear_frames(e.__traceback__)
                 active.remove(k)
     except BaseException:
         for k in active:
@@ -873,6 +897,10 @@ def _interleave(steps: list[Generator[None, None, str]], dev: torch.device) -> l
             except BaseException:  # noqa: BLE001 - each marks itself interrupted and re-raises
                 pass
         raise
+    finally:
+        for stream in streams:
+            if stream is not None:
+                torch.cuda.current_stream(dev).wait_stream(stream)
     return outcome
 
 
@@ -954,17 +982,22 @@ def _run_list(
     def work_through(pending: list[tuple[int, Run]], wait: bool) -> list[tuple[int, Run]]:
         """Claim and train `pending` in order, `streams` runs at a time; returns those held elsewhere."""
         held_elsewhere, group = [], []
-        for i, run in pending:
-            claimed = claim(i, run, wait)
-            if claimed is False:
-                held_elsewhere.append((i, run))
-            elif claimed is not True:
-                group.append((i, run, claimed))
-                if len(group) == streams:
-                    train(group)
-                    group = []
-        if group:
-            train(group)
+        try:
+            for i, run in pending:
+                claimed = claim(i, run, wait)
+                if claimed is False:
+                    held_elsewhere.append((i, run))
+                elif claimed is not True:
+                    group.append((i, run, claimed))
+                    if len(group) == streams:
+                        train(group)  # releases the group's locks
+                        group = []
+            if group:
+                train(group)
+                group = []
+        finally:
+            for _, _, lock in group:  # claimed, but something failed before they trained
+                lock.close()
         return held_elsewhere
 
     work_through(work_through(list(enumerate(runs, 1)), wait=False), wait=True)

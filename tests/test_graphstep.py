@@ -170,3 +170,43 @@ def test_captured_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data,
     ga, gb = gradients(eager), gradients(graphed)
     torch.testing.assert_close(torch.tensor(gb.grad_norm.values), torch.tensor(ga.grad_norm.values),
                                rtol=1e-2 if precision == "fp32" else 5e-2, atol=1e-4)
+
+
+def test_plateau_schedule_survives_a_resume_with_and_without_graphs(tmp_path, small_data, monkeypatch):
+    """The plateau schedule's lowered rate lives in the optimizer: a run stopped after it dropped
+    resumes at the lowered rate (it used to be reset to the initial one), and --cuda-graph trains
+    at the schedule's rates (it used to start from 0)."""
+    c = cfg(iterations=35, lr_schedule="plateau", plateau_patience=1, plateau_threshold=100.0)
+    lrs = {}
+    for name, graph in (("eager", False), ("graph", True)):
+        whole = Run(tmp_path / f"whole-{name}", c)
+        train_run(c, whole, small_data, CPU, progress=False, cuda_graph=graph)
+        lrs[name] = whole.read_metrics().query("split == 'train'").lr.tolist()
+
+        stop = StopFlag()
+        real = Run.write_metrics
+
+        def write_then_stop(self, rows):
+            real(self, rows)
+            if rows and rows[-1]["epoch"] == 4:
+                stop.signum = 15  # stop after the first step of epoch 5, past the drop
+
+        cut = Run(tmp_path / f"cut-{name}", c)
+        monkeypatch.setattr(Run, "write_metrics", write_then_stop)
+        with pytest.raises(StopRequested):
+            train_run(c, cut, small_data, CPU, progress=False, stop=stop, cuda_graph=graph)
+        monkeypatch.setattr(Run, "write_metrics", real)
+        assert train_run(c, cut, small_data, CPU, progress=False, cuda_graph=graph) == "done"
+        pd.testing.assert_frame_equal(metrics(whole), metrics(cut))
+    # Patience 1 and an impossible threshold: epochs 2 and 3 do not improve on epoch 1, so the rate
+    # drops after epoch 3. (The graph's rate is a float32 tensor: 0.1 is 0.10000000149.)
+    for name in ("eager", "graph"):
+        assert lrs[name] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01], rel=1e-6), name
+
+
+def test_slurm_refuses_what_the_graph_cannot_hold_at_submission(tmp_path, capsys):
+    code = main(["run", "--grid", "quick", "--launcher", "slurm", "--cuda-graph", "--compile",
+                 "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--cuda-graph and --compile" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

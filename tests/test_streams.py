@@ -26,11 +26,21 @@ def configs() -> list[RunConfig]:
             for s in range(3)]
 
 
-def test_interleaved_runs_equal_runs_trained_alone(tmp_path, capsys):
+def test_interleaved_runs_equal_runs_trained_alone(tmp_path, capsys, monkeypatch):
     """Three runs, two at a time (then the third alone): the metrics equal those of one run after
     another, and so does each run's final weights."""
     assert main([*ARGS, "--runs-dir", str(tmp_path / "alone")]) == 0
+    real_step = study.train.sgd_step
+    optimizers = []  # which run each step belongs to
+
+    def record(forward, opt, *args, **kwargs):
+        optimizers.append(id(opt))
+        return real_step(forward, opt, *args, **kwargs)
+
+    monkeypatch.setattr(study.train, "sgd_step", record)
     assert main([*ARGS, "--runs-dir", str(tmp_path / "together"), "--streams", "2"]) == 0
+    first, second = optimizers[0], optimizers[1]
+    assert first != second and optimizers[:14] == [first, second] * 7  # step by step, in turn
     out = capsys.readouterr().out
     assert "interleaved with 1 other run(s) (stream 2)" in out
     alone, together = all_metrics(tmp_path / "alone"), all_metrics(tmp_path / "together")
@@ -71,20 +81,26 @@ def test_a_stop_checkpoints_every_interleaved_run_and_they_resume_exactly(tmp_pa
 
 
 def test_a_failing_run_does_not_stop_its_partner(tmp_path, monkeypatch):
+    """The second run breaks at its second step; the first, interleaved with it, trains on to its
+    end alone."""
     cfgs = configs()[:2]
-    real_write = Run.write_metrics
+    real_step = study.train.sgd_step
+    calls = []
 
-    def fail_seed_1(self, rows):
-        if self.cfg.seed == 1 and rows:
-            raise RuntimeError("disk trouble")
-        real_write(self, rows)
+    def break_second_run(forward, opt, *args, **kwargs):
+        calls.append(id(opt))
+        if len(calls) == 4:  # the second run's second step (the runs alternate)
+            raise RuntimeError("device trouble")
+        return real_step(forward, opt, *args, **kwargs)
 
-    monkeypatch.setattr(Run, "write_metrics", fail_seed_1)
+    monkeypatch.setattr(study.train, "sgd_step", break_second_run)
     messages = []
     results = run_all(cfgs, tmp_path, progress=False, log=messages.append, streams=2)
     assert results == {cfgs[0].run_id: "done", cfgs[1].run_id: "failed"}
-    assert any("failed (RuntimeError: disk trouble)" in m for m in messages)
-    assert Run(tmp_path, cfgs[1]).status()["status"] == "failed"
+    assert any("failed (RuntimeError: device trouble)" in m for m in messages)
+    assert Run(tmp_path, cfgs[1]).status()["iteration"] == 1
+    assert Run(tmp_path, cfgs[0]).status()["iteration"] == 7
+    assert len(calls) == 4 + 5  # the first run's other 5 steps, after its partner failed
 
 
 def test_streams_must_be_positive(tmp_path, capsys):
