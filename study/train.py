@@ -774,7 +774,8 @@ def run_all(
 
     `streams` S > 1 makes each process train S runs at once, interleaved step by step, each on
     its own CUDA stream (one process launching for several runs; their kernels can overlap on
-    the GPU). Each is still its own run, computed by the same code as alone.
+    the GPU); when one ends, the next takes its place. Each is still its own run, computed by the
+    same code as alone.
 
     Under DDP (`ddp`, from `distributed_from_env`) every process of the job calls this with the
     same list; they train each run together, rank 0 holding its lock and writing its files.
@@ -861,47 +862,63 @@ def _worker(configs: list[RunConfig], runs_dir: str, kwargs: dict, name: str) ->
             sys.exit(1)
 
 
-def _interleave(steps: list[Generator[None, None, str]], dev: torch.device) -> list[str | Exception]:
-    """Drive `train_steps` generators round-robin, one step each in turn; on CUDA, with more than
-    one, each on its own stream, so that one run's kernels can run while the host launches the
-    next run's. Returns each one's final status, or the exception that ended it (StopRequested
-    included: the stop flag is shared, so every run stops after its next step, each with its own
-    checkpoint). KeyboardInterrupt and DataError stop them all: they are thrown into the others
+def _interleave(
+    source: Iterator[tuple[Any, Generator[None, None, str]]],
+    slots: int,
+    dev: torch.device,
+    finished: Callable[[Any, "str | Exception"], None],
+) -> None:
+    """Drive the `train_steps` generators that `source` gives, `slots` at a time, one step each in
+    turn; on CUDA with several slots each has its own stream, so that one run's kernels can run
+    while the host launches the next run's. When one ends, `finished(key, outcome)` gets its final
+    status or the exception that ended it (StopRequested included: the stop flag is shared, so
+    every run stops after its next step, each with its own checkpoint), and the next from `source`
+    takes its slot. KeyboardInterrupt and DataError stop them all: they are thrown into the others
     (which mark themselves interrupted) and raised."""
-    streams = [torch.cuda.Stream(dev) if dev.type == "cuda" and len(steps) > 1 else None for _ in steps]
-    for stream in streams:  # the data set was put on the device on the current stream
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(dev))
-    outcome: list[str | Exception] = ["" for _ in steps]
-    active = list(range(len(steps)))
+    free = [torch.cuda.Stream(dev) if dev.type == "cuda" and slots > 1 else None for _ in range(slots)]
+    active: list[tuple[Any, Generator[None, None, str], "torch.cuda.Stream | None"]] = []
+
+    def fill() -> None:
+        while len(active) < slots:
+            item = next(source, None)
+            if item is None:
+                return
+            stream = free.pop()
+            if stream is not None:  # the data set was put on the device on the current stream
+                stream.wait_stream(torch.cuda.current_stream(dev))
+            active.append((*item, stream))
+
     try:
+        fill()
         while active:
-            for k in list(active):
+            for entry in list(active):
+                key, steps, stream = entry
+                outcome: str | Exception
                 try:
-                    with torch.cuda.stream(streams[k]) if streams[k] is not None else nullcontext():
-                        next(steps[k])
+                    with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                        next(steps)
                     continue
-                except StopIteration as finished:
-                    outcome[k] = finished.value
+                except StopIteration as done:
+                    outcome = done.value
                 except DataError:
                     raise  # bad data would fail every run
                 except Exception as e:  # one broken run must not take the others down
-                    outcome[k] = e
-                    if len(steps) > 1:  # free the failed run's model and graphs now, not with the group
+                    outcome = e
+                    if slots > 1:  # free the failed run's model and graphs now
                         traceback.clear_frames(e.__traceback__)
-                active.remove(k)
+                active.remove(entry)
+                if stream is not None:
+                    torch.cuda.current_stream(dev).wait_stream(stream)
+                free.append(stream)
+                finished(key, outcome)
+                fill()
     except BaseException:
-        for k in active:
+        for _, steps, _ in active:
             try:
-                steps[k].throw(KeyboardInterrupt)
+                steps.throw(KeyboardInterrupt)
             except BaseException:  # noqa: BLE001 - each marks itself interrupted and re-raises
                 pass
         raise
-    finally:
-        for stream in streams:
-            if stream is not None:
-                torch.cuda.current_stream(dev).wait_stream(stream)
-    return outcome
 
 
 def _run_list(
@@ -919,9 +936,12 @@ def _run_list(
     streams: int = 1,
 ) -> dict[str, str]:
     """Train the runs this process gets the locks of, `streams` at a time (interleaved step by
-    step, `_interleave`), then wait for those held elsewhere."""
+    step, `_interleave`; a run that ends makes room for the next), then wait for those held
+    elsewhere and train them."""
     results: dict[str, str] = {}
     total = len(runs)
+    locks: dict[str, ExitStack] = {}  # the runs being trained here
+    stopped: list[StopRequested] = []
 
     def claim(i: int, run: Run, wait: bool) -> ExitStack | bool:
         """Lock `run` to train it here: the ExitStack holding its lock; True if it is finished
@@ -945,60 +965,54 @@ def _run_list(
             return True
         return lock
 
-    def train(group: list[tuple[int, Run, ExitStack]]) -> None:
-        steps = []
-        for k, (i, run, _) in enumerate(group, 1):
+    def claimed(pending: list[tuple[int, Run]], wait: bool, held_elsewhere: list[tuple[int, Run]]
+                ) -> Iterator[tuple[tuple[int, Run], Generator[None, None, str]]]:
+        """The runs of `pending` this process locks, each with its training steps; no new ones
+        once a stop is requested."""
+        for i, run in pending:
+            if stop is not None and stop.signum is not None:
+                return
+            lock = claim(i, run, wait)
+            if lock is False:
+                held_elsewhere.append((i, run))
+                continue
+            if lock is True:
+                continue
+            locks[run.cfg.run_id] = lock
             where = f"{dev}" + (f" x {ddp.world} processes (DDP)" if ddp.enabled else "")
-            where += f", interleaved with {len(group) - 1} other run(s) (stream {k})" if len(group) > 1 else ""
+            where += f", interleaved with up to {streams - 1} other run(s)" if streams > 1 else ""
             log(f"[{i}/{total}] {run.cfg.run_id}: training on {where}")
-            steps.append(train_steps(
+            yield (i, run), train_steps(
                 run.cfg, run, datasets[(run.cfg.dataset, run.cfg.holdout)], dev,
-                progress=progress if len(group) == 1 else False, stop=stop, compile=compile, cuda_graph=cuda_graph,
+                progress=progress if streams == 1 else False, stop=stop, compile=compile, cuda_graph=cuda_graph,
                 ddp=ddp, workers=workers, checkpoint_every=IMAGENET_CHECKPOINT_EVERY if run.cfg.imagenet else None,
-            ))
-        try:
-            outcomes = _interleave(steps, dev)
-        finally:
-            for _, _, lock in group:
-                lock.close()
-        stopped = None
-        for (i, run, _), outcome in zip(group, outcomes):
-            tag = f"[{i}/{total}] {run.cfg.run_id}"
-            if isinstance(outcome, StopRequested):
-                stopped = outcome
-            elif isinstance(outcome, Exception):
-                if ddp.enabled:
-                    raise outcome  # the other processes cannot carry on alone
-                results[run.cfg.run_id] = "failed"
-                log(f"{tag}: failed ({type(outcome).__name__}: {outcome})")
-            else:
-                results[run.cfg.run_id] = outcome
-                if ddp.writer:
-                    last = run.read_metrics().groupby("split")["error_pct"].last().round(2).to_dict()
-                    log(f"{tag}: {outcome} (last error %: {last})")
-        if stopped is not None:
-            raise stopped
+            )
 
-    def work_through(pending: list[tuple[int, Run]], wait: bool) -> list[tuple[int, Run]]:
-        """Claim and train `pending` in order, `streams` runs at a time; returns those held elsewhere."""
-        held_elsewhere, group = [], []
-        try:
-            for i, run in pending:
-                claimed = claim(i, run, wait)
-                if claimed is False:
-                    held_elsewhere.append((i, run))
-                elif claimed is not True:
-                    group.append((i, run, claimed))
-                    if len(group) == streams:
-                        train(group)  # releases the group's locks
-                        group = []
-            if group:
-                train(group)
-                group = []
-        finally:
-            for _, _, lock in group:  # claimed, but something failed before they trained
-                lock.close()
-        return held_elsewhere
+    def finished(key: tuple[int, Run], outcome: str | Exception) -> None:
+        i, run = key
+        locks.pop(run.cfg.run_id).close()
+        tag = f"[{i}/{total}] {run.cfg.run_id}"
+        if isinstance(outcome, StopRequested):
+            stopped.append(outcome)
+        elif isinstance(outcome, Exception):
+            if ddp.enabled:
+                raise outcome  # the other processes cannot carry on alone
+            results[run.cfg.run_id] = "failed"
+            log(f"{tag}: failed ({type(outcome).__name__}: {outcome})")
+        else:
+            results[run.cfg.run_id] = outcome
+            if ddp.writer:
+                last = run.read_metrics().groupby("split")["error_pct"].last().round(2).to_dict()
+                log(f"{tag}: {outcome} (last error %: {last})")
 
-    work_through(work_through(list(enumerate(runs, 1)), wait=False), wait=True)
+    held_elsewhere: list[tuple[int, Run]] = []
+    try:
+        _interleave(claimed(list(enumerate(runs, 1)), False, held_elsewhere), streams, dev, finished)
+        if not stopped:  # this process's own runs are done: wait for the others', in order
+            _interleave(claimed(held_elsewhere, True, []), streams, dev, finished)
+    finally:
+        for lock in locks.values():
+            lock.close()
+    if stopped:
+        raise stopped[0]
     return results

@@ -34,7 +34,7 @@ def test_interleaved_runs_equal_runs_trained_alone(tmp_path, capsys, monkeypatch
     optimizers = []  # which run each step belongs to
 
     def record(forward, opt, *args, **kwargs):
-        optimizers.append(id(opt))
+        optimizers.append(id(opt))  # both runs' optimizers live through the first 14 steps
         return real_step(forward, opt, *args, **kwargs)
 
     monkeypatch.setattr(study.train, "sgd_step", record)
@@ -42,7 +42,7 @@ def test_interleaved_runs_equal_runs_trained_alone(tmp_path, capsys, monkeypatch
     first, second = optimizers[0], optimizers[1]
     assert first != second and optimizers[:14] == [first, second] * 7  # step by step, in turn
     out = capsys.readouterr().out
-    assert "interleaved with 1 other run(s) (stream 2)" in out
+    assert "interleaved with up to 1 other run(s)" in out
     alone, together = all_metrics(tmp_path / "alone"), all_metrics(tmp_path / "together")
     assert alone.run_id.nunique() == 3
     pd.testing.assert_frame_equal(alone, together)
@@ -108,3 +108,31 @@ def test_streams_must_be_positive(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--streams" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_finished_run_makes_room_for_the_next(tmp_path, monkeypatch):
+    """Two places, three runs of 2, 6 and 3 steps: the third starts when the first ends, beside
+    the second (not after it), and every run ends with the metrics it has alone."""
+    cfgs = [RunConfig(arch="resnet", depth=8, seed=s, iterations=n, batch_size=64, dataset="fashion-mnist-mini")
+            for s, n in ((0, 2), (1, 6), (2, 3))]
+    run_all(cfgs, tmp_path / "alone", progress=False, log=lambda m: None)
+    real_step = study.train.sgd_step
+    order = []
+
+    def record(forward, opt, *args, **kwargs):
+        order.append(opt)  # the optimizer itself: a finished run's id() could be reused
+        return real_step(forward, opt, *args, **kwargs)
+
+    monkeypatch.setattr(study.train, "sgd_step", record)
+    run_all(cfgs, tmp_path / "together", progress=False, log=lambda m: None, streams=2)
+    runs = []  # optimizers in order of first appearance: the runs
+    for opt in order:
+        if not any(opt is r for r in runs):
+            runs.append(opt)
+    order = [next(k for k, r in enumerate(runs) if r is opt) for opt in order]
+    first, second, third = 0, 1, 2
+    assert len(runs) == 3 and [order.count(k) for k in range(3)] == [2, 6, 3]
+    # a b a b; the first run ends (its generator returns at its turn), the third takes its place:
+    # b, then b c three times
+    assert order == [first, second] * 2 + [second] + [second, third] * 3
+    pd.testing.assert_frame_equal(all_metrics(tmp_path / "alone"), all_metrics(tmp_path / "together"))
