@@ -968,9 +968,10 @@ def _run_list(
     def claimed(pending: list[tuple[int, Run]], wait: bool, held_elsewhere: list[tuple[int, Run]]
                 ) -> Iterator[tuple[tuple[int, Run], Generator[None, None, str]]]:
         """The runs of `pending` this process locks, each with its training steps; no new ones
-        once a stop is requested."""
+        once a run has stopped on a signal (under DDP all processes agree on that; a single
+        process also stops at its own flag)."""
         for i, run in pending:
-            if stop is not None and stop.signum is not None:
+            if stopped or (not ddp.enabled and stop is not None and stop.signum is not None):
                 return
             lock = claim(i, run, wait)
             if lock is False:

@@ -13,7 +13,7 @@ from study.config import RunConfig
 from study.runstore import Run, list_runs
 from study.train import StopFlag, StopRequested, run_all
 
-ARGS = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-2", "--iterations", "7", "--batch-size", "64",
+ARGS = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-1", "--iterations", "7", "--batch-size", "64",
         "--device", "cpu", "--no-progress"]
 
 
@@ -27,8 +27,8 @@ def configs() -> list[RunConfig]:
 
 
 def test_interleaved_runs_equal_runs_trained_alone(tmp_path, capsys, monkeypatch):
-    """Three runs, two at a time (then the third alone): the metrics equal those of one run after
-    another, and so does each run's final weights."""
+    """Two runs at once: the metrics equal those of one run after another, and so do each run's
+    final weights. (Three runs in two places: `test_a_finished_run_makes_room_for_the_next`.)"""
     assert main([*ARGS, "--runs-dir", str(tmp_path / "alone")]) == 0
     real_step = study.train.sgd_step
     optimizers = []  # which run each step belongs to
@@ -44,7 +44,7 @@ def test_interleaved_runs_equal_runs_trained_alone(tmp_path, capsys, monkeypatch
     out = capsys.readouterr().out
     assert "interleaved with up to 1 other run(s)" in out
     alone, together = all_metrics(tmp_path / "alone"), all_metrics(tmp_path / "together")
-    assert alone.run_id.nunique() == 3
+    assert alone.run_id.nunique() == 2
     pd.testing.assert_frame_equal(alone, together)
     for a, b in zip(list_runs(tmp_path / "alone"), list_runs(tmp_path / "together")):
         for k, v in a.load_checkpoint()["model"].items():
