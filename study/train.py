@@ -919,6 +919,10 @@ def _interleave(
             except BaseException:  # noqa: BLE001 - each marks itself interrupted and re-raises
                 pass
         raise
+    finally:
+        for stream in [*free, *(entry[2] for entry in active)]:
+            if stream is not None:
+                torch.cuda.current_stream(dev).wait_stream(stream)
 
 
 def _run_list(
@@ -971,7 +975,10 @@ def _run_list(
         once a run has stopped on a signal (under DDP all processes agree on that; a single
         process also stops at its own flag)."""
         for i, run in pending:
-            if stopped or (not ddp.enabled and stop is not None and stop.signum is not None):
+            if stopped:
+                return
+            if not ddp.enabled and stop is not None and stop.signum is not None:
+                stopped.append(StopRequested(stop.signum))  # a signal between runs stops the list too
                 return
             lock = claim(i, run, wait)
             if lock is False:
@@ -1009,8 +1016,9 @@ def _run_list(
     held_elsewhere: list[tuple[int, Run]] = []
     try:
         _interleave(claimed(list(enumerate(runs, 1)), False, held_elsewhere), streams, dev, finished)
-        if not stopped:  # this process's own runs are done: wait for the others', in order
-            _interleave(claimed(held_elsewhere, True, []), streams, dev, finished)
+        if not stopped:  # this process's own runs are done: wait for the others', in order, one
+            # at a time (a run mid-training must not sit idle while the next claim waits for a lock)
+            _interleave(claimed(held_elsewhere, True, []), 1, dev, finished)
     finally:
         for lock in locks.values():
             lock.close()

@@ -55,7 +55,7 @@ def test_a_stop_checkpoints_every_interleaved_run_and_they_resume_exactly(tmp_pa
     """SIGTERM (the shared stop flag) while two runs are interleaved: each stops after its next
     step with its own mid-epoch checkpoint; running again finishes them with the metrics of an
     uninterrupted run."""
-    run_all(configs(), tmp_path / "whole", progress=False, log=lambda m: None, streams=2)
+    run_all(configs(), tmp_path / "whole", progress=False, log=lambda m: None, streams=2, device="cpu")
 
     stop = StopFlag()
     real_step = study.train.sgd_step
@@ -69,14 +69,14 @@ def test_a_stop_checkpoints_every_interleaved_run_and_they_resume_exactly(tmp_pa
 
     monkeypatch.setattr(study.train, "sgd_step", step_then_signal)
     with pytest.raises(StopRequested):
-        run_all(configs(), tmp_path / "cut", progress=False, log=lambda m: None, stop=stop, streams=2)
+        run_all(configs(), tmp_path / "cut", progress=False, log=lambda m: None, stop=stop, streams=2, device="cpu")
     monkeypatch.setattr(study.train, "sgd_step", real_step)
     statuses = {r.cfg.seed: r.status() for r in list_runs(tmp_path / "cut")}
     assert statuses[0]["status"] == statuses[1]["status"] == "interrupted"
     assert statuses[0]["iteration"] == statuses[1]["iteration"] == 5
     assert 2 not in statuses  # the third run had not started
 
-    assert set(run_all(configs(), tmp_path / "cut", progress=False, log=lambda m: None, streams=2).values()) == {"done"}
+    assert set(run_all(configs(), tmp_path / "cut", progress=False, log=lambda m: None, streams=2, device="cpu").values()) == {"done"}
     pd.testing.assert_frame_equal(all_metrics(tmp_path / "whole"), all_metrics(tmp_path / "cut"))
 
 
@@ -95,7 +95,7 @@ def test_a_failing_run_does_not_stop_its_partner(tmp_path, monkeypatch):
 
     monkeypatch.setattr(study.train, "sgd_step", break_second_run)
     messages = []
-    results = run_all(cfgs, tmp_path, progress=False, log=messages.append, streams=2)
+    results = run_all(cfgs, tmp_path, progress=False, log=messages.append, streams=2, device="cpu")
     assert results == {cfgs[0].run_id: "done", cfgs[1].run_id: "failed"}
     assert any("failed (RuntimeError: device trouble)" in m for m in messages)
     assert Run(tmp_path, cfgs[1]).status()["iteration"] == 1
@@ -115,7 +115,7 @@ def test_a_finished_run_makes_room_for_the_next(tmp_path, monkeypatch):
     the second (not after it), and every run ends with the metrics it has alone."""
     cfgs = [RunConfig(arch="resnet", depth=8, seed=s, iterations=n, batch_size=64, dataset="fashion-mnist-mini")
             for s, n in ((0, 2), (1, 6), (2, 3))]
-    run_all(cfgs, tmp_path / "alone", progress=False, log=lambda m: None)
+    run_all(cfgs, tmp_path / "alone", progress=False, log=lambda m: None, device="cpu")
     real_step = study.train.sgd_step
     order = []
 
@@ -124,7 +124,7 @@ def test_a_finished_run_makes_room_for_the_next(tmp_path, monkeypatch):
         return real_step(forward, opt, *args, **kwargs)
 
     monkeypatch.setattr(study.train, "sgd_step", record)
-    run_all(cfgs, tmp_path / "together", progress=False, log=lambda m: None, streams=2)
+    run_all(cfgs, tmp_path / "together", progress=False, log=lambda m: None, streams=2, device="cpu")
     runs = []  # optimizers in order of first appearance: the runs
     for opt in order:
         if not any(opt is r for r in runs):
@@ -136,3 +136,14 @@ def test_a_finished_run_makes_room_for_the_next(tmp_path, monkeypatch):
     # b, then b c three times
     assert order == [first, second] * 2 + [second] + [second, third] * 3
     pd.testing.assert_frame_equal(all_metrics(tmp_path / "alone"), all_metrics(tmp_path / "together"))
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_a_signal_between_runs_stops_the_list(tmp_path, streams):
+    """A SIGTERM that lands when no run is training (between runs, during an evaluation) still
+    stops the list: no further run starts, and the caller sees StopRequested (exit 143)."""
+    stop = StopFlag()
+    stop.signum = 15
+    with pytest.raises(StopRequested):
+        run_all(configs(), tmp_path, progress=False, log=lambda m: None, stop=stop, streams=streams, device="cpu")
+    assert list_runs(tmp_path) == []
