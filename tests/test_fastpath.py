@@ -20,14 +20,14 @@ def all_metrics(runs_dir) -> pd.DataFrame:
 
 
 def test_runs_trained_concurrently_equal_runs_trained_alone(tmp_path, capsys):
-    """K=2 processes share the list; the metrics of all 4 runs equal, exactly, those of one process
+    """K=2 processes share the list; the metrics of all 3 runs equal, exactly, those of one process
     training them one after another (each run is the same code on its own seed and data order;
     CPU float results do not depend on which process computes them)."""
-    args = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-3", "--iterations", "3", "--batch-size", "16", "--device", "cpu"]
+    args = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-2", "--iterations", "3", "--batch-size", "16", "--device", "cpu"]
     assert main([*args, "--runs-dir", str(tmp_path / "alone"), "--concurrency", "1"]) == 0
     assert main([*args, "--runs-dir", str(tmp_path / "together"), "--concurrency", "2"]) == 0
     alone, together = all_metrics(tmp_path / "alone"), all_metrics(tmp_path / "together")
-    assert len(alone) == 8 and alone.run_id.nunique() == 4
+    assert len(alone) == 6 and alone.run_id.nunique() == 3
     pd.testing.assert_frame_equal(alone, together)
 
 
