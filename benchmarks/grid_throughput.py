@@ -451,7 +451,7 @@ def interleaved_grid(nets: list[tuple[str, int]], k: int, images: np.ndarray, la
             with on(stream):
                 steps.append(make_fast_step(cfg, data, device, cuda_graph=True))
 
-        def together() -> int:
+        def together(steps: list = steps, streams: list = streams) -> int:
             done = 0
             for step, stream in zip(steps, streams):
                 with on(stream):
