@@ -476,9 +476,8 @@ def train_steps(
     if not ddp.writer:
         run = _Follower(run)  # type: ignore[assignment]
     chunks = ddp.chunks(cfg)
-    if cuda_graph and (ddp.enabled or chunks > 1 or compile or cfg.imagenet):
-        raise ConfigError("--cuda-graph trains one CIFAR-style run in one process: drop it with torchrun, "
-                          "--batch-split, --compile or ImageNet")
+    if cuda_graph:
+        check_cuda_graph([cfg], compile=compile, processes=ddp.world)
     step_kind = "cuda-graph" if cuda_graph else "compiled" if compile else "eager"
     run.prepare(str(device), processes=ddp.world, step=step_kind,
                 **({"backend": dist.get_backend(), "sync_bn": ddp.sync_bn} if ddp.enabled else {}))
