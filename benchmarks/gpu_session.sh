@@ -5,15 +5,17 @@
 # (`cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/` first.) The steps share a budget
 # of $GPU_SESSION_BUDGET_S seconds (default 560); each gets its own limit, cut so the ones after it
 # keep their share, and a step that fails does not stop the others. In order:
-#   1. the GPU tests: --cuda-graph's captured step against the eager step (tests/test_graphstep.py)
-#   2. grid_throughput.py, every depth, (a)-(f) (JSON)
+#   1. the GPU tests: --cuda-graph's captured step against the eager step (tests/test_graphstep.py),
+#      and captured fused runs against runs alone (tests/test_fused.py)
+#   2. grid_throughput.py, every depth, (a)-(g) (JSON)
 #   3. a full paper-schedule run (64k iterations) of ResNet-20 on real Fashion-MNIST with
 #      --cuda-graph, bf16; stopped by SIGTERM at its limit (it checkpoints; metrics.parquet says
 #      how far it got)
-#   3b. four runs of the grid at once in one process (--streams 4 --cuda-graph), stopped at its limit
+#   3b. the degradation grid, plain and residual twins fused in pairs (--fuse 2 --cuda-graph),
+#      stopped at its limit
 #   4. imagenet_throughput.py (JSON), if time is left
 # The 2026-11-27 session (results/) ran the version before --cuda-graph: its step 2 was a
-# --compile run, and its grid benchmark had a hand-written (d) and no (e).
+# --compile run, and its grid benchmark had a hand-written (d) and no (e)-(g).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -33,12 +35,12 @@ python3 -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.
 echo "cores: $(nproc); cc: $(command -v cc gcc | head -1)" >> "$LOG"
 
 t=$(slot 60 470)
-log "1. GPU tests: --cuda-graph against eager, limit ${t}s"
-limited "$t" "$t" python3 -m pytest -q -p no:cacheprovider tests/test_graphstep.py >> "$LOG" 2>&1
+log "1. GPU tests: --cuda-graph against eager, --fuse captured against alone, limit ${t}s"
+limited "$t" "$t" python3 -m pytest -q -p no:cacheprovider -k on_a_gpu tests/test_graphstep.py tests/test_fused.py >> "$LOG" 2>&1
 log "rc=$?"
 
 t=$(slot 230 240)
-log "2. grid throughput: (a) reference, (b) fast, (c) K processes, (d) --cuda-graph, (e) (d) in K processes, (f) (d) on K streams (bf16), limit ${t}s"
+log "2. grid throughput: (a) reference, (b) fast, (c) K processes, (d) --cuda-graph, (e) (d) in K processes, (f) (d) on K streams, (g) --fuse 2 and 10 (bf16), limit ${t}s"
 limited "$t" "$t" python3 benchmarks/grid_throughput.py --steps 60 --out "$OUT/grid_throughput_gpu.json" >> "$LOG" 2>&1
 log "rc=$?"
 
@@ -49,12 +51,12 @@ limited "$t" -s TERM -k 30 "$t" python3 -m study run --arch resnet --depth 20 \
     --runs-dir /tmp/e2e --no-progress >> "$LOG" 2>&1
 log "rc=$?"
 t=$(slot 120 0)
-log "3b. the degradation grid's first 4 runs at once in one process, --streams 4 --cuda-graph, bf16, limit ${t}s"
+log "3b. the degradation grid, twins fused in pairs, --fuse 2 --cuda-graph, bf16, limit ${t}s"
 limited "$t" -s TERM -k 30 "$t" python3 -m study run --grid degradation \
-    --dataset fashion-mnist --data-dir data/fashion-mnist --streams 4 --concurrency 1 --cuda-graph \
-    --precision bf16 --runs-dir /tmp/e2e_streams --no-progress >> "$LOG" 2>&1
+    --dataset fashion-mnist --data-dir data/fashion-mnist --fuse 2 --concurrency 1 --cuda-graph \
+    --precision bf16 --runs-dir /tmp/e2e_fused --no-progress >> "$LOG" 2>&1
 log "rc=$?"
-for d in /tmp/e2e /tmp/e2e_streams; do
+for d in /tmp/e2e /tmp/e2e_fused; do
     [ -d "$d" ] || continue
     python3 -m study status --runs-dir "$d" >> "$LOG" 2>&1
     python3 - "$d" >> "$LOG" 2>&1 <<'EOF'

@@ -17,7 +17,11 @@ measures training images/s of every net of the grid (plain and residual at each 
   replayed as one CUDA graph (`study.graphstep.GraphedStep`), one net at a time;
 - (e), CUDA only, if (d) worked for every net: (d) in K processes at once, as (c);
 - (f), likewise: K nets at a time trained by this one process, interleaved step by step, each on
-  its own CUDA stream, with (d)'s step (`study run --streams K --cuda-graph`).
+  its own CUDA stream, with (d)'s step (`study run --streams K --cuda-graph`);
+- (g) for each width W of `--fuse` (CUDA 2,10; CPU 2): each depth's nets fused W at a time into one
+  grouped network (`study.fused`, as `study run --fuse W` trains them; on CUDA with
+  `--cuda-graph`'s capture): W = 2 is a plain net and its residual twin, W = 10 five seeds of each
+  (the five-seed study). Its projected minutes are per seed's grid.
 
 The grid figure of (a) and (b) is the whole grid trained one net after another with equal
 iterations per net: total images / total time. For (c) the grid is cut, in the grid's own order
@@ -35,6 +39,7 @@ between barriers that every process reaches only after synchronising its device.
     python benchmarks/grid_throughput.py --out benchmarks/results/grid_throughput_h100.json
     python benchmarks/grid_throughput.py --compile           # (b), (c) as `study run --compile` trains
     python benchmarks/grid_throughput.py --no-graph          # without (d), (e) and (f)
+    python benchmarks/grid_throughput.py --fuse 0            # without (g)
 
 Defaults depend on the device. CUDA: depths 20,32,44,56,110, batch 128, 20 warm-up and 3 x 100
 timed steps, 4 loader workers, concurrency 4, bf16. CPU: depths 20,56, batch 32, 1 warm-up and 2 x 2
@@ -73,6 +78,7 @@ from study.config import PAPER_BATCH_SIZE, PAPER_ITERATIONS, PRECISIONS, RunConf
 from study.data import Data, Split, augment, dataset_info, normalize, train_batches
 from study.data.sources import pixel_mean
 from study.models import build_model, count_macs, count_params
+from study.fused import FusedNets, Join, fusion_key
 from study.graphstep import WARMUP_STEPS, GraphedStep
 from study.probes import GradientNorms
 from study.train import AUTO_GPU_CONCURRENCY, compile_model, lr_at, resolve_device, sgd_step, tune_device
@@ -86,9 +92,9 @@ BARRIER_TIMEOUT_S = 900  # a worker that has not reached a barrier by then has h
 # Per-device defaults: on CPU the benchmark must finish in about a minute on 2 cores.
 DEFAULTS = {
     "cuda": {"depths": "20,32,44,56,110", "batch_size": 128, "warmup": 20, "steps": 100, "repeats": 3,
-             "workers": 4, "concurrency": AUTO_GPU_CONCURRENCY, "precision": "bf16"},
+             "workers": 4, "concurrency": AUTO_GPU_CONCURRENCY, "precision": "bf16", "fuse": "2,10"},
     "cpu": {"depths": "20,56", "batch_size": 32, "warmup": 1, "steps": 2, "repeats": 2,
-            "workers": 2, "concurrency": 2, "precision": "fp32"},
+            "workers": 2, "concurrency": 2, "precision": "fp32", "fuse": "2"},
 }
 
 
@@ -222,6 +228,77 @@ def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bo
 
     step.graphed = graphed  # type: ignore[attr-defined]
     return step
+
+
+def make_fused_step(cfgs: list[RunConfig], data: Data, device: torch.device) -> Callable[[], int]:
+    """One iteration of `study run --fuse K` for the K runs ``cfgs`` (one network shape): each run's
+    batch and augmentation as `make_fast_step` makes them, then one `FusedNets` step for all, on
+    CUDA captured as with ``--cuda-graph``; returns the images of all K batches. It mirrors the
+    fused path of `study.train.train_steps`: when that changes, change this with it."""
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    members, feeds = [], []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=data.info.num_classes,
+                            in_channels=data.info.in_channels).to(device).to(memory_format=fmt)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        grad_norms = GradientNorms(model)
+        members.append(Join(model, opt, [n for n, _ in grad_norms.params], fusion_key(cfg, model),
+                            bf16=cfg.precision == "bf16"))
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        sums = (torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
+        batches = forever(lambda cfg=cfg, gen=gen: train_batches(data.train, cfg.batch_size, gen))
+        feeds.append((gen, batches, grad_norms, sums))
+    tune_device(device)
+    fused = FusedNets(members, device, capture=device.type == "cuda")
+    iteration = 0
+
+    def step() -> int:
+        nonlocal iteration
+        xs, ys = [], []
+        for gen, batches, _, _ in feeds:
+            x_u8, y = next(batches)
+            xs.append(augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt))
+            ys.append(y)
+        results = fused.step(xs, ys, lr_at(cfgs[0], iteration, False))
+        iteration += 1
+        for (loss, out, norms), y, (_, _, grad_norms, (loss_sum, wrong)) in zip(results, ys, feeds):
+            grad_norms.record(iteration, norms)
+            loss_sum.add_(loss * len(y))
+            wrong.add_((out.argmax(1) != y).sum())
+            if iteration % 1000 == 0:
+                grad_norms.rows("")
+        return sum(len(y) for y in ys)
+
+    step.graphed = fused.graphed  # type: ignore[attr-defined]
+    return step
+
+
+def fused_grid(nets: list[tuple[str, int]], width: int, images: np.ndarray, labels: np.ndarray,
+               settings: dict, device: torch.device) -> list[dict]:
+    """(g): each depth's plain and residual nets, width / 2 seeds of each, fused into one grouped
+    net (`make_fused_step`): one round per depth, in (c)'s format."""
+    if width % 2:
+        raise ValueError(f"--fuse widths are even (a plain net and its twin per seed); got {width}")
+    data = device_data(images, labels, device)
+    warmup = max(settings["warmup"], WARMUP_STEPS + 2)
+    rounds = []
+    for depth in dict.fromkeys(d for _, d in nets):
+        cfgs = [RunConfig(arch=arch, depth=depth, dataset="cifar10", seed=seed, batch_size=settings["batch_size"],
+                          precision=settings["precision"])
+                for seed in range(width // 2) for arch in ("plain", "resnet")]
+        step = make_fused_step(cfgs, data, device)
+        rates, _ = images_per_s(step, device, warmup, settings["steps"], settings["repeats"])
+        if device.type == "cuda":
+            check_captured(step, settings["batch_size"])
+        per_net = settings["steps"] * settings["batch_size"]
+        images_w = [per_net * width] * len(rates)
+        rounds.append({"nets": [(c.arch, c.depth) for c in cfgs], "images_per_net": [per_net] * width,
+                       "wall_s": [n / r for n, r in zip(images_w, rates)], "images": images_w})
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rounds
 
 
 def check_captured(step: Callable[[], int], batch_size: int) -> None:
@@ -559,7 +636,8 @@ def round_figures(rounds: list[dict], macs: dict, peak_flops: float) -> dict:
 def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict, rounds: list[dict],
             peak_flops: float, graphed: dict | None = None,
             graphed_rounds: list[dict] | None = None,
-            interleaved_rounds: list[dict] | None = None) -> tuple[list[dict], dict]:
+            interleaved_rounds: list[dict] | None = None,
+            fused_rounds: dict[int, list[dict]] | None = None) -> tuple[list[dict], dict]:
     """Per-net rows and whole-grid figures: medians, ratios, model FLOP utilisation (6 x MACs per
     image: forward, and a backward of twice its cost) and minutes projected for the paper's grid."""
     rows = []
@@ -593,7 +671,9 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
         grid["graphed_concurrent"] = round_figures(graphed_rounds, macs, peak_flops)
     if interleaved_rounds:
         grid["graphed_interleaved"] = round_figures(interleaved_rounds, macs, peak_flops)
-    paper_images = len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE
+    for width, fused in (fused_rounds or {}).items():
+        grid[f"fused_{width}"] = round_figures(fused, macs, peak_flops)
+    paper_images = len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE  # one seed's grid
     for g in grid.values():
         g["vs_reference"] = g["images_per_s"] / grid["reference"]["images_per_s"]
         g["projected_grid_minutes"] = paper_images / g["images_per_s"] / 60
@@ -619,7 +699,8 @@ def print_report(title: str, rows: list[dict], grid: dict, k: int) -> None:
               "graphed_concurrent": f"(e) --cuda-graph, K={k} at once",
               "graphed_interleaved": f"(f) --cuda-graph --streams {k}"}
     for key, g in grid.items():
-        print(f"{titles[key]:<28} {g['images_per_s']:>10,.0f} {g['vs_reference']:>6.2f}x "
+        title = titles.get(key) or f"(g) --fuse {key.split('_')[1]}"
+        print(f"{title:<28} {g['images_per_s']:>10,.0f} {g['vs_reference']:>6.2f}x "
               f"{g['projected_grid_minutes']:>9.1f} {100 * g['mfu']:>6.2f}%", flush=True)
 
 
@@ -638,6 +719,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.compile the fast path's nets, as `study run --compile` (at least 3 warm-up steps)")
     p.add_argument("--no-graph", action="store_true",
                    help="skip (d), (e) and (f), the fast path with --cuda-graph (CUDA only)")
+    p.add_argument("--fuse", help="(g)'s widths: runs per grouped net, even, comma-separated (CUDA 2,10; CPU 2); "
+                   "0 skips (g)")
     p.add_argument("--out", help="write every figure as JSON here")
     return p.parse_args(argv)
 
@@ -659,6 +742,13 @@ def main(argv: list[str] | None = None) -> int:
             RunConfig(arch="plain", depth=d)  # validates 6n+2
     except ValueError as e:
         print(f"bad --depths {settings['depths']!r}: {e}", file=sys.stderr)
+        return 2
+    try:
+        widths = [int(w) for w in str(settings["fuse"]).split(",") if int(w) != 0]
+        if any(w < 2 or w % 2 for w in widths):
+            raise ValueError("each width is an even number of runs, at least 2 (a plain net and its twin per seed)")
+    except ValueError as e:
+        print(f"bad --fuse {settings['fuse']!r}: {e}", file=sys.stderr)
         return 2
     for name, least in (("batch_size", 1), ("steps", 1), ("repeats", 1), ("concurrency", 1), ("warmup", 0),
                         ("workers", 0)):
@@ -728,6 +818,17 @@ def main(argv: list[str] | None = None) -> int:
     graphed = measure_graphed(nets, images, labels, settings, device, log) if cuda and not args.no_graph else None
     if graphed is not None:
         dump({"reference": per_net(reference), "fast": per_net(fast), "graphed": per_net(graphed)}, partial=True)
+    fused_rounds: dict[int, list[dict]] = {}
+    for width in widths:
+        log(f"(g) --fuse {width}{' --cuda-graph' if cuda else ''}: {width} runs per grouped net")
+        try:
+            fused_rounds[width] = fused_grid(nets, width, images, labels, settings, device)
+            log_rounds(f"(g) --fuse {width}", fused_rounds[width], log)
+        except Exception as e:  # noqa: BLE001 - report it; the other figures stand
+            log(f"(g) --fuse {width} failed: {type(e).__name__}: {e}")
+        dump({"reference": per_net(reference), "fast": per_net(fast),
+              "graphed": per_net(graphed) if graphed is not None else None, "fused_rounds": fused_rounds},
+             partial=True)
     if cuda:
         torch.cuda.empty_cache()  # leave the memory to (c)'s processes
     log(f"(c) starting {k} processes")
@@ -756,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"(f) failed: {type(e).__name__}: {e}")
 
     rows, grid = figures(nets, macs, reference, fast, rounds, peak["flops_per_s"], graphed, graphed_rounds,
-                         interleaved_rounds)
+                         interleaved_rounds, fused_rounds)
     name = machine.get("gpu", f"cpu ({cores} cores, {settings['threads']} thread(s) per process)")
     print_report(
         f"grid throughput on {name}, torch {torch.__version__}: batch {settings['batch_size']}, "
@@ -769,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"done in {total_s:.0f} s")
 
     dump({"nets": rows, "grid": grid, "concurrent_rounds": rounds, "graphed_concurrent_rounds": graphed_rounds,
-          "interleaved_rounds": interleaved_rounds, "wall_s": total_s})
+          "interleaved_rounds": interleaved_rounds, "fused_rounds": fused_rounds, "wall_s": total_s})
     return 0
 
 

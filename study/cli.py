@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs each process trains at once, interleaved step by step on their own CUDA streams (default 1)",
     )
     run.add_argument(
+        "--fuse", type=_positive_int, default=1,
+        help="runs each process trains at once, those of one network shape fused into one grouped net "
+        "(one kernel per layer for all; CIFAR nets; default 1)",
+    )
+    run.add_argument(
         "--cuda-graph", action="store_true",
         help="replay each whole training step as one CUDA graph (GPU only, CIFAR-style data); same protocol",
     )
@@ -176,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 compile=args.compile,
                 cuda_graph=args.cuda_graph,
                 streams=args.streams,
+                fuse=args.fuse,
                 ddp=ddp,
                 workers=args.workers,
             )

@@ -54,7 +54,9 @@ class GraphedStep:
 
     `step(x, y, lr)` trains on one batch at learning rate `lr` and returns the batch's mean loss,
     the logits, and the L2 norms of the gradients of `norm_weights` (in that order). All three are
-    detached. After a replay they are the graph's static outputs, which the next step overwrites,
+    detached. `loss(x, y)` and `norms()` replace how the loss and the norms are computed (for K
+    nets fused into one, `study.fused`): `loss` returns what to differentiate, the loss to report
+    and the logits; `norms` reads the gradients after backward. After a replay they are the graph's static outputs, which the next step overwrites,
     so use them (or clone them) before the next step.
     """
 
@@ -68,8 +70,12 @@ class GraphedStep:
         device: torch.device,
         capture: bool | None = None,
         log: Callable[[str], None] = print,
+        loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+        norms: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         self.model, self.opt, self.norm_weights, self.log = model, opt, list(norm_weights), log
+        self._loss = loss or self._mean_loss
+        self._norms = norms or self._weight_norms
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -110,12 +116,19 @@ class GraphedStep:
         """Forward, loss, backward, gradient norms, update; the gradients must be None before it
         (backward then writes them rather than adding to them, which a replayed graph needs)."""
         with self.autocast:
-            out = self.model(x)
-            loss = F.cross_entropy(out, y)
-        loss.backward()
-        norms = torch.stack(torch._foreach_norm([w.grad for w in self.norm_weights]))
+            differentiated, loss, out = self._loss(x, y)
+        differentiated.backward()
+        norms = self._norms()
         self.opt.step()
         return loss.detach(), out.detach(), norms
+
+    def _mean_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.model(x)
+        loss = F.cross_entropy(out, y)
+        return loss, loss, out
+
+    def _weight_norms(self) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm([w.grad for w in self.norm_weights]))
 
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.opt.zero_grad(set_to_none=True)

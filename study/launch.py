@@ -198,8 +198,9 @@ def _options(args: argparse.Namespace) -> dict:
             "--concurrency does not apply to --launcher slurm (each run is its own array task); "
             "use --slurm-array-parallelism"
         )
-    if getattr(args, "streams", 1) not in (None, 1):
-        raise ConfigError("--streams does not apply to --launcher slurm (each run is its own array task); drop it")
+    for flag in ("streams", "fuse"):
+        if getattr(args, flag, 1) not in (None, 1):
+            raise ConfigError(f"--{flag} does not apply to --launcher slurm (each run is its own array task); drop it")
     return opts
 
 

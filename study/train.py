@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from .config import ConfigError, RunConfig
 from .data import Data, DataError, augment, eval_batches, imagenet, load_data, normalize
+from .fused import Fuser, Join, StepRequest, fusion_key
 from .graphstep import GraphedStep
 from .models import build_model
 from .models.syncbn import convert_sync_batchnorm
@@ -458,7 +459,8 @@ def train_steps(
     ddp: Distributed = SINGLE,
     workers: int = 0,
     checkpoint_every: int | None = None,
-) -> Generator[None, None, str]:
+    fuse: bool = False,
+) -> Generator["None | Join | StepRequest", Any, str]:
     """Train (or resume) one run, yielding after every training step; its return value (that of
     the StopIteration) is the run's final status: `done` or `diverged`. `train_run` drives it to the
     end; `_interleave` interleaves several runs' steps.
@@ -472,13 +474,21 @@ def train_steps(
     (`study.graphstep`; one process, CIFAR-style data, no BN split, not with `compile`); on CPU the
     same step runs uncaptured. Under DDP (`ddp`) every process calls this with the same
     arguments; rank 0 alone writes.
+
+    With `fuse` the step is done by whoever drives the generator (`_interleave` with a
+    `study.fused.Fuser`, which trains several runs as one grouped net): it first yields a `Join`
+    with the run's model and optimizer, then a `StepRequest` for each step, to which it expects
+    the step's (loss, logits, gradient norms) to be sent.
     """
     if not ddp.writer:
         run = _Follower(run)  # type: ignore[assignment]
     chunks = ddp.chunks(cfg)
     if cuda_graph:
         check_cuda_graph([cfg], compile=compile, processes=ddp.world)
+    if fuse:
+        check_fuse([cfg], compile=compile, processes=ddp.world)
     step_kind = "cuda-graph" if cuda_graph else "compiled" if compile else "eager"
+    step_kind = f"fused-{step_kind}" if fuse else step_kind
     run.prepare(str(device), processes=ddp.world, step=step_kind,
                 **({"backend": dist.get_backend(), "sync_bn": ddp.sync_bn} if ddp.enabled else {}))
     run.clean_temporaries()
@@ -543,16 +553,22 @@ def train_steps(
     # epoch ends): evidence for the paper's claim that plain nets do not suffer vanishing gradients.
     grad_norms = GradientNorms(model, every=gradient_every)
     graphed = GraphedStep(model, opt, [w for _, w in grad_norms.params], bf16=cfg.precision == "bf16",
-                          device=device, log=log) if cuda_graph else None
+                          device=device, log=log) if cuda_graph and not fuse else None
     if iteration >= cfg.iterations:
         run.set_status("done", iteration=iteration, epoch=epoch)
         return "done"
+    if fuse:
+        yield Join(model, opt, [name for name, _ in grad_norms.params], fusion_key(cfg, model),
+                   bf16=cfg.precision == "bf16")
 
     def checkpoint(partial_epoch: dict | None) -> None:
+        # A fused run's tensors are views of its group's: saved as they are, each would carry the
+        # whole group's storage.
+        owned = _owned if fuse else (lambda state: state)
         run.save_checkpoint(
             {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
+                "model": owned(model.state_dict()),
+                "optimizer": owned(opt.state_dict()),
                 "generator": gen.get_state(),
                 "schedule": schedule.state_dict(),
                 "iteration": iteration,
@@ -614,7 +630,12 @@ def train_steps(
                     break
                 x, y, global_len = batch
                 lr = schedule.lr(iteration, warming_up)
-                if graphed is not None:
+                if fuse:
+                    for group in opt.param_groups:  # what the checkpoint records
+                        group["lr"] = lr
+                    loss, out, norms = yield StepRequest(x, y, lr)
+                    grad_norms.record(iteration + 1, norms)
+                elif graphed is not None:
                     loss, out, norms = graphed.step(x, y, lr)
                     grad_norms.record(iteration + 1, norms)
                 else:
@@ -651,7 +672,8 @@ def train_steps(
                 if checkpoint_every and iteration % checkpoint_every == 0:
                     save_gradients()
                     checkpoint(epoch_state())
-                yield
+                if not fuse:  # a fused run has yielded its step's request
+                    yield
             # End of an epoch, or of a shortened run inside one (that partial epoch is logged too).
             epoch += 1
             sums = job_sums().tolist()
@@ -731,6 +753,30 @@ def default_workers() -> int:
     return max(1, min(12, cpus))
 
 
+def _owned(state: Any) -> Any:
+    """`state` with each tensor that is a view into a larger storage replaced by its own copy."""
+    if isinstance(state, torch.Tensor):
+        return state.clone() if state.untyped_storage().nbytes() > state.numel() * state.element_size() else state
+    if isinstance(state, dict):
+        return {k: _owned(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_owned(v) for v in state)
+    return state
+
+
+def check_fuse(configs: list[RunConfig], *, compile: bool, processes: int) -> None:
+    """`--fuse`'s requirements that do not depend on the device, before any run starts."""
+    if compile:
+        raise ConfigError("--fuse with --compile is not supported; use --fuse with --cuda-graph on a GPU")
+    if processes > 1:
+        raise ConfigError("--fuse trains several runs in one process; drop it under torchrun or --gpus-per-run > 1")
+    for cfg in configs:
+        if cfg.imagenet:
+            raise ConfigError(f"--fuse is for the CIFAR-style nets; {cfg.run_id} is ImageNet, drop it")
+        if cfg.batch_split > 1:
+            raise ConfigError(f"--fuse does not split BN over parts of a batch ({cfg.run_id}); drop one of them")
+
+
 def check_cuda_graph(configs: list[RunConfig], *, compile: bool, processes: int) -> None:
     """`--cuda-graph`'s requirements that do not depend on the device (also checked when a SLURM
     job array is submitted), before any run starts."""
@@ -761,6 +807,7 @@ def run_all(
     ddp: Distributed = SINGLE,
     workers: int | None = None,
     streams: int = 1,
+    fuse: int = 1,
 ) -> dict[str, str]:
     """Run each config in turn: skip finished runs, resume unfinished ones, leave runs that another
     process holds to it (waiting for them at the end), and go on after a run diverges or fails.
@@ -775,6 +822,10 @@ def run_all(
     its own CUDA stream (one process launching for several runs; their kernels can overlap on
     the GPU); when one ends, the next takes its place. Each is still its own run, computed by the
     same code as alone.
+
+    `fuse` K > 1 makes each process train K runs at once, fusing those of one network shape into
+    one grouped network (`study.fused`): one kernel per layer for all of them. Each is still its
+    own run; its arithmetic is the same as alone up to rounding.
 
     Under DDP (`ddp`, from `distributed_from_env`) every process of the job calls this with the
     same list; they train each run together, rank 0 holding its lock and writing its files.
@@ -791,6 +842,12 @@ def run_all(
         raise ConfigError(f"--streams must be at least 1; got {streams}")
     if ddp.enabled and streams > 1:
         raise ConfigError("--streams interleaves runs in one process; under torchrun each run uses all processes, drop it")
+    if fuse < 1:
+        raise ConfigError(f"--fuse must be at least 1; got {fuse}")
+    if fuse > 1 and streams > 1:
+        raise ConfigError("--fuse and --streams are two ways to train several runs in one process; pick one")
+    if fuse > 1:
+        check_fuse(configs, compile=compile, processes=ddp.world)
     if ddp.enabled and device in ("auto", "cuda"):  # one GPU per process: torchrun's LOCAL_RANK
         device = f"cuda:{ddp.local_rank}" if torch.cuda.is_available() or device == "cuda" else "cpu"
     dev = resolve_device(device)
@@ -819,7 +876,7 @@ def run_all(
     if ddp.writer:
         check_writable(Path(runs_dir))  # last check: it creates the runs dir
     if concurrency is None:  # auto: share a GPU between a few runs (processes, unless --streams), one at a time on a CPU
-        auto = dev.type == "cuda" and not ddp.enabled and streams == 1
+        auto = dev.type == "cuda" and not ddp.enabled and streams == 1 and fuse == 1
         concurrency = min(AUTO_GPU_CONCURRENCY, len(runs)) if auto else 1
     workers = default_workers() if workers is None else workers
 
@@ -827,7 +884,7 @@ def run_all(
     if concurrency > 1:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         kwargs = dict(data_dir=data_dir, device=str(dev), download=False, progress=False, compile=compile,
-                      cuda_graph=cuda_graph, workers=workers, streams=streams)
+                      cuda_graph=cuda_graph, workers=workers, streams=streams, fuse=fuse)
         pool = [
             ctx.Process(target=_worker, args=(configs, str(runs_dir), kwargs, f"worker {k}"), daemon=False)
             for k in range(1, concurrency)
@@ -836,7 +893,7 @@ def run_all(
             w.start()
     try:
         results = _run_list(runs, datasets, dev, progress=progress, stop=stop, log=log if ddp.writer else _quiet,
-                            compile=compile, cuda_graph=cuda_graph, ddp=ddp, workers=workers, streams=streams)
+                            compile=compile, cuda_graph=cuda_graph, ddp=ddp, workers=workers, streams=streams, fuse=fuse)
     finally:
         for w in pool:
             if w.is_alive() and sys.exc_info()[0] is not None:
@@ -861,21 +918,47 @@ def _worker(configs: list[RunConfig], runs_dir: str, kwargs: dict, name: str) ->
             sys.exit(1)
 
 
+class _Slot:
+    """One run that `_interleave` drives: its key, its steps, its stream, and what to send it next
+    (a fused step's result, or the exception its step raised)."""
+
+    __slots__ = ("key", "steps", "stream", "reply")
+
+    def __init__(self, key: Any, steps: Generator, stream: "torch.cuda.Stream | None") -> None:
+        self.key, self.steps, self.stream, self.reply = key, steps, stream, None
+
+    def advance(self, fuser: Fuser | None) -> "StepRequest | None":
+        """Run the run up to its next yield: after its next step, or (fused) to its next request."""
+        reply, self.reply = self.reply, None
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            message = self.steps.throw(reply) if isinstance(reply, BaseException) else self.steps.send(reply)
+            while isinstance(message, Join):
+                if fuser is None:
+                    raise RuntimeError("a fused run needs a Fuser to drive it")
+                fuser.join(self, message)
+                message = self.steps.send(None)
+        return message
+
+
 def _interleave(
-    source: Iterator[tuple[Any, Generator[None, None, str]]],
+    source: Iterator[tuple[Any, Generator]],
     slots: int,
     dev: torch.device,
     finished: Callable[[Any, "str | Exception"], None],
+    fuser: Fuser | None = None,
 ) -> None:
     """Drive the `train_steps` generators that `source` gives, `slots` at a time, one step each in
     turn; on CUDA with several slots each has its own stream, so that one run's kernels can run
-    while the host launches the next run's. When one ends, `finished(key, outcome)` gets its final
+    while the host launches the next run's. With `fuser` (runs made with `fuse=True`) each round
+    gathers every run's step request and the fuser does them, group by group, on one stream.
+    When one ends, `finished(key, outcome)` gets its final
     status or the exception that ended it (StopRequested included: the stop flag is shared, so
     every run stops after its next step, each with its own checkpoint), and the next from `source`
     takes its slot. KeyboardInterrupt and DataError stop them all: they are thrown into the others
     (which mark themselves interrupted) and raised."""
-    free = [torch.cuda.Stream(dev) if dev.type == "cuda" and slots > 1 else None for _ in range(slots)]
-    active: list[tuple[Any, Generator[None, None, str], "torch.cuda.Stream | None"]] = []
+    several_streams = dev.type == "cuda" and slots > 1 and fuser is None
+    free = [torch.cuda.Stream(dev) if several_streams else None for _ in range(slots)]
+    active: list[_Slot] = []
 
     def fill() -> None:
         while len(active) < slots:
@@ -885,17 +968,18 @@ def _interleave(
             stream = free.pop()
             if stream is not None:  # the data set was put on the device on the current stream
                 stream.wait_stream(torch.cuda.current_stream(dev))
-            active.append((*item, stream))
+            active.append(_Slot(*item, stream))
 
     try:
         fill()
         while active:
-            for entry in list(active):
-                key, steps, stream = entry
+            requests: dict[_Slot, StepRequest] = {}
+            for slot in list(active):
                 outcome: str | Exception
                 try:
-                    with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                        next(steps)
+                    request = slot.advance(fuser)
+                    if fuser is not None:
+                        requests[slot] = request
                     continue
                 except StopIteration as done:
                     outcome = done.value
@@ -905,21 +989,28 @@ def _interleave(
                     outcome = e
                     if slots > 1:  # free the failed run's model and graphs now
                         traceback.clear_frames(e.__traceback__)
-                active.remove(entry)
-                if stream is not None:
-                    torch.cuda.current_stream(dev).wait_stream(stream)
-                free.append(stream)
-                finished(key, outcome)
+                active.remove(slot)
+                if fuser is not None:
+                    fuser.leave(slot)
+                if slot.stream is not None:
+                    torch.cuda.current_stream(dev).wait_stream(slot.stream)
+                free.append(slot.stream)
+                finished(slot.key, outcome)
                 fill()
+            if requests:
+                for slot, result in fuser.step(requests).items():
+                    slot.reply = result
     except BaseException:
-        for _, steps, _ in active:
+        for slot in active:
             try:
-                steps.throw(KeyboardInterrupt)
+                slot.steps.throw(KeyboardInterrupt)
             except BaseException:  # noqa: BLE001 - each marks itself interrupted and re-raises
                 pass
         raise
     finally:
-        for stream in [*free, *(entry[2] for entry in active)]:
+        if fuser is not None:
+            fuser.close()
+        for stream in [*free, *(slot.stream for slot in active)]:
             if stream is not None:
                 torch.cuda.current_stream(dev).wait_stream(stream)
 
@@ -937,10 +1028,11 @@ def _run_list(
     ddp: Distributed = SINGLE,
     workers: int = 0,
     streams: int = 1,
+    fuse: int = 1,
 ) -> dict[str, str]:
     """Train the runs this process gets the locks of, `streams` at a time (interleaved step by
-    step, `_interleave`; a run that ends makes room for the next), then wait for those held
-    elsewhere and train them."""
+    step, `_interleave`; a run that ends makes room for the next) or `fuse` at a time (fused into
+    grouped nets where their shapes agree), then wait for those held elsewhere and train them."""
     results: dict[str, str] = {}
     total = len(runs)
     locks: dict[str, ExitStack] = {}  # the runs being trained here
@@ -988,10 +1080,12 @@ def _run_list(
             locks[run.cfg.run_id] = lock
             where = f"{dev}" + (f" x {ddp.world} processes (DDP)" if ddp.enabled else "")
             where += f", interleaved with up to {streams - 1} other run(s)" if streams > 1 else ""
+            where += f", fused with up to {fuse - 1} other run(s) of its shape" if fuse > 1 else ""
             log(f"[{i}/{total}] {run.cfg.run_id}: training on {where}")
             yield (i, run), train_steps(
                 run.cfg, run, datasets[(run.cfg.dataset, run.cfg.holdout)], dev,
-                progress=progress if streams == 1 else False, stop=stop, compile=compile, cuda_graph=cuda_graph,
+                progress=progress if streams == fuse == 1 else False, stop=stop, compile=compile, cuda_graph=cuda_graph,
+                fuse=fuse > 1,
                 ddp=ddp, workers=workers, checkpoint_every=IMAGENET_CHECKPOINT_EVERY if run.cfg.imagenet else None,
             )
 
@@ -1014,10 +1108,12 @@ def _run_list(
 
     held_elsewhere: list[tuple[int, Run]] = []
     try:
-        _interleave(claimed(list(enumerate(runs, 1)), False, held_elsewhere), streams, dev, finished)
+        fuser = (lambda: Fuser(dev, capture=cuda_graph, log=log)) if fuse > 1 else (lambda: None)
+        _interleave(claimed(list(enumerate(runs, 1)), False, held_elsewhere), max(streams, fuse), dev, finished,
+                    fuser())
         if not stopped:  # this process's own runs are done: wait for the others', in order, one
             # at a time (a run mid-training must not sit idle while the next claim waits for a lock)
-            _interleave(claimed(held_elsewhere, True, []), 1, dev, finished)
+            _interleave(claimed(held_elsewhere, True, []), 1, dev, finished, fuser())
     finally:
         for lock in locks.values():
             lock.close()

@@ -18,7 +18,7 @@ from .sources import Split
 
 def normalize(images_uint8: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1] minus the per-pixel ``mean`` (the paper divides by no std)."""
-    return images_uint8.float().div_(255.0).sub_(mean)
+    return images_uint8.to(mean.dtype).div_(255.0).sub_(mean)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
