@@ -43,7 +43,7 @@ from torch import nn
 
 from .config import RunConfig
 from .graphstep import GraphedStep
-from .models import CifarNet
+from .models import BasicBlock, CifarNet
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Join:
     norm_names: list[str]  # the weights whose gradient norms the run records, in its order
     key: tuple  # runs with equal keys can be fused
     bf16: bool
+    fallback: str | None = None  # set by the Fuser if a capture of this run's group failed
 
 
 @dataclass
@@ -78,6 +79,14 @@ def fusion_key(cfg: RunConfig, model: nn.Module) -> tuple:
             cfg.momentum, cfg.weight_decay)
 
 
+def fusion_order(cfg: RunConfig) -> tuple:
+    """A sort key that puts runs next to each other that `fusion_key` would fuse (from their
+    configs), and among them those that end together."""
+    structure = "A" if cfg.arch == "plain" or cfg.shortcut == "A" else f"resnet-{cfg.shortcut}"
+    return (cfg.dataset, cfg.holdout, cfg.depth, structure, cfg.precision, cfg.batch_size, cfg.momentum,
+            cfg.weight_decay, cfg.iterations)
+
+
 def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
     owner, _, leaf = dotted.rpartition(".")
     setattr(module.get_submodule(owner) if owner else module, leaf, value)
@@ -97,31 +106,35 @@ class FusedNets:
         capture: bool = False,
         log: Callable[[str], None] = print,
     ) -> None:
-        self.members, self.k = members, len(members)
+        self.members, self.k, self.device = members, len(members), device
         first = members[0].model
         residual = [m.model.residual for m in members]
-        self.net = CifarNet(
-            first.depth, residual=any(residual), shortcut=first.shortcut, num_classes=first.fc.out_features,
-            in_channels=first.conv1.in_channels, groups=self.k,
-        ).to(device)
+        with torch.device("meta"):  # shapes only: `_link` gives every tensor its value
+            net = CifarNet(first.depth, residual=any(residual), shortcut=first.shortcut,
+                           num_classes=first.fc.out_features, in_channels=first.conv1.in_channels, groups=self.k)
+        self.net = net.to_empty(device=device)
         self.fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        self._link()
-        if any(residual) and not all(residual):
-            # Plain nets among residual ones: their shortcuts are scaled by 0, channel by channel,
-            # in the activations' dtype (so the sum keeps the dtype it has in a run alone).
-            dtype = torch.bfloat16 if members[0].bf16 else torch.float32
-            for block in self.net.modules():
-                if getattr(block, "shortcut", None) is not None and hasattr(block, "gate"):
-                    planes = block.bn2.num_features // self.k
-                    gate = torch.tensor(residual, dtype=dtype, device=device).repeat_interleave(planes)
-                    block.gate = gate.view(-1, 1, 1)
-        group = members[0].opt.param_groups[0]
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=float(group["lr"]), momentum=group["momentum"],
-                                   weight_decay=group["weight_decay"])
-        self._link_momentum()
-        self._norm_weights = [self.net.get_parameter(name) for name in members[0].norm_names]
-        self.graphed = GraphedStep(self.net, self.opt, [], bf16=members[0].bf16, device=device, capture=capture,
-                                   log=log, loss=self._loss, norms=self._norms)
+        try:
+            self._link()
+            if any(residual) and not all(residual):
+                # Plain nets among residual ones: their shortcuts are scaled by 0, channel by
+                # channel, in the activations' dtype (so the sum keeps its dtype of a run alone).
+                dtype = torch.bfloat16 if members[0].bf16 else torch.float32
+                for block in self.net.modules():
+                    if isinstance(block, BasicBlock) and block.shortcut is not None:
+                        planes = block.bn2.num_features // self.k
+                        gate = torch.tensor(residual, dtype=dtype, device=device).repeat_interleave(planes)
+                        block.gate = gate.view(-1, 1, 1)
+            group = members[0].opt.param_groups[0]
+            self.opt = torch.optim.SGD(self.net.parameters(), lr=float(group["lr"]), momentum=group["momentum"],
+                                       weight_decay=group["weight_decay"])
+            self._link_momentum()
+            self._norm_weights = [self.net.get_parameter(name) for name in members[0].norm_names]
+            self.graphed = GraphedStep(self.net, self.opt, [], bf16=members[0].bf16, device=device,
+                                       capture=capture, log=log, loss=self._loss, norms=self._norms)
+        except BaseException:
+            self.release()  # each member gets its own tensors back, whatever was linked
+            raise
 
     def _link(self) -> None:
         """The grouped net's parameters and buffers become the members' stacked; each member's
@@ -158,6 +171,9 @@ class FusedNets:
 
     def release(self) -> None:
         """Give each member its own tensors again (copies of its slices)."""
+        graphed = getattr(self, "graphed", None)
+        if graphed is not None and graphed.captured:
+            torch.cuda.current_stream(self.device).synchronize()  # no replay in flight when the graphs go
         for m in self.members:
             for name, p in m.model.named_parameters():
                 p.data = p.data.clone()
@@ -192,16 +208,26 @@ class FusedNets:
 class Fuser:
     """Groups the fused runs that one process trains at once (`study.train._interleave`): each
     round, the runs whose requests agree (`fusion_key`, batch shape, learning rate) take one step
-    together; groups form anew when that set changes."""
+    together; groups form anew when that set changes.
 
-    def __init__(self, device: torch.device, *, capture: bool = False, log: Callable[[str], None] = print) -> None:
+    `stop_latch` is the stop flag to give the fused runs: `begin_round` copies `stop`'s signal
+    into it, so that a signal arriving in the middle of a round stops every run after the same
+    step (a run stopping a step later than its partners would stay out of phase with them)."""
+
+    def __init__(self, device: torch.device, *, capture: bool = False, log: Callable[[str], None] = print,
+                 stop: object | None = None) -> None:
         self.device, self.capture, self.log = device, capture, log
+        self.stop, self.stop_latch = stop, _Latch()
+        self.fallback: str | None = None  # why a capture failed: later groups are not captured
         self._members: dict[object, Join] = {}
         self._groups: dict[frozenset, tuple[list[object], FusedNets]] = {}
         self._group_of: dict[object, frozenset] = {}
 
     def join(self, member: object, join: Join) -> None:
         self._members[member] = join
+
+    def begin_round(self) -> None:
+        self.stop_latch.signum = getattr(self.stop, "signum", None)
 
     def leave(self, member: object) -> None:
         self._release(self._group_of.get(member))
@@ -238,9 +264,10 @@ class Fuser:
                 for member in ids:
                     self._release(self._group_of.get(member))
                 try:
-                    nets = FusedNets([self._members[m] for m in ids], self.device, capture=self.capture, log=self.log)
+                    nets = FusedNets([self._members[m] for m in ids], self.device,
+                                     capture=self.capture and self.fallback is None, log=self.log)
                 except Exception as e:  # noqa: BLE001 - each member's run records it
-                    results.update(dict.fromkeys(ids, e))
+                    results.update(_failures(ids, "setting up", e))
                     continue
                 self._groups[group] = (ids, nets)
                 for member in ids:
@@ -249,7 +276,28 @@ class Fuser:
             try:
                 out = nets.step([requests[m].x for m in order], [requests[m].y for m in order], requests[order[0]].lr)
             except Exception as e:  # noqa: BLE001
-                results.update(dict.fromkeys(order, e))
+                results.update(_failures(order, "the step", e))
                 continue
+            if nets.graphed.fallback and self.fallback is None:
+                self.fallback = nets.graphed.fallback  # the members go on eagerly; say so in their status
+            if nets.graphed.fallback:
+                for member in order:
+                    self._members[member].fallback = nets.graphed.fallback
             results.update(zip(order, out))
         return results
+
+
+class _Latch:
+    """A stop flag (`study.train.StopFlag`'s `signum`) that only `Fuser.begin_round` sets."""
+
+    signum: int | None = None
+
+
+def _failures(members: list[object], what: str, error: Exception) -> dict[object, Exception]:
+    """A fresh exception for each member of a group whose `what` failed (one exception object
+    thrown into several runs would chain their tracebacks)."""
+    failures = {}
+    for m in members:
+        failures[m] = RuntimeError(f"{what} of a fused group of {len(members)} runs failed: {type(error).__name__}: {error}")
+        failures[m].__cause__ = error
+    return failures

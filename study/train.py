@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from .config import ConfigError, RunConfig
 from .data import Data, DataError, augment, eval_batches, imagenet, load_data, normalize
-from .fused import Fuser, Join, StepRequest, fusion_key
+from .fused import Fuser, Join, StepRequest, fusion_key, fusion_order
 from .graphstep import GraphedStep
 from .models import build_model
 from .models.syncbn import convert_sync_batchnorm
@@ -436,6 +436,8 @@ def _metric_row(cfg: RunConfig, **values: object) -> dict:
 def train_run(*args: Any, **kwargs: Any) -> str:
     """Train (or resume) one run to completion: `train_steps` (same arguments) driven to its end.
     Returns the run's final status: `done` or `diverged`."""
+    if kwargs.get("fuse"):
+        raise ValueError("a fused run's steps are done by a Fuser: train it with run_all(fuse=K)")
     steps = train_steps(*args, **kwargs)
     while True:
         try:
@@ -557,9 +559,11 @@ def train_steps(
     if iteration >= cfg.iterations:
         run.set_status("done", iteration=iteration, epoch=epoch)
         return "done"
+    joined = None
     if fuse:
-        yield Join(model, opt, [name for name, _ in grad_norms.params], fusion_key(cfg, model),
-                   bf16=cfg.precision == "bf16")
+        joined = Join(model, opt, [name for name, _ in grad_norms.params], fusion_key(cfg, model),
+                      bf16=cfg.precision == "bf16")
+        yield joined
 
     def checkpoint(partial_epoch: dict | None) -> None:
         # A fused run's tensors are views of its group's: saved as they are, each would carry the
@@ -718,7 +722,8 @@ def train_steps(
     if ddp.writer and isinstance(feed, CifarFeed):
         record_responses(run, model, data, split=data.eval_split)
     # A --cuda-graph run whose capture failed trained eagerly (same steps, slower): say so.
-    fallback = {"cuda_graph_fallback": graphed.fallback} if graphed is not None and graphed.fallback else {}
+    fallback_reason = graphed.fallback if graphed is not None else joined.fallback if joined is not None else None
+    fallback = {"cuda_graph_fallback": fallback_reason} if cuda_graph and fallback_reason else {}
     run.set_status("done", iteration=iteration, epoch=epoch, train_error=train_err, eval_error=eval_err, **fallback)
     return "done"
 
@@ -974,7 +979,11 @@ def _interleave(
         fill()
         while active:
             requests: dict[_Slot, StepRequest] = {}
-            for slot in list(active):
+            if fuser is not None:
+                fuser.begin_round()
+            queue = list(active)
+            while queue:
+                slot = queue.pop(0)
                 outcome: str | Exception
                 try:
                     request = slot.advance(fuser)
@@ -996,7 +1005,10 @@ def _interleave(
                     torch.cuda.current_stream(dev).wait_stream(slot.stream)
                 free.append(slot.stream)
                 finished(slot.key, outcome)
+                filled = len(active)
                 fill()
+                if fuser is not None:  # a run taking the slot joins this round: one re-forming, not two
+                    queue.extend(active[filled:])
             if requests:
                 for slot, result in fuser.step(requests).items():
                     slot.reply = result
@@ -1084,8 +1096,8 @@ def _run_list(
             log(f"[{i}/{total}] {run.cfg.run_id}: training on {where}")
             yield (i, run), train_steps(
                 run.cfg, run, datasets[(run.cfg.dataset, run.cfg.holdout)], dev,
-                progress=progress if streams == fuse == 1 else False, stop=stop, compile=compile, cuda_graph=cuda_graph,
-                fuse=fuse > 1,
+                progress=progress if streams == fuse == 1 else False, stop=fuser.stop_latch if fuser else stop,
+                compile=compile, cuda_graph=cuda_graph, fuse=fuse > 1,
                 ddp=ddp, workers=workers, checkpoint_every=IMAGENET_CHECKPOINT_EVERY if run.cfg.imagenet else None,
             )
 
@@ -1108,12 +1120,15 @@ def _run_list(
 
     held_elsewhere: list[tuple[int, Run]] = []
     try:
-        fuser = (lambda: Fuser(dev, capture=cuda_graph, log=log)) if fuse > 1 else (lambda: None)
-        _interleave(claimed(list(enumerate(runs, 1)), False, held_elsewhere), max(streams, fuse), dev, finished,
-                    fuser())
+        pending = list(enumerate(runs, 1))
+        if fuse > 1:  # runs that can be fused next to each other (seeds of one net, twins), else in order
+            pending.sort(key=lambda item: fusion_order(item[1].cfg))
+        fuser = Fuser(dev, capture=cuda_graph, log=log, stop=stop) if fuse > 1 else None
+        _interleave(claimed(pending, False, held_elsewhere), max(streams, fuse), dev, finished, fuser)
         if not stopped:  # this process's own runs are done: wait for the others', in order, one
             # at a time (a run mid-training must not sit idle while the next claim waits for a lock)
-            _interleave(claimed(held_elsewhere, True, []), 1, dev, finished, fuser())
+            fuser = Fuser(dev, capture=cuda_graph, log=log, stop=stop) if fuse > 1 else None
+            _interleave(claimed(held_elsewhere, True, []), 1, dev, finished, fuser)
     finally:
         for lock in locks.values():
             lock.close()

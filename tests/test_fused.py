@@ -15,12 +15,13 @@ import pytest
 import torch
 
 import study.fused
+import study.train
 from study.cli import main
 from study.config import RunConfig
 from study.fused import FusedNets, Join, fusion_key
 from study.graphstep import GraphedStep
 from study.models import build_model
-from study.runstore import Run, list_runs
+from study.runstore import Run
 from study.train import StopFlag, StopRequested, _interleave, train_run, train_steps
 
 CPU = torch.device("cpu")
@@ -47,15 +48,15 @@ def float64_data(data):
     return dataclasses.replace(data, train=train, eval=test, mean=train.images.double().div(255).mean(0))
 
 
-def train_fused(configs, root, data, slots, device=CPU, **kw) -> dict:
-    """Train `configs` through `_interleave` with a Fuser (capturing on CUDA), `slots` at a time;
-    their outcomes."""
+def train_fused(configs, root, data, slots, device=CPU, stop=None, cuda_graph=False) -> dict:
+    """Train `configs` through `_interleave` with a Fuser (capturing on CUDA), `slots` at a time,
+    as `run_all(fuse=slots)` does; their outcomes."""
     outcomes = {}
+    fuser = study.fused.Fuser(device, capture=device.type == "cuda", stop=stop)
     runs = [Run(root, c) for c in configs]
-    source = iter([(r, train_steps(r.cfg, r, data, device, progress=False, gradient_every=2, fuse=True, **kw))
-                   for r in runs])
-    _interleave(source, slots, device, lambda run, outcome: outcomes.update({run.cfg.run_id: outcome}),
-                study.fused.Fuser(device, capture=device.type == "cuda"))
+    source = iter([(r, train_steps(r.cfg, r, data, device, progress=False, gradient_every=2, fuse=True,
+                                   stop=fuser.stop_latch, cuda_graph=cuda_graph)) for r in runs])
+    _interleave(source, slots, device, lambda run, outcome: outcomes.update({run.cfg.run_id: outcome}), fuser)
     return outcomes
 
 
@@ -98,32 +99,31 @@ def test_fused_runs_equal_runs_trained_alone(tmp_path, small_data, float64, monk
         same_run(alone, Run(tmp_path / "fused", c), atol=1e-10)
 
 
-def test_a_stopped_fused_group_resumes_exactly(tmp_path, small_data):
-    """A SIGTERM while three runs are fused: each stops after the same step with its own
-    checkpoint (owning its tensors: no copy of the whole group's); fused again, they finish with
-    exactly the metrics and weights of an uninterrupted fused run (float32, bitwise)."""
+def test_a_stopped_fused_group_resumes_exactly(tmp_path, small_data, monkeypatch):
+    """A SIGTERM landing between two fused runs' checks of the stop flag: all three stop after the
+    same step (a run stopping later would stay out of phase with its partners for good), each with
+    its own checkpoint (owning its tensors: no copy of the whole group's); fused again, they finish
+    with exactly the metrics and weights of an uninterrupted fused run (float32, bitwise)."""
     configs = [cfg("plain", 0, 10), cfg("resnet", 0, 10), cfg("resnet", 1, 10)]
     train_fused(configs, tmp_path / "whole", small_data, slots=3)
 
     stop = StopFlag()
-    real_step = study.fused.FusedNets.step
-    steps = []
+    real_check = study.train._stop_requested
+    checks = []
 
-    def step_then_signal(self, *args, **kwargs):
-        steps.append(1)
-        if len(steps) == 5:
+    def signal_between_checks(*args, **kwargs):
+        checks.append(1)
+        if len(checks) == 3 * 4 + 2:  # the fifth step: the first run has checked, two have not
             stop.signum = 15
-        return real_step(self, *args, **kwargs)
+        return real_check(*args, **kwargs)
 
-    study.fused.FusedNets.step = step_then_signal
-    try:
-        outcomes = train_fused(configs, tmp_path / "cut", small_data, slots=3, stop=stop)
-    finally:
-        study.fused.FusedNets.step = real_step
+    monkeypatch.setattr(study.train, "_stop_requested", signal_between_checks)
+    outcomes = train_fused(configs, tmp_path / "cut", small_data, slots=3, stop=stop)
+    monkeypatch.setattr(study.train, "_stop_requested", real_check)
     assert all(isinstance(o, StopRequested) for o in outcomes.values())
     for c in configs:
         run = Run(tmp_path / "cut", c)
-        assert run.status()["status"] == "interrupted" and run.status()["iteration"] == 5
+        assert run.status()["status"] == "interrupted" and run.status()["iteration"] == 6
         for t in run.load_checkpoint()["model"].values():
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
     assert set(train_fused(configs, tmp_path / "cut", small_data, slots=3).values()) == {"done"}
@@ -185,16 +185,35 @@ def test_fuse_refuses_what_it_cannot_do(tmp_path, capsys, extra, message):
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_cli_fuses_seeds(tmp_path, capsys):
-    """`study run --seeds 0-1 --fuse 2` trains the two seeds as one pair; both runs complete."""
-    args = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-1", "--iterations", "3", "--batch-size", "64",
-            "--device", "cpu", "--no-progress", "--runs-dir", str(tmp_path / "runs"), "--fuse", "2"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert out.count("fused with up to 1 other run(s) of its shape") == 2
-    runs = list_runs(tmp_path / "runs")
-    assert len(runs) == 2 and all(r.status()["status"] == "done" for r in runs)
-    assert all(json.loads(r.config_path.read_text())["provenance"]["step"] == "fused-eager" for r in runs)
+def test_run_all_takes_the_runs_that_fuse_together(tmp_path, small_data, monkeypatch):
+    """`run_all(fuse=2)` trains the runs that can fuse together (here the two depth-8 nets), not
+    in the list's order; the runs record their fused step."""
+    monkeypatch.setattr(study.train, "load_data", lambda *args, **kwargs: small_data)
+    configs = [RunConfig(arch=a, depth=d, iterations=1, batch_size=64) for a, d in
+               [("plain", 8), ("resnet", 14), ("resnet", 8)]]
+    lines = []
+    assert set(study.train.run_all(configs, tmp_path, device="cpu", fuse=2, progress=False,
+                                   log=lines.append).values()) == {"done"}
+    started = [line.split()[1].rstrip(":") for line in lines if "training on" in line]
+    assert started == [configs[0].run_id, configs[2].run_id, configs[1].run_id]
+    assert all("fused with up to 1 other run(s) of its shape" in line for line in lines if "training on" in line)
+    for c in configs:
+        assert json.loads(Run(tmp_path, c).config_path.read_text())["provenance"]["step"] == "fused-eager"
+
+
+def test_a_failed_capture_is_in_each_fused_runs_status(tmp_path, small_data, monkeypatch):
+    """A group whose CUDA-graph capture failed trains on eagerly, and each member's status says so."""
+    real_step = FusedNets.step
+
+    def capture_fails(self, *args, **kwargs):
+        self.graphed.fallback = "capture failed for batch size 48: simulated"
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusedNets, "step", capture_fails)
+    configs = [cfg("plain", 0, 2), cfg("resnet", 0, 2)]
+    assert set(train_fused(configs, tmp_path, small_data, slots=2, cuda_graph=True).values()) == {"done"}
+    for c in configs:
+        assert Run(tmp_path, c).status()["cuda_graph_fallback"].endswith("simulated")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")

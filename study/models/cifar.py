@@ -42,6 +42,9 @@ class GroupedLinear(nn.Module):
         self.groups = groups
         self.weight = nn.Parameter(torch.empty(groups * out_features, in_features))
         self.bias = nn.Parameter(torch.empty(groups * out_features))
+        bound = in_features**-0.5  # each group as nn.Linear initialises itself
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv1d(x.unsqueeze(-1), self.weight.unsqueeze(-1), self.bias, groups=self.groups).squeeze(-1)
@@ -58,6 +61,7 @@ class PadShortcut(nn.Module):
         self.groups = groups  # grouped nets (`CifarNet(groups=G)`) pad each group's channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels_last = self.groups > 1 and x.is_contiguous(memory_format=torch.channels_last)
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.extra > 0:
@@ -68,6 +72,8 @@ class PadShortcut(nn.Module):
                 n, c, h, w = x.shape
                 x = F.pad(x.reshape(n, self.groups, c // self.groups, h, w), (0, 0, 0, 0, 0, self.extra))
                 x = x.reshape(n, c + self.groups * self.extra, h, w)
+                if channels_last:  # as the groups=1 path keeps it, for the addition that follows
+                    x = x.contiguous(memory_format=torch.channels_last)
         return x
 
 
