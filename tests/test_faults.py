@@ -46,7 +46,7 @@ def reference(tmp_path_factory) -> pd.DataFrame:
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("step", [3, pytest.param(5, marks=SLOW), 11, pytest.param(16, marks=SLOW)])
+@pytest.mark.parametrize("step", [3, pytest.param(5, marks=SLOW), pytest.param(11, marks=SLOW), pytest.param(16, marks=SLOW)])
 def test_kill_9_after_a_step_then_resume_equals_uninterrupted(tmp_path, reference, step):
     proc = study(tmp_path, "--kill-at-step", str(step))
     assert proc.returncode == -signal.SIGKILL
