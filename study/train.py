@@ -773,13 +773,7 @@ def check_fuse(configs: list[RunConfig], *, compile: bool, processes: int) -> No
     """`--fuse`'s requirements that do not depend on the device, before any run starts."""
     if compile:
         raise ConfigError("--fuse with --compile is not supported; use --fuse with --cuda-graph on a GPU")
-    if processes > 1:
-        raise ConfigError("--fuse trains several runs in one process; drop it under torchrun or --gpus-per-run > 1")
-    for cfg in configs:
-        if cfg.imagenet:
-            raise ConfigError(f"--fuse is for the CIFAR-style nets; {cfg.run_id} is ImageNet, drop it")
-        if cfg.batch_split > 1:
-            raise ConfigError(f"--fuse does not split BN over parts of a batch ({cfg.run_id}); drop one of them")
+    _check_one_process_cifar_step("--fuse", configs, processes)
 
 
 def check_cuda_graph(configs: list[RunConfig], *, compile: bool, processes: int) -> None:
@@ -787,13 +781,18 @@ def check_cuda_graph(configs: list[RunConfig], *, compile: bool, processes: int)
     job array is submitted), before any run starts."""
     if compile:
         raise ConfigError("--cuda-graph and --compile are two ways to remove launch overhead; pick one")
+    _check_one_process_cifar_step("--cuda-graph", configs, processes)
+
+
+def _check_one_process_cifar_step(flag: str, configs: list[RunConfig], processes: int) -> None:
+    """What `flag`'s step needs: one process, the CIFAR-style nets, whole batches in one BN group."""
     if processes > 1:
-        raise ConfigError("--cuda-graph trains a run in one process; drop it under torchrun or --gpus-per-run > 1")
+        raise ConfigError(f"{flag} trains a run in one process; drop it under torchrun or --gpus-per-run > 1")
     for cfg in configs:
         if cfg.imagenet:
-            raise ConfigError(f"--cuda-graph is for the CIFAR-style data sets; {cfg.run_id} is ImageNet, drop it")
+            raise ConfigError(f"{flag} is for the CIFAR-style data sets; {cfg.run_id} is ImageNet, drop it")
         if cfg.batch_split > 1:
-            raise ConfigError(f"--cuda-graph does not split BN over parts of a batch ({cfg.run_id}); drop one of them")
+            raise ConfigError(f"{flag} does not split BN over parts of a batch ({cfg.run_id}); drop one of them")
 
 
 def run_all(
