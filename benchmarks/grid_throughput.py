@@ -244,7 +244,7 @@ def make_fused_step(cfgs: list[RunConfig], data: Data, device: torch.device) -> 
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         grad_norms = GradientNorms(model)
         members.append(Join(model, opt, [n for n, _ in grad_norms.params], fusion_key(cfg, model),
-                            bf16=cfg.precision == "bf16"))
+                            bf16=cfg.precision == "bf16", name=cfg.run_id))
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         sums = (torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
         batches = forever(lambda cfg=cfg, gen=gen: train_batches(data.train, cfg.batch_size, gen))
@@ -744,7 +744,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bad --depths {settings['depths']!r}: {e}", file=sys.stderr)
         return 2
     try:
-        widths = [int(w) for w in str(settings["fuse"]).split(",") if int(w) != 0]
+        widths = [int(w) if w.strip().lstrip("-").isdigit() else -1 for w in str(settings["fuse"]).split(",")]
+        widths = [w for w in widths if w != 0]
         if any(w < 2 or w % 2 for w in widths):
             raise ValueError("each width is an even number of runs, at least 2 (a plain net and its twin per seed)")
     except ValueError as e:

@@ -55,6 +55,7 @@ class Join:
     norm_names: list[str]  # the weights whose gradient norms the run records, in its order
     key: tuple  # runs with equal keys can be fused
     bf16: bool
+    name: str = ""  # the run id, for the log
     fallback: str | None = None  # set by the Fuser if a capture of this run's group failed
 
 
@@ -222,6 +223,7 @@ class Fuser:
         self._members: dict[object, Join] = {}
         self._groups: dict[frozenset, tuple[list[object], FusedNets]] = {}
         self._group_of: dict[object, frozenset] = {}
+        self._logged: set[frozenset] = set()  # groups announced in the log (each once)
 
     def join(self, member: object, join: Join) -> None:
         self._members[member] = join
@@ -272,6 +274,9 @@ class Fuser:
                 self._groups[group] = (ids, nets)
                 for member in ids:
                     self._group_of[member] = group
+                if len(ids) > 1 and group not in self._logged:
+                    self._logged.add(group)
+                    self.log(f"fused group of {len(ids)}: {', '.join(self._members[m].name for m in ids)}")
             order, nets = self._groups[group]
             try:
                 out = nets.step([requests[m].x for m in order], [requests[m].y for m in order], requests[order[0]].lr)

@@ -562,7 +562,7 @@ def train_steps(
     joined = None
     if fuse:
         joined = Join(model, opt, [name for name, _ in grad_norms.params], fusion_key(cfg, model),
-                      bf16=cfg.precision == "bf16")
+                      bf16=cfg.precision == "bf16", name=cfg.run_id)
         yield joined
 
     def checkpoint(partial_epoch: dict | None) -> None:
@@ -1091,7 +1091,7 @@ def _run_list(
             locks[run.cfg.run_id] = lock
             where = f"{dev}" + (f" x {ddp.world} processes (DDP)" if ddp.enabled else "")
             where += f", interleaved with up to {streams - 1} other run(s)" if streams > 1 else ""
-            where += f", fused with up to {fuse - 1} other run(s) of its shape" if fuse > 1 else ""
+            where += f", to be fused with runs of its shape (up to {fuse} at once)" if fuse > 1 else ""
             log(f"[{i}/{total}] {run.cfg.run_id}: training on {where}")
             yield (i, run), train_steps(
                 run.cfg, run, datasets[(run.cfg.dataset, run.cfg.holdout)], dev,

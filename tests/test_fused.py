@@ -196,7 +196,8 @@ def test_run_all_takes_the_runs_that_fuse_together(tmp_path, small_data, monkeyp
                                    log=lines.append).values()) == {"done"}
     started = [line.split()[1].rstrip(":") for line in lines if "training on" in line]
     assert started == [configs[0].run_id, configs[2].run_id, configs[1].run_id]
-    assert all("fused with up to 1 other run(s) of its shape" in line for line in lines if "training on" in line)
+    assert all("to be fused with runs of its shape (up to 2 at once)" in line for line in lines if "training on" in line)
+    assert f"fused group of 2: {configs[0].run_id}, {configs[2].run_id}" in lines
     for c in configs:
         assert json.loads(Run(tmp_path, c).config_path.read_text())["provenance"]["step"] == "fused-eager"
 
