@@ -161,6 +161,40 @@ def test_bf16_fused_step_computes_in_the_dtypes_of_a_run_alone(small_data):
         torch.testing.assert_close(norms, norms_a, atol=0.02, rtol=0.05)
 
 
+def test_runs_at_different_learning_rates_step_apart_and_fuse_again(small_data, float64):
+    """A warm-up that ends for one run before the other (the 110-layer nets): while their rates
+    differ they step in separate groups, then fuse again; each run's weights and momentum stay those
+    of the same run stepped alone (float64, 1e-12)."""
+    names = [n + ".weight" for n, m in build_model("plain", 8, in_channels=1).named_modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    sgd = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    fused, alone, slots = [], [], ["plain", "resnet"]
+    for arch in slots:
+        for nets in (fused, alone):
+            torch.manual_seed(0)
+            nets.append(build_model(arch, 8, in_channels=1))
+    fuser = study.fused.Fuser(CPU)
+    for slot, m in zip(slots, fused):
+        fuser.join(slot, Join(m, torch.optim.SGD(m.parameters(), **sgd), names, fusion_key(cfg(slot, 0, 1), m), False))
+    steps = [GraphedStep(m, torch.optim.SGD(m.parameters(), **sgd), [m.get_parameter(n) for n in names],
+                         bf16=False, device=CPU) for m in alone]
+    x = small_data.train.images[:16].double().div(255).sub(small_data.mean.double())
+    y = small_data.train.labels[:16]
+    sizes = []
+    for rates in [(0.01, 0.01), (0.1, 0.01), (0.1, 0.01), (0.1, 0.1)]:
+        requests = {slot: study.fused.StepRequest(x, y, lr) for slot, lr in zip(slots, rates)}
+        results = fuser.step(requests)
+        sizes.append(sorted(fuser.groups))
+        for slot, step, lr in zip(slots, steps, rates):
+            loss, _, _ = step.step(x, y, lr)
+            torch.testing.assert_close(results[slot][0], loss, atol=1e-12, rtol=0)
+    assert sizes == [[2], [1, 1], [1, 1], [2]]
+    fuser.close()
+    for a, b in zip(fused, alone):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-12, rtol=0, msg=name)
+
+
 def test_fusion_keys():
     """A plain net shares its option-A twin's key; projection shortcuts (B) fuse only with their
     own kind; precision and depth part runs."""
