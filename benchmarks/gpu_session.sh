@@ -7,7 +7,7 @@
 # keep their share, and a step that fails does not stop the others. In order:
 #   1. the GPU tests: --cuda-graph's captured step against the eager step (tests/test_graphstep.py),
 #      and captured fused runs against runs alone (tests/test_fused.py)
-#   2. grid_throughput.py, every depth, (a)-(g) (JSON)
+#   2. grid_throughput.py, every depth, (a)-(h) (JSON)
 #   3. a full paper-schedule run (64k iterations) of ResNet-20 on real Fashion-MNIST with
 #      --cuda-graph, bf16; stopped by SIGTERM at its limit (it checkpoints; metrics.parquet says
 #      how far it got)
@@ -40,7 +40,7 @@ limited "$t" "$t" python3 -m pytest -q -p no:cacheprovider -k on_a_gpu tests/tes
 log "rc=$?"
 
 t=$(slot 230 240)
-log "2. grid throughput: (a) reference, (b) fast, (c) K processes, (d) --cuda-graph, (e) (d) in K processes, (f) (d) on K streams, (g) --fuse 2 and 10 (bf16), limit ${t}s"
+log "2. grid throughput: (a) reference, (b) fast, (c) K processes, (d) --cuda-graph, (e) (d) in K processes, (f) (d) on K streams, (g) --fuse 2 and 10, (h) --fuse 2 in K processes (bf16), limit ${t}s"
 limited "$t" "$t" python3 benchmarks/grid_throughput.py --steps 60 --out "$OUT/grid_throughput_gpu.json" >> "$LOG" 2>&1
 log "rc=$?"
 

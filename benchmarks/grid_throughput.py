@@ -21,7 +21,8 @@ measures training images/s of every net of the grid (plain and residual at each 
 - (g) for each width W of `--fuse` (CUDA 2,10; CPU 2): each depth's nets fused W at a time into one
   grouped network (`study.fused`, as `study run --fuse W` trains them; on CUDA with
   `--cuda-graph`'s capture): W = 2 is a plain net and its residual twin, W = 10 five seeds of each
-  (the five-seed study). Its projected minutes are per seed's grid.
+  (the five-seed study). Its projected minutes are per seed's grid;
+- (h), with W = 2: those pairs in K processes at once, as (c) (`study run --fuse 2 --concurrency K`).
 
 The grid figure of (a) and (b) is the whole grid trained one net after another with equal
 iterations per net: total images / total time. For (c) the grid is cut, in the grid's own order
@@ -382,14 +383,19 @@ def _grid_worker(rank: int, rounds: list[list[tuple[str, int]]], settings: dict,
         for nets in rounds:
             step = None
             if rank < len(nets):
-                arch, depth = nets[rank]
-                cfg = RunConfig(arch=arch, depth=depth, dataset="cifar10", batch_size=settings["batch_size"],
-                                precision=settings["precision"])
-                step = make_fast_step(cfg, data, device, settings["compile"], settings.get("cuda_graph", False))
+                if settings.get("fused"):  # a unit of nets (arch, depth, seed) trained as one grouped net
+                    step = make_fused_step([RunConfig(arch=a, depth=d, seed=s, dataset="cifar10",
+                                                      batch_size=settings["batch_size"], precision=settings["precision"])
+                                            for a, d, s in nets[rank]], data, device)
+                else:
+                    arch, depth = nets[rank]
+                    cfg = RunConfig(arch=arch, depth=depth, dataset="cifar10", batch_size=settings["batch_size"],
+                                    precision=settings["precision"])
+                    step = make_fast_step(cfg, data, device, settings["compile"], settings.get("cuda_graph", False))
                 for _ in range(settings["warmup"]):
                     step()
                 sync(device)
-                if settings.get("cuda_graph") and device.type == "cuda":
+                if (settings.get("cuda_graph") or settings.get("fused")) and device.type == "cuda":
                     check_captured(step, settings["batch_size"])
             barrier.wait(BARRIER_TIMEOUT_S)  # everyone warmed up
             per_window = []
@@ -407,9 +413,10 @@ def _grid_worker(rank: int, rounds: list[list[tuple[str, int]]], settings: dict,
         barrier.abort()
 
 
-def concurrent_grid(nets: list[tuple[str, int]], k: int, settings: dict) -> list[dict]:
+def concurrent_grid(nets: list, k: int, settings: dict) -> list[dict]:
     """Train the grid in rounds of ``k`` nets, one process each; per round: its nets, and the wall
-    time and total images of each timed window."""
+    time and total images of each timed window. With ``settings["fused"]`` each entry of ``nets``
+    is a unit, a list of (arch, depth, seed) trained as one grouped net by one process."""
     rounds = [nets[i:i + k] for i in range(0, len(nets), k)]
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     barrier = ctx.Barrier(k + 1)
@@ -461,9 +468,12 @@ def concurrent_grid(nets: list[tuple[str, int]], k: int, settings: dict) -> list
     if errors:
         raise RuntimeError("concurrent grid failed: " + "; ".join(errors))
     counts = {rank: c for rank, c, _ in reports}
+    units = (lambda nets_r: [[(a, d) for a, d, _ in unit] for unit in nets_r]) if settings.get("fused") else (
+        lambda nets_r: [[net] for net in nets_r])
     return [
-        {"nets": nets_r,
-         "images_per_net": [statistics.median(counts[r][i]) for r in range(len(nets_r))],
+        {"nets": [net for unit in units(nets_r) for net in unit],
+         "images_per_net": [statistics.median(counts[r][i]) / len(unit)
+                            for r, unit in enumerate(units(nets_r)) for _ in unit],
          "wall_s": walls[i],
          "images": [sum(counts[r][i][w] for r in range(k)) for w in range(settings["repeats"])]}
         for i, nets_r in enumerate(rounds)
@@ -637,7 +647,8 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
             peak_flops: float, graphed: dict | None = None,
             graphed_rounds: list[dict] | None = None,
             interleaved_rounds: list[dict] | None = None,
-            fused_rounds: dict[int, list[dict]] | None = None) -> tuple[list[dict], dict]:
+            fused_rounds: dict[int, list[dict]] | None = None,
+            fused_concurrent_rounds: list[dict] | None = None) -> tuple[list[dict], dict]:
     """Per-net rows and whole-grid figures: medians, ratios, model FLOP utilisation (6 x MACs per
     image: forward, and a backward of twice its cost) and minutes projected for the paper's grid."""
     rows = []
@@ -673,6 +684,8 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
         grid["graphed_interleaved"] = round_figures(interleaved_rounds, macs, peak_flops)
     for width, fused in (fused_rounds or {}).items():
         grid[f"fused_{width}"] = round_figures(fused, macs, peak_flops)
+    if fused_concurrent_rounds:
+        grid["fused_concurrent"] = round_figures(fused_concurrent_rounds, macs, peak_flops)
     paper_images = len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE  # one seed's grid
     for g in grid.values():
         g["vs_reference"] = g["images_per_s"] / grid["reference"]["images_per_s"]
@@ -697,7 +710,8 @@ def print_report(title: str, rows: list[dict], grid: dict, k: int) -> None:
     titles = {"reference": "(a) reference", "fast": "(b) fast, one run at a time",
               "concurrent": f"(c) fast, K={k} at once", "graphed": "(d) --cuda-graph",
               "graphed_concurrent": f"(e) --cuda-graph, K={k} at once",
-              "graphed_interleaved": f"(f) --cuda-graph --streams {k}"}
+              "graphed_interleaved": f"(f) --cuda-graph --streams {k}",
+              "fused_concurrent": f"(h) --fuse 2, K={k} at once"}
     for key, g in grid.items():
         title = titles.get(key) or f"(g) --fuse {key.split('_')[1]}"
         print(f"{title:<28} {g['images_per_s']:>10,.0f} {g['vs_reference']:>6.2f}x "
@@ -857,8 +871,19 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - report it; the other figures stand
             log(f"(f) failed: {type(e).__name__}: {e}")
 
+    fused_concurrent_rounds = None
+    if 2 in widths and 2 in fused_rounds:
+        log(f"(h) --fuse 2 in {k} processes{' --cuda-graph' if cuda else ''}: each process a plain net and its twin")
+        units = [[("plain", d, 0), ("resnet", d, 0)] for d in depths]
+        try:
+            fused_concurrent_rounds = concurrent_grid(units, min(k, len(units)), settings | {
+                "fused": True, "warmup": max(settings["warmup"], WARMUP_STEPS + 2)})
+            log_rounds("(h)", fused_concurrent_rounds, log)
+        except RuntimeError as e:
+            log(f"(h) failed: {e}")
+
     rows, grid = figures(nets, macs, reference, fast, rounds, peak["flops_per_s"], graphed, graphed_rounds,
-                         interleaved_rounds, fused_rounds)
+                         interleaved_rounds, fused_rounds, fused_concurrent_rounds)
     name = machine.get("gpu", f"cpu ({cores} cores, {settings['threads']} thread(s) per process)")
     print_report(
         f"grid throughput on {name}, torch {torch.__version__}: batch {settings['batch_size']}, "
@@ -871,7 +896,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"done in {total_s:.0f} s")
 
     dump({"nets": rows, "grid": grid, "concurrent_rounds": rounds, "graphed_concurrent_rounds": graphed_rounds,
-          "interleaved_rounds": interleaved_rounds, "fused_rounds": fused_rounds, "wall_s": total_s})
+          "interleaved_rounds": interleaved_rounds, "fused_rounds": fused_rounds,
+          "fused_concurrent_rounds": fused_concurrent_rounds, "wall_s": total_s})
     return 0
 
 
