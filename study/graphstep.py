@@ -54,10 +54,12 @@ class GraphedStep:
 
     `step(x, y, lr)` trains on one batch at learning rate `lr` and returns the batch's mean loss,
     the logits, and the L2 norms of the gradients of `norm_weights` (in that order). All three are
-    detached. `loss(x, y)` and `norms()` replace how the loss and the norms are computed (for K
-    nets fused into one, `study.fused`): `loss` returns what to differentiate, the loss to report
-    and the logits; `norms` reads the gradients after backward. After a replay they are the graph's static outputs, which the next step overwrites,
+    detached. After a replay they are the graph's static outputs, which the next step overwrites,
     so use them (or clone them) before the next step.
+
+    `loss(x, y)` and `norms()` replace how the loss and the norms are computed (for K nets fused
+    into one, `study.fused`): `loss` returns what to differentiate, the loss to report and the
+    logits; `norms` reads the gradients after backward.
     """
 
     def __init__(

@@ -17,7 +17,8 @@ from .sources import Split
 
 
 def normalize(images_uint8: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [0, 1] minus the per-pixel ``mean`` (the paper divides by no std)."""
+    """uint8 images -> [0, 1] minus the per-pixel ``mean``, in the mean's dtype (float32; float64 in
+    tests that need exact sums). The paper divides by no std."""
     return images_uint8.to(mean.dtype).div_(255.0).sub_(mean)
 
 
