@@ -176,7 +176,7 @@ class FusedNets:
         if graphed is not None and graphed.captured:
             torch.cuda.current_stream(self.device).synchronize()  # no replay in flight when the graphs go
         for m in self.members:
-            for name, p in m.model.named_parameters():
+            for p in m.model.parameters():
                 p.data = p.data.clone()
                 state = m.opt.state.get(p)
                 if state and state.get("momentum_buffer") is not None:
