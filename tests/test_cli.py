@@ -91,33 +91,53 @@ def test_grids_lists_runs(capsys):
     assert "cifar10-plain110-A-s0" in out and "cifar10-resnet1202-A-s0" in out and "quick" in out
 
 
-@pytest.mark.parametrize(
-    "argv,needle",
-    [
-        (["run", "--grid", "nope"], "unknown grid"),
-        (["run", "--arch", "plain", "--depth", "21"], "6n+2"),
-        (["run", "--arch", "plain"], "needs --depth"),
-        (["run", "--arch", "wide", "--depth", "20"], "invalid choice"),
-        (["run", "--arch", "plain", "--depth", "20", "--dataset", "mnist"], "invalid choice"),
-        (["run", "--arch", "plain", "--depth", "20", "--shortcut", "B"], "plain nets have no shortcuts"),
-        (["run", "--arch", "plain", "--depth", "20", "--seeds", "1,x"], "malformed seeds"),
-        (["run", "--arch", "plain", "--depth", "20", "--iterations", "0"], "positive integer"),
-        (["run", "--arch", "plain", "--depth", "20", "--iterations", "-5"], "positive integer"),
-        (["run", "--arch", "plain", "--depth", "20", "--dataset", "cifar10"], "CIFAR-10 not found"),
-        (["run", "--arch", "plain", "--depth", "20", "--device", "tpu"], "unknown device"),
-        (["run", "--grid", "quick", "--depth", "20"], "does not apply to --grid"),
-        (["frobnicate"], "invalid choice"),
-    ],
-)
+BAD_INPUT = [
+    (["run", "--grid", "nope"], "unknown grid"),
+    (["run", "--arch", "plain", "--depth", "21"], "6n+2"),
+    (["run", "--arch", "plain"], "needs --depth"),
+    (["run", "--arch", "wide", "--depth", "20"], "invalid choice"),
+    (["run", "--arch", "plain", "--depth", "20", "--dataset", "mnist"], "invalid choice"),
+    (["run", "--arch", "plain", "--depth", "20", "--shortcut", "B"], "plain nets have no shortcuts"),
+    (["run", "--arch", "plain", "--depth", "20", "--seeds", "1,x"], "malformed seeds"),
+    (["run", "--arch", "plain", "--depth", "20", "--iterations", "0"], "positive integer"),
+    (["run", "--arch", "plain", "--depth", "20", "--iterations", "-5"], "positive integer"),
+    (["run", "--arch", "plain", "--depth", "20", "--dataset", "cifar10"], "CIFAR-10 not found"),
+    (["run", "--arch", "plain", "--depth", "20", "--device", "tpu"], "unknown device"),
+    (["run", "--grid", "quick", "--depth", "20"], "does not apply to --grid"),
+    (["frobnicate"], "invalid choice"),
+]
+# A real process for one case of each kind (an argparse error, a check of ours, missing data).
+IN_A_PROCESS = {0, 9, 12}
+
+
+def _with_runs_dir(argv: list[str]) -> list[str]:
+    return [*argv, *(["--runs-dir", "runs"] if argv[0] == "run" else [])]
+
+
+@pytest.mark.parametrize("argv,needle", [case for i, case in enumerate(BAD_INPUT) if i in IN_A_PROCESS])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, argv, needle):
-    """A real `python -m study` process per case: one line on stderr, exit code 2, no traceback,
-    nothing written (the default ./runs and ./data resolve in an empty directory)."""
+    """A real `python -m study` process: one line on stderr, exit code 2, no traceback, nothing
+    written (the default ./runs and ./data resolve in an empty directory)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "study", *argv, *(["--runs-dir", "runs"] if argv[0] == "run" else [])],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [sys.executable, "-m", "study", *_with_runs_dir(argv)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert proc.returncode == 2
     err = proc.stderr
+    assert err.startswith("study: error: ") and err.count("\n") == 1 and needle in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,needle", [case for i, case in enumerate(BAD_INPUT) if i not in IN_A_PROCESS])
+def test_every_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, argv, needle):
+    """The other cases, through `main` in this process (the same code path, without a process start
+    per case)."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(_with_runs_dir(argv))
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
     assert err.startswith("study: error: ") and err.count("\n") == 1 and needle in err, err
     assert list(tmp_path.iterdir()) == []
 

@@ -99,6 +99,37 @@ def test_fused_runs_equal_runs_trained_alone(tmp_path, small_data, float64, monk
         same_run(alone, Run(tmp_path / "fused", c), atol=1e-10)
 
 
+def test_a_run_diverging_inside_a_group_leaves_its_partners_untouched(tmp_path, small_data, float64, monkeypatch):
+    """One run of a fused group goes NaN (its batch is poisoned at its third step): it is marked
+    diverged at that iteration, while the runs fused with it (a plain net among them, whose
+    0-scaled shortcut must not let NaN in) finish equal to the same runs trained alone."""
+    data = float64_data(small_data)
+    configs = [cfg("plain", 0, 8, batch_size=24), cfg("resnet", 0, 8, batch_size=24), cfg("resnet", 1, 8, batch_size=24)]
+    target = configs[1].run_id
+    real_step = FusedNets.step
+    steps = []
+
+    def poison(self, xs, ys, lr):
+        names = [m.name for m in self.members]
+        steps.append(len(names))
+        if len(steps) == 3:
+            assert len(names) == 3
+            xs = list(xs)
+            xs[names.index(target)] = torch.full_like(xs[names.index(target)], float("nan"))
+        return real_step(self, xs, ys, lr)
+
+    monkeypatch.setattr(FusedNets, "step", poison)
+    outcomes = train_fused(configs, tmp_path / "fused", data, slots=3)
+    assert outcomes == {configs[0].run_id: "done", target: "diverged", configs[2].run_id: "done"}
+    status = Run(tmp_path / "fused", configs[1]).status()
+    assert status["status"] == "diverged" and status["iteration"] == 3
+    assert steps[-1] == 2  # the partners went on as a group of two
+    for c in (configs[0], configs[2]):
+        alone = Run(tmp_path / "alone", c)
+        train_run(c, alone, data, CPU, progress=False, gradient_every=2)
+        same_run(alone, Run(tmp_path / "fused", c), atol=1e-10)
+
+
 def test_a_stopped_fused_group_resumes_exactly(tmp_path, small_data, monkeypatch):
     """A SIGTERM landing between two fused runs' checks of the stop flag: all three stop after the
     same step (a run stopping later would stay out of phase with its partners for good), each with
