@@ -67,7 +67,8 @@ for m in pathlib.Path(sys.argv[1]).glob("*/metrics.parquet"):
     if tr.empty:
         print(m.parent.name, "no epoch finished")
         continue
-    print(m.parent.name, f"epochs {len(tr)}, iterations {tr.iteration.iloc[-1]}, elapsed {tr.elapsed_s.iloc[-1]:.1f} s")
+    print(m.parent.name, f"epochs {len(tr)}, iterations {tr.iteration.iloc[-1]}, elapsed {tr.elapsed_s.iloc[-1]:.1f} s, "
+          f"of which warm-up (compiling, capturing, first steps) {tr.warmup_s.iloc[-1]:.1f} s")
     print(df[df.epoch.isin([1, 2, tr.epoch.iloc[len(tr) // 2], tr.epoch.iloc[-1]])].to_string())
     if len(tr) > 2:
         rate = (tr.iteration.iloc[-1] - tr.iteration.iloc[0]) * 128 / (tr.elapsed_s.iloc[-1] - tr.elapsed_s.iloc[0])

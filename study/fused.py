@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import warmup
 from .config import RunConfig
 from .graphstep import GraphedStep
 from .models import BasicBlock, CifarNet
@@ -266,8 +267,9 @@ class Fuser:
                 for member in ids:
                     self._release(self._group_of.get(member))
                 try:
-                    nets = FusedNets([self._members[m] for m in ids], self.device,
-                                     capture=self.capture and self.fallback is None, log=self.log)
+                    with warmup.timed(self.device):  # a new group: warm-up work, not training
+                        nets = FusedNets([self._members[m] for m in ids], self.device,
+                                         capture=self.capture and self.fallback is None, log=self.log)
                 except Exception as e:  # noqa: BLE001 - each member's run records it
                     results.update(_failures(ids, "setting up", e))
                     continue

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import warmup
+
 WARMUP_STEPS = 3  # eager steps per batch size before it is captured
 
 
@@ -99,14 +101,18 @@ class GraphedStep:
         self.lr.fill_(lr)
         size = len(y)
         graph = self._graphs.get(size)
-        if graph is None and self.capture and self._eager_steps[size] >= WARMUP_STEPS:
-            graph = self._capture(x, y)
-        if graph is None:
-            self._eager_steps[size] += 1
-            return self._eager(x, y)
-        graph.x.copy_(x)
-        graph.y.copy_(y)
-        graph.graph.replay()
+        # Warm-up work (`study.warmup`): the first step at a batch size, and every step until its
+        # graph is captured (the eager warm-up steps and the capture itself).
+        one_time = graph is None and (self._eager_steps[size] == 0 or self.capture)
+        with warmup.timed(self.device, one_time):
+            if graph is None and self.capture and self._eager_steps[size] >= WARMUP_STEPS:
+                graph = self._capture(x, y)
+            if graph is None:
+                self._eager_steps[size] += 1
+                return self._eager(x, y)
+            graph.x.copy_(x)
+            graph.y.copy_(y)
+            graph.graph.replay()
         return graph.loss, graph.out, graph.norms
 
     @property

@@ -37,7 +37,10 @@ METRIC_COLUMNS = [
     "error_pct",
     "lr",
     "elapsed_s",
+    "warmup_s",
 ]
+#: Wall-clock columns: they differ between runs that are otherwise equal.
+TIMING_COLUMNS = ["elapsed_s", "warmup_s"]
 #: Columns some runs add after METRIC_COLUMNS: ImageNet runs log top-5 error on their `val` rows.
 OPTIONAL_METRIC_COLUMNS = ["top5_error_pct"]
 STATUSES = ("running", "done", "failed", "interrupted", "diverged")

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from . import warmup
 from .config import ConfigError, RunConfig
 from .data import Data, DataError, augment, eval_batches, imagenet, load_data, normalize
 from .fused import Fuser, Join, StepRequest, fusion_key, fusion_order
@@ -517,8 +518,8 @@ def train_steps(
     if ddp.enabled:
         trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
     # The compiled module shares its parameters with `model`; checkpoints keep using `model`, so
-    # they load with or without --compile. Compilation happens on the first steps; the run's
-    # elapsed_s includes that time.
+    # they load with or without --compile. Compilation happens on the first step at each batch
+    # size; the metrics' warmup_s says how much of elapsed_s that was (`study.warmup`).
     tune_device(device)
     forward = compile_model(trained, device) if compile else trained
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -527,6 +528,7 @@ def train_steps(
     # One generator drives the data order and the augmentation, so both resume exactly.
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     iteration, epoch, elapsed_before, warming_up = 0, 0, 0.0, cfg.uses_warmup
+    warmup_before = 0.0  # seconds of one-time warm-up work in elapsed_before (`study.warmup`)
     rows: list[dict] = []
     partial = None  # the state of an epoch interrupted by a signal
     # Mean loss over the whole batch: single process, one BN group (the original, fastest form);
@@ -545,6 +547,7 @@ def train_steps(
         schedule.load_state_dict(ckpt.get("schedule"))
         iteration, epoch = ckpt["iteration"], ckpt["epoch"]
         elapsed_before, warming_up = ckpt["elapsed_s"], ckpt["warming_up"]
+        warmup_before = ckpt.get("warmup_s", 0.0)  # absent from checkpoints of before it was kept
         rows, partial = list(ckpt["metrics"]), ckpt["partial_epoch"]
     # The checkpoint holds every row so far: rewriting the file from it drops rows written after
     # the checkpoint (a kill between the two writes) and repairs an unreadable file.
@@ -578,6 +581,7 @@ def train_steps(
                 "iteration": iteration,
                 "epoch": epoch,  # completed epochs
                 "elapsed_s": elapsed_before + time.perf_counter() - start,
+                "warmup_s": warmup_s(),
                 "warming_up": warming_up,
                 "metrics": rows,
                 "partial_epoch": partial_epoch,
@@ -592,7 +596,12 @@ def train_steps(
     bar = tqdm(
         total=cfg.iterations, initial=iteration, desc=cfg.run_id, disable=not show, dynamic_ncols=True, leave=False
     )
-    start = time.perf_counter()
+    start, warmup_start = time.perf_counter(), warmup.total()
+    stepped: set[int] = set()  # batch sizes this process has stepped (the first one is warm-up)
+
+    def warmup_s() -> float:
+        return warmup_before + warmup.total() - warmup_start
+
     run.set_status("running", iteration=iteration, epoch=epoch)
     try:
         while iteration < cfg.iterations:
@@ -643,11 +652,13 @@ def train_steps(
                     loss, out, norms = graphed.step(x, y, lr)
                     grad_norms.record(iteration + 1, norms)
                 else:
-                    loss, out = sgd_step(
-                        forward, opt, x, y, lr, autocast,
-                        loss_scale=None if exact_mean else ddp.world / global_len,
-                        before_update=lambda: grad_norms.maybe_record(iteration + 1),
-                    )
+                    with warmup.timed(device, len(y) not in stepped):  # compiling, cuDNN's autotuning
+                        loss, out = sgd_step(
+                            forward, opt, x, y, lr, autocast,
+                            loss_scale=None if exact_mean else ddp.world / global_len,
+                            before_update=lambda: grad_norms.maybe_record(iteration + 1),
+                        )
+                    stepped.add(len(y))
                 iteration += 1
                 loss_sum += loss * len(y)
                 wrong += (out.argmax(1) != y).sum()
@@ -688,7 +699,8 @@ def train_steps(
                     dist.broadcast(buffer, src=0)
             evaluated = feed.evaluate(model, autocast)
             schedule.end_epoch(evaluated["error_pct"])
-            common = dict(epoch=epoch, iteration=iteration, lr=lr, elapsed_s=elapsed_before + time.perf_counter() - start)
+            common = dict(epoch=epoch, iteration=iteration, lr=lr, elapsed_s=elapsed_before + time.perf_counter() - start,
+                          warmup_s=warmup_s())
             rows += [
                 _metric_row(cfg, split="train", loss=train_loss, error_pct=train_err, **common),
                 _metric_row(cfg, split=feed.eval_split, **evaluated, **common),

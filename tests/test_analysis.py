@@ -46,6 +46,7 @@ def _curve_rows(run_id, identity, *, iterations, epoch_iters, stop_at, floor, se
                 "error_pct": err,
                 "lr": 0.1,
                 "elapsed_s": float(epoch),
+                "warmup_s": 0.0,
             }
             if top5:
                 row["top5_error_pct"] = err / 3

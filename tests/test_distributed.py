@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from study.runstore import METRIC_COLUMNS
+from study.runstore import METRIC_COLUMNS, TIMING_COLUMNS
 
 STEP = ["--arch", "resnet", "--depth", "20", "--iterations", "1", "--batch-size", "64", "--device", "cpu",
         "--no-progress", "--dataset", "fashion-mnist"]
@@ -104,8 +104,8 @@ def test_per_device_bn_ddp_step_equals_the_split_batch_and_differs_from_sync(run
 
 def test_per_device_bn_ddp_metrics_equal_the_split_batch_metrics(runs):
     split_run = RUN + "-bn2"
-    ddp = pd.read_parquet(runs / "ddp" / split_run / "metrics.parquet").drop(columns="elapsed_s")
-    single = pd.read_parquet(runs / "single-split" / split_run / "metrics.parquet").drop(columns="elapsed_s")
+    ddp = pd.read_parquet(runs / "ddp" / split_run / "metrics.parquet").drop(columns=TIMING_COLUMNS)
+    single = pd.read_parquet(runs / "single-split" / split_run / "metrics.parquet").drop(columns=TIMING_COLUMNS)
     pd.testing.assert_frame_equal(ddp, single, rtol=1e-5)  # the same run id computes the same thing
 
 
@@ -157,6 +157,6 @@ def test_sigterm_to_torchrun_stops_both_processes_at_one_step_and_resume_is_exac
     assert status["iteration"] % 20 == 0 and status["iteration"] < 120  # the agreed step
     resumed = subprocess.run(launch(cut), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    a = pd.read_parquet(tmp_path / "whole" / run_id / "metrics.parquet").drop(columns="elapsed_s")
-    b = pd.read_parquet(cut / run_id / "metrics.parquet").drop(columns="elapsed_s")
+    a = pd.read_parquet(tmp_path / "whole" / run_id / "metrics.parquet").drop(columns=TIMING_COLUMNS)
+    b = pd.read_parquet(cut / run_id / "metrics.parquet").drop(columns=TIMING_COLUMNS)
     pd.testing.assert_frame_equal(a, b)

@@ -8,7 +8,7 @@ import torch
 
 from study.cli import main
 from study.config import RunConfig
-from study.runstore import Run, list_runs
+from study.runstore import TIMING_COLUMNS, Run, list_runs
 from study.train import train_run
 
 from conftest import make_small_data
@@ -16,7 +16,7 @@ from conftest import make_small_data
 
 def all_metrics(runs_dir) -> pd.DataFrame:
     frames = [run.read_metrics() for run in list_runs(runs_dir)]
-    return pd.concat(frames, ignore_index=True).drop(columns="elapsed_s")
+    return pd.concat(frames, ignore_index=True).drop(columns=TIMING_COLUMNS)
 
 
 def test_runs_trained_concurrently_equal_runs_trained_alone(tmp_path, capsys):

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from study.runstore import TIMING_COLUMNS
+
 DRIVER = Path(__file__).with_name("fault_driver.py")
 RUN_ID = "fashion-mnist-mini-resnet8-A-s0-it17-b64"
 # 320 training images at batch 64: 5 steps per epoch; 17 steps = epochs of 5, 5, 5 and 2.
@@ -25,7 +27,7 @@ def study(runs: Path, *faults: str, args=ARGS, wait=True, timeout=300):
 
 
 def metrics(runs: Path, run_id: str = RUN_ID) -> pd.DataFrame:
-    return pd.read_parquet(runs / run_id / "metrics.parquet").drop(columns="elapsed_s")
+    return pd.read_parquet(runs / run_id / "metrics.parquet").drop(columns=TIMING_COLUMNS)
 
 
 def status(runs: Path, run_id: str = RUN_ID) -> dict:

@@ -9,6 +9,7 @@ is chaotic, not the arithmetic different (measured while writing this test).
 
 import dataclasses
 import json
+import time
 
 import pandas as pd
 import pytest
@@ -21,7 +22,7 @@ from study.config import RunConfig
 from study.fused import FusedNets, Join, fusion_key
 from study.graphstep import GraphedStep
 from study.models import build_model
-from study.runstore import Run
+from study.runstore import TIMING_COLUMNS, Run
 from study.train import StopFlag, StopRequested, _interleave, train_run, train_steps
 
 CPU = torch.device("cpu")
@@ -62,7 +63,7 @@ def train_fused(configs, root, data, slots, device=CPU, stop=None, cuda_graph=Fa
 
 def same_run(a: Run, b: Run, atol: float) -> None:
     """Metrics, gradient norms, weights, BN statistics and momentum buffers agree to `atol`."""
-    ma, mb = a.read_metrics().drop(columns="elapsed_s"), b.read_metrics().drop(columns="elapsed_s")
+    ma, mb = a.read_metrics().drop(columns=TIMING_COLUMNS), b.read_metrics().drop(columns=TIMING_COLUMNS)
     pd.testing.assert_frame_equal(ma, mb, check_exact=False, atol=atol, rtol=0)
     ga, gb = (pd.read_parquet(r.dir / "gradients.parquet") for r in (a, b))
     pd.testing.assert_frame_equal(ga, gb, check_exact=False, atol=atol, rtol=0)
@@ -160,7 +161,7 @@ def test_a_stopped_fused_group_resumes_exactly(tmp_path, small_data, monkeypatch
     assert set(train_fused(configs, tmp_path / "cut", small_data, slots=3).values()) == {"done"}
     for c in configs:
         a, b = Run(tmp_path / "whole", c), Run(tmp_path / "cut", c)
-        pd.testing.assert_frame_equal(a.read_metrics().drop(columns="elapsed_s"), b.read_metrics().drop(columns="elapsed_s"))
+        pd.testing.assert_frame_equal(a.read_metrics().drop(columns=TIMING_COLUMNS), b.read_metrics().drop(columns=TIMING_COLUMNS))
         ca, cb = a.load_checkpoint(), b.load_checkpoint()
         for k, v in ca["model"].items():
             assert torch.equal(v, cb["model"][k]), (c.run_id, k)
@@ -280,6 +281,32 @@ def test_a_failed_capture_is_in_each_fused_runs_status(tmp_path, small_data, mon
     assert set(train_fused(configs, tmp_path, small_data, slots=2, cuda_graph=True).values()) == {"done"}
     for c in configs:
         assert Run(tmp_path, c).status()["cuda_graph_fallback"].endswith("simulated")
+
+
+def test_fused_runs_count_forming_a_group_and_its_first_steps_as_warm_up(tmp_path, small_data, monkeypatch):
+    """Each member's `warmup_s` holds the one-time work its group did: forming (here 0.2 s) and the
+    first step at each batch size (0.3 s each; where a captured group would capture), not its
+    other steps (0.05 s each)."""
+    real_init, real_eager = FusedNets.__init__, GraphedStep._eager
+    seen = set()
+
+    def slow_init(self, *args, **kwargs):
+        time.sleep(0.2)
+        real_init(self, *args, **kwargs)
+
+    def slow_first_step(self, x, y):
+        time.sleep(0.05 if len(y) in seen else 0.3)
+        seen.add(len(y))
+        return real_eager(self, x, y)
+
+    monkeypatch.setattr(FusedNets, "__init__", slow_init)
+    monkeypatch.setattr(GraphedStep, "_eager", slow_first_step)
+    configs = [cfg("plain", 0, 8), cfg("resnet", 0, 8)]  # 7 steps of 48, 32 then 48 again: one group
+    assert set(train_fused(configs, tmp_path, small_data, slots=2).values()) == {"done"}
+    for c in configs:
+        df = Run(tmp_path, c).read_metrics()
+        warm, elapsed = df.warmup_s.iloc[-1], df.elapsed_s.iloc[-1]
+        assert warm >= 0.2 + 2 * 0.3 and elapsed - warm >= 0.05 * 6 * 0.9, (warm, elapsed)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")

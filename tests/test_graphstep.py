@@ -15,7 +15,7 @@ from study.cli import main
 from study.config import RunConfig
 from study.graphstep import GraphedStep
 from study.models import build_model
-from study.runstore import Run
+from study.runstore import TIMING_COLUMNS, Run
 from study.train import StopFlag, StopRequested, train_run
 
 CPU = torch.device("cpu")
@@ -27,7 +27,7 @@ def cfg(**kw) -> RunConfig:
 
 
 def metrics(run: Run) -> pd.DataFrame:
-    return run.read_metrics().drop(columns="elapsed_s")
+    return run.read_metrics().drop(columns=TIMING_COLUMNS)
 
 
 def gradients(run: Run) -> pd.DataFrame:

@@ -33,7 +33,7 @@ from study.launch import (
     run_status,
     submit,
 )
-from study.runstore import Run
+from study.runstore import TIMING_COLUMNS, Run
 
 # 320 training images at batch 64: 5 steps per epoch; 12 steps are epochs of 5, 5 and 2. Depth 8 is
 # the smallest 6n+2 net.
@@ -108,7 +108,7 @@ def task_pids(job) -> list[int]:
 
 
 def metrics(runs: Path) -> pd.DataFrame:
-    return pd.read_parquet(runs / CFG.run_id / "metrics.parquet").drop(columns="elapsed_s")
+    return pd.read_parquet(runs / CFG.run_id / "metrics.parquet").drop(columns=TIMING_COLUMNS)
 
 
 @pytest.fixture(scope="module")

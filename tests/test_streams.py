@@ -10,7 +10,7 @@ import torch
 import study.train
 from study.cli import main
 from study.config import RunConfig
-from study.runstore import Run, list_runs
+from study.runstore import TIMING_COLUMNS, Run, list_runs
 from study.train import StopFlag, StopRequested, run_all
 
 ARGS = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-1", "--iterations", "7", "--batch-size", "64",
@@ -18,7 +18,7 @@ ARGS = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-1", "--iteratio
 
 
 def all_metrics(runs_dir) -> pd.DataFrame:
-    return pd.concat([r.read_metrics() for r in list_runs(runs_dir)], ignore_index=True).drop(columns="elapsed_s")
+    return pd.concat([r.read_metrics() for r in list_runs(runs_dir)], ignore_index=True).drop(columns=TIMING_COLUMNS)
 
 
 def configs() -> list[RunConfig]:

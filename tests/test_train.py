@@ -1,5 +1,6 @@
 """Training follows the paper's schedule, logs the agreed metrics, is deterministic and resumes exactly."""
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from study.config import RunConfig
-from study.runstore import METRIC_COLUMNS, Run
+from study.runstore import METRIC_COLUMNS, TIMING_COLUMNS, Run
 from study.models import build_model
 from study.train import evaluate, lr_at, run_all, train_run
 
@@ -20,7 +21,7 @@ def tiny(**kw) -> RunConfig:
 
 
 def metrics_without_time(run: Run) -> pd.DataFrame:
-    return run.read_metrics().drop(columns="elapsed_s")
+    return run.read_metrics().drop(columns=TIMING_COLUMNS)
 
 
 def test_lr_schedule_is_the_papers_counted_in_iterations():
@@ -121,6 +122,41 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, small_data, monkeypatch)
     pd.testing.assert_frame_equal(metrics_without_time(whole), metrics_without_time(cut))
     for k, v in whole.load_checkpoint()["model"].items():
         assert torch.equal(v, cut.load_checkpoint()["model"][k]), k
+
+
+def test_warmup_s_counts_the_first_step_at_each_batch_size_and_survives_a_resume(tmp_path, small_data, monkeypatch):
+    """`warmup_s` is the part of `elapsed_s` spent on one-time work: the first step at each batch
+    size in a process (where --compile compiles). Here that step sleeps 0.4 s and every other one
+    0.05 s; a resume (a new process would compile again) adds its own first steps to the
+    checkpoint's warm-up rather than starting from 0."""
+    import study.train
+
+    cfg = tiny(iterations=16, batch_size=48)  # 320 images: 6 steps of 48 and one of 32 per epoch
+    real_step = study.train.sgd_step
+    seen, steps = set(), []
+
+    def slow_first_step(*args, **kwargs):
+        size = len(args[3])
+        time.sleep(0.05 if size in seen else 0.4)
+        seen.add(size)
+        steps.append(size)
+        if len(steps) == 9:
+            raise KeyboardInterrupt  # after the epoch-1 checkpoint
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(study.train, "sgd_step", slow_first_step)
+    run = Run(tmp_path, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, run, small_data, torch.device("cpu"), progress=False)
+    first = run.read_metrics()
+    assert list(first.columns) == METRIC_COLUMNS and 0.8 <= first.warmup_s.iloc[-1] < first.elapsed_s.iloc[-1]
+    seen.clear()  # a new process: its first steps warm up again
+    assert train_run(cfg, run, small_data, torch.device("cpu"), progress=False) == "done"
+    df = run.read_metrics()
+    warm, elapsed = df.warmup_s.iloc[-1], df.elapsed_s.iloc[-1]
+    assert warm >= 0.8 + 0.8  # both batch sizes, in each of the two processes
+    assert df.warmup_s.is_monotonic_increasing and (df.warmup_s <= df.elapsed_s).all()
+    assert elapsed - warm >= 0.05 * (16 - 4) * 0.9  # the other steps are training, not warm-up
 
 
 def test_rows_past_the_checkpoint_are_redone_not_duplicated(tmp_path, small_data, monkeypatch):
