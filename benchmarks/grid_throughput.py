@@ -214,8 +214,9 @@ def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bo
         x = augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt)
         lr = lr_at(cfg, iteration, False)
         if graphed is not None:
-            loss, out, norms = graphed.step(x, y, lr)
-            grad_norms.record(iteration + 1, norms)
+            loss, out, norms = graphed.step(x, y, lr, norms=grad_norms.due(iteration + 1))
+            if norms is not None:
+                grad_norms.record(iteration + 1, norms)
         else:
             loss, out = sgd_step(forward, opt, x, y, lr, autocast,
                                  before_update=lambda: grad_norms.maybe_record(iteration + 1))
@@ -261,10 +262,11 @@ def make_fused_step(cfgs: list[RunConfig], data: Data, device: torch.device) -> 
             x_u8, y = next(batches)
             xs.append(augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt))
             ys.append(y)
-        results = fused.step(xs, ys, lr_at(cfgs[0], iteration, False))
+        results = fused.step(xs, ys, lr_at(cfgs[0], iteration, False), norms=feeds[0][2].due(iteration + 1))
         iteration += 1
         for (loss, out, norms), y, (_, _, grad_norms, (loss_sum, wrong)) in zip(results, ys, feeds):
-            grad_norms.record(iteration, norms)
+            if norms is not None:
+                grad_norms.record(iteration, norms)
             loss_sum.add_(loss * len(y))
             wrong.add_((out.argmax(1) != y).sum())
             if iteration % 1000 == 0:

@@ -68,6 +68,7 @@ class StepRequest:
     x: torch.Tensor
     y: torch.Tensor
     lr: float
+    norms: bool = True  # whether the run records this step's gradient norms
 
 
 def fusion_key(cfg: RunConfig, model: nn.Module) -> tuple:
@@ -195,16 +196,23 @@ class FusedNets:
         return losses.sum(), losses, logits
 
     def _norms(self) -> torch.Tensor:
-        """(layers, K) gradient norms: each member's weights' norms in its column."""
-        return torch.stack([torch.linalg.vector_norm(w.grad.reshape(self.k, -1), dim=1) for w in self._norm_weights])
+        """(layers, K) gradient norms: each member's weights' norms in its column. (Splitting the
+        first dimension is a view whatever the memory format: no copy of a channels-last grad.)"""
+        norms = []
+        for w in self._norm_weights:
+            g = w.grad.unflatten(0, (self.k, -1))
+            norms.append(torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim()))))
+        return torch.stack(norms)
 
-    def step(self, xs: list[torch.Tensor], ys: list[torch.Tensor], lr: float
-             ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def step(self, xs: list[torch.Tensor], ys: list[torch.Tensor], lr: float, norms: bool = True
+             ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Each member's (loss, logits, gradient norms) for one step on its batch; the norms are
+        None where `norms` is false and the step is not a replayed graph."""
         x = torch.cat(xs, 1)
         if self.fmt is torch.channels_last:
             x = x.contiguous(memory_format=self.fmt)
-        losses, logits, norms = self.graphed.step(x, torch.stack(ys, 1), lr)
-        return [(losses[i], logits[:, i], norms[:, i]) for i in range(self.k)]
+        losses, logits, grad_norms = self.graphed.step(x, torch.stack(ys, 1), lr, norms)
+        return [(losses[i], logits[:, i], None if grad_norms is None else grad_norms[:, i]) for i in range(self.k)]
 
 
 class Fuser:
@@ -281,7 +289,8 @@ class Fuser:
                     self.log(f"fused group of {len(ids)}: {', '.join(self._members[m].name for m in ids)}")
             order, nets = self._groups[group]
             try:
-                out = nets.step([requests[m].x for m in order], [requests[m].y for m in order], requests[order[0]].lr)
+                out = nets.step([requests[m].x for m in order], [requests[m].y for m in order], requests[order[0]].lr,
+                                norms=any(requests[m].norms for m in order))
             except Exception as e:  # noqa: BLE001
                 results.update(_failures(order, "the step", e))
                 continue

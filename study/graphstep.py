@@ -54,10 +54,12 @@ class GraphedStep:
     """One SGD step of `model` on a batch, as a replayed CUDA graph where `capture` (default: on
     CUDA). It takes over `opt`'s parameter groups: fused SGD, learning rate in a device tensor.
 
-    `step(x, y, lr)` trains on one batch at learning rate `lr` and returns the batch's mean loss,
-    the logits, and the L2 norms of the gradients of `norm_weights` (in that order). All three are
-    detached. After a replay they are the graph's static outputs, which the next step overwrites,
-    so use them (or clone them) before the next step.
+    `step(x, y, lr, norms)` trains on one batch at learning rate `lr` and returns the batch's mean
+    loss, the logits, and the L2 norms of the gradients of `norm_weights` (in that order), or None
+    for the norms where `norms` is false and the step is not a replay (a graph computes them every
+    step; an eager step only when asked). All are detached. After a replay they are the graph's
+    static outputs, which the next step overwrites, so use them (or clone them) before the next
+    step.
 
     `loss(x, y)` and `norms()` replace how the loss and the norms are computed (for K nets fused
     into one, `study.fused`): `loss` returns what to differentiate, the loss to report and the
@@ -97,7 +99,8 @@ class GraphedStep:
         self._side = torch.cuda.Stream(device) if self.capture else None
         self._capture_stream = torch.cuda.Stream(device) if self.capture else None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, norms: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self.lr.fill_(lr)
         size = len(y)
         graph = self._graphs.get(size)
@@ -109,7 +112,7 @@ class GraphedStep:
                 graph = self._capture(x, y)
             if graph is None:
                 self._eager_steps[size] += 1
-                return self._eager(x, y)
+                return self._eager(x, y, norms)
             graph.x.copy_(x)
             graph.y.copy_(y)
             graph.graph.replay()
@@ -120,15 +123,17 @@ class GraphedStep:
         """The batch sizes replayed as graphs so far."""
         return sorted(self._graphs)
 
-    def _body(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward, loss, backward, gradient norms, update; the gradients must be None before it
-        (backward then writes them rather than adding to them, which a replayed graph needs)."""
+    def _body(self, x: torch.Tensor, y: torch.Tensor, norms: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Forward, loss, backward, gradient norms (if `norms`), update; the gradients must be None
+        before it (backward then writes them rather than adding to them, which a replayed graph
+        needs)."""
         with self.autocast:
             differentiated, loss, out = self._loss(x, y)
         differentiated.backward()
-        norms = self._norms()
+        grad_norms = self._norms() if norms else None
         self.opt.step()
-        return loss.detach(), out.detach(), norms
+        return loss.detach(), out.detach(), grad_norms
 
     def _mean_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.model(x)
@@ -138,19 +143,21 @@ class GraphedStep:
     def _weight_norms(self) -> torch.Tensor:
         return torch.stack(torch._foreach_norm([w.grad for w in self.norm_weights]))
 
-    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _eager(self, x: torch.Tensor, y: torch.Tensor, norms: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self.opt.zero_grad(set_to_none=True)
         if self._side is None:
-            return self._body(x, y)
+            return self._body(x, y, norms)
         current = torch.cuda.current_stream(x.device)
         self._side.wait_stream(current)
         for t in (x, y):  # made on the current stream, read on the side one
             t.record_stream(self._side)
         with torch.cuda.stream(self._side):
-            result = self._body(x, y)
+            result = self._body(x, y, norms)
         current.wait_stream(self._side)
         for t in result:  # made on the side stream, read on the current one
-            t.record_stream(current)
+            if t is not None:
+                t.record_stream(current)
         return result
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> _Graph | None:

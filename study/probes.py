@@ -192,9 +192,13 @@ class GradientNorms:
         self._iterations: list[int] = []
         self._norms: list[torch.Tensor] = []
 
+    def due(self, iteration: int) -> bool:
+        """Whether `iteration`'s gradient norms are recorded (a multiple of `every`)."""
+        return iteration % self.every == 0
+
     def maybe_record(self, iteration: int) -> None:
         """Record the current gradients' norms if `iteration` is a multiple of `every`."""
-        if iteration % self.every:
+        if not self.due(iteration):
             return
         # A weight without a gradient (unused in this forward) is recorded as NaN, not as 0.
         grads = [p.grad if p.grad is not None else p.new_full((1,), float("nan")) for _, p in self.params]
@@ -204,7 +208,7 @@ class GradientNorms:
         """Keep `norms` (one per weight of `params`, computed elsewhere: a replayed CUDA graph's
         output) if `iteration` is a multiple of `every`. A copy is kept: the caller may overwrite
         `norms` at the next step."""
-        if iteration % self.every:
+        if not self.due(iteration):
             return
         self._norms.append(norms.clone())
         self._iterations.append(iteration)

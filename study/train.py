@@ -646,11 +646,13 @@ def train_steps(
                 if fuse:
                     for group in opt.param_groups:  # what the checkpoint records
                         group["lr"] = lr
-                    loss, out, norms = yield StepRequest(x, y, lr)
-                    grad_norms.record(iteration + 1, norms)
+                    loss, out, norms = yield StepRequest(x, y, lr, norms=grad_norms.due(iteration + 1))
+                    if norms is not None:
+                        grad_norms.record(iteration + 1, norms)
                 elif graphed is not None:
-                    loss, out, norms = graphed.step(x, y, lr)
-                    grad_norms.record(iteration + 1, norms)
+                    loss, out, norms = graphed.step(x, y, lr, norms=grad_norms.due(iteration + 1))
+                    if norms is not None:
+                        grad_norms.record(iteration + 1, norms)
                 else:
                     with warmup.timed(device, len(y) not in stepped):  # compiling, cuDNN's autotuning
                         loss, out = sgd_step(

@@ -110,14 +110,14 @@ def test_a_run_diverging_inside_a_group_leaves_its_partners_untouched(tmp_path, 
     real_step = FusedNets.step
     steps = []
 
-    def poison(self, xs, ys, lr):
+    def poison(self, xs, ys, lr, **kwargs):
         names = [m.name for m in self.members]
         steps.append(len(names))
         if len(steps) == 3:
             assert len(names) == 3
             xs = list(xs)
             xs[names.index(target)] = torch.full_like(xs[names.index(target)], float("nan"))
-        return real_step(self, xs, ys, lr)
+        return real_step(self, xs, ys, lr, **kwargs)
 
     monkeypatch.setattr(FusedNets, "step", poison)
     outcomes = train_fused(configs, tmp_path / "fused", data, slots=3)
@@ -283,6 +283,22 @@ def test_a_failed_capture_is_in_each_fused_runs_status(tmp_path, small_data, mon
         assert Run(tmp_path, c).status()["cuda_graph_fallback"].endswith("simulated")
 
 
+def test_gradient_norms_are_computed_only_on_the_steps_that_record_them(tmp_path, small_data, monkeypatch):
+    """An uncaptured step (a run alone with --cuda-graph on CPU, or a fused group) computes the
+    gradient norms only at the iterations that record them: every 3rd alone, every 2nd fused."""
+    calls = []
+    real_alone, real_fused = GraphedStep._weight_norms, FusedNets._norms
+    monkeypatch.setattr(GraphedStep, "_weight_norms", lambda self: calls.append("alone") or real_alone(self))
+    monkeypatch.setattr(FusedNets, "_norms", lambda self: calls.append("fused") or real_fused(self))
+    alone = cfg("resnet", 0, 7)
+    train_run(alone, Run(tmp_path / "alone", alone), small_data, CPU, progress=False, gradient_every=3, cuda_graph=True)
+    assert calls == ["alone"] * 2
+    train_fused([alone, cfg("plain", 0, 7)], tmp_path / "fused", small_data, slots=2)
+    assert calls == ["alone"] * 2 + ["fused"] * 3
+    assert sorted(set(pd.read_parquet(tmp_path / "alone" / alone.run_id / "gradients.parquet").iteration)) == [3, 6]
+    assert sorted(set(pd.read_parquet(tmp_path / "fused" / alone.run_id / "gradients.parquet").iteration)) == [2, 4, 6]
+
+
 def test_fused_runs_count_forming_a_group_and_its_first_steps_as_warm_up(tmp_path, small_data, monkeypatch):
     """Each member's `warmup_s` holds the one-time work its group did: forming (here 0.2 s) and the
     first step at each batch size (0.3 s each; where a captured group would capture), not its
@@ -294,10 +310,10 @@ def test_fused_runs_count_forming_a_group_and_its_first_steps_as_warm_up(tmp_pat
         time.sleep(0.2)
         real_init(self, *args, **kwargs)
 
-    def slow_first_step(self, x, y):
+    def slow_first_step(self, x, y, *args):
         time.sleep(0.05 if len(y) in seen else 0.3)
         seen.add(len(y))
-        return real_eager(self, x, y)
+        return real_eager(self, x, y, *args)
 
     monkeypatch.setattr(FusedNets, "__init__", slow_init)
     monkeypatch.setattr(GraphedStep, "_eager", slow_first_step)

@@ -95,11 +95,11 @@ def test_interrupted_graph_run_resumes_exactly(tmp_path, small_data, monkeypatch
     real_step = GraphedStep.step
     calls = []
 
-    def step_then_signal(self, x, y, lr):
+    def step_then_signal(self, x, y, lr, **kwargs):
         calls.append(len(y))
         if len(calls) == 10:  # in the second epoch
             stop.signum = 15
-        return real_step(self, x, y, lr)
+        return real_step(self, x, y, lr, **kwargs)
 
     for name in ("cut", "eager"):
         calls.clear()
