@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -597,7 +598,11 @@ def train_steps(
         total=cfg.iterations, initial=iteration, desc=cfg.run_id, disable=not show, dynamic_ncols=True, leave=False
     )
     start, warmup_start = time.perf_counter(), warmup.total()
-    stepped: set[int] = set()  # batch sizes this process has stepped (the first one is warm-up)
+    # Steps this process has taken at each batch size. The first is warm-up (compiling, cuDNN's
+    # autotuning); compiled on CUDA (reduce-overhead) so is the second, which records the CUDA
+    # graph that later steps replay.
+    stepped: Counter[int] = Counter()
+    warmup_steps = 2 if compile and device.type == "cuda" else 1
 
     def warmup_s() -> float:
         return warmup_before + warmup.total() - warmup_start
@@ -654,13 +659,13 @@ def train_steps(
                     if norms is not None:
                         grad_norms.record(iteration + 1, norms)
                 else:
-                    with warmup.timed(device, len(y) not in stepped):  # compiling, cuDNN's autotuning
+                    with warmup.timed(device, stepped[len(y)] < warmup_steps):
                         loss, out = sgd_step(
                             forward, opt, x, y, lr, autocast,
                             loss_scale=None if exact_mean else ddp.world / global_len,
                             before_update=lambda: grad_norms.maybe_record(iteration + 1),
                         )
-                    stepped.add(len(y))
+                    stepped[len(y)] += 1
                 iteration += 1
                 loss_sum += loss * len(y)
                 wrong += (out.argmax(1) != y).sum()

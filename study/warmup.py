@@ -1,9 +1,9 @@
 """One-time warm-up work, timed apart from training (the metrics' `warmup_s`).
 
 A run's `elapsed_s` is wall time. Part of it is work done once per process and batch shape, not
-per step: compiling (`--compile`), cuDNN trying its algorithms on the first step, the eager
-warm-up steps and the capture of a CUDA graph (`--cuda-graph`), and building a fused group
-(`--fuse`). That part is summed here, per process, so that each run can log how much of its
+per step: compiling and recording CUDA graphs (`--compile`), cuDNN trying its algorithms on the
+first step, the eager warm-up steps and the capture of a CUDA graph (`--cuda-graph`), and building
+a fused group (`--fuse`). That part is summed here, per process, so that each run can log how much of its
 `elapsed_s` it was: `elapsed_s - warmup_s` is the run's steady training time, which a compile
 cache or a warm-up does not change.
 
