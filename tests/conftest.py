@@ -1,6 +1,9 @@
 """Shared fixtures."""
 
+import dataclasses
+
 import pytest
+import torch
 
 from study.data import Data, Split, load_data
 
@@ -16,3 +19,22 @@ def make_small_data(n_train: int = 320, n_test: int = 200) -> Data:
 @pytest.fixture(scope="session")
 def small_data() -> Data:
     return make_small_data()
+
+
+@pytest.fixture
+def float64():
+    """float64 as the default dtype (models built in the test compute in float64)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+@pytest.fixture
+def small_data64(small_data) -> Data:
+    """Half of `small_data` (160 training images: at batch 24, 6 full batches and a partial one of
+    16 per epoch; 100 test images), with a float64 mean so that the runs compute in float64."""
+    data = small_data
+    train = dataclasses.replace(data.train, images=data.train.images[:160], labels=data.train.labels[:160])
+    test = dataclasses.replace(data.eval, images=data.eval.images[:100], labels=data.eval.labels[:100])
+    return dataclasses.replace(data, train=train, eval=test, mean=train.images.double().div(255).mean(0))

@@ -7,7 +7,6 @@ zero, and over a few steps at learning rate 0.1 the runs drift apart by up to 1e
 is chaotic, not the arithmetic different (measured while writing this test).
 """
 
-import dataclasses
 import json
 import time
 
@@ -28,25 +27,9 @@ from study.train import StopFlag, StopRequested, _interleave, train_run, train_s
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
 def cfg(arch: str, seed: int, iterations: int, **kw) -> RunConfig:
     # 320 training images at batch 48: 6 full batches and a partial one of 32 per epoch.
     return RunConfig(**{"arch": arch, "depth": 8, "seed": seed, "iterations": iterations, "batch_size": 48, **kw})
-
-
-def float64_data(data):
-    """Half of `data` (160 training images: at batch 24, 6 full batches and a partial one of 16 per
-    epoch; 100 test images), with a float64 mean so that the runs compute in float64."""
-    train = dataclasses.replace(data.train, images=data.train.images[:160], labels=data.train.labels[:160])
-    test = dataclasses.replace(data.eval, images=data.eval.images[:100], labels=data.eval.labels[:100])
-    return dataclasses.replace(data, train=train, eval=test, mean=train.images.double().div(255).mean(0))
 
 
 def train_fused(configs, root, data, slots, device=CPU, stop=None, cuda_graph=False) -> dict:
@@ -76,12 +59,12 @@ def same_run(a: Run, b: Run, atol: float) -> None:
     assert cb["iteration"] == ca["iteration"] and ma.iteration.max() == a.cfg.iterations
 
 
-def test_fused_runs_equal_runs_trained_alone(tmp_path, small_data, float64, monkeypatch):
+def test_fused_runs_equal_runs_trained_alone(tmp_path, small_data64, float64, monkeypatch):
     """Four runs, three at a time: a plain net fused with residual twins (the 0-scaled
     shortcut), a run that ends early (its group re-forms without it), and a run that takes its
     place out of phase (its partial batch comes at another step, so groups split and merge).
     Every run equals the same run trained alone (float64, 1e-10)."""
-    data = float64_data(small_data)
+    data = small_data64
     configs = [cfg(a, s, n, batch_size=24) for a, s, n in [("plain", 0, 8), ("resnet", 0, 8), ("resnet", 1, 3), ("plain", 1, 8)]]
     sizes = []
     real_init = FusedNets.__init__
@@ -100,11 +83,11 @@ def test_fused_runs_equal_runs_trained_alone(tmp_path, small_data, float64, monk
         same_run(alone, Run(tmp_path / "fused", c), atol=1e-10)
 
 
-def test_a_run_diverging_inside_a_group_leaves_its_partners_untouched(tmp_path, small_data, float64, monkeypatch):
+def test_a_run_diverging_inside_a_group_leaves_its_partners_untouched(tmp_path, small_data64, float64, monkeypatch):
     """One run of a fused group goes NaN (its batch is poisoned at its third step): it is marked
     diverged at that iteration, while the runs fused with it (a plain net among them, whose
     0-scaled shortcut must not let NaN in) finish equal to the same runs trained alone."""
-    data = float64_data(small_data)
+    data = small_data64
     configs = [cfg("plain", 0, 8, batch_size=24), cfg("resnet", 0, 8, batch_size=24), cfg("resnet", 1, 8, batch_size=24)]
     target = configs[1].run_id
     real_step = FusedNets.step
@@ -326,11 +309,11 @@ def test_fused_runs_count_forming_a_group_and_its_first_steps_as_warm_up(tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")
-def test_captured_fused_runs_equal_runs_trained_alone_on_a_gpu(tmp_path, small_data, float64, monkeypatch):
+def test_captured_fused_runs_equal_runs_trained_alone_on_a_gpu(tmp_path, small_data64, float64, monkeypatch):
     """On a GPU, float64: three runs fused and their step captured as a CUDA graph (full and
     partial batches) equal the same runs trained alone, eagerly, to 1e-9."""
     gpu = torch.device("cuda")
-    data = float64_data(small_data).to(gpu)
+    data = small_data64.to(gpu)
     configs = [cfg(a, s, 30, batch_size=24) for a, s in [("plain", 0), ("resnet", 0), ("resnet", 1)]]
     groups = []
     real_init = FusedNets.__init__

@@ -143,14 +143,14 @@ def test_train_run_refuses_what_the_graph_cannot_hold(tmp_path, small_data):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_captured_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data, monkeypatch, precision):
-    """On a GPU: both batch sizes get captured and replayed, and the run's rows match the eager
-    run's up to GPU rounding (cuDNN's algorithm choice and atomics, fused SGD): losses to 2e-3
-    (bf16: 2e-2), errors within 2 points, gradient norms to 1% (bf16: 5%)."""
+def test_captured_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data64, float64, monkeypatch):
+    """On a GPU, in float64: both batch sizes get captured and replayed, and the run equals the
+    eager run to 1e-9 in metrics, gradient norms and weights. (In float32, GPU rounding (cuDNN's
+    algorithm choice, fused vs multi-tensor SGD) is amplified by the odd ReLU that flips, as on
+    CPU for fused runs (tests/test_fused.py): a comparison there would test the chaos.)"""
     gpu = torch.device("cuda")
-    data = small_data.to(gpu)
-    c = cfg(iterations=40, precision=precision)  # 6 epochs: the partial batch is captured in the 4th
+    data = small_data64.to(gpu)
+    c = cfg(iterations=30, batch_size=24)  # 7 steps an epoch: the partial batch is captured in the 4th
     steps = []
     real_init = GraphedStep.__init__
 
@@ -162,14 +162,40 @@ def test_captured_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data,
     eager, graphed = Run(tmp_path / "eager", c), Run(tmp_path / "graph", c)
     train_run(c, eager, data, gpu, progress=False, gradient_every=3)
     train_run(c, graphed, data, gpu, progress=False, gradient_every=3, cuda_graph=True)
-    assert steps[0].captured == [32, 48]
+    assert steps[0].captured == [16, 24] and steps[0].fallback is None
+    pd.testing.assert_frame_equal(metrics(eager), metrics(graphed), check_exact=False, atol=1e-9, rtol=0)
+    pd.testing.assert_frame_equal(gradients(eager), gradients(graphed), check_exact=False, atol=1e-9, rtol=0)
+    wa, wb = eager.load_checkpoint()["model"], graphed.load_checkpoint()["model"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-9, msg=k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")
+def test_captured_bf16_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data, monkeypatch):
+    """On a GPU under bf16 autocast: both batch sizes are captured, and over 40 steps the run stays
+    near the eager run: losses to 2e-2, errors within 2 points, gradient norms to 5%. (bf16
+    rounding makes the two drift apart; these bounds separate drift from a wrong step.)"""
+    gpu = torch.device("cuda")
+    data = small_data.to(gpu)
+    c = cfg(iterations=40, precision="bf16")  # 6 epochs: the partial batch is captured in the 4th
+    steps = []
+    real_init = GraphedStep.__init__
+
+    def keep(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        steps.append(self)
+
+    monkeypatch.setattr(GraphedStep, "__init__", keep)
+    eager, graphed = Run(tmp_path / "eager", c), Run(tmp_path / "graph", c)
+    train_run(c, eager, data, gpu, progress=False, gradient_every=3)
+    train_run(c, graphed, data, gpu, progress=False, gradient_every=3, cuda_graph=True)
+    assert steps[0].captured == [32, 48] and steps[0].fallback is None
     a, b = metrics(eager), metrics(graphed)
     pd.testing.assert_frame_equal(a.drop(columns=["loss", "error_pct"]), b.drop(columns=["loss", "error_pct"]))
-    assert (a.loss - b.loss).abs().max() < (2e-3 if precision == "fp32" else 2e-2)
+    assert (a.loss - b.loss).abs().max() < 2e-2
     assert (a.error_pct - b.error_pct).abs().max() <= 2.0
     ga, gb = gradients(eager), gradients(graphed)
-    torch.testing.assert_close(torch.tensor(gb.grad_norm.values), torch.tensor(ga.grad_norm.values),
-                               rtol=1e-2 if precision == "fp32" else 5e-2, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(gb.grad_norm.values), torch.tensor(ga.grad_norm.values), rtol=5e-2, atol=1e-4)
 
 
 def test_plateau_schedule_survives_a_resume_with_and_without_graphs(tmp_path, small_data, monkeypatch):
