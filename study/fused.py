@@ -272,10 +272,10 @@ class Fuser:
         for ids in buckets.values():
             group = frozenset(ids)
             if group not in self._groups:
-                for member in ids:
-                    self._release(self._group_of.get(member))
                 try:
                     with warmup.timed(self.device):  # a new group: warm-up work, not training
+                        for member in ids:
+                            self._release(self._group_of.get(member))
                         nets = FusedNets([self._members[m] for m in ids], self.device,
                                          capture=self.capture and self.fallback is None, log=self.log)
                 except Exception as e:  # noqa: BLE001 - each member's run records it

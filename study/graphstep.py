@@ -112,7 +112,8 @@ class GraphedStep:
                 graph = self._capture(x, y)
             if graph is None:
                 self._eager_steps[size] += 1
-                return self._eager(x, y, norms)
+                # Before a capture the warm-up steps run everything the graph will hold.
+                return self._eager(x, y, norms or self.capture)
             graph.x.copy_(x)
             graph.y.copy_(y)
             graph.graph.replay()

@@ -598,9 +598,9 @@ def train_steps(
         total=cfg.iterations, initial=iteration, desc=cfg.run_id, disable=not show, dynamic_ncols=True, leave=False
     )
     start, warmup_start = time.perf_counter(), warmup.total()
-    # Steps this process has taken at each batch size. The first is warm-up (compiling, cuDNN's
-    # autotuning); compiled on CUDA (reduce-overhead) so is the second, which records the CUDA
-    # graph that later steps replay.
+    # Steps this session of the run has taken at each batch size. The first is warm-up
+    # (compiling, cuDNN's autotuning); compiled on CUDA (reduce-overhead) so is the second, which
+    # records the CUDA graph that later steps replay.
     stepped: Counter[int] = Counter()
     warmup_steps = 2 if compile and device.type == "cuda" else 1
 

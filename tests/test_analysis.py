@@ -259,6 +259,22 @@ def test_load_runs_reads_runs_that_other_tools_wrote(tmp_path):
     assert set(df.split) == {"train", "val"} and "top5_error_pct" in df.columns
 
 
+def test_runs_written_before_warmup_s_still_load_and_plot(tmp_path, cli):
+    """Metrics files from before the `warmup_s` column load (as NaN there), alone or beside new ones,
+    and the figures are drawn from them."""
+    for arch in ("plain", "resnet"):
+        run_dir = write_imagenet_run(tmp_path, arch, 18)
+        path = run_dir / "metrics.parquet"
+        pd.read_parquet(path).drop(columns="warmup_s").to_parquet(path, index=False)
+    df = load_runs(tmp_path)
+    assert list(df.columns[: len(METRIC_COLUMNS)]) == METRIC_COLUMNS and df.warmup_s.isna().all()
+    write_imagenet_run(tmp_path, "plain", 34)
+    df = load_runs(tmp_path)
+    assert df.groupby("depth").warmup_s.apply(lambda w: w.isna().all()).to_dict() == {18: True, 34: False}
+    code, _, err = cli("plot", "fig4", "--runs-dir", tmp_path, "--out", tmp_path / "figures")
+    assert code == 0, err
+
+
 def test_no_runs_at_all_is_a_one_line_error_exit_2(tmp_path, cli):
     with pytest.raises(ConfigError, match="no runs in"):
         load_runs(tmp_path)

@@ -144,7 +144,8 @@ def _per_run_files(runs_dir: str | os.PathLike, table: pd.DataFrame, filename: s
     df = df.drop(columns=[c for c in RUN_COLUMNS if c in df.columns and c != "run_id"])
     df = df.merge(table[RUN_COLUMNS], on="run_id", how="inner", validate="many_to_one")
     extras = [c for c in df.columns if c not in columns and c not in RUN_COLUMNS]
-    return df[[*dict.fromkeys([*columns, *IDENTITY, *extras, *RUN_COLUMNS])]]
+    # reindex: a column that files of older runs lack (warmup_s) comes back as NaN
+    return df.reindex(columns=[*dict.fromkeys([*columns, *IDENTITY, *extras, *RUN_COLUMNS])])
 
 
 def load_runs(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
