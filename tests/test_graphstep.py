@@ -142,15 +142,9 @@ def test_train_run_refuses_what_the_graph_cannot_hold(tmp_path, small_data):
         assert not run.dir.exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")
-def test_captured_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data64, float64, monkeypatch):
-    """On a GPU, in float64: both batch sizes get captured and replayed, and the run equals the
-    eager run to 1e-9 in metrics, gradient norms and weights. (In float32, GPU rounding (cuDNN's
-    algorithm choice, fused vs multi-tensor SGD) is amplified by the odd ReLU that flips, as on
-    CPU for fused runs (tests/test_fused.py): a comparison there would test the chaos.)"""
+def eager_and_graphed(tmp_path, c: RunConfig, data, monkeypatch) -> tuple[Run, Run, list[GraphedStep]]:
+    """`c` trained on the GPU eagerly and with --cuda-graph; the two runs and the graphed run's step."""
     gpu = torch.device("cuda")
-    data = small_data64.to(gpu)
-    c = cfg(iterations=30, batch_size=24)  # 7 steps an epoch: the partial batch is captured in the 4th
     steps = []
     real_init = GraphedStep.__init__
 
@@ -162,6 +156,18 @@ def test_captured_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data6
     eager, graphed = Run(tmp_path / "eager", c), Run(tmp_path / "graph", c)
     train_run(c, eager, data, gpu, progress=False, gradient_every=3)
     train_run(c, graphed, data, gpu, progress=False, gradient_every=3, cuda_graph=True)
+    return eager, graphed, steps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")
+def test_captured_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data64, float64, monkeypatch):
+    """On a GPU, in float64: both batch sizes get captured and replayed, and the run equals the
+    eager run to 1e-9 in metrics, gradient norms and weights. (In float32, GPU rounding (cuDNN's
+    algorithm choice, fused vs multi-tensor SGD) is amplified by the odd ReLU that flips, as on
+    CPU for fused runs (tests/test_fused.py): a comparison there would test the chaos.)"""
+    data = small_data64.to("cuda")
+    c = cfg(iterations=30, batch_size=24)  # 7 steps an epoch: the partial batch is captured in the 4th
+    eager, graphed, steps = eager_and_graphed(tmp_path, c, data, monkeypatch)
     assert steps[0].captured == [16, 24] and steps[0].fallback is None
     pd.testing.assert_frame_equal(metrics(eager), metrics(graphed), check_exact=False, atol=1e-9, rtol=0)
     pd.testing.assert_frame_equal(gradients(eager), gradients(graphed), check_exact=False, atol=1e-9, rtol=0)
@@ -175,20 +181,9 @@ def test_captured_bf16_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_
     """On a GPU under bf16 autocast: both batch sizes are captured, and over 40 steps the run stays
     near the eager run: losses to 2e-2, errors within 2 points, gradient norms to 5%. (bf16
     rounding makes the two drift apart; these bounds separate drift from a wrong step.)"""
-    gpu = torch.device("cuda")
-    data = small_data.to(gpu)
+    data = small_data.to("cuda")
     c = cfg(iterations=40, precision="bf16")  # 6 epochs: the partial batch is captured in the 4th
-    steps = []
-    real_init = GraphedStep.__init__
-
-    def keep(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        steps.append(self)
-
-    monkeypatch.setattr(GraphedStep, "__init__", keep)
-    eager, graphed = Run(tmp_path / "eager", c), Run(tmp_path / "graph", c)
-    train_run(c, eager, data, gpu, progress=False, gradient_every=3)
-    train_run(c, graphed, data, gpu, progress=False, gradient_every=3, cuda_graph=True)
+    eager, graphed, steps = eager_and_graphed(tmp_path, c, data, monkeypatch)
     assert steps[0].captured == [32, 48] and steps[0].fallback is None
     a, b = metrics(eager), metrics(graphed)
     pd.testing.assert_frame_equal(a.drop(columns=["loss", "error_pct"]), b.drop(columns=["loss", "error_pct"]))
