@@ -240,8 +240,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         metrics = run.read_metrics()
         last = metrics.groupby("split")["error_pct"].last() if not metrics.empty else {}
         train_err = f"{last['train']:.2f}" if "train" in last else "-"
-        eval_split = "val" if run.cfg.holdout else "test"
-        eval_err = f"{last[eval_split]:.2f}" if eval_split in last else "-"
+        # The evaluated split: `val` with --holdout and on ImageNet (its validation set), else `test`.
+        eval_split = next((s for s in ("val", "test") if s in last), None)
+        eval_err = f"{last[eval_split]:.2f}" if eval_split else "-"
         it = f"{st.get('iteration', 0)}/{run.cfg.iterations}"
         print(f"{run.cfg.run_id:<{width}} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10}")
     return 0

@@ -85,7 +85,7 @@ def write_run(
         stop_at=stop_at,
         floor=floor,
         seed=seed + depth,
-        eval_split="test",
+        eval_split="val" if cfg.holdout else "test",
     )
     pd.DataFrame(rows, columns=METRIC_COLUMNS).to_parquet(run.metrics_path, index=False)
     run.set_status(status, iteration=stop_at)
@@ -420,6 +420,17 @@ def test_table6_difference_to_the_paper_on_cifar10(tmp_path):
     assert frame.loc["ResNet-110", "test_diff"] == pytest.approx(np.mean(r110) - 6.61)
     assert frame.loc["ResNet-20", "test_diff"] == pytest.approx(r20[0] - 8.75)
     assert any("shortened (2,000 iterations)" in n for n in table.notes)
+
+
+def test_table6_of_holdout_runs_labels_the_papers_test_error_as_such(tmp_path, cli):
+    """With --holdout ours is the validation error; the paper's column stays its test error."""
+    write_run(tmp_path, "resnet", 20, dataset="cifar10", iterations=2000, floor=(1.0, 9.0), holdout=True)
+    table = build_table("table6", RunData.load(tmp_path))
+    assert {"ours: validation error", "paper: test error", "diff (validation error - paper's test error)"} <= set(table.shown.columns)
+    assert not any("paper: validation" in c for c in table.shown.columns)
+    assert any("the paper's Table 6 is the test error" in n for n in table.notes)
+    code, out, err = cli("table", "table6", "--runs-dir", tmp_path, "--variant", "paper")
+    assert code == 0 and "paper: test error" in out, err
 
 
 def test_runs_with_other_settings_are_another_study_not_extra_seeds(tmp_path, cli):

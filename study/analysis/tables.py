@@ -88,7 +88,8 @@ def _compare(
     tencrop: bool = False,
 ) -> Table:
     """Rows: the paper's `wanted` nets and every net the study has (that `keep` accepts). Per
-    measure (heading, final_errors column, the paper's values or None): ours, paper, difference.
+    measure (heading, final_errors column, the paper's values or None, and optionally the paper's
+    heading where it measured something else): ours, paper, difference.
     `tencrop`: `val` and `top5` come from the runs' 10-crop tests where current (`with_tencrop`)."""
     runs = study.select(data.runs)
     final = final_errors(study.select(data.metrics))
@@ -106,7 +107,7 @@ def _compare(
         mine = done[(done["arch"] == s[0]) & (done["depth"] == s[1]) & (done["shortcut"] == s[2])]
         numeric = {"net": series_label(*s), "arch": s[0], "depth": s[1], "shortcut": s[2]}
         shown = {"net": series_label(*s)}
-        for heading, column, paper in measures:
+        for heading, column, paper, *paper_heading in measures:
             stats = series_summary(mine[column] if column in mine else pd.Series(dtype=float))
             numeric.update({f"{column}_{k}": v for k, v in stats.items()})
             shown.setdefault("seeds", stats["n"])  # the first measure's count (the error every run logs)
@@ -116,8 +117,10 @@ def _compare(
             ref = paper.get(s)
             diff = stats["mean"] - ref.reference if ref is not None and stats["n"] and comparable else math.nan
             numeric.update({f"{column}_paper": ref.reference if ref else math.nan, f"{column}_diff": diff})
-            shown[f"paper: {heading}"] = str(ref) if ref else "–"
-            shown[f"diff {heading}"] = f"{diff:+.2f}" if not math.isnan(diff) else "–"
+            theirs = paper_heading[0] if paper_heading else heading
+            shown[f"paper: {theirs}"] = str(ref) if ref else "–"
+            diff_heading = f"diff {heading}" if theirs == heading else f"diff ({heading} - paper's {theirs})"
+            shown[diff_heading] = f"{diff:+.2f}" if not math.isnan(diff) else "–"
         if tencrop:
             numeric["tencrop_n"] = int(mine["tencrop"].sum())  # of the runs counted, how many 10-crop
         frame_rows.append(numeric)
@@ -183,6 +186,9 @@ def table6(data: RunData, **select: object) -> Table:
     wanted = list(TABLE6)
     study, notes = pick_study(data, "table6", imagenet=False, wanted=wanted, **select)
     split = "val" if study.holdout else "test"
+    if study.holdout:
+        notes.append("your runs held out 10% of the training set and report its (validation) error; "
+                     "the paper's Table 6 is the test error")
     return _compare(
         "table6",
         f"Table 6, {study.eval_name} error (%)",
@@ -190,7 +196,7 @@ def table6(data: RunData, **select: object) -> Table:
         study,
         notes,
         wanted,
-        [(f"{study.eval_name} error", split, TABLE6), ("training error", "train", None)],
+        [(f"{study.eval_name} error", split, TABLE6, "test error"), ("training error", "train", None)],
     )
 
 
