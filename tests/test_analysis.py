@@ -364,6 +364,21 @@ def test_fig4_from_imagenet_runs(tmp_path, cli):
     assert code == 0 and "27.94" in out and "ResNet-34" in out
 
 
+def test_fig7_draws_runs_of_one_probe_setting_and_names_the_others(tmp_path):
+    """Responses measured per channel (or with BN in train mode) do not compare with the default
+    ones: Figure 7 draws the setting most runs have and names the runs it left out."""
+    for depth in (20, 56):
+        for arch in ("plain", "resnet"):
+            run = write_run(tmp_path, arch, depth)
+            odd = dict(reduction="channel", bn_mode="train") if (arch, depth) == ("resnet", 56) else {}
+            write_responses(run, np.linspace(1.5, 1.0, depth - 1), **odd)
+    drawn = build("fig7", RunData.load(tmp_path))
+    assert "per channel" not in drawn.caption and "train mode" not in drawn.caption
+    assert any(n.startswith("left out, measured with other `study probe` options") and "resnet56" in n for n in drawn.notes)
+    assert sorted(label.get_text() for label in drawn.figure.axes[0].get_legend().get_texts()) == [
+        "ResNet-20", "plain-20", "plain-56"]
+
+
 def test_fig7_layer_responses_and_caption_states_the_choices(study_dir):
     drawn = build("fig7", RunData.load(study_dir))
     top, bottom = drawn.figure.axes

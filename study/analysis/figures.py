@@ -354,6 +354,31 @@ def _options_text(responses: pd.DataFrame) -> str:
     return ", ".join(parts)
 
 
+#: `study probe`'s options, as `record_responses` writes them, and their defaults.
+PROBE_DEFAULTS = {"split": "test", "bn_mode": "eval", "reduction": "tensor", "include_first": False, "max_images": None}
+
+
+def _one_probe_setting(responses: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The responses measured with one setting of the probe's options (the one most runs used;
+    on a tie, the one nearest the defaults), and a note naming the runs left out, if any: curves
+    measured differently (per channel vs whole tensor, BN in train vs eval mode) do not compare."""
+    columns = [c for c in PROBE_DEFAULTS if c in responses]
+    if not columns:
+        return responses, []
+    setting = responses[columns].astype(object).where(responses[columns].notna(), None).astype(str)
+    per_run = setting.apply(tuple, axis=1).groupby(responses["run_id"]).first()
+    if per_run.nunique() <= 1:
+        return responses, []
+    counts = per_run.value_counts()
+    default = tuple(str(PROBE_DEFAULTS[c]) for c in columns)
+    nearest = {s: sum(a == b for a, b in zip(s, default) if b != "test") for s in counts.index}
+    chosen = max(counts.index, key=lambda s: (counts[s], nearest[s]))
+    left = sorted(per_run.index[per_run != chosen])
+    note = (f"left out, measured with other `study probe` options than the rest: {', '.join(left)} "
+            f"(probe them again with the options the others used)")
+    return responses[responses["run_id"].isin(per_run.index[per_run == chosen])], [note]
+
+
 def fig7(data: RunData, **select: object) -> Drawn:
     """Figure 7: the std of each 3x3 layer's response (after BN, before ReLU or addition), top in
     layer order, bottom sorted in descending order; plain-20/56 and ResNet-20/56/110 where measured
@@ -364,7 +389,8 @@ def fig7(data: RunData, **select: object) -> Drawn:
     study, notes = pick_study(
         data, "fig7", imagenet=False, wanted=wanted, **select, needs="responses"
     )
-    responses = study.select(data.responses).copy()
+    responses, mixed = _one_probe_setting(study.select(data.responses).copy())
+    notes = notes + mixed
     present = _series_in(responses)
     drawn = _choose(present, wanted, present)
     responses = pd.concat([_rows_of(responses, s) for s in drawn], ignore_index=True)
