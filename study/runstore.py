@@ -52,11 +52,23 @@ class RunStoreError(RuntimeError):
     """A problem with the runs directory. str(e) is one line naming the problem and the fix."""
 
 
+_UMASK = os.umask(0o022)  # read the process's umask (setting it is the only way) ...
+os.umask(_UMASK)  # ... and put it back
+
+
+def _temporary(directory: Path, prefix: str) -> str:
+    """An empty temporary file in `directory`, with the permissions a plainly created file gets
+    (mkstemp's are 0600, which would keep a shared runs dir's files from the rest of a group)."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return tmp
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call `write(tmp_path)` then rename the temporary file onto `path` (same directory, so the
     rename is atomic on POSIX)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temporary(path.parent, f".{path.name}.")
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -169,8 +181,7 @@ class Run:
     def save_checkpoint(self, state: dict) -> None:
         """Write the new checkpoint beside the old one, keep the old one as `checkpoint.prev.pt`
         (the fallback if the new one is ever unreadable), then move the new one into place."""
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".checkpoint.", suffix=".tmp")
-        os.close(fd)
+        tmp = _temporary(self.dir, ".checkpoint.")
         try:
             torch.save(state, tmp)
             if self.checkpoint_path.exists():

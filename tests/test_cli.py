@@ -27,6 +27,12 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     assert ids == ["fashion-mnist-mini-resnet8-A-s0-it6-b32", "fashion-mnist-mini-resnet8-A-s1-it6-b32"]
     run_dir = runs / ids[0]
     assert {p.name for p in run_dir.iterdir()} == {"config.json", "metrics.parquet", "checkpoint.pt", "status.json", "lock", "responses.parquet"}
+    umask = os.umask(0)
+    os.umask(umask)
+    # Written atomically through temporary files, yet with the modes of plainly created files (a
+    # runs dir shared by a group stays readable to it).
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in run_dir.iterdir()} == {
+        p.name: oct(0o666 & ~umask) for p in run_dir.iterdir()}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["depth"] == 8 and config["config"]["iterations"] == 6
     assert {"package_version", "git_commit", "git_dirty", "torch_version", "device"} <= set(config["provenance"])
