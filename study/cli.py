@@ -121,7 +121,9 @@ def _run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
     elif args.seed is not None:
-        seeds = parse_seeds(str(args.seed))
+        if args.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer; got {args.seed}")
+        seeds = [args.seed]
     else:
         seeds = None
     batch_split = args.batch_split

@@ -550,6 +550,8 @@ def train_steps(
         elapsed_before, warming_up = ckpt["elapsed_s"], ckpt["warming_up"]
         warmup_before = ckpt.get("warmup_s", 0.0)  # absent from checkpoints of before it was kept
         rows, partial = list(ckpt["metrics"]), ckpt["partial_epoch"]
+        if ddp.writer and iteration < cfg.iterations:
+            log(f"{cfg.run_id}: resuming from its checkpoint at iteration {iteration:,} of {cfg.iterations:,}")
     # The checkpoint holds every row so far: rewriting the file from it drops rows written after
     # the checkpoint (a kill between the two writes) and repairs an unreadable file.
     run.write_metrics(rows)

@@ -105,6 +105,7 @@ BAD_INPUT = [
     (["run", "--arch", "plain", "--depth", "20", "--dataset", "mnist"], "invalid choice"),
     (["run", "--arch", "plain", "--depth", "20", "--shortcut", "B"], "plain nets have no shortcuts"),
     (["run", "--arch", "plain", "--depth", "20", "--seeds", "1,x"], "malformed seeds"),
+    (["run", "--arch", "plain", "--depth", "20", "--seed", "-1"], "--seed must be a non-negative integer"),
     (["run", "--arch", "plain", "--depth", "20", "--iterations", "0"], "positive integer"),
     (["run", "--arch", "plain", "--depth", "20", "--iterations", "-5"], "positive integer"),
     (["run", "--arch", "plain", "--depth", "20", "--dataset", "cifar10"], "CIFAR-10 not found"),
@@ -113,7 +114,7 @@ BAD_INPUT = [
     (["frobnicate"], "invalid choice"),
 ]
 # A real process for one case of each kind (an argparse error, a check of ours, missing data).
-IN_A_PROCESS = {0, 9, 12}
+IN_A_PROCESS = {0, 10, 13}
 
 
 def _with_runs_dir(argv: list[str]) -> list[str]:
@@ -148,11 +149,12 @@ def test_every_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unwritable_runs_dir(tmp_path, capsys):
+def test_a_runs_dir_that_is_or_is_under_a_file(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--runs-dir", str(blocker / "runs"))
-    assert code == 2 and "not writable" in err and err.count("\n") == 1
+    for runs in (blocker, blocker / "runs"):
+        code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--runs-dir", str(runs))
+        assert code == 2 and f"{blocker} is a file, not a directory" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 

@@ -90,6 +90,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, reference):
     assert metrics(tmp_path).epoch.max() == st["epoch"]  # the interrupted epoch is not logged yet
     proc = study(tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert f"{RUN_ID}: resuming from its checkpoint at iteration {st['iteration']} of 17" in proc.stderr
     pd.testing.assert_frame_equal(metrics(tmp_path), reference)
 
 
