@@ -15,7 +15,7 @@ from .config import ALL_DATASETS, LR_SCHEDULES, ConfigError, RunConfig, parse_se
 from .data import DataError
 from .grids import GRIDS, grid_configs
 from .launch import add_launcher_arguments, check_local_arguments, list_runs_with_queued, run_status
-from .runstore import RunStoreError
+from .runstore import Run, RunStoreError
 
 USER_ERRORS = (ConfigError, DataError, RunStoreError)
 
@@ -41,48 +41,58 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: The options of `_add_selection` besides --grid/--arch (argparse's names).
+SELECTION = ("depth", "shortcut", "dataset", "seed", "seeds", "iterations", "batch_size", "lr_schedule",
+             "batch_split", "lighting", "holdout", "precision")
+
+
+def _add_selection(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """The options that say which runs (`study run` trains them, `study status` lists them)."""
+    what = parser.add_mutually_exclusive_group(required=required)
+    what.add_argument("--grid", help="a named grid (see `study grids`)")
+    what.add_argument("--arch", choices=("plain", "resnet"), help="train one network of this kind")
+    parser.add_argument("--depth", type=int, help="CIFAR 6n+2: 20, 32, 44, 56, 110, 1202; ImageNet 18 or 34 (with --arch)")
+    parser.add_argument("--shortcut", choices=("A", "B", "C"), help="residual shortcut option (default A)")
+    parser.add_argument("--dataset", choices=ALL_DATASETS, help="data set (default: the grid's, else fashion-mnist-mini)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="one seed (default 0)")
+    seeds.add_argument("--seeds", help="several seeds: 0,1,2 or 0-4")
+    parser.add_argument(
+        "--iterations", type=_positive_int, help="total iterations (paper: 64000 CIFAR, 600000 ImageNet); milestones scale"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, help="global mini-batch size (paper: 128 CIFAR, 256 ImageNet)")
+    parser.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES,
+        help="step: lr/10 at 50%% and 75%% of the iterations (paper CIFAR); plateau: lr/10 when the eval error "
+        "stops improving (paper ImageNet). Default: the paper's for the data set",
+    )
+    parser.add_argument(
+        "--batch-split", type=_positive_int,
+        help="BN groups per batch, as on that many devices (default 1; under torchrun: the process count)",
+    )
+    parser.add_argument(
+        "--lighting", type=float, help="ImageNet PCA colour augmentation strength (paper: 0.1; 0 turns it off)"
+    )
+    parser.add_argument(
+        "--holdout", action="store_true", default=None, help="train on 90%% of the training set, log `val` on the rest"
+    )
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), help="fp32 (paper, default) or bf16 autocast (a deviation)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="study", description="Plain vs residual nets: the degradation study of He et al. (2015).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="train one network, a set of seeds, or a named grid")
-    what = run.add_mutually_exclusive_group(required=True)
-    what.add_argument("--grid", help="a named grid (see `study grids`)")
-    what.add_argument("--arch", choices=("plain", "resnet"), help="train one network of this kind")
-    run.add_argument("--depth", type=int, help="CIFAR 6n+2: 20, 32, 44, 56, 110, 1202; ImageNet 18 or 34 (with --arch)")
-    run.add_argument("--shortcut", choices=("A", "B", "C"), help="residual shortcut option (default A)")
-    run.add_argument("--dataset", choices=ALL_DATASETS, help="data set (default: the grid's, else fashion-mnist-mini)")
-    seeds = run.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, help="one seed (default 0)")
-    seeds.add_argument("--seeds", help="several seeds: 0,1,2 or 0-4")
-    run.add_argument(
-        "--iterations", type=_positive_int, help="total iterations (paper: 64000 CIFAR, 600000 ImageNet); milestones scale"
-    )
-    run.add_argument("--batch-size", type=_positive_int, help="global mini-batch size (paper: 128 CIFAR, 256 ImageNet)")
-    run.add_argument(
-        "--lr-schedule", choices=LR_SCHEDULES,
-        help="step: lr/10 at 50%% and 75%% of the iterations (paper CIFAR); plateau: lr/10 when the eval error "
-        "stops improving (paper ImageNet). Default: the paper's for the data set",
-    )
-    run.add_argument(
-        "--batch-split", type=_positive_int,
-        help="BN groups per batch, as on that many devices (default 1; under torchrun: the process count)",
-    )
+    _add_selection(run, required=True)
     run.add_argument("--sync-bn", action="store_true", help="under torchrun: BN statistics over the whole global batch")
-    run.add_argument(
-        "--lighting", type=float, help="ImageNet PCA colour augmentation strength (paper: 0.1; 0 turns it off)"
-    )
     run.add_argument("--workers", type=_positive_int, help="ImageNet DataLoader workers per process (default: CPUs, at most 12)")
-    run.add_argument(
-        "--holdout", action="store_true", default=None, help="train on 90%% of the training set, log `val` on the rest"
-    )
     run.add_argument("--data-dir", help="where the data set's files are (default ./data; ImageNet: ./data/imagenet)")
     run.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
     run.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    run.add_argument(
-        "--precision", choices=("fp32", "bf16"), help="fp32 (paper, default) or bf16 autocast (a deviation)"
-    )
     run.add_argument(
         "--concurrency", type=_positive_int, help="runs trained at once by separate processes (default: 4 on a GPU, 1 on CPU)"
     )
@@ -110,8 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("grids", help="list the named grids and their runs")
 
-    status = sub.add_parser("status", help="one line per run: id, status, iteration, last errors")
+    status = sub.add_parser(
+        "status", help="one line per run: id, status, iteration, last errors; with --grid or --arch (and the "
+        "options of `study run`), the runs that command trains, those not started yet included",
+    )
     status.add_argument("--runs-dir", default="runs")
+    _add_selection(status, required=False)
 
     COMMANDS.update(register_analysis(sub))  # plot, table, report, probe (study/analysis/commands.py)
     return parser
@@ -127,7 +141,7 @@ def _run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
     else:
         seeds = None
     batch_split = args.batch_split
-    if world > 1 and batch_split is None and not args.sync_bn:
+    if world > 1 and batch_split is None and not getattr(args, "sync_bn", False):
         batch_split = world  # per-device BN, recorded in the config (and the run id) as a split
     settings = dict(
         dataset=args.dataset,
@@ -229,9 +243,19 @@ def cmd_grids(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if not os.path.isdir(args.runs_dir):
+    if args.grid is None and args.arch is None:
+        given = [f"--{k.replace('_', '-')}" for k in SELECTION if getattr(args, k) is not None]
+        if given:
+            raise ConfigError(f"{' '.join(given)} selects runs of a --grid or an --arch; add one, or drop them")
+    if args.grid is not None or args.arch is not None:
+        # The runs `study run` with these options trains: those on disk, and the others as `new`.
+        configs = _run_configs(args)
+        on_disk = {r.cfg.run_id: r for r in list_runs_with_queued(args.runs_dir)} if os.path.isdir(args.runs_dir) else {}
+        runs = [on_disk.get(c.run_id) or Run(args.runs_dir, c) for c in configs]
+    elif not os.path.isdir(args.runs_dir):
         raise RunStoreError(f"runs dir {args.runs_dir} does not exist; pass --runs-dir to where your runs are")
-    runs = list_runs_with_queued(args.runs_dir)
+    else:
+        runs = list_runs_with_queued(args.runs_dir)
     if not runs:
         print(f"no runs in {args.runs_dir}")
         return 0

@@ -46,6 +46,13 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     assert len(lines) == 3  # header + one line per run
     assert all(line.split()[1] == "done" and "6/6" in line for line in lines[1:])
     assert f"{df.error_pct.iloc[0]:.2f}" in lines[1]
+    # With the run options: the runs that command trains, those not started yet as `new`.
+    code, out, err = run_cli(capsys, "status", *args[1:-1], "0-2", "--runs-dir", str(runs))
+    lines = out.strip().splitlines()[1:]
+    assert code == 0 and [line.split()[:2] for line in lines] == [
+        [f"fashion-mnist-mini-resnet8-A-s{s}-it6-b32", "done" if s < 2 else "new"] for s in range(3)]
+    code, out, err = run_cli(capsys, "status", "--seeds", "0-2", "--runs-dir", str(runs))
+    assert code == 2 and "--seeds selects runs of a --grid or an --arch" in err and err.count("\n") == 1
 
     # Same command again: both runs skipped, exit 0.
     code, out, err = run_cli(capsys, *args, "--runs-dir", str(runs), "--device", "cpu")
