@@ -45,6 +45,7 @@ from . import warmup
 from .config import RunConfig
 from .graphstep import GraphedStep
 from .models import BasicBlock, CifarNet
+from .stopflag import StopFlag
 
 
 @dataclass
@@ -227,7 +228,7 @@ class Fuser:
     def __init__(self, device: torch.device, *, capture: bool = False, log: Callable[[str], None] = print,
                  stop: object | None = None) -> None:
         self.device, self.capture, self.log = device, capture, log
-        self.stop, self.stop_latch = stop, _Latch()
+        self.stop, self.stop_latch = stop, StopFlag()  # set only by begin_round
         self.fallback: str | None = None  # why a capture failed: later groups are not captured
         self._members: dict[object, Join] = {}
         self._groups: dict[frozenset, tuple[list[object], FusedNets]] = {}
@@ -301,12 +302,6 @@ class Fuser:
                     self._members[member].fallback = nets.graphed.fallback
             results.update(zip(order, out))
         return results
-
-
-class _Latch:
-    """A stop flag (`study.train.StopFlag`'s `signum`) that only `Fuser.begin_round` sets."""
-
-    signum: int | None = None
 
 
 def _failures(members: list[object], what: str, error: Exception) -> dict[object, Exception]:

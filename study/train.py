@@ -47,6 +47,7 @@ from .models import build_model
 from .models.syncbn import convert_sync_batchnorm
 from .probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_responses, truncate_gradients
 from .runstore import Run, check_writable
+from .stopflag import StopFlag
 
 EVAL_BATCH_SIZE = 1000
 AUTO_GPU_CONCURRENCY = 4  # runs sharing one GPU when --concurrency is not given
@@ -81,13 +82,6 @@ class StopRequested(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-class StopFlag:
-    """Set by a signal handler, polled by the training loop between steps."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
 
 
 @contextmanager
