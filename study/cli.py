@@ -243,18 +243,16 @@ def cmd_grids(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if args.grid is None and args.arch is None:
+    if args.grid is not None or args.arch is not None:
+        # The runs `study run` with these options trains: those on disk, and the others as `new`.
+        on_disk = {r.cfg.run_id: r for r in list_runs_with_queued(args.runs_dir)} if os.path.isdir(args.runs_dir) else {}
+        runs = [on_disk.get(c.run_id) or Run(args.runs_dir, c) for c in _run_configs(args)]
+    else:
         given = [f"--{k.replace('_', '-')}" for k in SELECTION if getattr(args, k) is not None]
         if given:
             raise ConfigError(f"{' '.join(given)} selects runs of a --grid or an --arch; add one, or drop them")
-    if args.grid is not None or args.arch is not None:
-        # The runs `study run` with these options trains: those on disk, and the others as `new`.
-        configs = _run_configs(args)
-        on_disk = {r.cfg.run_id: r for r in list_runs_with_queued(args.runs_dir)} if os.path.isdir(args.runs_dir) else {}
-        runs = [on_disk.get(c.run_id) or Run(args.runs_dir, c) for c in configs]
-    elif not os.path.isdir(args.runs_dir):
-        raise RunStoreError(f"runs dir {args.runs_dir} does not exist; pass --runs-dir to where your runs are")
-    else:
+        if not os.path.isdir(args.runs_dir):
+            raise RunStoreError(f"runs dir {args.runs_dir} does not exist; pass --runs-dir to where your runs are")
         runs = list_runs_with_queued(args.runs_dir)
     if not runs:
         print(f"no runs in {args.runs_dir}")

@@ -157,14 +157,17 @@ def layer_responses(
     return pd.DataFrame(rows, columns=["layer_index", "layer_name", "std"])
 
 
+#: `layer_responses`' options that `record_responses` records, with their defaults.
+PROBE_DEFAULTS = {"split": "test", "bn_mode": "eval", "reduction": "tensor", "include_first": False, "max_images": None}
+
+
 def record_responses(run: Run, model: nn.Module, data: Data, **options: object) -> Path:
     """Measure `layer_responses(model, data, **options)` and write them atomically to
     `run.dir / "responses.parquet"` with columns `run_id, layer_index, layer_name, std` and one
     column per option used (`split, bn_mode, reduction, include_first, max_images`), so a figure
     can state how they were measured. Returns the path."""
     df = layer_responses(model, data, **options)
-    defaults = {"split": "test", "bn_mode": "eval", "reduction": "tensor", "include_first": False, "max_images": None}
-    used = {**defaults, **{k: v for k, v in options.items() if k in defaults}}
+    used = {**PROBE_DEFAULTS, **{k: v for k, v in options.items() if k in PROBE_DEFAULTS}}
     df = df.assign(run_id=run.cfg.run_id, **used)[["run_id", "layer_index", "layer_name", "std", *used]]
     df["max_images"] = df["max_images"].astype("Int64")  # <NA>: all images of the split
     path = run.dir / "responses.parquet"

@@ -3,9 +3,9 @@
 A run's `elapsed_s` is wall time. Part of it is work done once per process and batch shape, not
 per step: compiling and recording CUDA graphs (`--compile`), cuDNN trying its algorithms on the
 first step, the eager warm-up steps and the capture of a CUDA graph (`--cuda-graph`), and building
-a fused group (`--fuse`). That part is summed here, per process, so that each run can log how much of its
-`elapsed_s` it was: `elapsed_s - warmup_s` is the run's steady training time, which a compile
-cache or a warm-up does not change.
+a fused group (`--fuse`). That part is summed here, per process, so that each run can log how
+much of its `elapsed_s` it was: `elapsed_s - warmup_s` is the time it spent on everything else
+(steps, evaluation, checkpoints), which a compile cache or a warm-up does not change.
 
 Runs that one process trains at once share its wall clock, so each run counts all the warm-up work
 its process did while it was training (its partners' included), just as its `elapsed_s` does.
@@ -47,4 +47,3 @@ def timed(device: torch.device, when: bool = True) -> Iterator[None]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ..config import ConfigError
+from ..probes import PROBE_DEFAULTS
 from .load import RunData, Study, coverage, pick_study
 from .paper import FIGURES, TABLE2, TABLE6, Series, series_label
 
@@ -354,10 +355,6 @@ def _options_text(responses: pd.DataFrame) -> str:
     return ", ".join(parts)
 
 
-#: `study probe`'s options, as `record_responses` writes them, and their defaults.
-PROBE_DEFAULTS = {"split": "test", "bn_mode": "eval", "reduction": "tensor", "include_first": False, "max_images": None}
-
-
 def _one_probe_setting(responses: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """The responses measured with one setting of the probe's options (the one most runs used;
     on a tie, the one nearest the defaults), and a note naming the runs left out, if any: curves
@@ -365,8 +362,8 @@ def _one_probe_setting(responses: pd.DataFrame) -> tuple[pd.DataFrame, list[str]
     columns = [c for c in PROBE_DEFAULTS if c in responses]
     if not columns:
         return responses, []
-    setting = responses[columns].astype(object).where(responses[columns].notna(), None).astype(str)
-    per_run = setting.apply(tuple, axis=1).groupby(responses["run_id"]).first()
+    first = responses.drop_duplicates("run_id").set_index("run_id")[columns]  # one setting per run
+    per_run = first.astype(object).where(first.notna(), None).astype(str).apply(tuple, axis=1)
     if per_run.nunique() <= 1:
         return responses, []
     counts = per_run.value_counts()
