@@ -3,11 +3,13 @@
 # tool library's `device` (see its README); everything lands under $OUT:
 #   run(command="bash benchmarks/gpu_session.sh", carry=["data/fashion-mnist"], timeout_s=600)
 # (`cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/` first.) The steps share a budget
-# of $GPU_SESSION_BUDGET_S seconds (default 560); each gets its own limit, cut so the ones after it
+# of $GPU_SESSION_BUDGET_S seconds (default 530, which leaves the 600 s call room for a stopped
+# step's 30 s grace and the packing at the end); each gets its own limit, cut so the ones after it
 # keep their share, and a step that fails does not stop the others. In order:
 #   1. the GPU tests: --cuda-graph's captured step against the eager step (tests/test_graphstep.py),
 #      and captured fused runs against runs alone (tests/test_fused.py)
-#   2. grid_throughput.py, every depth, (a)-(h) (JSON)
+#   2. grid_throughput.py, every depth, (a)-(h) (JSON), 10 warm-up + 3 x 30 timed steps a net (the
+#      2026-11-27 session's 20 + 3 x 60 took 173 s for (a)-(d) alone; (e)-(h) are the new figures)
 #   3. a full paper-schedule run (64k iterations) of ResNet-20 on real Fashion-MNIST with
 #      --cuda-graph, bf16; stopped by SIGTERM at its limit (it checkpoints; metrics.parquet says
 #      how far it got)
@@ -20,7 +22,7 @@ set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-BUDGET=${GPU_SESSION_BUDGET_S:-560}
+BUDGET=${GPU_SESSION_BUDGET_S:-530}
 LOG="$OUT/session.log"
 log() { echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] $*" | tee -a "$LOG"; }
 # slot WANT RESERVE: seconds a step may take: WANT at most, leaving RESERVE for the steps after it.
@@ -32,31 +34,40 @@ limited() { local t=$1; shift; if (( t < 20 )); then echo "skipped: ${t}s left" 
 log "device and versions"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv >> "$LOG" 2>&1
 python3 -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.get_device_name())" >> "$LOG" 2>&1
-echo "cores: $(nproc); cc: $(command -v cc gcc | head -1)" >> "$LOG"
+echo "cores: $(nproc); cc: $(command -v cc gcc | head -1); commit: $(git rev-parse --short HEAD 2>/dev/null)" >> "$LOG"
+# Steps 3 and 3b train on real Fashion-MNIST, which has to be carried: say so now, not as two
+# failed steps later.
+DATA_OK=1
+for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+    [ -s "data/fashion-mnist/$f.gz" ] || { DATA_OK=0; log "MISSING data/fashion-mnist/$f.gz: steps 3 and 3b will be skipped (carry data/fashion-mnist)"; }
+done
+# Fresh run directories: on a machine kept warm from an earlier call, fixed ones would resume.
+E2E=$(mktemp -d /tmp/e2e.XXXXXX)
+E2E_FUSED=$(mktemp -d /tmp/e2e_fused.XXXXXX)
 
-t=$(slot 60 470)
+t=$(slot 60 440)
 log "1. GPU tests: --cuda-graph against eager, --fuse captured against alone, limit ${t}s"
 limited "$t" "$t" python3 -m pytest -q -p no:cacheprovider -k on_a_gpu tests/test_graphstep.py tests/test_fused.py >> "$LOG" 2>&1
 log "rc=$?"
 
-t=$(slot 230 240)
+t=$(slot 250 200)
 log "2. grid throughput: (a) reference, (b) fast, (c) K processes, (d) --cuda-graph, (e) (d) in K processes, (f) (d) on K streams, (g) --fuse 2 and 10, (h) --fuse 2 in K processes (bf16), limit ${t}s"
-limited "$t" "$t" python3 benchmarks/grid_throughput.py --steps 60 --out "$OUT/grid_throughput_gpu.json" >> "$LOG" 2>&1
+limited "$t" "$t" python3 benchmarks/grid_throughput.py --steps 30 --warmup 10 --out "$OUT/grid_throughput_gpu.json" >> "$LOG" 2>&1
 log "rc=$?"
 
-t=$(slot 170 70)
+t=$(slot 140 90); (( DATA_OK )) || t=0
 log "3. end to end: ResNet-20, 64k iterations, real Fashion-MNIST, --cuda-graph, bf16, limit ${t}s"
 limited "$t" -s TERM -k 30 "$t" python3 -m study run --arch resnet --depth 20 \
     --dataset fashion-mnist --data-dir data/fashion-mnist --cuda-graph --precision bf16 \
-    --runs-dir /tmp/e2e --no-progress >> "$LOG" 2>&1
+    --runs-dir "$E2E" --no-progress >> "$LOG" 2>&1
 log "rc=$?"
-t=$(slot 120 0)
+t=$(slot 90 0); (( DATA_OK )) || t=0
 log "3b. the degradation grid, twins fused in pairs, --fuse 2 --cuda-graph, bf16, limit ${t}s"
 limited "$t" -s TERM -k 30 "$t" python3 -m study run --grid degradation \
     --dataset fashion-mnist --data-dir data/fashion-mnist --fuse 2 --concurrency 1 --cuda-graph \
-    --precision bf16 --runs-dir /tmp/e2e_fused --no-progress >> "$LOG" 2>&1
+    --precision bf16 --runs-dir "$E2E_FUSED" --no-progress >> "$LOG" 2>&1
 log "rc=$?"
-for d in /tmp/e2e /tmp/e2e_fused; do
+for d in "$E2E" "$E2E_FUSED"; do
     [ -d "$d" ] || continue
     python3 -m study status --runs-dir "$d" >> "$LOG" 2>&1
     python3 - "$d" >> "$LOG" 2>&1 <<'EOF'
@@ -76,7 +87,7 @@ for m in pathlib.Path(sys.argv[1]).glob("*/metrics.parquet"):
               f"epoch 1 (compilation or capture) took {tr.elapsed_s.iloc[0]:.1f} s; projected 64k iterations: "
               f"{tr.elapsed_s.iloc[0] + (64000 - tr.iteration.iloc[0]) * 128 / rate:.0f} s")
 EOF
-    tar czf "$OUT/$(basename "$d")_run.tgz" -C "$d" --exclude='*.pt' --exclude='*.lock' . >> "$LOG" 2>&1
+    tar czf "$OUT/$(basename "${d%.*}")_run.tgz" -C "$d" --exclude='*.pt' --exclude='lock' . >> "$LOG" 2>&1
 done
 
 t=$(slot 60 0)

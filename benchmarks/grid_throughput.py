@@ -53,6 +53,7 @@ equal threads keep (a), (b) and each of (c)'s processes comparable; (c) then use
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -299,8 +300,7 @@ def fused_grid(nets: list[tuple[str, int]], width: int, images: np.ndarray, labe
         rounds.append({"nets": [(c.arch, c.depth) for c in cfgs], "images_per_net": [per_net] * width,
                        "wall_s": [n / r for n, r in zip(images_w, rates)], "images": images_w})
         del step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(device)
     return rounds
 
 
@@ -559,9 +559,17 @@ def interleaved_grid(nets: list[tuple[str, int]], k: int, images: np.ndarray, la
         rounds.append({"nets": nets_r, "images_per_net": [per_net] * len(nets_r),
                        "wall_s": [n / r for n, r in zip(images_w, rates)], "images": images_w})
         del steps, together
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(device)
     return rounds
+
+
+def free_memory(device: torch.device) -> None:
+    """Give the finished nets' device memory back. A `GraphedStep` and its `FusedNets` refer to each
+    other (and the step to its own bound methods), so their CUDA graphs' private memory pools go
+    only when the garbage collector breaks those cycles: collect first, then empty the cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def on(stream: "torch.cuda.Stream | None"):
@@ -594,7 +602,7 @@ def measure_graphed(nets: list[tuple[str, int]], images: np.ndarray, labels: np.
             log(f"(d) {arch}{depth} failed: {type(e).__name__}: {e}")
         finally:
             del step
-            torch.cuda.empty_cache()
+            free_memory(device)
     return results
 
 
@@ -846,8 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         dump({"reference": per_net(reference), "fast": per_net(fast),
               "graphed": per_net(graphed) if graphed is not None else None, "fused_rounds": fused_rounds},
              partial=True)
-    if cuda:
-        torch.cuda.empty_cache()  # leave the memory to (c)'s processes
+    free_memory(device)  # leave the memory to (c)'s processes
     log(f"(c) starting {k} processes")
     rounds = concurrent_grid(nets, k, settings)
     log_rounds("(c)", rounds, log)

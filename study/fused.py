@@ -178,6 +178,9 @@ class FusedNets:
         graphed = getattr(self, "graphed", None)
         if graphed is not None and graphed.captured:
             torch.cuda.current_stream(self.device).synchronize()  # no replay in flight when the graphs go
+        # The step refers back to this group (its loss and norms are bound methods of it): drop it,
+        # so that the graphs and their memory go with the group, not at the next garbage collection.
+        self.graphed = None
         for m in self.members:
             for p in m.model.parameters():
                 p.data = p.data.clone()

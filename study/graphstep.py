@@ -13,7 +13,8 @@ What stays the same as the eager step (`study.train.sgd_step`):
   device tensor that is set before each replay.
 - The update is SGD with momentum and weight decay. It uses torch's fused SGD kernel, because the
   default multi-tensor SGD reads a tensor learning rate on the host, which a graph cannot do. The
-  fused kernel's rounding differs from the multi-tensor one in the last bits (about 1e-8 per step).
+  fused kernel's rounding differs from the multi-tensor one in the last bits: in float64 the two
+  runs agree to 1e-9 (tests/test_graphstep.py); in float32 the odd flipped ReLU makes them drift.
 - The gradient norms are the ones `GradientNorms` records: the raw gradients after backward,
   before the update, computed in the graph at every step and kept on the recording steps.
 
@@ -80,8 +81,9 @@ class GraphedStep:
         norms: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         self.model, self.opt, self.norm_weights, self.log = model, opt, list(norm_weights), log
-        self._loss = loss or self._mean_loss
-        self._norms = norms or self._weight_norms
+        # The replacements, or None for this class's own (not bound methods kept on self: such a
+        # cycle would keep the graphs' memory until the garbage collector ran).
+        self._loss, self._norms = loss, norms
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -89,7 +91,9 @@ class GraphedStep:
         # so that both compute the same.
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
         # The group's current rate (a plateau schedule's, after a resume) until `step` sets it.
-        self.lr = torch.tensor(float(opt.param_groups[0]["lr"]), device=device)
+        # float32 whatever the default dtype: the CUDA fused kernel reads the rate as a float (a
+        # float64 tensor fails there), and float32 weights are updated at a float32 rate anyway.
+        self.lr = torch.tensor(float(opt.param_groups[0]["lr"]), dtype=torch.float32, device=device)
         for group in opt.param_groups:  # after any load_state_dict, which replaces these
             group.update(lr=self.lr, fused=True, foreach=None)
         self.device = device
@@ -130,9 +134,9 @@ class GraphedStep:
         before it (backward then writes them rather than adding to them, which a replayed graph
         needs)."""
         with self.autocast:
-            differentiated, loss, out = self._loss(x, y)
+            differentiated, loss, out = (self._loss or self._mean_loss)(x, y)
         differentiated.backward()
-        grad_norms = self._norms() if norms else None
+        grad_norms = (self._norms or self._weight_norms)() if norms else None
         self.opt.step()
         return loss.detach(), out.detach(), grad_norms
 
@@ -167,12 +171,19 @@ class GraphedStep:
         static_x, static_y = x.clone(), y.clone()
         graph = torch.cuda.CUDAGraph()
         self.opt.zero_grad(set_to_none=True)
+        current = torch.cuda.current_stream(self.device)
         try:
             # On `device` (not the current device), with a capture stream of that device.
             with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=self._capture_stream):
                 loss, out, norms = self._body(static_x, static_y)
         except RuntimeError as e:
-            self.fallback = f"capture failed for batch size {len(y)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            # When the capture's end fails, torch.cuda.graph leaves the capture stream current:
+            # put the run's stream back. The first error is the cause; the capture's end then
+            # fails on top of it ("operation failed due to a previous error during capture").
+            torch.cuda.set_stream(current)
+            cause = e.__context__ if isinstance(e.__context__, Exception) else e
+            reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            self.fallback = f"capture failed for batch size {len(y)}: {reason}"
             self.log(f"CUDA graph {self.fallback}; training on without graphs")
             self.capture = False
             self.opt.zero_grad(set_to_none=True)

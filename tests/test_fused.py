@@ -7,8 +7,10 @@ zero, and over a few steps at learning rate 0.1 the runs drift apart by up to 1e
 is chaotic, not the arithmetic different (measured while writing this test).
 """
 
+import gc
 import json
 import time
+import weakref
 
 import pandas as pd
 import pytest
@@ -210,6 +212,36 @@ def test_runs_at_different_learning_rates_step_apart_and_fuse_again(small_data, 
             torch.testing.assert_close(p, q, atol=1e-12, rtol=0, msg=name)
 
 
+def test_a_released_group_and_a_dropped_step_are_freed_at_once(small_data):
+    """A group's graphs hold their own device memory, so a group that re-forms or ends must free
+    it at once, not whenever the garbage collector next runs: nothing keeps a released group or a
+    dropped `GraphedStep` alive in a reference cycle."""
+    names = [n + ".weight" for n, m in build_model("plain", 8, in_channels=1).named_modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    x = small_data.train.images[:16].float().div(255).sub(small_data.mean)
+    y = small_data.train.labels[:16]
+    fuser = study.fused.Fuser(CPU)
+    for slot in ("plain", "resnet"):
+        m = build_model(slot, 8, in_channels=1)
+        fuser.join(slot, Join(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), names,
+                              fusion_key(cfg(slot, 0, 1), m), False))
+    fuser.step({slot: study.fused.StepRequest(x, y, 0.1) for slot in ("plain", "resnet")})
+    (_, nets), = fuser._groups.values()
+    group, step = weakref.ref(nets), weakref.ref(nets.graphed)
+    del nets
+    model = build_model("plain", 8, in_channels=1)
+    alone = GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), [], bf16=False, device=CPU)
+    alone.step(x, y, 0.1, norms=False)
+    alone_ref = weakref.ref(alone)
+    gc.disable()
+    try:
+        fuser.close()
+        del alone
+        assert group() is None and step() is None and alone_ref() is None
+    finally:
+        gc.enable()
+
+
 def test_fusion_keys():
     """A plain net shares its option-A twin's key; projection shortcuts (B) fuse only with their
     own kind; precision and depth part runs."""
@@ -309,22 +341,23 @@ def test_fused_runs_count_forming_a_group_and_its_first_steps_as_warm_up(tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")
-def test_captured_fused_runs_equal_runs_trained_alone_on_a_gpu(tmp_path, small_data64, float64, monkeypatch):
+def test_captured_fused_runs_equal_runs_trained_alone_on_a_gpu(tmp_path, small_data64, float64, deterministic_cudnn,
+                                                               monkeypatch):
     """On a GPU, float64: three runs fused and their step captured as a CUDA graph (full and
     partial batches) equal the same runs trained alone, eagerly, to 1e-9."""
     gpu = torch.device("cuda")
     data = small_data64.to(gpu)
     configs = [cfg(a, s, 30, batch_size=24) for a, s in [("plain", 0), ("resnet", 0), ("resnet", 1)]]
-    groups = []
-    real_init = FusedNets.__init__
+    captured = []  # each group's captured batch sizes, when it is released
+    real_release = FusedNets.release
 
-    def keep(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        groups.append(self)
+    def note(self):
+        captured.append(self.graphed.captured)
+        real_release(self)
 
-    monkeypatch.setattr(FusedNets, "__init__", keep)
+    monkeypatch.setattr(FusedNets, "release", note)
     assert set(train_fused(configs, tmp_path / "fused", data, slots=3, device=gpu).values()) == {"done"}
-    assert len(groups) == 1 and groups[0].graphed.captured == [16, 24], [g.graphed.captured for g in groups]
+    assert captured == [[16, 24]], captured  # one group, both batch sizes captured
     for c in configs:
         alone = Run(tmp_path / "alone", c)
         train_run(c, alone, data, gpu, progress=False, gradient_every=2)

@@ -34,26 +34,26 @@ def gradients(run: Run) -> pd.DataFrame:
     return pd.read_parquet(run.dir / "gradients.parquet")
 
 
-def test_graph_step_trains_like_the_eager_step(tmp_path, small_data):
-    """Same rows, the partial batches included; the numbers agree to float rounding. Fused SGD
-    rounds differently from the multi-tensor SGD, by about 1e-8 per step; over 20 steps the
-    weights agree to 1e-5, the losses to 1e-5 and the gradient norms to 1e-5 relative."""
-    c = cfg()
+def test_graph_step_trains_like_the_eager_step(tmp_path, small_data64, float64):
+    """Same rows, the partial batches included, and the same numbers: in float64 the fused SGD
+    kernel and the eager multi-tensor SGD agree to 1e-9 in metrics, gradient norms and weights
+    over 20 steps. (In float32 they differ by rounding, about 1e-7 per step, which the odd ReLU
+    that flips amplifies chaotically: torch 2.11 and 2.14 put the same float32 comparison 1% apart
+    in a gradient norm. A bound there would test the chaos, not the step.)"""
+    c = cfg(batch_size=24)  # 160 images: 6 full batches and a partial one of 16 per epoch
     eager, graphed = Run(tmp_path / "eager", c), Run(tmp_path / "graph", c)
-    train_run(c, eager, small_data, CPU, progress=False, gradient_every=3)
-    train_run(c, graphed, small_data, CPU, progress=False, gradient_every=3, cuda_graph=True)
+    train_run(c, eager, small_data64, CPU, progress=False, gradient_every=3)
+    train_run(c, graphed, small_data64, CPU, progress=False, gradient_every=3, cuda_graph=True)
     a, b = metrics(eager), metrics(graphed)
-    pd.testing.assert_frame_equal(a.drop(columns=["loss", "error_pct"]), b.drop(columns=["loss", "error_pct"]))
     assert list(a.iteration.unique()) == [7, 14, 20]  # 7 steps an epoch: the partial batch is trained on
-    assert (a.loss - b.loss).abs().max() < 1e-5
-    assert (a.error_pct - b.error_pct).abs().max() <= 100 / 320  # at most one image's prediction
+    pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-9, rtol=0)
     ga, gb = gradients(eager), gradients(graphed)
-    pd.testing.assert_frame_equal(ga.drop(columns="grad_norm"), gb.drop(columns="grad_norm"))
     assert sorted(ga.iteration.unique()) == list(range(3, 21, 3))
-    torch.testing.assert_close(torch.tensor(gb.grad_norm.values), torch.tensor(ga.grad_norm.values), rtol=1e-5, atol=1e-7)
+    pd.testing.assert_frame_equal(ga, gb, check_exact=False, atol=1e-9, rtol=0)
     wa, wb = eager.load_checkpoint()["model"], graphed.load_checkpoint()["model"]
+    assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-9, msg=k)
     assert json.loads(graphed.config_path.read_text())["provenance"]["step"] == "cuda-graph"
     assert json.loads(eager.config_path.read_text())["provenance"]["step"] == "eager"
 
@@ -83,13 +83,13 @@ def test_the_learning_rate_reaches_the_update_through_its_tensor(small_data):
     assert step.captured == []  # nothing is captured without CUDA
 
 
-def test_interrupted_graph_run_resumes_exactly(tmp_path, small_data, monkeypatch):
+def test_interrupted_graph_run_resumes_exactly(tmp_path, small_data64, float64, monkeypatch):
     """A stop in the middle of an epoch checkpoints (with the fused SGD's tensor learning rate);
     resuming with --cuda-graph gives the uninterrupted run's metrics, gradients and weights
-    exactly; resuming without it also finishes the run."""
-    c = cfg(iterations=17)
+    exactly; resuming without it finishes the run equal to it to 1e-9 (float64)."""
+    c = cfg(iterations=17, batch_size=24)
     whole = Run(tmp_path / "whole", c)
-    train_run(c, whole, small_data, CPU, progress=False, gradient_every=2, cuda_graph=True)
+    train_run(c, whole, small_data64, CPU, progress=False, gradient_every=2, cuda_graph=True)
 
     stop = StopFlag()
     real_step = GraphedStep.step
@@ -107,20 +107,21 @@ def test_interrupted_graph_run_resumes_exactly(tmp_path, small_data, monkeypatch
         run = Run(tmp_path / name, c)
         monkeypatch.setattr(GraphedStep, "step", step_then_signal)
         with pytest.raises(StopRequested):
-            train_run(c, run, small_data, CPU, progress=False, gradient_every=2, stop=stop, cuda_graph=True)
+            train_run(c, run, small_data64, CPU, progress=False, gradient_every=2, stop=stop, cuda_graph=True)
         monkeypatch.setattr(GraphedStep, "step", real_step)
         assert run.status()["status"] == "interrupted" and run.status()["iteration"] == 10
-        assert train_run(c, run, small_data, CPU, progress=False, gradient_every=2, cuda_graph=name == "cut") == "done"
+        assert train_run(c, run, small_data64, CPU, progress=False, gradient_every=2, cuda_graph=name == "cut") == "done"
 
     cut, eager = Run(tmp_path / "cut", c), Run(tmp_path / "eager", c)
     pd.testing.assert_frame_equal(metrics(whole), metrics(cut))
     pd.testing.assert_frame_equal(gradients(whole), gradients(cut))
     for k, v in whole.load_checkpoint()["model"].items():
         assert torch.equal(v, cut.load_checkpoint()["model"][k]), k
-    # Resumed eagerly: the same rows, up to fused vs multi-tensor rounding after the stop.
-    a, b = metrics(whole), metrics(eager)
-    pd.testing.assert_frame_equal(a.drop(columns=["loss", "error_pct"]), b.drop(columns=["loss", "error_pct"]))
-    assert (a.loss - b.loss).abs().max() < 1e-5
+    # Resumed eagerly: the same run, up to fused vs multi-tensor rounding after the stop.
+    pd.testing.assert_frame_equal(metrics(whole), metrics(eager), check_exact=False, atol=1e-9, rtol=0)
+    pd.testing.assert_frame_equal(gradients(whole), gradients(eager), check_exact=False, atol=1e-9, rtol=0)
+    for k, v in whole.load_checkpoint()["model"].items():
+        torch.testing.assert_close(eager.load_checkpoint()["model"][k], v, rtol=0, atol=1e-9, msg=k)
     assert eager.load_checkpoint()["optimizer"]["param_groups"][0]["fused"] is None
 
 
@@ -160,7 +161,8 @@ def eager_and_graphed(tmp_path, c: RunConfig, data, monkeypatch) -> tuple[Run, R
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")
-def test_captured_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data64, float64, monkeypatch):
+def test_captured_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data64, float64, deterministic_cudnn,
+                                                          monkeypatch):
     """On a GPU, in float64: both batch sizes get captured and replayed, and the run equals the
     eager run to 1e-9 in metrics, gradient norms and weights. (In float32, GPU rounding (cuDNN's
     algorithm choice, fused vs multi-tensor SGD) is amplified by the odd ReLU that flips, as on
@@ -177,7 +179,7 @@ def test_captured_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")
-def test_captured_bf16_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data, monkeypatch):
+def test_captured_bf16_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_data, deterministic_cudnn, monkeypatch):
     """On a GPU under bf16 autocast: both batch sizes are captured, and over 40 steps the run stays
     near the eager run: losses to 2e-2, errors within 2 points, gradient norms to 5%. (bf16
     rounding makes the two drift apart; these bounds separate drift from a wrong step.)"""
@@ -191,6 +193,29 @@ def test_captured_bf16_step_trains_like_the_eager_step_on_a_gpu(tmp_path, small_
     assert (a.error_pct - b.error_pct).abs().max() <= 2.0
     ga, gb = gradients(eager), gradients(graphed)
     torch.testing.assert_close(torch.tensor(gb.grad_norm.values), torch.tensor(ga.grad_norm.values), rtol=5e-2, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_session.sh)")
+def test_a_failed_capture_trains_on_eagerly_on_a_gpu(tmp_path, small_data64, float64, deterministic_cudnn, monkeypatch):
+    """A capture that fails (here: a host read of the gradient norms, which a graph cannot hold)
+    leaves the run on its own stream, training eagerly to the end: it equals the eager run to 1e-9,
+    and its status says it fell back and why."""
+    real_norms = GraphedStep._weight_norms
+
+    def norms_read_on_the_host(self):
+        norms = real_norms(self)
+        if torch.cuda.is_current_stream_capturing():
+            float(norms.sum())  # a device-to-host copy: illegal while capturing
+        return norms
+
+    monkeypatch.setattr(GraphedStep, "_weight_norms", norms_read_on_the_host)
+    stream = torch.cuda.current_stream()
+    c = cfg(iterations=12, batch_size=24)
+    eager, graphed, steps = eager_and_graphed(tmp_path, c, small_data64.to("cuda"), monkeypatch)
+    assert steps[0].captured == [] and steps[0].fallback.startswith("capture failed for batch size 24")
+    assert torch.cuda.current_stream() == stream
+    assert graphed.status()["status"] == "done" and graphed.status()["cuda_graph_fallback"] == steps[0].fallback
+    pd.testing.assert_frame_equal(metrics(eager), metrics(graphed), check_exact=False, atol=1e-9, rtol=0)
 
 
 def test_plateau_schedule_survives_a_resume_with_and_without_graphs(tmp_path, small_data, monkeypatch):
