@@ -52,6 +52,9 @@ from .stopflag import StopFlag
 EVAL_BATCH_SIZE = 1000
 AUTO_GPU_CONCURRENCY = 4  # runs sharing one GPU when --concurrency is not given
 PROGRESS_EVERY = 20  # iterations between progress-bar refreshes (each costs one device sync)
+# Without a progress bar (output not a terminal, --no-progress, runs trained together), a run logs
+# its first epoch, its last, and in between an epoch at most this often, so that a log shows it is alive.
+EPOCH_LINE_EVERY_S = 60.0
 # `--compile` on CUDA: CUDA graphs (cudagraph trees) remove the launch overhead that dominates these
 # thin nets. No "max-autotune": its Triton conv/GEMM search costs minutes of compilation, and these
 # nets have one tiny GEMM and 16-64 channel convolutions, where cuDNN is the candidate that wins.
@@ -604,6 +607,7 @@ def train_steps(
         return warmup_before + warmup.total() - warmup_start
 
     run.set_status("running", iteration=iteration, epoch=epoch)
+    last_line = None  # when this session last logged an epoch line
     try:
         while iteration < cfg.iterations:
             trained.train()
@@ -721,6 +725,12 @@ def train_steps(
             eval_err = evaluated["error_pct"]
             run.set_status("running", iteration=iteration, epoch=epoch, train_error=train_err, eval_error=eval_err)
             bar.update(iteration - bar.n)
+            now = time.perf_counter()
+            if not show and ddp.writer and (last_line is None or now - last_line >= EPOCH_LINE_EVERY_S
+                                            or iteration >= cfg.iterations):
+                last_line = now
+                log(f"{cfg.run_id}: epoch {epoch}, iteration {iteration:,} of {cfg.iterations:,}: train error "
+                    f"{train_err:.2f}%, {feed.eval_split} error {eval_err:.2f}%, lr {lr:g}, {common['elapsed_s']:.0f} s")
     except StopRequested:
         raise
     except KeyboardInterrupt:
@@ -1129,8 +1139,9 @@ def _run_list(
         else:
             results[run.cfg.run_id] = outcome
             if ddp.writer:
-                last = run.read_metrics().groupby("split")["error_pct"].last().round(2).to_dict()
-                log(f"{tag}: {outcome} (last error %: {last})")
+                last = run.read_metrics().groupby("split", sort=False)["error_pct"].last()
+                errors = ", ".join(f"{split} {error:.2f}%" for split, error in last.items())
+                log(f"{tag}: {outcome}" + (f" (final error: {errors})" if errors else ""))
 
     held_elsewhere: list[tuple[int, Run]] = []
     try:

@@ -510,6 +510,24 @@ def test_claims_that_the_runs_contradict(tmp_path):
     assert claims[2] == "cannot be judged"  # responses present, gradient norms not
 
 
+def test_claims_on_nets_that_have_not_learned_cannot_be_judged(tmp_path):
+    """Nets all at chance (90% error for 10 classes; a demo of a few steps) say nothing about depth,
+    whichever is a point "better": claims 1 and 3 cannot be judged, and the evidence says why. A
+    deep plain net stuck at chance beside a shallow one that learned is judged: that is degradation."""
+    untrained, degraded = tmp_path / "untrained", tmp_path / "degraded"
+    for (arch, depth), floor in {("plain", 20): (86.0, 88.0), ("plain", 56): (89.0, 89.5),
+                                 ("resnet", 20): (89.2, 90.7), ("resnet", 56): (85.3, 89.9)}.items():
+        write_run(untrained, arch, depth, floor=floor)
+    for (arch, depth), floor in {("plain", 20): (10.0, 12.0), ("plain", 56): (89.0, 89.5)}.items():
+        write_run(degraded, arch, depth, floor=floor)
+    claims = {c.number: c for c in classify_claims(RunData.load(untrained))}
+    for n in (1, 3):
+        assert claims[n].verdict == "cannot be judged", claims[n].line()
+        assert "no net compared has learned" in claims[n].evidence and "chance 90.0%" in claims[n].evidence
+    claims = {c.number: c for c in classify_claims(RunData.load(degraded))}
+    assert claims[1].verdict == "holds" and "plain-56" in claims[1].evidence
+
+
 @pytest.fixture(scope="module")
 def report_of_study(study_dir, tmp_path_factory):
     """`study report` on the generated study, once for the tests that read it."""
@@ -587,3 +605,7 @@ def test_end_to_end_real_runs_probe_plot_table_report(tmp_path, cli, small_data)
     assert code == 0 and "| plain-14" in stdout
     code, stdout, err = cli("report", "--runs-dir", runs, "--out", out / "report.md")
     assert code == 0 and (out / "report.md").exists() and "claim 1:" in stdout
+    # Probed after 3 iterations with BN in eval mode: running statistics still near their start.
+    claim5 = next(line for line in stdout.splitlines() if line.startswith("claim 5:"))
+    assert "cannot be judged" in claim5 and "--bn-mode train" in claim5
+    assert "fewer than 100 iterations" in (out / "report.md").read_text().split("### Figure 7")[1].split("###")[0]

@@ -273,6 +273,26 @@ def test_fashion_mnist_wrong_header(tmp_path):
     with pytest.raises(DataError) as error:
         load_data("fashion-mnist", tmp_path)
     assert "\n" not in str(error.value)
+    assert f"{tmp_path / 't10k-images-idx3-ubyte.gz'} is corrupt" in str(error.value)  # the file, by name
+
+
+def test_fashion_mnist_random_bytes(tmp_path):
+    _write_fashion_mnist(tmp_path)
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes(range(256)) * 8)
+    with pytest.raises(DataError) as error:
+        load_data("fashion-mnist", tmp_path)
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith(f"{tmp_path / 'train-images-idx3-ubyte.gz'} is corrupt: its header is not")
+
+
+def test_fashion_mnist_images_and_labels_that_do_not_match(tmp_path):
+    _write_fashion_mnist(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", torch.zeros(29, dtype=torch.uint8))
+    with pytest.raises(DataError) as error:
+        load_data("fashion-mnist", tmp_path)
+    _assert_one_line_naming(error, str(tmp_path))
+    assert "30 images but 29 labels" in str(error.value)
 
 
 def test_fashion_mnist_labels_out_of_range(tmp_path):

@@ -34,6 +34,8 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
             for seed in (0, 1):
                 run = write_run(runs, arch, depth, seed=seed, iterations=200, floor=(5.0 + depth / 20, 9.0))
                 write_responses(run, [1.0] * (depth - 1))
+    for seed in (0, 1):  # another study of the same data set and budget: its runs stay out of Figure 6
+        write_run(runs, "plain", 20, seed=seed, iterations=200, floor=(3.0, 7.0), precision="bf16")
     # The kernel inherits the environment: the runs to read, and this source tree to import.
     monkeypatch.setenv("STUDY_RUNS_DIR", str(runs))
     root = str(NOTEBOOK.parents[1])
@@ -47,7 +49,9 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
 
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code)
-    assert "8 runs" in _text(code[0]) and str(runs) in _text(code[0])
+    assert "10 runs" in _text(code[0]) and str(runs) in _text(code[0])
+    figure6 = next(c for c in code if "STUDY_KEY" in c.source)
+    assert "8 runs of the study" in _text(figure6) and "'variant': ''" in _text(figure6)
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the seaborn Figure 6 and the package's Figure 1
     assert "| plain-20" in _text(code[-1])  # the package's Table 6

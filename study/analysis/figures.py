@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..config import ConfigError
 from ..probes import PROBE_DEFAULTS
-from .load import RunData, Study, coverage, pick_study
+from .load import RunData, Study, coverage, pick_study, unsettled_bn, unsettled_bn_note
 from .paper import FIGURES, TABLE2, TABLE6, Series, series_label
 
 if TYPE_CHECKING:
@@ -165,7 +165,9 @@ def _empty(ax: "Axes", text: str) -> None:
 
 def _finish(fig: "Figure", title: str, caption: str, notes: list[str]) -> str:
     """Title and, under the panels, the caption and the notes on missing runs."""
-    fig.suptitle(title, fontsize=11)
+    # Wrapped to the figure's width (about 12 characters an inch at 11 pt), so that a one-panel
+    # figure's title is not cut off at its edges.
+    fig.suptitle(textwrap.fill(title, max(30, int(fig.get_figwidth() * 12))), fontsize=11)
     text = caption + ("\n" + "\n".join(f"Note: {n}" for n in notes) if notes else "")
     width = int(fig.get_figwidth() * 17)
     wrapped = "\n".join(textwrap.fill(line, width) for line in text.splitlines())
@@ -427,6 +429,8 @@ def fig7(data: RunData, **select: object) -> Drawn:
     runs = study.select(data.runs)
     measured = runs[runs["run_id"].isin(responses["run_id"])]
     notes = coverage(measured, drawn, wanted) + notes
+    if early := unsettled_bn(responses):
+        notes.append(unsettled_bn_note(early))
     unprobed = runs[~runs["run_id"].isin(data.responses["run_id"]) & (runs["status"] == "done")]
     if not unprobed.empty:
         notes.append(f"finished but not probed (run `study probe`): {', '.join(unprobed['run_id'])}")
@@ -459,6 +463,8 @@ def gradients(data: RunData, **select: object) -> Drawn:
     depths = sorted({s[1] for s in drawn})
     fig, axes = _new_figure(len(depths), 2, width=3.8, height=2.8)
     over_layers = grads.groupby(["run_id", "net", "depth", "iteration"], as_index=False)["grad_norm"].median()
+    # Few recordings (a short run): mark them, or a lone recording would draw nothing.
+    few = over_layers.groupby("run_id")["iteration"].nunique().min() < 20
     for col, depth in enumerate(depths):
         nets = [series_label(*s) for s in drawn if s[1] == depth]
         top, bottom = axes[0][col], axes[1][col]
@@ -471,6 +477,8 @@ def gradients(data: RunData, **select: object) -> Drawn:
             palette=colors,
             errorbar=SPREAD,
             err_kws={"alpha": BAND_ALPHA},
+            marker="o" if few else None,
+            markersize=4,
             ax=top,
         )
         sns.lineplot(

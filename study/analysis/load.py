@@ -168,6 +168,27 @@ def load_responses(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
     return _per_run_files(runs_dir, load_run_table(runs_dir), "responses.parquet", RESPONSE_COLUMNS)
 
 
+#: BN's running statistics start at mean 0 and variance 1 and move 10% of the way to each batch's
+#: per step (momentum 0.1): after fewer steps than this they still describe the start of training, so
+#: responses measured with BN in eval mode (the probe's default) can be off by orders of magnitude.
+UNSETTLED_BN_ITERATIONS = 100
+
+
+def unsettled_bn(responses: pd.DataFrame) -> list[str]:
+    """The runs in `responses` measured with BN in eval mode after fewer than
+    `UNSETTLED_BN_ITERATIONS` iterations."""
+    if responses.empty or "bn_mode" not in responses or "last_iteration" not in responses:
+        return []
+    early = responses[(responses["bn_mode"] == "eval") & (responses["last_iteration"] < UNSETTLED_BN_ITERATIONS)]
+    return sorted(early["run_id"].unique())
+
+
+def unsettled_bn_note(run_ids: list[str]) -> str:
+    return (f"measured with BN in eval mode after fewer than {UNSETTLED_BN_ITERATIONS} iterations, when BN's "
+            f"running statistics have barely left their start (mean 0, variance 1), so these responses can be "
+            f"far off: {', '.join(run_ids)} (probe them with `study probe --bn-mode train`, or train longer)")
+
+
 def load_gradients(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
     """Every run's `gradients.parquet` (per-layer gradient norms during training), long form, with
     the run's identity and budget; empty when no run recorded any."""
@@ -284,7 +305,7 @@ def pick_study(
         kind = "ImageNet runs (dataset imagenet)" if imagenet else "CIFAR-style runs"
         fixes = {
             "responses": "run `study probe` on finished runs first",
-            "gradients": "runs record them every 100 iterations (gradients.parquet); train one of at least 100",
+            "gradients": "runs record them every 100 iterations (gradients.parquet); train one for at least 100 iterations",
         }
         fix = fixes.get(needs, "pass --runs-dir to the directory that holds them")
         if needs == "metrics" and runs.empty:

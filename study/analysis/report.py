@@ -16,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import ConfigError
-from .load import NoRunsError, RunData, Study, pick_study, studies
-from .paper import CLAIMS, FIGURES, TABLE3, TABLE6, series_label
+from ..data import DataError, dataset_info
+from .load import NoRunsError, RunData, Study, pick_study, studies, unsettled_bn, unsettled_bn_note
+from .paper import CLAIMS, FIGURES, IMAGENET, TABLE3, TABLE6, series_label
 from .tables import TABLE_NAMES, final_errors
 
 HOLDS, FAILS, UNKNOWN = "holds", "does not hold", "cannot be judged"
@@ -35,6 +36,12 @@ FIGURE_TITLES = {
 }
 # Claim 4: "the same low training error" = within this many percentage points.
 SAME_TRAIN_ERROR_PP = 0.5
+# A comparison of depths is judged only if the best net compared has learned: its training error
+# below this fraction of the chance error (90% for 10 classes, so below 81%). Nets that all sit at
+# chance (a demo run of a few steps) are equally untrained, and which is "better" is noise. One
+# net at chance beside one that learned is judged: that is what degradation can look like.
+LEARNED_FRACTION_OF_CHANCE = 0.9
+IMAGENET_CLASSES = 1000
 
 
 def _seeds(n: int) -> str:
@@ -90,6 +97,15 @@ def _combine(parts: list[tuple[str | None, str]], conjunctive: bool) -> tuple[st
     return verdict, "; ".join(e for _, e in parts)
 
 
+def _chance_error(dataset: str) -> float | None:
+    """The error in % of guessing one class: 100 x (1 - 1/classes); None for an unknown data set."""
+    try:
+        classes = IMAGENET_CLASSES if dataset == IMAGENET else dataset_info(dataset).num_classes
+    except DataError:
+        return None
+    return 100.0 * (1 - 1 / classes)
+
+
 class _Finals:
     """Finished runs' final errors in one study, by net."""
 
@@ -99,6 +115,18 @@ class _Finals:
         metrics = study.select(data.metrics)
         self.df = final_errors(metrics[metrics["run_id"].isin(done["run_id"])]) if not metrics.empty else None
         self.eval = "val" if self.df is not None and "val" in self.df else "test"
+        self.chance = _chance_error(study.dataset)
+
+    def unlearned(self, train_errors: list[_Stat]) -> str | None:
+        """Why a comparison of these nets (their training errors) cannot be judged, or None: when
+        even the best of them has not learned beyond chance."""
+        if self.chance is None or not train_errors:
+            return None
+        best = min(s.mean for s in train_errors)
+        if best < LEARNED_FRACTION_OF_CHANCE * self.chance:
+            return None
+        return (f"{self.study.dataset}: no net compared has learned (best training error {best:.2f}%, "
+                f"chance {self.chance:.1f}%): these runs are too short to judge; train them longer")
 
     def get(self, arch: str, depth: int, column: str, shortcut: str = "A") -> _Stat | None:
         if self.df is None or column not in self.df:
@@ -127,6 +155,8 @@ def _deeper_is_worse(f: _Finals, arch: str, pair: tuple[int, int]) -> tuple[str 
     te_s, te_d = f.get(arch, shallow, f.eval), f.get(arch, deep, f.eval)
     if None in (tr_s, tr_d, te_s, te_d):
         return None, f"{f.study.dataset}: {name_s} or {name_d} lacks a final training or {f.eval} error", 0
+    if (why := f.unlearned([tr_s, tr_d])) is not None:
+        return None, why, min(tr_s.n, tr_d.n)
     worse = tr_d.mean > tr_s.mean and te_d.mean > te_s.mean
     evidence = (
         f"{f.study.dataset}: training error {name_d} {tr_d} vs {name_s} {tr_s}{_spread_note(tr_d, tr_s)}, "
@@ -203,6 +233,8 @@ def _claim3(f: _Finals | None) -> tuple[str, str, int]:
     if len(depths) < 2:
         return UNKNOWN, f"needs two finished ResNet depths up to 110, has {depths or 'none'}", 0
     rows = {d: (f.get("resnet", d, "train"), f.get("resnet", d, f.eval)) for d in depths}
+    if (why := f.unlearned([tr for tr, _ in rows.values()])) is not None:
+        return UNKNOWN, why, min(s[0].n for s in rows.values())
     shallow, deep = rows[depths[0]], rows[depths[-1]]
     better = deep[0].mean < shallow[0].mean and deep[1].mean < shallow[1].mean
     listing = ", ".join(f"{series_label('resnet', d)} {tr.mean:.2f}/{te.mean:.2f}" for d, (tr, te) in rows.items())
@@ -220,6 +252,8 @@ def _claim4(f: _Finals | None) -> tuple[str, str, int]:
     if not stats or any(tr is None or te is None for tr, te in stats.values()):
         return UNKNOWN, "needs finished ResNet-110 and ResNet-1202 runs", 0
     (tr110, te110), (tr1202, te1202) = stats[110], stats[1202]
+    if (why := f.unlearned([tr110, tr1202])) is not None:
+        return UNKNOWN, why, min(tr110.n, tr1202.n)
     holds = tr1202.mean <= tr110.mean + SAME_TRAIN_ERROR_PP and te1202.mean > te110.mean
     evidence = (
         f"training error ResNet-1202 {tr1202} vs ResNet-110 {tr110} (same: within {SAME_TRAIN_ERROR_PP} points), "
@@ -234,6 +268,8 @@ def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int]:
     resp = resp[(resp["status"] == "done") & (resp["shortcut"] == "A")]
     if resp.empty:
         return UNKNOWN, "no layer responses of finished runs (`study probe`)", 0
+    if early := unsettled_bn(resp):
+        return UNKNOWN, "responses " + unsettled_bn_note(early), int(resp.groupby(["arch", "depth"])["run_id"].nunique().min())
     # One number per run (its mean layer std), then the mean over a net's seeds.
     per_run = resp.groupby(["arch", "depth", "run_id"])["std"].mean()
     per_net = per_run.groupby(["arch", "depth"]).mean()
@@ -274,6 +310,9 @@ def _claim6(f: _Finals | None) -> tuple[str, str, int]:
     if not stats or any(s is None for s in stats.values()):
         return UNKNOWN, "needs finished ImageNet plain-34 and ResNet-34 A, B and C runs", 0
     a, b, c, plain = stats[("resnet", "A")], stats[("resnet", "B")], stats[("resnet", "C")], stats[("plain", "A")]
+    train = [f.get(n[0], 34, "train", shortcut=n[1]) for n in nets]
+    if (why := f.unlearned([t for t in train if t is not None])) is not None:
+        return UNKNOWN, why, min(s.n for s in stats.values())
     holds = c.mean < b.mean < a.mean < plain.mean
     paper = ", ".join(f"{series_label(*k)} {v[0]}" for k, v in TABLE3.items())
     evidence = (

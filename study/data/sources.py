@@ -304,13 +304,11 @@ def read_idx_split(directory: str | os.PathLike, split: str) -> Split:
     if None in paths:
         raise DataError(f"{FASHION_MNIST_FILES[split][paths.index(None)]}[.gz] missing in "
                         f"{directory}/; put the raw Fashion-MNIST files there")
-    try:
-        images, labels = _read_idx(paths[0], read_image_file), _read_idx(paths[1], read_label_file)
-    except (OSError, EOFError, AssertionError, ValueError, TypeError, RuntimeError) as e:
-        # gzip raises OSError/EOFError on a damaged archive; torchvision's reader asserts on a bad
-        # header and fails to reshape a truncated body.
-        raise DataError(f"Fashion-MNIST {split} files in {directory}/ are corrupt "
-                        f"({_one_line(e)}); replace them with intact raw IDX files") from e
+    images = _read_idx_file(paths[0], read_image_file, "images (N x 28 x 28)")
+    labels = _read_idx_file(paths[1], read_label_file, "labels (N)")
+    if len(images) != len(labels):
+        raise DataError(f"Fashion-MNIST {split} files in {directory}/ do not match: {len(images):,} images but "
+                        f"{len(labels):,} labels; replace them with the intact raw IDX files of one release")
     # (N, 28, 28) -> (N, 1, 28, 28): the models take a channel axis.
     return Split(images.unsqueeze(1).contiguous(), labels.to(torch.int64))
 
@@ -323,6 +321,19 @@ def _load_mini(split: str) -> Split:
         raise DataError(f"the embedded fashion-mnist-mini is missing or damaged in {MINI_DIR}/ "
                         f"({e}); reinstall the package, or rebuild it with "
                         "`python -m study.data.fashion_mnist_mini.build`") from e
+
+
+def _read_idx_file(path: Path, reader, what: str) -> torch.Tensor:
+    """`_read_idx`, with any failure a one-line DataError naming the file and what is wrong."""
+    try:
+        return _read_idx(path, reader)
+    except AssertionError:  # torchvision's reader asserts on the header: magic number, dimensions
+        raise DataError(f"{path} is corrupt: its header is not that of an IDX file of {what}; replace it "
+                        "with the intact raw Fashion-MNIST file") from None
+    except (OSError, EOFError, ValueError, TypeError, RuntimeError) as e:
+        # gzip raises OSError/EOFError on a damaged archive; a truncated body fails to reshape.
+        raise DataError(f"{path} is corrupt ({_one_line(e)}); replace it with the intact raw "
+                        "Fashion-MNIST file") from e
 
 
 def _read_idx(path: Path, reader) -> torch.Tensor:
