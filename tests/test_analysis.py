@@ -336,6 +336,22 @@ def test_fig6_panels_series_and_labels_come_from_the_runs(study_dir):
     assert "missing runs" in drawn.caption and "ResNet-56 s1" in drawn.caption
 
 
+def test_curve_figures_leave_out_and_name_runs_with_no_epoch_logged(tmp_path):
+    """A run that has started but logged no epoch has no curve: it gets no legend entry in Figures 1
+    and 6, and a note names it."""
+    write_run(tmp_path, "plain", 20)
+    write_run(tmp_path, "resnet", 20)
+    cfg = RunConfig(arch="plain", depth=56, iterations=400)
+    waiting = Run(tmp_path, cfg)
+    waiting.prepare("cpu")
+    waiting.set_status("running", iteration=0)
+    data = RunData.load(tmp_path)
+    for name in ("fig1", "fig6"):
+        drawn = build(name, data)
+        assert _legend_texts(drawn.figure.axes[0])[0] == "plain-20" and "plain-56" not in _legend_texts(drawn.figure.axes[0])
+        assert "no epoch logged yet, so not drawn: plain-56 s0 (running)" in drawn.caption, name
+
+
 def test_fig6_on_cifar10_marks_the_papers_numbers_on_paper_axes(tmp_path):
     for arch, depth in (("plain", 20), ("resnet", 20), ("resnet", 110)):
         write_run(tmp_path, arch, depth, dataset="cifar10", iterations=64_000, floor=(1.0, 8.0), epoch_iters=3200)

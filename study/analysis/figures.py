@@ -55,6 +55,15 @@ def _series_in(df: pd.DataFrame) -> list[Series]:
     return sorted(keys, key=lambda s: (s[0] != "plain", s[1], s[2]))
 
 
+def _not_logged(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:
+    """A note naming the runs with no epoch logged yet (a curve figure cannot draw them)."""
+    waiting = runs[~runs["run_id"].isin(metrics["run_id"])]
+    if waiting.empty:
+        return []
+    names = [f"{series_label(r.arch, r.depth, r.shortcut)} s{r.seed} ({r.status})" for r in waiting.itertuples()]
+    return [f"no epoch logged yet, so not drawn: {', '.join(names)}"]
+
+
 def _rows_of(df: pd.DataFrame, series: Series) -> pd.DataFrame:
     arch, depth, shortcut = series
     return df[(df["arch"] == arch) & (df["depth"] == depth) & (df["shortcut"] == shortcut)]
@@ -195,7 +204,7 @@ def fig1(data: RunData, **select: object) -> Drawn:
     wanted = spec.panels[0][1]
     study, notes = pick_study(data, "fig1", imagenet=False, wanted=wanted, **select)
     runs, metrics = study.select(data.runs), study.select(data.metrics)
-    plain = [s for s in _series_in(runs) if s[0] == "plain"]
+    plain = [s for s in _series_in(metrics) if s[0] == "plain"]  # nets with a logged epoch
     drawn = _choose(plain, wanted, sorted({plain[0], plain[-1]}) if plain else [])
     colors = _colors(drawn)
     fig, axes = _new_figure(2)
@@ -210,7 +219,7 @@ def fig1(data: RunData, **select: object) -> Drawn:
             _legend(ax, drawn, colors, [])
         else:
             _empty(ax, "no plain-net runs in this study")
-    notes = coverage(runs, drawn, wanted) + notes
+    notes = coverage(runs, drawn, wanted) + _not_logged(runs, metrics) + notes
     caption = (
         f"Plain nets of {' and '.join(str(s[1]) for s in drawn) or 'no'} layers (paper: 20 and 56, CIFAR-10). "
         "Line: mean over seeds; band: min to max over seeds. The paper gives no final numbers for plain nets."
@@ -263,7 +272,7 @@ def _curve_panels(
         else:
             _empty(ax, "no runs: " + ", ".join(series_label(*s) for s in wanted))
     wanted_all = list(dict.fromkeys(s for _, _, wanted in panels for s in wanted))
-    notes = coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all) + notes
+    notes = coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all) + _not_logged(runs, metrics) + notes
     train_word = "dashed" if train_line.get("linestyle") == "--" else "thin"
     caption = (
         f"{train_word.capitalize()}: training error; bold: {study.eval_name} error. "
@@ -285,7 +294,7 @@ def fig6(data: RunData, **select: object) -> Drawn:
     spec = FIGURES["fig6"]
     wanted = [s for _, series in spec.panels for s in series]
     study, notes = pick_study(data, "fig6", imagenet=False, wanted=wanted, **select)
-    present = _series_in(study.select(data.runs))
+    present = _series_in(study.select(data.metrics))  # nets with a logged epoch
     (t1, w1), (t2, w2), (t3, w3) = spec.panels
     panels = [
         (t1, [s for s in present if s[0] == "plain"], w1),
@@ -312,7 +321,7 @@ def fig4(data: RunData, **select: object) -> Drawn:
     spec = FIGURES["fig4"]
     wanted = [s for _, series in spec.panels for s in series]
     study, notes = pick_study(data, "fig4", imagenet=True, wanted=wanted, **select)
-    present = _series_in(study.select(data.runs))
+    present = _series_in(study.select(data.metrics))  # nets with a logged epoch
     (t1, w1), (t2, w2) = spec.panels
     panels = [
         (t1, [s for s in present if s[0] == "plain"], w1),
