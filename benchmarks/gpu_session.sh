@@ -29,7 +29,7 @@ log() { echo "== $(date -u +%H:%M:%S) [+${SECONDS}s] $*" | tee -a "$LOG"; }
 slot() { local s=$(( BUDGET - SECONDS - $2 )); (( s > $1 )) && s=$1; (( s < 0 )) && s=0; echo "$s"; }
 # limited T [timeout options] CMD...: CMD under `timeout`, skipped when T is under 20 s (`timeout 0`
 # would mean no limit at all).
-limited() { local t=$1; shift; if (( t < 20 )); then echo "skipped: ${t}s left" >> "$LOG"; return 99; fi; timeout "$@"; }
+limited() { local t=$1; shift; if (( t < 20 )); then echo "skipped: ${t}s left${SKIP_WHY:-}" >> "$LOG"; return 99; fi; timeout "$@"; }
 
 log "device and versions"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv >> "$LOG" 2>&1
@@ -39,13 +39,13 @@ echo "cores: $(nproc); cc: $(command -v cc gcc | head -1); commit: $(git rev-par
 # failed steps later.
 DATA_OK=1
 for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
-    [ -s "data/fashion-mnist/$f.gz" ] || { DATA_OK=0; log "MISSING data/fashion-mnist/$f.gz: steps 3 and 3b will be skipped (carry data/fashion-mnist)"; }
+    [ -s "data/fashion-mnist/$f.gz" ] || [ -s "data/fashion-mnist/$f" ] || { DATA_OK=0; log "MISSING data/fashion-mnist/$f[.gz]: steps 3 and 3b will be skipped (carry data/fashion-mnist)"; }
 done
 # Fresh run directories: on a machine kept warm from an earlier call, fixed ones would resume.
 E2E=$(mktemp -d /tmp/e2e.XXXXXX)
 E2E_FUSED=$(mktemp -d /tmp/e2e_fused.XXXXXX)
 
-t=$(slot 60 440)
+t=$(slot 75 440)
 log "1. GPU tests: --cuda-graph against eager, --fuse captured against alone, limit ${t}s"
 limited "$t" "$t" python3 -m pytest -q -p no:cacheprovider -k on_a_gpu tests/test_graphstep.py tests/test_fused.py >> "$LOG" 2>&1
 log "rc=$?"
@@ -55,7 +55,8 @@ log "2. grid throughput: (a) reference, (b) fast, (c) K processes, (d) --cuda-gr
 limited "$t" "$t" python3 benchmarks/grid_throughput.py --steps 30 --warmup 10 --out "$OUT/grid_throughput_gpu.json" >> "$LOG" 2>&1
 log "rc=$?"
 
-t=$(slot 140 90); (( DATA_OK )) || t=0
+(( DATA_OK )) || SKIP_WHY=" (data/fashion-mnist was not carried)"
+t=$(slot 130 90); (( DATA_OK )) || t=0
 log "3. end to end: ResNet-20, 64k iterations, real Fashion-MNIST, --cuda-graph, bf16, limit ${t}s"
 limited "$t" -s TERM -k 30 "$t" python3 -m study run --arch resnet --depth 20 \
     --dataset fashion-mnist --data-dir data/fashion-mnist --cuda-graph --precision bf16 \
@@ -90,6 +91,7 @@ EOF
     tar czf "$OUT/$(basename "${d%.*}")_run.tgz" -C "$d" --exclude='*.pt' --exclude='lock' . >> "$LOG" 2>&1
 done
 
+SKIP_WHY=
 t=$(slot 60 0)
 log "4. ImageNet throughput: loader vs model, ResNet-18/34, limit ${t}s"
 limited "$t" "$t" python3 benchmarks/imagenet_throughput.py --images 2048 --steps 20 --warmup 5 \

@@ -564,9 +564,9 @@ def interleaved_grid(nets: list[tuple[str, int]], k: int, images: np.ndarray, la
 
 
 def free_memory(device: torch.device) -> None:
-    """Give the finished nets' device memory back. A `GraphedStep` and its `FusedNets` refer to each
-    other (and the step to its own bound methods), so their CUDA graphs' private memory pools go
-    only when the garbage collector breaks those cycles: collect first, then empty the cache."""
+    """Give the finished nets' device memory back. A `FusedNets` that is never released (as here)
+    and its `GraphedStep` refer to each other, so their CUDA graphs' private memory pools go only
+    when the garbage collector breaks that cycle: collect first, then empty the cache."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -269,8 +269,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         eval_err = f"{last[eval_split]:.2f}" if eval_split else "-"
         it = f"{st.get('iteration', 0)}/{run.cfg.iterations}"
         print(f"{run.cfg.run_id:<{width}} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10}")
-    if args.grid is None and args.arch is None and any(not run.is_finished() for run in runs):
-        print("(runs not started yet are not listed: add the --grid or --arch options you gave `study run`)")
+    if args.grid is None and args.arch is None:
+        print("(the runs on disk; with the --grid or --arch options you gave `study run`, also those not started)")
     return 0
 
 

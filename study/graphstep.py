@@ -13,8 +13,9 @@ What stays the same as the eager step (`study.train.sgd_step`):
   device tensor that is set before each replay.
 - The update is SGD with momentum and weight decay. It uses torch's fused SGD kernel, because the
   default multi-tensor SGD reads a tensor learning rate on the host, which a graph cannot do. The
-  fused kernel's rounding differs from the multi-tensor one in the last bits: in float64 the two
-  runs agree to 1e-9 (tests/test_graphstep.py); in float32 the odd flipped ReLU makes them drift.
+  fused kernel's rounding differs from the multi-tensor one in the last bits: in float64, at rates
+  float32 can hold (as the rate tensor does), the two runs agree to 1e-9 (tests/test_graphstep.py);
+  in float32 the odd flipped ReLU makes them drift.
 - The gradient norms are the ones `GradientNorms` records: the raw gradients after backward,
   before the update, computed in the graph at every step and kept on the recording steps.
 
@@ -172,16 +173,21 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         self.opt.zero_grad(set_to_none=True)
         current = torch.cuda.current_stream(self.device)
+        failed_step: BaseException | None = None
         try:
             # On `device` (not the current device), with a capture stream of that device.
             with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=self._capture_stream):
-                loss, out, norms = self._body(static_x, static_y)
+                try:
+                    loss, out, norms = self._body(static_x, static_y)
+                except BaseException as e:
+                    failed_step = e
+                    raise
         except RuntimeError as e:
             # When the capture's end fails, torch.cuda.graph leaves the capture stream current:
-            # put the run's stream back. The first error is the cause; the capture's end then
+            # put the run's stream back. An error in the step is the cause; the capture's end then
             # fails on top of it ("operation failed due to a previous error during capture").
             torch.cuda.set_stream(current)
-            cause = e.__context__ if isinstance(e.__context__, Exception) else e
+            cause = failed_step or e
             reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             self.fallback = f"capture failed for batch size {len(y)}: {reason}"
             self.log(f"CUDA graph {self.fallback}; training on without graphs")

@@ -161,15 +161,19 @@ def layer_responses(
 PROBE_DEFAULTS = {"split": "test", "bn_mode": "eval", "reduction": "tensor", "include_first": False, "max_images": None}
 
 
-def record_responses(run: Run, model: nn.Module, data: Data, **options: object) -> Path:
+def record_responses(run: Run, model: nn.Module, data: Data, *, iteration: int | None = None,
+                     **options: object) -> Path:
     """Measure `layer_responses(model, data, **options)` and write them atomically to
-    `run.dir / "responses.parquet"` with columns `run_id, layer_index, layer_name, std` and one
+    `run.dir / "responses.parquet"` with columns `run_id, layer_index, layer_name, std`, one
     column per option used (`split, bn_mode, reduction, include_first, max_images`), so a figure
-    can state how they were measured. Returns the path."""
+    can state how they were measured, and `probed_iteration`, the training iteration of the
+    weights measured (`iteration`). Returns the path."""
     df = layer_responses(model, data, **options)
     used = {**PROBE_DEFAULTS, **{k: v for k, v in options.items() if k in PROBE_DEFAULTS}}
-    df = df.assign(run_id=run.cfg.run_id, **used)[["run_id", "layer_index", "layer_name", "std", *used]]
+    df = df.assign(run_id=run.cfg.run_id, **used, probed_iteration=iteration)[
+        ["run_id", "layer_index", "layer_name", "std", *used, "probed_iteration"]]
     df["max_images"] = df["max_images"].astype("Int64")  # <NA>: all images of the split
+    df["probed_iteration"] = df["probed_iteration"].astype("Int64")
     path = run.dir / "responses.parquet"
     atomic_write(path, lambda p: df.to_parquet(p, index=False))
     return path

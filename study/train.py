@@ -745,7 +745,7 @@ def train_steps(
     # eval mode, std over the whole tensor, first conv excluded; `study probe` re-measures).
     # Figure 7 is a CIFAR figure; ImageNet runs skip it.
     if ddp.writer and isinstance(feed, CifarFeed):
-        record_responses(run, model, data, split=data.eval_split)
+        record_responses(run, model, data, iteration=iteration, split=data.eval_split)
     # A --cuda-graph run whose capture failed trained eagerly (same steps, slower): say so.
     fallback_reason = graphed.fallback if graphed is not None else joined.fallback if joined is not None else None
     fallback = {"cuda_graph_fallback": fallback_reason} if cuda_graph and fallback_reason else {}

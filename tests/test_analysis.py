@@ -352,6 +352,19 @@ def test_curve_figures_leave_out_and_name_runs_with_no_epoch_logged(tmp_path):
         assert "no epoch logged yet, so not drawn: plain-56 s0 (running)" in drawn.caption, name
 
 
+def test_fig7_names_runs_probed_in_eval_mode_before_bn_settled(tmp_path):
+    """Figure 7 notes the runs whose responses were measured with BN in eval mode before 100
+    iterations: by the iteration the probe measured, whatever the run reached since (and by the
+    run's last iteration for files without that column)."""
+    for arch, depth, probed in (("plain", 20, 50), ("resnet", 20, 400), ("plain", 56, None)):
+        run = write_run(tmp_path, arch, depth)  # 400 iterations
+        write_responses(run, np.linspace(1.0, 0.5, depth - 1),
+                        **({"probed_iteration": probed} if probed is not None else {}))
+    note = next(n for n in build("fig7", RunData.load(tmp_path)).notes if "fewer than 100 iterations" in n)
+    assert note.endswith(": fashion-mnist-mini-plain20-A-s0-it400 (probe them with `study probe --bn-mode train`, or train longer)")
+    assert "resnet20" not in note and "plain56" not in note
+
+
 def test_fig6_on_cifar10_marks_the_papers_numbers_on_paper_axes(tmp_path):
     for arch, depth in (("plain", 20), ("resnet", 20), ("resnet", 110)):
         write_run(tmp_path, arch, depth, dataset="cifar10", iterations=64_000, floor=(1.0, 8.0), epoch_iters=3200)
@@ -532,12 +545,13 @@ def test_claims_on_nets_that_have_not_learned_cannot_be_judged(tmp_path):
     deep plain net stuck at chance beside a shallow one that learned is judged: that is degradation."""
     untrained, degraded = tmp_path / "untrained", tmp_path / "degraded"
     for (arch, depth), floor in {("plain", 20): (86.0, 88.0), ("plain", 56): (89.0, 89.5),
-                                 ("resnet", 20): (89.2, 90.7), ("resnet", 56): (85.3, 89.9)}.items():
+                                 ("resnet", 20): (89.2, 90.7), ("resnet", 56): (85.3, 89.9),
+                                 ("resnet", 110): (87.0, 89.0), ("resnet", 1202): (86.0, 90.0)}.items():
         write_run(untrained, arch, depth, floor=floor)
     for (arch, depth), floor in {("plain", 20): (10.0, 12.0), ("plain", 56): (89.0, 89.5)}.items():
         write_run(degraded, arch, depth, floor=floor)
     claims = {c.number: c for c in classify_claims(RunData.load(untrained))}
-    for n in (1, 3):
+    for n in (1, 3, 4):
         assert claims[n].verdict == "cannot be judged", claims[n].line()
         assert "no net compared has learned" in claims[n].evidence and "chance 90.0%" in claims[n].evidence
     claims = {c.number: c for c in classify_claims(RunData.load(degraded))}

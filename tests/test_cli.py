@@ -39,12 +39,17 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     assert config["provenance"]["device"] == "cpu"
     df = pd.read_parquet(run_dir / "metrics.parquet")
     assert list(df.columns) == METRIC_COLUMNS and list(df.split) == ["train", "test"]  # 6 iterations < 1 epoch
+    # No progress bar (not a terminal): each run's epochs are logged, here its only one; the final
+    # line gives the run's last errors.
+    train_err, test_err = df.error_pct
+    assert f"{ids[0]}: epoch 1, iteration 6 of 6: train error {train_err:.2f}%, test error {test_err:.2f}%" in err
+    assert f"{ids[0]}: done (final error: train {train_err:.2f}%, test {test_err:.2f}%)" in out
 
     code, out, err = run_cli(capsys, "status", "--runs-dir", str(runs))
     assert code == 0
     lines = out.strip().splitlines()
-    assert len(lines) == 3  # header + one line per run
-    assert all(line.split()[1] == "done" and "6/6" in line for line in lines[1:])
+    assert len(lines) == 4 and "also those not started" in lines[-1]  # header, a line per run, the hint
+    assert all(line.split()[1] == "done" and "6/6" in line for line in lines[1:3])
     assert f"{df.error_pct.iloc[0]:.2f}" in lines[1]
     # With the run options: the runs that command trains, those not started yet as `new`.
     code, out, err = run_cli(capsys, "status", *args[1:-1], "0-2", "--runs-dir", str(runs))

@@ -286,6 +286,20 @@ def test_fashion_mnist_random_bytes(tmp_path):
     assert str(error.value).startswith(f"{tmp_path / 'train-images-idx3-ubyte.gz'} is corrupt: its header is not")
 
 
+def test_fashion_mnist_type_byte_the_header_check_lets_through(tmp_path):
+    """Type byte 10 passes torchvision's range assertion (8..14) but names no type: one line too."""
+    _write_fashion_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path) as f:
+        raw = bytearray(f.read())
+    raw[2] = 0x0A
+    with gzip.open(path, "wb") as f:
+        f.write(bytes(raw))
+    with pytest.raises(DataError) as error:
+        load_data("fashion-mnist", tmp_path)
+    assert "\n" not in str(error.value) and str(error.value).startswith(f"{path} is corrupt")
+
+
 def test_fashion_mnist_images_and_labels_that_do_not_match(tmp_path):
     _write_fashion_mnist(tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", torch.zeros(29, dtype=torch.uint8))

@@ -213,6 +213,9 @@ def test_a_failed_capture_trains_on_eagerly_on_a_gpu(tmp_path, small_data64, flo
     c = cfg(iterations=12, batch_size=24)
     eager, graphed, steps = eager_and_graphed(tmp_path, c, small_data64.to("cuda"), monkeypatch)
     assert steps[0].captured == [] and steps[0].fallback.startswith("capture failed for batch size 24")
+    # The cause (CUDA: "operation not permitted when stream is capturing"), not the capture's end
+    # failing on top of it ("operation failed due to a previous error during capture").
+    assert "capturing" in steps[0].fallback and "previous error" not in steps[0].fallback, steps[0].fallback
     assert torch.cuda.current_stream() == stream
     assert graphed.status()["status"] == "done" and graphed.status()["cuda_graph_fallback"] == steps[0].fallback
     pd.testing.assert_frame_equal(metrics(eager), metrics(graphed), check_exact=False, atol=1e-9, rtol=0)

@@ -149,7 +149,7 @@ def test_record_responses_writes_parquet_with_options(tmp_path, data):
     cfg = RunConfig(arch="resnet", depth=14, iterations=10)
     run = Run(tmp_path, cfg)
     run.prepare("cpu")
-    path = record_responses(run, net("resnet"), data, reduction="channel", max_images=20)
+    path = record_responses(run, net("resnet"), data, iteration=7, reduction="channel", max_images=20)
     df = pd.read_parquet(path)
     assert path == run.dir / "responses.parquet"
     assert list(df.columns[:4]) == ["run_id", "layer_index", "layer_name", "std"]
@@ -157,7 +157,7 @@ def test_record_responses_writes_parquet_with_options(tmp_path, data):
     assert df[["split", "bn_mode", "reduction", "include_first"]].drop_duplicates().values.tolist() == [
         ["test", "eval", "channel", False]
     ]
-    assert df.max_images.tolist() == [20] * 12
+    assert df.max_images.tolist() == [20] * 12 and df.probed_iteration.tolist() == [7] * 12
     assert not list(run.dir.glob(".*tmp"))  # written atomically: no temporary left over
 
 

@@ -193,3 +193,19 @@ def test_run_all_skips_finished_runs(tmp_path):
     assert run_all([cfg], tmp_path, device="cpu", progress=False, log=log.append) == {cfg.run_id: "done"}
     assert (tmp_path / cfg.run_id / "metrics.parquet").stat().st_mtime_ns == mtime
     assert "skipped" in log[-1]
+
+
+def test_without_a_progress_bar_epochs_are_logged_at_most_once_a_minute(tmp_path, small_data, monkeypatch):
+    """No progress bar: the first and the last epoch are logged, and those between at most every
+    EPOCH_LINE_EVERY_S seconds (a log shows the run is alive without a line per second)."""
+    import study.train
+
+    cfg = RunConfig(arch="plain", depth=8, iterations=20, batch_size=48)  # 7 steps an epoch: 3 epochs
+    for every, expected in ((3600.0, [1, 3]), (0.0, [1, 2, 3])):
+        monkeypatch.setattr(study.train, "EPOCH_LINE_EVERY_S", every)
+        lines = []
+        train_run(cfg, Run(tmp_path / str(every), cfg), small_data, torch.device("cpu"), progress=False,
+                  log=lines.append)
+        epochs = [int(line.split("epoch ")[1].split(",")[0]) for line in lines if ": epoch " in line]
+        assert epochs == expected, lines
+    assert lines[-1].startswith(f"{cfg.run_id}: epoch 3, iteration 20 of 20: train error ")

@@ -243,6 +243,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             run,
             model.to(device),
             data.to(device),
+            iteration=state["iteration"],
             split=args.split,
             bn_mode=args.bn_mode,
             reduction=args.reduction,

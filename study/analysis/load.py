@@ -176,10 +176,14 @@ UNSETTLED_BN_ITERATIONS = 100
 
 def unsettled_bn(responses: pd.DataFrame) -> list[str]:
     """The runs in `responses` measured with BN in eval mode after fewer than
-    `UNSETTLED_BN_ITERATIONS` iterations."""
+    `UNSETTLED_BN_ITERATIONS` iterations: the iteration the probe measured (`probed_iteration`),
+    or for files written before that column the run's last iteration."""
     if responses.empty or "bn_mode" not in responses or "last_iteration" not in responses:
         return []
-    early = responses[(responses["bn_mode"] == "eval") & (responses["last_iteration"] < UNSETTLED_BN_ITERATIONS)]
+    probed = responses["last_iteration"]
+    if "probed_iteration" in responses:
+        probed = pd.to_numeric(responses["probed_iteration"], errors="coerce").fillna(probed)
+    early = responses[(responses["bn_mode"] == "eval") & (probed < UNSETTLED_BN_ITERATIONS)]
     return sorted(early["run_id"].unique())
 
 

@@ -41,7 +41,7 @@ SAME_TRAIN_ERROR_PP = 0.5
 # chance (a demo run of a few steps) are equally untrained, and which is "better" is noise. One
 # net at chance beside one that learned is judged: that is what degradation can look like.
 LEARNED_FRACTION_OF_CHANCE = 0.9
-IMAGENET_CLASSES = 1000
+IMAGENET_CLASSES = 1000  # the full ILSVRC set; a run dir does not record its class count (a subset's bar would be lower)
 
 
 def _seeds(n: int) -> str:
