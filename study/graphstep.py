@@ -187,6 +187,8 @@ class GraphedStep:
             # put the run's stream back. An error in the step is the cause; the capture's end then
             # fails on top of it ("operation failed due to a previous error during capture").
             torch.cuda.set_stream(current)
+            if failed_step is not None and not isinstance(failed_step, Exception):
+                raise failed_step from None  # Ctrl-C or an exit during the capture: not a failed capture
             cause = failed_step or e
             reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             self.fallback = f"capture failed for batch size {len(y)}: {reason}"
