@@ -43,7 +43,7 @@ def _positive_int(text: str) -> int:
 
 #: The options of `_add_selection` besides --grid/--arch (argparse's names).
 SELECTION = ("depth", "shortcut", "dataset", "seed", "seeds", "iterations", "batch_size", "lr_schedule",
-             "batch_split", "lighting", "holdout", "precision")
+             "batch_split", "lighting", "mean", "holdout", "precision")
 
 
 def _add_selection(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -72,6 +72,11 @@ def _add_selection(parser: argparse.ArgumentParser, *, required: bool) -> None:
     )
     parser.add_argument(
         "--lighting", type=float, help="ImageNet PCA colour augmentation strength (paper: 0.1; 0 turns it off)"
+    )
+    parser.add_argument(
+        "--mean", choices=("pixel", "channel"),
+        help="ImageNet mean subtraction: pixel (paper, default: a 224x224 mean image of the training set, "
+        "computed once and cached in the runs dir) or channel (per-channel mean, a deviation)",
     )
     parser.add_argument(
         "--holdout", action="store_true", default=None, help="train on 90%% of the training set, log `val` on the rest"
@@ -152,6 +157,7 @@ def _run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
         lr_schedule=args.lr_schedule,
         batch_split=batch_split,
         lighting=args.lighting,
+        mean=args.mean,
     )
     if args.grid is not None:
         for flag in ("depth", "shortcut"):
@@ -259,8 +265,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     width = max(40, *(len(run.cfg.run_id) + 1 for run in runs))
     print(f"{'run':<{width}} {'status':<12} {'iteration':>15} {'train err %':>11} {'eval err %':>10}")
+    stopped = False
     for run in runs:
         st = run_status(run)
+        if st["status"] == "running" and not run.is_held():  # its process was killed, or its node failed
+            st, stopped = {**st, "status": "stopped"}, True
         metrics = run.read_metrics()
         last = metrics.groupby("split")["error_pct"].last() if not metrics.empty else {}
         train_err = f"{last['train']:.2f}" if "train" in last else "-"
@@ -269,6 +278,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         eval_err = f"{last[eval_split]:.2f}" if eval_split else "-"
         it = f"{st.get('iteration', 0)}/{run.cfg.iterations}"
         print(f"{run.cfg.run_id:<{width}} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10}")
+    if stopped:
+        print("(stopped: marked running, but no process is training it (killed, or its node failed); "
+              "`study run` with the same options resumes it from its last checkpoint)")
     if args.grid is None and args.arch is None:
         print("(the runs on disk; with the --grid or --arch options you gave `study run`, also those not started)")
     return 0

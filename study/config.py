@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from decimal import Decimal
 
 from .data import DATASETS
 from .models import IMAGENET_DATASETS, IMAGENET_DEPTHS, SHORTCUTS, blocks_per_stage
@@ -19,6 +20,8 @@ PAPER_BATCH_SIZE = 128
 IMAGENET_ITERATIONS = 600_000  # ImageNet: "up to 60e4 iterations" at batch 256 (about 120 epochs)
 IMAGENET_BATCH_SIZE = 256
 PRECISIONS = ("fp32", "bf16")
+#: ImageNet's mean subtraction: the paper's per-pixel mean image, or a per-channel mean (a deviation).
+MEANS = ("pixel", "channel")
 LR_SCHEDULES = ("step", "plateau")
 #: AlexNet's PCA lighting strength; the paper uses it on ImageNet ("standard colour augmentation").
 PAPER_LIGHTING = 0.1
@@ -39,7 +42,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One training run. Defaults are the paper's CIFAR-10 protocol (section 4.2)."""
+    """One training run. Defaults are the paper's protocol (section 4.2 on CIFAR-style data, 3.4 on
+    ImageNet), except `dataset`, whose default is the embedded demo data, not CIFAR-10."""
 
     arch: str
     depth: int
@@ -78,8 +82,14 @@ class RunConfig:
     batch_split: int = 1
     # ImageNet only: AlexNet PCA lighting strength (alpha std); None: the paper's 0.1 on ImageNet.
     lighting: float | None = None
+    # ImageNet only: "pixel" (the paper: a 224x224 mean image, `data.imagenet.pixel_mean`) or
+    # "channel" (torchvision's per-channel mean, a deviation). CIFAR-style data always subtract
+    # their per-pixel mean.
+    mean: str = "pixel"
 
     def __post_init__(self) -> None:
+        if isinstance(self.milestones, list):  # as read back from config.json
+            object.__setattr__(self, "milestones", tuple(self.milestones))
         # Fill the data set's paper values for the fields left as None (frozen: no normal setattr).
         if self.dataset in ALL_DATASETS:
             for name, value in paper_defaults(self.dataset).items():
@@ -94,7 +104,8 @@ class RunConfig:
     @property
     def run_id(self) -> str:
         """Readable directory name, e.g. `cifar10-plain56-A-s0`; non-paper settings add a suffix
-        (`-it2000`, `-b64`, `-val`, `-bf16`) so that a shortened run never shares a directory with a full one."""
+        (`-it2000`, `-b64`, `-val`, `-bf16`; from the Python API also `-lr0.05`, `-wd0.0005`, ...) so
+        that a shortened or changed run never shares a directory with the paper's."""
         paper = paper_defaults(self.dataset)
         parts = [self.dataset, f"{self.arch}{self.depth}", self.shortcut, f"s{self.seed}"]
         if self.iterations != paper["iterations"]:
@@ -107,10 +118,16 @@ class RunConfig:
             parts.append(f"bn{self.batch_split}")
         if self.lighting != paper["lighting"]:
             parts.append(f"light{self.lighting:g}")
+        if self.mean != "pixel":
+            parts.append(f"{self.mean}mean")
         if self.holdout:
             parts.append("val")
         if self.precision != "fp32":
             parts.append(self.precision)
+        for name, short in _OPTIMISER_SUFFIXES.items():
+            value = getattr(self, name)
+            if value != _DEFAULTS[name]:
+                parts.append(short + "_".join(_number(v) for v in (value if isinstance(value, tuple) else (value,))))
         return "-".join(parts)
 
     @property
@@ -136,6 +153,19 @@ class RunConfig:
         return cls(**kwargs)
 
 
+#: Settings only the Python API changes, and their run-id suffixes (`-lr0.05`, `-ms0.4_0.8`, ...).
+_OPTIMISER_SUFFIXES = {
+    "lr": "lr", "momentum": "mom", "weight_decay": "wd", "milestones": "ms", "plateau_patience": "pp",
+    "plateau_threshold": "pt", "warmup_lr": "wlr", "warmup_min_depth": "wdepth", "warmup_until_error": "wuntil",
+}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+
+
+def _number(value: float) -> str:
+    """A number for a directory name, positional and without a minus (0.0005, not 5e-04)."""
+    return format(Decimal(repr(value)).normalize(), "f")
+
+
 def validate(cfg: RunConfig) -> None:
     """Raise ConfigError (one line, naming the fix) for any impossible setting."""
     if cfg.arch not in ARCHS:
@@ -157,6 +187,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{e}{hint}") from None
         if cfg.lighting:
             raise ConfigError("--lighting (PCA colour augmentation) applies to ImageNet only; drop it")
+        if cfg.mean != "pixel":
+            raise ConfigError("--mean applies to ImageNet only (CIFAR-style data subtract their per-pixel mean); drop it")
+    if cfg.mean not in MEANS:
+        raise ConfigError(f"unknown mean {cfg.mean!r}; use --mean pixel (the paper's) or --mean channel")
     if cfg.shortcut not in SHORTCUTS:
         raise ConfigError(f"unknown shortcut option {cfg.shortcut!r}; use --shortcut A, B or C")
     if cfg.arch == "plain" and cfg.shortcut != "A":
@@ -179,6 +213,16 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"plateau patience must be a positive number of epochs; got {cfg.plateau_patience!r}")
     if cfg.lighting is not None and not cfg.lighting >= 0:
         raise ConfigError(f"--lighting must be >= 0 (0 turns it off); got {cfg.lighting!r}")
+    for name, ok, what in (
+        ("lr", cfg.lr > 0, "> 0"), ("warmup_lr", cfg.warmup_lr > 0, "> 0"),
+        ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("plateau_threshold", cfg.plateau_threshold >= 0, ">= 0"),
+        ("warmup_until_error", cfg.warmup_until_error >= 0, ">= 0"),
+    ):
+        if not ok:
+            raise ConfigError(f"{name} must be {what}; got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.warmup_min_depth, int) or cfg.warmup_min_depth <= 0:
+        raise ConfigError(f"warmup_min_depth must be a positive integer; got {cfg.warmup_min_depth!r}")
     if not all(0 < f < 1 for f in cfg.milestones) or list(cfg.milestones) != sorted(cfg.milestones):
         raise ConfigError(f"milestones must be increasing fractions in (0, 1); got {cfg.milestones!r}")
 

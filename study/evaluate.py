@@ -15,6 +15,7 @@ torch, torchvision and the models are imported inside the functions that need th
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -117,15 +118,20 @@ class _Progress:
         return len(self.loader)
 
 
-def evaluate_run(run: Run, loader, device, *, progress: bool = False) -> dict:
+def evaluate_run(run: Run, loader, device, *, progress: bool = False, pixel_mean: Callable | None = None) -> dict:
     """10-crop test of `run`'s checkpoint over `loader` (from `make_ten_crop_loader`); the record
-    for tencrop.json. ConfigError if the run has no readable checkpoint or its classes do not
-    match the folder's."""
+    for tencrop.json. `pixel_mean`: returns the data set's mean image (`data.imagenet.pixel_mean`),
+    which a run with `mean == "pixel"` subtracts, as it trained; called once the checkpoint has
+    loaded. ConfigError if the run has no readable checkpoint or its classes do not match the
+    folder's."""
     import torch
     from tqdm import tqdm
 
-    from .data.imagenet import ten_crop_error
+    from .data.imagenet import IMAGENET_MEAN, ten_crop_error
     from .models import build_model
+
+    if run.cfg.mean == "pixel" and pixel_mean is None:
+        raise ValueError(f"run {run.cfg.run_id} subtracts the per-pixel mean: pass pixel_mean")
 
     state = run.load_checkpoint(log=lambda message: print(message, file=sys.stderr))
     if state is None:
@@ -145,12 +151,13 @@ def evaluate_run(run: Run, loader, device, *, progress: bool = False) -> dict:
             f"run {cfg.run_id} was trained with {had}, but the folder {loader.dataset.root} has {num_classes}; "
             "pass --data-dir pointing at the ImageNet copy the run trained on"
         ) from None
+    mean = pixel_mean() if run.cfg.mean == "pixel" else IMAGENET_MEAN
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # as in training: cuDNN's fastest kernels
     bar = tqdm(total=len(loader), desc=cfg.run_id, unit="batch", disable=not progress, leave=False, dynamic_ncols=True)
     try:
-        result = ten_crop_error(model, _Progress(loader, bar), device, autocast=cfg.precision == "bf16")
+        result = ten_crop_error(model, _Progress(loader, bar), device, mean=mean, autocast=cfg.precision == "bf16")
     finally:
         bar.close()
     return {
@@ -220,8 +227,14 @@ def evaluate_runs(
             except RunStoreError as e:
                 raise RunStoreError(f"cannot write {run.dir / TENCROP_FILE}: {e}") from None
         show = sys.stderr.isatty() if progress is None else progress
+        from .data.imagenet import pixel_mean as compute_pixel_mean
+
+        # As the runs trained: computed once (or read from the runs dir's cache), when first needed.
+        pixel_mean = functools.cache(lambda: compute_pixel_mean(
+            data_dir, runs_dir, workers=default_workers() if workers is None else workers, device=dev,
+            progress=show, log=log))
         for run in todo:
-            record = evaluate_run(run, loader, dev, progress=show)
+            record = evaluate_run(run, loader, dev, progress=show, pixel_mean=pixel_mean)
             atomic_write_text(tencrop_path(run.dir), json.dumps(record, indent=1) + "\n")
             outcomes[run.cfg.run_id] = Outcome(run.cfg.run_id, record, computed=True)
             log(f"{run.cfg.run_id}: 10-crop top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}% "

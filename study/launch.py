@@ -193,6 +193,7 @@ def _options(args: argparse.Namespace) -> dict:
         raise ConfigError(f"unknown device {device!r}; use --device auto, cpu or cuda")
     if opts["gpus_per_run"] > 1 and device == "cpu":
         raise ConfigError(f"--gpus-per-run {opts['gpus_per_run']} trains on GPUs; drop --device cpu")
+    opts["cpu_only"] = device == "cpu"  # the jobs ask for no GPU
     if getattr(args, "concurrency", None) not in (None, 1):
         raise ConfigError(
             "--concurrency does not apply to --launcher slurm (each run is its own array task); "
@@ -213,7 +214,7 @@ def slurm_parameters(opts: dict, job_name: str = "study") -> dict:
         "nodes": 1,
         # One process per GPU, torchrun-style; each sees all the job's GPUs and uses cuda:LOCAL_RANK.
         "ntasks_per_node": g,
-        "gpus_per_node": g,
+        **({} if opts.get("cpu_only") else {"gpus_per_node": g}),
         # Requeue-able: `scontrol requeue` after a timeout, and SLURM's own requeue on preemption or
         # node failure, whatever the cluster's JobRequeue default.
         "additional_parameters": {"requeue": True},
@@ -453,6 +454,8 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *,
                 print(f"{run.cfg.run_id}: already queued or running as job {queued[run.cfg.run_id]}, not submitted again")
                 todo.remove(run)
             if not todo:
+                print(f"nothing submitted: every unfinished run is already queued or running; "
+                      f"progress: study status --runs-dir {runs_dir}")
                 return 0
         grid = getattr(args, "grid", None)
         executor = submitit.SlurmExecutor(root / SLURM_DIR, max_num_timeout=opts["slurm_max_timeouts"])

@@ -233,6 +233,12 @@ class Run:
         finally:
             os.close(fd)  # closing releases the flock
 
+    def is_held(self) -> bool:
+        """Whether a process holds the run's lock now (is training it). Takes the lock for an
+        instant if it is free."""
+        with self.lock() as free:
+            return not free
+
     def is_finished(self) -> bool:
         return self.status().get("status") in FINAL_STATUSES
 

@@ -51,6 +51,7 @@ from .stopflag import StopFlag
 
 EVAL_BATCH_SIZE = 1000
 AUTO_GPU_CONCURRENCY = 4  # runs sharing one GPU when --concurrency is not given
+LOCK_POLL_S = 0.5  # how often a process waiting for a run another process trains looks again
 PROGRESS_EVERY = 20  # iterations between progress-bar refreshes (each costs one device sync)
 # Without a progress bar (output not a terminal, --no-progress, runs trained together), a run logs
 # its first epoch, its last, and in between an epoch at most this often, so that a log shows it is alive.
@@ -311,6 +312,9 @@ class CifarFeed:
     def state(self) -> dict:
         return {"order": self.order, "pos": self.pos}
 
+    def close(self) -> None:
+        pass
+
     def next_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """(this process's augmented input, its labels, the global batch's size), or None at the
         epoch's end."""
@@ -336,8 +340,9 @@ class ImageNetFeed:
     own DistributedSampler shard of every global batch."""
 
     def __init__(self, cfg: RunConfig, data: imagenet.ImageNetData, device: torch.device,
-                 fmt: torch.memory_format, ddp: Distributed, workers: int) -> None:
+                 fmt: torch.memory_format, ddp: Distributed, workers: int, mean: tuple | torch.Tensor) -> None:
         self.cfg, self.fmt, self.ddp, self.device = cfg, fmt, ddp, device
+        self.mean = mean.to(device) if isinstance(mean, torch.Tensor) else mean
         self.num_classes, self.in_channels, self.eval_split = data.num_classes, 3, data.eval_split
         self.loaders = imagenet.loaders_for(data, cfg.batch_size, workers, ddp.enabled, seed=cfg.seed)
         self.lighting = imagenet.Lighting(cfg.lighting).to(device) if cfg.lighting else None
@@ -352,23 +357,32 @@ class ImageNetFeed:
     def state(self) -> dict:
         return {"batches": self.batches}
 
+    def close(self) -> None:
+        """Stop the epoch's DataLoader workers now, not whenever the iterator is collected: a worker
+        ignores SIGTERM (`_ignore_stop_signals`), so one still alive when the process exits would
+        hang multiprocessing's exit, which stops workers with SIGTERM and waits for them."""
+        it = getattr(self, "it", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.it = None
+
     def next_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         try:
             images, labels = next(self.it)
         except StopIteration:
             return None
-        except DataError as e:
-            # Raised in a worker, it arrives with the worker's traceback; keep its last line.
-            last = str(e).strip().splitlines()[-1]
-            raise DataError(last.split("DataError: ", 1)[-1]) from None
+        except DataError as e:  # raised in a worker, it arrives with the worker's traceback
+            raise imagenet.from_worker(e) from None
         self.batches += 1
-        x = imagenet.normalize(images.to(self.device, non_blocking=True), lighting=self.lighting, generator=gen)
+        x = imagenet.normalize(images.to(self.device, non_blocking=True), mean=self.mean, lighting=self.lighting,
+                               generator=gen)
         y = labels.to(self.device, non_blocking=True)
         # Shards are padded to equal length, so every process's batch has the same size.
         return x.contiguous(memory_format=self.fmt), y, len(y) * self.ddp.world
 
     def evaluate(self, model: nn.Module, autocast: torch.autocast) -> dict:
-        result = imagenet.evaluate(model, self.loaders.val, self.device, autocast=self.cfg.precision == "bf16")
+        result = imagenet.evaluate(model, self.loaders.val, self.device, mean=self.mean,
+                                   autocast=self.cfg.precision == "bf16")
         return {"loss": result.loss, "error_pct": result.top1, "top5_error_pct": result.top5}
 
 
@@ -495,7 +509,14 @@ def train_steps(
     run.clean_temporaries()
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     if isinstance(data, imagenet.ImageNetData):
-        feed: CifarFeed | ImageNetFeed = ImageNetFeed(cfg, data, device, fmt, ddp, workers)
+        mean: tuple | torch.Tensor = imagenet.IMAGENET_MEAN
+        if cfg.mean == "pixel":
+            if data.pixel_mean is None:  # once per process and data set: computed, or read from the cache
+                data.pixel_mean = imagenet.pixel_mean(
+                    data.root, run.dir.parent, workers=workers, device=device, distributed=ddp.enabled, log=log,
+                    progress=ddp.writer and (sys.stderr.isatty() if progress is None else progress), train=data.train)
+            mean = data.pixel_mean
+        feed: CifarFeed | ImageNetFeed = ImageNetFeed(cfg, data, device, fmt, ddp, workers, mean)
     else:
         feed = CifarFeed(cfg, data, device, fmt, ddp)
     torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed alone
@@ -741,6 +762,7 @@ def train_steps(
         raise
     finally:
         bar.close()
+        feed.close()
     # Figure 7's layer responses, measured once on the finished model (defaults: eval split, BN in
     # eval mode, std over the whole tensor, first conv excluded; `study probe` re-measures).
     # Figure 7 is a CIFAR figure; ImageNet runs skip it.
@@ -908,6 +930,15 @@ def run_all(
         auto = dev.type == "cuda" and not ddp.enabled and streams == 1 and fuse == 1
         concurrency = min(AUTO_GPU_CONCURRENCY, len(runs)) if auto else 1
     workers = default_workers() if workers is None else workers
+    if any(cfg.imagenet and cfg.mean == "pixel" for cfg in configs):
+        # ImageNet's per-pixel mean: one pass over train/ (or the runs dir's cache), here, before
+        # any worker process starts, so that they read it rather than each making its own pass.
+        for data in datasets.values():
+            if isinstance(data, imagenet.ImageNetData) and data.pixel_mean is None:
+                data.pixel_mean = imagenet.pixel_mean(
+                    data.root, runs_dir, workers=workers, device=dev, distributed=ddp.enabled, train=data.train,
+                    progress=ddp.writer and (sys.stderr.isatty() if progress is None else progress),
+                    log=log if ddp.writer else _quiet)
 
     pool = []
     if concurrency > 1:
@@ -1074,13 +1105,24 @@ def _run_list(
     locks: dict[str, ExitStack] = {}  # the runs being trained here
     stopped: list[StopRequested] = []
 
-    def claim(i: int, run: Run, wait: bool) -> ExitStack | bool:
+    def claim(i: int, run: Run, wait: bool) -> ExitStack | bool | None:
         """Lock `run` to train it here: the ExitStack holding its lock; True if it is finished
-        (recorded as such), False if another process holds it. Under DDP rank 0 takes the lock
-        (waiting for it) and tells the others what it found."""
+        (recorded as such), False if another process holds it, None if a signal came while
+        waiting for it. Under DDP rank 0 takes the lock (waiting for it) and tells the others
+        what it found."""
         tag = f"[{i}/{total}] {run.cfg.run_id}"
         lock = ExitStack()
-        held = lock.enter_context(run.lock(wait=wait or ddp.enabled) if ddp.writer else nullcontext(True))
+        if wait and not ddp.enabled and stop is not None:
+            # Wait for the other process by polling, so that a Ctrl-C or SIGTERM meanwhile stops
+            # this one at once (a blocking flock would sit through it, then train a step).
+            while not lock.enter_context(run.lock(wait=False)):
+                lock.close()
+                if stop.signum is not None:
+                    return None
+                time.sleep(LOCK_POLL_S)
+            held = True
+        else:
+            held = lock.enter_context(run.lock(wait=wait or ddp.enabled) if ddp.writer else nullcontext(True))
         status = run.status()["status"] if held else None
         # A run that failed in another process is left failed (not trained twice); one whose
         # process died resumes here.
@@ -1108,6 +1150,9 @@ def _run_list(
                 stopped.append(StopRequested(stop.signum))  # a signal between runs stops the list too
                 return
             lock = claim(i, run, wait)
+            if lock is None:
+                stopped.append(StopRequested(stop.signum))
+                return
             if lock is False:
                 held_elsewhere.append((i, run))
                 continue

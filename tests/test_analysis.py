@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from study.analysis import commands
 from study.analysis.figures import build
-from study.analysis.load import RunData, load_gradients, load_responses, load_run_table, load_runs
+from study.analysis.load import RunData, Study, load_gradients, load_responses, load_run_table, load_runs
 from study.analysis.paper import TABLE2, TABLE6
 from study.analysis.report import classify_claims
 from study.analysis.tables import build as build_table
@@ -444,6 +445,7 @@ def test_table6_best_mean_std_over_seeds(study_dir, cli):
     assert row.test_mean == pytest.approx(np.mean(errors)) and row.test_std == pytest.approx(np.std(errors, ddof=1))
     assert df.loc["ResNet-56"].test_n == 2  # seed 1 is unfinished: not counted
     assert df.loc["ResNet-110"].test_n == 0 and df.loc["ResNet-110"].test_paper == pytest.approx(6.61)
+    assert df.loc["ResNet-110"].test_paper_best == pytest.approx(6.43)  # beside our best, the paper's best
     assert "unfinished: ResNet-56 s1" in err  # notes on stderr keep the CSV clean
     code, out, err = cli("table", "table6", "--runs-dir", study_dir)
     cell = f"{min(errors):.2f} ({np.mean(errors):.2f} ± {np.std(errors, ddof=1):.2f})"
@@ -463,7 +465,7 @@ def test_table6_difference_to_the_paper_on_cifar10(tmp_path):
     # ResNet-110: our mean against the paper's mean of 5 runs; ResNet-20 against its single number.
     assert frame.loc["ResNet-110", "test_diff"] == pytest.approx(np.mean(r110) - 6.61)
     assert frame.loc["ResNet-20", "test_diff"] == pytest.approx(r20[0] - 8.75)
-    assert any("shortened (2,000 iterations)" in n for n in table.notes)
+    assert any("shortened (2,000 iterations, the paper's 64,000)" in n for n in table.notes)
 
 
 def test_table6_of_holdout_runs_labels_the_papers_test_error_as_such(tmp_path, cli):
@@ -492,6 +494,84 @@ def test_runs_with_other_settings_are_another_study_not_extra_seeds(tmp_path, cl
     assert f"{bf16:.2f}" in out
     code, out, err = cli("table", "table6", "--runs-dir", tmp_path, "--variant", "light0")
     assert code == 2 and "--variant light0" in err
+
+
+def test_settings_only_the_api_changes_name_their_run_and_form_another_study(tmp_path):
+    """lr, momentum, weight decay, milestones, plateau and warm-up settings are part of the run id: a
+    run at another learning rate neither resumes the paper's run nor counts as one of its seeds."""
+    paper = write_run(tmp_path, "resnet", 20, floor=(1.0, 9.0))
+    other = write_run(tmp_path, "resnet", 20, floor=(2.0, 30.0), lr=0.05, weight_decay=5e-4, milestones=(0.4, 0.8))
+    assert other.dir != paper.dir and other.cfg.run_id.endswith("-it400-lr0.05-wd0.0005-ms0.4_0.8")
+    assert RunConfig.from_dict(other.cfg.to_dict()).run_id == other.cfg.run_id  # milestones read back as a list
+    data = RunData.load(tmp_path)
+    assert sorted(data.runs["variant"]) == ["", "lr0.05,ms0.4_0.8,wd0.0005"]
+    assert build_table("table6", data).frame.set_index("net").loc["ResNet-20", "test_n"] == 1
+    for bad, message in ((dict(lr=0.0), "lr must be > 0"), (dict(momentum=1.0), "momentum must be in [0, 1)"),
+                         (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
+                         (dict(warmup_until_error=-1.0), "warmup_until_error must be >= 0")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            RunConfig("resnet", 20, **bad)
+
+
+def test_the_papers_setting_includes_its_batch_size(tmp_path):
+    """A 64k-iteration CIFAR-10 run at batch 64 is not the paper's setting: no paper axis range, and
+    the table says how it differs."""
+    assert Study("cifar10", 64_000, 128, False).is_paper and not Study("cifar10", 64_000, 64, False).is_paper
+    assert not Study("imagenet", 600_000, 128, False).is_paper and Study("imagenet", 600_000, 256, False).is_paper
+    write_run(tmp_path, "resnet", 20, dataset="cifar10", iterations=64_000, batch_size=64, floor=(1.0, 9.0))
+    table = build_table("table6", RunData.load(tmp_path))
+    assert any("at batch 64 (the paper's 128)" in n for n in table.notes) and not table.study.is_paper
+
+
+def test_runs_of_one_epoch_draw_training_and_evaluation_as_told_apart_dots(tmp_path):
+    """A run shorter than an epoch logs one point per split: dots, white for training and filled
+    for evaluation, in the curves and the legend; Figure 1's notes speak of plain nets only."""
+    from matplotlib.colors import to_rgba
+
+    for arch in ("plain", "resnet"):
+        write_run(tmp_path, arch, 20, iterations=40, epoch_iters=40)  # one epoch logged
+    write_run(tmp_path, "resnet", 56, iterations=40, status="running", stop_at=20, epoch_iters=20)
+    (tmp_path / "fashion-mnist-mini-resnet56-A-s0-it40" / "metrics.parquet").unlink()  # nothing logged yet
+    drawn = build("fig6", RunData.load(tmp_path))
+    ax = drawn.figure.axes[0]
+    dots = [line for line in ax.get_lines() if line.get_marker() == "o" and len(line.get_xdata()) == 1]
+    faces = sorted(to_rgba(line.get_markerfacecolor()) == to_rgba("white") for line in dots)
+    assert faces == [False, True]  # plain-20: one filled (test) and one white (training) dot
+    legend = {h.get_label(): h for h in ax.get_legend().legend_handles}
+    assert to_rgba(legend["training"].get_markerfacecolor()) == to_rgba("white") and legend["test"].get_marker() == "o"
+    assert "white dots" in drawn.caption and "filled dots" in drawn.caption
+    assert any("ResNet-56" in n for n in drawn.notes)  # Figure 6 draws ResNets: it says which it could not
+    assert not any("ResNet-56" in n for n in build("fig1", RunData.load(tmp_path)).notes)
+
+
+def test_a_net_above_the_papers_axis_is_named_with_its_final_errors(tmp_path):
+    """As the paper says of plain-110 in Figure 6: a net whose curves lie above the paper's y-range
+    gets a note with its final errors, and the nets within it do not."""
+    write_run(tmp_path, "plain", 20, dataset="cifar10", iterations=64_000, floor=(1.0, 9.0))
+    write_run(tmp_path, "plain", 110, dataset="cifar10", iterations=64_000, floor=(62.0, 65.0))
+    drawn = build("fig6", RunData.load(tmp_path))
+    assert drawn.figure.axes[0].get_ylim() == (0, 20)
+    off = [n for n in drawn.notes if "off the chart" in n]
+    final = final_test_errors(tmp_path, ["cifar10-plain110-A-s0"])[0]
+    assert len(off) == 1 and "plain-110" in off[0] and "plain-20" not in off[0] and f"test {final:.1f}%" in off[0]
+    assert not any("off the chart" in n for n in build("fig1", RunData.load(tmp_path)).notes if "plain-20" in n)
+
+
+def test_claim_6_uses_the_10_crop_test_where_the_runs_have_one(tmp_path):
+    """Table 3's claim is about 10-crop errors: logged centre-crop errors decide it only until
+    `study evaluate` has tested the runs, and the evidence says which it used."""
+    floors = {("plain", "A"): 30.0, ("resnet", "A"): 27.0, ("resnet", "B"): 26.0, ("resnet", "C"): 25.0}
+    dirs = {net: write_imagenet_run(tmp_path, net[0], 34, shortcut=net[1], floor=(20.0, val))
+            for net, val in floors.items()}
+    claim6 = {c.number: c for c in classify_claims(RunData.load(tmp_path))}[6]
+    assert claim6.verdict == "holds" and "centre-crop (run `study evaluate`" in claim6.evidence
+    # 10-crop numbers of the final checkpoints that reverse B and C: the claim now fails on them.
+    tencrop = {("plain", "A"): 29.0, ("resnet", "A"): 26.0, ("resnet", "B"): 24.0, ("resnet", "C"): 25.0}
+    for net, top1 in tencrop.items():
+        (dirs[net] / "tencrop.json").write_text(json.dumps({"top1": top1, "top5": top1 / 3, "iteration": 600_000}))
+    claim6 = {c.number: c for c in classify_claims(RunData.load(tmp_path))}[6]
+    assert claim6.verdict == "does not hold" and "top-1 10-crop validation error" in claim6.evidence
+    assert "C 25.00" in claim6.evidence and "B 24.00" in claim6.evidence, claim6.evidence
 
 
 def test_table3_top1_and_top5_per_shortcut_option(tmp_path, cli):
@@ -638,4 +718,7 @@ def test_end_to_end_real_runs_probe_plot_table_report(tmp_path, cli, small_data)
     # Probed after 3 iterations with BN in eval mode: running statistics still near their start.
     claim5 = next(line for line in stdout.splitlines() if line.startswith("claim 5:"))
     assert "cannot be judged" in claim5 and "--bn-mode train" in claim5
+    # Claim 2 does not cite those responses as evidence either (it has no gradient norms: 3 < 100).
+    claim2 = next(line for line in stdout.splitlines() if line.startswith("claim 2:"))
+    assert "cannot be judged" in claim2 and "smallest layer response std" not in claim2 and "--bn-mode train" in claim2
     assert "fewer than 100 iterations" in (out / "report.md").read_text().split("### Figure 7")[1].split("###")[0]

@@ -64,6 +64,26 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     assert code == 0 and out.count("skipped") == 2
 
 
+def test_status_tells_a_run_whose_process_is_gone_from_one_still_training(tmp_path, capsys):
+    """A run left `running` by a killed process (or a failed node) reads `stopped`, with how to
+    resume it; one whose process holds its lock still reads `running`."""
+    from study.config import RunConfig
+    from study.runstore import Run
+
+    run = Run(tmp_path, RunConfig("plain", 8, iterations=6))
+    run.prepare("cpu")
+    run.set_status("running", iteration=3)
+    with run.lock() as held:
+        assert held
+        code, out, err = run_cli(capsys, "status", "--runs-dir", str(tmp_path))
+    assert code == 0 and out.splitlines()[1].split()[1] == "running" and "resumes it" not in out
+    code, out, err = run_cli(capsys, "status", "--runs-dir", str(tmp_path))
+    lines = out.strip().splitlines()
+    assert code == 0 and lines[1].split()[1] == "stopped" and "3/6" in lines[1]
+    assert "no process is training it" in lines[2] and "resumes it from its last checkpoint" in lines[2]
+    assert run.status()["status"] == "running"  # status only reads
+
+
 def test_grid_overrides(tmp_path, capsys, monkeypatch):
     import study.train
 

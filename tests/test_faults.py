@@ -2,6 +2,7 @@
 runners. Each asserts the exact outcome: rows, statuses, messages, exit codes."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -147,6 +148,31 @@ def test_two_concurrent_grid_runners_train_each_run_once(tmp_path):
     for run_id in run_ids:
         df = metrics(tmp_path, run_id)
         assert list(df.split) == ["train", "test", "train", "test"] and status(tmp_path, run_id)["status"] == "done"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_waiting_for_another_processs_run_stops_at_once(tmp_path, signum):
+    """A runner waiting for a run that another process holds stops on Ctrl-C or SIGTERM at once,
+    without touching that run (it used to sit in the lock, then train a step before stopping)."""
+    from study.config import RunConfig
+    from study.runstore import Run
+
+    other = Run(tmp_path, RunConfig("resnet", 8, iterations=17, batch_size=64))
+    assert other.cfg.run_id == RUN_ID
+    with other.lock() as held:
+        assert held
+        cmd = [sys.executable, str(DRIVER), "--", *ARGS, "--runs-dir", str(tmp_path)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:  # the runner's log, up to the point where it waits
+            if "held by another process" in line:
+                break
+        time.sleep(1.0)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 128 + signum, err
+    assert f"stopped by {signal.Signals(signum).name}" in out + err
+    assert sorted(p.name for p in (tmp_path / RUN_ID).iterdir()) == ["lock"]  # nothing written to it
 
 
 def test_config_conflicting_with_existing_run_dir(tmp_path):

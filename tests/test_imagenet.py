@@ -16,10 +16,13 @@ from study.data.imagenet import (
     evaluate,
     make_loaders,
     make_ten_crop_loader,
+    load_image,
     normalize,
+    pixel_mean,
     set_epoch,
     ten_crop_error,
     train_transform,
+    val_transform,
 )
 from study.models import architecture_table, build_model, count_params, from_torchvision
 
@@ -196,6 +199,92 @@ def test_normalize_subtracts_the_channel_mean_without_std_division():
     x = normalize(red)
     expected = torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(IMAGENET_MEAN)
     torch.testing.assert_close(x[0, :, 2, 2], expected)
+
+
+def test_pixel_mean_is_the_mean_centre_crop_of_the_training_set_and_is_cached(folder, tmp_path, monkeypatch):
+    """The paper's per-pixel mean: the average 224x224 centre crop (shorter side 256) of every
+    training image, computed once into the runs dir, read back after, recomputed if unreadable."""
+    import study.data.imagenet as imagenet_module
+
+    train = sorted((folder / "train").rglob("*.JPEG"))
+    crops = torch.stack([val_transform()(load_image(str(p))) for p in train])
+    expected = (crops.double().mean(0) / 255).float()
+    logs: list[str] = []
+    mean = pixel_mean(folder, tmp_path, workers=0, log=logs.append)
+    torch.testing.assert_close(mean, expected, rtol=0, atol=1e-6)
+    assert len(logs) == 1 and f"the {len(train)} images" in logs[0]
+    spread = mean - mean.mean(dim=(1, 2), keepdim=True)
+    assert spread.abs().max() > 1e-3  # a mean image, not one value per channel
+    # Subtracted as it is, pixel by pixel.
+    x = normalize(crops[:2], mean=mean)
+    torch.testing.assert_close(x, crops[:2].float() / 255 - mean)
+
+    # Cached: a second call does not read the images.
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned the folder again")
+
+    monkeypatch.setattr(imagenet_module, "image_folder", no_scan)
+    assert torch.equal(pixel_mean(folder, tmp_path, workers=0, log=logs.append), mean) and len(logs) == 1
+    monkeypatch.undo()
+    # An unreadable cache is computed again, and says so.
+    (cache,) = tmp_path.glob(".imagenet-pixel-mean-*.pt")
+    cache.write_bytes(b"not a torch file")
+    assert torch.equal(pixel_mean(folder, tmp_path, workers=0, log=logs.append), mean)
+    assert "unreadable" in logs[1] and "computing" in logs[2]
+
+
+def test_processes_that_need_the_pixel_mean_at_once_make_one_pass(folder, tmp_path):
+    """`--concurrency` workers or SLURM tasks starting together: the first makes the pass, the
+    others wait for it (an flock on the runs dir) and read its result."""
+    import threading
+
+    logs: list[str] = []
+    means: list[torch.Tensor] = []
+    threads = [threading.Thread(target=lambda: means.append(pixel_mean(folder, tmp_path, log=logs.append)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(means) == 3 and all(torch.equal(m, means[0]) for m in means)
+    assert sum("computing" in line for line in logs) == 1, logs
+    assert [p.name.startswith(".imagenet-pixel-mean-") for p in tmp_path.iterdir()] == [True]  # no lock file
+
+
+def _sharded_pixel_mean(rank, world, port, folder, cache_dir, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(pixel_mean(folder, cache_dir, distributed=True, log=lambda m: None), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_each_process_averages_its_share_into_the_same_mean(folder, tmp_path):
+    """Two gloo processes each read half the training images; both get the single-process mean,
+    and rank 0 alone writes the cache."""
+    from test_distributed import free_port
+
+    alone = pixel_mean(folder, tmp_path / "alone", workers=0, log=lambda m: None)
+    (tmp_path / "ddp").mkdir()
+    torch.multiprocessing.spawn(_sharded_pixel_mean, args=(2, free_port(), folder, tmp_path / "ddp", tmp_path),
+                                nprocs=2)
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), alone, rtol=0, atol=1e-7)
+    assert len(list((tmp_path / "ddp").glob(".imagenet-pixel-mean-*.pt"))) == 1
+
+
+def test_a_process_exits_while_loader_workers_are_still_alive(folder):
+    """Workers ignore SIGTERM, so an iterator still alive at exit (kept by a stored exception's
+    traceback, say) used to hang the process for ever in multiprocessing's exit handler."""
+    import subprocess
+    import sys
+
+    code = (f"from study.data.imagenet import make_loaders, set_epoch\n"
+            f"loaders = make_loaders({str(folder)!r}, batch_size=2, workers=1, pin_memory=False)\n"
+            "set_epoch(loaders.train, 0)\nKEEP = iter(loaders.train)\nnext(KEEP)\n")
+    subprocess.run([sys.executable, "-c", code], timeout=120, check=True)
 
 
 def test_lighting_shifts_each_image_by_one_colour():

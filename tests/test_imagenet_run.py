@@ -27,8 +27,10 @@ def trained(tmp_path_factory):
 
 def test_grid_trains_every_imagenet_net_and_logs_train_and_val(trained):
     _, runs = trained
-    ids = sorted(p.name for p in runs.iterdir())
+    ids = sorted(p.name for p in runs.iterdir() if p.is_dir())
     assert ids == sorted(f"imagenet-{a}{d}-A-s0-it3-b2" for a in ("plain", "resnet") for d in (18, 34))
+    # Beside them, the training set's per-pixel mean, computed once for the whole grid.
+    assert [p.name.startswith(".imagenet-pixel-mean-") for p in runs.iterdir() if not p.is_dir()] == [True]
     for run_id in ids:
         m = pd.read_parquet(runs / run_id / "metrics.parquet")
         assert list(m["split"]) == ["train", "val", "train", "val"]
@@ -94,6 +96,9 @@ def test_imagenet_config_validation():
         RunConfig("resnet", 20, dataset="cifar10", lighting=0.1)
     assert RunConfig("resnet", 34, dataset="imagenet", shortcut="B", lighting=0.0).run_id == "imagenet-resnet34-B-s0-light0"
     assert RunConfig("resnet", 20, dataset="cifar10", lr_schedule="plateau").run_id == "cifar10-resnet20-A-s0-plateau"
+    assert RunConfig("resnet", 34, dataset="imagenet", mean="channel").run_id == "imagenet-resnet34-A-s0-channelmean"
+    with pytest.raises(ConfigError, match="--mean applies to ImageNet only"):
+        RunConfig("resnet", 20, dataset="cifar10", mean="channel")
 
 
 def test_a_resumed_epoch_continues_with_the_images_not_yet_seen(tmp_path):
@@ -116,7 +121,13 @@ def test_an_unreadable_image_met_during_training_is_one_line_exit_2(tmp_path, ca
     args = ["run", "--arch", "resnet", "--depth", "18", "--dataset", "imagenet", "--iterations", "3",
             "--batch-size", "3", "--workers", "1", "--device", "cpu", "--runs-dir", str(runs), "--no-progress",
             "--data-dir", str(root)]
+    # The per-pixel mean's pass over train/ meets it first, before any run has started.
     assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot decode image" in err and bad.name in err
+    assert list(runs.iterdir()) == []
+    # With the per-channel mean there is no such pass: the run meets it and is marked failed.
+    assert main([*args, "--mean", "channel"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot decode image" in err and bad.name in err
     (run_dir,) = runs.iterdir()

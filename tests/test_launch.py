@@ -314,6 +314,11 @@ def test_sbatch_array_job_files_and_status(tmp_path, fake_slurm, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == [f"{configs[1].run_id}: already queued or running as job 4242_0, not submitted again",
                        f"{configs[2].run_id} -> 4243"]  # one run: a plain job, not an array
+    # And again, with both jobs in the queue: nothing goes, and it says so.
+    (fake_slurm / "squeue.out").write_text("4242_0\n4243\n")
+    assert submit(configs, str(runs), args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[-1].startswith("nothing submitted: every unfinished run is already queued")
 
     # The job starts (its first status write), then is requeued (submitit calls task.checkpoint()).
     run = Run(runs, configs[2])
@@ -324,6 +329,16 @@ def test_sbatch_array_job_files_and_status(tmp_path, fake_slurm, capsys):
     resubmission = task.checkpoint()
     assert resubmission.function is task and run_status(run)["status"] == "queued"
     assert read_job_file(run)["requeues"] == 1
+
+
+def test_cpu_jobs_ask_for_no_gpu(tmp_path, fake_slurm, capsys):
+    """`--device cpu` (the quick demo on a CPU partition): the jobs request no GPU."""
+    runs = tmp_path / "runs"
+    configs = [RunConfig(arch="plain", depth=20, iterations=300)]
+    assert submit(configs, str(runs), parse("--partition", "cpu", device="cpu")) == 0
+    script = (fake_slurm / "sbatch_4242.sh").read_text()
+    assert "#SBATCH --partition=cpu\n" in script and "#SBATCH --ntasks-per-node=1\n" in script
+    assert "gpus" not in script and "gres" not in script
 
 
 def test_sbatch_refusal_is_one_line(tmp_path, fake_slurm, monkeypatch):

@@ -55,3 +55,20 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the seaborn Figure 6 and the package's Figure 1
     assert "| plain-20" in _text(code[-1])  # the package's Table 6
+
+
+def test_a_relative_runs_dir_is_read_from_the_project_root(tmp_path, monkeypatch):
+    """`STUDY_RUNS_DIR=runs jupyter execute notebooks/explore.ipynb`, typed in the project root: the
+    kernel runs in notebooks/, so `runs` is found as `../runs` (it used to fail: no runs in runs)."""
+    write_run(tmp_path / "runs", "plain", 20, iterations=200)
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.setenv("STUDY_RUNS_DIR", "runs")
+    root = str(NOTEBOOK.parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells = [next(c for c in nb.cells if c.cell_type == "code")]  # the cell that finds the runs
+    client = nbclient.NotebookClient(
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path / "notebooks")}}
+    )
+    client.execute()
+    assert "1 runs" in _text(nb.cells[0]) and "../runs" in _text(nb.cells[0])

@@ -16,7 +16,8 @@ from test_imagenet import write_image_folder
 
 import study.cli
 from study.config import RunConfig
-from study.data.imagenet import make_ten_crop_loader, open_imagenet, ten_crop_error
+from study.data.imagenet import IMAGENET_MEAN, make_loaders, make_ten_crop_loader, open_imagenet, ten_crop_error
+from study.data.imagenet import evaluate as evaluate_centre
 from study.models import build_model
 from study.runstore import Run
 from study.train import train_run
@@ -46,11 +47,15 @@ def evaluate(capsys, runs, root, *extra):
 
 
 def direct_ten_crop(run, root):
-    """The 10-crop test of the run's checkpoint, computed here without the command."""
+    """The 10-crop test of the run's checkpoint, computed here without the command, with the
+    per-pixel mean the run trained with (from the runs dir's cache)."""
     state = torch.load(run.checkpoint_path, map_location="cpu", weights_only=True)
     model = build_model("resnet", 18, shortcut="A", num_classes=3, dataset="imagenet")
     model.load_state_dict(state["model"])
-    return ten_crop_error(model, make_ten_crop_loader(root, 32, 0), "cpu"), state["iteration"]
+    cache = torch.load(next(run.dir.parent.glob(".imagenet-pixel-mean-*.pt")), weights_only=True)
+    mean = cache["mean"]
+    assert cache["images"] == 6 and mean.shape == (3, 224, 224)
+    return ten_crop_error(model, make_ten_crop_loader(root, 32, 0), "cpu", mean=mean), state["iteration"]
 
 
 def files(path):
@@ -87,6 +92,20 @@ def test_evaluate_writes_the_checkpoints_ten_crop_error_then_skips_and_force_rec
     code, out, err = evaluate(capsys, runs, root, "--run", CFG.run_id)
     assert code == 0, err
     assert json.loads(path.read_text()) | {"date": None} == record | {"date": None}
+
+
+def test_the_run_trained_and_validated_with_the_per_pixel_mean(trained):
+    """The run's logged centre-crop validation is that of its final weights with the cached mean
+    image subtracted, not the per-channel mean."""
+    root, runs, run = trained
+    state = torch.load(run.checkpoint_path, map_location="cpu", weights_only=True)
+    model = build_model("resnet", 18, shortcut="A", num_classes=3, dataset="imagenet")
+    model.load_state_dict(state["model"])
+    mean = torch.load(next(runs.glob(".imagenet-pixel-mean-*.pt")), weights_only=True)["mean"]
+    val = make_loaders(root, 4, 0, pin_memory=False).val
+    logged = pd.read_parquet(run.dir / "metrics.parquet").query("split == 'val'").iloc[-1]
+    assert logged.loss == pytest.approx(evaluate_centre(model, val, "cpu", mean=mean).loss, rel=1e-6)
+    assert logged.loss != pytest.approx(evaluate_centre(model, val, "cpu", mean=IMAGENET_MEAN).loss, rel=1e-6)
 
 
 def test_table2_and_table3_use_ten_crop_where_present_and_say_which_runs(trained, capsys, tmp_path):

@@ -64,6 +64,24 @@ def _not_logged(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:
     return [f"no epoch logged yet, so not drawn: {', '.join(names)}"]
 
 
+def _off_chart(metrics: pd.DataFrame, drawn: list[Series], study: Study, ylim: tuple[float, float] | None) -> list[str]:
+    """A note naming the nets whose curves lie wholly above the paper's y-range (as the paper says of
+    plain-110 in Figure 6), with their final errors; only where that range is used (`_error_axis`)."""
+    if not study.is_paper or ylim is None:
+        return []
+    top, above = ylim[1], []
+    for s in dict.fromkeys(drawn):
+        rows = _rows_of(metrics, s)
+        if rows.empty or rows["error_pct"].min() <= top:
+            continue
+        last = rows[rows["iteration"] == rows["iteration"].max()].groupby("split")["error_pct"].mean()
+        finals = ", ".join(f"{split} {err:.1f}%" for split, err in last.items())
+        above.append(f"{series_label(*s)} (final mean: {finals})")
+    if not above:
+        return []
+    return [f"above the {top:g}% the paper's axis shows, so off the chart: {'; '.join(above)}"]
+
+
 def _rows_of(df: pd.DataFrame, series: Series) -> pd.DataFrame:
     arch, depth, shortcut = series
     return df[(df["arch"] == arch) & (df["depth"] == depth) & (df["shortcut"] == shortcut)]
@@ -108,8 +126,10 @@ def _error_axis(ax: "Axes", study: Study, paper_ylim: tuple[float, float] | None
         ax.set_ylim(bottom=0)
 
 
-def _curve(ax: "Axes", rows: pd.DataFrame, color: tuple, **line: object) -> None:
-    """Mean error over seeds against iteration, with the seeds' spread as a band."""
+def _curve(ax: "Axes", rows: pd.DataFrame, color: tuple, *, hollow: bool = False, **line: object) -> None:
+    """Mean error over seeds against iteration, with the seeds' spread as a band. A curve of few
+    points gets markers, white-filled with `hollow` (training beside evaluation: one dot each
+    when a run logged one epoch)."""
     import seaborn as sns
 
     if rows.empty:
@@ -125,9 +145,15 @@ def _curve(ax: "Axes", rows: pd.DataFrame, color: tuple, **line: object) -> None
         err_kws={"alpha": BAND_ALPHA, "linewidth": 0},
         color=color,
         ax=ax,
-        **({"marker": "o", "markersize": 6, "clip_on": False} if few else {}),
+        **({"marker": "o", "markersize": 6, "clip_on": False, **({"markerfacecolor": "white"} if hollow else {})}
+           if few else {}),
         **line,
     )
+
+
+def _few(metrics: pd.DataFrame, series: list[Series]) -> bool:
+    """Whether any of these nets' curves is drawn with markers (`_curve`)."""
+    return any(0 < _rows_of(metrics, s)["iteration"].nunique() <= FEW_POINTS for s in series)
 
 
 def _mark_paper(ax: "Axes", x: float, value: float, color: tuple) -> None:
@@ -219,7 +245,8 @@ def fig1(data: RunData, **select: object) -> Drawn:
             _legend(ax, drawn, colors, [])
         else:
             _empty(ax, "no plain-net runs in this study")
-    notes = coverage(runs, drawn, wanted) + _not_logged(runs, metrics) + notes
+    notes = (coverage(runs, drawn, wanted) + _not_logged(runs[runs["arch"] == "plain"], metrics)
+             + _off_chart(metrics, drawn, study, spec.ylim) + notes)
     caption = (
         f"Plain nets of {' and '.join(str(s[1]) for s in drawn) or 'no'} layers (paper: 20 and 56, CIFAR-10). "
         "Line: mean over seeds; band: min to max over seeds. The paper gives no final numbers for plain nets."
@@ -251,12 +278,14 @@ def _curve_panels(
     split = _eval_split(metrics)
     all_drawn = [s for _, drawn, _ in panels for s in drawn]
     colors = _colors(all_drawn)
+    few = _few(metrics, all_drawn)
+    train_mark, eval_mark = ({"marker": "o", "markerfacecolor": "white"}, {"marker": "o"}) if few else ({}, {})
     fig, axes = _new_figure(len(panels))
     marked = False
     for ax, (title, drawn, wanted) in zip(axes[0], panels):
         for s in drawn:
             rows = _rows_of(metrics, s)
-            _curve(ax, rows[rows["split"] == "train"], colors[s], **train_line)
+            _curve(ax, rows[rows["split"] == "train"], colors[s], hollow=True, **train_line)
             _curve(ax, rows[rows["split"] == split], colors[s], linewidth=2.2)
             if s in paper:
                 _mark_paper(ax, study.iterations, paper[s], colors[s])
@@ -265,18 +294,19 @@ def _curve_panels(
         _iteration_axis(ax, study.iterations)
         _error_axis(ax, study, spec.ylim)
         if drawn:
-            styles = [("training", train_line), (study.eval_name, {"linewidth": 2.2})]
+            styles = [("training", {**train_line, **train_mark}), (study.eval_name, {"linewidth": 2.2, **eval_mark})]
             if any(s in paper for s in drawn):
                 styles.append((paper_label, {"marker": "*", "linestyle": "none", "markersize": 9}))
             _legend(ax, drawn, colors, styles)
         else:
             _empty(ax, "no runs: " + ", ".join(series_label(*s) for s in wanted))
     wanted_all = list(dict.fromkeys(s for _, _, wanted in panels for s in wanted))
-    notes = coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all) + _not_logged(runs, metrics) + notes
+    notes = (coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all) + _not_logged(runs, metrics)
+             + _off_chart(metrics, all_drawn, study, spec.ylim) + notes)
     train_word = "dashed" if train_line.get("linestyle") == "--" else "thin"
     caption = (
-        f"{train_word.capitalize()}: training error; bold: {study.eval_name} error. "
-        "Line: mean over seeds; band: min to max over seeds."
+        f"{train_word.capitalize()}{' (white dots)' if few else ''}: training error; bold"
+        f"{' (filled dots)' if few else ''}: {study.eval_name} error. Line: mean over seeds; band: min to max over seeds."
     )
     if marked:
         caption += f" Star: {paper_label}, at the right edge."

@@ -237,10 +237,29 @@ class Study:
 
     @property
     def is_paper(self) -> bool:
-        """The paper's own setting: CIFAR-10 for 64k iterations, or ImageNet for 60e4, and no
-        deviation of protocol (`variant`)."""
-        budget = IMAGENET_ITERATIONS if self.dataset == IMAGENET else CIFAR_ITERATIONS
-        return self.dataset in ("cifar10", IMAGENET) and self.iterations == budget and not self.variant
+        """The paper's own setting: CIFAR-10 for 64k iterations at batch 128, or ImageNet for 60e4 at
+        batch 256, and no deviation of protocol (`variant`)."""
+        imagenet = self.dataset == IMAGENET
+        budget = IMAGENET_ITERATIONS if imagenet else CIFAR_ITERATIONS
+        batch = IMAGENET_BATCH_SIZE if imagenet else PAPER_BATCH_SIZE
+        return (self.dataset in ("cifar10", IMAGENET) and self.iterations == budget and self.batch_size == batch
+                and not self.variant)
+
+    def deviations(self) -> list[str]:
+        """How this study's setting differs from the paper's, in words (empty for the paper's own;
+        only meaningful on CIFAR-10 and ImageNet)."""
+        imagenet = self.dataset == IMAGENET
+        budget = IMAGENET_ITERATIONS if imagenet else CIFAR_ITERATIONS
+        batch = IMAGENET_BATCH_SIZE if imagenet else PAPER_BATCH_SIZE
+        out = []
+        if self.iterations != budget:
+            out.append(f"{'shortened' if self.iterations < budget else 'longer'} ({self.iterations:,} iterations, "
+                       f"the paper's {budget:,})")
+        if self.batch_size != batch:
+            out.append(f"at batch {self.batch_size} (the paper's {batch})")
+        if self.variant:
+            out.append(f"a variant of the protocol ({self.variant})")
+        return out
 
     @property
     def eval_name(self) -> str:

@@ -18,8 +18,8 @@ import pandas as pd
 from ..config import ConfigError
 from ..data import DataError, dataset_info
 from .load import NoRunsError, RunData, Study, pick_study, studies, unsettled_bn, unsettled_bn_note
-from .paper import CLAIMS, FIGURES, IMAGENET, TABLE3, TABLE6, series_label
-from .tables import TABLE_NAMES, final_errors
+from .paper import CLAIMS, FIGURES, IMAGENET, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
+from .tables import TABLE_NAMES, final_errors, with_tencrop
 
 HOLDS, FAILS, UNKNOWN = "holds", "does not hold", "cannot be judged"
 # Claim 2: "vanishing" = some hidden layer's gradient norm (median over the recordings) below 1% of
@@ -115,6 +115,10 @@ class _Finals:
         metrics = study.select(data.metrics)
         self.df = final_errors(metrics[metrics["run_id"].isin(done["run_id"])]) if not metrics.empty else None
         self.eval = "val" if self.df is not None and "val" in self.df else "test"
+        # ImageNet: the 10-crop test (`study evaluate`) replaces the logged centre-crop `val` where a
+        # run has a current one, as in Tables 2 and 3.
+        if study.dataset == IMAGENET and self.df is not None and self.eval == "val":
+            self.df, _ = with_tencrop(self.df, done)
         self.chance = _chance_error(study.dataset)
 
     def unlearned(self, train_errors: list[_Stat]) -> str | None:
@@ -212,7 +216,11 @@ def _claim2(data: RunData, study: Study | None) -> tuple[str, str, int]:
             )
         )
         seeds.append(len(ratio))
-    if resp.empty:
+    early = unsettled_bn(resp)  # BN's running statistics not settled yet: no evidence either way
+    resp = resp[~resp["run_id"].isin(early)]
+    if resp.empty and early:
+        parts.append((None, f"the plain nets' layer responses were {unsettled_bn_note(early)}"))
+    elif resp.empty:
         parts.append((None, "no layer responses of finished plain nets (`study probe`)"))
     else:
         depth = int(resp["depth"].max())
@@ -231,7 +239,8 @@ def _claim2(data: RunData, study: Study | None) -> tuple[str, str, int]:
 def _claim3(f: _Finals | None) -> tuple[str, str, int]:
     depths = [d for d in f.depths("resnet") if d <= 110] if f else []
     if len(depths) < 2:
-        return UNKNOWN, f"needs two finished ResNet depths up to 110, has {depths or 'none'}", 0
+        have = min((f.get("resnet", d, "train").n for d in depths), default=0)
+        return UNKNOWN, f"needs two finished ResNet depths up to 110, has {depths or 'none'}", have
     rows = {d: (f.get("resnet", d, "train"), f.get("resnet", d, f.eval)) for d in depths}
     if (why := f.unlearned([tr for tr, _ in rows.values()])) is not None:
         return UNKNOWN, why, min(s[0].n for s in rows.values())
@@ -257,8 +266,8 @@ def _claim4(f: _Finals | None) -> tuple[str, str, int]:
     holds = tr1202.mean <= tr110.mean + SAME_TRAIN_ERROR_PP and te1202.mean > te110.mean
     evidence = (
         f"training error ResNet-1202 {tr1202} vs ResNet-110 {tr110} (same: within {SAME_TRAIN_ERROR_PP} points), "
-        f"{f.eval} error {te1202} vs {te110}{_spread_note(te1202, te110)}; paper: "
-        f"{TABLE6[('resnet', 1202, 'A')]} vs {TABLE6[('resnet', 110, 'A')]}"
+        f"{f.eval} error {te1202} vs {te110}{_spread_note(te1202, te110)}; paper: ResNet-1202's training error "
+        f"under {RESNET1202_TRAIN_ERROR_BELOW}%, like 110's, test {TABLE6[('resnet', 1202, 'A')]} vs {TABLE6[('resnet', 110, 'A')]}"
     )
     return (HOLDS if holds else FAILS), evidence, min(tr110.n, tr1202.n)
 
@@ -315,8 +324,16 @@ def _claim6(f: _Finals | None) -> tuple[str, str, int]:
         return UNKNOWN, why, min(s.n for s in stats.values())
     holds = c.mean < b.mean < a.mean < plain.mean
     paper = ", ".join(f"{series_label(*k)} {v[0]}" for k, v in TABLE3.items())
+    compared = f.df[f.df["depth"] == 34]["tencrop"] if "tencrop" in f.df else pd.Series([False])
+    if compared.all():
+        how = "10-crop"
+    elif compared.any():
+        how = "10-crop where `study evaluate` has tested the run, else centre-crop"
+    else:
+        how = "centre-crop (run `study evaluate` for the paper's 10-crop)"
     evidence = (
-        f"top-1 {f.eval} error plain-34 {plain}, ResNet-34 A {a}, B {b}, C {c}{_spread_note(b, a)}; paper: {paper}"
+        f"top-1 {how} validation error plain-34 {plain}, ResNet-34 A {a}, B {b}, C {c}{_spread_note(b, a)}; "
+        f"paper (10-crop): {paper}"
     )
     return (HOLDS if holds else FAILS), evidence, min(s.n for s in stats.values())
 

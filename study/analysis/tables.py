@@ -116,7 +116,10 @@ def _compare(
                 continue
             ref = paper.get(s)
             diff = stats["mean"] - ref.reference if ref is not None and stats["n"] and comparable else math.nan
-            numeric.update({f"{column}_paper": ref.reference if ref else math.nan, f"{column}_diff": diff})
+            # `_paper`: what `_diff` compares our mean with (the paper's mean where it gives one);
+            # `_paper_best`: its best run, to set beside our `_best`.
+            numeric.update({f"{column}_paper": ref.reference if ref else math.nan,
+                            f"{column}_paper_best": ref.best if ref else math.nan, f"{column}_diff": diff})
             theirs = paper_heading[0] if paper_heading else heading
             shown[f"paper: {theirs}"] = str(ref) if ref else "–"
             diff_heading = f"diff {heading}" if theirs == heading else f"diff ({heading} - paper's {theirs})"
@@ -135,7 +138,7 @@ def _compare(
             f"yours are {study.dataset}, so no difference is computed"
         )
     elif not study.is_paper:
-        notes.append(f"your runs are shortened ({study.iterations:,} iterations), the paper's are not")
+        notes.append(f"your runs are {' and '.join(study.deviations())}: the paper's numbers are not for this setting")
     notes.append(
         "cells: best (mean ± std over seeds, n - 1); only finished runs count; "
         "diff = our mean minus the paper's mean (its single number where it gives no mean)"

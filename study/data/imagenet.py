@@ -13,10 +13,12 @@ PIL and hand over uint8 224x224 crops (a quarter of the bytes of float32 through
 `normalize` then turns a whole batch into the model's input on the training device, with the
 optional PCA colour lighting applied there, batched.
 
-Mean subtraction: the paper subtracts the per-pixel mean. After random rescaling to [256, 480] and
-random 224 crops, the mean of the training crops is, up to sampling noise, the same at every pixel
-position, i.e. a per-channel mean; so `normalize` subtracts the per-channel ImageNet training-set
-mean (torchvision's values) and, like the paper, divides by no standard deviation.
+Mean subtraction: the paper subtracts "the per-pixel mean" (AlexNet's, its reference [21]): a 224x224
+mean image, subtracted from every crop. How it was computed under scale augmentation the paper does
+not say; `pixel_mean` averages the training images as the evaluation sees them (shorter side 256,
+centre 224x224 crop), once per data set, cached in the runs dir. `--mean channel` subtracts instead
+the per-channel ImageNet mean (torchvision's values), a deviation. Neither divides by a standard
+deviation, as in the paper.
 
 GPU JPEG decoding (`torchvision.io.decode_jpeg(device="cuda")`) is not offered: torchvision 0.29
 deprecates its image decoders in favour of TorchCodec, and ImageNet's few CMYK and non-JPEG files
@@ -26,10 +28,14 @@ would need a CPU fallback beside it; the PIL workers are the supported path, and
 
 from __future__ import annotations
 
+import atexit
+import copy
+import fcntl
 import itertools
 import math
 import os
 import signal
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 from torchvision.transforms import v2
@@ -54,6 +60,10 @@ CROP = 224
 EVAL_RESIZE = 256
 #: Per-channel mean of the ImageNet training set in [0, 1] scale (RGB), as torchvision uses it.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+#: What is subtracted: the paper's per-pixel mean image (`pixel_mean`), or the per-channel mean.
+MEANS = ("pixel", "channel")
+#: `pixel_mean`'s cache, a file in the runs dir; {key} names the data root.
+PIXEL_MEAN_FILE = ".imagenet-pixel-mean-{key}.pt"
 
 # PCA of the ImageNet training set's RGB pixel values in [0, 1] scale (Krizhevsky et al. 2012,
 # "ImageNet Classification with Deep Convolutional Neural Networks", section 4.1), the values the
@@ -94,17 +104,115 @@ class Lighting(nn.Module):
 def normalize(
     images: torch.Tensor,
     *,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    mean: tuple[float, float, float] | torch.Tensor = IMAGENET_MEAN,
     lighting: Lighting | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """uint8 crops from these loaders (B, 3, H, W), or (B, 10, 3, H, W) for 10-crop) -> the
     model's float32 input, on the images' device: scale to [0, 1], apply ``lighting`` if given
-    (training only), subtract the per-channel ``mean`` (no std division, as in the paper)."""
+    (training only), subtract ``mean``: a (3, H, W) mean image (`pixel_mean`) or a per-channel
+    triple (no std division, as in the paper)."""
     x = v2.functional.to_dtype(images, torch.float32, scale=True)
     if lighting is not None:
         x = lighting(x, generator)
+    if isinstance(mean, torch.Tensor):
+        return x - mean.to(x.device, torch.float32)
     return v2.functional.normalize(x, list(mean), [1.0, 1.0, 1.0])
+
+
+def pixel_mean(
+    root: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    *,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    distributed: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+    train: ImageFolder | None = None,
+) -> torch.Tensor:
+    """The per-pixel mean of ``root/train`` (the paper's, 3.4): a (3, 224, 224) float32 image in
+    [0, 1] scale, the average of every training image resized to a shorter side of 256 and centre
+    cropped to 224x224 (as the validation images are). Computed once (a pass over the training
+    set, with ``workers`` DataLoader workers; under DDP each process averages its share) and cached
+    in ``cache_dir``, keyed by the data root's absolute path, for every later run and `study
+    evaluate`. ``train``: the already scanned training folder, if there is one. The cache is written
+    by rank 0, atomically, one process at a time (an flock on ``cache_dir``); an unreadable one is
+    computed again."""
+    import hashlib
+
+    key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
+    cache = Path(cache_dir) / PIXEL_MEAN_FILE.format(key=key)
+    if (mean := _read_pixel_mean(cache, log)) is not None:
+        return mean
+    if distributed:  # every process takes part in the one pass
+        return _compute_pixel_mean(root, cache, workers, device, distributed, progress, log, train)
+    # One process at a time: `--concurrency` workers, SLURM array tasks and `study evaluate` that
+    # start together wait for the first one's pass and read its result.
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache.parent, os.O_RDONLY)  # an flock on the directory: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if (mean := _read_pixel_mean(cache, lambda message: None)) is not None:
+            return mean
+        return _compute_pixel_mean(root, cache, workers, device, distributed, progress, log, train)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _read_pixel_mean(cache: Path, log: Callable[[str], None]) -> torch.Tensor | None:
+    """The cached mean image, or None when there is none or it is unreadable (said in `log`)."""
+    try:
+        record = torch.load(cache, map_location="cpu", weights_only=True)
+        mean = record["mean"]
+        if isinstance(mean, torch.Tensor) and mean.shape == (3, CROP, CROP):
+            return mean.float()
+        raise ValueError("not a 3x224x224 mean image")
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # a truncated or foreign file: compute it again
+        log(f"{cache} is unreadable ({type(e).__name__}); computing the per-pixel mean again")
+        return None
+
+
+def _compute_pixel_mean(root, cache: Path, workers: int, device, distributed: bool, progress: bool,
+                        log: Callable[[str], None], train: ImageFolder | None) -> torch.Tensor:
+    """`pixel_mean`'s pass over the training set; rank 0 writes the cache."""
+    from tqdm import tqdm
+
+    from ..runstore import atomic_write
+
+    if train is None:
+        train = image_folder(root, "train", None)
+    centre = copy.copy(train)  # shares the scanned file list; only the transform differs
+    centre.transform = val_transform()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    shard = Subset(centre, range(rank, len(centre), world))
+    loader = _Loader(shard, batch_size=256, num_workers=workers, worker_init_fn=_ignore_stop_signals)
+    device = torch.device(device)
+    total = torch.zeros((3, CROP, CROP), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    if rank == 0:
+        log(f"computing the per-pixel mean of the {len(centre):,} images in {Path(root) / 'train'} "
+            f"(once; cached in {cache})")
+    with tqdm(total=len(loader), desc="per-pixel mean", unit="batch", disable=not progress or rank != 0,
+              leave=False, dynamic_ncols=True) as bar:
+        try:
+            for images, _ in loader:
+                total += images.to(device).double().sum(0)
+                count += images.shape[0]
+                bar.update(1)
+        except DataError as e:
+            raise from_worker(e) from None
+    if distributed:
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    mean = (total / count / 255.0).float().cpu()
+    if rank == 0:
+        record = {"mean": mean, "images": int(count.item()), "root": str(Path(root).resolve())}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, lambda p: torch.save(record, p))
+    return mean
 
 
 def train_transform(scale: tuple[int, int] = TRAIN_SCALE, crop: int = CROP) -> v2.Compose:
@@ -137,6 +245,13 @@ def ten_crop_transform(resize: int = EVAL_RESIZE, crop: int = CROP) -> v2.Compos
     """The standard 10-crop test (paper 4.1, Table 2): the four corner and centre crops of the image
     resized to ``resize``, and their mirror images; a (10, 3, crop, crop) uint8 tensor out."""
     return v2.Compose([v2.Resize(resize), v2.TenCrop(crop), v2.PILToTensor(), _StackCrops()])
+
+
+def from_worker(e: DataError) -> DataError:
+    """A DataError raised in a DataLoader worker arrives with the worker's traceback in its message;
+    the same error with its own one line."""
+    last = str(e).strip().splitlines()[-1]
+    return DataError(last.split("DataError: ", 1)[-1])
 
 
 def load_image(path: str) -> Image.Image:
@@ -245,14 +360,36 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGTERM, SIGINT and SIGUSR2 to the training process: SLURM and a
     terminal signal every process, and a worker killed by one would turn the run's orderly stop
     (step, checkpoint, exit) into a `DataLoader worker exited unexpectedly` failure. The training
-    process shuts its workers down when it exits."""
+    process shuts its workers down when it exits (`_Loader`)."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
 
 
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker iterators are shut down at exit. Workers ignore SIGTERM
+    (`_ignore_stop_signals`), and multiprocessing's exit handler stops workers still alive (an
+    iterator kept by a stored exception's traceback, say) with SIGTERM and waits for them: it would
+    wait for ever. `_shutdown_workers` at exit, before that handler, asks them to stop instead."""
+
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        if hasattr(it, "_shutdown_workers"):
+            _LIVE_ITERATORS.add(it)
+        return it
+
+
+@atexit.register  # registered after multiprocessing's handler, so it runs before it
+def _shutdown_live_workers() -> None:
+    for it in list(_LIVE_ITERATORS):
+        it._shutdown_workers()
+
+
 def _loader(dataset: ImageFolder, batch_size: int, workers: int, sampler: DistributedSampler | None,
             pin_memory: bool | None, seed: int) -> DataLoader:
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -273,6 +410,8 @@ class ImageNetData:
     train: ImageFolder
     val: ImageFolder
     eval_split: str = "val"
+    #: The per-pixel mean of train/ (`pixel_mean`), once a run has needed it.
+    pixel_mean: torch.Tensor | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -389,7 +528,7 @@ def evaluate(
     device: torch.device | str,
     *,
     crops: int | None = None,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    mean: tuple[float, float, float] | torch.Tensor = IMAGENET_MEAN,
     autocast: bool = False,
 ) -> EvalResult:
     """Loss and top-1/top-5 error % of ``model`` (eval mode) over ``loader``.
@@ -440,8 +579,13 @@ def evaluate(
 
 
 def ten_crop_error(
-    model: nn.Module, loader: DataLoader, device: torch.device | str, *, autocast: bool = False
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str,
+    *,
+    mean: tuple[float, float, float] | torch.Tensor = IMAGENET_MEAN,
+    autocast: bool = False,
 ) -> EvalResult:
     """The paper's 10-crop test (Tables 2 and 3) over a loader from `make_ten_crop_loader`:
-    loss, top-1 and top-5 error % of the 10 crops' averaged softmax."""
-    return evaluate(model, loader, device, crops=10, autocast=autocast)
+    loss, top-1 and top-5 error % of the 10 crops' averaged softmax; ``mean`` as the run trained."""
+    return evaluate(model, loader, device, crops=10, mean=mean, autocast=autocast)
