@@ -31,8 +31,11 @@ from __future__ import annotations
 import atexit
 import copy
 import fcntl
+import functools
 import itertools
 import math
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import signal
 import weakref
@@ -188,7 +191,7 @@ def _compute_pixel_mean(root, cache: Path, workers: int, device, distributed: bo
     centre.transform = val_transform()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     shard = Subset(centre, range(rank, len(centre), world))
-    loader = _Loader(shard, batch_size=256, num_workers=workers, worker_init_fn=_ignore_stop_signals)
+    loader = _Loader(shard, batch_size=256, num_workers=workers, worker_init_fn=_WORKER_INIT)
     device = torch.device(device)
     total = torch.zeros((3, CROP, CROP), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
@@ -356,15 +359,29 @@ def _per_process_batch(batch_size: int, distributed: bool) -> int:
     return batch_size // world
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+#: Set when the training process exits (`_shutdown_live_workers`): from then on its workers obey
+#: SIGTERM, which multiprocessing's exit handler sends them before waiting for them.
+_EXITING = multiprocessing.Event()
+
+
+def _ignore_stop_signals(worker_id: int, exiting: "multiprocessing.synchronize.Event | None" = None) -> None:
     """DataLoader workers leave SIGTERM, SIGINT and SIGUSR2 to the training process: SLURM and a
     terminal signal every process, and a worker killed by one would turn the run's orderly stop
     (step, checkpoint, exit) into a `DataLoader worker exited unexpectedly` failure. The training
-    process shuts its workers down when it exits (`_Loader`)."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+    process shuts its workers down when it exits (`_Loader`); once it is exiting (`exiting` set),
+    a SIGTERM ends the worker."""
+    for signum in (signal.SIGINT, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
 
+    def on_sigterm(signum: int, frame: object) -> None:
+        if exiting is not None and exiting.is_set():
+            os._exit(0)
 
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+#: What the workers of this package's loaders run first.
+_WORKER_INIT = functools.partial(_ignore_stop_signals, exiting=_EXITING)
 _LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
 
 
@@ -383,6 +400,7 @@ class _Loader(DataLoader):
 
 @atexit.register  # registered after multiprocessing's handler, so it runs before it
 def _shutdown_live_workers() -> None:
+    _EXITING.set()
     for it in list(_LIVE_ITERATORS):
         it._shutdown_workers()
 
@@ -397,7 +415,7 @@ def _loader(dataset: ImageFolder, batch_size: int, workers: int, sampler: Distri
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         # Seeds the workers' augmentation; `set_epoch` re-seeds it per epoch.
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=_WORKER_INIT,
     )
 
 
