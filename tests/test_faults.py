@@ -150,7 +150,7 @@ def test_two_concurrent_grid_runners_train_each_run_once(tmp_path):
         assert list(df.split) == ["train", "test", "train", "test"] and status(tmp_path, run_id)["status"] == "done"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=SLOW)])
 def test_a_signal_while_waiting_for_another_processs_run_stops_at_once(tmp_path, signum):
     """A runner waiting for a run that another process holds stops on Ctrl-C or SIGTERM at once,
     without touching that run (it used to sit in the lock, then train a step before stopping)."""

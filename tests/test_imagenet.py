@@ -285,10 +285,20 @@ def test_a_process_exits_while_loader_workers_are_still_alive(folder):
             f"loaders = make_loaders({str(folder)!r}, batch_size=2, workers=1, pin_memory=False)\n"
             "set_epoch(loaders.train, 0)\nKEEP = iter(loaders.train)\nnext(KEEP)\n")
     subprocess.run([sys.executable, "-c", code], timeout=120, check=True)
-    # Even when the exit hook cannot reach the iterator, the workers obey the SIGTERM that
-    # multiprocessing sends at exit (the hook has told them the process is exiting).
-    forget = "import study.data.imagenet as m\nm._LIVE_ITERATORS.clear()\n"
-    subprocess.run([sys.executable, "-c", code + forget], timeout=120, check=True)
+
+
+@pytest.mark.slow
+def test_workers_obey_sigterm_once_their_process_exits(folder):
+    """Even when the exit hook cannot reach the iterator, the workers obey the SIGTERM that
+    multiprocessing sends at exit (the hook has told them the process is exiting)."""
+    import subprocess
+    import sys
+
+    code = (f"from study.data.imagenet import make_loaders, set_epoch\n"
+            f"loaders = make_loaders({str(folder)!r}, batch_size=2, workers=1, pin_memory=False)\n"
+            "set_epoch(loaders.train, 0)\nKEEP = iter(loaders.train)\nnext(KEEP)\n"
+            "import study.data.imagenet as m\nm._LIVE_ITERATORS.clear()\n")
+    subprocess.run([sys.executable, "-c", code], timeout=120, check=True)
 
 
 def test_lighting_shifts_each_image_by_one_colour():
