@@ -509,13 +509,7 @@ def train_steps(
     run.clean_temporaries()
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     if isinstance(data, imagenet.ImageNetData):
-        mean: tuple | torch.Tensor = imagenet.IMAGENET_MEAN
-        if cfg.mean == "pixel":
-            if data.pixel_mean is None:  # once per process and data set: computed, or read from the cache
-                data.pixel_mean = imagenet.pixel_mean(
-                    data.root, run.dir.parent, workers=workers, device=device, distributed=ddp.enabled, log=log,
-                    progress=ddp.writer and (sys.stderr.isatty() if progress is None else progress), train=data.train)
-            mean = data.pixel_mean
+        mean = data.mean_for(cfg.mean, run.dir.parent, **_pixel_mean_options(workers, device, ddp, progress, log))
         feed: CifarFeed | ImageNetFeed = ImageNetFeed(cfg, data, device, fmt, ddp, workers, mean)
     else:
         feed = CifarFeed(cfg, data, device, fmt, ddp)
@@ -934,11 +928,8 @@ def run_all(
         # ImageNet's per-pixel mean: one pass over train/ (or the runs dir's cache), here, before
         # any worker process starts, so that they read it rather than each making its own pass.
         for data in datasets.values():
-            if isinstance(data, imagenet.ImageNetData) and data.pixel_mean is None:
-                data.pixel_mean = imagenet.pixel_mean(
-                    data.root, runs_dir, workers=workers, device=dev, distributed=ddp.enabled, train=data.train,
-                    progress=ddp.writer and (sys.stderr.isatty() if progress is None else progress),
-                    log=log if ddp.writer else _quiet)
+            if isinstance(data, imagenet.ImageNetData):
+                data.mean_for("pixel", runs_dir, **_pixel_mean_options(workers, dev, ddp, progress, log))
 
     pool = []
     if concurrency > 1:
@@ -964,6 +955,14 @@ def run_all(
 
 def _quiet(message: str) -> None:
     pass
+
+
+def _pixel_mean_options(workers: int, device: torch.device, ddp: Distributed, progress: bool | None,
+                        log: Callable[[str], None]) -> dict:
+    """`imagenet.pixel_mean`'s options for this process: its workers and device, its share under
+    DDP, and rank 0 alone showing a bar and logging."""
+    return dict(workers=workers, device=device, distributed=ddp.enabled, log=log if ddp.writer else _quiet,
+                progress=ddp.writer and (sys.stderr.isatty() if progress is None else progress))
 
 
 def _worker(configs: list[RunConfig], runs_dir: str, kwargs: dict, name: str) -> None:

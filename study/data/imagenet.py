@@ -63,8 +63,6 @@ CROP = 224
 EVAL_RESIZE = 256
 #: Per-channel mean of the ImageNet training set in [0, 1] scale (RGB), as torchvision uses it.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-#: What is subtracted: the paper's per-pixel mean image (`pixel_mean`), or the per-channel mean.
-MEANS = ("pixel", "channel")
 #: `pixel_mean`'s cache, a file in the runs dir; {key} names the data root.
 PIXEL_MEAN_FILE = ".imagenet-pixel-mean-{key}.pt"
 
@@ -430,6 +428,16 @@ class ImageNetData:
     eval_split: str = "val"
     #: The per-pixel mean of train/ (`pixel_mean`), once a run has needed it.
     pixel_mean: torch.Tensor | None = None
+
+    def mean_for(self, kind: str, cache_dir: str | os.PathLike, **options: object) -> tuple | torch.Tensor:
+        """What a run with ``RunConfig.mean == kind`` subtracts: the per-pixel mean image of train/
+        (`pixel_mean` with ``options``, once per process, then kept here), or the per-channel
+        `IMAGENET_MEAN`."""
+        if kind != "pixel":
+            return IMAGENET_MEAN
+        if self.pixel_mean is None:
+            self.pixel_mean = pixel_mean(self.root, cache_dir, train=self.train, **options)
+        return self.pixel_mean
 
     @property
     def classes(self) -> list[str]:
