@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
+from .data.sources import DataError
 from .runstore import Run, RunStoreError, atomic_write_text, check_writable, list_runs
 
 TENCROP_FILE = "tencrop.json"
@@ -110,7 +111,9 @@ class _Progress:
         self.loader, self.bar, self.sampler = loader, bar, loader.sampler
 
     def __iter__(self) -> Iterator:
-        for batch in self.loader:
+        from .data.imagenet import batches
+
+        for batch in batches(self.loader):
             yield batch
             self.bar.update(1)
 
@@ -234,7 +237,12 @@ def evaluate_runs(
             data_dir, runs_dir, workers=default_workers() if workers is None else workers, device=dev,
             progress=show, log=log))
         for run in todo:
-            record = evaluate_run(run, loader, dev, progress=show, pixel_mean=pixel_mean)
+            try:
+                record = evaluate_run(run, loader, dev, progress=show, pixel_mean=pixel_mean)
+            except DataError as e:  # raised in a worker, it arrives with the worker's traceback
+                from .data.imagenet import from_worker
+
+                raise from_worker(e) from None
             atomic_write_text(tencrop_path(run.dir), json.dumps(record, indent=1) + "\n")
             outcomes[run.cfg.run_id] = Outcome(run.cfg.run_id, record, computed=True)
             log(f"{run.cfg.run_id}: 10-crop top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}% "

@@ -361,9 +361,7 @@ class ImageNetFeed:
         """Stop the epoch's DataLoader workers now, not whenever the iterator is collected: a worker
         ignores SIGTERM (`_ignore_stop_signals`), so one still alive when the process exits would
         hang multiprocessing's exit, which stops workers with SIGTERM and waits for them."""
-        it = getattr(self, "it", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        imagenet.shutdown_workers(getattr(self, "it", None))
         self.it = None
 
     def next_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int] | None:
@@ -372,6 +370,7 @@ class ImageNetFeed:
         except StopIteration:
             return None
         except DataError as e:  # raised in a worker, it arrives with the worker's traceback
+            self.close()  # now: the error's traceback keeps the iterator alive (`imagenet.batches`)
             raise imagenet.from_worker(e) from None
         self.batches += 1
         x = imagenet.normalize(images.to(self.device, non_blocking=True), mean=self.mean, lighting=self.lighting,

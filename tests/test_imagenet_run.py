@@ -1,12 +1,16 @@
 """ImageNet runs end to end: `study run` on a tiny ImageFolder of real JPEGs through the real loader,
 then `study plot fig4` from their logs; the plateau schedule; mid-epoch resume of the loader."""
 
+import contextlib
+import gc
+
 import pandas as pd
 import pytest
 import torch
 
 from study.cli import main
 from study.config import ConfigError, RunConfig
+from study.data import imagenet
 from study.data.imagenet import loaders_for, open_imagenet, set_epoch
 from study.train import Schedule
 
@@ -112,6 +116,23 @@ def test_a_resumed_epoch_continues_with_the_images_not_yet_seen(tmp_path):
     assert len(list(loader.sampler)) == 18 and list(loader.sampler) != whole
 
 
+@contextlib.contextmanager
+def no_worker_left_behind():
+    """Fails if a DataLoader worker started inside the block is still alive after it, with the
+    garbage collector off: stopping the workers of a failed iteration must not wait for a collection
+    (an error's traceback cycle keeps its iterator alive; at exit that hung the process)."""
+    def alive() -> set[int]:
+        return {id(it) for it in list(imagenet._LIVE_ITERATORS) if any(w.is_alive() for w in it._workers)}
+
+    before = alive()
+    gc.disable()
+    try:
+        yield
+        assert alive() - before == set(), "a loader's workers outlived the error that ended its iteration"
+    finally:
+        gc.enable()
+
+
 def test_an_unreadable_image_met_during_training_is_one_line_exit_2(tmp_path, capsys):
     root = write_image_folder(tmp_path / "data", per_class=(1, 1))
     # Not the first file: the up-front check decodes each split's first file.
@@ -122,12 +143,14 @@ def test_an_unreadable_image_met_during_training_is_one_line_exit_2(tmp_path, ca
             "--batch-size", "3", "--workers", "1", "--device", "cpu", "--runs-dir", str(runs), "--no-progress",
             "--data-dir", str(root)]
     # The per-pixel mean's pass over train/ meets it first, before any run has started.
-    assert main(args) == 2
+    with no_worker_left_behind():
+        assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot decode image" in err and bad.name in err
     assert list(runs.iterdir()) == []
     # With the per-channel mean there is no such pass: the run meets it and is marked failed.
-    assert main([*args, "--mean", "channel"]) == 2
+    with no_worker_left_behind():
+        assert main([*args, "--mean", "channel"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot decode image" in err and bad.name in err
     (run_dir,) = runs.iterdir()

@@ -182,3 +182,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained, capsys, tmp_pa
         assert code == 2 and len(err.strip().splitlines()) == 1 and "no ImageNet runs" in err, err
         assert "study run --arch resnet --depth 18 --dataset imagenet" in err
         assert files(tmp_path) == before and not (tmp_path / "empty").exists()
+
+
+def test_an_unreadable_image_met_by_the_ten_crop_test_is_one_line_exit_2(trained, capsys, tmp_path):
+    from test_imagenet_run import no_worker_left_behind
+
+    source, runs, run = trained
+    root = tmp_path / "imagenet"
+    shutil.copytree(source, root)
+    # Not the first file: the up-front check decodes each split's first file.
+    bad = sorted((root / "val").glob("*/*.JPEG"))[-1]
+    bad.write_bytes(b"\xff\xd8 this is not a JPEG")
+    (run.dir / "tencrop.json").unlink(missing_ok=True)
+    with no_worker_left_behind():
+        code, out, err = cli(capsys, "evaluate", "--runs-dir", runs, "--data-dir", root, "--workers", 1,
+                             "--device", "cpu", "--no-progress")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "cannot decode image" in err and bad.name in err, err
+    assert not (run.dir / "tencrop.json").exists()

@@ -111,6 +111,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     evaluate.add_argument("--workers", type=_count(0), help="DataLoader workers (default: CPUs, at most 12)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     evaluate.add_argument("--force", action="store_true", help="recompute runs that already have a 10-crop result")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     return {"plot": cmd_plot, "table": cmd_table, "report": cmd_report, "probe": cmd_probe, "evaluate": cmd_evaluate}
 
 
@@ -266,6 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         force=args.force,
+        progress=False if args.no_progress else None,
     )
     print(format_outcomes(outcomes))
     return 0

@@ -39,7 +39,7 @@ import multiprocessing.synchronize
 import os
 import signal
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -199,7 +199,7 @@ def _compute_pixel_mean(root, cache: Path, workers: int, device, distributed: bo
     with tqdm(total=len(loader), desc="per-pixel mean", unit="batch", disable=not progress or rank != 0,
               leave=False, dynamic_ncols=True) as bar:
         try:
-            for images, _ in loader:
+            for images, _ in batches(loader):
                 total += images.to(device).double().sum(0)
                 count += images.shape[0]
                 bar.update(1)
@@ -386,14 +386,34 @@ _LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
 class _Loader(DataLoader):
     """A DataLoader whose worker iterators are shut down at exit. Workers ignore SIGTERM
     (`_ignore_stop_signals`), and multiprocessing's exit handler stops workers still alive (an
-    iterator kept by a stored exception's traceback, say) with SIGTERM and waits for them: it would
-    wait for ever. `_shutdown_workers` at exit, before that handler, asks them to stop instead."""
+    iterator kept by an exception's traceback cycle, say: `batches`) with SIGTERM and waits for
+    them: it would wait for ever. `_shutdown_workers` at exit, before that handler, asks them to
+    stop instead. (A second line of defence: `batches` and the training feed stop them first.)"""
 
     def _get_iterator(self):
         it = super()._get_iterator()
         if hasattr(it, "_shutdown_workers"):
             _LIVE_ITERATORS.add(it)
         return it
+
+
+def shutdown_workers(it: Iterator | None) -> None:
+    """Stop a DataLoader iterator's worker processes now (a no-op for anything else)."""
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+
+
+def batches(loader: Iterable) -> Iterator:
+    """``loader``'s batches; its workers stop as soon as the iteration ends, by exhaustion, an
+    error or the consumer's break. Not left to the garbage collector: an error raised in a worker
+    is re-raised by a frame that also holds the exception (torch's `ExceptionWrapper.reraise`),
+    a reference cycle through the traceback that keeps the iterator, and its workers, alive until
+    a collection finds it; at exit that can be never, and the exit would hang (`_Loader`)."""
+    it = iter(loader)
+    try:
+        yield from it
+    finally:
+        shutdown_workers(it)
 
 
 @atexit.register  # registered after multiprocessing's handler, so it runs before it
@@ -571,7 +591,7 @@ def evaluate(
     # Sums stay on the device, so there is no host sync per batch: loss, top-1 and top-5 misses.
     totals = torch.zeros(3, device=device, dtype=torch.float64)
     n = 0
-    for images, labels in loader:
+    for images, labels in batches(loader):
         n_crops = images.shape[1] if images.ndim == 5 else 1
         if crops is not None and n_crops != crops:
             raise ValueError(f"expected batches of {crops} crops per image, got shape {tuple(images.shape)}")
