@@ -3,6 +3,8 @@ path (real loader on a tiny generated ImageFolder, the paper's augmentation, 10-
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torchvision
@@ -231,6 +233,24 @@ def test_pixel_mean_is_the_mean_centre_crop_of_the_training_set_and_is_cached(fo
     cache.write_bytes(b"not a torch file")
     assert torch.equal(pixel_mean(folder, tmp_path, workers=0, log=logs.append), mean)
     assert "unreadable" in logs[1] and "computing" in logs[2]
+    # A run passes the scanned folder: a cache made from another number of images (the folder
+    # has changed since) is computed again; the same number is read back.
+    from study.data.imagenet import image_folder
+
+    def scanned_mean():
+        return pixel_mean(folder, tmp_path, workers=0, log=logs.append, train=image_folder(folder, "train", None))
+
+    assert torch.equal(scanned_mean(), mean) and len(logs) == 3
+    extra = folder / "train" / train[0].parent.name / "extra.JPEG"
+    shutil.copy(train[-1], extra)
+    try:
+        changed = scanned_mean()
+    finally:
+        extra.unlink()
+    assert f"made from {len(train)} training images, the folder now has {len(train) + 1}" in logs[3]
+    expected = (crops.double().sum(0) + crops[-1].double()) / (len(train) + 1) / 255
+    torch.testing.assert_close(changed, expected.float(), rtol=0, atol=1e-6)
+    assert torch.load(cache, weights_only=True)["images"] == len(train) + 1
 
 
 def test_processes_that_need_the_pixel_mean_at_once_make_one_pass(folder, tmp_path):

@@ -137,14 +137,16 @@ def pixel_mean(
     cropped to 224x224 (as the validation images are). Computed once (a pass over the training
     set, with ``workers`` DataLoader workers; under DDP each process averages its share) and cached
     in ``cache_dir``, keyed by the data root's absolute path, for every later run and `study
-    evaluate`. ``train``: the already scanned training folder, if there is one. The cache is written
-    by rank 0, atomically, one process at a time (an flock on ``cache_dir``); an unreadable one is
-    computed again."""
+    evaluate`. ``train``: the already scanned training folder, if there is one; a cache made from
+    another number of images than it holds (the folder has changed) is computed again, as is an
+    unreadable one. The cache is written by rank 0, atomically, one process at a time (an flock on
+    ``cache_dir``)."""
     import hashlib
 
     key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
     cache = Path(cache_dir) / PIXEL_MEAN_FILE.format(key=key)
-    if (mean := _read_pixel_mean(cache, log)) is not None:
+    images = None if train is None else len(train)
+    if (mean := _read_pixel_mean(cache, log, images)) is not None:
         return mean
     if distributed:  # every process takes part in the one pass
         return _compute_pixel_mean(root, cache, workers, device, distributed, progress, log, train)
@@ -154,26 +156,31 @@ def pixel_mean(
     fd = os.open(cache.parent, os.O_RDONLY)  # an flock on the directory: no lock file left behind
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if (mean := _read_pixel_mean(cache, lambda message: None)) is not None:
+        if (mean := _read_pixel_mean(cache, lambda message: None, images)) is not None:
             return mean
         return _compute_pixel_mean(root, cache, workers, device, distributed, progress, log, train)
     finally:
         os.close(fd)  # releases the flock
 
 
-def _read_pixel_mean(cache: Path, log: Callable[[str], None]) -> torch.Tensor | None:
-    """The cached mean image, or None when there is none or it is unreadable (said in `log`)."""
+def _read_pixel_mean(cache: Path, log: Callable[[str], None], images: int | None = None) -> torch.Tensor | None:
+    """The cached mean image, or None when there is none, it is unreadable, or (``images`` given)
+    it was made from another number of images (the last two said in `log`)."""
     try:
         record = torch.load(cache, map_location="cpu", weights_only=True)
         mean = record["mean"]
-        if isinstance(mean, torch.Tensor) and mean.shape == (3, CROP, CROP):
-            return mean.float()
-        raise ValueError("not a 3x224x224 mean image")
+        if not (isinstance(mean, torch.Tensor) and mean.shape == (3, CROP, CROP)):
+            raise ValueError("not a 3x224x224 mean image")
     except FileNotFoundError:
         return None
     except Exception as e:  # a truncated or foreign file: compute it again
         log(f"{cache} is unreadable ({type(e).__name__}); computing the per-pixel mean again")
         return None
+    if images is not None and record.get("images") != images:
+        log(f"{cache} was made from {record.get('images')} training images, the folder now has {images:,}; "
+            "computing the per-pixel mean again")
+        return None
+    return mean.float()
 
 
 def _compute_pixel_mean(root, cache: Path, workers: int, device, distributed: bool, progress: bool,
