@@ -524,8 +524,9 @@ def test_the_papers_setting_includes_its_batch_size(tmp_path):
 
 
 def test_runs_of_one_epoch_draw_training_and_evaluation_as_told_apart_dots(tmp_path):
-    """A run shorter than an epoch logs one point per split: dots, white for training and filled
-    for evaluation, in the curves and the legend; Figure 1's notes speak of plain nets only."""
+    """A run shorter than an epoch logs one point per split: a ring for training around (when equal)
+    a filled dot for evaluation, in the curves and the legend; Figure 1's notes speak of plain nets
+    only."""
     from matplotlib.colors import to_rgba
 
     for arch in ("plain", "resnet"):
@@ -535,11 +536,15 @@ def test_runs_of_one_epoch_draw_training_and_evaluation_as_told_apart_dots(tmp_p
     drawn = build("fig6", RunData.load(tmp_path))
     ax = drawn.figure.axes[0]
     dots = [line for line in ax.get_lines() if line.get_marker() == "o" and len(line.get_xdata()) == 1]
-    faces = sorted(to_rgba(line.get_markerfacecolor()) == to_rgba("white") for line in dots)
-    assert faces == [False, True]  # plain-20: one filled (test) and one white (training) dot
+    rings = [line for line in dots if to_rgba(line.get_markerfacecolor())[3] == 0]
+    filled = [line for line in dots if to_rgba(line.get_markerfacecolor())[3] == 1]
+    assert len(rings) == len(filled) == 1  # plain-20: a ring (training) and a filled dot (test)
+    # The ring is drawn over the dot and is larger: where the two errors agree, both stay visible.
+    assert rings[0].get_markersize() > filled[0].get_markersize() and rings[0].get_zorder() > filled[0].get_zorder()
+    assert to_rgba(rings[0].get_markeredgecolor()) == to_rgba(filled[0].get_markerfacecolor())  # not white on white
     legend = {h.get_label(): h for h in ax.get_legend().legend_handles}
-    assert to_rgba(legend["training"].get_markerfacecolor()) == to_rgba("white") and legend["test"].get_marker() == "o"
-    assert "white dots" in drawn.caption and "filled dots" in drawn.caption
+    assert to_rgba(legend["training"].get_markerfacecolor())[3] == 0 and legend["test"].get_marker() == "o"
+    assert "(rings)" in drawn.caption and "filled dots" in drawn.caption
     assert any("ResNet-56" in n for n in drawn.notes)  # Figure 6 draws ResNets: it says which it could not
     assert not any("ResNet-56" in n for n in build("fig1", RunData.load(tmp_path)).notes)
 

@@ -128,8 +128,8 @@ def _error_axis(ax: "Axes", study: Study, paper_ylim: tuple[float, float] | None
 
 def _curve(ax: "Axes", rows: pd.DataFrame, color: tuple, *, hollow: bool = False, **line: object) -> None:
     """Mean error over seeds against iteration, with the seeds' spread as a band. A curve of few
-    points gets markers, white-filled with `hollow` (training beside evaluation: one dot each
-    when a run logged one epoch)."""
+    points gets markers: with `hollow`, larger open rings drawn over the dots (training beside
+    evaluation, one mark each when a run logged one epoch: a ring around a dot where they agree)."""
     import seaborn as sns
 
     if rows.empty:
@@ -145,10 +145,15 @@ def _curve(ax: "Axes", rows: pd.DataFrame, color: tuple, *, hollow: bool = False
         err_kws={"alpha": BAND_ALPHA, "linewidth": 0},
         color=color,
         ax=ax,
-        **({"marker": "o", "markersize": 6, "clip_on": False, **({"markerfacecolor": "white"} if hollow else {})}
-           if few else {}),
+        # (seaborn edges markers in white: a ring's edge is its colour)
+        **(({**RING, "markeredgecolor": color, "clip_on": False, "zorder": 3} if hollow
+            else {"marker": "o", "markersize": 6, "clip_on": False}) if few else {}),
         **line,
     )
+
+
+#: Training's mark on a curve of few points: an open ring, larger than evaluation's dot.
+RING = {"marker": "o", "markersize": 9, "markerfacecolor": "none", "markeredgewidth": 1.5}
 
 
 def _few(metrics: pd.DataFrame, series: list[Series]) -> bool:
@@ -279,7 +284,7 @@ def _curve_panels(
     all_drawn = [s for _, drawn, _ in panels for s in drawn]
     colors = _colors(all_drawn)
     few = _few(metrics, all_drawn)
-    train_mark, eval_mark = ({"marker": "o", "markerfacecolor": "white"}, {"marker": "o"}) if few else ({}, {})
+    train_mark, eval_mark = (RING, {"marker": "o"}) if few else ({}, {})
     fig, axes = _new_figure(len(panels))
     marked = False
     for ax, (title, drawn, wanted) in zip(axes[0], panels):
@@ -305,7 +310,7 @@ def _curve_panels(
              + _off_chart(metrics, all_drawn, study, spec.ylim) + notes)
     train_word = "dashed" if train_line.get("linestyle") == "--" else "thin"
     caption = (
-        f"{train_word.capitalize()}{' (white dots)' if few else ''}: training error; bold"
+        f"{train_word.capitalize()}{' (rings)' if few else ''}: training error; bold"
         f"{' (filled dots)' if few else ''}: {study.eval_name} error. Line: mean over seeds; band: min to max over seeds."
     )
     if marked:
