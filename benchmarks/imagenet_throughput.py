@@ -9,7 +9,11 @@ and measures, through the package's own loader (`study.data.imagenet.make_loader
   autocast and channels-last on CUDA, as the training loop uses them), with no loader;
 - end to end: both together, each step timed in two parts: waiting for the batch (data) and
   computing on it (model). The device is synchronised between the parts so the split is honest;
-  that costs end-to-end speed a little.
+  that costs end-to-end speed a little;
+- the per-pixel mean's pass (`study.data.imagenet.pixel_mean`, made once per data folder before
+  the first run): images/s over the whole folder with the same workers, worker start-up included,
+  after an untimed pass; its ratio to the training loader's rate, and the minutes it would take
+  over ImageNet's 1,281,167 training images at that rate.
 
     python benchmarks/imagenet_throughput.py                          # CPU: small, about a minute
     python benchmarks/imagenet_throughput.py --out benchmarks/results/imagenet_throughput_h100.json
@@ -37,10 +41,11 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from study.data.imagenet import Lighting, make_loaders, normalize, set_epoch
+from study.data.imagenet import Lighting, make_loaders, normalize, pixel_mean, set_epoch
 from study.models import build_model, count_macs
 
 CLASSES = 10
+IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def write_jpegs(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> float:
@@ -102,6 +107,17 @@ def loader_throughput(loader, device, lighting, warmup: int, steps: int) -> floa
         n += x.shape[0]
     sync(device)
     return n / (time.perf_counter() - start)
+
+
+def mean_pass_throughput(root: Path, images: int, workers: int, device: torch.device) -> float:
+    """Images/s of the per-pixel mean's pass over the folder's training images: one untimed pass
+    (imports, the page cache), then a timed one into a fresh cache directory."""
+    for attempt in range(2):
+        start = time.perf_counter()
+        pixel_mean(root, root / f"mean-cache-{attempt}", workers=workers, device=device, log=lambda message: None)
+        sync(device)
+        elapsed = time.perf_counter() - start
+    return images / elapsed
 
 
 def make_step(depth: int, device: torch.device, compile_model: bool):
@@ -204,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
               f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         loader = make_loaders(tmp, batch, workers, pin_memory=cuda).train
         loader_ips = loader_throughput(loader, device, lighting, warmup, steps)
+        mean_ips = mean_pass_throughput(Path(tmp), images, workers, device)
         rows = []
         for depth in args.depths:
             step = make_step(depth, device, args.compile)
@@ -230,6 +247,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['model_tflops']:>13.2f} {r['end_to_end_images_per_s']:>16.1f} {r['data_s_per_step']:>11.3f} "
               f"{r['model_s_per_step']:>12.3f} {100 * r['data_fraction']:>7.1f}")
 
+    mean_pass = {
+        "images_per_s": mean_ips,
+        "ratio_to_training_loader": mean_ips / loader_ips,
+        "imagenet_minutes": IMAGENET_TRAIN_IMAGES / mean_ips / 60,
+    }
+    print(f"per-pixel mean pass: {mean_ips:.1f} img/s ({mean_pass['ratio_to_training_loader']:.2f}x the training "
+          f"loader's {loader_ips:.1f}); over ImageNet's {IMAGENET_TRAIN_IMAGES:,} training images: "
+          f"{mean_pass['imagenet_minutes']:.1f} min with {workers} workers")
+
     if args.out:
         result = {
             "benchmark": "imagenet_throughput",
@@ -245,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 "compile": args.compile, "bf16_autocast": cuda, "channels_last": cuda,
             },
             "results": rows,
+            "pixel_mean_pass": mean_pass,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
