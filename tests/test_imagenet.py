@@ -291,7 +291,7 @@ def test_under_ddp_each_process_averages_its_share_into_the_same_mean(folder, tm
     torch.multiprocessing.spawn(_sharded_pixel_mean, args=(2, free_port(), folder, tmp_path / "ddp", tmp_path),
                                 nprocs=2)
     for rank in (0, 1):
-        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), alone, rtol=0, atol=1e-7)
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), alone, rtol=0, atol=1e-7)
     assert len(list((tmp_path / "ddp").glob(".imagenet-pixel-mean-*.pt"))) == 1
 
 
