@@ -879,6 +879,9 @@ def main(argv: list[str] | None = None) -> int:
             log_rounds("(f)", interleaved_rounds, log)
         except Exception as e:  # noqa: BLE001 - report it; the other figures stand
             log(f"(f) failed: {type(e).__name__}: {e}")
+        dump({"reference": per_net(reference), "fast": per_net(fast), "graphed": per_net(graphed),
+              "concurrent_rounds": rounds, "graphed_concurrent_rounds": graphed_rounds,
+              "interleaved_rounds": interleaved_rounds}, partial=True)
 
     fused_concurrent_rounds = None
     if 2 in widths and 2 in fused_rounds:

@@ -107,6 +107,8 @@ class GraphedStep:
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, norms: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self.lr.fill_(lr)
+        for group in self.opt.param_groups:  # a plateau schedule of older torch puts a float there
+            group["lr"] = self.lr
         size = len(y)
         graph = self._graphs.get(size)
         # Warm-up work (`study.warmup`): the first step at a batch size, and every step until its
@@ -194,8 +196,28 @@ class GraphedStep:
             self.fallback = f"capture failed for batch size {len(y)}: {reason}"
             self.log(f"CUDA graph {self.fallback}; training on without graphs")
             self.capture = False
+            _end_allocating_to_pool(self.device, graph)
+            # Eager steps on the run's own stream from now on: no record_stream, whose blocks the
+            # allocator would keep for ever if the failed capture's end left it capturing.
+            self._side = self._capture_stream = None
             self.opt.zero_grad(set_to_none=True)
             return None
         captured = _Graph(graph, static_x, static_y, loss, out, norms)
         self._graphs[len(y)] = captured
         return captured
+
+
+def _end_allocating_to_pool(device: torch.device, graph: "torch.cuda.CUDAGraph") -> None:
+    """After a failed capture: tell the caching allocator the capture is over. When the capture's
+    end fails, torch raises before doing so, and an allocator that believes a capture is under way
+    never frees a block another stream has used. Private API, whose name changed (2.4:
+    ...CurrentStreamToPool); best effort: it raises when the capture did end, and that is fine."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
+        torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
+    if end is None:
+        return
+    try:
+        with torch.cuda.device(device):
+            end(torch.cuda.current_device(), graph.pool())
+    except Exception:  # noqa: BLE001 - not capturing any more, or an API of another version
+        pass

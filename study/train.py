@@ -386,6 +386,19 @@ class ImageNetFeed:
 
 
 @torch.no_grad()
+def lay_out_like_params(opt: torch.optim.Optimizer) -> None:
+    """Give every momentum buffer its parameter's memory layout. A loaded buffer keeps the layout
+    it was saved with: a run checkpointed with contiguous weights (on the CPU) and resumed with
+    channels-last ones (on a GPU) would otherwise fail in the fused SGD of `--cuda-graph`, which
+    refuses mismatched strides, and take the slow path of the eager one."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and buf.stride() != p.stride():
+                opt.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+
+
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Data) -> tuple[float, float]:
     """Mean loss and error % over the whole evaluation split, BN in eval mode, no augmentation."""
     model.eval()
@@ -551,6 +564,7 @@ def train_steps(
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        lay_out_like_params(opt)
         for group in opt.param_groups:  # a --cuda-graph checkpoint's fused SGD and tensor lr
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"] = float(group["lr"])  # the plateau schedule's current rate: keep it

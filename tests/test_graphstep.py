@@ -83,6 +83,45 @@ def test_the_learning_rate_reaches_the_update_through_its_tensor(small_data):
     assert step.captured == []  # nothing is captured without CUDA
 
 
+def test_the_steps_rate_wins_over_a_float_a_schedule_put_in_the_group(small_data):
+    """Older torch's plateau schedule writes a float into the group: the step puts its rate
+    tensor back, so eager steps and the captured one (which reads the tensor) use the rate asked."""
+    torch.manual_seed(0)
+    model = build_model("plain", 8, in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = GraphedStep(model, opt, [model.fc.weight], bf16=False, device=CPU)
+    x, y = small_data.train.images[:16].float().div(255).sub(small_data.mean), small_data.train.labels[:16]
+    before = [p.detach().clone() for p in model.parameters()]
+    for group in opt.param_groups:
+        group["lr"] = 0.5  # what ReduceLROnPlateau did before torch 2.6
+    step.step(x, y, 0.0)
+    assert opt.param_groups[0]["lr"] is step.lr
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # rate 0, not 0.5
+
+
+def test_loaded_momentum_buffers_take_their_parameters_layout():
+    """A checkpoint of contiguous weights resumed with channels-last ones (CPU to GPU): the loaded
+    momentum buffers keep the saved layout unless `lay_out_like_params` re-lays them, which the
+    fused SGD of a captured step needs (it refuses mismatched strides)."""
+    from study.train import lay_out_like_params
+
+    torch.manual_seed(0)
+    model = build_model("resnet", 8, in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    saved = opt.state_dict()
+    resumed = build_model("resnet", 8, in_channels=1).to(memory_format=torch.channels_last)
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(saved)
+    convs = [p for p in resumed.parameters() if p.ndim == 4]
+    assert any(opt2.state[p]["momentum_buffer"].stride() != p.stride() for p in convs)  # what it fixes
+    lay_out_like_params(opt2)
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        buf = opt2.state[p]["momentum_buffer"]
+        assert buf.stride() == p.stride() and torch.equal(buf, opt.state[q]["momentum_buffer"])
+
+
 def test_interrupted_graph_run_resumes_exactly(tmp_path, small_data64, float64, monkeypatch):
     """A stop in the middle of an epoch checkpoints (with the fused SGD's tensor learning rate);
     resuming with --cuda-graph gives the uninterrupted run's metrics, gradients and weights
@@ -219,6 +258,18 @@ def test_a_failed_capture_trains_on_eagerly_on_a_gpu(tmp_path, small_data64, flo
     assert torch.cuda.current_stream() == stream
     assert graphed.status()["status"] == "done" and graphed.status()["cuda_graph_fallback"] == steps[0].fallback
     pd.testing.assert_frame_equal(metrics(eager), metrics(graphed), check_exact=False, atol=1e-9, rtol=0)
+    # Eager steps after the failure do not leak: were the allocator left believing a capture is
+    # under way, every block another stream used would be kept (about 0.4 MB a step here).
+    step, data = steps[0], small_data64.to("cuda")
+    x, y = data.train.images[:24].double().div(255).sub(data.mean), data.train.labels[:24]
+    for _ in range(10):
+        step.step(x, y, 0.01)
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    for _ in range(200):
+        step.step(x, y, 0.01)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_reserved() - reserved < 16 * 2**20, (reserved, torch.cuda.memory_reserved())
 
 
 def test_plateau_schedule_survives_a_resume_with_and_without_graphs(tmp_path, small_data, monkeypatch):
