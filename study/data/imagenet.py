@@ -59,16 +59,18 @@ from .sources import DataError
 #: Training augmentation (paper 3.4): the shorter side is resized to a length drawn from this range.
 TRAIN_SCALE = (256, 480)
 CROP = 224
-#: Validation and 10-crop testing resize the shorter side to this before cropping (the paper's 256).
+#: Validation and 10-crop testing resize the shorter side to this before cropping: AlexNet's 256, as
+#: torchvision and fb.resnet.torch do (the paper names the 10-crop test but not the resize).
 EVAL_RESIZE = 256
 #: Per-channel mean of the ImageNet training set in [0, 1] scale (RGB), as torchvision uses it.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 #: `pixel_mean`'s cache, a file in the runs dir; {key} names the data root.
 PIXEL_MEAN_FILE = ".imagenet-pixel-mean-{key}.pt"
 
-# PCA of the ImageNet training set's RGB pixel values in [0, 1] scale (Krizhevsky et al. 2012,
-# "ImageNet Classification with Deep Convolutional Neural Networks", section 4.1), the values the
-# authors' Torch code (fb.resnet.torch) applies: eigenvalues, and eigenvectors as columns.
+# PCA of the ImageNet training set's RGB pixel values in [0, 1] scale, for AlexNet's lighting
+# augmentation (Krizhevsky et al. 2012, section 4.1, which describes it but prints no values): the
+# values fb.resnet.torch (Facebook's Torch reimplementation of ResNet) applies; eigenvalues, and
+# eigenvectors as columns.
 PCA_EIGENVALUES = (0.2175, 0.0188, 0.0045)
 PCA_EIGENVECTORS = (
     (-0.5675, 0.7192, 0.4009),

@@ -180,7 +180,7 @@ class CifarNet(nn.Module):
 
 
 def init_weights(model: nn.Module) -> None:
-    """He initialisation (fan-out normal, as in the authors' Torch code and torchvision) for convs,
+    """He initialisation (fan-out normal, as in fb.resnet.torch and torchvision) for convs,
     BN scale 1 and shift 0; the FC layer keeps PyTorch's default. Modules are visited in
     registration order, so a plain net and its option-A twin consume the RNG identically."""
     for m in model.modules():
