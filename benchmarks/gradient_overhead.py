@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--every", default="100,1", help="recording intervals to time, e.g. 100,10,1")
     parser.add_argument("--min-time", type=float, default=5.0, help="seconds of timing per setting")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (evens out a drifting load)")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--out", "--json", dest="json", help="also write the results to this file as JSON")
     args = parser.parse_args()
 
     device = resolve_device(args.device)

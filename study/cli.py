@@ -46,11 +46,12 @@ SELECTION = ("depth", "shortcut", "dataset", "seed", "seeds", "iterations", "bat
              "batch_split", "lighting", "mean", "holdout", "precision")
 
 
-def _add_selection(parser: argparse.ArgumentParser, *, required: bool) -> None:
+def _add_selection(parser: argparse.ArgumentParser, *, required: bool, arch_help: str = "train one network of this kind"
+                   ) -> None:
     """The options that say which runs (`study run` trains them, `study status` lists them)."""
     what = parser.add_mutually_exclusive_group(required=required)
     what.add_argument("--grid", help="a named grid (see `study grids`)")
-    what.add_argument("--arch", choices=("plain", "resnet"), help="train one network of this kind")
+    what.add_argument("--arch", choices=("plain", "resnet"), help=arch_help)
     parser.add_argument("--depth", type=int, help="CIFAR 6n+2: 20, 32, 44, 56, 110, 1202; ImageNet 18 or 34 (with --arch)")
     parser.add_argument("--shortcut", choices=("A", "B", "C"), help="residual shortcut option (default A)")
     parser.add_argument("--dataset", choices=ALL_DATASETS, help="data set (default: the grid's, else fashion-mnist-mini)")
@@ -68,7 +69,8 @@ def _add_selection(parser: argparse.ArgumentParser, *, required: bool) -> None:
     )
     parser.add_argument(
         "--batch-split", type=_positive_int,
-        help="BN groups per batch, as on that many devices (default 1; under torchrun: the process count)",
+        help="BN groups per batch, as on that many devices (default 1; under torchrun or --gpus-per-run: the "
+        "process count)",
     )
     parser.add_argument(
         "--lighting", type=float, help="ImageNet PCA colour augmentation strength (paper: 0.1; 0 turns it off)"
@@ -92,14 +94,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train one network, a set of seeds, or a named grid")
     _add_selection(run, required=True)
-    run.add_argument("--sync-bn", action="store_true", help="under torchrun: BN statistics over the whole global batch")
-    run.add_argument("--workers", type=_positive_int, help="ImageNet DataLoader workers per process (default: CPUs, at most 12)")
+    run.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
+    _add_training_options(run)
+
+    models = sub.add_parser("models", help="table of every architecture: parameters and multiply-accumulates")
+    models.add_argument("--format", choices=("table", "json"), default="table", help="a text table (default) or JSON")
+
+    sub.add_parser("grids", help="list the named grids and their runs")
+
+    status = sub.add_parser(
+        "status", help="one line per run: id, status, iteration, last errors; with --grid or --arch (and the "
+        "options of `study run`), the runs that command trains, those not started yet included",
+        description="One line per run. With --grid or --arch, the runs that `study run` with the same options "
+        "trains, those not started included. Every other option of `study run` is accepted and ignored, so a "
+        "`study run` command line works with `run` replaced by `status`.",
+    )
+    status.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    _add_selection(status, required=False, arch_help="the runs of one network of this kind")
+    _add_training_options(status)
+
+    COMMANDS.update(register_analysis(sub))  # plot, table, report, probe (study/analysis/commands.py)
+    return parser
+
+
+def _add_training_options(run: argparse.ArgumentParser) -> None:
+    """How `study run` trains (not which runs): `study status` accepts and ignores them."""
+    run.add_argument(
+        "--sync-bn", action="store_true",
+        help="under torchrun or --gpus-per-run > 1: BN statistics over the whole global batch",
+    )
+    run.add_argument(
+        "--workers", type=_positive_int, help="ImageNet DataLoader workers per process, at least 1 (default: CPUs, at most 12)"
+    )
     run.add_argument("--data-dir", help="where the data set's files are (default ./data; ImageNet: ./data/imagenet)")
     run.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
-    run.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     run.add_argument(
-        "--concurrency", type=_positive_int, help="runs trained at once by separate processes (default: 4 on a GPU, 1 on CPU)"
+        "--concurrency", type=_positive_int,
+        help="runs trained at once by separate processes (default: 4 on a GPU, else 1; 1 with --streams or --fuse "
+        "above 1 and under torchrun; never more than the runs)",
     )
     run.add_argument(
         "--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU); same protocol"
@@ -119,21 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     add_launcher_arguments(run)
-
-    models = sub.add_parser("models", help="table of every architecture: parameters and multiply-accumulates")
-    models.add_argument("--format", choices=("table", "json"), default="table")
-
-    sub.add_parser("grids", help="list the named grids and their runs")
-
-    status = sub.add_parser(
-        "status", help="one line per run: id, status, iteration, last errors; with --grid or --arch (and the "
-        "options of `study run`), the runs that command trains, those not started yet included",
-    )
-    status.add_argument("--runs-dir", default="runs")
-    _add_selection(status, required=False)
-
-    COMMANDS.update(register_analysis(sub))  # plot, table, report, probe (study/analysis/commands.py)
-    return parser
 
 
 def _run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
@@ -291,7 +309,9 @@ COMMANDS = {"run": cmd_run, "models": cmd_models, "grids": cmd_grids, "status": 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # argparse's own message would point at `study --help`, not the command's
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}; see `study {args.command} --help`")
         return COMMANDS[args.command](args)
     except (UsageError, *USER_ERRORS) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process

@@ -51,13 +51,18 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     assert len(lines) == 4 and "also those not started" in lines[-1]  # header, a line per run, the hint
     assert all(line.split()[1] == "done" and "6/6" in line for line in lines[1:3])
     assert f"{df.error_pct.iloc[0]:.2f}" in lines[1]
-    # With the run options: the runs that command trains, those not started yet as `new`.
-    code, out, err = run_cli(capsys, "status", *args[1:-1], "0-2", "--runs-dir", str(runs))
+    # With the run's command line (`run` replaced by `status`; how it trains is ignored): the runs
+    # that command trains, those not started yet as `new`.
+    code, out, err = run_cli(capsys, "status", *args[1:-1], "0-2", "--runs-dir", str(runs), "--device", "cpu",
+                             "--concurrency", "2", "--no-progress")
     lines = out.strip().splitlines()[1:]
     assert code == 0 and [line.split()[:2] for line in lines] == [
         [f"fashion-mnist-mini-resnet8-A-s{s}-it6-b32", "done" if s < 2 else "new"] for s in range(3)]
     code, out, err = run_cli(capsys, "status", "--seeds", "0-2", "--runs-dir", str(runs))
     assert code == 2 and "--seeds selects runs of a --grid or an --arch" in err and err.count("\n") == 1
+    # An option no command has: one line that points at the command's own help.
+    code, out, err = run_cli(capsys, "status", "--runs-dir", str(runs), "--bogus", "1")
+    assert code == 2 and err == "study: error: unrecognized arguments: --bogus 1; see `study status --help`\n"
 
     # Same command again: both runs skipped, exit 0.
     code, out, err = run_cli(capsys, *args, "--runs-dir", str(runs), "--device", "cpu")

@@ -70,9 +70,10 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     plot.add_argument("--out", default="figures", help="output directory (default ./figures)")
 
     table = sub.add_parser("table", help="the paper's tables: your final errors beside the paper's")
-    table.add_argument("table", choices=TABLE_NAMES)
+    table.add_argument("table", choices=TABLE_NAMES, help="which of the paper's tables")
     _study_options(table)
-    table.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    table.add_argument("--format", choices=("markdown", "csv"), default="markdown",
+                       help="markdown with its notes (default), or CSV with the notes on stderr")
 
     report = sub.add_parser("report", help="every figure and table, and a verdict on each claim of the paper")
     report.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
@@ -108,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         help="evaluate these runs (any status, from their last checkpoint) instead of every finished ImageNet run",
     )
     evaluate.add_argument("--batch-size", type=_count(1), default=32, help="images per batch, 10 crops each (default 32)")
-    evaluate.add_argument("--workers", type=_count(0), help="DataLoader workers (default: CPUs, at most 12)")
+    evaluate.add_argument("--workers", type=_count(0), help="DataLoader workers; 0 loads in this process (default: CPUs, at most 12)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     evaluate.add_argument("--force", action="store_true", help="recompute runs that already have a 10-crop result")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
