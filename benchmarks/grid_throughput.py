@@ -47,7 +47,8 @@ timed steps, 4 loader workers, concurrency 4, bf16. CPU: depths 20,56, batch 32,
 timed steps, 2 loader workers, concurrency 2, fp32: a smoke test that anyone can run, whose figures say
 little. On CPU every process of the benchmark computes with cores / K threads, (a) and (b) included: two
 threads on a busy 2-core machine (or beside the loader's workers) can be ten times slower than one, and
-equal threads keep (a), (b) and each of (c)'s processes comparable; (c) then uses K times the cores.
+equal threads keep (a), (b) and each of (c)'s processes comparable; (c) then uses K times the cores,
+and its model FLOP utilisation is against K times the measured peak.
 """
 
 from __future__ import annotations
@@ -658,9 +659,12 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
             graphed_rounds: list[dict] | None = None,
             interleaved_rounds: list[dict] | None = None,
             fused_rounds: dict[int, list[dict]] | None = None,
-            fused_concurrent_rounds: list[dict] | None = None) -> tuple[list[dict], dict]:
+            fused_concurrent_rounds: list[dict] | None = None,
+            peak_scale: dict[str, int] | None = None) -> tuple[list[dict], dict]:
     """Per-net rows and whole-grid figures: medians, ratios, model FLOP utilisation (6 x MACs per
-    image: forward, and a backward of twice its cost) and minutes projected for the paper's grid."""
+    image: forward, and a backward of twice its cost) and minutes projected for the paper's grid.
+    `peak_scale`: grid figures whose processes had that many times the peak's compute (on CPU, K
+    processes each with the threads the peak was measured with)."""
     rows = []
     for net in nets:
         row = {"arch": net[0], "depth": net[1], "macs": macs[net][0], "params": macs[net][1],
@@ -684,7 +688,8 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
     for key in ("reference", "fast"):
         rate = len(rows) / sum(1 / row[f"{key}_images_per_s"] for row in rows)
         grid[key] = {"images_per_s": rate, "mfu": 6 * mean_macs * rate / peak_flops}
-    grid["concurrent"] = round_figures(rounds, macs, peak_flops)
+    scale = peak_scale or {}
+    grid["concurrent"] = round_figures(rounds, macs, peak_flops * scale.get("concurrent", 1))
     if rows and all("graphed_images_per_s" in row for row in rows):
         rate = len(rows) / sum(1 / row["graphed_images_per_s"] for row in rows)
         grid["graphed"] = {"images_per_s": rate, "mfu": 6 * mean_macs * rate / peak_flops}
@@ -695,7 +700,8 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
     for width, fused in (fused_rounds or {}).items():
         grid[f"fused_{width}"] = round_figures(fused, macs, peak_flops)
     if fused_concurrent_rounds:
-        grid["fused_concurrent"] = round_figures(fused_concurrent_rounds, macs, peak_flops)
+        grid["fused_concurrent"] = round_figures(fused_concurrent_rounds, macs,
+                                                 peak_flops * scale.get("fused_concurrent", 1))
     paper_images = len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE  # one seed's grid
     for g in grid.values():
         g["vs_reference"] = g["images_per_s"] / grid["reference"]["images_per_s"]
@@ -894,8 +900,10 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             log(f"(h) failed: {e}")
 
+    # On CPU, K processes use K times the threads the peak was measured with (GPU: one device).
+    peak_scale = {} if cuda else {"concurrent": k, "fused_concurrent": min(k, len(depths))}
     rows, grid = figures(nets, macs, reference, fast, rounds, peak["flops_per_s"], graphed, graphed_rounds,
-                         interleaved_rounds, fused_rounds, fused_concurrent_rounds)
+                         interleaved_rounds, fused_rounds, fused_concurrent_rounds, peak_scale)
     name = machine.get("gpu", f"cpu ({cores} cores, {settings['threads']} thread(s) per process)")
     print_report(
         f"grid throughput on {name}, torch {torch.__version__}: batch {settings['batch_size']}, "
