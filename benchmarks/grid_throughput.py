@@ -645,13 +645,16 @@ def log_rounds(label: str, rounds: list[dict], log: Callable[[str], None]) -> No
         log(f"{label} {' + '.join(f'{a}{d}' for a, d in r['nets'])}: {together:,.0f} images/s together")
 
 
-def round_figures(rounds: list[dict], macs: dict, peak_flops: float) -> dict:
-    """Grid figures of rounds of K nets, each round as long as its slowest net."""
+def round_figures(rounds: list[dict], macs: dict, peak_flops: float,
+                  scale: Callable[[dict], float] | None = None) -> dict:
+    """Grid figures of rounds of K nets, each round as long as its slowest net. `scale(round)`:
+    how many times the peak's compute the round had (CPU: its processes' threads over the peak's)."""
     wall = sum(statistics.median(r["wall_s"]) for r in rounds)
     flops = sum(6 * macs[(arch, depth)][0] * n
                 for r in rounds for (arch, depth), n in zip(r["nets"], r["images_per_net"]))
+    compute = sum(statistics.median(r["wall_s"]) * peak_flops * (scale(r) if scale else 1) for r in rounds)
     return {"images_per_s": sum(statistics.median(r["images"]) for r in rounds) / wall,
-            "mfu": flops / wall / peak_flops}
+            "mfu": flops / compute}
 
 
 def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict, rounds: list[dict],
@@ -660,11 +663,11 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
             interleaved_rounds: list[dict] | None = None,
             fused_rounds: dict[int, list[dict]] | None = None,
             fused_concurrent_rounds: list[dict] | None = None,
-            peak_scale: dict[str, int] | None = None) -> tuple[list[dict], dict]:
+            peak_scale: dict[str, Callable[[dict], float]] | None = None) -> tuple[list[dict], dict]:
     """Per-net rows and whole-grid figures: medians, ratios, model FLOP utilisation (6 x MACs per
     image: forward, and a backward of twice its cost) and minutes projected for the paper's grid.
-    `peak_scale`: grid figures whose processes had that many times the peak's compute (on CPU, K
-    processes each with the threads the peak was measured with)."""
+    `peak_scale`: for grid figures of several processes, how many times the peak's compute a round
+    had (`round_figures`)."""
     rows = []
     for net in nets:
         row = {"arch": net[0], "depth": net[1], "macs": macs[net][0], "params": macs[net][1],
@@ -689,7 +692,7 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
         rate = len(rows) / sum(1 / row[f"{key}_images_per_s"] for row in rows)
         grid[key] = {"images_per_s": rate, "mfu": 6 * mean_macs * rate / peak_flops}
     scale = peak_scale or {}
-    grid["concurrent"] = round_figures(rounds, macs, peak_flops * scale.get("concurrent", 1))
+    grid["concurrent"] = round_figures(rounds, macs, peak_flops, scale.get("concurrent"))
     if rows and all("graphed_images_per_s" in row for row in rows):
         rate = len(rows) / sum(1 / row["graphed_images_per_s"] for row in rows)
         grid["graphed"] = {"images_per_s": rate, "mfu": 6 * mean_macs * rate / peak_flops}
@@ -700,8 +703,8 @@ def figures(nets: list[tuple[str, int]], macs: dict, reference: dict, fast: dict
     for width, fused in (fused_rounds or {}).items():
         grid[f"fused_{width}"] = round_figures(fused, macs, peak_flops)
     if fused_concurrent_rounds:
-        grid["fused_concurrent"] = round_figures(fused_concurrent_rounds, macs,
-                                                 peak_flops * scale.get("fused_concurrent", 1))
+        grid["fused_concurrent"] = round_figures(fused_concurrent_rounds, macs, peak_flops,
+                                                 scale.get("fused_concurrent"))
     paper_images = len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE  # one seed's grid
     for g in grid.values():
         g["vs_reference"] = g["images_per_s"] / grid["reference"]["images_per_s"]
@@ -900,8 +903,13 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             log(f"(h) failed: {e}")
 
-    # On CPU, K processes use K times the threads the peak was measured with (GPU: one device).
-    peak_scale = {} if cuda else {"concurrent": k, "fused_concurrent": min(k, len(depths))}
+    # On CPU a round of P processes has P times the threads the peak was measured with, up to the
+    # cores (GPU: one device whatever the processes). (h)'s processes train a pair each.
+    def cpu_scale(nets_per_process: int) -> Callable[[dict], float]:
+        threads = settings["threads"]
+        return lambda r: min(len(r["nets"]) // nets_per_process * threads, cores) / threads
+
+    peak_scale = {} if cuda else {"concurrent": cpu_scale(1), "fused_concurrent": cpu_scale(2)}
     rows, grid = figures(nets, macs, reference, fast, rounds, peak["flops_per_s"], graphed, graphed_rounds,
                          interleaved_rounds, fused_rounds, fused_concurrent_rounds, peak_scale)
     name = machine.get("gpu", f"cpu ({cores} cores, {settings['threads']} thread(s) per process)")

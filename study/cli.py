@@ -132,7 +132,7 @@ def _add_training_options(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--concurrency", type=_positive_int,
         help="runs trained at once by separate processes (default: 4 on a GPU, else 1; 1 with --streams or --fuse "
-        "above 1 and under torchrun; never more than the runs)",
+        "above 1 and under torchrun; by default never more than the runs)",
     )
     run.add_argument(
         "--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU); same protocol"
@@ -152,6 +152,12 @@ def _add_training_options(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     add_launcher_arguments(run)
+
+
+def _world(args: argparse.Namespace) -> int:
+    """The processes that will train each run: torchrun's here, or --gpus-per-run on SLURM (it
+    decides the run ids: per-device BN is recorded as a batch split)."""
+    return (args.gpus_per_run or 1) if args.launcher == "slurm" else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
@@ -191,8 +197,7 @@ def _run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
 def cmd_run(args: argparse.Namespace) -> int:
     from .train import StopRequested, distributed_from_env, graceful_stop, run_all  # torch-heavy
 
-    # The processes that will train each run: torchrun's here, or --gpus-per-run on SLURM.
-    world = (args.gpus_per_run or 1) if args.launcher == "slurm" else int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world(args)
     if args.sync_bn and world == 1:
         raise ConfigError("--sync-bn applies to runs launched by torchrun over several processes; drop it")
     configs = _run_configs(args, world)
@@ -270,7 +275,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.grid is not None or args.arch is not None:
         # The runs `study run` with these options trains: those on disk, and the others as `new`.
         on_disk = {r.cfg.run_id: r for r in list_runs_with_queued(args.runs_dir)} if os.path.isdir(args.runs_dir) else {}
-        runs = [on_disk.get(c.run_id) or Run(args.runs_dir, c) for c in _run_configs(args)]
+        runs = [on_disk.get(c.run_id) or Run(args.runs_dir, c) for c in _run_configs(args, _world(args))]
     else:
         given = [f"--{k.replace('_', '-')}" for k in SELECTION if getattr(args, k) is not None]
         if given:

@@ -99,6 +99,7 @@ class GraphedStep:
             group.update(lr=self.lr, fused=True, foreach=None)
         self.device = device
         self.fallback: str | None = None  # why captures failed, if they did
+        self.pool_end: str | None = None  # after a failed capture: `_end_allocating_to_pool`'s answer
         self._graphs: dict[int, _Graph] = {}
         self._eager_steps: Counter[int] = Counter()
         self._side = torch.cuda.Stream(device) if self.capture else None
@@ -196,7 +197,10 @@ class GraphedStep:
             self.fallback = f"capture failed for batch size {len(y)}: {reason}"
             self.log(f"CUDA graph {self.fallback}; training on without graphs")
             self.capture = False
-            _end_allocating_to_pool(self.device, graph)
+            self.pool_end = _end_allocating_to_pool(self.device, graph)
+            if self.pool_end == "unavailable":
+                self.log("CUDA graph: this torch has no call to end the failed capture's memory pool; "
+                         "memory another stream used may not be freed")
             # Eager steps on the run's own stream from now on: no record_stream, whose blocks the
             # allocator would keep for ever if the failed capture's end left it capturing.
             self._side = self._capture_stream = None
@@ -207,17 +211,19 @@ class GraphedStep:
         return captured
 
 
-def _end_allocating_to_pool(device: torch.device, graph: "torch.cuda.CUDAGraph") -> None:
+def _end_allocating_to_pool(device: torch.device, graph: "torch.cuda.CUDAGraph") -> str:
     """After a failed capture: tell the caching allocator the capture is over. When the capture's
     end fails, torch raises before doing so, and an allocator that believes a capture is under way
     never frees a block another stream has used. Private API, whose name changed (2.4:
-    ...CurrentStreamToPool); best effort: it raises when the capture did end, and that is fine."""
+    ...CurrentStreamToPool). Returns "ended", "not capturing" (the call raised: torch had ended it,
+    or the call is not what this torch expects) or "unavailable" (no such call)."""
     end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
         torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
     if end is None:
-        return
+        return "unavailable"
     try:
         with torch.cuda.device(device):
             end(torch.cuda.current_device(), graph.pool())
     except Exception:  # noqa: BLE001 - not capturing any more, or an API of another version
-        pass
+        return "not capturing"
+    return "ended"

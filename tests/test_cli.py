@@ -60,6 +60,14 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
         [f"fashion-mnist-mini-resnet8-A-s{s}-it6-b32", "done" if s < 2 else "new"] for s in range(3)]
     code, out, err = run_cli(capsys, "status", "--seeds", "0-2", "--runs-dir", str(runs))
     assert code == 2 and "--seeds selects runs of a --grid or an --arch" in err and err.count("\n") == 1
+    # Options that change the run ids change the list too: per-device BN over 2 SLURM GPUs is a
+    # batch split of 2 (`-bn2`), unless --sync-bn.
+    for extra, suffix in (([], "-bn2"), (["--sync-bn"], "")):
+        code, out, err = run_cli(capsys, "status", *args[1:], "--runs-dir", str(runs), "--launcher", "slurm",
+                                 "--gpus-per-run", "2", *extra)
+        assert code == 0, err
+        assert [line.split()[0] for line in out.strip().splitlines()[1:]] == [
+            f"fashion-mnist-mini-resnet8-A-s{s}-it6-b32{suffix}" for s in (0, 1)]
     # An option no command has: one line that points at the command's own help.
     code, out, err = run_cli(capsys, "status", "--runs-dir", str(runs), "--bogus", "1")
     assert code == 2 and err == "study: error: unrecognized arguments: --bogus 1; see `study status --help`\n"

@@ -256,6 +256,8 @@ def test_a_failed_capture_trains_on_eagerly_on_a_gpu(tmp_path, small_data64, flo
     # failing on top of it ("operation failed due to a previous error during capture").
     assert "capturing" in steps[0].fallback and "previous error" not in steps[0].fallback, steps[0].fallback
     assert torch.cuda.current_stream() == stream
+    # The allocator was told the capture is over (or torch had told it): the call exists on this torch.
+    assert steps[0].pool_end in ("ended", "not capturing"), steps[0].pool_end
     assert graphed.status()["status"] == "done" and graphed.status()["cuda_graph_fallback"] == steps[0].fallback
     pd.testing.assert_frame_equal(metrics(eager), metrics(graphed), check_exact=False, atol=1e-9, rtol=0)
     # Eager steps after the failure do not leak: were the allocator left believing a capture is

@@ -233,8 +233,9 @@ def test_pixel_mean_is_the_mean_centre_crop_of_the_training_set_and_is_cached(fo
     cache.write_bytes(b"not a torch file")
     assert torch.equal(pixel_mean(folder, tmp_path, workers=0, log=logs.append), mean)
     assert "unreadable" in logs[1] and "computing" in logs[2]
-    # A run passes the scanned folder: a cache made from another number of images (the folder
-    # has changed since) is computed again; the same number is read back.
+    # A run passes the scanned folder: the same number of images reads the cache back; a cache
+    # made from another number (the folder has changed since) is an error naming the fix, not
+    # silently replaced (runs trained with it would change their mean); deleted, it is recomputed.
     from study.data.imagenet import image_folder
 
     def scanned_mean():
@@ -244,10 +245,14 @@ def test_pixel_mean_is_the_mean_centre_crop_of_the_training_set_and_is_cached(fo
     extra = folder / "train" / train[0].parent.name / "extra.JPEG"
     shutil.copy(train[-1], extra)
     try:
+        with pytest.raises(DataError, match=f"made from {len(train)} training images of .*, which now has "
+                                            f"{len(train) + 1}; if the data set changed on purpose, delete"):
+            scanned_mean()
+        assert torch.load(cache, weights_only=True)["images"] == len(train)  # untouched
+        cache.unlink()
         changed = scanned_mean()
     finally:
         extra.unlink()
-    assert f"made from {len(train)} training images, the folder now has {len(train) + 1}" in logs[3]
     expected = (crops.double().sum(0) + crops[-1].double()) / (len(train) + 1) / 255
     torch.testing.assert_close(changed, expected.float(), rtol=0, atol=1e-6)
     assert torch.load(cache, weights_only=True)["images"] == len(train) + 1

@@ -140,9 +140,10 @@ def pixel_mean(
     set, with ``workers`` DataLoader workers; under DDP each process averages its share) and cached
     in ``cache_dir``, keyed by the data root's absolute path, for every later run and `study
     evaluate`. ``train``: the already scanned training folder, if there is one; a cache made from
-    another number of images than it holds (the folder has changed) is computed again, as is an
-    unreadable one. The cache is written by rank 0, atomically, one process at a time (an flock on
-    ``cache_dir``)."""
+    another number of images than it holds (the folder has changed) is a DataError: recomputing it
+    would change the mean under the runs that trained with it, so deleting it is the user's call.
+    An unreadable cache is computed again. The cache is written by rank 0, atomically, one process
+    at a time (an flock on ``cache_dir``)."""
     import hashlib
 
     key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
@@ -166,8 +167,8 @@ def pixel_mean(
 
 
 def _read_pixel_mean(cache: Path, log: Callable[[str], None], images: int | None = None) -> torch.Tensor | None:
-    """The cached mean image, or None when there is none, it is unreadable, or (``images`` given)
-    it was made from another number of images (the last two said in `log`)."""
+    """The cached mean image, or None when there is none or it is unreadable (said in `log`);
+    DataError when (``images`` given) it was made from another number of images."""
     try:
         record = torch.load(cache, map_location="cpu", weights_only=True)
         mean = record["mean"]
@@ -179,9 +180,10 @@ def _read_pixel_mean(cache: Path, log: Callable[[str], None], images: int | None
         log(f"{cache} is unreadable ({type(e).__name__}); computing the per-pixel mean again")
         return None
     if images is not None and record.get("images") != images:
-        log(f"{cache} was made from {record.get('images')} training images, the folder now has {images:,}; "
-            "computing the per-pixel mean again")
-        return None
+        raise DataError(
+            f"the per-pixel mean cached in {cache} was made from {record.get('images')} training images of "
+            f"{record.get('root')}, which now has {images:,}; if the data set changed on purpose, delete {cache} "
+            "to compute it again (runs that trained with the old mean then go on with the new one)")
     return mean.float()
 
 
