@@ -516,7 +516,8 @@ def train_steps(
         check_fuse([cfg], compile=compile, processes=ddp.world)
     step_kind = "cuda-graph" if cuda_graph else "compiled" if compile else "eager"
     step_kind = f"fused-{step_kind}" if fuse else step_kind
-    run.prepare(str(device), processes=ddp.world, step=step_kind,
+    classes = data.num_classes if isinstance(data, imagenet.ImageNetData) else data.info.num_classes
+    run.prepare(str(device), processes=ddp.world, step=step_kind, classes=classes,
                 **({"backend": dist.get_backend(), "sync_bn": ddp.sync_bn} if ddp.enabled else {}))
     run.clean_temporaries()
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format

@@ -94,9 +94,11 @@ def write_run(
 
 
 def write_imagenet_run(
-    runs_dir, arch, depth, *, seed=0, shortcut="A", floor=(25.0, 28.0), iterations=600_000, status="done"
+    runs_dir, arch, depth, *, seed=0, shortcut="A", floor=(25.0, 28.0), iterations=600_000, status="done",
+    classes=None,
 ):
-    """An ImageNet-shaped run, as another tool would write it (RunConfig does not know imagenet)."""
+    """An ImageNet-shaped run, as another tool would write it (RunConfig does not know imagenet);
+    with ``classes``, its provenance records that class count, as `study run` does."""
     run_id = f"imagenet-{arch}{depth}-{shortcut}-s{seed}"
     d = Path(runs_dir) / run_id
     d.mkdir(parents=True)
@@ -109,7 +111,8 @@ def write_imagenet_run(
         "iterations": iterations,
         "batch_size": 256,
     }
-    (d / "config.json").write_text(json.dumps({"run_id": run_id, "config": config}))
+    record = {"run_id": run_id, "config": config, **({"provenance": {"classes": classes}} if classes else {})}
+    (d / "config.json").write_text(json.dumps(record))
     (d / "status.json").write_text(json.dumps({"status": status, "iteration": iterations}))
     identity = {k: config[k] for k in ("dataset", "arch", "depth", "shortcut", "seed")}
     rows = _curve_rows(
@@ -644,6 +647,23 @@ def test_claims_on_nets_that_have_not_learned_cannot_be_judged(tmp_path):
         assert "no net compared has learned" in claims[n].evidence and "chance 90.0%" in claims[n].evidence
     claims = {c.number: c for c in classify_claims(RunData.load(degraded))}
     assert claims[1].verdict == "holds" and "plain-56" in claims[1].evidence
+
+
+def test_chance_is_that_of_the_classes_the_runs_recorded(tmp_path):
+    """An ImageNet subset of 3 classes: chance is 66.7% error, so nets at 62-66% have not learned
+    and claim 1 cannot be judged. Runs that recorded no class count are taken as the full 1000
+    classes (chance 99.9%), where the same errors are judged."""
+    for recorded in (3, None):
+        runs = tmp_path / f"classes{recorded}"
+        for depth in (18, 34):
+            write_imagenet_run(runs, "plain", depth, floor=(62.0 + depth / 10, 64.0 + depth / 10), classes=recorded)
+        table = load_run_table(runs)
+        assert (table["classes"].tolist() == [3, 3]) if recorded else table["classes"].isna().all()
+        claim = next(c for c in classify_claims(RunData.load(runs)) if c.number == 1)
+        if recorded:
+            assert claim.verdict == "cannot be judged" and "chance 66.7%" in claim.evidence, claim.line()
+        else:
+            assert claim.verdict == "holds", claim.line()
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,8 @@ def _run_row(run_dir: Path) -> dict | None:
     if "arch" not in cfg or "depth" not in cfg or "dataset" not in cfg:
         return None
     status = _read_json(run_dir / "status.json") or {}
+    classes = (record.get("provenance") if record else None) or {}
+    classes = classes.get("classes") if isinstance(classes, dict) else None
     return {
         "run_id": run_dir.name,
         "dataset": str(cfg["dataset"]),
@@ -95,6 +97,7 @@ def _run_row(run_dir: Path) -> dict | None:
         "variant": variant_of(cfg),
         "status": str(status.get("status", "new")),
         "last_iteration": int(status.get("iteration", 0)),
+        "classes": classes if isinstance(classes, int) and classes > 0 else math.nan,
         **_tencrop(run_dir),
     }
 
@@ -111,12 +114,13 @@ def _tencrop(run_dir: Path) -> dict:
 
 def load_run_table(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
     """One row per run directory under `runs_dir`: identity, budget (`iterations`, `batch_size`,
-    `holdout`), `status`, `last_iteration`, and the 10-crop test where `study evaluate` made one
+    `holdout`), `status`, `last_iteration`, `classes` (the training set's class count, as the run
+    recorded it; NaN for runs written before it was recorded), and the 10-crop test where `study evaluate` made one
     (`tencrop_top1`, `tencrop_top5`, `tencrop_iteration`; NaN otherwise). Empty (with these
     columns) when there are none."""
     root = Path(runs_dir)
     rows = [_run_row(d) for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
-    return pd.DataFrame([r for r in rows if r is not None], columns=RUN_COLUMNS + TENCROP_COLUMNS)
+    return pd.DataFrame([r for r in rows if r is not None], columns=RUN_COLUMNS + ["classes"] + TENCROP_COLUMNS)
 
 
 def _no_runs(runs_dir: str | os.PathLike) -> NoRunsError:

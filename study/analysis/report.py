@@ -41,7 +41,7 @@ SAME_TRAIN_ERROR_PP = 0.5
 # chance (a demo run of a few steps) are equally untrained, and which is "better" is noise. One
 # net at chance beside one that learned is judged: that is what degradation can look like.
 LEARNED_FRACTION_OF_CHANCE = 0.9
-IMAGENET_CLASSES = 1000  # the full ILSVRC set; a run dir does not record its class count (a subset's bar would be lower)
+IMAGENET_CLASSES = 1000  # the full ILSVRC set: for runs written before config.json recorded `classes`
 
 
 def _seeds(n: int) -> str:
@@ -97,12 +97,18 @@ def _combine(parts: list[tuple[str | None, str]], conjunctive: bool) -> tuple[st
     return verdict, "; ".join(e for _, e in parts)
 
 
-def _chance_error(dataset: str) -> float | None:
-    """The error in % of guessing one class: 100 x (1 - 1/classes); None for an unknown data set."""
-    try:
-        classes = IMAGENET_CLASSES if dataset == IMAGENET else dataset_info(dataset).num_classes
-    except DataError:
-        return None
+def _chance_error(dataset: str, recorded: pd.Series | None = None) -> float | None:
+    """The error in % of guessing one class: 100 x (1 - 1/classes); None for an unknown data set.
+    ``recorded`` are the runs' own class counts (`load_run_table`'s `classes`; an ImageNet subset
+    has fewer than 1000); where none recorded one, the data set's count is used."""
+    known = recorded.dropna() if recorded is not None else ()
+    if len(known):
+        classes = int(known.max())
+    else:
+        try:
+            classes = IMAGENET_CLASSES if dataset == IMAGENET else dataset_info(dataset).num_classes
+        except DataError:
+            return None
     return 100.0 * (1 - 1 / classes)
 
 
@@ -119,7 +125,7 @@ class _Finals:
         # run has a current one, as in Tables 2 and 3.
         if study.dataset == IMAGENET and self.df is not None and self.eval == "val":
             self.df, _ = with_tencrop(self.df, done)
-        self.chance = _chance_error(study.dataset)
+        self.chance = _chance_error(study.dataset, done.get("classes"))
 
     def unlearned(self, train_errors: list[_Stat]) -> str | None:
         """Why a comparison of these nets (their training errors) cannot be judged, or None: when
