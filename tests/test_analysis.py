@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -482,6 +483,29 @@ def test_table6_of_holdout_runs_labels_the_papers_test_error_as_such(tmp_path, c
     assert any("the paper's Table 6 is the test error" in n for n in table.notes)
     code, out, err = cli("table", "table6", "--runs-dir", tmp_path, "--variant", "paper")
     assert code == 0 and "paper: test error" in out, err
+
+
+def test_holdout_chooses_between_a_holdout_study_and_one_on_the_whole_training_set(tmp_path, cli):
+    """Both studies beside each other: the note names the other one and how to choose it, and
+    --holdout / --no-holdout choose, in tables and figures alike."""
+    whole = write_run(tmp_path, "resnet", 20, floor=(1.0, 9.0))
+    held = write_run(tmp_path, "resnet", 20, floor=(2.0, 30.0), holdout=True)
+    data = RunData.load(tmp_path)
+    default = build_table("table6", data)
+    assert not default.study.holdout
+    assert any("90/10 hold-out" in n and "--[no-]holdout" in n for n in default.notes), default.notes
+    errors = {}  # the last logged evaluation error: `val` of the hold-out run, `test` of the other
+    for run in (whole, held):
+        m = run.read_metrics()
+        errors[run.cfg.holdout] = m[m.split == ("val" if run.cfg.holdout else "test")].error_pct.iloc[-1]
+    for flag, holdout in (("--holdout", True), ("--no-holdout", False)):
+        code, out, err = cli("table", "table6", "--runs-dir", tmp_path, flag)
+        assert code == 0, err
+        assert f"{errors[holdout]:.2f}" in out and f"{errors[not holdout]:.2f}" not in out, out
+        assert ("validation error" in out) == holdout
+    assert build("fig6", data, holdout=True).study == dataclasses.replace(default.study, holdout=True)
+    code, out, err = cli("table", "table6", "--runs-dir", tmp_path, "--holdout", "--iterations", "9")
+    assert code == 2 and "matching --iterations 9, --holdout" in err, err
 
 
 def test_runs_with_other_settings_are_another_study_not_extra_seeds(tmp_path, cli):

@@ -31,6 +31,12 @@ def _study_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, help="use the runs of this batch size")
     parser.add_argument(
+        "--holdout",
+        action=argparse.BooleanOptionalAction,
+        help="use the runs trained with `study run --holdout` (90/10 split, validation curves); "
+        "--no-holdout: those trained on the whole training set (default: the study closest to the paper)",
+    )
+    parser.add_argument(
         "--variant",
         help="use the runs with these non-paper settings, as the notes name them, e.g. bf16 or bn2,light0 "
         "(default: the paper's settings where present); `paper` for none",
@@ -42,7 +48,8 @@ def _selection(args: argparse.Namespace) -> dict:
     variant = args.variant
     if variant is not None:
         variant = "" if variant == "paper" else ",".join(sorted(v.strip() for v in variant.split(",") if v.strip()))
-    select = dict(dataset=args.dataset, iterations=args.iterations, batch_size=args.batch_size, variant=variant)
+    select = dict(dataset=args.dataset, iterations=args.iterations, batch_size=args.batch_size,
+                  holdout=args.holdout, variant=variant)
     return {k: v for k, v in select.items() if v is not None}
 
 

@@ -299,6 +299,17 @@ def studies(runs: pd.DataFrame) -> list[Study]:
     return [Study(str(d), int(i), int(b), bool(h), str(v)) for d, i, b, h, v in keys]
 
 
+#: The options of `study plot` and `study table` that choose a study.
+CHOOSERS = "--dataset/--iterations/--batch-size/--[no-]holdout/--variant"
+
+
+def _filter_text(flag: str, value: object) -> str:
+    """A study filter as the command line gives it: `--iterations 300`, `--no-holdout`, `--variant paper`."""
+    if flag == "--holdout":
+        return "--holdout" if value else "--no-holdout"
+    return f"{flag} {value if value != '' else 'paper'}"
+
+
 def pick_study(
     data: RunData,
     what: str,
@@ -308,13 +319,14 @@ def pick_study(
     dataset: str | None = None,
     iterations: int | None = None,
     batch_size: int | None = None,
+    holdout: bool | None = None,
     variant: str | None = None,
     needs: str = "metrics",
 ) -> tuple[Study, list[str]]:
     """Choose the study that `what` (a figure or table name) is drawn from.
 
     Candidates are ImageNet runs or the others (`imagenet`), narrowed by `dataset`, `iterations`,
-    `batch_size` and `variant` ("" for the paper's protocol) when given, and only runs with rows in
+    `batch_size`, `holdout` and `variant` ("" for the paper's protocol) when given, and only runs with rows in
     `needs` (`metrics`, `responses` or `gradients`). Preferred: the study holding any of the
     paper's `wanted` series, then the paper's own setting, then the paper's protocol (no variant),
     then the one with most of `wanted`, then the most runs. Returns the study and one note naming
@@ -323,7 +335,8 @@ def pick_study(
     runs = data.runs[data.runs["run_id"].isin(getattr(data, needs)["run_id"])]
     candidates = runs[(runs["dataset"] == IMAGENET) == imagenet]
     chosen = (("dataset", "--dataset", dataset), ("iterations", "--iterations", iterations),
-              ("batch_size", "--batch-size", batch_size), ("variant", "--variant", variant))
+              ("batch_size", "--batch-size", batch_size), ("holdout", "--holdout", holdout),
+              ("variant", "--variant", variant))
     for column, _, value in chosen:
         if value is not None:
             candidates = candidates[candidates[column] == value]
@@ -337,10 +350,9 @@ def pick_study(
         fix = fixes.get(needs, "pass --runs-dir to the directory that holds them")
         if needs == "metrics" and runs.empty:
             fix = "no run has finished an epoch yet: wait for one, or " + fix
-        filters = ", ".join(f"{flag} {value if value != '' else 'paper'}" for _, flag, value in chosen
-                            if value is not None)
+        filters = ", ".join(_filter_text(flag, value) for _, flag, value in chosen if value is not None)
         if filters:
-            fix = "pick --dataset/--iterations/--batch-size/--variant among those, or leave them out"
+            fix = f"pick {CHOOSERS} among those, or leave them out"
         raise NoRunsError(
             f"{what} needs {kind} with {needs}{' matching ' + filters if filters else ''} in {data.runs_dir}, "
             f"found none (runs with {needs}: {present}); {fix}"
@@ -356,7 +368,7 @@ def pick_study(
     notes = []
     if len(ranked) > 1:
         others = "; ".join(s.label() for s in ranked[1:])
-        notes.append(f"also present, not used here: {others} (choose with --dataset/--iterations/--batch-size/--variant)")
+        notes.append(f"also present, not used here: {others} (choose with {CHOOSERS})")
     return ranked[0], notes
 
 
