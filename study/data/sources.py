@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
-from torchvision.datasets.mnist import read_image_file, read_label_file
-from torchvision.datasets.utils import extract_archive
 
 
 class DataError(Exception):
@@ -132,7 +129,7 @@ def _load_data(name: str, data_dir: str | os.PathLike | None = None, *, holdout:
     info = dataset_info(name)
     # With a hold-out the official test set is never looked at, so it is not loaded either.
     if name in ("cifar10", "cifar100"):
-        where = Path(data_dir if data_dir is not None else "data") / _CIFAR[name][1].base_folder
+        where = Path(data_dir if data_dir is not None else "data") / _cifar(name)[1].base_folder
         train = _load_cifar(name, data_dir, train=True, download=download)
         test = None if holdout else _load_cifar(name, data_dir, train=False, download=download)
     elif name == "fashion-mnist":
@@ -214,16 +211,26 @@ def _one_line(error: BaseException) -> str:
 
 # --- CIFAR ---------------------------------------------------------------------------------------
 
+#: Name and torchvision dataset class per data set. (torchvision is imported where it is used:
+#: its import costs seconds, which `study grids`, `status` and the analysis need not pay.)
 _CIFAR = {
-    "cifar10": ("CIFAR-10", torchvision.datasets.CIFAR10),
-    "cifar100": ("CIFAR-100", torchvision.datasets.CIFAR100),
+    "cifar10": ("CIFAR-10", "CIFAR10"),
+    "cifar100": ("CIFAR-100", "CIFAR100"),
 }
+
+
+def _cifar(name: str) -> tuple[str, type]:
+    """The data set's name and its torchvision class."""
+    import torchvision.datasets
+
+    title, class_name = _CIFAR[name]
+    return title, getattr(torchvision.datasets, class_name)
 
 
 def _load_cifar(name: str, data_dir: str | os.PathLike | None, *, train: bool,
                 download: bool) -> Split:
     """One CIFAR split through torchvision, so its md5 checks guard the files."""
-    title, cls = _CIFAR[name]
+    title, cls = _cifar(name)
     root = Path(data_dir if data_dir is not None else "data")
     folder = root / cls.base_folder
     try:
@@ -278,6 +285,8 @@ def _find_fashion_mnist(data_dir: str | os.PathLike | None, download: bool) -> P
             return directory
     root = Path(data_dir if data_dir is not None else "data")
     if download:
+        import torchvision.datasets
+
         try:
             # torchvision downloads, checks md5s and unpacks into root/FashionMNIST/raw.
             torchvision.datasets.FashionMNIST(root=root, train=True, download=True)
@@ -304,6 +313,8 @@ def read_idx_split(directory: str | os.PathLike, split: str) -> Split:
     if None in paths:
         raise DataError(f"{FASHION_MNIST_FILES[split][paths.index(None)]}[.gz] missing in "
                         f"{directory}/; put the raw Fashion-MNIST files there")
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
     images = _read_idx_file(paths[0], read_image_file, "images (N x 28 x 28)")
     labels = _read_idx_file(paths[1], read_label_file, "labels (N)")
     if len(images) != len(labels):
@@ -342,5 +353,7 @@ def _read_idx(path: Path, reader) -> torch.Tensor:
         return reader(str(path))
     # torchvision's reader takes only an uncompressed path, so unpack to a temporary directory
     # with torchvision's own extractor rather than keeping a decompressed copy next to the data.
+    from torchvision.datasets.utils import extract_archive
+
     with tempfile.TemporaryDirectory() as tmp:
         return reader(str(extract_archive(str(path), tmp)))
