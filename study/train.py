@@ -944,6 +944,7 @@ def run_all(
         for data in datasets.values():
             if isinstance(data, imagenet.ImageNetData):
                 data.mean_for("pixel", runs_dir, **_pixel_mean_options(workers, dev, ddp, progress, log))
+    _warn_of_long_cpu_runs(runs, dev, log if ddp.writer else _quiet)
 
     pool = []
     if concurrency > 1:
@@ -969,6 +970,23 @@ def run_all(
 
 def _quiet(message: str) -> None:
     pass
+
+
+#: Runs at least this long are hours of work per net on a CPU: `run_all` says so before starting.
+CPU_LONG_ITERATIONS = 10_000
+
+
+def _warn_of_long_cpu_runs(runs: list[Run], dev: torch.device, log: Callable[[str], None]) -> None:
+    """One line before long runs start on a CPU (the paper's 64k iterations, say): such a schedule
+    is for a GPU, and a new user may not expect it to take hours."""
+    if dev.type != "cpu":
+        return
+    long = [r for r in runs if r.cfg.iterations >= CPU_LONG_ITERATIONS and r.status()["status"] != "done"]
+    if long:
+        longest = max(r.cfg.iterations for r in long)
+        log(f"note: {len(long)} run(s) of up to {longest:,} iterations on the CPU: hours per run there "
+            "(the progress bar estimates it); shorten with --iterations N for a demo (`study run --grid quick`), "
+            "or train on a GPU")
 
 
 def _pixel_mean_options(workers: int, device: torch.device, ddp: Distributed, progress: bool | None,

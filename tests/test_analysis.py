@@ -654,6 +654,18 @@ def test_claims_that_the_runs_contradict(tmp_path):
     assert claims[2] == "cannot be judged"  # responses present, gradient norms not
 
 
+def test_a_claim_of_two_parts_says_which_part_failed(tmp_path):
+    """Claim 5: ResNet responses smaller than plain (holds) and shrinking with depth (fails here:
+    ResNet-56's are larger than ResNet-20's). The evidence gives each part its verdict."""
+    for (arch, depth), std in {("plain", 20): 1.5, ("plain", 56): 1.6, ("resnet", 20): 0.9, ("resnet", 56): 1.0}.items():
+        write_responses(write_run(tmp_path, arch, depth), np.full(depth - 1, std))
+    claim = next(c for c in classify_claims(RunData.load(tmp_path)) if c.number == 5)
+    assert claim.verdict == "does not hold"
+    smaller, shrinking = claim.evidence.split("; ")
+    assert smaller.startswith("mean response std ResNet vs plain") and smaller.endswith("(holds)"), claim.evidence
+    assert shrinking.startswith("ResNet mean response std by depth") and shrinking.endswith("(does not hold)")
+
+
 def test_claims_on_nets_that_have_not_learned_cannot_be_judged(tmp_path):
     """Nets all at chance (90% error for 10 classes; a demo of a few steps) say nothing about depth,
     whichever is a point "better": claims 1 and 3 cannot be judged, and the evidence says why. A

@@ -36,7 +36,8 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["depth"] == 8 and config["config"]["iterations"] == 6
     assert {"package_version", "git_commit", "git_dirty", "torch_version", "device"} <= set(config["provenance"])
-    assert config["provenance"]["device"] == "cpu"
+    assert config["provenance"]["device"] == "cpu" and config["provenance"]["classes"] == 10
+    assert "hours per run" not in out + err  # short runs: no warning of a long CPU schedule
     df = pd.read_parquet(run_dir / "metrics.parquet")
     assert list(df.columns) == METRIC_COLUMNS and list(df.split) == ["train", "test"]  # 6 iterations < 1 epoch
     # No progress bar (not a terminal): each run's epochs are logged, here its only one; the final
@@ -95,6 +96,24 @@ def test_status_tells_a_run_whose_process_is_gone_from_one_still_training(tmp_pa
     assert code == 0 and lines[1].split()[1] == "stopped" and "3/6" in lines[1]
     assert "no process is training it" in lines[2] and "resumes it from its last checkpoint" in lines[2]
     assert run.status()["status"] == "running"  # status only reads
+
+
+def test_the_papers_schedule_on_a_cpu_is_announced_before_it_starts(tmp_path, capsys, monkeypatch):
+    """64k iterations on a CPU are hours per run: one line says so (and how to shorten them) before
+    training starts. Runs already done are not counted."""
+    import study.train
+
+    started = []
+    monkeypatch.setattr(study.train, "_run_list", lambda runs, *a, **kw: started.extend(runs) or {})
+    code, out, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "20", "--seeds", "0-2",
+                             "--runs-dir", str(tmp_path), "--device", "cpu")
+    assert code == 0 and len(started) == 3, err
+    assert "note: 3 run(s) of up to 64,000 iterations on the CPU: hours per run" in out and "--iterations N" in out
+    started[0].prepare("cpu")
+    started[0].set_status("done")
+    code, out, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "20", "--seeds", "0-2",
+                             "--runs-dir", str(tmp_path), "--device", "cpu")
+    assert "note: 2 run(s)" in out
 
 
 def test_grid_overrides(tmp_path, capsys, monkeypatch):

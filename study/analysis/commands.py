@@ -84,7 +84,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 
     report = sub.add_parser("report", help="every figure and table, and a verdict on each claim of the paper")
     report.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
-    report.add_argument("--out", default="figures/report.md", help="the report (figures go beside it)")
+    report.add_argument("--out", default="figures/report.md",
+                        help="the report (default figures/report.md; its figures go beside it)")
 
     probe = sub.add_parser("probe", help="measure layer responses (Figure 7) of finished runs into responses.parquet")
     probe.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to probe (default: every finished run)")

@@ -196,7 +196,8 @@ def _legend(
         for s in series
     ]
     handles += [Line2D([], [], color="0.2", label=label, **kws) for label, kws in styles]
-    ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.85)
+    # Long enough handles that a dashed line shows its dashes beside a marker's ring.
+    ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.85, handlelength=3.5)
 
 
 def _empty(ax: "Axes", text: str) -> None:

@@ -86,7 +86,8 @@ def _spread_note(a: _Stat, b: _Stat) -> str:
 
 def _combine(parts: list[tuple[str | None, str]], conjunctive: bool) -> tuple[str, str]:
     """Verdict from parts (verdict or None when unjudgeable, evidence). Conjunctive: every part is
-    needed for `holds`; otherwise the judged parts decide."""
+    needed for `holds`; otherwise the judged parts decide. With several parts, each judged part's
+    evidence ends in its own verdict, so a claim that does not hold says which part failed."""
     judged = [v for v, _ in parts if v is not None]
     if FAILS in judged:
         verdict = FAILS
@@ -94,7 +95,7 @@ def _combine(parts: list[tuple[str | None, str]], conjunctive: bool) -> tuple[st
         verdict = HOLDS
     else:
         verdict = UNKNOWN
-    return verdict, "; ".join(e for _, e in parts)
+    return verdict, "; ".join(f"{e} ({v})" if len(parts) > 1 and v is not None else e for v, e in parts)
 
 
 def _chance_error(dataset: str, recorded: pd.Series | None = None) -> float | None:
