@@ -978,15 +978,17 @@ CPU_LONG_ITERATIONS = 10_000
 
 def _warn_of_long_cpu_runs(runs: list[Run], dev: torch.device, log: Callable[[str], None]) -> None:
     """One line before long runs start on a CPU (the paper's 64k iterations, say): such a schedule
-    is for a GPU, and a new user may not expect it to take hours."""
-    if dev.type != "cpu":
+    is for a GPU, and a new user may not expect it to take hours. Counts the runs with at least
+    `CPU_LONG_ITERATIONS` still to train; said once, by the process the user started (not by
+    `--concurrency`'s workers)."""
+    if dev.type != "cpu" or multiprocessing.parent_process() is not None:
         return
-    long = [r for r in runs if r.cfg.iterations >= CPU_LONG_ITERATIONS and r.status()["status"] != "done"]
+    left = {r.cfg.run_id: r.cfg.iterations - int(r.status().get("iteration", 0) or 0)
+            for r in runs if not r.is_finished()}
+    long = [n for n in left.values() if n >= CPU_LONG_ITERATIONS]
     if long:
-        longest = max(r.cfg.iterations for r in long)
-        log(f"note: {len(long)} run(s) of up to {longest:,} iterations on the CPU: hours per run there "
-            "(the progress bar estimates it); shorten with --iterations N for a demo (`study run --grid quick`), "
-            "or train on a GPU")
+        log(f"note: {len(long)} run(s) with up to {max(long):,} iterations to train on the CPU: hours per run "
+            "there; shorten them with --iterations N for a demo (`study run --grid quick`), or train on a GPU")
 
 
 def _pixel_mean_options(workers: int, device: torch.device, ddp: Distributed, progress: bool | None,

@@ -108,12 +108,19 @@ def test_the_papers_schedule_on_a_cpu_is_announced_before_it_starts(tmp_path, ca
     code, out, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "20", "--seeds", "0-2",
                              "--runs-dir", str(tmp_path), "--device", "cpu")
     assert code == 0 and len(started) == 3, err
-    assert "note: 3 run(s) of up to 64,000 iterations on the CPU: hours per run" in out and "--iterations N" in out
-    started[0].prepare("cpu")
-    started[0].set_status("done")
+    assert "note: 3 run(s) with up to 64,000 iterations to train on the CPU: hours per run" in out
+    assert "--iterations N" in out
+    # Finished runs (done or diverged) are not counted, nor one that has less than 10k to go.
+    for run, status, iteration in zip(started, ("done", "diverged", "interrupted"), (64_000, 100, 60_000)):
+        run.prepare("cpu")
+        run.set_status(status, iteration=iteration)
     code, out, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "20", "--seeds", "0-2",
                              "--runs-dir", str(tmp_path), "--device", "cpu")
-    assert "note: 2 run(s)" in out
+    assert code == 0 and "hours per run" not in out, out
+    started[2].set_status("interrupted", iteration=50_000)
+    code, out, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "20", "--seeds", "0-2",
+                             "--runs-dir", str(tmp_path), "--device", "cpu")
+    assert "note: 1 run(s) with up to 14,000 iterations to train" in out
 
 
 def test_grid_overrides(tmp_path, capsys, monkeypatch):
@@ -220,6 +227,13 @@ def test_a_runs_dir_that_is_or_is_under_a_file(tmp_path, capsys):
         code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--runs-dir", str(runs))
         assert code == 2 and f"{blocker} is a file, not a directory" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_listing_and_analysis_commands_do_not_import_torchvision():
+    """torchvision's import costs seconds; only the data loaders need it (a fresh interpreter)."""
+    code = "import sys, study.cli, study.analysis.report, study.analysis.figures; print('torchvision' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
 
 def test_console_script_in_a_pipe_is_quiet_and_fails_cleanly(tmp_path):

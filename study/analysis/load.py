@@ -97,9 +97,16 @@ def _run_row(run_dir: Path) -> dict | None:
         "variant": variant_of(cfg),
         "status": str(status.get("status", "new")),
         "last_iteration": int(status.get("iteration", 0)),
-        "classes": classes if isinstance(classes, int) and classes > 0 else math.nan,
+        "classes": _class_count(classes),
         **_tencrop(run_dir),
     }
+
+
+def _class_count(value: object) -> float:
+    """A recorded class count: a whole number >= 2, else NaN (absent, or not a count)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return math.nan
+    return float(value) if value >= 2 and float(value).is_integer() else math.nan
 
 
 def _tencrop(run_dir: Path) -> dict:
@@ -329,7 +336,8 @@ def pick_study(
     `batch_size`, `holdout` and `variant` ("" for the paper's protocol) when given, and only runs with rows in
     `needs` (`metrics`, `responses` or `gradients`). Preferred: the study holding any of the
     paper's `wanted` series, then the paper's own setting, then the paper's protocol (no variant),
-    then the one with most of `wanted`, then the most runs. Returns the study and one note naming
+    then training on the whole training set (no hold-out: the paper's curves are test errors), then
+    the one with most of `wanted`, then the most runs. Returns the study and one note naming
     the studies left out. NoRunsError when no run qualifies.
     """
     runs = data.runs[data.runs["run_id"].isin(getattr(data, needs)["run_id"])]
@@ -362,13 +370,13 @@ def pick_study(
     def score(study: Study) -> tuple:
         group = study.select(candidates)
         hits = len(set(zip(group["arch"], group["depth"], group["shortcut"])) & wanted)
-        return (hits > 0, study.is_paper, not study.variant, hits, len(group))
+        return (hits > 0, study.is_paper, not study.variant, not study.holdout, hits, len(group))
 
     ranked = sorted(studies(candidates), key=score, reverse=True)
     notes = []
     if len(ranked) > 1:
         others = "; ".join(s.label() for s in ranked[1:])
-        notes.append(f"also present, not used here: {others} (choose with {CHOOSERS})")
+        notes.append(f"also present, not used here: {others} (`study plot` and `study table` choose with {CHOOSERS})")
     return ranked[0], notes
 
 
