@@ -55,6 +55,7 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert "10 runs" in _text(code[0]) and "from ../runs" in _text(code[0])
     figure6 = next(c for c in code if "STUDY_KEY" in c.source)
     assert "8 runs of the study" in _text(figure6) and "'variant': ''" in _text(figure6)
+    assert "'iterations': 200," in _text(figure6)  # plain values, not numpy reprs (np.int64(200))
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the seaborn Figure 6 and the package's Figure 1
     assert "| plain-20" in _text(code[-1])  # the package's Table 6
