@@ -983,9 +983,8 @@ def _warn_of_long_cpu_runs(runs: list[Run], dev: torch.device, log: Callable[[st
     `--concurrency`'s workers)."""
     if dev.type != "cpu" or multiprocessing.parent_process() is not None:
         return
-    left = {r.cfg.run_id: r.cfg.iterations - int(r.status().get("iteration", 0) or 0)
-            for r in runs if not r.is_finished()}
-    long = [n for n in left.values() if n >= CPU_LONG_ITERATIONS]
+    left = [r.cfg.iterations - int(r.status().get("iteration", 0) or 0) for r in runs if not r.is_finished()]
+    long = [n for n in left if n >= CPU_LONG_ITERATIONS]
     if long:
         log(f"note: {len(long)} run(s) with up to {max(long):,} iterations to train on the CPU: hours per run "
             "there; shorten them with --iterations N for a demo (`study run --grid quick`), or train on a GPU")

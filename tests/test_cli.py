@@ -7,6 +7,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from study.cli import main
 from study.runstore import METRIC_COLUMNS
@@ -121,6 +122,13 @@ def test_the_papers_schedule_on_a_cpu_is_announced_before_it_starts(tmp_path, ca
     code, out, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "20", "--seeds", "0-2",
                              "--runs-dir", str(tmp_path), "--device", "cpu")
     assert "note: 1 run(s) with up to 14,000 iterations to train" in out
+    # `--concurrency`'s worker processes (children of the runner) leave the note to their parent.
+    said = []
+    study.train._warn_of_long_cpu_runs(started[:3], torch.device("cpu"), said.append)
+    assert len(said) == 1
+    monkeypatch.setattr(study.train.multiprocessing, "parent_process", lambda: object())
+    study.train._warn_of_long_cpu_runs(started[:3], torch.device("cpu"), said.append)
+    assert len(said) == 1
 
 
 def test_grid_overrides(tmp_path, capsys, monkeypatch):

@@ -82,8 +82,7 @@ def _run_row(run_dir: Path) -> dict | None:
     if "arch" not in cfg or "depth" not in cfg or "dataset" not in cfg:
         return None
     status = _read_json(run_dir / "status.json") or {}
-    classes = (record.get("provenance") if record else None) or {}
-    classes = classes.get("classes") if isinstance(classes, dict) else None
+    provenance = record.get("provenance") if record else None
     return {
         "run_id": run_dir.name,
         "dataset": str(cfg["dataset"]),
@@ -97,7 +96,7 @@ def _run_row(run_dir: Path) -> dict | None:
         "variant": variant_of(cfg),
         "status": str(status.get("status", "new")),
         "last_iteration": int(status.get("iteration", 0)),
-        "classes": _class_count(classes),
+        "classes": _class_count(provenance.get("classes") if isinstance(provenance, dict) else None),
         **_tencrop(run_dir),
     }
 
