@@ -14,12 +14,12 @@ measures training images/s of every net of the grid (plain and residual at each 
 - (c) fast, concurrent grid: K processes (`--concurrency`, as `study run --concurrency K`), each
   training a different net of the grid with (b) at the same time;
 - (d), CUDA only (`--no-graph` skips it): (b) as `study run --cuda-graph` trains, each whole step
-  replayed as one CUDA graph (`study.graphstep.GraphedStep`), one net at a time;
+  replayed as one CUDA graph (`study.fast.graphstep.GraphedStep`), one net at a time;
 - (e), CUDA only, if (d) worked for every net: (d) in K processes at once, as (c);
 - (f), likewise: K nets at a time trained by this one process, interleaved step by step, each on
   its own CUDA stream, with (d)'s step (`study run --streams K --cuda-graph`);
 - (g) for each width W of `--fuse` (CUDA 2,10; CPU 2): each depth's nets fused W at a time into one
-  grouped network (`study.fused`, as `study run --fuse W` trains them; on CUDA with
+  grouped network (`study.fast.fused`, as `study run --fuse W` trains them; on CUDA with
   `--cuda-graph`'s capture): W = 2 is a plain net and its residual twin, W = 10 five seeds of each
   (the five-seed study). Its projected minutes are per seed's grid;
 - (h), with W = 2: those pairs in K processes at once, as (c) (`study run --fuse 2 --concurrency K`).
@@ -81,8 +81,8 @@ from study.config import PAPER_BATCH_SIZE, PAPER_ITERATIONS, PRECISIONS, RunConf
 from study.data import Data, Split, augment, dataset_info, normalize, train_batches
 from study.data.sources import pixel_mean
 from study.models import build_model, count_macs, count_params
-from study.fused import FusedNets, Join, fusion_key
-from study.graphstep import WARMUP_STEPS, GraphedStep
+from study.fast.fused import FusedNets, Join, fusion_key
+from study.fast.graphstep import EAGER_STEPS_BEFORE_CAPTURE, GraphedStep
 from study.probes import GradientNorms
 from study.train import AUTO_GPU_CONCURRENCY, compile_model, lr_at, resolve_device, sgd_step, tune_device
 
@@ -286,7 +286,7 @@ def fused_grid(nets: list[tuple[str, int]], width: int, images: np.ndarray, labe
     if width % 2:
         raise ValueError(f"--fuse widths are even (a plain net and its twin per seed); got {width}")
     data = device_data(images, labels, device)
-    warmup = max(settings["warmup"], WARMUP_STEPS + 2)
+    warmup = max(settings["warmup"], EAGER_STEPS_BEFORE_CAPTURE + 2)
     rounds = []
     for depth in dict.fromkeys(d for _, d in nets):
         cfgs = [RunConfig(arch=arch, depth=depth, dataset="cifar10", seed=seed, batch_size=settings["batch_size"],
@@ -526,7 +526,7 @@ def interleaved_grid(nets: list[tuple[str, int]], k: int, images: np.ndarray, la
     each on its own CUDA stream (`study run --streams K --cuda-graph`); rounds in (c)'s format. A
     timed step is one step of every net of the round; the window ends when every stream is done."""
     data = device_data(images, labels, device)
-    warmup = max(settings["warmup"], WARMUP_STEPS + 2)
+    warmup = max(settings["warmup"], EAGER_STEPS_BEFORE_CAPTURE + 2)
     rounds = []
     for i in range(0, len(nets), k):
         nets_r = nets[i:i + k]
@@ -592,7 +592,7 @@ def measure_graphed(nets: list[tuple[str, int]], images: np.ndarray, labels: np.
         try:
             step = make_fast_step(cfg, data, device, cuda_graph=True)
             # The graph is captured after GraphedStep's eager warm-up steps.
-            warmup = max(settings["warmup"], WARMUP_STEPS + 2)
+            warmup = max(settings["warmup"], EAGER_STEPS_BEFORE_CAPTURE + 2)
             rates, warmup_s = images_per_s(step, device, warmup, settings["steps"], settings["repeats"])
             if device.type == "cuda":
                 check_captured(step, settings["batch_size"])
@@ -874,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"(e) starting {k} processes, --cuda-graph")
         try:
             graphed_rounds = concurrent_grid(nets, k, settings | {"cuda_graph": True,
-                                                                  "warmup": max(settings["warmup"], WARMUP_STEPS + 2)})
+                                                                  "warmup": max(settings["warmup"], EAGER_STEPS_BEFORE_CAPTURE + 2)})
             log_rounds("(e)", graphed_rounds, log)
         except RuntimeError as e:
             log(f"(e) failed: {e}")
@@ -898,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         units = [[("plain", d, 0), ("resnet", d, 0)] for d in depths]
         try:
             fused_concurrent_rounds = concurrent_grid(units, min(k, len(units)), settings | {
-                "fused": True, "warmup": max(settings["warmup"], WARMUP_STEPS + 2)})
+                "fused": True, "warmup": max(settings["warmup"], EAGER_STEPS_BEFORE_CAPTURE + 2)})
             log_rounds("(h)", fused_concurrent_rounds, log)
         except RuntimeError as e:
             log(f"(h) failed: {e}")

@@ -11,10 +11,16 @@ import dataclasses
 from dataclasses import dataclass
 from decimal import Decimal
 
-from .data import DATASETS
-from .models import IMAGENET_DATASETS, IMAGENET_DEPTHS, SHORTCUTS, blocks_per_stage
-
 ARCHS = ("plain", "resnet")
+#: The CIFAR-style data sets (`study.data` loads them); the default is the embedded demo subset.
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "fashion-mnist", "fashion-mnist-mini")
+#: Data sets whose images are ImageNet-sized: `build_model(..., dataset=...)` gives them the Table-1 nets.
+IMAGENET_DATASETS: tuple[str, ...] = ("imagenet",)
+#: The ImageNet nets' depths (Table 1; `study.models.imagenet.STAGE_BLOCKS` gives their stages).
+IMAGENET_DEPTHS: tuple[int, ...] = (18, 34)
+#: The shortcut options of section 3.3 / Table 3: A zero-padding, B projections where dimensions
+#: change, C projections everywhere.
+SHORTCUTS = ("A", "B", "C")
 PAPER_ITERATIONS = 64_000  # CIFAR-10: 64k iterations at batch 128
 PAPER_BATCH_SIZE = 128
 IMAGENET_ITERATIONS = 600_000  # ImageNet: "up to 60e4 iterations" at batch 256 (about 120 epochs)
@@ -38,6 +44,15 @@ def paper_defaults(dataset: str) -> dict:
 
 class ConfigError(ValueError):
     """An invalid setting. str(e) is one line naming the problem and the fix."""
+
+
+def blocks_per_stage(depth: int) -> int:
+    """n for a 6n+2-layer CIFAR net (section 4.2); ValueError naming the fix for any other depth."""
+    if depth < 8 or (depth - 2) % 6 != 0:
+        raise ValueError(
+            f"CIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...); got {depth}"
+        )
+    return (depth - 2) // 6
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .config import ConfigError, RunConfig
-from .models import IMAGENET_DATASETS
+from .config import IMAGENET_DATASETS, ConfigError, RunConfig
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
 

@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
@@ -60,123 +61,18 @@ DEFAULT_MAX_TIMEOUTS = 10
 # After a SIGTERM a task waits this long for the USR2 that a preemption may send next (then it is
 # requeued) before it exits; scancel's SIGKILL comes KillWait (30 s by default) after its SIGTERM.
 PREEMPT_WAIT_S = 5.0
-SLURM_FLAGS = (
-    "partition", "account", "qos", "time", "gpus_per_run", "cpus_per_run", "mem",
-    "slurm_array_parallelism", "slurm_max_timeouts",
-)
 
 
 # --- flags ------------------------------------------------------------------------------------------
-
-
-def parse_time(text: str | int) -> int:
-    """SLURM time limit -> whole minutes: `90` (minutes), `HH:MM:SS` or `D-HH:MM:SS`."""
-    text = str(text).strip()
-    if text.isdigit():
-        minutes = int(text)
-    else:
-        m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", text)
-        if m is None or int(m[3]) >= 60 or int(m[4]) >= 60:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a time limit; write minutes (90) or [D-]HH:MM:SS (01:30:00, 2-00:00:00)"
-            )
-        days, hours, mins, secs = (int(g or 0) for g in m.groups())
-        minutes = math.ceil(((days * 24 + hours) * 60 + mins) + secs / 60)
-    if minutes <= 0:
-        raise argparse.ArgumentTypeError(f"the time limit must be at least 1 minute, got {text!r}")
-    return minutes
-
-
-def _positive(text: str | int) -> int:
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative(text: str | int) -> int:
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def parse_mem(text: str) -> str:
-    """Memory per run as sbatch takes it: `16G`, `500M`, `16GB`, or a number of megabytes."""
-    m = re.fullmatch(r"([1-9]\d*)\s*([KMGT]?)B?", str(text).strip(), flags=re.IGNORECASE)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size; write e.g. 16G or 500M")
-    return m[1] + m[2].upper()
-
-
-def _label(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.,:+@-]+", str(text)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a SLURM name (letters, digits, _ . , : + @ -)")
-    return str(text)
-
-
-_TYPES = {
-    "partition": _label,
-    "account": _label,
-    "qos": _label,
-    "time": parse_time,
-    "gpus_per_run": _positive,
-    "cpus_per_run": _positive,
-    "mem": parse_mem,
-    "slurm_array_parallelism": _positive,
-    "slurm_max_timeouts": _non_negative,
-}
-
-
-def add_launcher_arguments(run_parser: argparse.ArgumentParser) -> None:
-    """Add `--launcher {local,slurm}` (default local) and the SLURM flags to `study run`'s parser."""
-    run_parser.add_argument(
-        "--launcher", choices=LAUNCHERS, default="local",
-        help="local: train here (default); slurm: submit the unfinished runs as one SLURM job array",
-    )
-    g = run_parser.add_argument_group("SLURM (with --launcher slurm)")
-    g.add_argument("--partition", type=_label, metavar="P", help="partition to submit to (default: the cluster's)")
-    g.add_argument("--account", type=_label, metavar="A", help="account to charge (default: yours)")
-    g.add_argument("--qos", type=_label, metavar="Q", help="quality of service (default: the cluster's)")
-    g.add_argument(
-        "--time", type=parse_time, metavar="T",
-        help=f"time limit per job: minutes or [D-]HH:MM:SS (default {DEFAULT_TIME_MIN // 60}:00:00); "
-        "a run that needs longer is requeued from its checkpoint",
-    )
-    g.add_argument(
-        "--gpus-per-run", type=_positive, metavar="G",
-        help=f"GPUs per run (default {DEFAULT_GPUS}); G > 1 trains one run with G DDP processes",
-    )
-    g.add_argument("--cpus-per-run", type=_positive, metavar="C", help="CPU cores per run (default: the cluster's)")
-    g.add_argument("--mem", type=parse_mem, metavar="M", help="memory per run, e.g. 16G (default: the cluster's)")
-    g.add_argument(
-        "--slurm-array-parallelism", type=_positive, metavar="N", help="at most N runs of the array at once (default 256)"
-    )
-    g.add_argument(
-        "--slurm-max-timeouts", type=_non_negative, metavar="N",
-        help=f"requeue a job after a time-limit stop at most N times (default {DEFAULT_MAX_TIMEOUTS}); "
-        "preemptions are always requeued",
-    )
-
-
-def check_local_arguments(args: argparse.Namespace) -> None:
-    """ConfigError if a SLURM flag is given without `--launcher slurm` (it would be ignored, and the
-    grid would train on this machine)."""
-    given = [f for f in SLURM_FLAGS if getattr(args, f, None) is not None]
-    if given and getattr(args, "launcher", "local") != "slurm":
-        raise ConfigError(f"--{given[0].replace('_', '-')} applies to --launcher slurm only; add --launcher slurm or drop it")
+# The command line's flags and their types are study/cli/args.py's (`add_launcher_arguments`).
 
 
 def _options(args: argparse.Namespace) -> dict:
     """The SLURM flags, validated (whether argparse parsed them or not) and with defaults filled."""
+    from .cli.args import SLURM_TYPES  # the flags' argparse types (here: study.cli imports this module)
+
     opts = {}
-    for name, parse in _TYPES.items():
+    for name, parse in SLURM_TYPES.items():
         value = getattr(args, name, None)
         if value is not None:
             try:
@@ -191,17 +87,7 @@ def _options(args: argparse.Namespace) -> dict:
     device = str(getattr(args, "device", "auto") or "auto")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(f"unknown device {device!r}; use --device auto, cpu or cuda")
-    if opts["gpus_per_run"] > 1 and device == "cpu":
-        raise ConfigError(f"--gpus-per-run {opts['gpus_per_run']} trains on GPUs; drop --device cpu")
     opts["cpu_only"] = device == "cpu"  # the jobs ask for no GPU
-    if getattr(args, "concurrency", None) not in (None, 1):
-        raise ConfigError(
-            "--concurrency does not apply to --launcher slurm (each run is its own array task); "
-            "use --slurm-array-parallelism"
-        )
-    for flag in ("streams", "fuse"):
-        if getattr(args, flag, 1) not in (None, 1):
-            raise ConfigError(f"--{flag} does not apply to --launcher slurm (each run is its own array task); drop it")
     return opts
 
 
@@ -405,12 +291,9 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *,
     (tests: a submitit LocalExecutor, used as configured). Bad input: ConfigError, DataError or
     RunStoreError, one line, before anything is submitted. Returns the exit code."""
     opts = _options(args)
-    if getattr(args, "cuda_graph", False):
-        from .train import check_cuda_graph  # torch-heavy
+    from .train.plan import ExecutionPlan  # torch-heavy
 
-        if str(getattr(args, "device", "auto") or "auto") == "cpu":
-            raise ConfigError("--cuda-graph captures CUDA graphs and needs a GPU; drop it or --device cpu")
-        check_cuda_graph(configs, compile=bool(getattr(args, "compile", False)), processes=opts["gpus_per_run"])
+    replace(ExecutionPlan.from_args(args, opts["gpus_per_run"]), launcher="slurm").check(configs)
     if submitit is None:
         raise ConfigError("--launcher slurm needs submitit: pip install 'study[slurm]'")
     if executor is None and shutil.which("sbatch") is None:

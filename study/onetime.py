@@ -1,4 +1,5 @@
-"""One-time warm-up work, timed apart from training (the metrics' `warmup_s`).
+"""One-time work (compiling, cuDNN autotune, CUDA-graph capture, building a fused group), timed
+apart from training as the metrics' `warmup_s` (not the paper's learning-rate warm-up).
 
 A run's `elapsed_s` is wall time. Part of it is work done once per process and batch shape, not
 per step: compiling and recording CUDA graphs (`--compile`), cuDNN trying its algorithms on the
@@ -7,7 +8,7 @@ a fused group (`--fuse`). That part is summed here, per process, so that each ru
 much of its `elapsed_s` it was: `elapsed_s - warmup_s` is the time it spent on everything else
 (steps, evaluation, checkpoints), which a compile cache or a warm-up does not change.
 
-Runs that one process trains at once share its wall clock, so each run counts all the warm-up work
+Runs that one process trains at once share its wall clock, so each run counts all the one-time work
 its process did while it was training (its partners' included), just as its `elapsed_s` does.
 """
 
@@ -19,17 +20,17 @@ from contextlib import contextmanager
 
 import torch
 
-_seconds = 0.0  # this process's warm-up work so far
+_seconds = 0.0  # this process's one-time work so far
 
 
 def total() -> float:
-    """Seconds of warm-up work this process has timed so far."""
+    """Seconds of one-time work this process has timed so far."""
     return _seconds
 
 
 @contextmanager
 def timed(device: torch.device, when: bool = True) -> Iterator[None]:
-    """Count the block as warm-up work if `when`. On CUDA the device is synchronised before and
+    """Count the block as one-time work if `when`. On CUDA the device is synchronised before and
     after, so that the time is the work's, not its launch's: once per batch shape, not per step."""
     global _seconds
     if not when:

@@ -25,13 +25,13 @@ def small_data() -> Data:
 @pytest.fixture
 def float64(monkeypatch):
     """float64 as the default dtype (models built in the test compute in float64), and the step
-    schedule's learning rates (`study.train.lr_at`) rounded to float32. `--cuda-graph` and `--fuse`
+    schedule's learning rates (`study.train.schedule.lr_at`) rounded to float32. `--cuda-graph` and `--fuse`
     hold the rate in a float32 tensor (the CUDA fused SGD kernel reads a float), so a float64 run at
     the Python double 0.1 would differ from one at 0.1f by 1.5e-8 relative in every update, which
     training amplifies past any tight bound. (float32 runs update at a float32 rate either way.)
     The plateau schedule's rates are not rounded: no float64 test uses it."""
-    real = study.train.lr_at
-    monkeypatch.setattr(study.train, "lr_at", lambda *args: float(torch.tensor(real(*args), dtype=torch.float32)))
+    real = study.train.schedule.lr_at
+    monkeypatch.setattr(study.train.schedule, "lr_at", lambda *args: float(torch.tensor(real(*args), dtype=torch.float32)))
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield

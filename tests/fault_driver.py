@@ -43,7 +43,7 @@ def main_with_faults() -> int:
     parser.add_argument("--sleep-per-step", type=float, default=0.0)
     parser.add_argument("study_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    study.train.load_data = small
+    study.train.runner.load_data = small
     steps = {"n": 0}
 
     real_step = torch.optim.SGD.step
@@ -82,7 +82,7 @@ def main_with_faults() -> int:
                 loss = loss * float("nan")
             return loss
 
-        study.train.F.cross_entropy = cross_entropy
+        study.train.step.F.cross_entropy = cross_entropy
 
     study_args = args.study_args[1:] if args.study_args[:1] == ["--"] else args.study_args
     return main(study_args)

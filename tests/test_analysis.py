@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from study.analysis import commands
 from study.analysis.figures import build
 from study.analysis.load import RunData, Study, _class_count, load_gradients, load_responses, load_run_table, load_runs
 from study.analysis.paper import TABLE2, TABLE6
 from study.analysis.report import classify_claims
 from study.analysis.tables import build as build_table
 from study.analysis.tables import format_cell, series_summary
+from study.cli import analysis as commands
 from study.config import ConfigError, RunConfig
 from study.runstore import METRIC_COLUMNS, Run
 

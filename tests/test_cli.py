@@ -105,7 +105,7 @@ def test_the_papers_schedule_on_a_cpu_is_announced_before_it_starts(tmp_path, ca
     import study.train
 
     started = []
-    monkeypatch.setattr(study.train, "_run_list", lambda runs, *a, **kw: started.extend(runs) or {})
+    monkeypatch.setattr(study.train.runner, "_run_list", lambda runs, *a, **kw: started.extend(runs) or {})
     code, out, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "20", "--seeds", "0-2",
                              "--runs-dir", str(tmp_path), "--device", "cpu")
     assert code == 0 and len(started) == 3, err
@@ -124,10 +124,10 @@ def test_the_papers_schedule_on_a_cpu_is_announced_before_it_starts(tmp_path, ca
     assert "note: 1 run(s) with up to 14,000 iterations to train" in out
     # `--concurrency`'s worker processes (children of the runner) leave the note to their parent.
     said = []
-    study.train._warn_of_long_cpu_runs(started[:3], torch.device("cpu"), said.append)
+    study.train.runner._warn_of_long_cpu_runs(started[:3], torch.device("cpu"), said.append)
     assert len(said) == 1
-    monkeypatch.setattr(study.train.multiprocessing, "parent_process", lambda: object())
-    study.train._warn_of_long_cpu_runs(started[:3], torch.device("cpu"), said.append)
+    monkeypatch.setattr(study.train.runner.multiprocessing, "parent_process", lambda: object())
+    study.train.runner._warn_of_long_cpu_runs(started[:3], torch.device("cpu"), said.append)
     assert len(said) == 1
 
 

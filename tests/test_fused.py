@@ -1,4 +1,4 @@
-"""`--fuse K`: runs of one network shape trained as one grouped network (`study.fused`).
+"""`--fuse K`: runs of one network shape trained as one grouped network (`study.fast.fused`).
 
 Each fused run must stay its own run. The equality tests run in float64: there a grouped kernel's
 other summation order changes results by about 1e-16, so fused and alone must agree to 1e-10. In
@@ -16,15 +16,16 @@ import pandas as pd
 import pytest
 import torch
 
-import study.fused
+import study.fast.fused
 import study.train
 from study.cli import main
 from study.config import RunConfig
-from study.fused import FusedNets, Join, fusion_key
-from study.graphstep import GraphedStep
+from study.fast.fused import FusedNets, Join, fusion_key
+from study.fast.graphstep import GraphedStep
 from study.models import build_model
 from study.runstore import TIMING_COLUMNS, Run
-from study.train import StopFlag, StopRequested, _interleave, train_run, train_steps
+from study.train import StopFlag, StopRequested, train_run, train_steps
+from study.train.interleave import interleave
 
 CPU = torch.device("cpu")
 
@@ -35,14 +36,14 @@ def cfg(arch: str, seed: int, iterations: int, **kw) -> RunConfig:
 
 
 def train_fused(configs, root, data, slots, device=CPU, stop=None, cuda_graph=False) -> dict:
-    """Train `configs` through `_interleave` with a Fuser (capturing on CUDA), `slots` at a time,
+    """Train `configs` through `interleave` with a Fuser (capturing on CUDA), `slots` at a time,
     as `run_all(fuse=slots)` does; their outcomes."""
     outcomes = {}
-    fuser = study.fused.Fuser(device, capture=device.type == "cuda", stop=stop)
+    fuser = study.fast.fused.Fuser(device, capture=device.type == "cuda", stop=stop)
     runs = [Run(root, c) for c in configs]
     source = iter([(r, train_steps(r.cfg, r, data, device, progress=False, gradient_every=2, fuse=True,
                                    stop=fuser.stop_latch, cuda_graph=cuda_graph)) for r in runs])
-    _interleave(source, slots, device, lambda run, outcome: outcomes.update({run.cfg.run_id: outcome}), fuser)
+    interleave(source, slots, device, lambda run, outcome: outcomes.update({run.cfg.run_id: outcome}), fuser)
     return outcomes
 
 
@@ -125,7 +126,7 @@ def test_a_stopped_fused_group_resumes_exactly(tmp_path, small_data, monkeypatch
     train_fused(configs, tmp_path / "whole", small_data, slots=3)
 
     stop = StopFlag()
-    real_check = study.train._stop_requested
+    real_check = study.train.signals.stop_requested
     checks = []
 
     def signal_between_checks(*args, **kwargs):
@@ -134,9 +135,9 @@ def test_a_stopped_fused_group_resumes_exactly(tmp_path, small_data, monkeypatch
             stop.signum = 15
         return real_check(*args, **kwargs)
 
-    monkeypatch.setattr(study.train, "_stop_requested", signal_between_checks)
+    monkeypatch.setattr(study.train.signals, "stop_requested", signal_between_checks)
     outcomes = train_fused(configs, tmp_path / "cut", small_data, slots=3, stop=stop)
-    monkeypatch.setattr(study.train, "_stop_requested", real_check)
+    monkeypatch.setattr(study.train.signals, "stop_requested", real_check)
     assert all(isinstance(o, StopRequested) for o in outcomes.values())
     for c in configs:
         run = Run(tmp_path / "cut", c)
@@ -190,7 +191,7 @@ def test_runs_at_different_learning_rates_step_apart_and_fuse_again(small_data, 
         for nets in (fused, alone):
             torch.manual_seed(0)
             nets.append(build_model(arch, 8, in_channels=1))
-    fuser = study.fused.Fuser(CPU)
+    fuser = study.fast.fused.Fuser(CPU)
     for slot, m in zip(slots, fused):
         fuser.join(slot, Join(m, torch.optim.SGD(m.parameters(), **sgd), names, fusion_key(cfg(slot, 0, 1), m), False))
     steps = [GraphedStep(m, torch.optim.SGD(m.parameters(), **sgd), [m.get_parameter(n) for n in names],
@@ -199,7 +200,7 @@ def test_runs_at_different_learning_rates_step_apart_and_fuse_again(small_data, 
     y = small_data.train.labels[:16]
     sizes = []
     for rates in [(0.01, 0.01), (0.1, 0.01), (0.1, 0.01), (0.1, 0.1)]:
-        requests = {slot: study.fused.StepRequest(x, y, lr) for slot, lr in zip(slots, rates)}
+        requests = {slot: study.fast.fused.StepRequest(x, y, lr) for slot, lr in zip(slots, rates)}
         results = fuser.step(requests)
         sizes.append(sorted(fuser.groups))
         for slot, step, lr in zip(slots, steps, rates):
@@ -220,12 +221,12 @@ def test_a_released_group_and_a_dropped_step_are_freed_at_once(small_data):
              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     x = small_data.train.images[:16].float().div(255).sub(small_data.mean)
     y = small_data.train.labels[:16]
-    fuser = study.fused.Fuser(CPU)
+    fuser = study.fast.fused.Fuser(CPU)
     for slot in ("plain", "resnet"):
         m = build_model(slot, 8, in_channels=1)
         fuser.join(slot, Join(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), names,
                               fusion_key(cfg(slot, 0, 1), m), False))
-    fuser.step({slot: study.fused.StepRequest(x, y, 0.1) for slot in ("plain", "resnet")})
+    fuser.step({slot: study.fast.fused.StepRequest(x, y, 0.1) for slot in ("plain", "resnet")})
     (_, nets), = fuser._groups.values()
     group, step = weakref.ref(nets), weakref.ref(nets.graphed)
     del nets
@@ -269,7 +270,7 @@ def test_fuse_refuses_what_it_cannot_do(tmp_path, capsys, extra, message):
 def test_run_all_takes_the_runs_that_fuse_together(tmp_path, small_data, monkeypatch):
     """`run_all(fuse=2)` trains the runs that can fuse together (here the two depth-8 nets), not
     in the list's order; the runs record their fused step."""
-    monkeypatch.setattr(study.train, "load_data", lambda *args, **kwargs: small_data)
+    monkeypatch.setattr(study.train.runner, "load_data", lambda *args, **kwargs: small_data)
     configs = [RunConfig(arch=a, depth=d, iterations=1, batch_size=64) for a, d in
                [("plain", 8), ("resnet", 14), ("resnet", 8)]]
     lines = []

@@ -1,4 +1,4 @@
-"""`--cuda-graph`: the whole training step as one replayed CUDA graph (`study.graphstep`).
+"""`--cuda-graph`: the whole training step as one replayed CUDA graph (`study.fast.graphstep`).
 
 There is no GPU here: on CPU `GraphedStep` runs the same step uncaptured (fused SGD, learning rate
 in a tensor, gradient norms from the step), which is what these tests check. The capture itself
@@ -13,7 +13,7 @@ import torch
 
 from study.cli import main
 from study.config import RunConfig
-from study.graphstep import GraphedStep
+from study.fast.graphstep import GraphedStep
 from study.models import build_model
 from study.runstore import TIMING_COLUMNS, Run
 from study.train import StopFlag, StopRequested, train_run

@@ -19,16 +19,14 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
+from study.cli.args import add_launcher_arguments, check_local_arguments, parse_time
 from study.config import ConfigError, RunConfig
 from study.data import DataError, load_data
 from study.launch import (
     JOB_FILE,
     SLURM_DIR,
-    add_launcher_arguments,
-    check_local_arguments,
     export_distributed_env,
     list_runs_with_queued,
-    parse_time,
     read_job_file,
     run_status,
     submit,

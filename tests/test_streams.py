@@ -30,14 +30,14 @@ def test_interleaved_runs_equal_runs_trained_alone(tmp_path, capsys, monkeypatch
     """Two runs at once: the metrics equal those of one run after another, and so do each run's
     final weights. (Three runs in two places: `test_a_finished_run_makes_room_for_the_next`.)"""
     assert main([*ARGS, "--runs-dir", str(tmp_path / "alone")]) == 0
-    real_step = study.train.sgd_step
+    real_step = study.train.step.sgd_step
     optimizers = []  # which run each step belongs to
 
     def record(forward, opt, *args, **kwargs):
         optimizers.append(id(opt))  # both runs' optimizers live through the first 14 steps
         return real_step(forward, opt, *args, **kwargs)
 
-    monkeypatch.setattr(study.train, "sgd_step", record)
+    monkeypatch.setattr(study.train.step, "sgd_step", record)
     assert main([*ARGS, "--runs-dir", str(tmp_path / "together"), "--streams", "2"]) == 0
     first, second = optimizers[0], optimizers[1]
     assert first != second and optimizers[:14] == [first, second] * 7  # step by step, in turn
@@ -58,7 +58,7 @@ def test_a_stop_checkpoints_every_interleaved_run_and_they_resume_exactly(tmp_pa
     run_all(configs(), tmp_path / "whole", progress=False, log=lambda m: None, streams=2, device="cpu")
 
     stop = StopFlag()
-    real_step = study.train.sgd_step
+    real_step = study.train.step.sgd_step
     calls = []
 
     def step_then_signal(*args, **kwargs):
@@ -67,10 +67,10 @@ def test_a_stop_checkpoints_every_interleaved_run_and_they_resume_exactly(tmp_pa
             stop.signum = 15
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(study.train, "sgd_step", step_then_signal)
+    monkeypatch.setattr(study.train.step, "sgd_step", step_then_signal)
     with pytest.raises(StopRequested):
         run_all(configs(), tmp_path / "cut", progress=False, log=lambda m: None, stop=stop, streams=2, device="cpu")
-    monkeypatch.setattr(study.train, "sgd_step", real_step)
+    monkeypatch.setattr(study.train.step, "sgd_step", real_step)
     statuses = {r.cfg.seed: r.status() for r in list_runs(tmp_path / "cut")}
     assert statuses[0]["status"] == statuses[1]["status"] == "interrupted"
     assert statuses[0]["iteration"] == statuses[1]["iteration"] == 5
@@ -84,7 +84,7 @@ def test_a_failing_run_does_not_stop_its_partner(tmp_path, monkeypatch):
     """The second run breaks at its second step; the first, interleaved with it, trains on to its
     end alone."""
     cfgs = configs()[:2]
-    real_step = study.train.sgd_step
+    real_step = study.train.step.sgd_step
     calls = []
 
     def break_second_run(forward, opt, *args, **kwargs):
@@ -93,7 +93,7 @@ def test_a_failing_run_does_not_stop_its_partner(tmp_path, monkeypatch):
             raise RuntimeError("device trouble")
         return real_step(forward, opt, *args, **kwargs)
 
-    monkeypatch.setattr(study.train, "sgd_step", break_second_run)
+    monkeypatch.setattr(study.train.step, "sgd_step", break_second_run)
     messages = []
     results = run_all(cfgs, tmp_path, progress=False, log=messages.append, streams=2, device="cpu")
     assert results == {cfgs[0].run_id: "done", cfgs[1].run_id: "failed"}
@@ -116,14 +116,14 @@ def test_a_finished_run_makes_room_for_the_next(tmp_path, monkeypatch):
     cfgs = [RunConfig(arch="resnet", depth=8, seed=s, iterations=n, batch_size=64, dataset="fashion-mnist-mini")
             for s, n in ((0, 2), (1, 6), (2, 3))]
     run_all(cfgs, tmp_path / "alone", progress=False, log=lambda m: None, device="cpu")
-    real_step = study.train.sgd_step
+    real_step = study.train.step.sgd_step
     order = []
 
     def record(forward, opt, *args, **kwargs):
         order.append(opt)  # the optimizer itself: a finished run's id() could be reused
         return real_step(forward, opt, *args, **kwargs)
 
-    monkeypatch.setattr(study.train, "sgd_step", record)
+    monkeypatch.setattr(study.train.step, "sgd_step", record)
     run_all(cfgs, tmp_path / "together", progress=False, log=lambda m: None, streams=2, device="cpu")
     runs = []  # optimizers in order of first appearance: the runs
     for opt in order:

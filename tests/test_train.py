@@ -1,5 +1,6 @@
 """Training follows the paper's schedule, logs the agreed metrics, is deterministic and resumes exactly."""
 
+import signal
 import time
 from dataclasses import replace
 
@@ -11,7 +12,7 @@ import torch
 from study.config import RunConfig
 from study.runstore import METRIC_COLUMNS, TIMING_COLUMNS, Run
 from study.models import build_model
-from study.train import evaluate, lr_at, run_all, train_run
+from study.train import StopFlag, StopRequested, evaluate, lr_at, run_all, train_run, train_steps
 
 
 def tiny(**kw) -> RunConfig:
@@ -132,7 +133,7 @@ def test_warmup_s_counts_the_first_step_at_each_batch_size_and_survives_a_resume
     import study.train
 
     cfg = tiny(iterations=16, batch_size=48)  # 320 images: 6 steps of 48 and one of 32 per epoch
-    real_step = study.train.sgd_step
+    real_step = study.train.step.sgd_step
     seen, steps = set(), []
 
     def slow_first_step(*args, **kwargs):
@@ -144,7 +145,7 @@ def test_warmup_s_counts_the_first_step_at_each_batch_size_and_survives_a_resume
             raise KeyboardInterrupt  # after the epoch-1 checkpoint
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(study.train, "sgd_step", slow_first_step)
+    monkeypatch.setattr(study.train.step, "sgd_step", slow_first_step)
     run = Run(tmp_path, cfg)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, run, small_data, torch.device("cpu"), progress=False)
@@ -202,10 +203,46 @@ def test_without_a_progress_bar_epochs_are_logged_at_most_once_a_minute(tmp_path
 
     cfg = RunConfig(arch="plain", depth=8, iterations=20, batch_size=48)  # 7 steps an epoch: 3 epochs
     for every, expected in ((3600.0, [1, 3]), (0.0, [1, 2, 3])):
-        monkeypatch.setattr(study.train, "EPOCH_LINE_EVERY_S", every)
+        monkeypatch.setattr(study.train.loop, "EPOCH_LINE_EVERY_S", every)
         lines = []
         train_run(cfg, Run(tmp_path / str(every), cfg), small_data, torch.device("cpu"), progress=False,
                   log=lines.append)
         epochs = [int(line.split("epoch ")[1].split(",")[0]) for line in lines if ": epoch " in line]
         assert epochs == expected, lines
     assert lines[-1].startswith(f"{cfg.run_id}: epoch 3, iteration 20 of 20: train error ")
+
+
+#: What a checkpoint held before `study/train.py` became the `study.train` package (commit d9b7c3f):
+#: the keys of its `checkpoint` closure, in order, and of a CIFAR feed's interrupted epoch.
+PRE_PACKAGE_KEYS = ("model", "optimizer", "generator", "schedule", "iteration", "epoch", "elapsed_s", "warmup_s",
+                    "warming_up", "metrics", "partial_epoch")
+PRE_PACKAGE_PARTIAL_KEYS = ("order", "pos", "seen", "loss_sum", "wrong", "first_bad")
+
+
+def test_a_mid_epoch_checkpoint_in_the_pre_package_format_resumes_exactly(tmp_path, small_data):
+    """The checkpoint format is the one runs wrote before the restructure, key for key, and a
+    mid-epoch checkpoint laid out as they wrote it resumes to the uninterrupted run's metrics and
+    weights. (Checked across versions by hand too: a run SIGTERMed under d9b7c3f resumed under the
+    package to the uninterrupted metrics exactly.)"""
+    cfg = tiny(iterations=13, depth=8, seed=5)
+    whole = Run(tmp_path / "whole", cfg)
+    train_run(cfg, whole, small_data, torch.device("cpu"), progress=False)
+
+    cut, stop = Run(tmp_path / "cut", cfg), StopFlag()
+    steps = train_steps(cfg, cut, small_data, torch.device("cpu"), progress=False, stop=stop)
+    for _ in range(6):
+        next(steps)
+    stop.signum = signal.SIGTERM  # after the 7th step: mid-epoch 2 (5 iterations an epoch)
+    with pytest.raises(StopRequested):
+        next(steps)
+    ckpt = cut.load_checkpoint()
+    assert tuple(ckpt) == PRE_PACKAGE_KEYS
+    assert tuple(ckpt["partial_epoch"]) == PRE_PACKAGE_PARTIAL_KEYS and ckpt["iteration"] == 7
+    # Written again as the old closure laid it out, from plain values (not through study.train.checkpoint).
+    cut.save_checkpoint({k: ckpt[k] for k in PRE_PACKAGE_KEYS} | {"partial_epoch": {k: ckpt["partial_epoch"][k]
+                                                                             for k in PRE_PACKAGE_PARTIAL_KEYS}})
+
+    assert train_run(cfg, cut, small_data, torch.device("cpu"), progress=False) == "done"
+    pd.testing.assert_frame_equal(metrics_without_time(whole), metrics_without_time(cut))
+    for k, v in whole.load_checkpoint()["model"].items():
+        assert torch.equal(v, cut.load_checkpoint()["model"][k]), k

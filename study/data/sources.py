@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
+from ..config import DATASETS
+
 
 class DataError(Exception):
     """Bad or missing data; ``str(e)`` is one line naming the problem and the fix."""
 
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "fashion-mnist", "fashion-mnist-mini")
 DEFAULT_DATASET = "fashion-mnist-mini"
 
 #: Where the embedded subset lives, shipped as package data.

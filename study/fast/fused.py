@@ -2,9 +2,9 @@
 
 The CIFAR nets are thin (16-64 channels): one run's step is hundreds of kernels too small to fill
 a GPU. K runs of the same shape (the same depth, a plain net and its option-A residual twin, or
-seeds) can instead be trained as one network `CifarNet(groups=K)`, in which every convolution is
-grouped (group k is run k's layer), every BN acts per channel, the shortcut pads each group's
-channels, and the classifier is K classifiers side by side. One kernel then does a layer for all K
+seeds) can instead be trained as one grouped network (`study.fast.grouped`), in which every
+convolution is grouped (group k is run k's layer), every BN acts per channel, the shortcut pads
+each group's channels, and the classifier is K classifiers side by side. One kernel then does a layer for all K
 runs. Net k's input is run k's own batch: the K batches are stacked along the channels.
 
 Each run stays its own run. `study.train.train_steps` still keeps each run's data order and
@@ -25,7 +25,7 @@ same data shape and batch size, learning rate, momentum, weight decay and precis
 ends, or its batch size or learning rate parts from its group's (a warm-up that ends earlier, an
 epoch's partial batch out of phase), the group is taken apart and the runs that agree are fused
 anew. With `capture` (`--cuda-graph`) each group's step is replayed as a CUDA graph
-(`study.graphstep`).
+(`study.fast.graphstep`).
 
 Why not `torch.func.vmap` over stacked weights: under `torch.autocast` vmapped convolutions and
 linear layers do not run in bf16 as the same layers do outside vmap (pytorch/pytorch#192617 and
@@ -41,11 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import warmup
-from .config import RunConfig
+from .. import onetime
+from ..config import RunConfig
+from ..models import CifarNet
+from ..stopflag import StopFlag
 from .graphstep import GraphedStep
-from .models import BasicBlock, CifarNet
-from .stopflag import StopFlag
+from .grouped import gate_shortcuts, grouped_cifar_net
 
 
 @dataclass
@@ -114,8 +115,9 @@ class FusedNets:
         first = members[0].model
         residual = [m.model.residual for m in members]
         with torch.device("meta"):  # shapes only: `_link` gives every tensor its value
-            net = CifarNet(first.depth, residual=any(residual), shortcut=first.shortcut,
-                           num_classes=first.fc.out_features, in_channels=first.conv1.in_channels, groups=self.k)
+            net = grouped_cifar_net(first.depth, residual=any(residual), shortcut=first.shortcut,
+                                    num_classes=first.fc.out_features, in_channels=first.conv1.in_channels,
+                                    groups=self.k)
         self.net = net.to_empty(device=device)
         self.fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         try:
@@ -123,12 +125,7 @@ class FusedNets:
             if any(residual) and not all(residual):
                 # Plain nets among residual ones: their shortcuts are scaled by 0, channel by
                 # channel, in the activations' dtype (so the sum keeps its dtype of a run alone).
-                dtype = torch.bfloat16 if members[0].bf16 else torch.float32
-                for block in self.net.modules():
-                    if isinstance(block, BasicBlock) and block.shortcut is not None:
-                        planes = block.bn2.num_features // self.k
-                        gate = torch.tensor(residual, dtype=dtype, device=device).repeat_interleave(planes)
-                        block.gate = gate.view(-1, 1, 1)
+                gate_shortcuts(self.net, residual, torch.bfloat16 if members[0].bf16 else torch.float32, device)
             group = members[0].opt.param_groups[0]
             self.opt = torch.optim.SGD(self.net.parameters(), lr=float(group["lr"]), momentum=group["momentum"],
                                        weight_decay=group["weight_decay"])
@@ -220,7 +217,7 @@ class FusedNets:
 
 
 class Fuser:
-    """Groups the fused runs that one process trains at once (`study.train._interleave`): each
+    """Groups the fused runs that one process trains at once (`study.train.interleave`): each
     round, the runs whose requests agree (`fusion_key`, batch shape, learning rate) take one step
     together; groups form anew when that set changes.
 
@@ -277,7 +274,7 @@ class Fuser:
             group = frozenset(ids)
             if group not in self._groups:
                 try:
-                    with warmup.timed(self.device):  # a new group: warm-up work, not training
+                    with onetime.timed(self.device):  # a new group: one-time work, not training
                         for member in ids:
                             self._release(self._group_of.get(member))
                         nets = FusedNets([self._members[m] for m in ids], self.device,

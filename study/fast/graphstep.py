@@ -20,7 +20,7 @@ What stays the same as the eager step (`study.train.sgd_step`):
   before the update, computed in the graph at every step and kept on the recording steps.
 
 How it runs: each batch size (the full batch, and the epoch's last partial one) gets its own graph.
-It first takes `WARMUP_STEPS` eager steps on a side stream, as torch asks before a capture. These
+It first takes `EAGER_STEPS_BEFORE_CAPTURE` eager steps on a side stream, as torch asks before a capture. These
 are real steps of the run: they let cuDNN pick its algorithms. The eager and graphed steps do the
 same arithmetic. If a capture fails, the run logs one line, goes on eagerly and says so in its
 final status (`cuda_graph_fallback`). Without CUDA (the
@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import warmup
+from .. import onetime
 
-WARMUP_STEPS = 3  # eager steps per batch size before it is captured
+EAGER_STEPS_BEFORE_CAPTURE = 3  # eager steps per batch size before it is captured
 
 
 @dataclass
@@ -64,7 +64,7 @@ class GraphedStep:
     step.
 
     `loss(x, y)` and `norms()` replace how the loss and the norms are computed (for K nets fused
-    into one, `study.fused`): `loss` returns what to differentiate, the loss to report and the
+    into one, `study.fast.fused`): `loss` returns what to differentiate, the loss to report and the
     logits; `norms` reads the gradients after backward.
     """
 
@@ -112,11 +112,11 @@ class GraphedStep:
             group["lr"] = self.lr
         size = len(y)
         graph = self._graphs.get(size)
-        # Warm-up work (`study.warmup`): the first step at a batch size, and every step until its
+        # One-time work (`study.onetime`): the first step at a batch size, and every step until its
         # graph is captured (the eager warm-up steps and the capture itself).
         one_time = graph is None and (self._eager_steps[size] == 0 or self.capture)
-        with warmup.timed(self.device, one_time):
-            if graph is None and self.capture and self._eager_steps[size] >= WARMUP_STEPS:
+        with onetime.timed(self.device, one_time):
+            if graph is None and self.capture and self._eager_steps[size] >= EAGER_STEPS_BEFORE_CAPTURE:
                 graph = self._capture(x, y)
             if graph is None:
                 self._eager_steps[size] += 1

@@ -7,8 +7,9 @@ import contextlib
 import torch
 from torch import nn
 
-from .cifar import SHORTCUTS, BasicBlock, CifarNet, blocks_per_stage, cifar_net
-from .imagenet import IMAGENET_DATASETS, IMAGENET_DEPTHS, ImageNetNet, from_torchvision, imagenet_net
+from ..config import IMAGENET_DATASETS, IMAGENET_DEPTHS, SHORTCUTS, blocks_per_stage
+from .cifar import BasicBlock, CifarNet, cifar_net
+from .imagenet import ImageNetNet, from_torchvision, imagenet_net
 
 __all__ = [
     "SHORTCUTS",

@@ -16,68 +16,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SHORTCUTS = ("A", "B", "C")
+from ..config import SHORTCUTS, blocks_per_stage
+
 STAGE_WIDTHS = (16, 32, 64)
 
 
-def conv3x3(in_planes: int, planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    """3x3 convolution with padding 1 and no bias (BN follows every conv); with `groups` G, G
-    independent such convolutions side by side (channels G x in_planes -> G x planes)."""
-    return nn.Conv2d(in_planes * groups, planes * groups, kernel_size=3, stride=stride, padding=1, bias=False,
-                     groups=groups)
+def conv3x3(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding 1 and no bias (BN follows every conv)."""
+    return nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
-def conv1x1(in_planes: int, planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    """1x1 convolution without bias, for projection shortcuts (options B and C); `groups` as above."""
-    return nn.Conv2d(in_planes * groups, planes * groups, kernel_size=1, stride=stride, bias=False, groups=groups)
-
-
-class GroupedLinear(nn.Module):
-    """`groups` independent fully connected layers side by side: input (N, G x in_features), output
-    (N, G x out_features). Parameters: `weight` (G x out_features, in_features) and `bias`, net g's
-    rows at [g*out_features, (g+1)*out_features). Computed as a grouped 1x1 convolution."""
-
-    def __init__(self, in_features: int, out_features: int, groups: int) -> None:
-        super().__init__()
-        self.groups = groups
-        self.weight = nn.Parameter(torch.empty(groups * out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(groups * out_features))
-        bound = in_features**-0.5  # each group as nn.Linear initialises itself
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x.unsqueeze(-1), self.weight.unsqueeze(-1), self.bias, groups=self.groups).squeeze(-1)
+def conv1x1(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution without bias, for projection shortcuts (options B and C)."""
+    return nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False)
 
 
 class PadShortcut(nn.Module):
     """Option A: identity, and where dimensions grow, sub-sample by `stride` and zero-pad the new
     channels. Parameter-free, so a residual net with it has exactly its plain twin's parameters."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int, groups: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
         super().__init__()
         self.stride = stride
         self.extra = planes - in_planes
-        self.groups = groups  # grouped nets (`CifarNet(groups=G)`) pad each group's channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels_last = self.groups > 1 and x.is_contiguous(memory_format=torch.channels_last)
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.extra > 0:
-            # Pad the channel dimension (dim 1) at its end with zeros.
-            if self.groups == 1:
-                x = F.pad(x, (0, 0, 0, 0, 0, self.extra))
-            else:
-                n, c, h, w = x.shape
-                x = F.pad(x.reshape(n, self.groups, c // self.groups, h, w), (0, 0, 0, 0, 0, self.extra))
-                x = x.reshape(n, c + self.groups * self.extra, h, w)
-                if channels_last:  # as the groups=1 path keeps it, for the addition that follows
-                    x = x.contiguous(memory_format=torch.channels_last)
+            x = F.pad(x, (0, 0, 0, 0, 0, self.extra))  # the channel dimension (dim 1), at its end
         return x
 
 
-def make_shortcut(option: str, in_planes: int, planes: int, stride: int, groups: int = 1) -> nn.Module:
+def make_shortcut(option: str, in_planes: int, planes: int, stride: int) -> nn.Module:
     """The shortcut of one block for option A, B or C (paper section 3.3 / Table 3).
 
     A: parameter-free (identity or pad). B: projection only where dimensions change, identity
@@ -87,9 +58,9 @@ def make_shortcut(option: str, in_planes: int, planes: int, stride: int, groups:
         raise ValueError(f"unknown shortcut option {option!r}; choose one of {', '.join(SHORTCUTS)}")
     changes = stride != 1 or in_planes != planes
     if option == "C" or (option == "B" and changes):
-        return nn.Sequential(conv1x1(in_planes, planes, stride, groups), nn.BatchNorm2d(planes * groups))
+        return nn.Sequential(conv1x1(in_planes, planes, stride), nn.BatchNorm2d(planes))
     if option == "A" and changes:
-        return PadShortcut(in_planes, planes, stride, groups)
+        return PadShortcut(in_planes, planes, stride)
     return nn.Identity()
 
 
@@ -99,46 +70,26 @@ class BasicBlock(nn.Module):
     module is not built at all (a plain net has no shortcut parameters, whatever the option)."""
 
     def __init__(
-        self, in_planes: int, planes: int, stride: int = 1, *, residual: bool = True, shortcut: str = "A",
-        groups: int = 1,
+        self, in_planes: int, planes: int, stride: int = 1, *, residual: bool = True, shortcut: str = "A"
     ) -> None:
         super().__init__()
         self.residual = residual
-        self.conv1 = conv3x3(in_planes, planes, stride, groups)
-        self.bn1 = nn.BatchNorm2d(planes * groups)
-        self.conv2 = conv3x3(planes, planes, 1, groups)
-        self.bn2 = nn.BatchNorm2d(planes * groups)
-        self.shortcut = make_shortcut(shortcut, in_planes, planes, stride, groups) if residual else None
-        # A per-channel scale on the shortcut: None (none) except in a grouped net (`study.fused`)
-        # where a plain net is fused with residual ones: 0 on its channels (its shortcut adds 0).
-        self.register_buffer("gate", None, persistent=False)
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = make_shortcut(shortcut, in_planes, planes, stride) if residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.shortcut is not None:
-            shortcut = self.shortcut(x)
-            out = out + (shortcut if self.gate is None else self.gate * shortcut)
+            out = out + self.shortcut(x)
         return F.relu(out)
 
 
-def blocks_per_stage(depth: int) -> int:
-    """n for a 6n+2-layer CIFAR net; ValueError naming the fix for any other depth."""
-    if depth < 8 or (depth - 2) % 6 != 0:
-        raise ValueError(
-            f"CIFAR depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...); got {depth}"
-        )
-    return (depth - 2) // 6
-
-
 class CifarNet(nn.Module):
-    """Plain or residual CIFAR network of depth 6n+2 (paper section 4.2).
-
-    With `groups` G > 1 it is G such networks side by side in one (`study.fused`): every conv is
-    grouped, BN and the shortcut act per channel or per group, the input is the G nets' images
-    stacked along the channels (N, G x in_channels, H, W) and the output their logits (N, G x
-    num_classes). Net g's weights are the g-th slice along the first dimension of each parameter.
-    """
+    """Plain or residual CIFAR network of depth 6n+2 (paper section 4.2)."""
 
     def __init__(
         self,
@@ -148,28 +99,25 @@ class CifarNet(nn.Module):
         shortcut: str = "A",
         num_classes: int = 10,
         in_channels: int = 3,
-        groups: int = 1,
     ) -> None:
         super().__init__()
         n = blocks_per_stage(depth)
         if shortcut not in SHORTCUTS:
             raise ValueError(f"unknown shortcut option {shortcut!r}; choose one of {', '.join(SHORTCUTS)}")
         self.depth, self.residual, self.shortcut = depth, residual, shortcut
-        self.conv1 = conv3x3(in_channels, STAGE_WIDTHS[0], 1, groups)
-        self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0] * groups)
+        self.conv1 = conv3x3(in_channels, STAGE_WIDTHS[0])
+        self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0])
         stages = []
         in_planes = STAGE_WIDTHS[0]
         for i, planes in enumerate(STAGE_WIDTHS):
             blocks = []
             for b in range(n):
                 stride = 2 if (i > 0 and b == 0) else 1
-                blocks.append(BasicBlock(in_planes, planes, stride, residual=residual, shortcut=shortcut, groups=groups))
+                blocks.append(BasicBlock(in_planes, planes, stride, residual=residual, shortcut=shortcut))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.stage1, self.stage2, self.stage3 = stages
-        self.fc: nn.Module = (
-            nn.Linear(STAGE_WIDTHS[-1], num_classes) if groups == 1 else GroupedLinear(STAGE_WIDTHS[-1], num_classes, groups)
-        )
+        self.fc = nn.Linear(STAGE_WIDTHS[-1], num_classes)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,14 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cifar import SHORTCUTS, BasicBlock, init_weights
+from ..config import IMAGENET_DEPTHS, SHORTCUTS
+from .cifar import BasicBlock, init_weights
 
-#: Blocks per stage (conv2_x ... conv5_x) for each depth of Table 1.
+#: Blocks per stage (conv2_x ... conv5_x) for each depth of Table 1 (`IMAGENET_DEPTHS`).
 STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
-IMAGENET_DEPTHS: tuple[int, ...] = tuple(STAGE_BLOCKS)
 STAGE_WIDTHS = (64, 128, 256, 512)
-#: Data sets whose images are ImageNet-sized: `build_model(..., dataset=...)` gives them these nets.
-IMAGENET_DATASETS: tuple[str, ...] = ("imagenet",)
 
 
 def stage_blocks(depth: int) -> tuple[int, int, int, int]:

@@ -1,10 +1,9 @@
-"""The analysis sub-commands of `study`: plot, table, report, probe, evaluate.
+"""The analysis commands of `study`: plot, table, report, probe (study/analysis draws, tabulates and
+judges; study/probes measures).
 
-`register(sub)` adds them to the CLI's sub-parsers and returns {name: handler}; a handler returns the
-exit code. User errors (no runs, an unknown run id, an unwritable output) raise ConfigError, whose one
-line the CLI prints as `study: error: ...` with exit code 2. Parsing needs no plotting library:
-matplotlib and seaborn are imported when a figure is drawn, and `study.evaluate` (checkpoints,
-torchvision's loaders) when `evaluate` runs.
+User errors (no runs, an unknown run id, an unwritable output) raise ConfigError, whose one line
+`study.cli.main` prints as `study: error: ...` with exit code 2. Parsing needs no plotting library:
+matplotlib and seaborn are imported when a figure is drawn.
 """
 
 from __future__ import annotations
@@ -14,11 +13,49 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 
+from ..analysis.figures import FIGURE_NAMES
+from ..analysis.load import NoRunsError, RunData
+from ..analysis.tables import TABLE_NAMES
 from ..config import ConfigError
 from ..probes import BN_MODES, REDUCTIONS, SPLITS
-from .figures import FIGURE_NAMES
-from .load import NoRunsError, RunData
-from .tables import TABLE_NAMES
+
+
+def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add `plot`, `table`, `report` and `probe` to the CLI's sub-parsers; return their handlers."""
+    plot = sub.add_parser("plot", help="draw the paper's figures from your runs (PNG and PDF)")
+    plot.add_argument("figure", choices=(*FIGURE_NAMES, "all"), help="which figure; `all` draws every one it can")
+    _study_options(plot)
+    plot.add_argument("--out", default="figures", help="output directory (default ./figures)")
+
+    table = sub.add_parser("table", help="the paper's tables: your final errors beside the paper's")
+    table.add_argument("table", choices=TABLE_NAMES, help="which of the paper's tables")
+    _study_options(table)
+    table.add_argument("--format", choices=("markdown", "csv"), default="markdown",
+                       help="markdown with its notes (default), or CSV with the notes on stderr")
+
+    report = sub.add_parser("report", help="every figure and table, and a verdict on each claim of the paper")
+    report.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    report.add_argument("--out", default="figures/report.md",
+                        help="the report (default figures/report.md; its figures go beside it)")
+
+    probe = sub.add_parser("probe", help="measure layer responses (Figure 7) of finished runs into responses.parquet")
+    probe.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to probe (default: every finished run)")
+    probe.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    probe.add_argument("--split", choices=SPLITS, default="test", help="images to use (default test)")
+    probe.add_argument(
+        "--bn-mode", choices=BN_MODES, default="eval", help="BN running stats (eval) or batch stats (train)"
+    )
+    probe.add_argument(
+        "--reduction",
+        choices=REDUCTIONS,
+        default="tensor",
+        help="std over the whole response tensor, or per channel then averaged",
+    )
+    probe.add_argument("--include-first", action="store_true", help="also measure the first conv layer")
+    probe.add_argument("--max-images", type=int, help="use only the split's first N images")
+    probe.add_argument("--data-dir", help="where the data set's files are (default ./data)")
+    probe.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    return {"plot": cmd_plot, "table": cmd_table, "report": cmd_report, "probe": cmd_probe}
 
 
 def _study_options(parser: argparse.ArgumentParser) -> None:
@@ -53,77 +90,6 @@ def _selection(args: argparse.Namespace) -> dict:
     return {k: v for k, v in select.items() if v is not None}
 
 
-def _count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= `minimum`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    """Add `plot`, `table`, `report`, `probe` and `evaluate` to the CLI's sub-parsers; return their
-    handlers."""
-    plot = sub.add_parser("plot", help="draw the paper's figures from your runs (PNG and PDF)")
-    plot.add_argument("figure", choices=(*FIGURE_NAMES, "all"), help="which figure; `all` draws every one it can")
-    _study_options(plot)
-    plot.add_argument("--out", default="figures", help="output directory (default ./figures)")
-
-    table = sub.add_parser("table", help="the paper's tables: your final errors beside the paper's")
-    table.add_argument("table", choices=TABLE_NAMES, help="which of the paper's tables")
-    _study_options(table)
-    table.add_argument("--format", choices=("markdown", "csv"), default="markdown",
-                       help="markdown with its notes (default), or CSV with the notes on stderr")
-
-    report = sub.add_parser("report", help="every figure and table, and a verdict on each claim of the paper")
-    report.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
-    report.add_argument("--out", default="figures/report.md",
-                        help="the report (default figures/report.md; its figures go beside it)")
-
-    probe = sub.add_parser("probe", help="measure layer responses (Figure 7) of finished runs into responses.parquet")
-    probe.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to probe (default: every finished run)")
-    probe.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
-    probe.add_argument("--split", choices=SPLITS, default="test", help="images to use (default test)")
-    probe.add_argument(
-        "--bn-mode", choices=BN_MODES, default="eval", help="BN running stats (eval) or batch stats (train)"
-    )
-    probe.add_argument(
-        "--reduction",
-        choices=REDUCTIONS,
-        default="tensor",
-        help="std over the whole response tensor, or per channel then averaged",
-    )
-    probe.add_argument("--include-first", action="store_true", help="also measure the first conv layer")
-    probe.add_argument("--max-images", type=int, help="use only the split's first N images")
-    probe.add_argument("--data-dir", help="where the data set's files are (default ./data)")
-    probe.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-
-    evaluate = sub.add_parser(
-        "evaluate", help="10-crop test of finished ImageNet runs (the paper's Tables 2 and 3) into tencrop.json"
-    )
-    evaluate.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
-    evaluate.add_argument(
-        "--data-dir", default="data/imagenet", help="the ImageNet folder holding val/<class>/ (default ./data/imagenet)"
-    )
-    evaluate.add_argument(
-        "--run", dest="run_ids", action="extend", nargs="+", metavar="RUN_ID",
-        help="evaluate these runs (any status, from their last checkpoint) instead of every finished ImageNet run",
-    )
-    evaluate.add_argument("--batch-size", type=_count(1), default=32, help="images per batch, 10 crops each (default 32)")
-    evaluate.add_argument("--workers", type=_count(0), help="DataLoader workers; 0 loads in this process (default: CPUs, at most 12)")
-    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    evaluate.add_argument("--force", action="store_true", help="recompute runs that already have a 10-crop result")
-    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
-    return {"plot": cmd_plot, "table": cmd_table, "report": cmd_report, "probe": cmd_probe, "evaluate": cmd_evaluate}
-
-
 def _print_notes(name: str, notes: list[str], file=None) -> None:
     for note in notes:
         print(f"{name}: {note}", file=file)
@@ -131,7 +97,7 @@ def _print_notes(name: str, notes: list[str], file=None) -> None:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Draw one figure, or every figure that has runs (`all`), into --out as PNG and PDF."""
-    from .figures import build, save
+    from ..analysis.figures import build, save
 
     data = RunData.load(args.runs_dir)
     names = FIGURE_NAMES if args.figure == "all" else (args.figure,)
@@ -158,7 +124,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> int:
     """Print a table as markdown (with its notes) or CSV (notes on stderr)."""
-    from .tables import build
+    from ..analysis.tables import build
 
     table = build(args.table, RunData.load(args.runs_dir), **_selection(args))
     if args.format == "csv":
@@ -171,7 +137,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report (figures beside it) and print one line per claim."""
-    from .report import write_report
+    from ..analysis.report import write_report
 
     path = write_report(RunData.load(args.runs_dir), args.out)
     print(f"report -> {path}")
@@ -261,22 +227,4 @@ def cmd_probe(args: argparse.Namespace) -> int:
             max_images=args.max_images,
         )
         print(f"{run.cfg.run_id}: layer responses at iteration {state['iteration']} -> {path}")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """10-crop test the finished (or named) ImageNet runs; print a table of the results."""
-    from ..evaluate import evaluate_runs, format_outcomes
-
-    outcomes = evaluate_runs(
-        args.runs_dir,
-        data_dir=args.data_dir,
-        run_ids=args.run_ids,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        force=args.force,
-        progress=False if args.no_progress else None,
-    )
-    print(format_outcomes(outcomes))
     return 0

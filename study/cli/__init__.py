@@ -1,0 +1,45 @@
+"""`study` command line: parses, validates, calls. No training or plotting logic lives here.
+
+Every user error ends in one line on stderr (`study: error: ...` naming the fix) and exit code 2.
+
+One module per group of commands, each with `register(sub)` (its sub-parsers; returns its handlers):
+run.py (`run`), listing.py (`models`, `grids`, `status`), analysis.py (`plot`, `table`, `report`,
+`probe`), evaluate.py (`evaluate`); args.py holds the argument types and the option groups they share.
+Torch-heavy imports happen inside the handlers, so that parsing and the listings start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from . import analysis, evaluate, listing, run
+from .args import USER_ERRORS, Parser, UsageError
+
+#: {command: handler}, filled by `build_parser`; a handler returns the exit code.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="study", description="Plain vs residual nets: the degradation study of He et al. (2015).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for group in (run, listing, analysis, evaluate):
+        COMMANDS.update(group.register(sub))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # argparse's own message would point at `study --help`, not the command's
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}; see `study {args.command} --help`")
+        return COMMANDS[args.command](args)
+    except (UsageError, *USER_ERRORS) as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
+            print(f"study: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("study: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130

@@ -1,0 +1,209 @@
+"""What every `study` command parses with: the parser class, the argument types (one family of integer
+types, the SLURM values'), and the option groups shared by commands (which runs; the launcher).
+
+A bad value ends in one line: argparse's error is raised as UsageError, and the user errors of the
+library (USER_ERRORS) pass through; `study.cli.main` prints either as `study: error: ...`, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable
+
+from ..config import ALL_DATASETS, LR_SCHEDULES, ConfigError
+from ..data import DataError
+from ..launch import DEFAULT_GPUS, DEFAULT_MAX_TIMEOUTS, DEFAULT_TIME_MIN, LAUNCHERS
+from ..runstore import RunStoreError
+
+USER_ERRORS = (ConfigError, DataError, RunStoreError)
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+# --- argument types ------------------------------------------------------------------------------
+# Each takes the command line's text (or a value already parsed: launch re-checks Namespaces built by
+# other callers) and raises argparse.ArgumentTypeError with the one-line reason.
+
+
+def _integer(text: str | int) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text: str | int) -> int:
+    """An integer >= 1."""
+    value = _integer(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str | int) -> int:
+    """An integer >= 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def count(minimum: int) -> Callable[[str | int], int]:
+    """An integer >= `minimum`, the bound named in the error."""
+
+    def parse(text: str | int) -> int:
+        value = _integer(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def parse_time(text: str | int) -> int:
+    """SLURM time limit -> whole minutes: `90` (minutes), `HH:MM:SS` or `D-HH:MM:SS`."""
+    text = str(text).strip()
+    if text.isdigit():
+        minutes = int(text)
+    else:
+        m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", text)
+        if m is None or int(m[3]) >= 60 or int(m[4]) >= 60:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a time limit; write minutes (90) or [D-]HH:MM:SS (01:30:00, 2-00:00:00)"
+            )
+        days, hours, mins, secs = (int(g or 0) for g in m.groups())
+        minutes = math.ceil(((days * 24 + hours) * 60 + mins) + secs / 60)
+    if minutes <= 0:
+        raise argparse.ArgumentTypeError(f"the time limit must be at least 1 minute, got {text!r}")
+    return minutes
+
+
+def parse_mem(text: str) -> str:
+    """Memory per run as sbatch takes it: `16G`, `500M`, `16GB`, or a number of megabytes."""
+    m = re.fullmatch(r"([1-9]\d*)\s*([KMGT]?)B?", str(text).strip(), flags=re.IGNORECASE)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size; write e.g. 16G or 500M")
+    return m[1] + m[2].upper()
+
+
+def slurm_name(text: str) -> str:
+    """A partition, account or QOS name."""
+    if not re.fullmatch(r"[A-Za-z0-9_.,:+@-]+", str(text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SLURM name (letters, digits, _ . , : + @ -)")
+    return str(text)
+
+
+# --- which runs: `study run` trains them, `study status` lists them ------------------------------
+
+#: The options of `add_selection` besides --grid/--arch (argparse's names).
+SELECTION = ("depth", "shortcut", "dataset", "seed", "seeds", "iterations", "batch_size", "lr_schedule",
+             "batch_split", "lighting", "mean", "holdout", "precision")
+
+
+def add_selection(parser: argparse.ArgumentParser, *, required: bool, arch_help: str = "train one network of this kind"
+                  ) -> None:
+    """The options that say which runs (`study run` trains them, `study status` lists them)."""
+    what = parser.add_mutually_exclusive_group(required=required)
+    what.add_argument("--grid", help="a named grid (see `study grids`)")
+    what.add_argument("--arch", choices=("plain", "resnet"), help=arch_help)
+    parser.add_argument("--depth", type=int, help="CIFAR 6n+2: 20, 32, 44, 56, 110, 1202; ImageNet 18 or 34 (with --arch)")
+    parser.add_argument("--shortcut", choices=("A", "B", "C"), help="residual shortcut option (default A)")
+    parser.add_argument("--dataset", choices=ALL_DATASETS, help="data set (default: the grid's, else fashion-mnist-mini)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="one seed (default 0)")
+    seeds.add_argument("--seeds", help="several seeds: 0,1,2 or 0-4")
+    parser.add_argument(
+        "--iterations", type=positive_int, help="total iterations (paper: 64000 CIFAR, 600000 ImageNet); milestones scale"
+    )
+    parser.add_argument("--batch-size", type=positive_int, help="global mini-batch size (paper: 128 CIFAR, 256 ImageNet)")
+    parser.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES,
+        help="step: lr/10 at 50%% and 75%% of the iterations (paper CIFAR); plateau: lr/10 when the eval error "
+        "stops improving (paper ImageNet). Default: the paper's for the data set",
+    )
+    parser.add_argument(
+        "--batch-split", type=positive_int,
+        help="BN groups per batch, as on that many devices (default 1; under torchrun or --gpus-per-run: the "
+        "process count)",
+    )
+    parser.add_argument(
+        "--lighting", type=float, help="ImageNet PCA colour augmentation strength (paper: 0.1; 0 turns it off)"
+    )
+    parser.add_argument(
+        "--mean", choices=("pixel", "channel"),
+        help="ImageNet mean subtraction: pixel (paper, default: a 224x224 mean image of the training set, "
+        "computed once and cached in the runs dir) or channel (per-channel mean, a deviation)",
+    )
+    parser.add_argument(
+        "--holdout", action="store_true", default=None, help="train on 90%% of the training set, log `val` on the rest"
+    )
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), help="fp32 (paper, default) or bf16 autocast (a deviation)"
+    )
+
+
+# --- where `study run` trains: here, or as a SLURM job array (study/launch.py) --------------------
+
+#: The SLURM flags (argparse's names) and their types, as `add_launcher_arguments` gives them;
+#: `launch.submit` checks a Namespace's values with them again, whoever built it.
+SLURM_TYPES: dict[str, Callable] = {
+    "partition": slurm_name,
+    "account": slurm_name,
+    "qos": slurm_name,
+    "time": parse_time,
+    "gpus_per_run": positive_int,
+    "cpus_per_run": positive_int,
+    "mem": parse_mem,
+    "slurm_array_parallelism": positive_int,
+    "slurm_max_timeouts": non_negative_int,
+}
+
+
+def add_launcher_arguments(run_parser: argparse.ArgumentParser) -> None:
+    """Add `--launcher {local,slurm}` (default local) and the SLURM flags to `study run`'s parser."""
+    run_parser.add_argument(
+        "--launcher", choices=LAUNCHERS, default="local",
+        help="local: train here (default); slurm: submit the unfinished runs as one SLURM job array",
+    )
+    g = run_parser.add_argument_group("SLURM (with --launcher slurm)")
+    g.add_argument("--partition", type=slurm_name, metavar="P", help="partition to submit to (default: the cluster's)")
+    g.add_argument("--account", type=slurm_name, metavar="A", help="account to charge (default: yours)")
+    g.add_argument("--qos", type=slurm_name, metavar="Q", help="quality of service (default: the cluster's)")
+    g.add_argument(
+        "--time", type=parse_time, metavar="T",
+        help=f"time limit per job: minutes or [D-]HH:MM:SS (default {DEFAULT_TIME_MIN // 60}:00:00); "
+        "a run that needs longer is requeued from its checkpoint",
+    )
+    g.add_argument(
+        "--gpus-per-run", type=positive_int, metavar="G",
+        help=f"GPUs per run (default {DEFAULT_GPUS}); G > 1 trains one run with G DDP processes",
+    )
+    g.add_argument("--cpus-per-run", type=positive_int, metavar="C", help="CPU cores per run (default: the cluster's)")
+    g.add_argument("--mem", type=parse_mem, metavar="M", help="memory per run, e.g. 16G (default: the cluster's)")
+    g.add_argument(
+        "--slurm-array-parallelism", type=positive_int, metavar="N", help="at most N runs of the array at once (default 256)"
+    )
+    g.add_argument(
+        "--slurm-max-timeouts", type=non_negative_int, metavar="N",
+        help=f"requeue a job after a time-limit stop at most N times (default {DEFAULT_MAX_TIMEOUTS}); "
+        "preemptions are always requeued",
+    )
+
+
+def check_local_arguments(args: argparse.Namespace) -> None:
+    """ConfigError if a SLURM flag is given without `--launcher slurm` (it would be ignored, and the
+    grid would train on this machine)."""
+    given = [f for f in SLURM_TYPES if getattr(args, f, None) is not None]
+    if given and getattr(args, "launcher", "local") != "slurm":
+        raise ConfigError(f"--{given[0].replace('_', '-')} applies to --launcher slurm only; add --launcher slurm or drop it")

@@ -1,0 +1,99 @@
+"""`study models`, `study grids`, `study status`: what there is to train, and how far it got.
+
+Quick to start: nothing here imports torchvision (a test checks it); `models` imports study.models
+when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+
+from ..config import ConfigError
+from ..grids import GRIDS
+from ..launch import list_runs_with_queued, run_status
+from ..runstore import Run, RunStoreError
+from .args import SELECTION, add_selection
+from .run import add_training_options, processes_per_run, run_configs
+
+
+def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add `models`, `grids` and `status` to the CLI's sub-parsers; return their handlers."""
+    models = sub.add_parser("models", help="table of every architecture: parameters and multiply-accumulates")
+    models.add_argument("--format", choices=("table", "json"), default="table", help="a text table (default) or JSON")
+
+    sub.add_parser("grids", help="list the named grids and their runs")
+
+    status = sub.add_parser(
+        "status", help="one line per run: id, status, iteration, last errors; with --grid or --arch (and the "
+        "options of `study run`), the runs that command trains, those not started yet included",
+        description="One line per run. With --grid or --arch, the runs that `study run` with the same options "
+        "trains, those not started included. Every other option of `study run` is accepted and ignored, so a "
+        "`study run` command line works with `run` replaced by `status`.",
+    )
+    status.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    add_selection(status, required=False, arch_help="the runs of one network of this kind")
+    add_training_options(status)
+    return {"models": cmd_models, "grids": cmd_grids, "status": cmd_status}
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..models import architecture_table
+
+    rows = architecture_table()
+    if args.format == "json":
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'name':<12} {'dataset':<8} {'depth':>5} {'shortcut':>8} {'params':>12} {'MACs/image':>14}")
+    for r in rows:
+        name = f"{r['arch']}-{r['depth']}"
+        print(f"{name:<12} {r['dataset']:<8} {r['depth']:>5} {r['shortcut']:>8} {r['params']:>12,} {r['macs']:>14,}")
+    return 0
+
+
+def cmd_grids(args: argparse.Namespace) -> int:
+    for grid in GRIDS.values():
+        print(f"{grid.name}: {grid.description}")
+        for cfg in grid.configs:
+            print(f"  {cfg.run_id}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.grid is not None or args.arch is not None:
+        # The runs `study run` with these options trains: those on disk, and the others as `new`.
+        on_disk = {r.cfg.run_id: r for r in list_runs_with_queued(args.runs_dir)} if os.path.isdir(args.runs_dir) else {}
+        runs = [on_disk.get(c.run_id) or Run(args.runs_dir, c) for c in run_configs(args, processes_per_run(args))]
+    else:
+        given = [f"--{k.replace('_', '-')}" for k in SELECTION if getattr(args, k) is not None]
+        if given:
+            raise ConfigError(f"{' '.join(given)} selects runs of a --grid or an --arch; add one, or drop them")
+        if not os.path.isdir(args.runs_dir):
+            raise RunStoreError(f"runs dir {args.runs_dir} does not exist; pass --runs-dir to where your runs are")
+        runs = list_runs_with_queued(args.runs_dir)
+    if not runs:
+        print(f"no runs in {args.runs_dir}")
+        return 0
+    width = max(40, *(len(run.cfg.run_id) + 1 for run in runs))
+    print(f"{'run':<{width}} {'status':<12} {'iteration':>15} {'train err %':>11} {'eval err %':>10}")
+    stopped = False
+    for run in runs:
+        st = run_status(run)
+        if st["status"] == "running" and not run.is_held():  # its process was killed, or its node failed
+            st, stopped = {**st, "status": "stopped"}, True
+        metrics = run.read_metrics()
+        last = metrics.groupby("split")["error_pct"].last() if not metrics.empty else {}
+        train_err = f"{last['train']:.2f}" if "train" in last else "-"
+        # The evaluated split: `val` with --holdout and on ImageNet (its validation set), else `test`.
+        eval_split = next((s for s in ("val", "test") if s in last), None)
+        eval_err = f"{last[eval_split]:.2f}" if eval_split else "-"
+        it = f"{st.get('iteration', 0)}/{run.cfg.iterations}"
+        print(f"{run.cfg.run_id:<{width}} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10}")
+    if stopped:
+        print("(stopped: marked running, but no process is training it (killed, or its node failed); "
+              "`study run` with the same options resumes it from its last checkpoint)")
+    if args.grid is None and args.arch is None:
+        print("(the runs on disk; with the --grid or --arch options you gave `study run`, also those not started)")
+    return 0

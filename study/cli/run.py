@@ -1,0 +1,158 @@
+"""`study run`: train one network, a set of seeds, or a named grid, here or as a SLURM job array.
+
+Its options are shared: `study status` takes them too (`add_training_options`, and the selection
+options of args.py) and lists the runs `run_configs` says this command trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from ..config import ConfigError, RunConfig, parse_seeds
+from ..grids import grid_configs
+from .args import USER_ERRORS, add_launcher_arguments, add_selection, check_local_arguments, positive_int
+
+
+def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add `run` to the CLI's sub-parsers; return its handler."""
+    run = sub.add_parser("run", help="train one network, a set of seeds, or a named grid")
+    add_selection(run, required=True)
+    run.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
+    add_training_options(run)
+    return {"run": cmd_run}
+
+
+def add_training_options(run: argparse.ArgumentParser) -> None:
+    """How `study run` trains (not which runs): `study status` accepts and ignores them."""
+    run.add_argument(
+        "--sync-bn", action="store_true",
+        help="under torchrun or --gpus-per-run > 1: BN statistics over the whole global batch",
+    )
+    run.add_argument(
+        "--workers", type=positive_int, help="ImageNet DataLoader workers per process, at least 1 (default: CPUs, at most 12)"
+    )
+    run.add_argument("--data-dir", help="where the data set's files are (default ./data; ImageNet: ./data/imagenet)")
+    run.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    run.add_argument(
+        "--concurrency", type=positive_int,
+        help="runs trained at once by separate processes (default: 4 on a GPU, else 1; 1 with --streams or --fuse "
+        "above 1 and under torchrun; by default never more than the runs)",
+    )
+    run.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU); same protocol"
+    )
+    run.add_argument(
+        "--streams", type=positive_int, default=1,
+        help="runs each process trains at once, interleaved step by step on their own CUDA streams (default 1)",
+    )
+    run.add_argument(
+        "--fuse", type=positive_int, default=1,
+        help="runs each process trains at once, those of one network shape fused into one grouped net "
+        "(one kernel per layer for all; CIFAR nets; default 1)",
+    )
+    run.add_argument(
+        "--cuda-graph", action="store_true",
+        help="replay each whole training step as one CUDA graph (GPU only, CIFAR-style data); same protocol",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    add_launcher_arguments(run)
+
+
+def processes_per_run(args: argparse.Namespace) -> int:
+    """The processes that will train each run: torchrun's here, or --gpus-per-run on SLURM (it
+    decides the run ids: per-device BN is recorded as a batch split)."""
+    return (args.gpus_per_run or 1) if args.launcher == "slurm" else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
+    """The runs the selection options name, in the order `study run` trains them."""
+    if args.seeds is not None:
+        seeds = parse_seeds(args.seeds)
+    elif args.seed is not None:
+        if args.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer; got {args.seed}")
+        seeds = [args.seed]
+    else:
+        seeds = None
+    batch_split = args.batch_split
+    if world > 1 and batch_split is None and not getattr(args, "sync_bn", False):
+        batch_split = world  # per-device BN, recorded in the config (and the run id) as a split
+    settings = dict(
+        dataset=args.dataset,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        holdout=args.holdout,
+        precision=args.precision,
+        lr_schedule=args.lr_schedule,
+        batch_split=batch_split,
+        lighting=args.lighting,
+        mean=args.mean,
+    )
+    if args.grid is not None:
+        for flag in ("depth", "shortcut"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag} does not apply to --grid; use --arch/--depth for a single run")
+        return grid_configs(args.grid, seeds=seeds, **settings)
+    if args.depth is None:
+        raise ConfigError("--arch needs --depth (6n+2 for CIFAR, e.g. --depth 20; 18 or 34 for ImageNet)")
+    settings = {k: v for k, v in dict(settings, shortcut=args.shortcut).items() if v is not None}
+    return [RunConfig(arch=args.arch, depth=args.depth, seed=s, **settings) for s in (seeds or [0])]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..train import ExecutionPlan, StopRequested, distributed_from_env, graceful_stop, run_all  # torch-heavy
+
+    world = processes_per_run(args)
+    # Execution modes that do not go together (--sync-bn without torchrun, ...): before the runs are listed.
+    ExecutionPlan.from_args(args, world).check([])
+    configs = run_configs(args, world)
+    if not any(cfg.imagenet for cfg in configs):
+        if args.workers is not None:
+            raise ConfigError("--workers sets ImageNet's DataLoader workers; CIFAR-style data sit on the device, drop it")
+    elif args.download:
+        raise ConfigError("ImageNet cannot be downloaded; drop --download and pass --data-dir to your copy")
+    if args.launcher != "local":
+        from ..launch import submit
+
+        return submit(configs, args.runs_dir, args)
+    check_local_arguments(args)
+    ddp = distributed_from_env(sync_bn=args.sync_bn)
+    try:
+        with graceful_stop() as stop:
+            results = run_all(
+                configs,
+                args.runs_dir,
+                data_dir=args.data_dir,
+                device=args.device,
+                download=args.download,
+                progress=False if args.no_progress else None,
+                stop=stop,
+                concurrency=args.concurrency,
+                compile=args.compile,
+                cuda_graph=args.cuda_graph,
+                streams=args.streams,
+                fuse=args.fuse,
+                ddp=ddp,
+                workers=args.workers,
+            )
+    except StopRequested as e:
+        if ddp.writer:
+            print(f"study: stopped by {e}; checkpoint written, run the same command again to resume", file=sys.stderr)
+        return 128 + e.signum
+    except ValueError as e:  # resolve_device
+        if isinstance(e, USER_ERRORS):
+            raise
+        raise ConfigError(str(e)) from None
+    finally:
+        if ddp.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    unfinished = {k: v for k, v in results.items() if v != "done"}
+    if unfinished and ddp.writer:
+        print(f"study: not done: {', '.join(f'{k} ({v})' for k, v in unfinished.items())}", file=sys.stderr)
+    return 1 if unfinished else 0

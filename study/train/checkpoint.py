@@ -1,0 +1,101 @@
+"""What a run's checkpoint holds, in one place: `save` writes every key, `restore` reads them back.
+
+A checkpoint is a dict saved atomically by `Run.save_checkpoint` (`checkpoint.pt` in the run's
+directory), written at the end of every epoch, on SIGTERM/SIGINT (with the interrupted epoch's
+state), and every `checkpoint_every` iterations if asked (ImageNet). Its keys:
+
+- `model`, `optimizer`: the network's and SGD's state dicts (momentum buffers included);
+- `generator`: the run's random generator (data order and augmentation), so both resume exactly;
+- `schedule`: the plateau schedule's state (None for the step schedule);
+- `iteration`, `epoch` (completed epochs), `elapsed_s`, `warmup_s` (one-time work in it,
+  `study.onetime`), `warming_up` (the paper's lr warm-up still on);
+- `metrics`: every metrics row so far (rows written after the checkpoint are redone, never
+  duplicated);
+- `partial_epoch`: None at an epoch's end; mid-epoch, the feed's position and the epoch's running
+  sums (`study.train.epoch.Tally.state`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..runstore import Run
+from .schedule import Schedule
+from .step import lay_out_like_params
+
+KEYS = ("model", "optimizer", "generator", "schedule", "iteration", "epoch", "elapsed_s", "warmup_s", "warming_up",
+        "metrics", "partial_epoch")
+
+
+@dataclass
+class Progress:
+    """Where a run stands besides its tensors: what `restore` gives back and `save` records."""
+
+    warming_up: bool
+    iteration: int = 0
+    epoch: int = 0  # completed epochs
+    elapsed_s: float = 0.0  # wall time of the sessions before this one
+    warmup_s: float = 0.0  # seconds of one-time work in elapsed_s
+    metrics: list[dict] = field(default_factory=list)
+    partial_epoch: dict | None = None  # the state of an epoch interrupted by a signal
+
+
+def save(run: Run, *, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+         schedule: Schedule, progress: Progress, elapsed_s: float, warmup_s: float, partial_epoch: dict | None,
+         fused: bool = False) -> None:
+    """Write the run's checkpoint: `progress` with this session's `elapsed_s` and `warmup_s` totals.
+    A fused run's tensors are views of its group's: saved as they are, each would carry the whole
+    group's storage, so they are copied (`owned`)."""
+    own = owned if fused else (lambda state: state)
+    state = {
+        "model": own(model.state_dict()),
+        "optimizer": own(opt.state_dict()),
+        "generator": gen.get_state(),
+        "schedule": schedule.state_dict(),
+        "iteration": progress.iteration,
+        "epoch": progress.epoch,
+        "elapsed_s": elapsed_s,
+        "warmup_s": warmup_s,
+        "warming_up": progress.warming_up,
+        "metrics": progress.metrics,
+        "partial_epoch": partial_epoch,
+    }
+    assert tuple(state) == KEYS
+    run.save_checkpoint(state)
+
+
+def restore(ckpt: dict, *, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+            schedule: Schedule) -> Progress:
+    """Load `ckpt` into the run's model, optimizer, generator and schedule; its progress."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    lay_out_like_params(opt)
+    for group in opt.param_groups:  # a --cuda-graph checkpoint's fused SGD and tensor lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])  # the plateau schedule's current rate: keep it
+        group.update(fused=None, foreach=None)
+    gen.set_state(ckpt["generator"])
+    schedule.load_state_dict(ckpt.get("schedule"))
+    return Progress(
+        warming_up=ckpt["warming_up"],
+        iteration=ckpt["iteration"],
+        epoch=ckpt["epoch"],
+        elapsed_s=ckpt["elapsed_s"],
+        warmup_s=ckpt.get("warmup_s", 0.0),  # absent from checkpoints of before it was kept
+        metrics=list(ckpt["metrics"]),
+        partial_epoch=ckpt["partial_epoch"],
+    )
+
+
+def owned(state: Any) -> Any:
+    """`state` with each tensor that is a view into a larger storage replaced by its own copy."""
+    if isinstance(state, torch.Tensor):
+        return state.clone() if state.untyped_storage().nbytes() > state.numel() * state.element_size() else state
+    if isinstance(state, dict):
+        return {k: owned(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(owned(v) for v in state)
+    return state

@@ -1,0 +1,194 @@
+"""One training step and one evaluation: the SGD step (eager, or replayed as a CUDA graph behind the
+same call), the network as the step trains it (BN split, DDP, `torch.compile`), and the evaluation
+of a device-resident data set."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import onetime
+from ..config import RunConfig
+from ..data import Data, eval_batches, normalize
+from ..fast.graphstep import GraphedStep
+from ..models import build_model
+from ..models.syncbn import convert_sync_batchnorm
+from ..probes import GradientNorms
+from .distributed import Chunked, Distributed
+
+EVAL_BATCH_SIZE = 1000
+# `--compile` on CUDA: CUDA graphs (cudagraph trees) remove the launch overhead that dominates these
+# thin nets. No "max-autotune": its Triton conv/GEMM search costs minutes of compilation, and these
+# nets have one tiny GEMM and 16-64 channel convolutions, where cuDNN is the candidate that wins.
+COMPILE_MODE_CUDA = "reduce-overhead"
+
+
+def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` as `--compile` trains it: torch.compile with CUDA graphs on CUDA, and static shapes
+    (the epoch's last, partial batch gets its own graph instead of making every batch dynamic).
+    The result shares its parameters with `module`."""
+    return torch.compile(module, mode=COMPILE_MODE_CUDA if device.type == "cuda" else None, dynamic=False)
+
+
+def tune_device(device: torch.device) -> None:
+    """On CUDA let cuDNN time its algorithms for each new shape (the shapes of a run repeat every
+    step). It changes which kernels run, not what they compute beyond float rounding."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+@torch.no_grad()
+def lay_out_like_params(opt: torch.optim.Optimizer) -> None:
+    """Give every momentum buffer its parameter's memory layout. A loaded buffer keeps the layout
+    it was saved with: a run checkpointed with contiguous weights (on the CPU) and resumed with
+    channels-last ones (on a GPU) would otherwise fail in the fused SGD of `--cuda-graph`, which
+    refuses mismatched strides, and take the slow path of the eager one."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and buf.stride() != p.stride():
+                opt.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Data) -> tuple[float, float]:
+    """Mean loss and error % over the whole evaluation split, BN in eval mode, no augmentation."""
+    model.eval()
+    loss_sum = torch.zeros((), device=data.mean.device)
+    wrong = torch.zeros((), device=data.mean.device, dtype=torch.long)
+    for x, y in eval_batches(data.eval, EVAL_BATCH_SIZE):
+        out = model(normalize(x, data.mean))
+        loss_sum += F.cross_entropy(out, y, reduction="sum")
+        wrong += (out.argmax(1) != y).sum()
+    n = len(data.eval.labels)
+    return loss_sum.item() / n, 100.0 * wrong.item() / n
+
+
+def sgd_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    autocast: torch.autocast,
+    *,
+    loss_scale: float | None = None,
+    before_update: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step at `lr` on an input batch: forward (under `autocast`), cross-entropy, backward,
+    update. The loss is the batch mean, or with `loss_scale` the summed loss times it (DDP: a
+    process's share of the global batch's mean, which DDP's gradient averaging completes).
+    `before_update` runs between backward and the update (to read the gradients). Returns the
+    detached mean loss and logits; nothing here waits for the device."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with autocast:
+        out = forward(x)
+        if loss_scale is None:
+            loss = F.cross_entropy(out, y)
+            mean = loss
+        else:
+            total = F.cross_entropy(out, y, reduction="sum")
+            loss, mean = total * loss_scale, total.detach() / len(y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if before_update is not None:
+        before_update()
+    opt.step()
+    return mean.detach(), out.detach()
+
+
+@dataclass
+class Trainee:
+    """A run's network as the loop trains it. `model` is what checkpoints hold and evaluation uses;
+    `forward` is the same parameters with the BN split, DDP and `torch.compile` on top."""
+
+    model: nn.Module
+    forward: nn.Module
+    opt: torch.optim.SGD
+    autocast: torch.autocast
+
+
+def make_trainee(cfg: RunConfig, num_classes: int, in_channels: int, device: torch.device, ddp: Distributed,
+                 *, compile: bool) -> Trainee:
+    """The run's network with its initial weights (a function of the seed alone), on `device`, and
+    its SGD optimizer with the paper's momentum and weight decay."""
+    torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed alone
+    model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=num_classes,
+                        in_channels=in_channels, dataset=cfg.dataset).to(device)
+    # Channels-last lets cuDNN pick its fastest kernels on tensor cores; on CPU it buys nothing.
+    model = model.to(memory_format=memory_format(device))
+    if ddp.sync_bn and ddp.enabled:
+        model = convert_sync_batchnorm(model, device)  # same parameter and buffer names
+    chunks = ddp.chunks(cfg)
+    trained: nn.Module = model if chunks == 1 else Chunked(model, chunks)
+    if ddp.enabled:
+        trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
+    # The compiled module shares its parameters with `model`; checkpoints keep using `model`, so
+    # they load with or without --compile. Compilation happens on the first step at each batch
+    # size; the metrics' warmup_s says how much of elapsed_s that was (`study.onetime`).
+    tune_device(device)
+    forward = compile_model(trained, device) if compile else trained
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return Trainee(model, forward, opt, autocast)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+class EagerStep:
+    """`sgd_step` through the trainee's forward. The loss is the batch mean for a single process
+    with one BN group (the original, fastest form), otherwise each process's summed loss scaled to
+    its share of the global mean. The first steps at each batch size of this session are one-time
+    work (compiling, cuDNN's autotuning; compiled on CUDA the second records the CUDA graph that
+    later steps replay), timed apart (`study.onetime`)."""
+
+    def __init__(self, trainee: Trainee, grad_norms: GradientNorms, device: torch.device, ddp: Distributed,
+                 *, exact_mean: bool, compile: bool) -> None:
+        self.trainee, self.grad_norms, self.device, self.ddp, self.exact_mean = trainee, grad_norms, device, ddp, exact_mean
+        self.stepped: Counter[int] = Counter()
+        self.warmup_steps = 2 if compile and device.type == "cuda" else 1
+        self.fallback: str | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, iteration: int, global_len: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.trainee
+        with onetime.timed(self.device, self.stepped[len(y)] < self.warmup_steps):
+            loss, out = sgd_step(
+                t.forward, t.opt, x, y, lr, t.autocast,
+                loss_scale=None if self.exact_mean else self.ddp.world / global_len,
+                before_update=lambda: self.grad_norms.maybe_record(iteration + 1),
+            )
+        self.stepped[len(y)] += 1
+        return loss, out
+
+
+class CapturedStep:
+    """The same step replayed as one CUDA graph per batch size (`--cuda-graph`, `study.fast.graphstep`);
+    on a CPU, or after a failed capture, the same step runs uncaptured."""
+
+    def __init__(self, trainee: Trainee, grad_norms: GradientNorms, device: torch.device, *, bf16: bool,
+                 log: Callable[[str], None]) -> None:
+        self.grad_norms = grad_norms
+        self.graphed = GraphedStep(trainee.model, trainee.opt, [w for _, w in grad_norms.params], bf16=bf16,
+                                   device=device, log=log)
+
+    @property
+    def fallback(self) -> str | None:
+        """Why the capture failed, if it did (the run then trained eagerly)."""
+        return self.graphed.fallback
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, iteration: int, global_len: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, out, norms = self.graphed.step(x, y, lr, norms=self.grad_norms.due(iteration + 1))
+        if norms is not None:
+            self.grad_norms.record(iteration + 1, norms)
+        return loss, out
