@@ -7,8 +7,20 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not pip-installed
     __version__ = "0.0.0+unknown"
 
-from .analysis.load import load_runs  # noqa: E402
 from .config import RunConfig  # noqa: E402
-from .runstore import list_runs  # noqa: E402
 
 __all__ = ["RunConfig", "list_runs", "load_runs", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    """`load_runs` and `list_runs` on first use: they import pandas and torch, which `study.config`
+    and the listing commands do without."""
+    if name == "load_runs":
+        from .analysis.load import load_runs
+
+        return load_runs
+    if name == "list_runs":
+        from .runstore import list_runs
+
+        return list_runs
+    raise AttributeError(f"module 'study' has no attribute {name!r}")

@@ -256,3 +256,11 @@ def test_console_script_in_a_pipe_is_quiet_and_fails_cleanly(tmp_path):
     assert "it/s" not in proc.stderr and "\r" not in proc.stderr  # no tqdm bar
     proc = subprocess.run([sys.executable, "-m", "study", "run", "--grid", "x"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_config_and_grids_do_not_import_torch():
+    """The constants and their validation (`study.config`) and the named grids read without torch
+    (a fresh interpreter)."""
+    code = "import sys, study.config, study.grids; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
