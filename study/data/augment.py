@@ -27,7 +27,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> t
 
     ``images`` is a float (B, C, H, W) batch, already mean-subtracted, so the zero padding is the
     mean image (the paper says "padded with zeros" without saying before or after the mean is
-    subtracted: README, "Choices the paper leaves open"). Each image is zero-padded by ``pad`` on
+    subtracted: docs/protocol.md, "Choices the paper leaves open"). Each image is zero-padded by ``pad`` on
     every side, cropped back to H x W at an offset drawn uniformly from [0, 2*pad] in each
     direction, and mirrored left-right with probability 0.5. All randomness comes from
     ``generator``, which must live on the same device as ``images``.
