@@ -1,4 +1,5 @@
-"""The claims report: every figure, every table, and one verdict per claim of the paper.
+"""The claims report: every figure, every table, and one verdict per claim of the paper, as Markdown
+or as one self-contained HTML file (`html.py`).
 
 Each claim of PROTOCOL.md ("Claims the study exists to test") is judged from the finished runs
 present: `holds`, `does not hold`, or `cannot be judged` when the runs it needs are missing. Verdicts
@@ -8,10 +9,13 @@ a difference is within the seeds' spread, so a reader can weigh it.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -19,7 +23,12 @@ from ..config import ConfigError
 from ..data import DataError, dataset_info
 from .load import NoRunsError, RunData, Study, pick_study, studies, unsettled_bn, unsettled_bn_note
 from .paper import CLAIMS, FIGURES, IMAGENET, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
+from ..runstore import atomic_write_text
 from .tables import TABLE_NAMES, final_errors, with_tencrop
+
+if TYPE_CHECKING:
+    from .figures import Drawn
+    from .tables import Table
 
 HOLDS, FAILS, UNKNOWN = "holds", "does not hold", "cannot be judged"
 # Claim 2: "vanishing" = some hidden layer's gradient norm (median over the recordings) below 1% of
@@ -376,11 +385,162 @@ def classify_claims(data: RunData) -> list[Claim]:
     return [Claim(n, CLAIMS[n], *results[n]) for n in sorted(results)]
 
 
-def write_report(data: RunData, out: str | os.PathLike, *, log=print) -> Path:
-    """Write the markdown report to `out`, with every figure (PNG and PDF) beside it; a figure or
-    table with no runs to draw from is listed as such. Prints one line per claim through `log`."""
+@dataclass
+class ReportFigure:
+    """One figure of the report: `drawn`, or the reason it could not be (`missing`)."""
+
+    name: str
+    title: str
+    drawn: Drawn | None = None
+    missing: str | None = None
+
+
+@dataclass
+class ReportTable:
+    """One table of the report: `table`, or the reason it could not be made (`missing`)."""
+
+    name: str
+    table: Table | None = None
+    missing: str | None = None
+
+
+@dataclass
+class ReportContent:
+    """Everything the report shows, gathered once by `gather`; `render_markdown` and
+    `html.render` write it. Texts mark code with backticks only, which both renderers understand."""
+
+    runs_dir: Path
+    summary: str
+    judged_note: str | None
+    claims: list[Claim]
+    figures: list[ReportFigure]
+    tables: list[ReportTable]
+    runs: pd.DataFrame  # the Runs section (`run_table`), shown as is: one row per run, text cells
+
+
+# What `study run` records in config.json's provenance, as the Runs section shows it. A column of
+# the same name in RunData.runs is used where the run table carries it.
+PROVENANCE_KEYS = ("torch_version", "python_version", "package_version", "device", "device_name", "git_commit",
+                   "git_dirty")
+REPORT_FORMATS = ("md", "html")
+
+
+def _json_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _provenance(data: RunData, row: pd.Series) -> dict:
+    """One run's provenance (PROVENANCE_KEYS) and its status date (`updated`), None where unknown."""
+    record = _json_record(data.runs_dir / row["run_id"] / "config.json").get("provenance")
+    record = record if isinstance(record, dict) else {}
+    out = {k: row[k] if k in row.index else record.get(k) for k in PROVENANCE_KEYS}
+    out["updated"] = _json_record(data.runs_dir / row["run_id"] / "status.json").get("updated")
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
+
+
+def run_table(data: RunData) -> pd.DataFrame:
+    """The report's Runs section: each run read, its study, status, progress, final errors (last
+    logged epoch) and provenance, as text. Provenance columns no run recorded are left out."""
+    finals = final_errors(data.metrics).set_index("run_id") if not data.metrics.empty else pd.DataFrame()
+    labels = {}
+    for study in studies(data.runs):
+        labels.update(dict.fromkeys(study.select(data.runs)["run_id"], study.label()))
+    splits = {"train": "training error (%)", "test": "test error (%)", "val": "validation error (%)",
+              "top5": "top-5 error (%)"}
+
+    def pct(value: object) -> str:
+        return "–" if value is None or pd.isna(value) else f"{float(value):.2f}"
+
+    rows = []
+    for _, run in data.runs.iterrows():
+        prov = _provenance(data, run)
+        final = finals.loc[run["run_id"]] if run["run_id"] in finals.index else pd.Series(dtype=object)
+        device = " ".join(filter(None, [prov["device"], f"({prov['device_name']})" if prov["device_name"] else None]))
+        commit = prov["git_commit"] and str(prov["git_commit"])[:10] + (" (dirty)" if prov["git_dirty"] else "")
+        rows.append({
+            "run": run["run_id"],
+            "study": labels.get(run["run_id"], ""),
+            "status": run["status"],
+            "iterations": f"{int(run['last_iteration']):,} / {int(run['iterations']):,}",
+            **{label: pct(final.get(split)) for split, label in splits.items() if split in finals.columns},
+            **({"10-crop top-1 (%)": pct(run["tencrop_top1"])} if data.runs["tencrop_top1"].notna().any() else {}),
+            "torch": prov["torch_version"], "python": prov["python_version"], "study version": prov["package_version"],
+            "device": device or None, "git commit": commit, "status updated": prov["updated"],
+        })
+    table = pd.DataFrame(rows)
+    table = table.dropna(axis=1, how="all")  # provenance no run recorded (runs written by other tools)
+    return table.fillna("–").astype(str)
+
+
+def gather(data: RunData, *, log=print) -> ReportContent:
+    """Judge the claims (one line each through `log`), build every figure and table the runs
+    allow, and the Runs section: the content both report formats show."""
     from . import figures, tables
 
+    statuses = data.runs["status"].value_counts().to_dict()
+    summary = (
+        f"Runs in `{data.runs_dir}`: {len(data.runs)} ({', '.join(f'{v} {k}' for k, v in statuses.items())}); "
+        f"studies: {'; '.join(s.label() for s in studies(data.runs))}."
+    )
+    claims = classify_claims(data)
+    for claim in claims:
+        log(claim.line())
+    judged_on = _cifar_study(data)
+    note = None
+    if judged_on is not None and not judged_on.is_paper:
+        note = (f"Judged on {judged_on.label()}; the paper's claims are about CIFAR-10 nets trained for 64,000 "
+                "iterations, so a verdict here says what these runs show, not whether the paper is right.")
+    shown = []
+    for name in figures.FIGURE_NAMES:
+        try:
+            shown.append(ReportFigure(name, FIGURE_TITLES[name], drawn=figures.build(name, data)))
+        except NoRunsError as e:
+            shown.append(ReportFigure(name, FIGURE_TITLES[name], missing=str(e)))
+    made = []
+    for name in TABLE_NAMES:
+        try:
+            made.append(ReportTable(name, table=tables.build(name, data)))
+        except NoRunsError as e:
+            made.append(ReportTable(name, missing=str(e)))
+    return ReportContent(data.runs_dir, summary, note, claims, shown, made, run_table(data))
+
+
+def render_markdown(content: ReportContent, out_dir: Path) -> str:
+    """The report as Markdown; each drawn figure is saved (PNG and PDF) into `out_dir`, beside it."""
+    from . import figures
+
+    lines = ["# The degradation study: your runs against the paper", "", content.summary, "", "## Claims", ""]
+    if content.judged_note:
+        lines += [content.judged_note, ""]
+    for claim in content.claims:
+        lines.append(
+            f"{claim.number}. **{claim.verdict}**: {claim.text}. Evidence ({_seeds(claim.seeds)}): {claim.evidence}."
+        )
+    lines += ["", "## Figures", ""]
+    for fig in content.figures:
+        heading = f"### {fig.title} (`study plot {fig.name}`)"
+        if fig.drawn is None:
+            lines += [heading, "", f"Not drawn: {fig.missing}", ""]
+            continue
+        figures.save(fig.drawn, out_dir)
+        lines += [heading, "", f"![{fig.name}]({fig.name}.png)", "", fig.drawn.caption.replace("\n", "  \n"), ""]
+    lines += ["## Tables", ""]
+    for tab in content.tables:
+        lines += [tab.table.markdown() if tab.table else f"**{tab.name}**: not made: {tab.missing}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(data: RunData, out: str | os.PathLike, *, log=print, format: str = "md") -> Path:  # noqa: A002
+    """Write the report to `out`: Markdown (`md`) with every figure (PNG and PDF) beside it, or
+    one self-contained HTML file (`html`: figures embedded, and a Runs section with each run's
+    provenance). A figure or table with no runs to draw from is listed as such. Prints one line
+    per claim through `log`. The file is written whole or not at all (temporary file, renamed)."""
+    if format not in REPORT_FORMATS:
+        raise ValueError(f"report format {format!r}: one of {', '.join(REPORT_FORMATS)}")
     out = Path(out)
     out_dir = out.parent
     try:  # before anything is printed or drawn: an unwritable --out is a one-line error
@@ -389,47 +549,16 @@ def write_report(data: RunData, out: str | os.PathLike, *, log=print) -> Path:
             pass
     except OSError as e:
         raise ConfigError(f"cannot write the report to {out_dir} ({e.strerror or e}); pass --out a writable path") from None
-    lines = ["# The degradation study: your runs against the paper", ""]
-    statuses = data.runs["status"].value_counts().to_dict()
-    lines += [
-        f"Runs in `{data.runs_dir}`: {len(data.runs)} ({', '.join(f'{v} {k}' for k, v in statuses.items())}); "
-        f"studies: {'; '.join(s.label() for s in studies(data.runs))}.",
-        "",
-        "## Claims",
-        "",
-    ]
-    claims = classify_claims(data)
-    judged_on = _cifar_study(data)
-    if judged_on is not None and not judged_on.is_paper:
-        lines += [
-            f"Judged on {judged_on.label()}; the paper's claims are about CIFAR-10 nets trained for 64,000 "
-            "iterations, so a verdict here says what these runs show, not whether the paper is right.",
-            "",
-        ]
-    for claim in claims:
-        lines.append(
-            f"{claim.number}. **{claim.verdict}**: {claim.text}. Evidence ({_seeds(claim.seeds)}): {claim.evidence}."
-        )
-        log(claim.line())
-    lines += ["", "## Figures", ""]
-    for name in figures.FIGURE_NAMES:
-        heading = f"### {FIGURE_TITLES[name]} (`study plot {name}`)"
-        try:
-            drawn = figures.build(name, data)
-        except NoRunsError as e:
-            lines += [heading, "", f"Not drawn: {e}", ""]
-            continue
-        figures.save(drawn, out_dir)
-        lines += [heading, "", f"![{name}]({name}.png)", "", drawn.caption.replace("\n", "  \n"), ""]
-    lines += ["## Tables", ""]
-    for name in TABLE_NAMES:
-        try:
-            lines += [tables.build(name, data).markdown(), ""]
-        except NoRunsError as e:
-            lines += [f"**{name}**: not made: {e}", ""]
+    content = gather(data, log=log)
+    if format == "html":
+        from .html import render
+
+        text = render(content)
+    else:
+        text = render_markdown(content, out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(lines) + "\n")
+        atomic_write_text(out, text)
     except OSError as e:
         raise ConfigError(f"cannot write {out} ({e.strerror or e}); pass --out a writable path") from None
     return out

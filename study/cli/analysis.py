@@ -12,9 +12,11 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from ..analysis.figures import FIGURE_NAMES
 from ..analysis.load import NoRunsError, RunData
+from ..analysis.report import REPORT_FORMATS
 from ..analysis.tables import TABLE_NAMES
 from ..config import ConfigError
 from ..probes import BN_MODES, REDUCTIONS, SPLITS
@@ -35,8 +37,11 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 
     report = sub.add_parser("report", help="every figure and table, and a verdict on each claim of the paper")
     report.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
-    report.add_argument("--out", default="figures/report.md",
-                        help="the report (default figures/report.md; its figures go beside it)")
+    report.add_argument("--format", choices=REPORT_FORMATS,
+                        help="md: Markdown, its figures (PNG and PDF) beside it; html: one self-contained file, "
+                        "figures embedded, with each run's provenance (default: html for an --out ending in .html, "
+                        "else md)")
+    report.add_argument("--out", help="the report (default figures/report.md, or figures/report.html with --format html)")
 
     probe = sub.add_parser("probe", help="measure layer responses (Figure 7) of finished runs into responses.parquet")
     probe.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to probe (default: every finished run)")
@@ -136,10 +141,11 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Write the report (figures beside it) and print one line per claim."""
+    """Write the report (Markdown with its figures beside it, or one HTML file) and print one line per claim."""
     from ..analysis.report import write_report
 
-    path = write_report(RunData.load(args.runs_dir), args.out)
+    fmt = args.format or ("html" if args.out and Path(args.out).suffix.lower() in (".html", ".htm") else "md")
+    path = write_report(RunData.load(args.runs_dir), args.out or f"figures/report.{fmt}", format=fmt)
     print(f"report -> {path}")
     return 0
 
