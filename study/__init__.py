@@ -9,16 +9,20 @@ except PackageNotFoundError:  # running from a source tree that was not pip-inst
 
 from .config import RunConfig  # noqa: E402
 
-__all__ = ["RunConfig", "list_runs", "load_runs", "__version__"]
+__all__ = ["RunConfig", "list_runs", "load_model", "load_runs", "__version__"]
 
 
 def __getattr__(name: str) -> object:
-    """`load_runs` and `list_runs` on first use: they import pandas and torch, which `study.config`
-    and the listing commands do without."""
+    """`load_runs`, `load_model` and `list_runs` on first use: they import pandas and torch, which
+    `study.config` and the listing commands do without."""
     if name == "load_runs":
         from .analysis.load import load_runs
 
         return load_runs
+    if name == "load_model":
+        from .trained import load_model
+
+        return load_model
     if name == "list_runs":
         from .runstore import list_runs
 

@@ -1,0 +1,64 @@
+"""`study.load_model`: a finished run's network with the normalisation it trained with."""
+
+import json
+
+import pytest
+import torch
+
+import study
+from study.config import ConfigError, RunConfig
+from study.data import eval_batches, load_data
+from study.runstore import Run
+from study.train import run_all
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A ResNet-8 trained for 2 epochs on the embedded Fashion-MNIST subset, and its runs dir."""
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = RunConfig(arch="resnet", depth=8, dataset="fashion-mnist-mini", iterations=100, batch_size=128, seed=2)
+    assert run_all([cfg], runs, device="cpu", progress=False, log=lambda m: None) == {cfg.run_id: "done"}
+    return runs, cfg
+
+
+def test_the_loaded_model_gives_the_runs_logged_test_error(finished):
+    runs, cfg = finished
+    net = study.load_model(cfg.run_id, runs_dir=runs)
+    assert net.config == cfg and net.iteration == cfg.iterations and not net.model.training
+    test = load_data(cfg.dataset).eval
+    wrong = 0
+    with torch.no_grad():
+        for images, labels in eval_batches(test, 1000):
+            wrong += (net.model(net.preprocess(images)).argmax(1) != labels).sum().item()
+    logged = Run(runs, cfg).read_metrics().query("split == 'test'").error_pct.iloc[-1]
+    assert 100.0 * wrong / len(test.labels) == logged
+    # The same run named by its directory.
+    again = study.load_model(runs / cfg.run_id)
+    for k, v in net.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+
+
+def test_an_unfinished_run_is_an_error_unless_a_checkpoint_is_named(finished, tmp_path):
+    runs, cfg = finished
+    run = Run(runs, cfg)
+    status = json.loads(run.status_path.read_text())
+    run.set_status("interrupted", iteration=100)
+    try:
+        with pytest.raises(ConfigError, match="is interrupted, not done.*checkpoint="):
+            study.load_model(cfg.run_id, runs_dir=runs)
+        earlier = study.load_model(cfg.run_id, runs_dir=runs, checkpoint="checkpoint.prev.pt")
+        assert earlier.iteration == 79  # the end of the first epoch (79 batches of 128 of 10,000)
+    finally:
+        run.status_path.write_text(json.dumps(status))
+
+
+def test_a_missing_run_or_checkpoint_is_a_one_line_error(finished, tmp_path):
+    runs, cfg = finished
+    with pytest.raises(ConfigError, match="no run 'nope' in .*study status"):
+        study.load_model("nope", runs_dir=runs)
+    with pytest.raises(ConfigError, match="has no checkpoint"):
+        study.load_model(cfg.run_id, runs_dir=runs, checkpoint="missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable study checkpoint"):
+        study.load_model(cfg.run_id, runs_dir=runs, checkpoint=bad)
