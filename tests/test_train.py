@@ -246,3 +246,24 @@ def test_a_mid_epoch_checkpoint_in_the_pre_package_format_resumes_exactly(tmp_pa
     pd.testing.assert_frame_equal(metrics_without_time(whole), metrics_without_time(cut))
     for k, v in whole.load_checkpoint()["model"].items():
         assert torch.equal(v, cut.load_checkpoint()["model"][k]), k
+
+
+def test_a_run_stopped_after_an_epochs_last_step_resumes_exactly(tmp_path, small_data):
+    """A signal on the last step of an epoch leaves a mid-epoch checkpoint with no batch left: the
+    resumed run ends that epoch at once, logging the rate of its last step, and equals the
+    uninterrupted run (it used to fail with an unbound learning rate, and every retry with it)."""
+    cfg = tiny(iterations=12, seed=4)
+    whole = Run(tmp_path / "whole", cfg)
+    train_run(cfg, whole, small_data, torch.device("cpu"), progress=False)
+
+    cut, stop = Run(tmp_path / "cut", cfg), StopFlag()
+    steps = train_steps(cfg, cut, small_data, torch.device("cpu"), progress=False, stop=stop)
+    for _ in range(4):
+        next(steps)
+    stop.signum = signal.SIGTERM  # after the 5th step: the last of epoch 1 (5 iterations an epoch)
+    with pytest.raises(StopRequested):
+        next(steps)
+    assert cut.load_checkpoint()["partial_epoch"]["pos"] == len(small_data.train.labels)
+
+    assert train_run(cfg, cut, small_data, torch.device("cpu"), progress=False) == "done"
+    pd.testing.assert_frame_equal(metrics_without_time(whole), metrics_without_time(cut))

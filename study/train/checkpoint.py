@@ -11,8 +11,9 @@ state), and every `checkpoint_every` iterations if asked (ImageNet). Its keys:
   `study.onetime`), `warming_up` (the paper's lr warm-up still on);
 - `metrics`: every metrics row so far (rows written after the checkpoint are redone, never
   duplicated);
-- `partial_epoch`: None at an epoch's end; mid-epoch, the feed's position and the epoch's running
-  sums (`study.train.epoch.Tally.state`).
+- `partial_epoch`: None at an epoch's end; in a checkpoint written mid-epoch (on a signal, or every
+  `checkpoint_every` iterations), the feed's position and the epoch's running sums
+  (`study.train.epoch.Tally.state`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ KEYS = ("model", "optimizer", "generator", "schedule", "iteration", "epoch", "el
 
 
 @dataclass
-class Progress:
-    """Where a run stands besides its tensors: what `restore` gives back and `save` records."""
+class RunState:
+    """Where a run stands besides its tensors (iteration, epoch, time, warm-up, rows so far): what
+    `restore` gives back and `save` records."""
 
     warming_up: bool
     iteration: int = 0
@@ -40,35 +42,35 @@ class Progress:
     elapsed_s: float = 0.0  # wall time of the sessions before this one
     warmup_s: float = 0.0  # seconds of one-time work in elapsed_s
     metrics: list[dict] = field(default_factory=list)
-    partial_epoch: dict | None = None  # the state of an epoch interrupted by a signal
+    partial_epoch: dict | None = None  # the state of an epoch checkpointed before its end
 
 
 def save(run: Run, *, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-         schedule: Schedule, progress: Progress, elapsed_s: float, warmup_s: float, partial_epoch: dict | None,
+         schedule: Schedule, state: RunState, elapsed_s: float, warmup_s: float, partial_epoch: dict | None,
          fused: bool = False) -> None:
-    """Write the run's checkpoint: `progress` with this session's `elapsed_s` and `warmup_s` totals.
+    """Write the run's checkpoint: `state` with this session's `elapsed_s` and `warmup_s` totals.
     A fused run's tensors are views of its group's: saved as they are, each would carry the whole
     group's storage, so they are copied (`owned`)."""
     own = owned if fused else (lambda state: state)
-    state = {
+    record = {
         "model": own(model.state_dict()),
         "optimizer": own(opt.state_dict()),
         "generator": gen.get_state(),
         "schedule": schedule.state_dict(),
-        "iteration": progress.iteration,
-        "epoch": progress.epoch,
+        "iteration": state.iteration,
+        "epoch": state.epoch,
         "elapsed_s": elapsed_s,
         "warmup_s": warmup_s,
-        "warming_up": progress.warming_up,
-        "metrics": progress.metrics,
+        "warming_up": state.warming_up,
+        "metrics": state.metrics,
         "partial_epoch": partial_epoch,
     }
-    assert tuple(state) == KEYS
-    run.save_checkpoint(state)
+    assert tuple(record) == KEYS
+    run.save_checkpoint(record)
 
 
 def restore(ckpt: dict, *, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-            schedule: Schedule) -> Progress:
+            schedule: Schedule) -> RunState:
     """Load `ckpt` into the run's model, optimizer, generator and schedule; its progress."""
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
@@ -79,7 +81,7 @@ def restore(ckpt: dict, *, model: torch.nn.Module, opt: torch.optim.Optimizer, g
         group.update(fused=None, foreach=None)
     gen.set_state(ckpt["generator"])
     schedule.load_state_dict(ckpt.get("schedule"))
-    return Progress(
+    return RunState(
         warming_up=ckpt["warming_up"],
         iteration=ckpt["iteration"],
         epoch=ckpt["epoch"],

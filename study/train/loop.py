@@ -103,7 +103,7 @@ def train_steps(
     if not ddp.writer:
         run = Follower(run)  # type: ignore[assignment]
     ddp.chunks(cfg)  # a batch split the process count cannot honour: an error before anything is written
-    plan = ExecutionPlan(processes=ddp.world, compile=compile, cuda_graph=cuda_graph, fuse=2 if fuse else 1)
+    plan = ExecutionPlan(processes=ddp.world, compile=compile, cuda_graph=cuda_graph, fuse=2 if fuse else 1)  # 2: fused
     plan.check([cfg])
     classes = data.num_classes if isinstance(data, imagenet.ImageNetData) else data.info.num_classes
     run.prepare(str(device), processes=ddp.world, step=plan.step_kind, classes=classes,
@@ -115,7 +115,7 @@ def train_steps(
     schedule = Schedule(cfg, opt)
     # One generator drives the data order and the augmentation, so both resume exactly.
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    at = checkpoint.Progress(warming_up=cfg.uses_warmup)
+    at = checkpoint.RunState(warming_up=cfg.uses_warmup)
     ckpt = run.load_checkpoint(log=log)
     if ckpt is not None:
         at = checkpoint.restore(ckpt, model=model, opt=opt, gen=gen, schedule=schedule)
@@ -144,7 +144,7 @@ def train_steps(
         yield joined
 
     def save(partial_epoch: dict | None) -> None:
-        checkpoint.save(run, model=model, opt=opt, gen=gen, schedule=schedule, progress=at, fused=fuse,
+        checkpoint.save(run, model=model, opt=opt, gen=gen, schedule=schedule, state=at, fused=fuse,
                         elapsed_s=at.elapsed_s + time.perf_counter() - start, warmup_s=warmup_s(),
                         partial_epoch=partial_epoch)
 
@@ -167,6 +167,9 @@ def train_steps(
             feed.start_epoch(at.epoch, gen, at.partial_epoch)
             tally = Tally(device, ddp, at.partial_epoch)
             at.partial_epoch = None
+            # The rate the epoch's row records if a run stopped after an epoch's last step resumes
+            # with no step left in it: its last step's (exact unless that step ended the warm-up).
+            lr = schedule.lr(max(at.iteration - 1, 0), at.warming_up)
             while at.iteration < cfg.iterations:
                 batch = feed.next_batch(gen)
                 if batch is None:
