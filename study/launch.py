@@ -161,6 +161,7 @@ class SlurmTask(Checkpointable):
     def __init__(
         self, cfg: RunConfig, runs_dir: str, *, data_dir: str | None = None, device: str = "auto",
         compile: bool = False, cuda_graph: bool = False, sync_bn: bool = False, workers: int | None = None,
+        tensorboard: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.runs_dir = runs_dir
@@ -170,6 +171,7 @@ class SlurmTask(Checkpointable):
         self.cuda_graph = cuda_graph
         self.sync_bn = sync_bn
         self.workers = workers
+        self.tensorboard = tensorboard
 
     def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
         """Called by submitit (rank 0) just before it requeues this task: the run's state is on disk
@@ -219,6 +221,7 @@ class SlurmTask(Checkpointable):
                         [self.cfg], self.runs_dir, data_dir=self.data_dir, device=self.device,
                         progress=False, stop=stop, concurrency=1, compile=self.compile,
                         cuda_graph=getattr(self, "cuda_graph", False), ddp=ddp, workers=self.workers,
+                        tensorboard=getattr(self, "tensorboard", None),
                     )
                 except StopRequested as e:
                     stopped = e
@@ -345,12 +348,14 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *,
         executor.update_parameters(**slurm_parameters(opts, job_name=f"study-{grid}" if grid else "study"))
 
     abs_data_dir = None if data_dir is None else str(Path(data_dir).absolute())
+    tensorboard = getattr(args, "tensorboard", None)
     tasks = [
         SlurmTask(
             run.cfg, str(root), data_dir=abs_data_dir, device=str(getattr(args, "device", "auto") or "auto"),
             compile=bool(getattr(args, "compile", False)), cuda_graph=bool(getattr(args, "cuda_graph", False)),
             sync_bn=bool(getattr(args, "sync_bn", False)),
             workers=getattr(args, "workers", None),
+            tensorboard=None if tensorboard is None else str(Path(tensorboard).absolute()),
         )
         for run in todo
     ]

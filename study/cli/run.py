@@ -59,6 +59,11 @@ def add_training_options(run: argparse.ArgumentParser) -> None:
         help="replay each whole training step as one CUDA graph (GPU only, CIFAR-style data); same protocol",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    run.add_argument(
+        "--tensorboard", metavar="DIR",
+        help="also write each run's curves as TensorBoard events to DIR/<run id> "
+        "(needs: pip install 'study[tensorboard]')",
+    )
     add_launcher_arguments(run)
 
 
@@ -106,6 +111,11 @@ def run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..train import ExecutionPlan, StopRequested, distributed_from_env, graceful_stop, run_all  # torch-heavy
 
+    tensorboard = getattr(args, "tensorboard", None)
+    if tensorboard is not None:  # the optional package: before anything is listed or written
+        from ..tensorboard import require
+
+        require()
     world = processes_per_run(args)
     # Execution modes that do not go together (--sync-bn without torchrun, ...): before the runs are listed.
     ExecutionPlan.from_args(args, world).check([])
@@ -138,6 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 fuse=args.fuse,
                 ddp=ddp,
                 workers=args.workers,
+                tensorboard=tensorboard,
             )
     except StopRequested as e:
         if ddp.writer:

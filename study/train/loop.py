@@ -33,6 +33,7 @@ from ..fast.fused import Join, StepRequest, fusion_key
 from ..probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_responses, truncate_gradients
 from ..runstore import Run
 from ..stopflag import StopFlag
+from ..tensorboard import LiveWriter
 from . import checkpoint, signals
 from .distributed import SINGLE, Distributed, Follower
 from .epoch import Tally, metric_row
@@ -80,6 +81,7 @@ def train_steps(
     workers: int = 0,
     checkpoint_every: int | None = None,
     fuse: bool = False,
+    tensorboard: str | None = None,
 ) -> Generator["None | Join | StepRequest", Any, str]:
     """Train (or resume) one run, yielding after every training step; its return value (that of
     the StopIteration) is the run's final status: `done` or `diverged`. `train_run` drives it to the
@@ -93,7 +95,7 @@ def train_steps(
     epochs on preemptible clusters). `cuda_graph` replays each step as one CUDA graph
     (`study.fast.graphstep`; one process, CIFAR-style data, no BN split, not with `compile`); on CPU
     the same step runs uncaptured. Under DDP (`ddp`) every process calls this with the same
-    arguments; rank 0 alone writes.
+    arguments; rank 0 alone writes (also `tensorboard`: `study.tensorboard.LiveWriter`'s events).
 
     With `fuse` the step is done by whoever drives the generator (`interleave` with a
     `study.fast.fused.Fuser`, which trains several runs as one grouped net): it first yields a `Join`
@@ -160,6 +162,7 @@ def train_steps(
                leave=False)
     start, onetime_start = time.perf_counter(), onetime.total()
     run.set_status("running", iteration=at.iteration, epoch=at.epoch)
+    tb = LiveWriter(tensorboard if ddp.writer else None, cfg, at.iteration)
     last_line = None  # when this session last logged an epoch line
     try:
         while at.iteration < cfg.iterations:
@@ -218,6 +221,7 @@ def train_steps(
                 metric_row(cfg, split=feed.eval_split, **evaluated, **common),
             ]
             run.write_metrics(at.metrics)
+            tb.epoch(at.metrics, final=bad_at < 0 and at.iteration >= cfg.iterations)  # before the checkpoint
             save_gradients()
             if bad_at >= 0:
                 # Keep the last good checkpoint; the rows show the epoch it happened in.
@@ -247,6 +251,7 @@ def train_steps(
     finally:
         bar.close()
         feed.close()
+        tb.close()
     # Figure 7's layer responses, measured once on the finished model (defaults: eval split, BN in
     # eval mode, std over the whole tensor, first conv excluded; `study probe` re-measures).
     # Figure 7 is a CIFAR figure; ImageNet runs skip it.

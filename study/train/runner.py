@@ -57,6 +57,7 @@ def run_all(
     workers: int | None = None,
     streams: int = 1,
     fuse: int = 1,
+    tensorboard: str | None = None,
 ) -> dict[str, str]:
     """Run each config in turn: skip finished runs, resume unfinished ones, leave runs that another
     process holds to it (waiting for them at the end), and go on after a run diverges or fails.
@@ -81,10 +82,17 @@ def run_all(
     ImageNet runs read `data_dir` (default ./data/imagenet) with `workers` DataLoader workers per
     process.
 
+    `tensorboard` DIR: each run's TensorBoard events in DIR/<run id>, written by the process that
+    writes its metrics (`study.tensorboard`; needs the optional tensorboard package).
+
     Every check that can fail on bad input (device, data, runs dir, conflicting run dirs) happens
     before the first run directory is created. Returns {run_id: final status}.
     """
     configs = list(configs)
+    if tensorboard is not None:
+        from ..tensorboard import require
+
+        require()
     plan = ExecutionPlan(device=device, processes=ddp.world, concurrency=concurrency, streams=streams, fuse=fuse,
                          compile=compile, cuda_graph=cuda_graph, workers=workers)
     if ddp.enabled and device in ("auto", "cuda"):  # one GPU per process: torchrun's LOCAL_RANK
@@ -106,7 +114,11 @@ def run_all(
     for run in runs:
         run.check_no_conflict()
     if ddp.writer:
-        check_writable(Path(runs_dir))  # last check: it creates the runs dir
+        check_writable(Path(runs_dir))  # last checks: they create the runs dir and the TensorBoard dir
+        if tensorboard is not None:
+            from ..tensorboard import check_dir
+
+            check_dir(tensorboard)
     concurrency = plan.processes_per_device(dev.type, len(runs), ddp.enabled)
     workers = default_workers() if workers is None else workers
     if any(cfg.imagenet and cfg.mean == "pixel" for cfg in configs):
@@ -121,7 +133,7 @@ def run_all(
     if concurrency > 1:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         kwargs = dict(data_dir=data_dir, device=str(dev), download=False, progress=False, compile=compile,
-                      cuda_graph=cuda_graph, workers=workers, streams=streams, fuse=fuse)
+                      cuda_graph=cuda_graph, workers=workers, streams=streams, fuse=fuse, tensorboard=tensorboard)
         pool = [
             ctx.Process(target=_worker, args=(configs, str(runs_dir), kwargs, f"worker {k}"), daemon=False)
             for k in range(1, concurrency)
@@ -130,7 +142,7 @@ def run_all(
             w.start()
     try:
         return _run_list(runs, datasets, dev, progress=progress, stop=stop, log=log if ddp.writer else _quiet,
-                         plan=plan, ddp=ddp, workers=workers)
+                         plan=plan, ddp=ddp, workers=workers, tensorboard=tensorboard)
     finally:
         for w in pool:
             if w.is_alive() and sys.exc_info()[0] is not None:
@@ -169,9 +181,9 @@ class _ListRunner:
 
     def __init__(self, runs: list[Run], datasets: dict, dev: torch.device, *, progress: bool | None,
                  stop: StopFlag | None, log: Callable[[str], None], plan: ExecutionPlan, ddp: Distributed,
-                 workers: int) -> None:
+                 workers: int, tensorboard: str | None = None) -> None:
         self.runs, self.datasets, self.dev, self.progress, self.stop, self.log = runs, datasets, dev, progress, stop, log
-        self.plan, self.ddp, self.workers = plan, ddp, workers
+        self.plan, self.ddp, self.workers, self.tensorboard = plan, ddp, workers, tensorboard
         self.results: dict[str, str] = {}
         self.locks: dict[str, ExitStack] = {}  # the runs being trained here
         self.stopped: list[StopRequested] = []
@@ -245,6 +257,7 @@ class _ListRunner:
                 stop=self.fuser.stop_latch if self.fuser else stop,
                 compile=plan.compile, cuda_graph=plan.cuda_graph, fuse=plan.fuse > 1, ddp=self.ddp,
                 workers=self.workers, checkpoint_every=IMAGENET_CHECKPOINT_EVERY if run.cfg.imagenet else None,
+                tensorboard=self.tensorboard,
             )
 
     def finished(self, key: tuple[int, Run], outcome: str | Exception) -> None:
@@ -292,9 +305,9 @@ class _ListRunner:
 
 def _run_list(runs: list[Run], datasets: dict[tuple[str, bool], "Data | imagenet.ImageNetData"], dev: torch.device,
               *, progress: bool | None, stop: StopFlag | None, log: Callable[[str], None], plan: ExecutionPlan,
-              ddp: Distributed = SINGLE, workers: int = 0) -> dict[str, str]:
+              ddp: Distributed = SINGLE, workers: int = 0, tensorboard: str | None = None) -> dict[str, str]:
     """Train the runs this process gets the locks of, `plan.streams` at a time (interleaved step by
     step, `interleave`; a run that ends makes room for the next) or `plan.fuse` at a time (fused into
     grouped nets where their shapes agree), then wait for those held elsewhere and train them."""
     return _ListRunner(runs, datasets, dev, progress=progress, stop=stop, log=log, plan=plan, ddp=ddp,
-                       workers=workers).run()
+                       workers=workers, tensorboard=tensorboard).run()
