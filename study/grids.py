@@ -26,6 +26,12 @@ def _pairs(depths: tuple[int, ...], **kw) -> tuple[RunConfig, ...]:
 QUICK_DEPTHS = (20, 56)
 QUICK_ITERATIONS = 300
 
+# The laptop study: the smallest CPU-scale setting found so far in which the whole degradation story
+# shows on real data (issue 19: results/laptop/ and its README): plain-20 trains worse than plain-8,
+# ResNet-20 better than ResNet-8, and better than its plain twin.
+LAPTOP_DEPTHS = (8, 20)
+LAPTOP_ITERATIONS = 1000
+
 GRIDS = {
     g.name: g
     for g in (
@@ -49,6 +55,13 @@ GRIDS = {
             "plain-34 and ResNet-34 with shortcut options A, B and C on ImageNet (Table 3)",
             (RunConfig(arch="plain", depth=34, dataset="imagenet"),)
             + tuple(RunConfig(arch="resnet", depth=34, dataset="imagenet", shortcut=o) for o in "ABC"),
+        ),
+        Grid(
+            "laptop",
+            f"CPU study: plain and residual x {'/'.join(map(str, LAPTOP_DEPTHS))} on the embedded "
+            f"fashion-mnist-mini, {LAPTOP_ITERATIONS} iterations; with --seeds 0-2 the whole effect "
+            "(results/laptop/; about 50 minutes on 2 cores)",
+            _pairs(LAPTOP_DEPTHS, dataset="fashion-mnist-mini", iterations=LAPTOP_ITERATIONS),
         ),
         Grid(
             "quick",
