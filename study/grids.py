@@ -60,7 +60,7 @@ GRIDS = {
             "laptop",
             f"CPU study: plain and residual x {'/'.join(map(str, LAPTOP_DEPTHS))} on the embedded "
             f"fashion-mnist-mini, {LAPTOP_ITERATIONS} iterations; with --seeds 0-2 the whole effect "
-            "(results/laptop/; about 50 minutes on 2 cores)",
+            "(results/laptop/; an estimated 30 minutes on 2 cores)",
             _pairs(LAPTOP_DEPTHS, dataset="fashion-mnist-mini", iterations=LAPTOP_ITERATIONS),
         ),
         Grid(
