@@ -52,3 +52,7 @@ def small_data64(small_data) -> Data:
     train = dataclasses.replace(data.train, images=data.train.images[:160], labels=data.train.labels[:160])
     test = dataclasses.replace(data.eval, images=data.eval.images[:100], labels=data.eval.labels[:100])
     return dataclasses.replace(data, train=train, eval=test, mean=train.images.double().div(255).mean(0))
+
+
+# A one-node SLURM (munged, slurmctld, slurmd) for tests/test_slurm_real.py; skips without SLURM or root.
+from slurm_cluster import slurm_cluster  # noqa: E402,F401
