@@ -212,6 +212,21 @@ def test_without_a_progress_bar_epochs_are_logged_at_most_once_a_minute(tmp_path
     assert lines[-1].startswith(f"{cfg.run_id}: epoch 3, iteration 20 of 20: train error ")
 
 
+def whole_and_stopped(tmp_path, cfg: RunConfig, data, steps_before_stop: int) -> tuple[Run, Run]:
+    """`cfg` trained uninterrupted, and again stopped by a SIGTERM after `steps_before_stop` + 1 steps
+    (its mid-epoch checkpoint written, StopRequested raised)."""
+    whole = Run(tmp_path / "whole", cfg)
+    train_run(cfg, whole, data, torch.device("cpu"), progress=False)
+    cut, stop = Run(tmp_path / "cut", cfg), StopFlag()
+    steps = train_steps(cfg, cut, data, torch.device("cpu"), progress=False, stop=stop)
+    for _ in range(steps_before_stop):
+        next(steps)
+    stop.signum = signal.SIGTERM
+    with pytest.raises(StopRequested):
+        next(steps)
+    return whole, cut
+
+
 #: What a checkpoint held before `study/train.py` became the `study.train` package (commit d9b7c3f):
 #: the keys of its `checkpoint` closure, in order, and of a CIFAR feed's interrupted epoch.
 PRE_PACKAGE_KEYS = ("model", "optimizer", "generator", "schedule", "iteration", "epoch", "elapsed_s", "warmup_s",
@@ -225,16 +240,7 @@ def test_a_mid_epoch_checkpoint_in_the_pre_package_format_resumes_exactly(tmp_pa
     weights. (Checked across versions by hand too: a run SIGTERMed under d9b7c3f resumed under the
     package to the uninterrupted metrics exactly.)"""
     cfg = tiny(iterations=13, depth=8, seed=5)
-    whole = Run(tmp_path / "whole", cfg)
-    train_run(cfg, whole, small_data, torch.device("cpu"), progress=False)
-
-    cut, stop = Run(tmp_path / "cut", cfg), StopFlag()
-    steps = train_steps(cfg, cut, small_data, torch.device("cpu"), progress=False, stop=stop)
-    for _ in range(6):
-        next(steps)
-    stop.signum = signal.SIGTERM  # after the 7th step: mid-epoch 2 (5 iterations an epoch)
-    with pytest.raises(StopRequested):
-        next(steps)
+    whole, cut = whole_and_stopped(tmp_path, cfg, small_data, 6)  # after the 7th step: mid-epoch 2 (5 an epoch)
     ckpt = cut.load_checkpoint()
     assert tuple(ckpt) == PRE_PACKAGE_KEYS
     assert tuple(ckpt["partial_epoch"]) == PRE_PACKAGE_PARTIAL_KEYS and ckpt["iteration"] == 7
@@ -253,16 +259,7 @@ def test_a_run_stopped_after_an_epochs_last_step_resumes_exactly(tmp_path, small
     resumed run ends that epoch at once, logging the rate of its last step, and equals the
     uninterrupted run (it used to fail with an unbound learning rate, and every retry with it)."""
     cfg = tiny(iterations=12, seed=4)
-    whole = Run(tmp_path / "whole", cfg)
-    train_run(cfg, whole, small_data, torch.device("cpu"), progress=False)
-
-    cut, stop = Run(tmp_path / "cut", cfg), StopFlag()
-    steps = train_steps(cfg, cut, small_data, torch.device("cpu"), progress=False, stop=stop)
-    for _ in range(4):
-        next(steps)
-    stop.signum = signal.SIGTERM  # after the 5th step: the last of epoch 1 (5 iterations an epoch)
-    with pytest.raises(StopRequested):
-        next(steps)
+    whole, cut = whole_and_stopped(tmp_path, cfg, small_data, 4)  # after the 5th step: the last of epoch 1
     assert cut.load_checkpoint()["partial_epoch"]["pos"] == len(small_data.train.labels)
 
     assert train_run(cfg, cut, small_data, torch.device("cpu"), progress=False) == "done"

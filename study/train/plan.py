@@ -22,7 +22,7 @@ class ExecutionPlan:
     """`device` as asked (`auto`, `cpu`, `cuda[:N]`); `processes` train each run together (torchrun
     or `--gpus-per-run`); `concurrency` processes share the device (None: auto); each trains
     `streams` runs interleaved or `fuse` runs fused at once; each step is eager, compiled or a CUDA
-    graph; `workers` DataLoader workers per process (ImageNet; None: auto)."""
+    graph."""
 
     device: str = "auto"
     processes: int = 1
@@ -33,7 +33,6 @@ class ExecutionPlan:
     cuda_graph: bool = False
     sync_bn: bool = False
     launcher: str = "local"
-    workers: int | None = None
 
     @classmethod
     def from_args(cls, args: object, processes: int) -> "ExecutionPlan":
@@ -46,7 +45,7 @@ class ExecutionPlan:
         return cls(device=str(get("device", "auto")), processes=processes, concurrency=getattr(args, "concurrency", None),
                    streams=get("streams", 1), fuse=get("fuse", 1), compile=bool(get("compile", False)),
                    cuda_graph=bool(get("cuda_graph", False)), sync_bn=bool(get("sync_bn", False)),
-                   launcher=str(get("launcher", "local")), workers=getattr(args, "workers", None))
+                   launcher=str(get("launcher", "local")))
 
     @property
     def runs_at_once(self) -> int:

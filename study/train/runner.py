@@ -94,7 +94,7 @@ def run_all(
 
         require()
     plan = ExecutionPlan(device=device, processes=ddp.world, concurrency=concurrency, streams=streams, fuse=fuse,
-                         compile=compile, cuda_graph=cuda_graph, workers=workers)
+                         compile=compile, cuda_graph=cuda_graph)
     if ddp.enabled and device in ("auto", "cuda"):  # one GPU per process: torchrun's LOCAL_RANK
         device = f"cuda:{ddp.local_rank}" if torch.cuda.is_available() or device == "cuda" else "cpu"
     dev = resolve_device(device)
