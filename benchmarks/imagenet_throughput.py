@@ -1,25 +1,27 @@
-"""Training throughput of ResNet-18/34 on ImageNet-like JPEGs, split into data loading and model time.
+"""ImageNet's input pipeline on ImageNet-like JPEGs: three ways of making the training views, side by
+side, with ResNet-18/34 training on them.
 
 Writes synthetic JPEGs of ImageNet's typical size (500x375 by default) into a temporary ImageFolder
-and measures, through the package's own loader (`study.data.imagenet.make_loaders`) and nets:
+and measures, through the package's own loaders (`study.data.imagenet`) and nets, for each path:
 
-- loader: images/s the DataLoader workers deliver to the device (decode, random rescale, crop,
-  flip, host-to-device copy, `normalize`), with no model;
-- model: images/s of forward + backward + SGD step on a batch already on the device (bf16
-  autocast and channels-last on CUDA, as the training loop uses them), with no loader;
-- end to end: both together, each step timed in two parts: waiting for the batch (data) and
-  computing on it (model). The device is synchronised between the parts so the split is honest;
-  that costs end-to-end speed a little;
-- the per-pixel mean's pass (`study.data.imagenet.pixel_mean`, made once per data folder before
-  the first run): images/s over the whole folder with the same workers, worker start-up included,
-  after an untimed pass; its ratio to the training loader's rate, and the minutes it would take
-  over ImageNet's 1,281,167 training images at that rate.
+- `resize-then-crop`: the reference (`imagenet.train_transform`, the pipeline before issue 20):
+  workers decode each JPEG whole with PIL, resize the whole image, crop, flip;
+- `crop-first`: the CPU path (`study run`'s default, `study.data.decode.CropFirst`): workers draw
+  the view first and resample its box alone, with draft decoding when the image is to shrink 2x;
+- `gpu` (CUDA only; `--decode gpu`): workers read the bytes and draw the views, the training
+  process decodes each batch with nvJPEG and resamples the boxes on the device.
 
-    python benchmarks/imagenet_throughput.py                          # CPU: small, about a minute
-    python benchmarks/imagenet_throughput.py --out benchmarks/results/imagenet_throughput_h100.json
+For each: loader images/s (to the device, normalised, no model) and per worker; then per net the
+model's images/s on a batch already on the device (bf16 autocast and channels-last on CUDA), and
+end to end, each step timed in two parts, waiting for the batch (data) and computing on it (model;
+the device is synchronised between the parts, which costs a little speed). The per-pixel mean's
+one-off pass (`imagenet.pixel_mean`) is timed once, against the reference loader's rate.
 
-Defaults depend on the device (CPU: 32 images, batch 4, 2 timed steps; CUDA: 4096 images,
-batch 256, 50 timed steps, a worker per CPU core).
+    python benchmarks/imagenet_throughput.py                      # CPU: a few minutes on 2 cores
+    python benchmarks/imagenet_throughput.py --out benchmarks/results/imagenet_throughput_h200.json
+
+Defaults depend on the device (CPU: 96 images, batch 8, 10 timed steps, 1 worker; CUDA: 4096
+images, batch 256, 50 timed steps, a worker per CPU core).
 """
 
 from __future__ import annotations
@@ -41,11 +43,22 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from study.data.imagenet import Lighting, make_loaders, normalize, pixel_mean, set_epoch
+from study.data.decode import BatchDecoder, EncodedView
+from study.data.imagenet import (
+    Lighting,
+    load_image,
+    loaders_for,
+    normalize,
+    open_imagenet,
+    pixel_mean,
+    set_epoch,
+    train_transform,
+)
 from study.models import build_model, count_macs
 
 CLASSES = 10
 IMAGENET_TRAIN_IMAGES = 1_281_167
+PATHS = ("resize-then-crop", "crop-first", "gpu")
 
 
 def write_jpegs(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> float:
@@ -82,13 +95,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def training_loader(root: Path, path: str, batch: int, workers: int, pin_memory: bool):
+    """The training loader of ``path`` (one of PATHS) over ``root``, and its `BatchDecoder` (gpu)."""
+    data = open_imagenet(root, decode="gpu" if path == "gpu" else "cpu")
+    if path == "resize-then-crop":  # the reference: decode whole, resize whole, crop
+        data.train.loader, data.train.transform = load_image, train_transform(data.scale)
+    return loaders_for(data, batch, workers, pin_memory=pin_memory).train
+
+
 def batches(loader, device: torch.device, lighting: Lighting | None):
     """Endless device batches (normalised input, labels) from ``loader``, epoch after epoch."""
+    decoder = BatchDecoder(device) if isinstance(loader.dataset.transform, EncodedView) else None
     epoch = 0
     while True:
         set_epoch(loader, epoch)
         for images, labels in loader:
-            x = normalize(images.to(device, non_blocking=True), lighting=lighting)
+            images = decoder(images) if decoder else images.to(device, non_blocking=True)
+            x = normalize(images, lighting=lighting)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, labels.to(device, non_blocking=True)
@@ -183,13 +206,15 @@ def end_to_end(step, loader, device, lighting, warmup: int, steps: int) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--images", type=int, help="synthetic training JPEGs (CPU 32, CUDA 4096)")
-    p.add_argument("--batch", type=int, help="batch size (CPU 4, CUDA 256)")
-    p.add_argument("--steps", type=int, help="timed steps per measurement (CPU 2, CUDA 50)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (CPU 1, CUDA 10)")
-    p.add_argument("--workers", type=int, help="DataLoader workers (CPU 2, CUDA one per core)")
+    p.add_argument("--images", type=int, help="synthetic training JPEGs (CPU 96, CUDA 4096)")
+    p.add_argument("--batch", type=int, help="batch size (CPU 8, CUDA 256)")
+    p.add_argument("--steps", type=int, help="timed steps per measurement (CPU 10, CUDA 50)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (CPU 2, CUDA 10)")
+    p.add_argument("--workers", type=int, help="DataLoader workers (CPU 1, CUDA one per core)")
     p.add_argument("--size", default="500x375", help="JPEG width x height (ImageNet's typical 500x375)")
-    p.add_argument("--depths", type=int, nargs="+", default=[18, 34], choices=[18, 34])
+    p.add_argument("--depths", type=int, nargs="*", default=[18, 34], choices=[18, 34],
+                   help="nets for the model and end-to-end figures (none: the loaders alone)")
+    p.add_argument("--paths", nargs="+", choices=PATHS, help="pipelines to measure (default: all this device has)")
     p.add_argument("--lighting", action="store_true", help="include PCA colour lighting in the loader path")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", help="write the results as JSON here")
@@ -202,12 +227,16 @@ def main(argv: list[str] | None = None) -> int:
                           "cpu" if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    images = args.images or (4096 if cuda else 32)
-    batch = args.batch or (256 if cuda else 4)
-    steps = args.steps or (50 if cuda else 2)
-    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
-    workers = args.workers if args.workers is not None else (cores if cuda else min(2, cores))
+    images = args.images or (4096 if cuda else 96)
+    batch = args.batch or (256 if cuda else 8)
+    steps = args.steps or (50 if cuda else 10)
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    workers = args.workers if args.workers is not None else (cores if cuda else 1)
     size = tuple(int(v) for v in args.size.lower().split("x"))
+    paths = args.paths or [p for p in PATHS if cuda or p != "gpu"]
+    if "gpu" in paths and not cuda:
+        print("the gpu path needs CUDA; drop it from --paths or run on a GPU", file=sys.stderr)
+        return 2
     lighting = Lighting(0.1).to(device) if args.lighting else None
     torch.manual_seed(0)
     if cuda:
@@ -218,42 +247,47 @@ def main(argv: list[str] | None = None) -> int:
         mean_bytes = write_jpegs(Path(tmp), images, size)
         print(f"wrote {images} JPEGs of {size[0]}x{size[1]} ({mean_bytes / 1e3:.0f} KB each) "
               f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-        loader = make_loaders(tmp, batch, workers, pin_memory=cuda).train
-        loader_ips = loader_throughput(loader, device, lighting, warmup, steps)
+        loaders = {path: training_loader(Path(tmp), path, batch, workers, cuda) for path in paths}
+        loader_ips = {path: loader_throughput(loader, device, lighting, warmup, steps) for path, loader in loaders.items()}
         mean_ips = mean_pass_throughput(Path(tmp), images, workers, device)
-        rows = []
+        nets = []
         for depth in args.depths:
             step = make_step(depth, device, args.compile)
             model_ips = model_throughput(step, batch, device, warmup, steps)
-            e2e = end_to_end(step, loader, device, lighting, warmup, steps)
             with torch.device("meta"):
                 macs = count_macs(build_model("resnet", depth, shortcut="B", dataset="imagenet"), (3, 224, 224))
-            rows.append({
+            nets.append({
                 "model": f"resnet{depth}",
-                "loader_images_per_s": loader_ips,
                 "model_images_per_s": model_ips,
                 # Forward + backward is about 3 forward passes; a MAC is 2 FLOPs.
                 "model_tflops": 6 * macs * model_ips / 1e12,
-                "end_to_end_images_per_s": e2e["images_per_s"],
-                "data_s_per_step": e2e["data_s_per_step"],
-                "model_s_per_step": e2e["model_s_per_step"],
-                "data_fraction": e2e["data_fraction"],
+                "end_to_end": {path: end_to_end(step, loader, device, lighting, warmup, steps)
+                               for path, loader in loaders.items()},
             })
 
-    print(f"{'model':<9} {'loader img/s':>12} {'model img/s':>12} {'model TFLOP/s':>13} "
-          f"{'end-to-end img/s':>16} {'data s/step':>11} {'model s/step':>12} {'data %':>7}")
-    for r in rows:
-        print(f"{r['model']:<9} {r['loader_images_per_s']:>12.1f} {r['model_images_per_s']:>12.1f} "
-              f"{r['model_tflops']:>13.2f} {r['end_to_end_images_per_s']:>16.1f} {r['data_s_per_step']:>11.3f} "
-              f"{r['model_s_per_step']:>12.3f} {100 * r['data_fraction']:>7.1f}")
+    reference = loader_ips.get("resize-then-crop")
+    loader_rows = {
+        path: {"images_per_s": ips, "images_per_s_per_worker": ips / max(1, workers),
+               "vs_resize_then_crop": None if reference is None else ips / reference}
+        for path, ips in loader_ips.items()
+    }
+    print(f"{'path':<17} {'loader img/s':>12} {'per worker':>10} {'vs reference':>12}")
+    for path, r in loader_rows.items():
+        ratio = "" if r["vs_resize_then_crop"] is None else f"{r['vs_resize_then_crop']:.2f}x"
+        print(f"{path:<17} {r['images_per_s']:>12.1f} {r['images_per_s_per_worker']:>10.1f} {ratio:>12}")
+    for net in nets:
+        print(f"{net['model']}: model alone {net['model_images_per_s']:.1f} img/s ({net['model_tflops']:.2f} TFLOP/s)")
+        for path, e2e in net["end_to_end"].items():
+            print(f"  {path:<17} end to end {e2e['images_per_s']:>9.1f} img/s, data {e2e['data_s_per_step']:.3f} s "
+                  f"+ model {e2e['model_s_per_step']:.3f} s per step: {100 * e2e['data_fraction']:.1f}% waiting for data")
 
+    base = reference or next(iter(loader_ips.values()))
     mean_pass = {
         "images_per_s": mean_ips,
-        "ratio_to_training_loader": mean_ips / loader_ips,
+        "ratio_to_training_loader": mean_ips / base,
         "imagenet_minutes": IMAGENET_TRAIN_IMAGES / mean_ips / 60,
     }
-    print(f"per-pixel mean pass: {mean_ips:.1f} img/s ({mean_pass['ratio_to_training_loader']:.2f}x the training "
-          f"loader's {loader_ips:.1f}); over ImageNet's {IMAGENET_TRAIN_IMAGES:,} training images: "
+    print(f"per-pixel mean pass: {mean_ips:.1f} img/s; over ImageNet's {IMAGENET_TRAIN_IMAGES:,} training images: "
           f"{mean_pass['imagenet_minutes']:.1f} min with {workers} workers")
 
     if args.out:
@@ -264,13 +298,16 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_cores": cores,
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
+            "pillow": Image.__version__,
             "python": platform.python_version(),
             "settings": {
                 "images": images, "batch": batch, "steps": steps, "warmup": warmup, "workers": workers,
                 "jpeg_size": list(size), "jpeg_mean_bytes": round(mean_bytes), "lighting": args.lighting,
                 "compile": args.compile, "bf16_autocast": cuda, "channels_last": cuda,
             },
-            "results": rows,
+            "reference": "resize-then-crop",
+            "loaders": loader_rows,
+            "nets": nets,
             "pixel_mean_pass": mean_pass,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

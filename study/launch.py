@@ -161,7 +161,7 @@ class SlurmTask(Checkpointable):
     def __init__(
         self, cfg: RunConfig, runs_dir: str, *, data_dir: str | None = None, device: str = "auto",
         compile: bool = False, cuda_graph: bool = False, sync_bn: bool = False, workers: int | None = None,
-        tensorboard: str | None = None,
+        tensorboard: str | None = None, decode: str = "cpu",
     ) -> None:
         self.cfg = cfg
         self.runs_dir = runs_dir
@@ -172,6 +172,7 @@ class SlurmTask(Checkpointable):
         self.sync_bn = sync_bn
         self.workers = workers
         self.tensorboard = tensorboard
+        self.decode = decode
 
     def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
         """Called by submitit (rank 0) just before it requeues this task: the run's state is on disk
@@ -221,7 +222,7 @@ class SlurmTask(Checkpointable):
                         [self.cfg], self.runs_dir, data_dir=self.data_dir, device=self.device,
                         progress=False, stop=stop, concurrency=1, compile=self.compile,
                         cuda_graph=getattr(self, "cuda_graph", False), ddp=ddp, workers=self.workers,
-                        tensorboard=getattr(self, "tensorboard", None),
+                        tensorboard=getattr(self, "tensorboard", None), decode=getattr(self, "decode", "cpu"),
                     )
                 except StopRequested as e:
                     stopped = e
@@ -356,6 +357,7 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *,
             sync_bn=bool(getattr(args, "sync_bn", False)),
             workers=getattr(args, "workers", None),
             tensorboard=None if tensorboard is None else str(Path(tensorboard).absolute()),
+            decode=str(getattr(args, "decode", None) or "cpu"),
         )
         for run in todo
     ]

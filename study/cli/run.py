@@ -34,6 +34,11 @@ def add_training_options(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--workers", type=positive_int, help="ImageNet DataLoader workers per process, at least 1 (default: CPUs, at most 12)"
     )
+    run.add_argument(
+        "--decode", choices=("cpu", "gpu"), default="cpu",
+        help="where ImageNet's training JPEGs are decoded: cpu (DataLoader workers, default) or gpu (batched on the "
+        "CUDA device, nvJPEG; docs/imagenet.md)",
+    )
     run.add_argument("--data-dir", help="where the data set's files are (default ./data; ImageNet: ./data/imagenet)")
     run.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -149,6 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 ddp=ddp,
                 workers=args.workers,
                 tensorboard=tensorboard,
+                decode=args.decode,
             )
     except StopRequested as e:
         if ddp.writer:

@@ -8,8 +8,8 @@ that goes through `torchvision.datasets.ImageFolder` and a `DataLoader`. The lay
 
 Labels are the indices of the sorted class-folder names, the same in both splits.
 
-The work is split where it is cheapest. Workers decode, rescale, crop and flip each image with
-PIL and hand over uint8 224x224 crops (a quarter of the bytes of float32 through pinned memory);
+The work is split where it is cheapest. Workers draw each image's view, decode it and resample its
+crop alone with PIL, flip it and hand over uint8 224x224 crops (a quarter of the bytes of float32 through pinned memory);
 `normalize` then turns a whole batch into the model's input on the training device, with the
 optional PCA colour lighting applied there, batched.
 
@@ -20,10 +20,11 @@ centre 224x224 crop), once per data set, cached in the runs dir. `--mean channel
 the per-channel ImageNet mean (torchvision's values), a deviation. Neither divides by a standard
 deviation, as in the paper.
 
-GPU JPEG decoding (`torchvision.io.decode_jpeg(device="cuda")`) is not offered: torchvision 0.29
-deprecates its image decoders in favour of TorchCodec, and ImageNet's few CMYK and non-JPEG files
-would need a CPU fallback beside it; the PIL workers are the supported path, and
-`benchmarks/imagenet_throughput.py` measures whether they keep up.
+Training views are drawn before decoding and only the crop is resampled (`study.data.decode`):
+`CropFirst` in the workers by default; with `--decode gpu` (`ImageNetData.decode`) the workers read
+the JPEG bytes and draw the views, and the training process decodes each batch on the GPU
+(`decode.BatchDecoder`). `train_transform` is the resize-then-crop reference both are tested against;
+`benchmarks/imagenet_throughput.py` measures all three.
 """
 
 from __future__ import annotations
@@ -56,9 +57,8 @@ from torchvision.transforms import v2
 
 from .sources import DataError
 
-#: Training augmentation (paper 3.4): the shorter side is resized to a length drawn from this range.
-TRAIN_SCALE = (256, 480)
-CROP = 224
+from .decode import CROP, TRAIN_SCALE, CropFirst, EncodedView, collate_encoded, open_image
+
 #: Validation and 10-crop testing resize the shorter side to this before cropping: AlexNet's 256, as
 #: torchvision and fb.resnet.torch do (the paper names the 10-crop test but not the resize).
 EVAL_RESIZE = 256
@@ -196,8 +196,8 @@ def _compute_pixel_mean(root, cache: Path, workers: int, device, distributed: bo
 
     if train is None:
         train = image_folder(root, "train", None)
-    centre = copy.copy(train)  # shares the scanned file list; only the transform differs
-    centre.transform = val_transform()
+    centre = copy.copy(train)  # shares the scanned file list; only the loader and transform differ
+    centre.loader, centre.transform = load_image, val_transform()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     shard = Subset(centre, range(rank, len(centre), world))
     loader = _Loader(shard, batch_size=256, num_workers=workers, worker_init_fn=_WORKER_INIT)
@@ -228,8 +228,10 @@ def _compute_pixel_mean(root, cache: Path, workers: int, device, distributed: bo
 
 
 def train_transform(scale: tuple[int, int] = TRAIN_SCALE, crop: int = CROP) -> v2.Compose:
-    """Per-image training augmentation (paper 3.4): shorter side resized to a length drawn uniformly
-    from ``scale`` (inclusive), random ``crop`` x ``crop`` crop, horizontal flip with p=0.5; uint8 out."""
+    """Per-image training augmentation (paper 3.4) as it reads, on a decoded RGB image: shorter side
+    resized to a length drawn uniformly from ``scale`` (inclusive), random ``crop`` x ``crop`` crop,
+    horizontal flip with p=0.5; uint8 out. The reference: training uses `decode.CropFirst`, which
+    draws the same views and resamples the crop alone."""
     lo, hi = scale
     return v2.Compose(
         [
@@ -287,12 +289,14 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
     return where
 
 
-def image_folder(root: str | os.PathLike, split: str, transform: Callable | None) -> ImageFolder:
-    """``root/split`` as an ImageFolder with ``transform``; DataError (one line, naming the fix) if
-    the folder is missing, holds no class folders or a class folder holds no images."""
+def image_folder(root: str | os.PathLike, split: str, transform: Callable | None,
+                 loader: Callable[[str], Image.Image] = load_image) -> ImageFolder:
+    """``root/split`` as an ImageFolder with ``transform`` (over decoded RGB images, or over opened
+    ones with ``loader=decode.open_image``); DataError (one line, naming the fix) if the folder is
+    missing, holds no class folders or a class folder holds no images."""
     where = split_dir(root, split)
     try:
-        return ImageFolder(str(where), transform=transform, loader=load_image)
+        return ImageFolder(str(where), transform=transform, loader=loader)
     except FileNotFoundError as e:  # ImageFolder: no class folders, or a class without images
         first_sentence = str(e).split(". ")[0]
         raise DataError(f"{where}/ holds no usable <class>/<image> files ({first_sentence}); "
@@ -435,11 +439,12 @@ def _shutdown_live_workers() -> None:
 
 
 def _loader(dataset: ImageFolder, batch_size: int, workers: int, sampler: DistributedSampler | None,
-            pin_memory: bool | None, seed: int) -> DataLoader:
+            pin_memory: bool | None, seed: int, collate_fn: Callable | None = None) -> DataLoader:
     return _Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
+        collate_fn=collate_fn,
         num_workers=workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         # Seeds the workers' augmentation; `set_epoch` re-seeds it per epoch.
@@ -457,6 +462,11 @@ class ImageNetData:
     train: ImageFolder
     val: ImageFolder
     eval_split: str = "val"
+    #: Where training JPEGs are decoded: "cpu" (`decode.CropFirst` in the workers) or "gpu" (the
+    #: workers read bytes, `decode.BatchDecoder` decodes each batch on the training device).
+    decode: str = "cpu"
+    #: The training scale range (paper: [256, 480]).
+    scale: tuple[int, int] = TRAIN_SCALE
     #: The per-pixel mean of train/ (`pixel_mean`), once a run has needed it.
     pixel_mean: torch.Tensor | None = None
 
@@ -479,15 +489,18 @@ class ImageNetData:
         return len(self.train.classes)
 
 
-def open_imagenet(root: str | os.PathLike, *, scale: tuple[int, int] = TRAIN_SCALE) -> ImageNetData:
-    """Scan ``root/train`` and ``root/val`` (with the training and centre-crop transforms); DataError,
-    naming the fix, for missing or malformed folders."""
+def open_imagenet(root: str | os.PathLike, *, scale: tuple[int, int] = TRAIN_SCALE, decode: str = "cpu") -> ImageNetData:
+    """Scan ``root/train`` and ``root/val`` (with the training views of ``decode``, `ImageNetData.decode`,
+    and the centre-crop transform); DataError, naming the fix, for missing or malformed folders."""
+    if decode not in ("cpu", "gpu"):
+        raise ValueError(f"decode must be 'cpu' or 'gpu'; got {decode!r}")
     for split in ("train", "val"):  # both folders exist before the long scan of either
         split_dir(root, split)
-    train = image_folder(root, "train", train_transform(scale))
+    views = CropFirst(scale) if decode == "cpu" else EncodedView(scale)
+    train = image_folder(root, "train", views, loader=open_image)
     val = image_folder(root, "val", val_transform())
     _check_pair(train, val, root)
-    return ImageNetData(Path(root), train, val)
+    return ImageNetData(Path(root), train, val, decode=decode, scale=scale)
 
 
 def loaders_for(
@@ -499,11 +512,13 @@ def loaders_for(
     seed: int = 0,
     pin_memory: bool | None = None,
 ) -> Loaders:
-    """Training and centre-crop validation DataLoaders over scanned folders (see `make_loaders`)."""
+    """Training and centre-crop validation DataLoaders over scanned folders (see `make_loaders`).
+    With ``data.decode == "gpu"`` the training batches are (`decode.EncodedBatch`, labels)."""
     per_process = _per_process_batch(batch_size, distributed)
+    collate = collate_encoded if data.decode == "gpu" else None
     return Loaders(
         train=_loader(data.train, per_process, workers, _sampler(data.train, distributed, shuffle=True, seed=seed),
-                      pin_memory, seed),
+                      pin_memory, seed, collate),
         val=_loader(data.val, per_process, workers, _sampler(data.val, distributed, shuffle=False, seed=seed),
                     pin_memory, seed),
     )
@@ -518,11 +533,13 @@ def make_loaders(
     seed: int = 0,
     scale: tuple[int, int] = TRAIN_SCALE,
     pin_memory: bool | None = None,
+    decode: str = "cpu",
 ) -> Loaders:
     """Training and centre-crop validation DataLoaders over ``root/train`` and ``root/val``.
 
     Batches are (uint8 images (B, 3, 224, 224), int64 labels); pass the images through
-    `normalize` on the device. ``batch_size`` is the global batch: with ``distributed=True``
+    `normalize` on the device. With ``decode="gpu"`` the training batches' images are a
+    `decode.EncodedBatch` instead: `decode.BatchDecoder` turns it into those images on the device. ``batch_size`` is the global batch: with ``distributed=True``
     (torch.distributed already initialised) each process loads ``batch_size / world_size`` images
     of its own ``DistributedSampler`` shard, and validation is sharded too (`evaluate` sums over
     processes; the sampler pads the shards to equal length by repeating up to world_size - 1
@@ -532,7 +549,7 @@ def make_loaders(
     call `set_epoch(loaders.train, epoch)` at the start of every epoch**, or every epoch repeats the
     first one's order. Raises DataError, naming the fix, for missing or malformed folders.
     """
-    data = open_imagenet(root, scale=scale)
+    data = open_imagenet(root, scale=scale, decode=decode)
     return loaders_for(data, batch_size, workers, distributed, seed=seed, pin_memory=pin_memory)
 
 

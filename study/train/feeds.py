@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..data import Data, DataError, augment, imagenet, normalize
+from ..data import Data, DataError, augment, decode, imagenet, normalize
 from .distributed import Distributed
 from .step import evaluate, memory_format
 
@@ -65,12 +65,16 @@ class CifarFeed:
 
 class ImageNetFeed:
     """Batches from DataLoader workers that decode JPEGs (ImageNet): uint8 crops to the device,
-    then mean subtraction and the optional PCA lighting there. Under DDP each process loads its
-    own DistributedSampler shard of every global batch."""
+    then mean subtraction and the optional PCA lighting there. With ``data.decode == "gpu"`` the
+    workers hand over JPEG bytes and views, decoded and cropped on the device (`decode.BatchDecoder`);
+    the images it could not decode there are counted in the log at each epoch's end. Under DDP each
+    process loads its own DistributedSampler shard of every global batch."""
 
     def __init__(self, cfg: RunConfig, data: imagenet.ImageNetData, device: torch.device,
-                 ddp: Distributed, workers: int, mean: tuple | torch.Tensor) -> None:
-        self.cfg, self.fmt, self.ddp, self.device = cfg, memory_format(device), ddp, device
+                 ddp: Distributed, workers: int, mean: tuple | torch.Tensor,
+                 log: Callable[[str], None] = _quiet) -> None:
+        self.cfg, self.fmt, self.ddp, self.device, self.log = cfg, memory_format(device), ddp, device, log
+        self.decoder = decode.BatchDecoder(device) if data.decode == "gpu" else None
         self.mean = mean.to(device) if isinstance(mean, torch.Tensor) else mean
         self.num_classes, self.in_channels, self.eval_split = data.num_classes, 3, data.eval_split
         self.loaders = imagenet.loaders_for(data, cfg.batch_size, workers, ddp.enabled, seed=cfg.seed)
@@ -102,13 +106,17 @@ class ImageNetFeed:
             self.close()  # now: the error's traceback keeps the iterator alive (`imagenet.batches`)
             raise imagenet.from_worker(e) from None
         self.batches += 1
-        x = imagenet.normalize(images.to(self.device, non_blocking=True), mean=self.mean, lighting=self.lighting,
-                               generator=gen)
+        images = self.decoder(images) if self.decoder else images.to(self.device, non_blocking=True)
+        x = imagenet.normalize(images, mean=self.mean, lighting=self.lighting, generator=gen)
         y = labels.to(self.device, non_blocking=True)
         # Shards are padded to equal length, so every process's batch has the same size.
         return x.contiguous(memory_format=self.fmt), y, len(y) * self.ddp.world
 
     def evaluate(self, model: nn.Module, autocast: torch.autocast) -> dict:
+        if self.decoder is not None and self.decoder.images:
+            d = self.decoder
+            self.log(f"{self.cfg.run_id}: {d.cpu_decoded:,} of the {d.images:,} training images decoded so far "
+                     f"in this process went through the CPU (not a colour JPEG the {self.device.type} decoder takes)")
         result = imagenet.evaluate(model, self.loaders.val, self.device, mean=self.mean,
                                    autocast=self.cfg.precision == "bf16")
         return {"loss": result.loss, "error_pct": result.top1, "top5_error_pct": result.top5}
@@ -127,5 +135,5 @@ def make_feed(cfg: RunConfig, data: "Data | imagenet.ImageNetData", device: torc
     """The run's feed; for ImageNet with its mean (the per-pixel mean from the runs dir's cache)."""
     if isinstance(data, imagenet.ImageNetData):
         mean = data.mean_for(cfg.mean, runs_dir, **pixel_mean_options(workers, device, ddp, progress, log))
-        return ImageNetFeed(cfg, data, device, ddp, workers, mean)
+        return ImageNetFeed(cfg, data, device, ddp, workers, mean, log if ddp.writer else _quiet)
     return CifarFeed(cfg, data, device, ddp)

@@ -1,7 +1,7 @@
 """How a list of runs is trained: the device, the processes, how many runs a process trains at once
 and how it takes a step. `ExecutionPlan.check` is the one place that says which combinations of
-`--concurrency`, `--streams`, `--fuse`, `--compile`, `--cuda-graph`, `--sync-bn`, torchrun and
-`--launcher slurm` are allowed; every entry point (`study run`, `run_all`, `train_steps`, the
+`--concurrency`, `--streams`, `--fuse`, `--compile`, `--cuda-graph`, `--sync-bn`, `--decode`, torchrun
+and `--launcher slurm` are allowed; every entry point (`study run`, `run_all`, `train_steps`, the
 SLURM submitter) asks it."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class ExecutionPlan:
     """`device` as asked (`auto`, `cpu`, `cuda[:N]`); `processes` train each run together (torchrun
     or `--gpus-per-run`); `concurrency` processes share the device (None: auto); each trains
     `streams` runs interleaved or `fuse` runs fused at once; each step is eager, compiled or a CUDA
-    graph."""
+    graph. `decode`: where ImageNet's training JPEGs are decoded (`cpu` workers, or `gpu`)."""
 
     device: str = "auto"
     processes: int = 1
@@ -33,6 +33,7 @@ class ExecutionPlan:
     cuda_graph: bool = False
     sync_bn: bool = False
     launcher: str = "local"
+    decode: str = "cpu"
 
     @classmethod
     def from_args(cls, args: object, processes: int) -> "ExecutionPlan":
@@ -45,7 +46,7 @@ class ExecutionPlan:
         return cls(device=str(get("device", "auto")), processes=processes, concurrency=getattr(args, "concurrency", None),
                    streams=get("streams", 1), fuse=get("fuse", 1), compile=bool(get("compile", False)),
                    cuda_graph=bool(get("cuda_graph", False)), sync_bn=bool(get("sync_bn", False)),
-                   launcher=str(get("launcher", "local")))
+                   launcher=str(get("launcher", "local")), decode=str(get("decode", "cpu")))
 
     @property
     def runs_at_once(self) -> int:
@@ -99,6 +100,13 @@ class ExecutionPlan:
             if self.compile:
                 raise ConfigError("--cuda-graph and --compile are two ways to remove launch overhead; pick one")
             _check_one_process_cifar_step("--cuda-graph", configs, self.processes)
+        if self.decode == "gpu":
+            cifar = next((cfg.run_id for cfg in configs if not cfg.imagenet), None)
+            if cifar is not None:
+                raise ConfigError(f"--decode is for ImageNet's JPEGs; {cifar} sits on the device already, drop it")
+            if device is not None and not device.startswith("cuda"):
+                raise ConfigError(f"--decode gpu decodes JPEGs with the GPU's decoder and needs CUDA (the device is {device}); "
+                                  "use --decode cpu")
         if self.streams > 1 and self.compile and device is not None and device.startswith("cuda"):
             # torch.compile's CUDA graphs share one memory pool that assumes replays in one order on
             # one stream; interleaving compiled runs on several streams is untested.

@@ -58,6 +58,7 @@ def run_all(
     streams: int = 1,
     fuse: int = 1,
     tensorboard: str | None = None,
+    decode: str = "cpu",
 ) -> dict[str, str]:
     """Run each config in turn: skip finished runs, resume unfinished ones, leave runs that another
     process holds to it (waiting for them at the end), and go on after a run diverges or fails.
@@ -80,7 +81,8 @@ def run_all(
     Under DDP (`ddp`, from `distributed_from_env`) every process of the job calls this with the
     same list; they train each run together, rank 0 holding its lock and writing its files.
     ImageNet runs read `data_dir` (default ./data/imagenet) with `workers` DataLoader workers per
-    process.
+    process; their training JPEGs are decoded by those workers (`decode="cpu"`) or, batched, on the
+    GPU (`"gpu"`, `study.data.decode`).
 
     `tensorboard` DIR: each run's TensorBoard events in DIR/<run id>, written by the process that
     writes its metrics (`study.tensorboard`; needs the optional tensorboard package).
@@ -94,7 +96,7 @@ def run_all(
 
         require()
     plan = ExecutionPlan(device=device, processes=ddp.world, concurrency=concurrency, streams=streams, fuse=fuse,
-                         compile=compile, cuda_graph=cuda_graph)
+                         compile=compile, cuda_graph=cuda_graph, decode=decode)
     if ddp.enabled and device in ("auto", "cuda"):  # one GPU per process: torchrun's LOCAL_RANK
         device = f"cuda:{ddp.local_rank}" if torch.cuda.is_available() or device == "cuda" else "cpu"
     dev = resolve_device(device)
@@ -107,7 +109,7 @@ def run_all(
         if key in datasets:
             continue
         if cfg.imagenet:
-            datasets[key] = imagenet.open_imagenet(data_dir or os.path.join("data", "imagenet"))
+            datasets[key] = imagenet.open_imagenet(data_dir or os.path.join("data", "imagenet"), decode=decode)
         else:
             datasets[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=download).to(dev)
     runs = [Run(runs_dir, cfg) for cfg in configs]
@@ -133,7 +135,8 @@ def run_all(
     if concurrency > 1:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         kwargs = dict(data_dir=data_dir, device=str(dev), download=False, progress=False, compile=compile,
-                      cuda_graph=cuda_graph, workers=workers, streams=streams, fuse=fuse, tensorboard=tensorboard)
+                      cuda_graph=cuda_graph, workers=workers, streams=streams, fuse=fuse, tensorboard=tensorboard,
+                      decode=decode)
         pool = [
             ctx.Process(target=_worker, args=(configs, str(runs_dir), kwargs, f"worker {k}"), daemon=False)
             for k in range(1, concurrency)
