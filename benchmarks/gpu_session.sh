@@ -7,7 +7,8 @@
 # step's 30 s grace and the packing at the end); each gets its own limit, cut so the ones after it
 # keep their share, and a step that fails does not stop the others. In order:
 #   1. the GPU tests: --cuda-graph's captured step against the eager step (tests/test_graphstep.py),
-#      and captured fused runs against runs alone (tests/test_fused.py)
+#      captured fused runs against runs alone (tests/test_fused.py), and --decode gpu's nvJPEG batches
+#      against the CPU decoder's (tests/test_decode.py)
 #   2. grid_throughput.py, every depth, (a)-(h) (JSON), 10 warm-up + 3 x 30 timed steps a net (the
 #      2026-11-27 session's 20 + 3 x 60 took 173 s for (a)-(d) alone; (e)-(h) are the new figures)
 #   3. a full paper-schedule run (64k iterations) of ResNet-20 on real Fashion-MNIST with
@@ -15,7 +16,8 @@
 #      how far it got)
 #   3b. the degradation grid, plain and residual twins fused in pairs (--fuse 2 --cuda-graph),
 #      stopped at its limit
-#   4. imagenet_throughput.py (JSON), if time is left
+#   4. imagenet_throughput.py (JSON), if time is left: the resize-then-crop reference, the CPU path
+#      and --decode gpu, loader and end to end (issue 20's GPU figure)
 # The 2026-11-27 session (results/) ran the version before --cuda-graph: its step 2 was a
 # --compile run, and its grid benchmark had a hand-written (d) and no (e)-(g).
 set -u
@@ -47,7 +49,7 @@ E2E_FUSED=$(mktemp -d /tmp/e2e_fused.XXXXXX)
 
 t=$(slot 75 440)
 log "1. GPU tests: --cuda-graph against eager, --fuse captured against alone, limit ${t}s"
-limited "$t" "$t" python3 -m pytest -q -p no:cacheprovider -k on_a_gpu tests/test_graphstep.py tests/test_fused.py >> "$LOG" 2>&1
+limited "$t" "$t" python3 -m pytest -q -p no:cacheprovider -k on_a_gpu tests/test_graphstep.py tests/test_fused.py tests/test_decode.py >> "$LOG" 2>&1
 log "rc=$?"
 
 t=$(slot 250 200)
@@ -56,13 +58,13 @@ limited "$t" "$t" python3 benchmarks/grid_throughput.py --steps 30 --warmup 10 -
 log "rc=$?"
 
 (( DATA_OK )) || SKIP_WHY=" (data/fashion-mnist was not carried)"
-t=$(slot 130 90); (( DATA_OK )) || t=0
+t=$(slot 130 190); (( DATA_OK )) || t=0
 log "3. end to end: ResNet-20, 64k iterations, real Fashion-MNIST, --cuda-graph, bf16, limit ${t}s"
 limited "$t" -s TERM -k 30 "$t" python3 -m study run --arch resnet --depth 20 \
     --dataset fashion-mnist --data-dir data/fashion-mnist --cuda-graph --precision bf16 \
     --runs-dir "$E2E" --no-progress >> "$LOG" 2>&1
 log "rc=$?"
-t=$(slot 90 0); (( DATA_OK )) || t=0
+t=$(slot 90 100); (( DATA_OK )) || t=0
 log "3b. the degradation grid, twins fused in pairs, --fuse 2 --cuda-graph, bf16, limit ${t}s"
 limited "$t" -s TERM -k 30 "$t" python3 -m study run --grid degradation \
     --dataset fashion-mnist --data-dir data/fashion-mnist --fuse 2 --concurrency 1 --cuda-graph \
@@ -92,8 +94,8 @@ EOF
 done
 
 SKIP_WHY=
-t=$(slot 60 0)
-log "4. ImageNet throughput: loader vs model, ResNet-18/34, limit ${t}s"
+t=$(slot 120 0)
+log "4. ImageNet throughput: resize-then-crop, crop-first and gpu paths; loader vs model, ResNet-18/34, limit ${t}s"
 limited "$t" "$t" python3 benchmarks/imagenet_throughput.py --images 2048 --steps 20 --warmup 5 \
     --out "$OUT/imagenet_throughput_gpu.json" >> "$LOG" 2>&1
 log "rc=$?"

@@ -11,7 +11,9 @@ and measures, through the package's own loaders (`study.data.imagenet`) and nets
 - `gpu` (CUDA only; `--decode gpu`): workers read the bytes and draw the views, the training
   process decodes each batch with nvJPEG and resamples the boxes on the device.
 
-For each: loader images/s (to the device, normalised, no model) and per worker; then per net the
+For each: loader images/s (to the device, normalised, no model) and per worker; one worker's own
+images/s (the dataset read image by image in one process, the paths taking turns, median of 5
+rounds: the steadiest figure on a shared machine); then per net the
 model's images/s on a batch already on the device (bf16 autocast and channels-last on CUDA), and
 end to end, each step timed in two parts, waiting for the batch (data) and computing on it (model;
 the device is synchronised between the parts, which costs a little speed). The per-pixel mean's
@@ -20,7 +22,7 @@ one-off pass (`imagenet.pixel_mean`) is timed once, against the reference loader
     python benchmarks/imagenet_throughput.py                      # CPU: a few minutes on 2 cores
     python benchmarks/imagenet_throughput.py --out benchmarks/results/imagenet_throughput_h200.json
 
-Defaults depend on the device (CPU: 96 images, batch 8, 10 timed steps, 1 worker; CUDA: 4096
+Defaults depend on the device (CPU: 320 images, batch 8, 30 timed steps, 1 worker; CUDA: 4096
 images, batch 256, 50 timed steps, a worker per CPU core).
 """
 
@@ -132,6 +134,21 @@ def loader_throughput(loader, device, lighting, warmup: int, steps: int) -> floa
     return n / (time.perf_counter() - start)
 
 
+def worker_throughput(loaders: dict, rounds: int = 5) -> dict[str, float]:
+    """Images/s one DataLoader worker makes, per path: each path's dataset read image by image in this
+    process (what a worker does, without the loader around it), the paths taking turns for
+    ``rounds`` rounds so that a change in the machine's speed hits them alike; the median round."""
+    times: dict[str, list[float]] = {path: [] for path in loaders}
+    for _ in range(rounds):
+        for path, loader in loaders.items():
+            dataset = loader.dataset
+            start = time.perf_counter()
+            for i in range(len(dataset)):
+                dataset[i]
+            times[path].append(len(dataset) / (time.perf_counter() - start))
+    return {path: float(np.median(t)) for path, t in times.items()}
+
+
 def mean_pass_throughput(root: Path, images: int, workers: int, device: torch.device) -> float:
     """Images/s of the per-pixel mean's pass over the folder's training images: one untimed pass
     (imports, the page cache), then a timed one into a fresh cache directory."""
@@ -206,9 +223,9 @@ def end_to_end(step, loader, device, lighting, warmup: int, steps: int) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--images", type=int, help="synthetic training JPEGs (CPU 96, CUDA 4096)")
+    p.add_argument("--images", type=int, help="synthetic training JPEGs (CPU 320, CUDA 4096)")
     p.add_argument("--batch", type=int, help="batch size (CPU 8, CUDA 256)")
-    p.add_argument("--steps", type=int, help="timed steps per measurement (CPU 10, CUDA 50)")
+    p.add_argument("--steps", type=int, help="timed steps per measurement (CPU 30, CUDA 50)")
     p.add_argument("--warmup", type=int, help="untimed steps first (CPU 2, CUDA 10)")
     p.add_argument("--workers", type=int, help="DataLoader workers (CPU 1, CUDA one per core)")
     p.add_argument("--size", default="500x375", help="JPEG width x height (ImageNet's typical 500x375)")
@@ -227,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                           "cpu" if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    images = args.images or (4096 if cuda else 96)
+    images = args.images or (4096 if cuda else 320)
     batch = args.batch or (256 if cuda else 8)
-    steps = args.steps or (50 if cuda else 10)
+    steps = args.steps or (50 if cuda else 30)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     workers = args.workers if args.workers is not None else (cores if cuda else 1)
     size = tuple(int(v) for v in args.size.lower().split("x"))
@@ -249,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
               f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         loaders = {path: training_loader(Path(tmp), path, batch, workers, cuda) for path in paths}
         loader_ips = {path: loader_throughput(loader, device, lighting, warmup, steps) for path, loader in loaders.items()}
+        worker_ips = worker_throughput(loaders)
         mean_ips = mean_pass_throughput(Path(tmp), images, workers, device)
         nets = []
         for depth in args.depths:
@@ -266,15 +284,20 @@ def main(argv: list[str] | None = None) -> int:
             })
 
     reference = loader_ips.get("resize-then-crop")
+    one_worker = worker_ips.get("resize-then-crop")
     loader_rows = {
         path: {"images_per_s": ips, "images_per_s_per_worker": ips / max(1, workers),
-               "vs_resize_then_crop": None if reference is None else ips / reference}
+               "vs_resize_then_crop": None if reference is None else ips / reference,
+               "one_worker_images_per_s": worker_ips[path],
+               "one_worker_vs_resize_then_crop": None if one_worker is None else worker_ips[path] / one_worker}
         for path, ips in loader_ips.items()
     }
-    print(f"{'path':<17} {'loader img/s':>12} {'per worker':>10} {'vs reference':>12}")
+    print(f"{'path':<17} {'loader img/s':>12} {'per worker':>10} {'vs reference':>12} {'one worker':>10} {'vs reference':>12}")
     for path, r in loader_rows.items():
         ratio = "" if r["vs_resize_then_crop"] is None else f"{r['vs_resize_then_crop']:.2f}x"
-        print(f"{path:<17} {r['images_per_s']:>12.1f} {r['images_per_s_per_worker']:>10.1f} {ratio:>12}")
+        ratio1 = "" if r["one_worker_vs_resize_then_crop"] is None else f"{r['one_worker_vs_resize_then_crop']:.2f}x"
+        print(f"{path:<17} {r['images_per_s']:>12.1f} {r['images_per_s_per_worker']:>10.1f} {ratio:>12} "
+              f"{r['one_worker_images_per_s']:>10.1f} {ratio1:>12}")
     for net in nets:
         print(f"{net['model']}: model alone {net['model_images_per_s']:.1f} img/s ({net['model_tflops']:.2f} TFLOP/s)")
         for path, e2e in net["end_to_end"].items():

@@ -142,9 +142,24 @@ def test_grid_overrides(tmp_path, capsys, monkeypatch):
     )
     assert code == 0, err
     assert [c.run_id for c in seen] == [
-        f"fashion-mnist-mini-{a}{d}-A-s{s}-it2-b16-bn2" for s in (0, 1) for d in (20, 56) for a in ("plain", "resnet")
+        f"fashion-mnist-mini-{a}{d}-A-s{s}-it2-b16-bn2" for s in (0, 1) for d in (8, 20) for a in ("plain", "resnet")
     ]
     assert all(c.iterations == 2 and c.batch_size == 16 and c.batch_split == 2 for c in seen)
+
+
+def test_a_grid_trains_its_own_seeds_unless_told(tmp_path, capsys, monkeypatch):
+    # `quick` is a 3-seed study: `study run --grid quick` alone trains seeds 0-2, --seeds overrides.
+    import study.train
+
+    seen = []
+    monkeypatch.setattr(study.train, "run_all", lambda configs, runs_dir, **kw: seen.append(configs) or {})
+    assert run_cli(capsys, "run", "--grid", "quick", "--runs-dir", str(tmp_path))[0] == 0
+    assert run_cli(capsys, "run", "--grid", "quick", "--seeds", "4", "--runs-dir", str(tmp_path))[0] == 0
+    assert run_cli(capsys, "run", "--grid", "degradation", "--runs-dir", str(tmp_path))[0] == 0
+    assert sorted({c.seed for c in seen[0]}) == [0, 1, 2] and len(seen[0]) == 12
+    assert {c.seed for c in seen[1]} == {4} and {c.seed for c in seen[2]} == {0}
+    code, out, _ = run_cli(capsys, "grids")
+    assert "fashion-mnist-mini-resnet20-A-s2-it250" in out
 
 
 def test_holdout_logs_val_split(tmp_path, capsys):

@@ -227,3 +227,18 @@ def test_decode_is_for_imagenet_only(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--decode is for ImageNet" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+def test_gpu_path_on_a_gpu_matches_the_cpu_decoder(tmp_path):
+    # nvJPEG against libjpeg on the same batches: the same views; pixels within decoder rounding.
+    root = odd_folder(tmp_path)
+    data = open_imagenet(root, decode="gpu")
+    on_cpu = BatchDecoder("cpu")
+    want, labels = epoch_images(data, workers=2, decoder=on_cpu)
+    on_gpu = BatchDecoder("cuda")
+    got, gpu_labels = epoch_images(data, workers=2, decoder=on_gpu)
+    assert got.device.type == "cuda" and torch.equal(gpu_labels, labels)
+    diff = (got.cpu().int() - want.int()).abs().float().mean(dim=(1, 2, 3))
+    assert diff.max() < 1.5, diff
+    assert on_gpu.cpu_decoded == on_cpu.cpu_decoded == 3

@@ -285,7 +285,8 @@ def test_sbatch_array_job_files_and_status(tmp_path, fake_slurm, capsys):
     finished.prepare("cpu")
     finished.set_status("done", iteration=300)
     args = parse("--partition", "gpu", "--account", "proj", "--time", "1:30:00", "--gpus-per-run", "2",
-                 "--cpus-per-run", "8", "--mem", "16GB", "--slurm-array-parallelism", "1", device="auto", grid="quick")
+                 "--cpus-per-run", "8", "--mem", "16GB", "--slurm-array-parallelism", "1", device="auto", grid="quick",
+                 decode="gpu")
     assert submit(configs, str(runs), args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == [f"{configs[1].run_id} -> 4242_0", f"{configs[2].run_id} -> 4242_1"]
@@ -299,6 +300,7 @@ def test_sbatch_array_job_files_and_status(tmp_path, fake_slurm, capsys):
     # Each array task's pickle is one run's task, ready for submitit to run (and requeue).
     task = submitit.helpers.DelayedSubmission.load(runs / SLURM_DIR / "4242_1_submitted.pkl").function
     assert task.cfg == configs[2] and task.runs_dir == str(runs.absolute()) and task.device == "auto"
+    assert task.decode == "gpu"  # --decode reaches the array task's run_all
 
     # `study status`: the submitted runs are listed (no config.json yet) and read `queued`.
     listed = list_runs_with_queued(runs)

@@ -9,15 +9,17 @@ import study
 from study.analysis.load import RunData
 from study.analysis.report import classify_claims
 from study.analysis.tables import final_errors
+from study.grids import grid_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-LAPTOP = ROOT / "results" / "laptop"
+#: Each published study, and the page whose verdict table states its verdicts.
+STUDIES = {"quick": ROOT / "README.md", "laptop": ROOT / "docs" / "laptop-study.md"}
 
 
-def readme_verdicts() -> dict[str, str]:
-    """The README's verdict table for the laptop study: {row key: verdict}, between its markers."""
-    text = (ROOT / "README.md").read_text()
-    block = text.split("<!-- laptop-verdicts -->")[1].split("<!-- /laptop-verdicts -->")[0]
+def stated_verdicts(study_name: str) -> dict[str, str]:
+    """The verdict table a page states for a published study: {row key: verdict}, between its markers."""
+    text = STUDIES[study_name].read_text()
+    block = text.split(f"<!-- {study_name}-verdicts -->")[1].split(f"<!-- /{study_name}-verdicts -->")[0]
     rows = {}
     for line in block.splitlines():
         m = re.match(r"\|\s*(claim \d|twin)\b[^|]*\|.*\|\s*\*\*(holds|does not hold|cannot be judged)\*\*\s*\|$", line)
@@ -26,15 +28,20 @@ def readme_verdicts() -> dict[str, str]:
     return rows
 
 
-@pytest.mark.skipif(not LAPTOP.is_dir(), reason="results/laptop/ is not in this checkout")
-def test_the_laptop_results_give_the_verdicts_the_readme_states():
-    metrics = study.load_runs(LAPTOP)
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_the_published_results_give_the_verdicts_their_page_states(name):
+    results = ROOT / "results" / name
+    if not results.is_dir():
+        pytest.skip(f"results/{name}/ is not in this checkout")
+    metrics = study.load_runs(results)
+    # They are the grid of that name, as `study run --grid NAME` trains it today.
+    assert set(metrics["run_id"]) == {cfg.run_id for cfg in grid_configs(name)}
     assert set(metrics["seed"]) >= {0, 1, 2}  # at least 3 seeds of every net
     assert metrics.groupby(["arch", "depth"])["seed"].nunique().min() >= 3
-    stated = readme_verdicts()
+    stated = stated_verdicts(name)
     assert set(stated) == {"claim 1", "claim 3", "twin"}, stated
 
-    verdicts = {f"claim {c.number}": c.verdict for c in classify_claims(RunData.load(LAPTOP))}
+    verdicts = {f"claim {c.number}": c.verdict for c in classify_claims(RunData.load(results))}
     assert verdicts["claim 1"] == stated["claim 1"]
     assert verdicts["claim 3"] == stated["claim 3"]
     # The fix at equal depth: the deeper ResNet's mean final training error below its plain twin's.
@@ -44,11 +51,10 @@ def test_the_laptop_results_give_the_verdicts_the_readme_states():
     assert twin == stated["twin"]
 
 
-@pytest.mark.skipif(not LAPTOP.is_dir(), reason="results/laptop/ is not in this checkout")
-def test_the_laptop_results_hold_only_small_files():
+def test_the_published_results_hold_only_small_files():
     """Configs, metrics, gradients, responses, statuses, figures and the report: no checkpoints."""
     allowed = {".json", ".parquet", ".png", ".md"}
-    for path in LAPTOP.rglob("*"):
+    for path in (ROOT / "results").rglob("*"):
         if path.is_file():
             assert path.suffix in allowed, path
             assert path.stat().st_size < 1_000_000, path

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 
 from ..config import ConfigError
-from ..grids import GRIDS
+from ..grids import GRIDS, grid_configs
 from ..launch import list_runs_with_queued, run_status
 from ..runstore import Run, RunStoreError
 from .args import SELECTION, add_selection
@@ -56,7 +56,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_grids(args: argparse.Namespace) -> int:
     for grid in GRIDS.values():
         print(f"{grid.name}: {grid.description}")
-        for cfg in grid.configs:
+        for cfg in grid_configs(grid.name):  # with the grid's own seeds
             print(f"  {cfg.run_id}")
     return 0
 
