@@ -32,6 +32,7 @@ from study.launch import (
     submit,
 )
 from study.runstore import TIMING_COLUMNS, Run
+from test_imagenet import write_image_folder
 
 # 320 training images at batch 64: 5 steps per epoch; 12 steps are epochs of 5, 5 and 2. Depth 8 is
 # the smallest 6n+2 net.
@@ -285,8 +286,7 @@ def test_sbatch_array_job_files_and_status(tmp_path, fake_slurm, capsys):
     finished.prepare("cpu")
     finished.set_status("done", iteration=300)
     args = parse("--partition", "gpu", "--account", "proj", "--time", "1:30:00", "--gpus-per-run", "2",
-                 "--cpus-per-run", "8", "--mem", "16GB", "--slurm-array-parallelism", "1", device="auto", grid="quick",
-                 decode="gpu")
+                 "--cpus-per-run", "8", "--mem", "16GB", "--slurm-array-parallelism", "1", device="auto", grid="quick")
     assert submit(configs, str(runs), args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == [f"{configs[1].run_id} -> 4242_0", f"{configs[2].run_id} -> 4242_1"]
@@ -300,7 +300,6 @@ def test_sbatch_array_job_files_and_status(tmp_path, fake_slurm, capsys):
     # Each array task's pickle is one run's task, ready for submitit to run (and requeue).
     task = submitit.helpers.DelayedSubmission.load(runs / SLURM_DIR / "4242_1_submitted.pkl").function
     assert task.cfg == configs[2] and task.runs_dir == str(runs.absolute()) and task.device == "auto"
-    assert task.decode == "gpu"  # --decode reaches the array task's run_all
 
     # `study status`: the submitted runs are listed (no config.json yet) and read `queued`.
     listed = list_runs_with_queued(runs)
@@ -339,6 +338,19 @@ def test_cpu_jobs_ask_for_no_gpu(tmp_path, fake_slurm, capsys):
     script = (fake_slurm / "sbatch_4242.sh").read_text()
     assert "#SBATCH --partition=cpu\n" in script and "#SBATCH --ntasks-per-node=1\n" in script
     assert "gpus" not in script and "gres" not in script
+
+
+def test_decode_gpu_reaches_the_array_tasks_of_imagenet_runs(tmp_path, fake_slurm):
+    runs = tmp_path / "runs"
+    configs = [RunConfig(arch=a, depth=18, dataset="imagenet", iterations=10) for a in ("plain", "resnet")]
+    data = write_image_folder(tmp_path / "imagenet", per_class=(1, 1))
+    assert submit(configs, str(runs), parse("--partition", "gpu", device="auto", decode="gpu", data_dir=str(data))) == 0
+    task = submitit.helpers.DelayedSubmission.load(runs / SLURM_DIR / "4242_1_submitted.pkl").function
+    assert task.cfg == configs[1] and task.decode == "gpu"
+    # And CIFAR-style runs refuse it before anything is submitted.
+    with pytest.raises(ConfigError, match="--decode is for ImageNet"):
+        submit([RunConfig(arch="plain", depth=20)], str(tmp_path / "other"), parse(device="auto", decode="gpu"))
+    assert not (tmp_path / "other").exists()
 
 
 def test_sbatch_refusal_is_one_line(tmp_path, fake_slurm, monkeypatch):
