@@ -72,7 +72,7 @@ GRIDS = {
         Grid(
             "laptop",
             f"the quick study, {LAPTOP_ITERATIONS} iterations: a larger ResNet gain, plain degradation within "
-            "the seeds' spread (results/laptop/; about 35 minutes on 2 cores)",
+            "the seeds' spread (results/laptop/; an estimated 40 minutes on 2 cores)",
             _pairs(LAPTOP_DEPTHS, dataset="fashion-mnist-mini", iterations=LAPTOP_ITERATIONS),
             seeds=QUICK_SEEDS,
         ),

@@ -226,7 +226,7 @@ def test_decode_is_for_imagenet_only(tmp_path, capsys):
         args += ["--device", "cuda"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--decode is for ImageNet" in err
+    assert len(err.splitlines()) == 1 and "--decode applies only to ImageNet" in err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")

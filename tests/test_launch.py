@@ -348,7 +348,7 @@ def test_decode_gpu_reaches_the_array_tasks_of_imagenet_runs(tmp_path, fake_slur
     task = submitit.helpers.DelayedSubmission.load(runs / SLURM_DIR / "4242_1_submitted.pkl").function
     assert task.cfg == configs[1] and task.decode == "gpu"
     # And CIFAR-style runs refuse it before anything is submitted.
-    with pytest.raises(ConfigError, match="--decode is for ImageNet"):
+    with pytest.raises(ConfigError, match="--decode applies only to ImageNet"):
         submit([RunConfig(arch="plain", depth=20)], str(tmp_path / "other"), parse(device="auto", decode="gpu"))
     assert not (tmp_path / "other").exists()
 

@@ -9,7 +9,7 @@ to the original image, and only that region is resampled to 224x224:
 
 - `CropFirst` (the CPU path, the default): in the DataLoader worker, PIL resamples the box alone
   (`Image.resize(box=...)`; PIL's filter uses the pixels around the box as a whole-image resize
-  would, so without draft decoding the crop is the resize-then-crop one, pixel for pixel), and when
+  would, so without draft decoding the crop is the resize-then-crop one within 2 levels of 255), and when
   the resized image is at most half the original's size, the JPEG is decoded at 1/2, 1/4 or 1/8 of
   its size in the decoder itself (`Image.draft`), which interpolates differently.
 - `EncodedView` + `BatchDecoder` (`--decode gpu`): the worker reads the file's bytes and draws the

@@ -103,7 +103,7 @@ class ExecutionPlan:
         if self.decode == "gpu":
             cifar = next((cfg.run_id for cfg in configs if not cfg.imagenet), None)
             if cifar is not None:
-                raise ConfigError(f"--decode is for ImageNet's JPEGs; {cifar} sits on the device already, drop it")
+                raise ConfigError(f"--decode applies only to ImageNet runs ({cifar} is not one); drop --decode")
             if device is not None and not device.startswith("cuda"):
                 raise ConfigError(f"--decode gpu decodes JPEGs with the GPU's decoder and needs CUDA (the device is {device}); "
                                   "use --decode cpu")
