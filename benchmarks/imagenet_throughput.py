@@ -12,8 +12,8 @@ and measures, through the package's own loaders (`study.data.imagenet`) and nets
   process decodes each batch with nvJPEG and resamples the boxes on the device.
 
 For each: loader images/s (to the device, normalised, no model) and per worker; one worker's own
-images/s (the dataset read image by image in one process, the paths taking turns, median of 5
-rounds: the steadiest figure on a shared machine); then per net the
+images/s (up to 320 images of the dataset read one by one in one process, the paths taking turns,
+median of 5 rounds: the steadiest figure on a shared machine); then per net the
 model's images/s on a batch already on the device (bf16 autocast and channels-last on CUDA), and
 end to end, each step timed in two parts, waiting for the batch (data) and computing on it (model;
 the device is synchronised between the parts, which costs a little speed). The per-pixel mean's
@@ -134,18 +134,20 @@ def loader_throughput(loader, device, lighting, warmup: int, steps: int) -> floa
     return n / (time.perf_counter() - start)
 
 
-def worker_throughput(loaders: dict, rounds: int = 5) -> dict[str, float]:
-    """Images/s one DataLoader worker makes, per path: each path's dataset read image by image in this
-    process (what a worker does, without the loader around it), the paths taking turns for
-    ``rounds`` rounds so that a change in the machine's speed hits them alike; the median round."""
+def worker_throughput(loaders: dict, rounds: int = 5, images: int = 320) -> dict[str, float]:
+    """Images/s one DataLoader worker makes, per path: the first ``images`` of each path's dataset read
+    image by image in this process (what a worker does, without the loader around it), the paths
+    taking turns for ``rounds`` rounds so that a change in the machine's speed hits them alike; the
+    median round."""
     times: dict[str, list[float]] = {path: [] for path in loaders}
     for _ in range(rounds):
         for path, loader in loaders.items():
             dataset = loader.dataset
+            n = min(images, len(dataset))
             start = time.perf_counter()
-            for i in range(len(dataset)):
+            for i in range(n):
                 dataset[i]
-            times[path].append(len(dataset) / (time.perf_counter() - start))
+            times[path].append(n / (time.perf_counter() - start))
     return {path: float(np.median(t)) for path, t in times.items()}
 
 
