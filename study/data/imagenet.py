@@ -8,10 +8,10 @@ that goes through `torchvision.datasets.ImageFolder` and a `DataLoader`. The lay
 
 Labels are the indices of the sorted class-folder names, the same in both splits.
 
-The work is split where it is cheapest. Workers draw each image's view, decode it and resample its
-crop alone with PIL, flip it and hand over uint8 224x224 crops (a quarter of the bytes of float32 through pinned memory);
-`normalize` then turns a whole batch into the model's input on the training device, with the
-optional PCA colour lighting applied there, batched.
+The work is split where it is cheapest. Workers draw each image's view, decode it, resample its crop
+alone with PIL, flip it and hand over uint8 224x224 crops (a quarter of the bytes of float32 through
+pinned memory); `normalize` then turns a whole batch into the model's input on the training device,
+with the optional PCA colour lighting applied there, batched.
 
 Mean subtraction: the paper subtracts "the per-pixel mean" (AlexNet's, its reference [21]): a 224x224
 mean image, subtracted from every crop. How it was computed under scale augmentation the paper does
@@ -55,9 +55,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 from torchvision.transforms import v2
 
-from .sources import DataError
-
 from .decode import CROP, TRAIN_SCALE, CropFirst, EncodedView, collate_encoded, open_image
+from .sources import DataError
 
 #: Validation and 10-crop testing resize the shorter side to this before cropping: AlexNet's 256, as
 #: torchvision and fb.resnet.torch do (the paper names the 10-crop test but not the resize).
