@@ -13,7 +13,9 @@ from PIL import Image
 from study.cli import main
 from study.config import RunConfig
 from study.data import DataError, imagenet
-from study.data.decode import BatchDecoder, CropFirst, EncodedBatch, draw_view, open_image, render
+from study.data import decode
+from study.data.decode import (BatchDecoder, CropFirst, EncodedBatch, draft_scale, draw_view, open_image,
+                               partial_decoding, render)
 from study.data.imagenet import load_image, loaders_for, open_imagenet, set_epoch, train_transform
 from study.train import train_run
 from study.runstore import Run
@@ -83,10 +85,11 @@ def test_a_large_jpeg_is_draft_decoded_at_a_fraction_and_stays_close(tmp_path):
         torch.manual_seed(seed)
         view = draw_view(2000, 1500)
         image = open_image(path)
-        got = render(image, view)
+        got = render(image, view, partial=False)  # PIL's draft decoding of the whole image
         # The decoder scales by 1/2, 1/4 or 1/8 as long as the image stays at least the resized size.
         factor = next(s for s in (8, 4, 2, 1) if min(2000 // view.resized[0], 1500 // view.resized[1]) >= s)
         assert factor >= 2 and image.size == (math.ceil(2000 / factor), math.ceil(1500 / factor))
+        assert draft_scale((2000, 1500), view.resized) == factor
         diff = (got.int() - want.int()).abs().float()
         assert diff.mean() < 2.0 and diff.quantile(0.99) < 12, (seed, diff.mean(), diff.quantile(0.99))
     torch.manual_seed(0)
@@ -123,6 +126,85 @@ def test_an_unreadable_or_truncated_file_is_a_data_error_naming_it(tmp_path):
     cut.write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
     with pytest.raises(DataError, match="cannot decode image .*cut.JPEG"):
         CropFirst()(open_image(str(cut)))
+
+
+needs_partial = pytest.mark.skipif(partial_decoding() is None, reason="the _jpegcrop module was not built "
+                                   "(no C compiler or libjpeg-turbo headers at install time)")
+
+
+@needs_partial
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (333, 250)])
+def test_a_decoded_region_holds_the_whole_decoders_pixels(tmp_path, size):
+    # decode_region skips the rows above the region and reconstructs only the iMCU columns holding
+    # it. Inside it the pixels are exactly PIL's decode of the whole image, at full size and at 1/2;
+    # only its outermost columns (unless they are the image's edges) may differ, where the decoder
+    # upsamples chroma as at an edge: `render` keeps its filter two pixels off them.
+    path = save_jpeg(tmp_path / "a.JPEG", textured(*size), subsampling="4:2:0")
+    data = open(path, "rb").read()
+    rng = np.random.default_rng(0)
+    for denom in (1, 2):
+        image = Image.open(path)
+        image.draft("RGB", (size[0] // denom, size[1] // denom))
+        whole = np.asarray(image.convert("RGB"))
+        h, w = whole.shape[:2]
+        for _ in range(25):
+            x0, y0 = int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))
+            x1, y1 = int(rng.integers(x0 + 1, w + 1)), int(rng.integers(y0 + 1, h + 1))
+            pixels, x, y, rw, rh = decode._jpegcrop.decode_region(data, denom, x0, y0, x1, y1)
+            assert x <= x0 and x + rw >= x1 and (y, rh) == (y0, y1 - y0)
+            region = np.frombuffer(pixels, np.uint8).reshape(rh, rw, 3)
+            inner = slice(0 if x == 0 else 1, rw if x + rw == w else rw - 1)
+            assert np.array_equal(region[:, inner], whole[y:y + rh, x:x + rw][:, inner]), (denom, x0, y0, x1, y1)
+
+
+@needs_partial
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (640, 640), (1000, 750), (2000, 1500)])
+def test_partial_decoding_gives_the_views_of_the_whole_decoder(tmp_path, size):
+    # Decoding only the region under the box changes which pixels are decoded, not the view: the
+    # resampled crop is PIL's resampling of the whole decoded image, up to PIL's own rounding of its
+    # filter weights for a box shifted by whole pixels (at most 2 levels, and rarely).
+    path = save_jpeg(tmp_path / "a.JPEG", textured(*size))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(12):
+        view = draw_view(*size, generator=gen)
+        for draft in (True, False):
+            got = render(open_image(path), view, draft=draft)
+            want = render(open_image(path), view, draft=draft, partial=False)
+            diff = (got.int() - want.int()).abs()
+            assert diff.max() <= 2 and diff.float().mean() < 0.02, (view, draft, diff.max(), diff.float().mean())
+
+
+@needs_partial
+def test_partial_decoding_reports_corrupt_data_and_data_that_ends_too_soon(tmp_path):
+    data = io.BytesIO()
+    textured(400, 300).save(data, format="JPEG", quality=95)
+    whole = data.getvalue()
+    with pytest.raises(ValueError, match="(?i)premature end"):  # the rows wanted lie past the data's end
+        decode._jpegcrop.decode_region(whole[: len(whole) // 2], 1, 0, 250, 100, 300)
+    with pytest.raises(ValueError):
+        decode._jpegcrop.decode_region(b"\xff\xd8 not a JPEG", 1, 0, 0, 10, 10)
+    with pytest.raises(ValueError, match="outside the image"):
+        decode._jpegcrop.decode_region(whole, 1, 0, 0, 401, 10)
+    # A file cut short has no end-of-image marker: PIL decodes it whole and says it is truncated,
+    # whichever crop was drawn (test_an_unreadable_or_truncated_file_is_a_data_error_naming_it). One
+    # cut short and then closed with a marker passes as PIL passes it, grey below the cut.
+    cut = tmp_path / "cut.JPEG"
+    cut.write_bytes(whole[: len(whole) // 3] + b"\xff\xd9")
+    torch.manual_seed(0)
+    view = draw_view(400, 300)
+    bottom = decode.View(400, 300, view.resized, view.resized[1] - 224, 0, 224, False)
+    got = render(open_image(str(cut)), bottom)
+    assert torch.equal(got, render(open_image(str(cut)), bottom, partial=False)) and got[:, -50:].float().std() < 1
+
+
+def test_without_the_compiled_module_pil_decodes_the_whole_image(tmp_path, monkeypatch):
+    path = save_jpeg(tmp_path / "a.JPEG", textured(500, 375))
+    torch.manual_seed(0)
+    view = draw_view(500, 375)
+    want = render(open_image(path), view, partial=False)
+    monkeypatch.setattr(decode, "_jpegcrop", None)
+    assert partial_decoding() is None and "_jpegcrop module was not built" in imagenet.views_decoder("cpu")
+    assert torch.equal(render(open_image(path), view), want)
 
 
 def odd_folder(root):

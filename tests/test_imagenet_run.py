@@ -48,8 +48,11 @@ def test_grid_trains_every_imagenet_net_and_logs_train_and_val(trained):
         train = m.loc[m["split"] == "train", "error_pct"].tolist()
         assert round(train[0] * 3 / 100, 6).is_integer() and round(train[1] * 2 / 100, 6).is_integer()
         assert not (runs / run_id / "responses.parquet").exists()  # Figure 7 is a CIFAR figure
-        # The class count (here 3 folders) is recorded: the report's chance level depends on it.
-        assert json.loads((runs / run_id / "config.json").read_text())["provenance"]["classes"] == 3
+        # The class count (here 3 folders) is recorded: the report's chance level depends on it. So is
+        # what decoded the training views (partial decoding, or PIL when _jpegcrop was not built).
+        provenance = json.loads((runs / run_id / "config.json").read_text())["provenance"]
+        assert provenance["classes"] == 3 and provenance["views"] == imagenet.views_decoder("cpu")
+        assert ("libjpeg" in provenance["views"]) == (imagenet.partial_decoding() is not None)
 
 
 def test_fig4_and_table2_from_the_imagenet_logs(trained, tmp_path, capsys):

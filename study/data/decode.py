@@ -11,7 +11,11 @@ to the original image, and only that region is resampled to 224x224:
   (`Image.resize(box=...)`; PIL's filter uses the pixels around the box as a whole-image resize
   would, so without draft decoding the crop is the resize-then-crop one within 2 levels of 255), and when
   the resized image is at most half the original's size, the JPEG is decoded at 1/2, 1/4 or 1/8 of
-  its size in the decoder itself (`Image.draft`), which interpolates differently.
+  its size in the decoder itself (`Image.draft`), which interpolates differently. Where the package's
+  one compiled module was built (`_jpegcrop`, libjpeg-turbo; `partial_decoding()` says), only the
+  region under the box and its filter's reach is decoded: the rows above it are skipped without being
+  reconstructed, the columns outside it are not reconstructed, decoding stops below it. The pixels
+  the filter reads are the whole-image decoder's, so the view is the same, pixel for pixel.
 - `EncodedView` + `BatchDecoder` (`--decode gpu`): the worker reads the file's bytes and draws the
   view; the training process decodes the batch's JPEGs at once on the device (torchvision's batched
   `decode_jpeg`, nvJPEG on CUDA) and resamples each box there (`torchvision.ops.roi_align`, which
@@ -27,6 +31,7 @@ interpolation.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -36,8 +41,19 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from .sources import DataError
 
+try:
+    from . import _jpegcrop
+except ImportError:  # not built: no C compiler or libjpeg-turbo headers when the package was installed
+    _jpegcrop = None
+
 TRAIN_SCALE = (256, 480)
 CROP = 224
+
+
+def partial_decoding() -> str | None:
+    """The JPEG library the CPU path decodes training views' regions with ("libjpeg-turbo 2.1.5"),
+    or None when `_jpegcrop` was not built and PIL decodes whole images (slower, the same views)."""
+    return _jpegcrop.library_version() if _jpegcrop is not None else None
 
 
 @dataclass(frozen=True)
@@ -88,17 +104,57 @@ def open_image(path: str) -> Image.Image:
         raise DataError(f"cannot decode image {path} ({e}); replace or delete that file") from e
 
 
-def render(image: Image.Image, view: View, *, draft: bool = True) -> torch.Tensor:
+def draft_scale(size: tuple[int, int], resized: tuple[int, int]) -> int:
+    """The reduced size PIL's `Image.draft` decodes a JPEG of ``size`` at for a view resized to
+    ``resized``: 1/8, 1/4, 1/2 or 1/1, the smallest that stays at least ``resized`` (returns 8, 4, 2
+    or 1)."""
+    scale = min(size[0] // resized[0], size[1] // resized[1])
+    return next((s for s in (8, 4, 2) if scale >= s), 1)
+
+
+def _partial(image: Image.Image, view: View, draft: bool) -> Image.Image | None:
+    """The view's box resampled from a decode of the region under it (`_jpegcrop`), or None for a
+    file that goes to PIL whole: not a 3-component JPEG, or one whose data does not end with the
+    end-of-image marker (a truncated file: PIL's decoder says so, whichever crop is drawn)."""
+    if _jpegcrop is None or image.format != "JPEG" or image.mode != "RGB" or len(image.tile) != 1:
+        return None
+    image.fp.seek(0)
+    data = image.fp.read()
+    if not data.endswith(b"\xff\xd9"):
+        return None
+    w, h = image.size
+    denom = draft_scale((w, h), view.resized) if draft else 1
+    w, h = -(-w // denom), -(-h // denom)  # the decoder's size at 1/denom, as PIL's draft has it
+    x0, y0, x1, y1 = view.box(w, h)
+    # PIL's bilinear filter reaches max(1, box / crop) pixels either side of an output pixel's centre;
+    # 2 more keep it off the region's outer columns, whose chroma the decoder upsamples as an edge.
+    mx = math.ceil(max(1.0, (x1 - x0) / view.crop)) + 2
+    my = math.ceil(max(1.0, (y1 - y0) / view.crop)) + 2
+    region = (max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my),
+              min(w, math.ceil(x1) + mx), min(h, math.ceil(y1) + my))
+    try:
+        pixels, left, top, rw, rh = _jpegcrop.decode_region(data, denom, *region)
+    except ValueError as e:  # libjpeg's message: corrupt data, or data ending inside the region
+        raise OSError(e) from e
+    rgb = Image.frombuffer("RGB", (rw, rh), pixels, "raw", "RGB", 0, 1)
+    return rgb.resize((view.crop, view.crop), Image.BILINEAR, box=(x0 - left, y0 - top, x1 - left, y1 - top))
+
+
+def render(image: Image.Image, view: View, *, draft: bool = True, partial: bool = True) -> torch.Tensor:
     """The view of an opened (not yet decoded) image as a uint8 (3, crop, crop) tensor: the box
     alone resampled (bilinear, PIL's antialiasing filter), decoded at a reduced size first when
-    ``draft`` and the resized image is at most half the original's. Closes the image."""
+    ``draft`` and the resized image is at most half the original's. With ``partial`` (and
+    `_jpegcrop` built) only the region under the box is decoded, to the same pixels. Closes the
+    image."""
     name = getattr(image, "filename", "") or "<image>"
     try:
-        if draft and image.format == "JPEG":
-            image.draft(image.mode, view.resized)  # 1/2, 1/4 or 1/8 of the size, never below `resized`
-        w, h = image.size
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        out = rgb.resize((view.crop, view.crop), Image.BILINEAR, box=view.box(w, h))
+        out = _partial(image, view, draft) if partial else None
+        if out is None:
+            if draft and image.format == "JPEG":
+                image.draft(image.mode, view.resized)  # 1/2, 1/4 or 1/8 of the size, never below `resized`
+            w, h = image.size
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            out = rgb.resize((view.crop, view.crop), Image.BILINEAR, box=view.box(w, h))
     except OSError as e:  # truncated or corrupt data, met while decoding
         raise DataError(f"cannot decode image {name} ({e}); replace or delete that file") from e
     finally:
@@ -112,15 +168,16 @@ class CropFirst:
     """The CPU path's training transform (a DataLoader worker's): an opened image (`open_image`) ->
     its random view (`draw_view`), as a uint8 (3, crop, crop) tensor (`render`)."""
 
-    def __init__(self, scale: tuple[int, int] = TRAIN_SCALE, crop: int = CROP, *, draft: bool = True) -> None:
-        self.scale, self.crop, self.draft = scale, crop, draft
+    def __init__(self, scale: tuple[int, int] = TRAIN_SCALE, crop: int = CROP, *, draft: bool = True,
+                 partial: bool = True) -> None:
+        self.scale, self.crop, self.draft, self.partial = scale, crop, draft, partial
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         view = draw_view(*image.size, self.scale, self.crop)
-        return render(image, view, draft=self.draft)
+        return render(image, view, draft=self.draft, partial=self.partial)
 
     def __repr__(self) -> str:
-        return f"CropFirst(scale={self.scale}, crop={self.crop}, draft={self.draft})"
+        return f"CropFirst(scale={self.scale}, crop={self.crop}, draft={self.draft}, partial={self.partial})"
 
 
 def device_decodable(image: Image.Image) -> bool:

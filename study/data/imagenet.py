@@ -55,7 +55,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 from torchvision.transforms import v2
 
-from .decode import CROP, TRAIN_SCALE, CropFirst, EncodedView, collate_encoded, open_image
+from .decode import CROP, TRAIN_SCALE, CropFirst, EncodedView, collate_encoded, open_image, partial_decoding
 from .sources import DataError
 
 #: Validation and 10-crop testing resize the shorter side to this before cropping: AlexNet's 256, as
@@ -486,6 +486,17 @@ class ImageNetData:
     @property
     def num_classes(self) -> int:
         return len(self.train.classes)
+
+
+def views_decoder(decode: str) -> str:
+    """What makes the training views, in words, for a run's log and provenance."""
+    if decode == "gpu":
+        return "decoded in batches on the device (--decode gpu)"
+    library = partial_decoding()
+    if library is not None:
+        return f"the region under each view decoded on the CPU ({library})"
+    return ("whole images decoded on the CPU by PIL (the package's _jpegcrop module was not built; "
+            "docs/imagenet.md says how to build it)")
 
 
 def open_imagenet(root: str | os.PathLike, *, scale: tuple[int, int] = TRAIN_SCALE, decode: str = "cpu") -> ImageNetData:

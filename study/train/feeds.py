@@ -79,6 +79,8 @@ class ImageNetFeed:
         self.num_classes, self.in_channels, self.eval_split = data.num_classes, 3, data.eval_split
         self.loaders = imagenet.loaders_for(data, cfg.batch_size, workers, ddp.enabled, seed=cfg.seed)
         self.lighting = imagenet.Lighting(cfg.lighting).to(device) if cfg.lighting else None
+        if data.decode == "cpu" and decode.partial_decoding() is None:  # slower: say so (config.json records it)
+            log(f"{cfg.run_id}: training views: {imagenet.views_decoder(data.decode)}")
 
     def start_epoch(self, epoch: int, gen: torch.Generator, partial: dict | None) -> None:
         self.batches = 0 if partial is None else partial["batches"]

@@ -109,7 +109,8 @@ def train_steps(
     plan.check([cfg])
     classes = data.num_classes if isinstance(data, imagenet.ImageNetData) else data.info.num_classes
     run.prepare(str(device), processes=ddp.world, step=plan.step_kind, classes=classes,
-                **({"backend": dist.get_backend(), "sync_bn": ddp.sync_bn} if ddp.enabled else {}))
+                **({"backend": dist.get_backend(), "sync_bn": ddp.sync_bn} if ddp.enabled else {}),
+                **({"views": imagenet.views_decoder(data.decode)} if isinstance(data, imagenet.ImageNetData) else {}))
     run.clean_temporaries()
     feed = make_feed(cfg, data, device, ddp, workers=workers, runs_dir=run.dir.parent, progress=progress, log=log)
     net = make_trainee(cfg, feed.num_classes, feed.in_channels, device, ddp, compile=compile)
