@@ -17,7 +17,8 @@
 #   3b. the degradation grid, plain and residual twins fused in pairs (--fuse 2 --cuda-graph),
 #      stopped at its limit
 #   4. imagenet_throughput.py (JSON), if time is left: the resize-then-crop reference, the CPU path
-#      and --decode gpu, loader and end to end (issue 20's GPU figure)
+#      (PIL alone, and with partial decoding) and --decode gpu, loader and end to end (issue 20's GPU
+#      figure)
 # The 2026-11-27 session (results/) ran the version before --cuda-graph: its step 2 was a
 # --compile run, and its grid benchmark had a hand-written (d) and no (e)-(g).
 set -u
@@ -37,6 +38,10 @@ log "device and versions"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv >> "$LOG" 2>&1
 python3 -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.get_device_name())" >> "$LOG" 2>&1
 echo "cores: $(nproc); cc: $(command -v cc gcc | head -1); commit: $(git rev-parse --short HEAD 2>/dev/null)" >> "$LOG"
+# The CPU path's partial JPEG decoding (study/data/_jpegcrop.c) is built here if this machine has a
+# compiler and libjpeg-turbo's headers; otherwise step 4's crop-first is PIL's (the JSON says which).
+python3 setup.py -q build_ext --inplace >> "$LOG" 2>&1 || echo "setup.py build_ext failed" >> "$LOG"
+python3 -c "from study.data.decode import partial_decoding as p; print('partial JPEG decoding:', p() or 'not built')" >> "$LOG" 2>&1
 # Steps 3 and 3b train on real Fashion-MNIST, which has to be carried: say so now, not as two
 # failed steps later.
 DATA_OK=1
@@ -95,8 +100,10 @@ done
 
 SKIP_WHY=
 t=$(slot 120 0)
-log "4. ImageNet throughput: resize-then-crop, crop-first and gpu paths; loader vs model, ResNet-18/34, limit ${t}s"
-limited "$t" "$t" python3 benchmarks/imagenet_throughput.py --images 2048 --steps 20 --warmup 5 \
+log "4. ImageNet throughput: resize-then-crop, crop-first-pil, crop-first and gpu paths; loader vs model, ResNet-18/34, limit ${t}s"
+# 2,048 JPEGs, repeated so that one epoch holds each measurement (16 + 32 steps of 256 with 16
+# workers: the 2026-11-27 figure restarted the workers every 8 batches, inside the timed steps).
+limited "$t" "$t" python3 benchmarks/imagenet_throughput.py --images 2048 --steps 32 \
     --out "$OUT/imagenet_throughput_gpu.json" >> "$LOG" 2>&1
 log "rc=$?"
 log "done"

@@ -1,4 +1,4 @@
-"""ImageNet's input pipeline on ImageNet-like JPEGs: three ways of making the training views, side by
+"""ImageNet's input pipeline on ImageNet-like JPEGs: four ways of making the training views, side by
 side, with ResNet-18/34 training on them.
 
 Writes synthetic JPEGs of ImageNet's typical size (500x375 by default) into a temporary ImageFolder
@@ -6,12 +6,19 @@ and measures, through the package's own loaders (`study.data.imagenet`) and nets
 
 - `resize-then-crop`: the reference (`imagenet.train_transform`, the pipeline before issue 20):
   workers decode each JPEG whole with PIL, resize the whole image, crop, flip;
-- `crop-first`: the CPU path (`study run`'s default, `study.data.decode.CropFirst`): workers draw
-  the view first and resample its box alone, with draft decoding when the image is to shrink 2x;
+- `crop-first-pil`: the CPU path as PIL alone makes it (`CropFirst(partial=False)`, what `study run`
+  does where the compiled module `_jpegcrop` was not built): workers draw the view first, decode
+  the whole JPEG (at 1/2, 1/4 or 1/8 of its size when the image is to shrink 2x or more) and
+  resample the view's box alone;
+- `crop-first`: the CPU path (`study run`'s default, `study.data.decode.CropFirst`): the same, but
+  only the region under the box is decoded (libjpeg-turbo through `_jpegcrop`; the same as
+  `crop-first-pil` where that module is missing, and the JSON's `partial_decoding` is then null);
 - `gpu` (CUDA only; `--decode gpu`): workers read the bytes and draw the views, the training
   process decodes each batch with nvJPEG and resamples the boxes on the device.
 
-For each: loader images/s (to the device, normalised, no model) and per worker; one worker's own
+For each: loader images/s (to the device, normalised, no model; on a CPU the training process
+normalises with the cores the workers leave, one on 2 cores with 1 worker; the median of --rounds
+measurements, the paths taking turns) and per worker; one worker's own
 images/s (up to 320 images of the dataset read one by one in one process, the paths taking turns,
 median of 5 rounds: the steadiest figure on a shared machine); then per net the
 model's images/s on a batch already on the device (bf16 autocast and channels-last on CUDA), and
@@ -22,8 +29,11 @@ one-off pass (`imagenet.pixel_mean`) is timed once, against the reference loader
     python benchmarks/imagenet_throughput.py                      # CPU: a few minutes on 2 cores
     python benchmarks/imagenet_throughput.py --out benchmarks/results/imagenet_throughput_h200.json
 
-Defaults depend on the device (CPU: 320 images, batch 8, 30 timed steps, 1 worker; CUDA: 4096
-images, batch 256, 50 timed steps, a worker per CPU core).
+Defaults depend on the device (CPU: 320 images, batch 8, 30 timed steps a net and 5 rounds of 120
+for the loaders, 1 worker; CUDA: 4096 images, batch 256, 50 timed steps, one round, a worker per CPU
+core). The file list is repeated so that one epoch
+holds every measurement: the workers start once per measurement, not inside it (`repeat_files`;
+`--restart-workers` measures without that, as the 2026-11-27 H200 run did).
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from study.data.decode import BatchDecoder, EncodedView
+from study.data.decode import BatchDecoder, CropFirst, EncodedView, partial_decoding
 from study.data.imagenet import (
     Lighting,
     load_image,
@@ -60,7 +70,7 @@ from study.models import build_model, count_macs
 
 CLASSES = 10
 IMAGENET_TRAIN_IMAGES = 1_281_167
-PATHS = ("resize-then-crop", "crop-first", "gpu")
+PATHS = ("resize-then-crop", "crop-first-pil", "crop-first", "gpu")
 
 
 def write_jpegs(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> float:
@@ -97,12 +107,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def training_loader(root: Path, path: str, batch: int, workers: int, pin_memory: bool):
-    """The training loader of ``path`` (one of PATHS) over ``root``, and its `BatchDecoder` (gpu)."""
+def training_loader(root: Path, path: str, batch: int, workers: int, pin_memory: bool, epoch_batches: int = 0):
+    """The training loader of ``path`` (one of PATHS) over ``root``. With ``epoch_batches`` its file
+    list is repeated until one epoch holds at least that many batches (`repeat_files`)."""
     data = open_imagenet(root, decode="gpu" if path == "gpu" else "cpu")
     if path == "resize-then-crop":  # the reference: decode whole, resize whole, crop
         data.train.loader, data.train.transform = load_image, train_transform(data.scale)
+    elif path == "crop-first-pil":  # the CPU path without the compiled module: PIL decodes whole images
+        data.train.transform = CropFirst(data.scale, partial=False)
+    repeat_files(data.train, epoch_batches * batch)
     return loaders_for(data, batch, workers, pin_memory=pin_memory).train
+
+
+def repeat_files(folder, samples: int) -> int:
+    """Repeat an ImageFolder's file list until it holds at least ``samples`` entries; returns how many
+    times it now lists each file.
+
+    A few thousand synthetic JPEGs make a short epoch, and every epoch starts the DataLoader's
+    workers afresh (as `study run` does): each worker imports, then makes a whole batch before the
+    first arrives. ImageNet's epochs are 5,005 batches of 256, so there that start is a small share;
+    in a benchmark epoch of a handful of batches per worker it is most of the time measured (the
+    2026-11-27 H200 figure: 2,048 images, batch 256, 16 workers, so 8 batches an epoch and half the
+    workers idle). One epoch long enough for every measurement measures the steady state instead.
+    """
+    times = max(1, -(-samples // max(1, len(folder.samples))))
+    folder.samples = folder.samples * times
+    folder.imgs = folder.samples
+    folder.targets = folder.targets * times
+    return times
 
 
 def batches(loader, device: torch.device, lighting: Lighting | None):
@@ -120,8 +152,20 @@ def batches(loader, device: torch.device, lighting: Lighting | None):
         epoch += 1
 
 
-def loader_throughput(loader, device, lighting, warmup: int, steps: int) -> float:
-    """Images/s the loader delivers, on the device and normalised, with no model."""
+def loader_throughput(loader, device, lighting, warmup: int, steps: int, threads: int | None = None) -> float:
+    """Images/s the loader delivers, on the device and normalised, with no model; with ``threads``,
+    this process's torch threads meanwhile (on a CPU: the cores the workers leave, so that normalising
+    a batch does not take a worker's core for a moment on every batch)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _loader_throughput(loader, device, lighting, warmup, steps)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _loader_throughput(loader, device, lighting, warmup: int, steps: int) -> float:
     it = batches(loader, device, lighting)
     for _ in range(warmup):
         next(it)
@@ -228,14 +272,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, help="synthetic training JPEGs (CPU 320, CUDA 4096)")
     p.add_argument("--batch", type=int, help="batch size (CPU 8, CUDA 256)")
     p.add_argument("--steps", type=int, help="timed steps per measurement (CPU 30, CUDA 50)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (CPU 2, CUDA 10)")
+    p.add_argument("--loader-steps", type=int, help="timed batches per loader measurement (CPU 120, CUDA as --steps)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (CPU 2, CUDA one per worker, at least 10)")
     p.add_argument("--workers", type=int, help="DataLoader workers (CPU 1, CUDA one per core)")
+    p.add_argument("--rounds", type=int, help="loader measurements per path, the paths taking turns; the median "
+                                              "counts (CPU 5, CUDA 1)")
     p.add_argument("--size", default="500x375", help="JPEG width x height (ImageNet's typical 500x375)")
     p.add_argument("--depths", type=int, nargs="*", default=[18, 34], choices=[18, 34],
                    help="nets for the model and end-to-end figures (none: the loaders alone)")
     p.add_argument("--paths", nargs="+", choices=PATHS, help="pipelines to measure (default: all this device has)")
     p.add_argument("--lighting", action="store_true", help="include PCA colour lighting in the loader path")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--restart-workers", action="store_true",
+                   help="measure as before 2026-12-03: the JPEGs once per epoch, so a short epoch restarts the "
+                        "workers inside the timed steps (default: the file list repeated so that one epoch "
+                        "holds every measurement)")
     p.add_argument("--out", help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -249,8 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     images = args.images or (4096 if cuda else 320)
     batch = args.batch or (256 if cuda else 8)
     steps = args.steps or (50 if cuda else 30)
-    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     workers = args.workers if args.workers is not None else (cores if cuda else 1)
+    loader_rounds = args.rounds or (1 if cuda else 5)
+    loader_steps = args.loader_steps or (steps if cuda else 120)
+    # On CUDA the warm-up lets every worker deliver its first batch, so the timed steps start in the
+    # steady state rather than on a queue the workers filled together.
+    warmup = args.warmup if args.warmup is not None else (max(10, workers) if cuda else 2)
+    # One epoch holds the warm-up, the timed steps and what the workers fetch ahead (2 batches each).
+    epoch_batches = 0 if args.restart_workers else warmup + max(steps, loader_steps) + 2 * max(1, workers)
     size = tuple(int(v) for v in args.size.lower().split("x"))
     paths = args.paths or [p for p in PATHS if cuda or p != "gpu"]
     if "gpu" in paths and not cuda:
@@ -266,8 +323,16 @@ def main(argv: list[str] | None = None) -> int:
         mean_bytes = write_jpegs(Path(tmp), images, size)
         print(f"wrote {images} JPEGs of {size[0]}x{size[1]} ({mean_bytes / 1e3:.0f} KB each) "
               f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-        loaders = {path: training_loader(Path(tmp), path, batch, workers, cuda) for path in paths}
-        loader_ips = {path: loader_throughput(loader, device, lighting, warmup, steps) for path, loader in loaders.items()}
+        loaders = {path: training_loader(Path(tmp), path, batch, workers, cuda, epoch_batches) for path in paths}
+        repeats = len(next(iter(loaders.values())).dataset) // images
+        main_threads = None if cuda else max(1, cores - workers)
+        # Rounds with the paths taking turns, so that a change in the machine's speed hits them alike;
+        # the median round.
+        rounds: dict[str, list[float]] = {path: [] for path in loaders}
+        for _ in range(loader_rounds):
+            for path, loader in loaders.items():
+                rounds[path].append(loader_throughput(loader, device, lighting, warmup, loader_steps, main_threads))
+        loader_ips = {path: float(np.median(r)) for path, r in rounds.items()}
         worker_ips = worker_throughput(loaders)
         mean_ips = mean_pass_throughput(Path(tmp), images, workers, device)
         nets = []
@@ -288,12 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     reference = loader_ips.get("resize-then-crop")
     one_worker = worker_ips.get("resize-then-crop")
     loader_rows = {
-        path: {"images_per_s": ips, "images_per_s_per_worker": ips / max(1, workers),
+        path: {"images_per_s": ips, "rounds_images_per_s": rounds[path], "images_per_s_per_worker": ips / max(1, workers),
                "vs_resize_then_crop": None if reference is None else ips / reference,
                "one_worker_images_per_s": worker_ips[path],
                "one_worker_vs_resize_then_crop": None if one_worker is None else worker_ips[path] / one_worker}
         for path, ips in loader_ips.items()
     }
+    print(f"partial decoding: {partial_decoding() or 'not built (crop-first is crop-first-pil)'}")
     print(f"{'path':<17} {'loader img/s':>12} {'per worker':>10} {'vs reference':>12} {'one worker':>10} {'vs reference':>12}")
     for path, r in loader_rows.items():
         ratio = "" if r["vs_resize_then_crop"] is None else f"{r['vs_resize_then_crop']:.2f}x"
@@ -324,9 +390,13 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
             "pillow": Image.__version__,
+            "partial_decoding": partial_decoding(),
             "python": platform.python_version(),
             "settings": {
-                "images": images, "batch": batch, "steps": steps, "warmup": warmup, "workers": workers,
+                "images": images, "batch": batch, "steps": steps, "loader_steps": loader_steps, "warmup": warmup,
+                "workers": workers,
+                "epoch_images": images * repeats, "restart_workers": args.restart_workers,
+                "loader_main_threads": main_threads, "loader_rounds": loader_rounds,
                 "jpeg_size": list(size), "jpeg_mean_bytes": round(mean_bytes), "lighting": args.lighting,
                 "compile": args.compile, "bf16_autocast": cuda, "channels_last": cuda,
             },

@@ -15,7 +15,8 @@ to the original image, and only that region is resampled to 224x224:
   one compiled module was built (`_jpegcrop`, libjpeg-turbo; `partial_decoding()` says), only the
   region under the box and its filter's reach is decoded: the rows above it are skipped without being
   reconstructed, the columns outside it are not reconstructed, decoding stops below it. The pixels
-  the filter reads are the whole-image decoder's, so the view is the same, pixel for pixel.
+  the filter reads are the whole-image decoder's, so the view is the same up to PIL's rounding of
+  its filter weights for a box shifted by whole pixels (at most 2 levels of 255; tested).
 - `EncodedView` + `BatchDecoder` (`--decode gpu`): the worker reads the file's bytes and draws the
   view; the training process decodes the batch's JPEGs at once on the device (torchvision's batched
   `decode_jpeg`, nvJPEG on CUDA) and resamples each box there (`torchvision.ops.roi_align`, which
