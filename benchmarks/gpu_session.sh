@@ -9,18 +9,19 @@
 #   1. the GPU tests: --cuda-graph's captured step against the eager step (tests/test_graphstep.py),
 #      captured fused runs against runs alone (tests/test_fused.py), and --decode gpu's nvJPEG batches
 #      against the CPU decoder's (tests/test_decode.py)
-#   2. grid_throughput.py, every depth, (a)-(h) (JSON), 10 warm-up + 3 x 30 timed steps a net (the
-#      2026-11-27 session's 20 + 3 x 60 took 173 s for (a)-(d) alone; (e)-(h) are the new figures)
-#   3. a full paper-schedule run (64k iterations) of ResNet-20 on real Fashion-MNIST with
+#   2. imagenet_throughput.py (JSON): the resize-then-crop reference, the CPU path (PIL alone, and
+#      with partial decoding) and --decode gpu, loader and end to end (issue 20's GPU figure, the
+#      one an open issue waits for, so it comes before the rest)
+#   3. grid_throughput.py, every depth, (a)-(h) (JSON, written after each measurement), 10 warm-up +
+#      3 x 30 timed steps a net (the 2026-11-27 session's 20 + 3 x 60 took 173 s for (a)-(d) alone;
+#      (e)-(h) are the new figures)
+#   4. a full paper-schedule run (64k iterations) of ResNet-20 on real Fashion-MNIST with
 #      --cuda-graph, bf16; stopped by SIGTERM at its limit (it checkpoints; metrics.parquet says
 #      how far it got)
-#   3b. the degradation grid, plain and residual twins fused in pairs (--fuse 2 --cuda-graph),
+#   4b. the degradation grid, plain and residual twins fused in pairs (--fuse 2 --cuda-graph),
 #      stopped at its limit
-#   4. imagenet_throughput.py (JSON), if time is left: the resize-then-crop reference, the CPU path
-#      (PIL alone, and with partial decoding) and --decode gpu, loader and end to end (issue 20's GPU
-#      figure)
-# The 2026-11-27 session (results/) ran the version before --cuda-graph: its step 2 was a
-# --compile run, and its grid benchmark had a hand-written (d) and no (e)-(g).
+# The 2026-11-27 session (results/) ran an earlier version (its steps 2-3 were the grid benchmark
+# and a --compile run, its ImageNet step came last), and its grid benchmark had a hand-written (d) and no (e)-(g).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -39,38 +40,47 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gp
 python3 -c "import sys, torch, torchvision; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.get_device_name())" >> "$LOG" 2>&1
 echo "cores: $(nproc); cc: $(command -v cc gcc | head -1); commit: $(git rev-parse --short HEAD 2>/dev/null)" >> "$LOG"
 # The CPU path's partial JPEG decoding (study/data/_jpegcrop.c) is built here if this machine has a
-# compiler and libjpeg-turbo's headers; otherwise step 4's crop-first is PIL's (the JSON says which).
+# compiler and libjpeg-turbo's headers; otherwise step 2's crop-first is PIL's (the JSON says which).
 python3 setup.py -q build_ext --inplace >> "$LOG" 2>&1 || echo "setup.py build_ext failed" >> "$LOG"
 python3 -c "from study.data.decode import partial_decoding as p; print('partial JPEG decoding:', p() or 'not built')" >> "$LOG" 2>&1
-# Steps 3 and 3b train on real Fashion-MNIST, which has to be carried: say so now, not as two
+# Steps 4 and 4b train on real Fashion-MNIST, which has to be carried: say so now, not as two
 # failed steps later.
 DATA_OK=1
 for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
-    [ -s "data/fashion-mnist/$f.gz" ] || [ -s "data/fashion-mnist/$f" ] || { DATA_OK=0; log "MISSING data/fashion-mnist/$f[.gz]: steps 3 and 3b will be skipped (carry data/fashion-mnist)"; }
+    [ -s "data/fashion-mnist/$f.gz" ] || [ -s "data/fashion-mnist/$f" ] || { DATA_OK=0; log "MISSING data/fashion-mnist/$f[.gz]: steps 4 and 4b will be skipped (carry data/fashion-mnist)"; }
 done
 # Fresh run directories: on a machine kept warm from an earlier call, fixed ones would resume.
 E2E=$(mktemp -d /tmp/e2e.XXXXXX)
 E2E_FUSED=$(mktemp -d /tmp/e2e_fused.XXXXXX)
 
-t=$(slot 75 440)
+t=$(slot 75 455)
 log "1. GPU tests: --cuda-graph against eager, --fuse captured against alone, limit ${t}s"
 limited "$t" "$t" python3 -m pytest -q -p no:cacheprovider -k on_a_gpu tests/test_graphstep.py tests/test_fused.py tests/test_decode.py >> "$LOG" 2>&1
 log "rc=$?"
 
-t=$(slot 250 200)
-log "2. grid throughput: (a) reference, (b) fast, (c) K processes, (d) --cuda-graph, (e) (d) in K processes, (f) (d) on K streams, (g) --fuse 2 and 10, (h) --fuse 2 in K processes (bf16), limit ${t}s"
+t=$(slot 150 305)
+log "2. ImageNet throughput: resize-then-crop, crop-first-pil, crop-first and gpu paths; loader vs model, ResNet-18/34, limit ${t}s"
+# 2,048 JPEGs, repeated so that one epoch holds each measurement (16 + 32 steps of 256 with 16
+# workers: the 2026-11-27 figure restarted the workers every 8 batches, inside the timed steps). The
+# JSON is rewritten after each part, so a stop at the limit keeps what was measured.
+limited "$t" "$t" python3 benchmarks/imagenet_throughput.py --images 2048 --steps 32 \
+    --out "$OUT/imagenet_throughput_gpu.json" >> "$LOG" 2>&1
+log "rc=$?"
+
+t=$(slot 170 135)
+log "3. grid throughput: (a) reference, (b) fast, (c) K processes, (d) --cuda-graph, (e) (d) in K processes, (f) (d) on K streams, (g) --fuse 2 and 10, (h) --fuse 2 in K processes (bf16), limit ${t}s"
 limited "$t" "$t" python3 benchmarks/grid_throughput.py --steps 30 --warmup 10 --out "$OUT/grid_throughput_gpu.json" >> "$LOG" 2>&1
 log "rc=$?"
 
 (( DATA_OK )) || SKIP_WHY=" (data/fashion-mnist was not carried)"
-t=$(slot 130 190); (( DATA_OK )) || t=0
-log "3. end to end: ResNet-20, 64k iterations, real Fashion-MNIST, --cuda-graph, bf16, limit ${t}s"
+t=$(slot 80 55); (( DATA_OK )) || t=0
+log "4. end to end: ResNet-20, 64k iterations, real Fashion-MNIST, --cuda-graph, bf16, limit ${t}s"
 limited "$t" -s TERM -k 30 "$t" python3 -m study run --arch resnet --depth 20 \
     --dataset fashion-mnist --data-dir data/fashion-mnist --cuda-graph --precision bf16 \
     --runs-dir "$E2E" --no-progress >> "$LOG" 2>&1
 log "rc=$?"
-t=$(slot 90 100); (( DATA_OK )) || t=0
-log "3b. the degradation grid, twins fused in pairs, --fuse 2 --cuda-graph, bf16, limit ${t}s"
+t=$(slot 55 0); (( DATA_OK )) || t=0
+log "4b. the degradation grid, twins fused in pairs, --fuse 2 --cuda-graph, bf16, limit ${t}s"
 limited "$t" -s TERM -k 30 "$t" python3 -m study run --grid degradation \
     --dataset fashion-mnist --data-dir data/fashion-mnist --fuse 2 --concurrency 1 --cuda-graph \
     --precision bf16 --runs-dir "$E2E_FUSED" --no-progress >> "$LOG" 2>&1
@@ -98,12 +108,4 @@ EOF
     tar czf "$OUT/$(basename "${d%.*}")_run.tgz" -C "$d" --exclude='*.pt' --exclude='lock' . >> "$LOG" 2>&1
 done
 
-SKIP_WHY=
-t=$(slot 120 0)
-log "4. ImageNet throughput: resize-then-crop, crop-first-pil, crop-first and gpu paths; loader vs model, ResNet-18/34, limit ${t}s"
-# 2,048 JPEGs, repeated so that one epoch holds each measurement (16 + 32 steps of 256 with 16
-# workers: the 2026-11-27 figure restarted the workers every 8 batches, inside the timed steps).
-limited "$t" "$t" python3 benchmarks/imagenet_throughput.py --images 2048 --steps 32 \
-    --out "$OUT/imagenet_throughput_gpu.json" >> "$LOG" 2>&1
-log "rc=$?"
 log "done"

@@ -266,12 +266,21 @@ def end_to_end(step, loader, device, lighting, warmup: int, steps: int) -> dict:
     }
 
 
+def save(result: dict, out: str | None) -> None:
+    """Write ``result`` as JSON to ``out`` (if given), replacing it whole."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(out).with_suffix(".json.part")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--images", type=int, help="synthetic training JPEGs (CPU 320, CUDA 4096)")
     p.add_argument("--batch", type=int, help="batch size (CPU 8, CUDA 256)")
-    p.add_argument("--steps", type=int, help="timed steps per measurement (CPU 30, CUDA 50)")
+    p.add_argument("--steps", type=int, help="timed steps per net, model alone and end to end (CPU 30, CUDA 50)")
     p.add_argument("--loader-steps", type=int, help="timed batches per loader measurement (CPU 120, CUDA as --steps)")
     p.add_argument("--warmup", type=int, help="untimed steps first (CPU 2, CUDA one per worker, at least 10)")
     p.add_argument("--workers", type=int, help="DataLoader workers (CPU 1, CUDA one per core)")
@@ -334,54 +343,23 @@ def main(argv: list[str] | None = None) -> int:
                 rounds[path].append(loader_throughput(loader, device, lighting, warmup, loader_steps, main_threads))
         loader_ips = {path: float(np.median(r)) for path, r in rounds.items()}
         worker_ips = worker_throughput(loaders)
-        mean_ips = mean_pass_throughput(Path(tmp), images, workers, device)
-        nets = []
-        for depth in args.depths:
-            step = make_step(depth, device, args.compile)
-            model_ips = model_throughput(step, batch, device, warmup, steps)
-            with torch.device("meta"):
-                macs = count_macs(build_model("resnet", depth, shortcut="B", dataset="imagenet"), (3, 224, 224))
-            nets.append({
-                "model": f"resnet{depth}",
-                "model_images_per_s": model_ips,
-                # Forward + backward is about 3 forward passes; a MAC is 2 FLOPs.
-                "model_tflops": 6 * macs * model_ips / 1e12,
-                "end_to_end": {path: end_to_end(step, loader, device, lighting, warmup, steps)
-                               for path, loader in loaders.items()},
-            })
-
-    reference = loader_ips.get("resize-then-crop")
-    one_worker = worker_ips.get("resize-then-crop")
-    loader_rows = {
-        path: {"images_per_s": ips, "rounds_images_per_s": rounds[path], "images_per_s_per_worker": ips / max(1, workers),
-               "vs_resize_then_crop": None if reference is None else ips / reference,
-               "one_worker_images_per_s": worker_ips[path],
-               "one_worker_vs_resize_then_crop": None if one_worker is None else worker_ips[path] / one_worker}
-        for path, ips in loader_ips.items()
-    }
-    print(f"partial decoding: {partial_decoding() or 'not built (crop-first is crop-first-pil)'}")
-    print(f"{'path':<17} {'loader img/s':>12} {'per worker':>10} {'vs reference':>12} {'one worker':>10} {'vs reference':>12}")
-    for path, r in loader_rows.items():
-        ratio = "" if r["vs_resize_then_crop"] is None else f"{r['vs_resize_then_crop']:.2f}x"
-        ratio1 = "" if r["one_worker_vs_resize_then_crop"] is None else f"{r['one_worker_vs_resize_then_crop']:.2f}x"
-        print(f"{path:<17} {r['images_per_s']:>12.1f} {r['images_per_s_per_worker']:>10.1f} {ratio:>12} "
-              f"{r['one_worker_images_per_s']:>10.1f} {ratio1:>12}")
-    for net in nets:
-        print(f"{net['model']}: model alone {net['model_images_per_s']:.1f} img/s ({net['model_tflops']:.2f} TFLOP/s)")
-        for path, e2e in net["end_to_end"].items():
-            print(f"  {path:<17} end to end {e2e['images_per_s']:>9.1f} img/s, data {e2e['data_s_per_step']:.3f} s "
-                  f"+ model {e2e['model_s_per_step']:.3f} s per step: {100 * e2e['data_fraction']:.1f}% waiting for data")
-
-    base = reference or next(iter(loader_ips.values()))
-    mean_pass = {
-        "images_per_s": mean_ips,
-        "ratio_to_training_loader": mean_ips / base,
-        "imagenet_minutes": IMAGENET_TRAIN_IMAGES / mean_ips / 60,
-    }
-    print(f"per-pixel mean pass: {mean_ips:.1f} img/s; over ImageNet's {IMAGENET_TRAIN_IMAGES:,} training images: "
-          f"{mean_pass['imagenet_minutes']:.1f} min with {workers} workers")
-
-    if args.out:
+        reference = loader_ips.get("resize-then-crop")
+        one_worker = worker_ips.get("resize-then-crop")
+        loader_rows = {
+            path: {"images_per_s": ips, "rounds_images_per_s": rounds[path],
+                   "images_per_s_per_worker": ips / max(1, workers),
+                   "vs_resize_then_crop": None if reference is None else ips / reference,
+                   "one_worker_images_per_s": worker_ips[path],
+                   "one_worker_vs_resize_then_crop": None if one_worker is None else worker_ips[path] / one_worker}
+            for path, ips in loader_ips.items()
+        }
+        print(f"partial decoding: {partial_decoding() or 'not built (crop-first is crop-first-pil)'}")
+        print(f"{'path':<17} {'loader img/s':>12} {'per worker':>10} {'vs reference':>12} {'one worker':>10} {'vs reference':>12}")
+        for path, r in loader_rows.items():
+            ratio = "" if r["vs_resize_then_crop"] is None else f"{r['vs_resize_then_crop']:.2f}x"
+            ratio1 = "" if r["one_worker_vs_resize_then_crop"] is None else f"{r['one_worker_vs_resize_then_crop']:.2f}x"
+            print(f"{path:<17} {r['images_per_s']:>12.1f} {r['images_per_s_per_worker']:>10.1f} {ratio:>12} "
+                  f"{r['one_worker_images_per_s']:>10.1f} {ratio1:>12}", flush=True)
         result = {
             "benchmark": "imagenet_throughput",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -402,11 +380,43 @@ def main(argv: list[str] | None = None) -> int:
             },
             "reference": "resize-then-crop",
             "loaders": loader_rows,
-            "nets": nets,
-            "pixel_mean_pass": mean_pass,
+            "nets": [],
+            "pixel_mean_pass": None,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        # Written after each part, so that a run stopped at a time limit keeps what it measured.
+        save(result, args.out)
+        for depth in args.depths:
+            step = make_step(depth, device, args.compile)
+            model_ips = model_throughput(step, batch, device, warmup, steps)
+            with torch.device("meta"):
+                macs = count_macs(build_model("resnet", depth, shortcut="B", dataset="imagenet"), (3, 224, 224))
+            net = {
+                "model": f"resnet{depth}",
+                "model_images_per_s": model_ips,
+                # Forward + backward is about 3 forward passes; a MAC is 2 FLOPs.
+                "model_tflops": 6 * macs * model_ips / 1e12,
+                "end_to_end": {path: end_to_end(step, loader, device, lighting, warmup, steps)
+                               for path, loader in loaders.items()},
+            }
+            result["nets"].append(net)
+            save(result, args.out)
+            print(f"{net['model']}: model alone {net['model_images_per_s']:.1f} img/s ({net['model_tflops']:.2f} TFLOP/s)")
+            for path, e2e in net["end_to_end"].items():
+                print(f"  {path:<17} end to end {e2e['images_per_s']:>9.1f} img/s, data {e2e['data_s_per_step']:.3f} s "
+                      f"+ model {e2e['model_s_per_step']:.3f} s per step: {100 * e2e['data_fraction']:.1f}% waiting for data",
+                      flush=True)
+        mean_ips = mean_pass_throughput(Path(tmp), images, workers, device)
+
+    base = reference or next(iter(loader_ips.values()))
+    result["pixel_mean_pass"] = {
+        "images_per_s": mean_ips,
+        "ratio_to_training_loader": mean_ips / base,
+        "imagenet_minutes": IMAGENET_TRAIN_IMAGES / mean_ips / 60,
+    }
+    print(f"per-pixel mean pass: {mean_ips:.1f} img/s; over ImageNet's {IMAGENET_TRAIN_IMAGES:,} training images: "
+          f"{result['pixel_mean_pass']['imagenet_minutes']:.1f} min with {workers} workers")
+    save(result, args.out)
+    if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

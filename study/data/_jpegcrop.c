@@ -1,18 +1,23 @@
 /* Partial JPEG decoding for the CPU path's training views (study.data.decode).
  *
- * A training view keeps a box of the image, a quarter of it or less for most ImageNet photos, yet a
+ * A training view keeps a box of the image, 16-58% of a 500x375 photo, yet a
  * whole-image decoder (PIL's) runs the inverse DCT, upsampling and colour conversion over every
- * pixel. libjpeg-turbo (1.5 and later) can do less: jpeg_skip_scanlines passes over the rows above
- * the box without reconstructing them, jpeg_crop_scanline reconstructs only the iMCU columns that
- * hold the box, and decoding stops after the box's last row. Neither PIL nor torchvision exposes
- * these calls, so this module does, and nothing more: the resampling stays PIL's.
+ * pixel. libjpeg-turbo can do less: jpeg_skip_scanlines passes over the rows above the box without
+ * reconstructing them, jpeg_crop_scanline reconstructs only the iMCU columns that hold the box, and
+ * decoding stops after the box's last row. Neither PIL nor torchvision exposes these calls, so this
+ * module does, and nothing more: the resampling stays PIL's. It needs libjpeg-turbo 2.0.6 or later
+ * (older ones had bugs in jpeg_skip_scanlines, an endless loop among them); with an older library it
+ * does not compile, and the package decodes whole images with PIL instead.
  *
  * decode_region(data, denom, x0, y0, x1, y1) -> (pixels, x, y, width, height)
  *   data: a JPEG file's bytes (3-component; the caller sends greyscale and CMYK files to PIL).
  *   denom: decode at 1/denom of the size (1, 2, 4 or 8: PIL's draft scales).
  *   x0, y0, x1, y1: the region wanted, in pixels of the (scaled) image, x1 and y1 exclusive.
  *   Returns the RGB pixels (bytes, row-major, 3 bytes a pixel) of the region decoded, which starts at
- *   column x (at or left of x0: an iMCU boundary), row y (= y0) and is width x height pixels.
+ *   column x (at or left of x0: an iMCU boundary), row y (= y0) and is width x height pixels. Its
+ *   pixels are those of the whole image's decode but for its outermost columns (unless they are the
+ *   image's), whose chroma is upsampled as at an edge. A region narrower than MIN_WIDTH is widened
+ *   to it: at a width of a chroma sample or two libjpeg-turbo upsamples chroma differently.
  *   Raises ValueError with libjpeg's message on corrupt data, or when the data ends before the rows
  *   wanted do.
  */
@@ -26,6 +31,12 @@
 
 #include <jpeglib.h>
 #include <jerror.h>
+
+#if !defined(LIBJPEG_TURBO_VERSION_NUMBER) || LIBJPEG_TURBO_VERSION_NUMBER < 2000006
+#error "_jpegcrop needs libjpeg-turbo 2.0.6 or later (jpeg_skip_scanlines and jpeg_crop_scanline without their early bugs)"
+#endif
+
+#define MIN_WIDTH 32
 
 struct error_mgr {
     struct jpeg_error_mgr pub;
@@ -89,6 +100,11 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         if ((JDIMENSION)x1 > cinfo.output_width || (JDIMENSION)y1 > cinfo.output_height || cinfo.output_components != 3) {
             too_small = 1;
         } else {
+            if (x1 - x0 < MIN_WIDTH) {  /* widen to the right, then to the left, within the image */
+                x1 = x0 + MIN_WIDTH > (int)cinfo.output_width ? (int)cinfo.output_width : x0 + MIN_WIDTH;
+                x0 = x1 - MIN_WIDTH < 0 ? 0 : x1 - MIN_WIDTH;
+                x = (JDIMENSION)x0;
+            }
             width = (JDIMENSION)(x1 - x0);
             if (width < cinfo.output_width)  /* the whole width: nothing to crop (and crop_scanline would refuse) */
                 jpeg_crop_scanline(&cinfo, &x, &width);
@@ -115,7 +131,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         if (failed || err.truncated)
             PyErr_Format(PyExc_ValueError, "%s", err.message);
         else if (too_small)
-            PyErr_SetString(PyExc_ValueError, "decode_region: the region lies outside the image, or it is not a 3-component JPEG");
+            PyErr_SetString(PyExc_ValueError, "decode_region: the region lies outside the image");
         else
             PyErr_NoMemory();
         return NULL;
@@ -141,7 +157,7 @@ static PyMethodDef methods[] = {
     {"decode_region", decode_region, METH_VARARGS,
      "decode_region(data, denom, x0, y0, x1, y1) -> (rgb bytes, x, y, width, height): the rows y0..y1 "
      "and at least the columns x0..x1 of a JPEG at 1/denom of its size (see the module's source)."},
-    {"library_version", library_version, METH_NOARGS, "The JPEG library this module was built against."},
+    {"library_version", library_version, METH_NOARGS, "The JPEG library this module was compiled against."},
     {NULL, NULL, 0, NULL},
 };
 

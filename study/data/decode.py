@@ -115,8 +115,10 @@ def draft_scale(size: tuple[int, int], resized: tuple[int, int]) -> int:
 
 def _partial(image: Image.Image, view: View, draft: bool) -> Image.Image | None:
     """The view's box resampled from a decode of the region under it (`_jpegcrop`), or None for a
-    file that goes to PIL whole: not a 3-component JPEG, or one whose data does not end with the
-    end-of-image marker (a truncated file: PIL's decoder says so, whichever crop is drawn)."""
+    file that goes to PIL whole: not a 3-component JPEG, one whose data does not end with the
+    end-of-image marker (a truncated file: PIL's decoder says so, whichever crop is drawn), or one
+    libjpeg-turbo cannot decode the region of. (Corrupt data below the region goes unnoticed here,
+    where PIL's whole decode might stop on it.)"""
     if _jpegcrop is None or image.format != "JPEG" or image.mode != "RGB" or len(image.tile) != 1:
         return None
     image.fp.seek(0)
@@ -135,8 +137,8 @@ def _partial(image: Image.Image, view: View, draft: bool) -> Image.Image | None:
               min(w, math.ceil(x1) + mx), min(h, math.ceil(y1) + my))
     try:
         pixels, left, top, rw, rh = _jpegcrop.decode_region(data, denom, *region)
-    except ValueError as e:  # libjpeg's message: corrupt data, or data ending inside the region
-        raise OSError(e) from e
+    except ValueError:  # corrupt data, data ending inside the region, a feature this libjpeg lacks:
+        return None  # PIL decodes the whole file, and names it if it cannot either
     rgb = Image.frombuffer("RGB", (rw, rh), pixels, "raw", "RGB", 0, 1)
     return rgb.resize((view.crop, view.crop), Image.BILINEAR, box=(x0 - left, y0 - top, x1 - left, y1 - top))
 
