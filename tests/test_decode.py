@@ -148,11 +148,11 @@ def test_a_decoded_region_holds_the_whole_decoders_pixels(tmp_path, size):
         image.draft("RGB", (size[0] // denom, size[1] // denom))
         whole = np.asarray(image.convert("RGB"))
         h, w = whole.shape[:2]
-        for _ in range(25):
+        for k in range(25):
             x0, y0 = int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))
             # Narrow regions too (1-4 columns): they are widened to 32, as libjpeg-turbo upsamples
             # the chroma of a region a chroma sample or two wide differently.
-            x1 = x0 + int(rng.integers(1, 5)) if _ % 5 == 0 else int(rng.integers(x0 + 1, w + 1))
+            x1 = x0 + int(rng.integers(1, 5)) if k % 5 == 0 else int(rng.integers(x0 + 1, w + 1))
             y1 = int(rng.integers(y0 + 1, h + 1))
             pixels, x, y, rw, rh = decode._jpegcrop.decode_region(data, denom, x0, y0, x1, y1)
             assert x <= x0 and x + rw >= x1 and (y, rh) == (y0, y1 - y0) and rw >= min(32, w)
