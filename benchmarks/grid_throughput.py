@@ -8,8 +8,8 @@ measures training images/s of every net of the grid (plain and residual at each 
   `Normalize`, a `DataLoader` (shuffle, 4 workers, pinned memory on CUDA), eager fp32 in the default
   memory format, cuDNN autotuning on, one net at a time, a plain SGD step and the usual per-step
   logging of loss and top-1 (`.item()`, one host sync per step);
-- (b) fast, one run: the per-step work of `study.train.train_run`: the whole uint8 set on the device,
-  `study.data.train_batches`, and `study.train.sgd_step` (the loop's own step), the paper's schedule
+- (b) fast, one run: the per-step work of `study.train.train_steps`: the whole uint8 set on the device,
+  `study.train.feeds.CifarFeed`'s batches, and `study.train.sgd_step` (the loop's own step), the paper's schedule
   (`lr_at`), channels-last and bf16 autocast on CUDA (`--precision`), running sums kept on the device;
 - (c) fast, concurrent grid: K processes (`--concurrency`, as `study run --concurrency K`), each
   training a different net of the grid with (b) at the same time;
@@ -78,13 +78,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from study.config import PAPER_BATCH_SIZE, PAPER_ITERATIONS, PRECISIONS, RunConfig
-from study.data import Data, Split, augment, dataset_info, normalize, train_batches
+from study.data import Data, Split, dataset_info
 from study.data.sources import pixel_mean
-from study.models import build_model, count_macs, count_params
+from study.models import build_model, count_macs, count_params, memory_format
 from study.fast.fused import FusedNets, Join, fusion_key
 from study.fast.graphstep import EAGER_STEPS_BEFORE_CAPTURE, GraphedStep
 from study.probes import GradientNorms
 from study.train import AUTO_GPU_CONCURRENCY, compile_model, lr_at, resolve_device, sgd_step, tune_device
+from study.train.distributed import SINGLE
+from study.train.feeds import CifarFeed
 
 TRAIN_SIZE = 50_000  # CIFAR-10's training set
 # The per-channel statistics every torchvision CIFAR recipe normalises with.
@@ -152,6 +154,17 @@ def forever(epochs: Callable[[], Iterable]) -> Iterator:
         yield from epochs()
 
 
+def feed_batches(cfg: RunConfig, data: Data, device: torch.device, gen: torch.Generator) -> Iterator:
+    """The loop's own batches (`CifarFeed`: the epoch's order and the augmentation drawn from
+    ``gen``, normalised, in the device's memory format), epoch after epoch."""
+    feed, epoch = CifarFeed(cfg, data, device, SINGLE), 0
+    while True:
+        feed.start_epoch(epoch, gen, None)
+        while (batch := feed.next_batch(gen)) is not None:
+            yield batch[0], batch[1]
+        epoch += 1
+
+
 # --- the two training steps ----------------------------------------------------------------------
 
 def make_reference_step(arch: str, depth: int, batches: Iterator, device: torch.device) -> Callable[[], int]:
@@ -179,10 +192,10 @@ def make_reference_step(arch: str, depth: int, batches: Iterator, device: torch.
 
 def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bool = False,
                    cuda_graph: bool = False) -> Callable[[], int]:
-    """One iteration of `study.train.train_run`'s loop for ``cfg`` (same model set-up, data order,
+    """One iteration of `study.train.train_steps`' loop for ``cfg`` (same model set-up, data order,
     augmentation, schedule, autocast, memory format and on-device running sums), without its
     per-epoch evaluation, checkpoint and logging; returns the batch's image count. ``compile`` and
-    ``cuda_graph`` are `train_run`'s (`study run --compile`, `--cuda-graph`): compilation and
+    ``cuda_graph`` are the plan's (`study run --compile`, `--cuda-graph`): compilation and
     CUDA-graph capture happen in the first steps, which the caller leaves out of its timing.
 
     It mirrors that loop: when the loop changes, change this with it. Warm-up's per-step error
@@ -192,18 +205,17 @@ def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bo
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=data.info.num_classes,
                         in_channels=data.info.in_channels).to(device)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = model.to(memory_format=memory_format(device))
     model.train()
     tune_device(device)
     forward = compile_model(model, device) if compile else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     grad_norms = GradientNorms(model)
-    graphed = GraphedStep(model, opt, [w for _, w in grad_norms.params], bf16=cfg.precision == "bf16",
+    graphed = GraphedStep(model, opt, [w for _, w in grad_norms.params], bf16=cfg.bf16,
                           device=device) if cuda_graph else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    batches = forever(lambda: train_batches(data.train, cfg.batch_size, gen))
+    batches = feed_batches(cfg, data, device, gen)
     loss_sum = torch.zeros((), device=device)
     wrong = torch.zeros((), device=device, dtype=torch.long)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
@@ -211,9 +223,7 @@ def make_fast_step(cfg: RunConfig, data: Data, device: torch.device, compile: bo
 
     def step() -> int:
         nonlocal iteration, first_bad
-        x_u8, y = next(batches)
-        # CifarFeed.next_batch's work on a batch, then the loop's own step.
-        x = augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt)
+        x, y = next(batches)
         lr = lr_at(cfg, iteration, False)
         if graphed is not None:
             loss, out, norms = graphed.step(x, y, lr, norms=grad_norms.due(iteration + 1))
@@ -239,19 +249,18 @@ def make_fused_step(cfgs: list[RunConfig], data: Data, device: torch.device) -> 
     batch and augmentation as `make_fast_step` makes them, then one `FusedNets` step for all, on
     CUDA captured as with ``--cuda-graph``; returns the images of all K batches. It mirrors the
     fused path of `study.train.train_steps`: when that changes, change this with it."""
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     members, feeds = [], []
     for cfg in cfgs:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=data.info.num_classes,
-                            in_channels=data.info.in_channels).to(device).to(memory_format=fmt)
+                            in_channels=data.info.in_channels).to(device).to(memory_format=memory_format(device))
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         grad_norms = GradientNorms(model)
         members.append(Join(model, opt, [n for n, _ in grad_norms.params], fusion_key(cfg, model),
-                            bf16=cfg.precision == "bf16", name=cfg.run_id))
+                            bf16=cfg.bf16, name=cfg.run_id))
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         sums = (torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
-        batches = forever(lambda cfg=cfg, gen=gen: train_batches(data.train, cfg.batch_size, gen))
+        batches = feed_batches(cfg, data, device, gen)
         feeds.append((gen, batches, grad_norms, sums))
     tune_device(device)
     fused = FusedNets(members, device, capture=device.type == "cuda")
@@ -261,8 +270,8 @@ def make_fused_step(cfgs: list[RunConfig], data: Data, device: torch.device) -> 
         nonlocal iteration
         xs, ys = [], []
         for gen, batches, _, _ in feeds:
-            x_u8, y = next(batches)
-            xs.append(augment(normalize(x_u8, data.mean), gen).contiguous(memory_format=fmt))
+            x, y = next(batches)
+            xs.append(x)
             ys.append(y)
         results = fused.step(xs, ys, lr_at(cfgs[0], iteration, False), norms=feeds[0][2].due(iteration + 1))
         iteration += 1

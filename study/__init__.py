@@ -2,8 +2,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+#: The distribution's name (`pip install resnet-degradation-study`): `study` on PyPI is another project.
+DISTRIBUTION = "resnet-degradation-study"
+
 try:
-    __version__ = version("study")
+    __version__ = version(DISTRIBUTION)
 except PackageNotFoundError:  # running from a source tree that was not pip-installed
     __version__ = "0.0.0+unknown"
 

@@ -117,6 +117,11 @@ class RunConfig:
         return self.dataset in IMAGENET_DATASETS
 
     @property
+    def bf16(self) -> bool:
+        """Whether the run trains under bf16 autocast (`--precision bf16`, a deviation) or in fp32."""
+        return self.precision == "bf16"
+
+    @property
     def run_id(self) -> str:
         """Readable directory name, e.g. `cifar10-plain56-A-s0`; non-paper settings add a suffix
         (`-it2000`, `-b64`, `-val`, `-bf16`; from the Python API also `-lr0.05`, `-wd0.0005`, ...) so

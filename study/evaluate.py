@@ -131,7 +131,7 @@ def evaluate_run(run: Run, loader, device, *, progress: bool = False, pixel_mean
     from tqdm import tqdm
 
     from .data.imagenet import IMAGENET_MEAN, ten_crop_error
-    from .models import build_model
+    from .models import build_model, memory_format
 
     if run.cfg.mean == "pixel" and pixel_mean is None:
         raise ValueError(f"run {run.cfg.run_id} subtracts the per-pixel mean: pass pixel_mean")
@@ -155,12 +155,10 @@ def evaluate_run(run: Run, loader, device, *, progress: bool = False, pixel_mean
             "pass --data-dir pointing at the ImageNet copy the run trained on"
         ) from None
     mean = pixel_mean() if run.cfg.mean == "pixel" else IMAGENET_MEAN
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # as in training: cuDNN's fastest kernels
+    model = model.to(device).to(memory_format=memory_format(device))  # the layout it trained in
     bar = tqdm(total=len(loader), desc=cfg.run_id, unit="batch", disable=not progress, leave=False, dynamic_ncols=True)
     try:
-        result = ten_crop_error(model, _Progress(loader, bar), device, mean=mean, autocast=cfg.precision == "bf16")
+        result = ten_crop_error(model, _Progress(loader, bar), device, mean=mean, autocast=cfg.bf16)
     finally:
         bar.close()
     return {

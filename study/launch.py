@@ -36,6 +36,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .config import ConfigError, RunConfig
 from .runstore import (
     FINAL_STATUSES,
@@ -45,12 +47,15 @@ from .runstore import (
     list_runs,
 )
 
-try:  # optional: `pip install 'study[slurm]'`; submit() says so when it is missing
+try:  # optional: `pip install 'resnet-degradation-study[slurm]'`; submit() says so when it is missing
     import submitit
     from submitit.helpers import Checkpointable
 except ImportError:  # pragma: no cover - exercised only without submitit
     submitit = None
     Checkpointable = object
+
+if TYPE_CHECKING:
+    from .train.plan import ExecutionPlan
 
 LAUNCHERS = ("local", "slurm")
 SLURM_DIR = "_slurm"  # submitit's folder under the runs dir: pickles, sbatch files, logs
@@ -84,10 +89,7 @@ def _options(args: argparse.Namespace) -> dict:
     opts["gpus_per_run"] = opts["gpus_per_run"] or DEFAULT_GPUS
     if opts["slurm_max_timeouts"] is None:
         opts["slurm_max_timeouts"] = DEFAULT_MAX_TIMEOUTS
-    device = str(getattr(args, "device", "auto") or "auto")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"unknown device {device!r}; use --device auto, cpu or cuda")
-    opts["cpu_only"] = device == "cpu"  # the jobs ask for no GPU
+    opts["cpu_only"] = str(getattr(args, "device", "auto") or "auto") == "cpu"  # the jobs ask for no GPU
     return opts
 
 
@@ -158,21 +160,24 @@ class SlurmTask(Checkpointable):
     """One array task: train (or resume) one run. Its state is the run directory, so the
     checkpoint submitit pickles on requeue is the task itself, unchanged."""
 
-    def __init__(
-        self, cfg: RunConfig, runs_dir: str, *, data_dir: str | None = None, device: str = "auto",
-        compile: bool = False, cuda_graph: bool = False, sync_bn: bool = False, workers: int | None = None,
-        tensorboard: str | None = None, decode: str = "cpu",
-    ) -> None:
+    def __init__(self, cfg: RunConfig, runs_dir: str, plan: "ExecutionPlan", *, data_dir: str | None = None,
+                 tensorboard: str | None = None) -> None:
         self.cfg = cfg
         self.runs_dir = runs_dir
+        self.plan = plan.for_task()  # how the job array was asked to train, for one run on this node
         self.data_dir = data_dir
-        self.device = device
-        self.compile = compile
-        self.cuda_graph = cuda_graph
-        self.sync_bn = sync_bn
-        self.workers = workers
         self.tensorboard = tensorboard
-        self.decode = decode
+
+    def __setstate__(self, state: dict) -> None:
+        """A task pickled by a version before the plan (requeued across an upgrade): its flags as a plan."""
+        if "plan" not in state:
+            from .train.plan import ExecutionPlan
+
+            state["plan"] = ExecutionPlan(
+                device=state.pop("device", "auto"), compile=state.pop("compile", False),
+                cuda_graph=state.pop("cuda_graph", False), sync_bn=state.pop("sync_bn", False),
+                workers=state.pop("workers", None), decode=state.pop("decode", "cpu"))
+        self.__dict__.update({"tensorboard": None, **state})
 
     def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
         """Called by submitit (rank 0) just before it requeues this task: the run's state is on disk
@@ -197,7 +202,7 @@ class SlurmTask(Checkpointable):
         if dist is not None:
             where += f", {dist}"
         print(f"study: {self.cfg.run_id}: {where}", flush=True)
-        ddp = distributed_from_env(sync_bn=self.sync_bn)  # the single process unless WORLD_SIZE > 1
+        ddp = distributed_from_env()  # the single process unless WORLD_SIZE > 1
 
         run = Run(self.runs_dir, self.cfg)
         usr_sig = _preempt_signal()
@@ -218,12 +223,9 @@ class SlurmTask(Checkpointable):
                 signal.signal(signal.SIGTERM, request_stop)
                 signal.signal(usr_sig, request_stop)
                 try:
-                    results = run_all(
-                        [self.cfg], self.runs_dir, data_dir=self.data_dir, device=self.device,
-                        progress=False, stop=stop, concurrency=1, compile=self.compile,
-                        cuda_graph=getattr(self, "cuda_graph", False), ddp=ddp, workers=self.workers,
-                        tensorboard=getattr(self, "tensorboard", None), decode=getattr(self, "decode", "cpu"),
-                    )
+                    plan = replace(self.plan, processes=ddp.world)  # the job's processes, as SLURM started them
+                    results = run_all([self.cfg], self.runs_dir, plan, data_dir=self.data_dir, progress=False,
+                                      stop=stop, ddp=ddp, tensorboard=self.tensorboard)
                 except StopRequested as e:
                     stopped = e
         except Exception as e:
@@ -288,18 +290,22 @@ def _one_line_error(text: str) -> str:
     return re.sub(r"^sbatch: error: ", "", last)
 
 
-def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *, executor=None) -> int:
-    """Submit the unfinished runs among `configs` as one job array, one task per run; print one
-    line per submitted run (`run id -> job id`). Runs already pending or running in SLURM (per
-    `slurm_job.json` and squeue) are not submitted twice. `executor` replaces the SlurmExecutor
-    (tests: a submitit LocalExecutor, used as configured). Bad input: ConfigError, DataError or
-    RunStoreError, one line, before anything is submitted. Returns the exit code."""
+def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, plan: "ExecutionPlan | None" = None, *,
+           executor=None) -> int:
+    """Submit the unfinished runs among `configs` as one job array, one task per run, each to train
+    as `plan` says (`study run` gives the plan it checked; None: the plan of `args`, checked here);
+    print one line per submitted run (`run id -> job id`). Runs already pending or running in SLURM
+    (per `slurm_job.json` and squeue) are not submitted twice. `executor` replaces the
+    SlurmExecutor (tests: a submitit LocalExecutor, used as configured). Bad input: ConfigError,
+    DataError or RunStoreError, one line, before anything is submitted. Returns the exit code."""
     opts = _options(args)
-    from .train.plan import ExecutionPlan  # torch-heavy
+    if plan is None:
+        from .train.plan import ExecutionPlan  # torch-heavy
 
-    replace(ExecutionPlan.from_args(args, opts["gpus_per_run"]), launcher="slurm").check(configs)
+        plan = replace(ExecutionPlan.from_args(args, opts["gpus_per_run"]), launcher="slurm")
+        plan.check(configs)
     if submitit is None:
-        raise ConfigError("--launcher slurm needs submitit: pip install 'study[slurm]'")
+        raise ConfigError("--launcher slurm needs submitit: pip install 'resnet-degradation-study[slurm]'")
     if executor is None and shutil.which("sbatch") is None:
         raise ConfigError("no sbatch found: run on a SLURM login node or use --launcher local")
     if executor is None and shutil.which("srun") is None:
@@ -327,7 +333,7 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *,
                 imagenet.split_dir(data_dir or os.path.join("data", "imagenet"), split)
         elif (cfg.dataset, cfg.holdout) not in checked:
             checked.add((cfg.dataset, cfg.holdout))
-            load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=bool(getattr(args, "download", False)))
+            load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download)
     check_writable(root)
 
     if executor is None:
@@ -351,14 +357,8 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, *,
     abs_data_dir = None if data_dir is None else str(Path(data_dir).absolute())
     tensorboard = getattr(args, "tensorboard", None)
     tasks = [
-        SlurmTask(
-            run.cfg, str(root), data_dir=abs_data_dir, device=str(getattr(args, "device", "auto") or "auto"),
-            compile=bool(getattr(args, "compile", False)), cuda_graph=bool(getattr(args, "cuda_graph", False)),
-            sync_bn=bool(getattr(args, "sync_bn", False)),
-            workers=getattr(args, "workers", None),
-            tensorboard=None if tensorboard is None else str(Path(tensorboard).absolute()),
-            decode=str(getattr(args, "decode", None) or "cpu"),
-        )
+        SlurmTask(run.cfg, str(root), plan, data_dir=abs_data_dir,
+                  tensorboard=None if tensorboard is None else str(Path(tensorboard).absolute()))
         for run in todo
     ]
     captured = io.StringIO()  # submitit prints sbatch's stderr itself; we report its last line once

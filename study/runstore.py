@@ -6,6 +6,7 @@ any moment leaves either the old or the new version, never a truncated one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -39,8 +40,6 @@ METRIC_COLUMNS = [
     "elapsed_s",
     "warmup_s",
 ]
-#: Wall-clock columns: they differ between runs that are otherwise equal.
-TIMING_COLUMNS = ["elapsed_s", "warmup_s"]
 #: Columns some runs add after METRIC_COLUMNS: ImageNet runs log top-5 error on their `val` rows.
 OPTIONAL_METRIC_COLUMNS = ["top5_error_pct"]
 STATUSES = ("running", "done", "failed", "interrupted", "diverged")
@@ -146,9 +145,21 @@ class Run:
             return {"status": "unknown"}
 
     def set_status(self, status: str, **extra: Any) -> None:
+        """Replace `status.json` atomically. Where that cannot be done for want of space (a full
+        disk: the temporary file gets no block), the record is written over the old one in place,
+        into the block it already has: a status is a few hundred bytes, so a run that fails on a
+        full disk still says so."""
         assert status in STATUSES, status
         record = {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
-        atomic_write_text(self.status_path, json.dumps(record, indent=1) + "\n")
+        text = json.dumps(record, indent=1) + "\n"
+        try:
+            atomic_write_text(self.status_path, text)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.status_path.exists():
+                raise
+            with open(self.status_path, "r+", encoding="utf-8") as f:
+                f.write(text)
+                f.truncate()
 
     # --- config -----------------------------------------------------------------------------
     def prepare(self, device: str, **provenance_extra: Any) -> None:

@@ -12,7 +12,7 @@ Resume: the points after a run's checkpoint are redone, so a resumed session's w
 is >= purge_step, i.e. those past the checkpoint). The live writer flushes after each epoch's points,
 before that epoch's checkpoint is written, so the points up to a checkpoint are always on disk.
 
-The `tensorboard` package is optional (`pip install 'study[tensorboard]'`); it is imported only here,
+The `tensorboard` package is optional (`pip install 'resnet-degradation-study[tensorboard]'`); it is imported only here,
 and only when asked for.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from .config import ConfigError, RunConfig
 
-INSTALL = "pip install 'study[tensorboard]' (in a checkout: pip install -e '.[tensorboard]')"
+INSTALL = "pip install 'resnet-degradation-study[tensorboard]' (in a checkout: pip install -e '.[tensorboard]')"
 EVENTS_GLOB = "events.out.tfevents.*"
 
 

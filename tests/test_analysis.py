@@ -765,7 +765,7 @@ def small_data():
 def test_end_to_end_real_runs_probe_plot_table_report(tmp_path, cli, small_data):
     import torch
 
-    from study.train import train_run
+    from helpers import train_run
 
     runs, out = tmp_path / "runs", tmp_path / "figs"
     for arch, depth in (("plain", 8), ("plain", 14), ("resnet", 8)):

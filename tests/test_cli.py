@@ -105,7 +105,7 @@ def test_the_papers_schedule_on_a_cpu_is_announced_before_it_starts(tmp_path, ca
     import study.train
 
     started = []
-    monkeypatch.setattr(study.train.runner, "_run_list", lambda runs, *a, **kw: started.extend(runs) or {})
+    monkeypatch.setattr(study.train.runner._ListRunner, "run", lambda self: started.extend(self.runs) or {})
     code, out, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "20", "--seeds", "0-2",
                              "--runs-dir", str(tmp_path), "--device", "cpu")
     assert code == 0 and len(started) == 3, err
@@ -135,7 +135,7 @@ def test_grid_overrides(tmp_path, capsys, monkeypatch):
     import study.train
 
     seen = []
-    monkeypatch.setattr(study.train, "run_all", lambda configs, runs_dir, **kw: seen.extend(configs) or {})
+    monkeypatch.setattr(study.train, "run_all", lambda configs, runs_dir, plan, **kw: seen.extend(configs) or {})
     code, out, err = run_cli(
         capsys, "run", "--grid", "quick", "--iterations", "2", "--batch-size", "16", "--seeds", "0-1",
         "--batch-split", "2", "--runs-dir", str(tmp_path),
@@ -152,7 +152,7 @@ def test_a_grid_trains_its_own_seeds_unless_told(tmp_path, capsys, monkeypatch):
     import study.train
 
     seen = []
-    monkeypatch.setattr(study.train, "run_all", lambda configs, runs_dir, **kw: seen.append(configs) or {})
+    monkeypatch.setattr(study.train, "run_all", lambda configs, runs_dir, plan, **kw: seen.append(configs) or {})
     assert run_cli(capsys, "run", "--grid", "quick", "--runs-dir", str(tmp_path))[0] == 0
     assert run_cli(capsys, "run", "--grid", "quick", "--seeds", "4", "--runs-dir", str(tmp_path))[0] == 0
     assert run_cli(capsys, "run", "--grid", "degradation", "--runs-dir", str(tmp_path))[0] == 0

@@ -18,6 +18,7 @@ import torchvision
 from study.data import (
     DATASETS,
     DEFAULT_DATASET,
+    Data,
     DataError,
     Split,
     augment,
@@ -25,7 +26,6 @@ from study.data import (
     eval_batches,
     load_data,
     normalize,
-    train_batches,
 )
 from study.data.fashion_mnist_mini.build import write_idx
 from study.data.sources import DEBIAN_FASHION_MNIST, MINI_DIR, read_idx_split
@@ -411,18 +411,29 @@ def _id_split(n: int) -> Split:
     return Split(ids.to(torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous(), ids)
 
 
-def test_train_batches_cover_the_epoch_once():
+def test_a_cifar_feed_covers_the_epoch_once():
+    """An epoch of `CifarFeed` batches: every image once, in a shuffled order drawn from the run's
+    generator (the same for the same state), the last batch partial, a new order each epoch."""
+    from study.config import RunConfig
+    from study.train.distributed import SINGLE
+    from study.train.feeds import CifarFeed
+
     split = _id_split(103)
-    batches = list(train_batches(split, 10, torch.Generator().manual_seed(0)))
-    assert [len(labels) for _, labels in batches] == [10] * 10 + [3]
-    labels = torch.cat([labels for _, labels in batches])
+    data = Data(load_data("fashion-mnist-mini").info, split, split, "test", torch.zeros(1, 2, 2))
+    feed = CifarFeed(RunConfig(arch="plain", depth=8, batch_size=10), data, torch.device("cpu"), SINGLE)
+
+    def epoch(gen: torch.Generator) -> list[torch.Tensor]:
+        feed.start_epoch(0, gen, None)
+        return [y for _, y, _ in iter(lambda: feed.next_batch(gen), None)]
+
+    batches = epoch(torch.Generator().manual_seed(0))
+    assert [len(labels) for labels in batches] == [10] * 10 + [3]
+    labels = torch.cat(batches)
     assert sorted(labels.tolist()) == list(range(103))
     assert labels.tolist() != list(range(103))  # shuffled
-    for images, batch_labels in batches:
-        assert images.dtype == torch.uint8 and torch.equal(images[:, 0, 0, 0].long(), batch_labels)
 
     def order(gen: torch.Generator) -> list[int]:
-        return torch.cat([lab for _, lab in train_batches(split, 16, gen)]).tolist()
+        return torch.cat(epoch(gen)).tolist()
 
     assert order(torch.Generator().manual_seed(5)) == order(torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(5)

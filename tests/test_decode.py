@@ -18,7 +18,7 @@ from study.data import decode
 from study.data.decode import (BatchDecoder, CropFirst, EncodedBatch, draft_scale, draw_view, open_image,
                                partial_decoding, render)
 from study.data.imagenet import load_image, loaders_for, open_imagenet, set_epoch, train_transform
-from study.train import train_run
+from helpers import train_run
 from study.runstore import Run
 
 from test_imagenet import write_image_folder

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from study.runstore import METRIC_COLUMNS, TIMING_COLUMNS
+from study.runstore import METRIC_COLUMNS
+from helpers import TIMING_COLUMNS
 
 STEP = ["--arch", "resnet", "--depth", "20", "--iterations", "1", "--batch-size", "64", "--device", "cpu",
         "--no-progress", "--dataset", "fashion-mnist"]

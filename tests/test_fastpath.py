@@ -8,8 +8,9 @@ import torch
 
 from study.cli import main
 from study.config import RunConfig
-from study.runstore import TIMING_COLUMNS, Run, list_runs
-from study.train import train_run
+from study.runstore import Run, list_runs
+from helpers import TIMING_COLUMNS
+from helpers import train_run
 
 from conftest import make_small_data
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from study.runstore import TIMING_COLUMNS
+from helpers import TIMING_COLUMNS
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 RUN_ID = "fashion-mnist-mini-resnet8-A-s0-it17-b64"

@@ -23,8 +23,10 @@ from study.config import RunConfig
 from study.fast.fused import FusedNets, Join, fusion_key
 from study.fast.graphstep import GraphedStep
 from study.models import build_model
-from study.runstore import TIMING_COLUMNS, Run
-from study.train import StopFlag, StopRequested, train_run, train_steps
+from study.runstore import Run
+from helpers import TIMING_COLUMNS
+from study.train import StopFlag, StopRequested
+from helpers import run_all, train_run, train_steps_of
 from study.train.interleave import interleave
 
 CPU = torch.device("cpu")
@@ -41,8 +43,8 @@ def train_fused(configs, root, data, slots, device=CPU, stop=None, cuda_graph=Fa
     outcomes = {}
     fuser = study.fast.fused.Fuser(device, capture=device.type == "cuda", stop=stop)
     runs = [Run(root, c) for c in configs]
-    source = iter([(r, train_steps(r.cfg, r, data, device, progress=False, gradient_every=2, fuse=True,
-                                   stop=fuser.stop_latch, cuda_graph=cuda_graph)) for r in runs])
+    source = iter([(r, train_steps_of(r.cfg, r, data, device, progress=False, gradient_every=2, fuse=True,
+                                      stop=fuser.stop_latch, cuda_graph=cuda_graph)) for r in runs])
     interleave(source, slots, device, lambda run, outcome: outcomes.update({run.cfg.run_id: outcome}), fuser)
     return outcomes
 
@@ -202,7 +204,7 @@ def test_runs_at_different_learning_rates_step_apart_and_fuse_again(small_data, 
     for rates in [(0.01, 0.01), (0.1, 0.01), (0.1, 0.01), (0.1, 0.1)]:
         requests = {slot: study.fast.fused.StepRequest(x, y, lr) for slot, lr in zip(slots, rates)}
         results = fuser.step(requests)
-        sizes.append(sorted(fuser.groups))
+        sizes.append(sorted(nets.k for _, nets in fuser._groups.values()))
         for slot, step, lr in zip(slots, steps, rates):
             loss, _, _ = step.step(x, y, lr)
             torch.testing.assert_close(results[slot][0], loss, atol=1e-12, rtol=0)
@@ -274,8 +276,8 @@ def test_run_all_takes_the_runs_that_fuse_together(tmp_path, small_data, monkeyp
     configs = [RunConfig(arch=a, depth=d, iterations=1, batch_size=64) for a, d in
                [("plain", 8), ("resnet", 14), ("resnet", 8)]]
     lines = []
-    assert set(study.train.run_all(configs, tmp_path, device="cpu", fuse=2, progress=False,
-                                   log=lines.append).values()) == {"done"}
+    assert set(run_all(configs, tmp_path, device="cpu", fuse=2, progress=False,
+                       log=lines.append).values()) == {"done"}
     started = [line.split()[1].rstrip(":") for line in lines if "training on" in line]
     assert started == [configs[0].run_id, configs[2].run_id, configs[1].run_id]
     assert all("to be fused with runs of its shape (up to 2 at once)" in line for line in lines if "training on" in line)

@@ -15,8 +15,10 @@ from study.cli import main
 from study.config import RunConfig
 from study.fast.graphstep import GraphedStep
 from study.models import build_model
-from study.runstore import TIMING_COLUMNS, Run
-from study.train import StopFlag, StopRequested, train_run
+from study.runstore import Run
+from helpers import TIMING_COLUMNS
+from study.train import ExecutionPlan, StopFlag, StopRequested
+from helpers import train_run
 
 CPU = torch.device("cpu")
 
@@ -173,13 +175,12 @@ def test_cuda_graph_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
     assert not runs.exists()
 
 
-def test_train_run_refuses_what_the_graph_cannot_hold(tmp_path, small_data):
-    """Split BN and --compile are refused before anything is written."""
-    for c, kw in ((cfg(batch_split=2), {}), (cfg(), {"compile": True})):
-        run = Run(tmp_path / "r", c)
-        with pytest.raises(ValueError, match="--cuda-graph"):
-            train_run(c, run, small_data, CPU, progress=False, cuda_graph=True, **kw)
-        assert not run.dir.exists()
+def test_the_plan_refuses_what_the_graph_cannot_hold():
+    """Split BN and --compile are refused by the plan's check (before anything is written)."""
+    for c, kw, needle in ((cfg(batch_split=2), {}, "--cuda-graph does not split BN"),
+                          (cfg(), {"compile": True}, "--cuda-graph and --compile are two ways")):
+        with pytest.raises(ValueError, match=needle):
+            ExecutionPlan(cuda_graph=True, **kw).check([c])
 
 
 def eager_and_graphed(tmp_path, c: RunConfig, data, monkeypatch) -> tuple[Run, Run, list[GraphedStep]]:

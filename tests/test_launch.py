@@ -19,7 +19,7 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
-from study.cli.args import add_launcher_arguments, check_local_arguments, parse_time
+from study.cli.args import add_launcher_arguments, parse_time
 from study.config import ConfigError, RunConfig
 from study.data import DataError, load_data
 from study.launch import (
@@ -31,7 +31,8 @@ from study.launch import (
     run_status,
     submit,
 )
-from study.runstore import TIMING_COLUMNS, Run
+from study.runstore import Run
+from helpers import TIMING_COLUMNS
 from test_imagenet import write_image_folder
 
 # 320 training images at batch 64: 5 steps per epoch; 12 steps are epochs of 5, 5 and 2. Depth 8 is
@@ -198,7 +199,7 @@ def in_job(monkeypatch, tmp_path):
         calls.append("requeue")
         raise SystemExit(144)
 
-    def run_all(configs, runs_dir, *, stop, **kwargs):
+    def run_all(configs, runs_dir, plan_, *, stop, **kwargs):
         for sig in plan["now"]:
             os.kill(os.getpid(), sig)  # the handler runs here, in this (the main) thread
         calls.append(f"stopped by {signal.Signals(stop.signum).name}")
@@ -209,7 +210,7 @@ def in_job(monkeypatch, tmp_path):
     monkeypatch.setattr(study.train, "run_all", run_all)
     previous = {signal.SIGUSR2: signal.signal(signal.SIGUSR2, requeue),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *a: calls.append("bypass"))}
-    task = study.launch.SlurmTask(CFG, str(tmp_path / "runs"), device="cpu")
+    task = study.launch.SlurmTask(CFG, str(tmp_path / "runs"), study.train.ExecutionPlan(device="cpu"))
     yield task, calls, lambda *now, late=None: plan.update(now=now, late=late)
     assert signal.getsignal(signal.SIGUSR2) is requeue  # the task put submitit's handler back
     for sig, handler in previous.items():
@@ -281,7 +282,8 @@ echo "Submitted batch job $n"
 
 def test_sbatch_array_job_files_and_status(tmp_path, fake_slurm, capsys):
     runs = tmp_path / "runs"
-    configs = [RunConfig(arch="plain", depth=20, seed=s, iterations=300) for s in range(3)]
+    # 2 GPUs a run, per-device BN: each batch in 2 BN groups (as `study run` records it).
+    configs = [RunConfig(arch="plain", depth=20, seed=s, iterations=300, batch_split=2) for s in range(3)]
     finished = Run(runs, configs[0])
     finished.prepare("cpu")
     finished.set_status("done", iteration=300)
@@ -299,7 +301,7 @@ def test_sbatch_array_job_files_and_status(tmp_path, fake_slurm, capsys):
         assert f"#SBATCH {line}\n" in script, line
     # Each array task's pickle is one run's task, ready for submitit to run (and requeue).
     task = submitit.helpers.DelayedSubmission.load(runs / SLURM_DIR / "4242_1_submitted.pkl").function
-    assert task.cfg == configs[2] and task.runs_dir == str(runs.absolute()) and task.device == "auto"
+    assert task.cfg == configs[2] and task.runs_dir == str(runs.absolute()) and task.plan.device == "auto"
 
     # `study status`: the submitted runs are listed (no config.json yet) and read `queued`.
     listed = list_runs_with_queued(runs)
@@ -346,7 +348,7 @@ def test_decode_gpu_reaches_the_array_tasks_of_imagenet_runs(tmp_path, fake_slur
     data = write_image_folder(tmp_path / "imagenet", per_class=(1, 1))
     assert submit(configs, str(runs), parse("--partition", "gpu", device="auto", decode="gpu", data_dir=str(data))) == 0
     task = submitit.helpers.DelayedSubmission.load(runs / SLURM_DIR / "4242_1_submitted.pkl").function
-    assert task.cfg == configs[1] and task.decode == "gpu"
+    assert task.cfg == configs[1] and task.plan.decode == "gpu"
     # And CIFAR-style runs refuse it before anything is submitted.
     with pytest.raises(ConfigError, match="--decode applies only to ImageNet"):
         submit([RunConfig(arch="plain", depth=20)], str(tmp_path / "other"), parse(device="auto", decode="gpu"))
@@ -387,10 +389,10 @@ def test_bad_flags_and_missing_sbatch_are_one_line_errors(tmp_path, monkeypatch)
     import study.launch
 
     with monkeypatch.context() as m:
-        m.setattr(study.launch, "submitit", None)  # as without `pip install 'study[slurm]'`
+        m.setattr(study.launch, "submitit", None)  # as without `pip install 'resnet-degradation-study[slurm]'`
         with pytest.raises(ConfigError) as e:
             submit(cfg, str(runs), parse())
-        assert str(e.value) == "--launcher slurm needs submitit: pip install 'study[slurm]'"
+        assert str(e.value) == "--launcher slurm needs submitit: pip install 'resnet-degradation-study[slurm]'"
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
     with pytest.raises(ConfigError) as e:
@@ -400,7 +402,7 @@ def test_bad_flags_and_missing_sbatch_are_one_line_errors(tmp_path, monkeypatch)
 
     local = argparse.Namespace(launcher="local", partition="gpu")
     with pytest.raises(ConfigError, match="--partition applies to --launcher slurm only"):
-        check_local_arguments(local)
+        study.train.ExecutionPlan.from_args(local, 1).check([])
     assert [parse_time(t) for t in ("90", "01:30:00", "0:00:30", "2-00:00:00")] == [90, 90, 1, 2880]
 
 

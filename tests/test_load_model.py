@@ -9,7 +9,7 @@ import study
 from study.config import ConfigError, RunConfig
 from study.data import eval_batches, load_data
 from study.runstore import Run
-from study.train import run_all
+from helpers import run_all
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("submitit")
 
-from study.runstore import TIMING_COLUMNS
+from helpers import TIMING_COLUMNS
 
 TIMEOUT = 240  # seconds any single wait may take on a busy machine
 STEPS_PER_EPOCH = 10000 // 64 + 1  # the embedded data: 10000 training images, batch 64 (last batch partial)

@@ -10,8 +10,10 @@ import torch
 import study.train
 from study.cli import main
 from study.config import RunConfig
-from study.runstore import TIMING_COLUMNS, Run, list_runs
-from study.train import StopFlag, StopRequested, run_all
+from study.runstore import Run, list_runs
+from helpers import TIMING_COLUMNS
+from study.train import StopFlag, StopRequested
+from helpers import run_all
 
 ARGS = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-1", "--iterations", "7", "--batch-size", "64",
         "--device", "cpu", "--no-progress"]

@@ -20,7 +20,7 @@ from study.data.imagenet import IMAGENET_MEAN, make_loaders, make_ten_crop_loade
 from study.data.imagenet import evaluate as evaluate_centre
 from study.models import build_model
 from study.runstore import Run
-from study.train import train_run
+from helpers import train_run
 
 CFG = RunConfig(arch="resnet", depth=18, dataset="imagenet", iterations=2, batch_size=4)
 

@@ -21,7 +21,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 from study.cli import main  # noqa: E402
 from study.config import ConfigError, RunConfig  # noqa: E402
 from study.runstore import Run  # noqa: E402
-from study.train import run_all, train_run  # noqa: E402
+from helpers import run_all, train_run  # noqa: E402
 
 
 def tiny(**kw) -> RunConfig:

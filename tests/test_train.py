@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from study.config import RunConfig
-from study.runstore import METRIC_COLUMNS, TIMING_COLUMNS, Run
+from study.runstore import METRIC_COLUMNS, Run
+from helpers import TIMING_COLUMNS
 from study.models import build_model
-from study.train import StopFlag, StopRequested, evaluate, lr_at, run_all, train_run, train_steps
+from study.train import StopFlag, StopRequested, evaluate, lr_at
+from helpers import run_all, train_run, train_steps_of
 
 
 def tiny(**kw) -> RunConfig:
@@ -218,7 +220,7 @@ def whole_and_stopped(tmp_path, cfg: RunConfig, data, steps_before_stop: int) ->
     whole = Run(tmp_path / "whole", cfg)
     train_run(cfg, whole, data, torch.device("cpu"), progress=False)
     cut, stop = Run(tmp_path / "cut", cfg), StopFlag()
-    steps = train_steps(cfg, cut, data, torch.device("cpu"), progress=False, stop=stop)
+    steps = train_steps_of(cfg, cut, data, torch.device("cpu"), progress=False, stop=stop)
     for _ in range(steps_before_stop):
         next(steps)
     stop.signum = signal.SIGTERM

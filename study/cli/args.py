@@ -199,11 +199,3 @@ def add_launcher_arguments(run_parser: argparse.ArgumentParser) -> None:
         help=f"requeue a job after a time-limit stop at most N times (default {DEFAULT_MAX_TIMEOUTS}); "
         "preemptions are always requeued",
     )
-
-
-def check_local_arguments(args: argparse.Namespace) -> None:
-    """ConfigError if a SLURM flag is given without `--launcher slurm` (it would be ignored, and the
-    grid would train on this machine)."""
-    given = [f for f in SLURM_TYPES if getattr(args, f, None) is not None]
-    if given and getattr(args, "launcher", "local") != "slurm":
-        raise ConfigError(f"--{given[0].replace('_', '-')} applies to --launcher slurm only; add --launcher slurm or drop it")

@@ -78,9 +78,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     width = max(40, *(len(run.cfg.run_id) + 1 for run in runs))
     print(f"{'run':<{width}} {'status':<12} {'iteration':>15} {'train err %':>11} {'eval err %':>10}")
-    stopped = False
+    stopped, failures = False, []
     for run in runs:
         st = run_status(run)
+        if st["status"] == "failed" and st.get("error"):
+            failures.append(f"{run.cfg.run_id}: failed at iteration {st.get('iteration', 0)}: {st['error']}")
         if st["status"] == "running" and not run.is_held():  # its process was killed, or its node failed
             st, stopped = {**st, "status": "stopped"}, True
         metrics = run.read_metrics()
@@ -91,6 +93,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         eval_err = f"{last[eval_split]:.2f}" if eval_split else "-"
         it = f"{st.get('iteration', 0)}/{run.cfg.iterations}"
         print(f"{run.cfg.run_id:<{width}} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10}")
+    for line in failures:  # why each failed run stopped: one line each, as the run recorded it
+        print(line)
     if stopped:
         print("(stopped: marked running, but no process is training it (killed, or its node failed); "
               "`study run` with the same options resumes it from its last checkpoint)")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from ..config import ConfigError, RunConfig, parse_seeds
 from ..grids import grid_configs
-from .args import USER_ERRORS, add_launcher_arguments, add_selection, check_local_arguments, positive_int
+from .args import add_launcher_arguments, add_selection, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -67,7 +67,7 @@ def add_training_options(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--tensorboard", metavar="DIR",
         help="also write each run's curves as TensorBoard events to DIR/<run id> "
-        "(needs: pip install 'study[tensorboard]')",
+        "(needs: pip install 'resnet-degradation-study[tensorboard]')",
     )
     add_launcher_arguments(run)
 
@@ -122,48 +122,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         require()
     world = processes_per_run(args)
-    # Execution modes that do not go together (--sync-bn without torchrun, ...): before the runs are listed.
-    ExecutionPlan.from_args(args, world).check([])
+    # The one plan of how these runs execute, checked here for the modes alone (before the runs are
+    # listed), then with the runs; it alone carries the modes from here on.
+    plan = ExecutionPlan.from_args(args, world)
+    plan.check([])
     configs = run_configs(args, world)
-    if not any(cfg.imagenet for cfg in configs):
-        if args.workers is not None:
-            raise ConfigError("--workers sets ImageNet's DataLoader workers; CIFAR-style data sit on the device, drop it")
-    elif args.download:
-        raise ConfigError("ImageNet cannot be downloaded; drop --download and pass --data-dir to your copy")
+    plan.check(configs)
     if args.launcher != "local":
         from ..launch import submit
 
-        return submit(configs, args.runs_dir, args)
-    check_local_arguments(args)
-    ddp = distributed_from_env(sync_bn=args.sync_bn)
+        return submit(configs, args.runs_dir, args, plan)
+    ddp = distributed_from_env()
     try:
         with graceful_stop() as stop:
-            results = run_all(
-                configs,
-                args.runs_dir,
-                data_dir=args.data_dir,
-                device=args.device,
-                download=args.download,
-                progress=False if args.no_progress else None,
-                stop=stop,
-                concurrency=args.concurrency,
-                compile=args.compile,
-                cuda_graph=args.cuda_graph,
-                streams=args.streams,
-                fuse=args.fuse,
-                ddp=ddp,
-                workers=args.workers,
-                tensorboard=tensorboard,
-                decode=args.decode,
-            )
+            results = run_all(configs, args.runs_dir, plan, data_dir=args.data_dir,
+                              progress=False if args.no_progress else None, stop=stop, ddp=ddp,
+                              tensorboard=tensorboard)
     except StopRequested as e:
         if ddp.writer:
             print(f"study: stopped by {e}; checkpoint written, run the same command again to resume", file=sys.stderr)
         return 128 + e.signum
-    except ValueError as e:  # resolve_device
-        if isinstance(e, USER_ERRORS):
-            raise
-        raise ConfigError(str(e)) from None
     finally:
         if ddp.enabled:
             import torch.distributed as dist

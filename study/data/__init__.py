@@ -1,6 +1,6 @@
 """Data: the paper's data sets as device-resident tensors, and its batched augmentation."""
 
-from .augment import augment, eval_batches, normalize, train_batches
+from .augment import augment, eval_batches, normalize
 from .sources import (
     DATASETS,
     DEFAULT_DATASET,
@@ -24,5 +24,4 @@ __all__ = [
     "eval_batches",
     "load_data",
     "normalize",
-    "train_batches",
 ]

@@ -49,20 +49,6 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> t
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def train_batches(split: Split, batch_size: int,
-                  generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (uint8 images, labels) batches in a fresh random order, on the split's device.
-
-    The order is ``torch.randperm`` drawn from ``generator`` (on the split's device), so the data
-    order is reproducible and resumable from the generator state. The last, partial batch is kept.
-    """
-    n = len(split)
-    order = torch.randperm(n, generator=generator, device=split.labels.device)
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        yield split.images.index_select(0, idx), split.labels.index_select(0, idx)
-
-
 def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, labels) batches in the split's own order, the last one possibly partial."""
     for start in range(0, len(split), batch_size):

@@ -43,7 +43,7 @@ from torch import nn
 
 from .. import onetime
 from ..config import RunConfig
-from ..models import CifarNet
+from ..models import CifarNet, memory_format
 from ..stopflag import StopFlag
 from .graphstep import GraphedStep
 from .grouped import gate_shortcuts, grouped_cifar_net
@@ -77,8 +77,6 @@ def fusion_key(cfg: RunConfig, model: nn.Module) -> tuple:
     """Runs with equal keys have networks of one shape and steps of one kind. A plain net has the
     parameters of its option-A residual twin, so they share a key; with projection shortcuts
     (B, C) a residual net fuses only with residual nets."""
-    if not isinstance(model, CifarNet):
-        raise TypeError(f"only the CIFAR nets can be fused; {cfg.run_id} is not one")
     structure = "A" if not model.residual or model.shortcut == "A" else f"resnet-{model.shortcut}"
     return (model.depth, structure, model.conv1.in_channels, model.fc.out_features, cfg.precision,
             cfg.momentum, cfg.weight_decay)
@@ -119,7 +117,7 @@ class FusedNets:
                                     num_classes=first.fc.out_features, in_channels=first.conv1.in_channels,
                                     groups=self.k)
         self.net = net.to_empty(device=device)
-        self.fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.fmt = memory_format(device)
         try:
             self._link()
             if any(residual) and not all(residual):
@@ -256,11 +254,6 @@ class Fuser:
     def close(self) -> None:
         for group in list(self._groups):
             self._release(group)
-
-    @property
-    def groups(self) -> list[int]:
-        """The sizes of the groups linked now."""
-        return [nets.k for _, nets in self._groups.values()]
 
     def step(self, requests: dict[object, StepRequest]) -> dict[object, tuple | Exception]:
         """One step of every requesting member, group by group: each member's (loss, logits,

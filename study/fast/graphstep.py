@@ -85,9 +85,7 @@ class GraphedStep:
         # The replacements, or None for this class's own (not bound methods kept on self: such a
         # cycle would keep the graphs' memory until the garbage collector ran).
         self._loss, self._norms = loss, norms
-        self.capture = device.type == "cuda" if capture is None else capture
-        if self.capture and device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
+        self.capture = device.type == "cuda" if capture is None else capture  # the plan refuses it off CUDA
         # Autocast's cache of cast weights must be off when capturing; off in eager steps too,
         # so that both compute the same.
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)

@@ -3,7 +3,7 @@
 `grouped_cifar_net` builds the paper's `CifarNet` and widens it layer by layer, keeping every
 module's name: each convolution becomes K grouped ones (group k is net k's layer), each BN acts on
 the K x C channels (per channel, so per net), option A's shortcut pads each group's channels
-(`GroupedPadShortcut`) and the classifier is K classifiers side by side (`GroupedLinear`). Its
+(`PadShortcut` with groups) and the classifier is K classifiers side by side (`GroupedLinear`). Its
 input is the K nets' images stacked along the channels (N, K x in_channels, H, W), its output their
 logits (N, K x num_classes), and net k's weights are the k-th slice along the first dimension of
 each parameter, under the same name as in net k.
@@ -42,27 +42,6 @@ class GroupedLinear(nn.Module):
         return F.conv1d(x.unsqueeze(-1), self.weight.unsqueeze(-1), self.bias, groups=self.groups).squeeze(-1)
 
 
-class GroupedPadShortcut(nn.Module):
-    """Option A's shortcut (`PadShortcut`) for `groups` nets side by side: sub-sample as it does,
-    and zero-pad each group's channels at the group's end."""
-
-    def __init__(self, pad: PadShortcut, groups: int) -> None:
-        super().__init__()
-        self.stride, self.extra, self.groups = pad.stride, pad.extra, groups
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        if self.extra > 0:
-            n, c, h, w = x.shape
-            x = F.pad(x.reshape(n, self.groups, c // self.groups, h, w), (0, 0, 0, 0, 0, self.extra))
-            x = x.reshape(n, c + self.groups * self.extra, h, w)
-            if channels_last:  # as `PadShortcut` keeps it, for the addition that follows
-                x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-
 class GatedShortcut(nn.Module):
     """A parameter-free shortcut scaled per channel by `gate` (C, 1, 1), a non-persistent buffer.
     It holds no parameters or saved buffers, so the block's state-dict names do not change."""
@@ -84,7 +63,7 @@ def _grouped(module: nn.Module, k: int) -> nn.Module | None:
     if isinstance(module, nn.BatchNorm2d):
         return nn.BatchNorm2d(module.num_features * k, eps=module.eps, momentum=module.momentum)
     if isinstance(module, PadShortcut):
-        return GroupedPadShortcut(module, k)
+        return PadShortcut(0, module.extra, module.stride, groups=k)  # the same stride and padding, per group
     if isinstance(module, nn.Linear):
         return GroupedLinear(module.in_features, module.out_features, k)
     return None

@@ -33,18 +33,26 @@ def conv1x1(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
 
 class PadShortcut(nn.Module):
     """Option A: identity, and where dimensions grow, sub-sample by `stride` and zero-pad the new
-    channels. Parameter-free, so a residual net with it has exactly its plain twin's parameters."""
+    channels. Parameter-free, so a residual net with it has exactly its plain twin's parameters.
+    With `groups` nets side by side in the channels (`study.fast.grouped`), each group's channels
+    are padded at the group's end."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, groups: int = 1) -> None:
         super().__init__()
-        self.stride = stride
-        self.extra = planes - in_planes
+        self.stride, self.extra, self.groups = stride, planes - in_planes, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        if self.extra > 0:
+        if self.extra > 0 and self.groups == 1:
             x = F.pad(x, (0, 0, 0, 0, 0, self.extra))  # the channel dimension (dim 1), at its end
+        elif self.extra > 0:
+            channels_last = x.is_contiguous(memory_format=torch.channels_last)
+            n, c, h, w = x.shape
+            x = F.pad(x.reshape(n, self.groups, c // self.groups, h, w), (0, 0, 0, 0, 0, self.extra))
+            x = x.reshape(n, c + self.groups * self.extra, h, w)
+            if channels_last:  # as F.pad keeps it for one net, for the addition that follows
+                x = x.contiguous(memory_format=torch.channels_last)
         return x
 
 

@@ -7,8 +7,9 @@ state), and every `checkpoint_every` iterations if asked (ImageNet). Its keys:
 - `model`, `optimizer`: the network's and SGD's state dicts (momentum buffers included);
 - `generator`: the run's random generator (data order and augmentation), so both resume exactly;
 - `schedule`: the plateau schedule's state (None for the step schedule);
-- `iteration`, `epoch` (completed epochs), `elapsed_s`, `warmup_s` (one-time work in it,
-  `study.onetime`), `warming_up` (the paper's lr warm-up still on);
+- `iteration`, `epoch` (completed epochs), `elapsed_s`, `warmup_s` (the one-time work in it,
+  `study.onetime`: `RunState.onetime_s`; the key keeps its first name so that checkpoints written
+  before the rename resume), `warming_up` (the paper's lr warm-up still on);
 - `metrics`: every metrics row so far (rows written after the checkpoint are redone, never
   duplicated);
 - `partial_epoch`: None at an epoch's end; in a checkpoint written mid-epoch (on a signal, or every
@@ -40,27 +41,26 @@ class RunState:
     iteration: int = 0
     epoch: int = 0  # completed epochs
     elapsed_s: float = 0.0  # wall time of the sessions before this one
-    warmup_s: float = 0.0  # seconds of one-time work in elapsed_s
+    onetime_s: float = 0.0  # seconds of one-time work (`study.onetime`) in elapsed_s
     metrics: list[dict] = field(default_factory=list)
     partial_epoch: dict | None = None  # the state of an epoch checkpointed before its end
 
 
 def save(run: Run, *, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-         schedule: Schedule, state: RunState, elapsed_s: float, warmup_s: float, partial_epoch: dict | None,
-         fused: bool = False) -> None:
-    """Write the run's checkpoint: `state` with this session's `elapsed_s` and `warmup_s` totals.
+         schedule: Schedule, state: RunState, elapsed_s: float, onetime_s: float, partial_epoch: dict | None
+         ) -> None:
+    """Write the run's checkpoint: `state` with this session's `elapsed_s` and `onetime_s` totals.
     A fused run's tensors are views of its group's: saved as they are, each would carry the whole
-    group's storage, so they are copied (`owned`)."""
-    own = owned if fused else (lambda state: state)
+    group's storage, so such views are copied (`owned`; other tensors are saved as they are)."""
     record = {
-        "model": own(model.state_dict()),
-        "optimizer": own(opt.state_dict()),
+        "model": owned(model.state_dict()),
+        "optimizer": owned(opt.state_dict()),
         "generator": gen.get_state(),
         "schedule": schedule.state_dict(),
         "iteration": state.iteration,
         "epoch": state.epoch,
         "elapsed_s": elapsed_s,
-        "warmup_s": warmup_s,
+        "warmup_s": onetime_s,
         "warming_up": state.warming_up,
         "metrics": state.metrics,
         "partial_epoch": partial_epoch,
@@ -86,7 +86,7 @@ def restore(ckpt: dict, *, model: torch.nn.Module, opt: torch.optim.Optimizer, g
         iteration=ckpt["iteration"],
         epoch=ckpt["epoch"],
         elapsed_s=ckpt["elapsed_s"],
-        warmup_s=ckpt.get("warmup_s", 0.0),  # absent from checkpoints of before it was kept
+        onetime_s=ckpt.get("warmup_s", 0.0),  # absent from checkpoints of before it was kept
         metrics=list(ckpt["metrics"]),
         partial_epoch=ckpt["partial_epoch"],
     )

@@ -1,5 +1,5 @@
 """One process's place in a DDP job (torchrun, or SLURM via submitit), and the BN split that makes
-one device compute what S devices would."""
+one device compute what S devices would (how many parts: `ExecutionPlan.chunks`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError, RunConfig
 from ..runstore import Run
 
 
@@ -22,7 +21,6 @@ class Distributed:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    sync_bn: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -32,39 +30,24 @@ class Distributed:
     def writer(self) -> bool:
         return self.rank == 0
 
-    def chunks(self, cfg: RunConfig) -> int:
-        """How many BN groups this process splits its share of a batch into (see RunConfig.batch_split)."""
-        if not self.enabled:
-            return cfg.batch_split
-        if self.sync_bn:
-            if cfg.batch_split != 1:
-                raise ConfigError("--sync-bn computes BN over the whole batch; drop --batch-split or --sync-bn")
-            return 1
-        if cfg.batch_split % self.world:
-            raise ConfigError(
-                f"with per-device BN, {self.world} processes split each batch into at least {self.world} BN "
-                f"groups; pass --batch-split {self.world} (or a multiple), or --sync-bn"
-            )
-        return cfg.batch_split // self.world
-
 
 SINGLE = Distributed()
 
 
-def distributed_from_env(sync_bn: bool = False) -> Distributed:
+def distributed_from_env() -> Distributed:
     """Join the DDP job torchrun (or SLURM via submitit) describes in RANK / WORLD_SIZE /
     LOCAL_RANK / MASTER_ADDR / MASTER_PORT; the single process when WORLD_SIZE is unset or 1.
     NCCL on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Distributed(sync_bn=sync_bn)
+        return SINGLE
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Distributed(rank=rank, world=world, local_rank=local_rank, sync_bn=sync_bn)
+    return Distributed(rank=rank, world=world, local_rank=local_rank)
 
 
 def all_reduce(values: torch.Tensor, ddp: Distributed, op: "dist.ReduceOp" = None) -> torch.Tensor:
@@ -92,9 +75,6 @@ class Follower:
 
     def load_checkpoint(self, log: object = None) -> dict | None:
         return self._run.load_checkpoint()
-
-    def status(self) -> dict:
-        return self._run.status()
 
     # What the loop writes through a Run: nothing, on this rank.
     def prepare(self, *args: object, **kwargs: object) -> None:

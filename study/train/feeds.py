@@ -12,11 +12,12 @@ from torch import nn
 from ..config import RunConfig
 from ..data import Data, DataError, augment, decode, imagenet, normalize
 from .distributed import Distributed
-from .step import evaluate, memory_format
+from ..models import memory_format
+from .step import evaluate
 
 
-def _quiet(message: str) -> None:
-    pass
+def quiet(message: str) -> None:
+    """A log that says nothing (a DDP process other than rank 0)."""
 
 
 class CifarFeed:
@@ -72,7 +73,7 @@ class ImageNetFeed:
 
     def __init__(self, cfg: RunConfig, data: imagenet.ImageNetData, device: torch.device,
                  ddp: Distributed, workers: int, mean: tuple | torch.Tensor,
-                 log: Callable[[str], None] = _quiet) -> None:
+                 log: Callable[[str], None] = quiet) -> None:
         self.cfg, self.fmt, self.ddp, self.device, self.log = cfg, memory_format(device), ddp, device, log
         self.decoder = decode.BatchDecoder(device) if data.decode == "gpu" else None
         self.mean = mean.to(device) if isinstance(mean, torch.Tensor) else mean
@@ -120,7 +121,7 @@ class ImageNetFeed:
             self.log(f"{self.cfg.run_id}: {d.cpu_decoded:,} of the {d.images:,} training images decoded so far "
                      f"in this process went through the CPU (not a colour JPEG the {self.device.type} decoder takes)")
         result = imagenet.evaluate(model, self.loaders.val, self.device, mean=self.mean,
-                                   autocast=self.cfg.precision == "bf16")
+                                   autocast=self.cfg.bf16)
         return {"loss": result.loss, "error_pct": result.top1, "top5_error_pct": result.top5}
 
 
@@ -128,7 +129,7 @@ def pixel_mean_options(workers: int, device: torch.device, ddp: Distributed, pro
                        log: Callable[[str], None]) -> dict:
     """`imagenet.pixel_mean`'s options for this process: its workers and device, its share under
     DDP, and rank 0 alone showing a bar and logging."""
-    return dict(workers=workers, device=device, distributed=ddp.enabled, log=log if ddp.writer else _quiet,
+    return dict(workers=workers, device=device, distributed=ddp.enabled, log=log if ddp.writer else quiet,
                 progress=ddp.writer and (sys.stderr.isatty() if progress is None else progress))
 
 
@@ -137,5 +138,5 @@ def make_feed(cfg: RunConfig, data: "Data | imagenet.ImageNetData", device: torc
     """The run's feed; for ImageNet with its mean (the per-pixel mean from the runs dir's cache)."""
     if isinstance(data, imagenet.ImageNetData):
         mean = data.mean_for(cfg.mean, runs_dir, **pixel_mean_options(workers, device, ddp, progress, log))
-        return ImageNetFeed(cfg, data, device, ddp, workers, mean, log if ddp.writer else _quiet)
+        return ImageNetFeed(cfg, data, device, ddp, workers, mean, log if ddp.writer else quiet)
     return CifarFeed(cfg, data, device, ddp)

@@ -1,6 +1,7 @@
-"""Several runs trained by one process at once (`--streams S`, `--fuse K`): their `train_steps`
-generators are driven one step each in turn, each on its own CUDA stream, or with their steps done
-together by a `study.fast.fused.Fuser`."""
+"""Several runs trained by one process at once (`--streams S`, `--fuse K`), or one: their
+`train_steps` generators are driven one step each in turn, each on its own CUDA stream, or with
+their steps done together by a `study.fast.fused.Fuser` (the runs' steps yield their requests,
+`study.train.step.FusedMemberStep`)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ class Slot:
         reply, self.reply = self.reply, None
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
             message = self.steps.throw(reply) if isinstance(reply, BaseException) else self.steps.send(reply)
-            while isinstance(message, Join):
-                if fuser is None:
-                    raise RuntimeError("a fused run needs a Fuser to drive it")
-                fuser.join(self, message)
+            # A fused run (the runner gave a Fuser) joins at its first step, and yields None after
+            # each step's bookkeeping: it goes on to its next request, which the round collects.
+            while isinstance(message, Join) or (message is None and fuser is not None):
+                if isinstance(message, Join):
+                    fuser.join(self, message)
                 message = self.steps.send(None)
         return message
 
@@ -46,7 +48,7 @@ def interleave(
 ) -> None:
     """Drive the `train_steps` generators that `source` gives, `slots` at a time, one step each in
     turn; on CUDA with several slots each has its own stream, so that one run's kernels can run
-    while the host launches the next run's. With `fuser` (runs made with `fuse=True`) each round
+    while the host launches the next run's. With `fuser` (runs whose plan fuses them) each round
     gathers every run's step request and the fuser does them, group by group, on one stream.
     When one ends, `finished(key, outcome)` gets its final
     status or the exception that ended it (StopRequested included: the stop flag is shared, so

@@ -15,11 +15,11 @@ What survives what:
 
 from __future__ import annotations
 
-import inspect
 import signal
 import sys
 import time
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +29,6 @@ from tqdm import tqdm
 from .. import onetime
 from ..config import RunConfig
 from ..data import Data, imagenet
-from ..fast.fused import Join, StepRequest, fusion_key
 from ..probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_responses, truncate_gradients
 from ..runstore import Run
 from ..stopflag import StopFlag
@@ -40,7 +39,6 @@ from .epoch import Tally, metric_row
 from .feeds import CifarFeed, make_feed
 from .plan import ExecutionPlan
 from .schedule import Schedule, warm_up_ends
-from .step import CapturedStep, EagerStep, make_trainee
 
 PROGRESS_EVERY = 20  # iterations between progress-bar refreshes (each costs one device sync)
 # Without a progress bar (output not a terminal, --no-progress, runs trained together), a run logs
@@ -52,218 +50,242 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def train_run(*args: Any, **kwargs: Any) -> str:
-    """Train (or resume) one run to completion: `train_steps` (same arguments) driven to its end.
-    Returns the run's final status: `done` or `diverged`."""
-    if kwargs.get("fuse"):
-        raise ValueError("a fused run's steps are done by a Fuser: train it with run_all(fuse=K)")
-    steps = train_steps(*args, **kwargs)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as finished:
-            return finished.value
+@dataclass(frozen=True)
+class Session:
+    """Where this process trains and for whom: its resolved `device`, its place in a DDP job
+    (`ddp`; rank 0 alone writes), whether it shows a progress bar (`progress`, None: when stderr
+    is a terminal), the flag a SIGTERM/SIGINT sets (`stop`), where its lines go (`log`) and the
+    directory of its TensorBoard events (`tensorboard`, `study.tensorboard.LiveWriter`)."""
+
+    device: torch.device
+    ddp: Distributed = SINGLE
+    progress: bool | None = None
+    stop: StopFlag | None = None
+    log: Callable[[str], None] = _stderr
+    tensorboard: str | None = None
 
 
 def train_steps(
     cfg: RunConfig,
     run: Run,
     data: "Data | imagenet.ImageNetData",
-    device: torch.device,
+    plan: ExecutionPlan,
+    session: Session,
     *,
-    progress: bool | None = None,
-    stop: StopFlag | None = None,
-    log: Callable[[str], None] = _stderr,
-    compile: bool = False,
-    cuda_graph: bool = False,
     gradient_every: int = GRADIENT_EVERY,
-    ddp: Distributed = SINGLE,
-    workers: int = 0,
     checkpoint_every: int | None = None,
-    fuse: bool = False,
-    tensorboard: str | None = None,
-) -> Generator["None | Join | StepRequest", Any, str]:
-    """Train (or resume) one run, yielding after every training step; its return value (that of
-    the StopIteration) is the run's final status: `done` or `diverged`. `train_run` drives it to the
-    end; `study.train.interleave` interleaves several runs' steps.
+) -> Generator[Any, Any, str]:
+    """Train (or resume) one run as `plan` says, yielding None after every step (where the process
+    may turn to its other runs: `study.train.interleave` drives it) and whatever its step yields
+    (a fused run's requests: `study.train.step`). Its return value (that of the StopIteration) is
+    the run's final status: `done` or `diverged`.
 
-    `data` is a device-resident `Data` (already on `device`) or, for ImageNet, the scanned folders
-    (`imagenet.ImageNetData`, loaded by `workers` DataLoader workers). The caller should hold
-    `run.lock()`. A SIGTERM/SIGINT recorded in `stop` ends the run after the current step with a
-    checkpoint and raises StopRequested; any other exception marks the run `failed` and propagates.
-    `checkpoint_every` N also writes a mid-epoch checkpoint every N iterations (long ImageNet
-    epochs on preemptible clusters). `cuda_graph` replays each step as one CUDA graph
-    (`study.fast.graphstep`; one process, CIFAR-style data, no BN split, not with `compile`); on CPU
-    the same step runs uncaptured. Under DDP (`ddp`) every process calls this with the same
-    arguments; rank 0 alone writes (also `tensorboard`: `study.tensorboard.LiveWriter`'s events).
-
-    With `fuse` the step is done by whoever drives the generator (`interleave` with a
-    `study.fast.fused.Fuser`, which trains several runs as one grouped net): it first yields a `Join`
-    with the run's model and optimizer, then a `StepRequest` for each step, to which it expects
-    the step's (loss, logits, gradient norms) to be sent.
+    `data` is a device-resident `Data` (already on the session's device) or, for ImageNet, the
+    scanned folders (`imagenet.ImageNetData`, loaded by `plan.workers` DataLoader workers, None: in
+    this process). The caller holds `run.lock()`. A SIGTERM/SIGINT recorded in `session.stop` ends
+    the run after the current step with a checkpoint and raises StopRequested; any other exception
+    marks the run `failed` and propagates. `checkpoint_every` N also writes a mid-epoch checkpoint
+    every N iterations (long ImageNet epochs on preemptible clusters). Under DDP every process calls
+    this with the same arguments; rank 0 alone writes.
     """
-    if not ddp.writer:
-        run = Follower(run)  # type: ignore[assignment]
-    ddp.chunks(cfg)  # a batch split the process count cannot honour: an error before anything is written
-    plan = ExecutionPlan(processes=ddp.world, compile=compile, cuda_graph=cuda_graph, fuse=2 if fuse else 1)  # 2: fused
-    plan.check([cfg])
-    classes = data.num_classes if isinstance(data, imagenet.ImageNetData) else data.info.num_classes
-    run.prepare(str(device), processes=ddp.world, step=plan.step_kind, classes=classes,
-                **({"backend": dist.get_backend(), "sync_bn": ddp.sync_bn} if ddp.enabled else {}),
-                **({"views": imagenet.views_decoder(data.decode)} if isinstance(data, imagenet.ImageNetData) else {}))
-    run.clean_temporaries()
-    feed = make_feed(cfg, data, device, ddp, workers=workers, runs_dir=run.dir.parent, progress=progress, log=log)
-    net = make_trainee(cfg, feed.num_classes, feed.in_channels, device, ddp, compile=compile)
-    model, opt = net.model, net.opt
-    schedule = Schedule(cfg, opt)
-    # One generator drives the data order and the augmentation, so both resume exactly.
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    at = checkpoint.RunState(warming_up=cfg.uses_warmup)
-    ckpt = run.load_checkpoint(log=log)
-    if ckpt is not None:
-        at = checkpoint.restore(ckpt, model=model, opt=opt, gen=gen, schedule=schedule)
-        if ddp.writer and at.iteration < cfg.iterations:
-            log(f"{cfg.run_id}: resuming from its checkpoint at iteration {at.iteration:,} of {cfg.iterations:,}")
-    # The checkpoint holds every row so far: rewriting the file from it drops rows written after
-    # the checkpoint (a kill between the two writes) and repairs an unreadable file.
-    run.write_metrics(at.metrics)
-    if ddp.writer:
-        truncate_gradients(run, at.iteration)
-    # Per-layer gradient norms every `gradient_every` iterations (kept on the device until the
-    # epoch ends): evidence for the paper's claim that plain nets do not suffer vanishing gradients.
-    grad_norms = GradientNorms(model, every=gradient_every)
-    if cuda_graph and not fuse:
-        step: EagerStep | CapturedStep = CapturedStep(net, grad_norms, device, bf16=cfg.precision == "bf16", log=log)
-    else:
-        step = EagerStep(net, grad_norms, device, ddp, exact_mean=not ddp.enabled and ddp.chunks(cfg) == 1,
-                         compile=compile)
+    t = _Training(cfg, run, data, plan, session, gradient_every)
+    at = t.at
     if at.iteration >= cfg.iterations:
-        run.set_status("done", iteration=at.iteration, epoch=at.epoch)
+        t.run.set_status("done", iteration=at.iteration, epoch=at.epoch)
         return "done"
-    joined = None
-    if fuse:
-        joined = Join(model, opt, [name for name, _ in grad_norms.params], fusion_key(cfg, model),
-                      bf16=cfg.precision == "bf16", name=cfg.run_id)
-        yield joined
-
-    def save(partial_epoch: dict | None) -> None:
-        checkpoint.save(run, model=model, opt=opt, gen=gen, schedule=schedule, state=at, fused=fuse,
-                        elapsed_s=at.elapsed_s + time.perf_counter() - start, warmup_s=warmup_s(),
-                        partial_epoch=partial_epoch)
-
-    def save_gradients() -> None:
-        if ddp.writer:
-            append_gradients(run, grad_norms.rows(cfg.run_id))
-
-    def warmup_s() -> float:
-        return at.warmup_s + onetime.total() - onetime_start
-
-    show = ddp.writer and (sys.stderr.isatty() if progress is None else progress)
-    bar = tqdm(total=cfg.iterations, initial=at.iteration, desc=cfg.run_id, disable=not show, dynamic_ncols=True,
-               leave=False)
-    start, onetime_start = time.perf_counter(), onetime.total()
-    run.set_status("running", iteration=at.iteration, epoch=at.epoch)
-    tb = LiveWriter(tensorboard if ddp.writer else None, cfg, at.iteration)
-    last_line = None  # when this session last logged an epoch line
+    t.begin()
     try:
         while at.iteration < cfg.iterations:
-            net.forward.train()
-            feed.start_epoch(at.epoch, gen, at.partial_epoch)
-            tally = Tally(device, ddp, at.partial_epoch)
-            at.partial_epoch = None
+            tally = t.start_epoch()
             # The rate the epoch's row records if a run stopped after an epoch's last step resumes
             # with no step left in it: its last step's (exact unless that step ended the warm-up).
-            lr = schedule.lr(max(at.iteration - 1, 0), at.warming_up)
+            lr = t.schedule.lr(max(at.iteration - 1, 0), at.warming_up)
             while at.iteration < cfg.iterations:
-                batch = feed.next_batch(gen)
+                batch = t.feed.next_batch(t.gen)
                 if batch is None:
                     break
                 x, y, global_len = batch
-                lr = schedule.lr(at.iteration, at.warming_up)
-                if fuse:
-                    for group in opt.param_groups:  # what the checkpoint records
-                        group["lr"] = lr
-                    loss, out, norms = yield StepRequest(x, y, lr, norms=grad_norms.due(at.iteration + 1))
-                    if norms is not None:
-                        grad_norms.record(at.iteration + 1, norms)
-                else:
-                    loss, out = step(x, y, lr, at.iteration, global_len)
+                lr = t.schedule.lr(at.iteration, at.warming_up)
+                loss, out = yield from t.step(x, y, lr, at.iteration, global_len)
                 at.iteration += 1
                 tally.add(loss, out, y, at.iteration)
                 if at.warming_up and warm_up_ends(cfg, at.iteration, tally.running_error()):
                     at.warming_up = False
-                if show and at.iteration % PROGRESS_EVERY == 0:
-                    bar.update(at.iteration - bar.n)
-                    bar.set_postfix(lr=f"{lr:g}", err=f"{tally.local_error():.1f}%")
-                if signals.stop_requested(stop, ddp, at.iteration):
-                    save_gradients()
-                    save({**feed.state(), **tally.state()})
-                    signum = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
-                    run.set_status("interrupted", iteration=at.iteration, epoch=at.epoch,
-                                   signal=signal.Signals(signum).name)
-                    raise signals.StopRequested(signum)
+                t.show_progress(tally, lr)
+                if signals.stop_requested(session.stop, session.ddp, at.iteration):
+                    t.stop(tally)
                 if checkpoint_every and at.iteration % checkpoint_every == 0:
-                    save_gradients()
-                    save({**feed.state(), **tally.state()})
-                if not fuse:  # a fused run has yielded its step's request
-                    yield
+                    t.save_gradients()
+                    t.save({**t.feed.state(), **tally.state()})
+                yield  # the step and its bookkeeping are done: the process may turn to its other runs
             # End of an epoch, or of a shortened run inside one (that partial epoch is logged too).
-            at.epoch += 1
-            train_loss, train_err, bad_at = tally.finish()
-            if ddp.enabled:  # every process evaluates rank 0's BN statistics (the checkpoint's)
-                for buffer in model.buffers():
-                    dist.broadcast(buffer, src=0)
-            evaluated = feed.evaluate(model, net.autocast)
-            schedule.end_epoch(evaluated["error_pct"])
-            common = dict(epoch=at.epoch, iteration=at.iteration, lr=lr,
-                          elapsed_s=at.elapsed_s + time.perf_counter() - start, warmup_s=warmup_s())
-            at.metrics += [
-                metric_row(cfg, split="train", loss=train_loss, error_pct=train_err, **common),
-                metric_row(cfg, split=feed.eval_split, **evaluated, **common),
-            ]
-            run.write_metrics(at.metrics)
-            tb.epoch(at.metrics, final=bad_at < 0 and at.iteration >= cfg.iterations)  # before the checkpoint
-            save_gradients()
-            if bad_at >= 0:
-                # Keep the last good checkpoint; the rows show the epoch it happened in.
-                run.set_status("diverged", iteration=bad_at, epoch=at.epoch)
-                if ddp.writer:
-                    log(f"{cfg.run_id}: loss is not finite at iteration {bad_at}; marked diverged")
+            if t.end_epoch(tally, lr) == "diverged":
                 return "diverged"
-            save(None)
-            eval_err = evaluated["error_pct"]
-            run.set_status("running", iteration=at.iteration, epoch=at.epoch, train_error=train_err,
-                           eval_error=eval_err)
-            bar.update(at.iteration - bar.n)
-            now = time.perf_counter()
-            if not show and ddp.writer and (last_line is None or now - last_line >= EPOCH_LINE_EVERY_S
-                                            or at.iteration >= cfg.iterations):
-                last_line = now
-                log(f"{cfg.run_id}: epoch {at.epoch}, iteration {at.iteration:,} of {cfg.iterations:,}: train error "
-                    f"{train_err:.2f}%, {feed.eval_split} error {eval_err:.2f}%, lr {lr:g}, {common['elapsed_s']:.0f} s")
     except signals.StopRequested:
         raise
     except KeyboardInterrupt:
-        run.set_status("interrupted", iteration=at.iteration, epoch=at.epoch)
+        t.run.set_status("interrupted", iteration=at.iteration, epoch=at.epoch)
         raise
     except Exception as e:
-        run.set_status("failed", iteration=at.iteration, epoch=at.epoch, error=f"{type(e).__name__}: {e}")
+        t.failed(e)
         raise
     finally:
-        bar.close()
-        feed.close()
-        tb.close()
-    # Figure 7's layer responses, measured once on the finished model (defaults: eval split, BN in
-    # eval mode, std over the whole tensor, first conv excluded; `study probe` re-measures).
-    # Figure 7 is a CIFAR figure; ImageNet runs skip it.
-    if ddp.writer and isinstance(feed, CifarFeed):
-        record_responses(run, model, data, iteration=at.iteration, split=data.eval_split)
-    # A --cuda-graph run whose capture failed trained eagerly (same steps, slower): say so.
-    fallback_reason = (joined or step).fallback
-    fallback = {"cuda_graph_fallback": fallback_reason} if cuda_graph and fallback_reason else {}
-    run.set_status("done", iteration=at.iteration, epoch=at.epoch, train_error=train_err, eval_error=eval_err,
-                   **fallback)
-    return "done"
+        t.close()
+    return t.finish()
 
 
-train_run.__signature__ = inspect.signature(train_steps).replace(return_annotation=str)  # type: ignore[attr-defined]
+class _Training:
+    """One session of one run for `train_steps`: what it trains with (feed, network, step,
+    schedule, generator), where it stands (`at`, from its checkpoint if it has one) and what it
+    does at each step's and epoch's end."""
+
+    def __init__(self, cfg: RunConfig, run: Run, data: "Data | imagenet.ImageNetData", plan: ExecutionPlan,
+                 session: Session, gradient_every: int) -> None:
+        ddp, device, log = session.ddp, session.device, session.log
+        self.cfg, self.session, self.ddp = cfg, session, ddp
+        self.run = run if ddp.writer else Follower(run)  # type: ignore[assignment]
+        image_folders = isinstance(data, imagenet.ImageNetData)
+        self.run.prepare(str(device), processes=ddp.world, step=plan.step_kind,
+                         classes=data.num_classes if image_folders else data.info.num_classes,
+                         **({"backend": dist.get_backend(), "sync_bn": plan.sync_bn} if ddp.enabled else {}),
+                         **({"views": imagenet.views_decoder(data.decode)} if image_folders else {}))
+        self.run.clean_temporaries()
+        self.feed = make_feed(cfg, data, device, ddp, workers=plan.workers or 0, runs_dir=run.dir.parent,
+                              progress=session.progress, log=log)
+        self.net = plan.trainee(cfg, self.feed.num_classes, self.feed.in_channels, device, ddp)
+        self.schedule = Schedule(cfg, self.net.opt)
+        # One generator drives the data order and the augmentation, so both resume exactly.
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.at = checkpoint.RunState(warming_up=cfg.uses_warmup)
+        ckpt = self.run.load_checkpoint(log=log)
+        if ckpt is not None:
+            self.at = checkpoint.restore(ckpt, model=self.net.model, opt=self.net.opt, gen=self.gen,
+                                         schedule=self.schedule)
+            if ddp.writer and self.at.iteration < cfg.iterations:
+                log(f"{cfg.run_id}: resuming from its checkpoint at iteration {self.at.iteration:,} of {cfg.iterations:,}")
+        # The checkpoint holds every row so far: rewriting the file from it drops rows written after
+        # the checkpoint (a kill between the two writes) and repairs an unreadable file.
+        self.run.write_metrics(self.at.metrics)
+        if ddp.writer:
+            truncate_gradients(self.run, self.at.iteration)
+        # Per-layer gradient norms every `gradient_every` iterations (kept on the device until the
+        # epoch ends): evidence for the paper's claim that plain nets do not suffer vanishing gradients.
+        self.grad_norms = GradientNorms(self.net.model, every=gradient_every)
+        self.step = plan.step(cfg, self.net, self.grad_norms, device, ddp, log)
+
+    def begin(self) -> None:
+        """Start this session's clocks, progress bar, status and TensorBoard writer."""
+        at, cfg = self.at, self.cfg
+        self.show = self.ddp.writer and (sys.stderr.isatty() if self.session.progress is None else self.session.progress)
+        self.bar = tqdm(total=cfg.iterations, initial=at.iteration, desc=cfg.run_id, disable=not self.show,
+                        dynamic_ncols=True, leave=False)
+        self.start, self.onetime_start = time.perf_counter(), onetime.total()
+        self.run.set_status("running", iteration=at.iteration, epoch=at.epoch)
+        self.tb = LiveWriter(self.session.tensorboard if self.ddp.writer else None, cfg, at.iteration)
+        self.last_line: float | None = None  # when this session last logged an epoch line
+
+    def elapsed_s(self) -> float:
+        return self.at.elapsed_s + time.perf_counter() - self.start
+
+    def onetime_s(self) -> float:
+        """Seconds of one-time work (`study.onetime`) in `elapsed_s`, earlier sessions' included."""
+        return self.at.onetime_s + onetime.total() - self.onetime_start
+
+    def save(self, partial_epoch: dict | None) -> None:
+        checkpoint.save(self.run, model=self.net.model, opt=self.net.opt, gen=self.gen, schedule=self.schedule,
+                        state=self.at, elapsed_s=self.elapsed_s(), onetime_s=self.onetime_s(),
+                        partial_epoch=partial_epoch)
+
+    def save_gradients(self) -> None:
+        if self.ddp.writer:
+            append_gradients(self.run, self.grad_norms.rows(self.cfg.run_id))
+
+    def start_epoch(self) -> Tally:
+        self.net.forward.train()
+        self.feed.start_epoch(self.at.epoch, self.gen, self.at.partial_epoch)
+        tally = Tally(self.session.device, self.ddp, self.at.partial_epoch)
+        self.at.partial_epoch = None
+        return tally
+
+    def show_progress(self, tally: Tally, lr: float) -> None:
+        if self.show and self.at.iteration % PROGRESS_EVERY == 0:
+            self.bar.update(self.at.iteration - self.bar.n)
+            self.bar.set_postfix(lr=f"{lr:g}", err=f"{tally.local_error():.1f}%")
+
+    def stop(self, tally: Tally) -> None:
+        """Checkpoint mid-epoch, mark the run interrupted and raise StopRequested."""
+        stop, at = self.session.stop, self.at
+        self.save_gradients()
+        self.save({**self.feed.state(), **tally.state()})
+        signum = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
+        self.run.set_status("interrupted", iteration=at.iteration, epoch=at.epoch, signal=signal.Signals(signum).name)
+        raise signals.StopRequested(signum)
+
+    def end_epoch(self, tally: Tally, lr: float) -> str:
+        """Evaluate, write the epoch's rows, checkpoint: `running`, or `diverged` (the loss was not
+        finite in this epoch: the last good checkpoint is kept, and the rows show the epoch)."""
+        at, cfg, ddp, model = self.at, self.cfg, self.ddp, self.net.model
+        at.epoch += 1
+        train_loss, self.train_err, bad_at = tally.finish()
+        if ddp.enabled:  # every process evaluates rank 0's BN statistics (the checkpoint's)
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+        evaluated = self.feed.evaluate(model, self.net.autocast)
+        self.schedule.end_epoch(evaluated["error_pct"])
+        # The metrics' column keeps its first name, `warmup_s`: published runs' files still load.
+        common = dict(epoch=at.epoch, iteration=at.iteration, lr=lr, elapsed_s=self.elapsed_s(),
+                      warmup_s=self.onetime_s())
+        at.metrics += [
+            metric_row(cfg, split="train", loss=train_loss, error_pct=self.train_err, **common),
+            metric_row(cfg, split=self.feed.eval_split, **evaluated, **common),
+        ]
+        self.run.write_metrics(at.metrics)
+        self.tb.epoch(at.metrics, final=bad_at < 0 and at.iteration >= cfg.iterations)  # before the checkpoint
+        self.save_gradients()
+        if bad_at >= 0:
+            self.run.set_status("diverged", iteration=bad_at, epoch=at.epoch)
+            if ddp.writer:
+                self.session.log(f"{cfg.run_id}: loss is not finite at iteration {bad_at}; marked diverged")
+            return "diverged"
+        self.save(None)
+        self.eval_err = evaluated["error_pct"]
+        self.run.set_status("running", iteration=at.iteration, epoch=at.epoch, train_error=self.train_err,
+                            eval_error=self.eval_err)
+        self.bar.update(at.iteration - self.bar.n)
+        now = time.perf_counter()
+        if not self.show and ddp.writer and (self.last_line is None or now - self.last_line >= EPOCH_LINE_EVERY_S
+                                             or at.iteration >= cfg.iterations):
+            self.last_line = now
+            self.session.log(f"{cfg.run_id}: epoch {at.epoch}, iteration {at.iteration:,} of {cfg.iterations:,}: "
+                             f"train error {self.train_err:.2f}%, {self.feed.eval_split} error {self.eval_err:.2f}%, "
+                             f"lr {lr:g}, {common['elapsed_s']:.0f} s")
+        return "running"
+
+    def failed(self, error: Exception) -> None:
+        """Mark the run failed with the error's one-line reason. Where the disk is full the record
+        may not fit: `Run.set_status` then overwrites the old one in place, and if even that fails
+        the original error is the one that propagates (and the log has it)."""
+        try:
+            self.run.set_status("failed", iteration=self.at.iteration, epoch=self.at.epoch,
+                                error=f"{type(error).__name__}: {error}")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.bar.close()
+        self.feed.close()
+        self.tb.close()
+
+    def finish(self) -> str:
+        """After the last epoch: Figure 7's layer responses (CIFAR-style runs; defaults: eval split,
+        BN in eval mode, std over the whole tensor, first conv excluded; `study probe` re-measures),
+        and the run marked done (with why a --cuda-graph capture failed, if it did: it trained
+        eagerly, the same steps, slower)."""
+        at = self.at
+        if self.ddp.writer and isinstance(self.feed, CifarFeed):
+            record_responses(self.run, self.net.model, self.feed.data, iteration=at.iteration,
+                             split=self.feed.data.eval_split)
+        fallback = {"cuda_graph_fallback": self.step.fallback} if self.step.fallback else {}
+        self.run.set_status("done", iteration=at.iteration, epoch=at.epoch, train_error=self.train_err,
+                            eval_error=self.eval_err, **fallback)
+        return "done"

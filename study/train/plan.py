@@ -1,28 +1,45 @@
 """How a list of runs is trained: the device, the processes, how many runs a process trains at once
-and how it takes a step. `ExecutionPlan.check` is the one place that says which combinations of
-`--concurrency`, `--streams`, `--fuse`, `--compile`, `--cuda-graph`, `--sync-bn`, `--decode`, torchrun
-and `--launcher slurm` are allowed; every entry point (`study run`, `run_all`, `train_steps`, the
-SLURM submitter) asks it."""
+and how it takes a step.
+
+An `ExecutionPlan` is built and checked once, where the command line (or a SLURM array task) is
+read, and it alone carries the execution modes from there on: through `run_all`, the list runner,
+`train_steps`, the `--concurrency` worker processes and `study.launch.SlurmTask`. `check` is the one
+place that says which combinations of `--concurrency`, `--streams`, `--fuse`, `--compile`,
+`--cuda-graph`, `--sync-bn`, `--decode`, `--workers`, `--download`, the SLURM flags, torchrun and
+`--launcher slurm` are allowed, and which batch splits the processes can honour. The plan also
+builds what the loop trains with: the network (`trainee`, compiled or not) and the step (`step`:
+eager, compiled, replayed as a CUDA graph, or a member of a fused group), which the loop calls the
+same way whatever it is.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..config import ConfigError, RunConfig
+from ..probes import GradientNorms
+from .distributed import Distributed
+from .step import CapturedStep, EagerStep, FusedMemberStep, Step, Trainee, make_trainee
 
 AUTO_GPU_CONCURRENCY = 4  # runs sharing one GPU when --concurrency is not given
+#: The devices a SLURM array task may be told to use (its node's GPUs, or its CPUs).
+SLURM_DEVICES = r"auto|cpu|cuda(:\d+)?"
 
 
 @dataclass(frozen=True)
 class ExecutionPlan:
     """`device` as asked (`auto`, `cpu`, `cuda[:N]`); `processes` train each run together (torchrun
-    or `--gpus-per-run`); `concurrency` processes share the device (None: auto); each trains
-    `streams` runs interleaved or `fuse` runs fused at once; each step is eager, compiled or a CUDA
-    graph. `decode`: where ImageNet's training JPEGs are decoded (`cpu` workers, or `gpu`)."""
+    or `--gpus-per-run`), with BN per device or over all of them (`sync_bn`); `concurrency`
+    processes share the device (None: auto); each trains `streams` runs interleaved or `fuse` runs
+    fused at once; each step is eager, compiled or a CUDA graph. ImageNet's training JPEGs are
+    read by `workers` DataLoader workers per process (None: `default_workers`) and decoded there or
+    on the GPU (`decode`). `download` fetches a missing data set; `slurm_flags` are the SLURM
+    options given (they need `launcher="slurm"`)."""
 
     device: str = "auto"
     processes: int = 1
@@ -34,11 +51,16 @@ class ExecutionPlan:
     sync_bn: bool = False
     launcher: str = "local"
     decode: str = "cpu"
+    workers: int | None = None
+    download: bool = False
+    slurm_flags: tuple[str, ...] = ()
 
     @classmethod
     def from_args(cls, args: object, processes: int) -> "ExecutionPlan":
         """The plan `study run`'s options ask for (an argparse Namespace; options it lacks take their
         defaults), with `processes` per run (torchrun's, or `--gpus-per-run` on SLURM)."""
+        from ..cli.args import SLURM_TYPES  # the SLURM flags' names (study.cli imports this module's users)
+
         def get(name: str, default: object) -> object:
             value = getattr(args, name, None)
             return default if value is None else value
@@ -46,7 +68,13 @@ class ExecutionPlan:
         return cls(device=str(get("device", "auto")), processes=processes, concurrency=getattr(args, "concurrency", None),
                    streams=get("streams", 1), fuse=get("fuse", 1), compile=bool(get("compile", False)),
                    cuda_graph=bool(get("cuda_graph", False)), sync_bn=bool(get("sync_bn", False)),
-                   launcher=str(get("launcher", "local")), decode=str(get("decode", "cpu")))
+                   launcher=str(get("launcher", "local")), decode=str(get("decode", "cpu")),
+                   workers=getattr(args, "workers", None), download=bool(get("download", False)),
+                   slurm_flags=tuple(f for f in SLURM_TYPES if getattr(args, f, None) is not None))
+
+    def for_task(self) -> "ExecutionPlan":
+        """The plan a SLURM array task trains its one run with: here, one process per device."""
+        return replace(self, launcher="local", concurrency=1, slurm_flags=(), download=False)
 
     @property
     def runs_at_once(self) -> int:
@@ -59,14 +87,26 @@ class ExecutionPlan:
         kind = "cuda-graph" if self.cuda_graph else "compiled" if self.compile else "eager"
         return f"fused-{kind}" if self.fuse > 1 else kind
 
+    def chunks(self, cfg: RunConfig) -> int:
+        """How many BN groups each process splits its share of a batch into (RunConfig.batch_split,
+        shared out over the processes; 1 with `sync_bn`). `check` has refused splits it cannot honour."""
+        if self.processes == 1:
+            return cfg.batch_split
+        return 1 if self.sync_bn else cfg.batch_split // self.processes
+
     def check(self, configs: Iterable[RunConfig], device: str | None = None) -> None:
         """ConfigError naming the fix if this plan cannot train `configs`. The checks that need the
         device run when `device` (the resolved one, e.g. `cpu` or `cuda:0`) is given."""
         configs = list(configs)
         slurm = self.launcher == "slurm"
+        if self.slurm_flags and not slurm:
+            raise ConfigError(f"--{self.slurm_flags[0].replace('_', '-')} applies to --launcher slurm only; "
+                              "add --launcher slurm or drop it")
         if self.sync_bn and self.processes == 1:
             raise ConfigError("--sync-bn applies to runs launched by torchrun over several processes; drop it")
         if slurm:
+            if not re.fullmatch(SLURM_DEVICES, self.device):
+                raise ConfigError(f"unknown device {self.device!r}; use --device auto, cpu or cuda")
             if self.concurrency not in (None, 1):
                 raise ConfigError("--concurrency does not apply to --launcher slurm (each run is its own array task); "
                                   "use --slurm-array-parallelism")
@@ -75,6 +115,20 @@ class ExecutionPlan:
                     raise ConfigError(f"--{flag} does not apply to --launcher slurm (each run is its own array task); drop it")
             if self.processes > 1 and self.device == "cpu":
                 raise ConfigError(f"--gpus-per-run {self.processes} trains on GPUs; drop --device cpu")
+        imagenet = [cfg for cfg in configs if cfg.imagenet]
+        if self.workers is not None and configs and not imagenet:
+            raise ConfigError("--workers sets ImageNet's DataLoader workers; CIFAR-style data sit on the device, drop it")
+        if self.download and imagenet:
+            raise ConfigError("ImageNet cannot be downloaded; drop --download and pass --data-dir to your copy")
+        if self.processes > 1:
+            for cfg in configs:
+                if self.sync_bn and cfg.batch_split != 1:
+                    raise ConfigError("--sync-bn computes BN over the whole batch; drop --batch-split or --sync-bn")
+                if not self.sync_bn and cfg.batch_split % self.processes:
+                    raise ConfigError(
+                        f"with per-device BN, {self.processes} processes split each batch into at least "
+                        f"{self.processes} BN groups; pass --batch-split {self.processes} (or a multiple), or --sync-bn"
+                    )
         ddp = self.processes > 1 and not slurm
         if ddp and self.concurrency not in (None, 1):
             raise ConfigError("--concurrency shares one device between runs; under torchrun each run uses all processes, drop it")
@@ -112,6 +166,13 @@ class ExecutionPlan:
             # one stream; interleaving compiled runs on several streams is untested.
             raise ConfigError("--streams with --compile is not supported on a GPU; use --streams with --cuda-graph")
 
+    def torch_device(self, ddp: Distributed) -> torch.device:
+        """The device this process trains on: `device` resolved, under torchrun this process's GPU."""
+        device = self.device
+        if ddp.enabled and device in ("auto", "cuda"):  # one GPU per process: torchrun's LOCAL_RANK
+            device = f"cuda:{ddp.local_rank}" if torch.cuda.is_available() or device == "cuda" else "cpu"
+        return resolve_device(device)
+
     def processes_per_device(self, device_type: str, runs: int, ddp: bool) -> int:
         """`concurrency`, or when it is auto: a few processes share a GPU (unless runs are
         interleaved or fused in one), one at a time on a CPU."""
@@ -119,6 +180,23 @@ class ExecutionPlan:
             return self.concurrency
         auto = device_type == "cuda" and not ddp and self.runs_at_once == 1
         return min(AUTO_GPU_CONCURRENCY, runs) if auto else 1
+
+    def trainee(self, cfg: RunConfig, num_classes: int, in_channels: int, device: torch.device,
+                ddp: Distributed) -> Trainee:
+        """The run's network as this plan trains it (BN split, DDP, `--compile`), and its optimizer."""
+        return make_trainee(cfg, num_classes, in_channels, device, ddp, compile=self.compile,
+                            sync_bn=self.sync_bn, chunks=self.chunks(cfg))
+
+    def step(self, cfg: RunConfig, net: Trainee, grad_norms: GradientNorms, device: torch.device, ddp: Distributed,
+             log: Callable[[str], None]) -> Step:
+        """The run's training step: a member of a fused group (`--fuse`), replayed as a CUDA graph
+        (`--cuda-graph`), or eager (compiled or not)."""
+        if self.fuse > 1:
+            return FusedMemberStep(cfg, net, grad_norms)
+        if self.cuda_graph:
+            return CapturedStep(net, grad_norms, device, log=log)
+        return EagerStep(net, grad_norms, device, ddp, exact_mean=not ddp.enabled and self.chunks(cfg) == 1,
+                         compile=self.compile)
 
 
 def _check_one_process_cifar_step(flag: str, configs: list[RunConfig], processes: int) -> None:
@@ -133,15 +211,22 @@ def _check_one_process_cifar_step(flag: str, configs: list[RunConfig], processes
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present; `cuda` without a GPU is a one-line error."""
+    """`auto` picks CUDA when present; a device this machine cannot use (`cuda` without a GPU,
+    `mps` off a Mac, a name torch does not know) is a one-line ConfigError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise ConfigError("--device cuda asked for but no CUDA GPU is visible; use --device cpu or auto")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use --device auto, cpu or cuda") from None
+        raise ConfigError(f"unknown device {device!r}; use --device auto, cpu or cuda") from None
+    try:
+        torch.empty(0, device=dev)  # e.g. `mps` where torch has no MPS, `cuda:3` on a one-GPU machine
+    except (RuntimeError, AssertionError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--device {device} cannot be used here ({reason}); use --device auto, cpu or cuda") from None
+    return dev
 
 
 def default_workers() -> int:

@@ -8,12 +8,14 @@ then waits for it at the end of its own list.
 
 from __future__ import annotations
 
+import enum
 import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,10 +26,10 @@ from ..fast.fused import Fuser, fusion_order
 from ..runstore import Run, check_writable
 from ..stopflag import StopFlag
 from .distributed import SINGLE, Distributed, broadcast
-from .feeds import pixel_mean_options
+from .feeds import pixel_mean_options, quiet
 from .interleave import interleave
-from .loop import train_steps
-from .plan import ExecutionPlan, default_workers, resolve_device
+from .loop import Session, train_steps
+from .plan import ExecutionPlan, default_workers
 from .signals import StopRequested, graceful_stop
 
 LOCK_POLL_S = 0.5  # how often a process waiting for a run another process trains looks again
@@ -36,121 +38,95 @@ IMAGENET_CHECKPOINT_EVERY = 1000  # iterations between mid-epoch checkpoints of 
 CPU_LONG_ITERATIONS = 10_000
 
 
-def _quiet(message: str) -> None:
-    pass
-
-
 def run_all(
     configs: Iterable[RunConfig],
     runs_dir: str | Path,
+    plan: ExecutionPlan = ExecutionPlan(),
     *,
     data_dir: str | None = None,
-    device: str = "auto",
-    download: bool = False,
     progress: bool | None = None,
     stop: StopFlag | None = None,
     log: Callable[[str], None] = print,
-    concurrency: int | None = 1,
-    compile: bool = False,
-    cuda_graph: bool = False,
     ddp: Distributed = SINGLE,
-    workers: int | None = None,
-    streams: int = 1,
-    fuse: int = 1,
     tensorboard: str | None = None,
-    decode: str = "cpu",
 ) -> dict[str, str]:
-    """Run each config in turn: skip finished runs, resume unfinished ones, leave runs that another
-    process holds to it (waiting for them at the end), and go on after a run diverges or fails.
+    """Train each config as `plan` says: skip finished runs, resume unfinished ones, leave runs
+    that another process holds to it (waiting for them at the end), go on after a run diverges or
+    fails. Returns {run_id: final status}. Every check that can fail on bad input (modes, device,
+    data, runs dir, conflicting run dirs) happens before the first run directory is created.
 
-    `concurrency` K > 1 starts K-1 worker processes that work through the same list beside this
-    one, sharing the device: the per-run locks hand each run to exactly one process, and each run
-    is still its own run (seed, data order, metrics, checkpoint, resume), computed by the same code
-    as when it trains alone. Thin nets leave a GPU mostly idle between kernel launches; several
-    processes fill those gaps.
-
-    `streams` S > 1 makes each process train S runs at once, interleaved step by step, each on
-    its own CUDA stream (one process launching for several runs; their kernels can overlap on
-    the GPU); when one ends, the next takes its place. Each is still its own run, computed by the
-    same code as alone.
-
-    `fuse` K > 1 makes each process train K runs at once, fusing those of one network shape into
-    one grouped network (`study.fast.fused`): one kernel per layer for all of them. Each is still its
-    own run; its arithmetic is the same as alone up to rounding.
-
-    Under DDP (`ddp`, from `distributed_from_env`) every process of the job calls this with the
-    same list; they train each run together, rank 0 holding its lock and writing its files.
-    ImageNet runs read `data_dir` (default ./data/imagenet) with `workers` DataLoader workers per
-    process; their training JPEGs are decoded by those workers (`decode="cpu"`) or, batched, on the
-    GPU (`"gpu"`, `study.data.decode`).
-
-    `tensorboard` DIR: each run's TensorBoard events in DIR/<run id>, written by the process that
-    writes its metrics (`study.tensorboard`; needs the optional tensorboard package).
-
-    Every check that can fail on bad input (device, data, runs dir, conflicting run dirs) happens
-    before the first run directory is created. Returns {run_id: final status}.
+    `plan.concurrency` K > 1 starts K-1 worker processes that work through the same list beside
+    this one, sharing the device; `plan.streams` S > 1 makes each process train S runs at once,
+    interleaved step by step on their own CUDA streams; `plan.fuse` K > 1 trains K runs of one
+    network shape as one grouped network (`study.fast.fused`). Each is still its own run (seed,
+    data order, metrics, checkpoint, resume). Under DDP (`ddp`) every process of the job calls
+    this with the same list; rank 0 holds each run's lock and writes its files. ImageNet runs read
+    `data_dir` (default ./data/imagenet). `tensorboard` DIR: each run's events in DIR/<run id>.
     """
     configs = list(configs)
     if tensorboard is not None:
         from ..tensorboard import require
 
         require()
-    plan = ExecutionPlan(device=device, processes=ddp.world, concurrency=concurrency, streams=streams, fuse=fuse,
-                         compile=compile, cuda_graph=cuda_graph, decode=decode)
-    if ddp.enabled and device in ("auto", "cuda"):  # one GPU per process: torchrun's LOCAL_RANK
-        device = f"cuda:{ddp.local_rank}" if torch.cuda.is_available() or device == "cuda" else "cpu"
-    dev = resolve_device(device)
-    for cfg in configs:
-        ddp.chunks(cfg)  # a batch split the process count cannot honour is an error before any run
+    dev = plan.torch_device(ddp)
     plan.check(configs, str(dev))
+    datasets = _open_data(configs, data_dir, plan, dev)
+    runs = _check_runs_dir(configs, runs_dir, ddp, tensorboard)
+    concurrency = plan.processes_per_device(dev.type, len(runs), ddp.enabled)
+    plan = replace(plan, device=str(dev), workers=default_workers() if plan.workers is None else plan.workers,
+                   download=False)
+    log = log if ddp.writer else quiet
+    # ImageNet's per-pixel mean: one pass over train/ (or the runs dir's cache), here, before any
+    # worker process starts, so that they read it rather than each making its own pass.
+    for data in datasets.values():
+        if isinstance(data, imagenet.ImageNetData) and any(c.imagenet and c.mean == "pixel" for c in configs):
+            data.mean_for("pixel", runs_dir, **pixel_mean_options(plan.workers, dev, ddp, progress, log))
+    _warn_of_long_cpu_runs(runs, dev, log)
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    pool = [ctx.Process(target=_worker, args=(configs, str(runs_dir), replace(plan, concurrency=1), data_dir,
+                                              tensorboard, f"worker {k}"), daemon=False)
+            for k in range(1, concurrency)]
+    for w in pool:
+        w.start()
+    try:
+        # The runs' own lines (resuming, epochs) go to stderr; this list's (started, done) to `log`.
+        return _ListRunner(runs, datasets, plan, Session(dev, ddp, progress, stop, tensorboard=tensorboard), log).run()
+    finally:
+        for w in pool:
+            if w.is_alive() and sys.exc_info()[0] is not None:
+                w.terminate()  # SIGTERM: each worker checkpoints its run and exits
+            w.join()
+
+
+def _check_runs_dir(configs: list[RunConfig], runs_dir: str | Path, ddp: Distributed, tensorboard: str | None
+                    ) -> list[Run]:
+    """The runs, once no run directory holds another config and the runs dir (and the TensorBoard
+    dir) can be written: the last checks, which create those directories."""
+    runs = [Run(runs_dir, cfg) for cfg in configs]
+    for run in runs:
+        run.check_no_conflict()
+    if ddp.writer:
+        check_writable(Path(runs_dir))
+        if tensorboard is not None:
+            from ..tensorboard import check_dir
+
+            check_dir(tensorboard)
+    return runs
+
+
+def _open_data(configs: list[RunConfig], data_dir: str | None, plan: ExecutionPlan, dev: torch.device
+               ) -> dict[tuple[str, bool], "Data | imagenet.ImageNetData"]:
+    """Each data set the runs train on, once: on the device (CIFAR-style), or ImageNet's scanned folders."""
     datasets: dict[tuple[str, bool], Data | imagenet.ImageNetData] = {}
     for cfg in configs:
         key = (cfg.dataset, cfg.holdout)
         if key in datasets:
             continue
         if cfg.imagenet:
-            datasets[key] = imagenet.open_imagenet(data_dir or os.path.join("data", "imagenet"), decode=decode)
+            datasets[key] = imagenet.open_imagenet(data_dir or os.path.join("data", "imagenet"), decode=plan.decode)
         else:
-            datasets[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=download).to(dev)
-    runs = [Run(runs_dir, cfg) for cfg in configs]
-    for run in runs:
-        run.check_no_conflict()
-    if ddp.writer:
-        check_writable(Path(runs_dir))  # last checks: they create the runs dir and the TensorBoard dir
-        if tensorboard is not None:
-            from ..tensorboard import check_dir
-
-            check_dir(tensorboard)
-    concurrency = plan.processes_per_device(dev.type, len(runs), ddp.enabled)
-    workers = default_workers() if workers is None else workers
-    if any(cfg.imagenet and cfg.mean == "pixel" for cfg in configs):
-        # ImageNet's per-pixel mean: one pass over train/ (or the runs dir's cache), here, before
-        # any worker process starts, so that they read it rather than each making its own pass.
-        for data in datasets.values():
-            if isinstance(data, imagenet.ImageNetData):
-                data.mean_for("pixel", runs_dir, **pixel_mean_options(workers, dev, ddp, progress, log))
-    _warn_of_long_cpu_runs(runs, dev, log if ddp.writer else _quiet)
-
-    pool = []
-    if concurrency > 1:
-        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        kwargs = dict(data_dir=data_dir, device=str(dev), download=False, progress=False, compile=compile,
-                      cuda_graph=cuda_graph, workers=workers, streams=streams, fuse=fuse, tensorboard=tensorboard,
-                      decode=decode)
-        pool = [
-            ctx.Process(target=_worker, args=(configs, str(runs_dir), kwargs, f"worker {k}"), daemon=False)
-            for k in range(1, concurrency)
-        ]
-        for w in pool:
-            w.start()
-    try:
-        return _run_list(runs, datasets, dev, progress=progress, stop=stop, log=log if ddp.writer else _quiet,
-                         plan=plan, ddp=ddp, workers=workers, tensorboard=tensorboard)
-    finally:
-        for w in pool:
-            if w.is_alive() and sys.exc_info()[0] is not None:
-                w.terminate()  # SIGTERM: each worker checkpoints its run and exits
-            w.join()
+            datasets[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download).to(dev)
+    return datasets
 
 
 def _warn_of_long_cpu_runs(runs: list[Run], dev: torch.device, log: Callable[[str], None]) -> None:
@@ -167,26 +143,41 @@ def _warn_of_long_cpu_runs(runs: list[Run], dev: torch.device, log: Callable[[st
             "there; shorten them with --iterations N for a demo (`study run --grid quick`), or train on a GPU")
 
 
-def _worker(configs: list[RunConfig], runs_dir: str, kwargs: dict, name: str) -> None:
-    """A concurrent runner (see `run_all`); its own SIGTERM/SIGINT handling checkpoints its run."""
+def _worker(configs: list[RunConfig], runs_dir: str, plan: ExecutionPlan, data_dir: str | None,
+            tensorboard: str | None, name: str) -> None:
+    """A concurrent runner (see `run_all`), with the parent's plan (its device resolved, one
+    process); its own SIGTERM/SIGINT handling checkpoints its run."""
     def log(message: str) -> None:
         print(f"({name}) {message}", flush=True)
 
     with graceful_stop() as stop:
         try:
-            run_all(configs, runs_dir, stop=stop, log=log, **kwargs)
+            run_all(configs, runs_dir, plan, data_dir=data_dir, progress=False, stop=stop, log=log,
+                    tensorboard=tensorboard)
         except (StopRequested, KeyboardInterrupt):
             sys.exit(1)
 
 
-class _ListRunner:
-    """Trains the runs of one list that this process gets the locks of (see `_run_list`)."""
+class Claim(enum.Enum):
+    """What `_ListRunner.claim` found: the run is locked here (to be trained), finished (recorded as
+    such), held by another process, or a signal came while waiting for it."""
 
-    def __init__(self, runs: list[Run], datasets: dict, dev: torch.device, *, progress: bool | None,
-                 stop: StopFlag | None, log: Callable[[str], None], plan: ExecutionPlan, ddp: Distributed,
-                 workers: int, tensorboard: str | None = None) -> None:
-        self.runs, self.datasets, self.dev, self.progress, self.stop, self.log = runs, datasets, dev, progress, stop, log
-        self.plan, self.ddp, self.workers, self.tensorboard = plan, ddp, workers, tensorboard
+    LOCKED = "locked"
+    FINISHED = "finished"
+    ELSEWHERE = "held elsewhere"
+    STOPPED = "stopped"
+
+
+class _ListRunner:
+    """Trains the runs of one list that this process gets the locks of, `plan.streams` at a time
+    (interleaved step by step, `interleave`; a run that ends makes room for the next) or
+    `plan.fuse` at a time (fused into grouped nets where their shapes agree), then waits for those
+    held elsewhere and trains them."""
+
+    def __init__(self, runs: list[Run], datasets: dict, plan: ExecutionPlan, session: Session,
+                 log: Callable[[str], None]) -> None:
+        self.runs, self.datasets, self.plan, self.session, self.log = runs, datasets, plan, session, log
+        self.ddp = session.ddp
         self.results: dict[str, str] = {}
         self.locks: dict[str, ExitStack] = {}  # the runs being trained here
         self.stopped: list[StopRequested] = []
@@ -195,12 +186,12 @@ class _ListRunner:
     def tag(self, i: int, run: Run) -> str:
         return f"[{i}/{len(self.runs)}] {run.cfg.run_id}"
 
-    def claim(self, i: int, run: Run, wait: bool) -> ExitStack | bool | None:
-        """Lock `run` to train it here: the ExitStack holding its lock; True if it is finished
-        (recorded as such), False if another process holds it, None if a signal came while
-        waiting for it. Under DDP rank 0 takes the lock (waiting for it) and tells the others
+    def claim(self, i: int, run: Run, wait: bool) -> tuple[Claim, ExitStack | None]:
+        """Lock `run` to train it here: (LOCKED, the ExitStack holding its lock), or FINISHED (and
+        recorded as such), ELSEWHERE (another process holds it), STOPPED (a signal came while
+        waiting for it). Under DDP rank 0 takes the lock (waiting for it) and tells the others
         what it found."""
-        ddp, stop = self.ddp, self.stop
+        ddp, stop = self.ddp, self.session.stop
         lock = ExitStack()
         if wait and not ddp.enabled and stop is not None:
             # Wait for the other process by polling, so that a Ctrl-C or SIGTERM meanwhile stops
@@ -208,7 +199,7 @@ class _ListRunner:
             while not lock.enter_context(run.lock(wait=False)):
                 lock.close()
                 if stop.signum is not None:
-                    return None
+                    return Claim.STOPPED, None
                 time.sleep(LOCK_POLL_S)
             held = True
         else:
@@ -218,49 +209,46 @@ class _ListRunner:
         # process died resumes here.
         finished = held and (run.is_finished() or (wait and status == "failed"))
         held, status, finished = broadcast((held, status, finished), ddp)
-        if not held or finished:
-            lock.close()
-            if not held:
-                self.log(f"{self.tag(i, run)}: held by another process; will wait for it at the end")
-                return False
-            self.results[run.cfg.run_id] = status
-            self.log(f"{self.tag(i, run)}: {status}, skipped")
-            return True
-        return lock
+        if held and not finished:
+            return Claim.LOCKED, lock
+        lock.close()
+        if not held:
+            self.log(f"{self.tag(i, run)}: held by another process; will wait for it at the end")
+            return Claim.ELSEWHERE, None
+        self.results[run.cfg.run_id] = status
+        self.log(f"{self.tag(i, run)}: {status}, skipped")
+        return Claim.FINISHED, None
 
     def claimed(self, pending: list[tuple[int, Run]], wait: bool, held_elsewhere: list[tuple[int, Run]]
-                ) -> Iterator[tuple[tuple[int, Run], Generator[None, None, str]]]:
+                ) -> Iterator[tuple[tuple[int, Run], Generator]]:
         """The runs of `pending` this process locks, each with its training steps; no new ones
         once a run has stopped on a signal (under DDP all processes agree on that; a single
         process also stops at its own flag)."""
-        plan, stop = self.plan, self.stop
+        plan, stop = self.plan, self.session.stop
         for i, run in pending:
             if self.stopped:
                 return
             if not self.ddp.enabled and stop is not None and stop.signum is not None:
                 self.stopped.append(StopRequested(stop.signum))  # a signal between runs stops the list too
                 return
-            lock = self.claim(i, run, wait)
-            if lock is None:
+            claim, lock = self.claim(i, run, wait)
+            if claim is Claim.STOPPED:
                 self.stopped.append(StopRequested(stop.signum))
                 return
-            if lock is False:
+            if claim is Claim.ELSEWHERE:
                 held_elsewhere.append((i, run))
-                continue
-            if lock is True:
+            if claim is not Claim.LOCKED:
                 continue
             self.locks[run.cfg.run_id] = lock
-            where = f"{self.dev}" + (f" x {self.ddp.world} processes (DDP)" if self.ddp.enabled else "")
+            where = f"{self.session.device}" + (f" x {self.ddp.world} processes (DDP)" if self.ddp.enabled else "")
             where += f", interleaved with up to {plan.streams - 1} other run(s)" if plan.streams > 1 else ""
             where += f", to be fused with runs of its shape (up to {plan.fuse} at once)" if plan.fuse > 1 else ""
             self.log(f"{self.tag(i, run)}: training on {where}")
+            session = replace(self.session, progress=self.session.progress if plan.runs_at_once == 1 else False,
+                              stop=self.fuser.stop_latch if self.fuser else stop)
             yield (i, run), train_steps(
-                run.cfg, run, self.datasets[(run.cfg.dataset, run.cfg.holdout)], self.dev,
-                progress=self.progress if plan.runs_at_once == 1 else False,
-                stop=self.fuser.stop_latch if self.fuser else stop,
-                compile=plan.compile, cuda_graph=plan.cuda_graph, fuse=plan.fuse > 1, ddp=self.ddp,
-                workers=self.workers, checkpoint_every=IMAGENET_CHECKPOINT_EVERY if run.cfg.imagenet else None,
-                tensorboard=self.tensorboard,
+                run.cfg, run, self.datasets[(run.cfg.dataset, run.cfg.holdout)], plan, session,
+                checkpoint_every=IMAGENET_CHECKPOINT_EVERY if run.cfg.imagenet else None,
             )
 
     def finished(self, key: tuple[int, Run], outcome: str | Exception) -> None:
@@ -283,34 +271,25 @@ class _ListRunner:
     def new_fuser(self) -> Fuser | None:
         if self.plan.fuse == 1:
             return None
-        return Fuser(self.dev, capture=self.plan.cuda_graph, log=self.log, stop=self.stop)
+        return Fuser(self.session.device, capture=self.plan.cuda_graph, log=self.log, stop=self.session.stop)
 
     def run(self) -> dict[str, str]:
         held_elsewhere: list[tuple[int, Run]] = []
+        device = self.session.device
         try:
             pending = list(enumerate(self.runs, 1))
             if self.plan.fuse > 1:  # runs that can be fused next to each other (seeds of one net, twins), else in order
                 pending.sort(key=lambda item: fusion_order(item[1].cfg))
             self.fuser = self.new_fuser()
-            interleave(self.claimed(pending, False, held_elsewhere), self.plan.runs_at_once, self.dev, self.finished,
+            interleave(self.claimed(pending, False, held_elsewhere), self.plan.runs_at_once, device, self.finished,
                        self.fuser)
             if not self.stopped:  # this process's own runs are done: wait for the others', in order, one
                 # at a time (a run mid-training must not sit idle while the next claim waits for a lock)
                 self.fuser = self.new_fuser()
-                interleave(self.claimed(held_elsewhere, True, []), 1, self.dev, self.finished, self.fuser)
+                interleave(self.claimed(held_elsewhere, True, []), 1, device, self.finished, self.fuser)
         finally:
             for lock in self.locks.values():
                 lock.close()
         if self.stopped:
             raise self.stopped[0]
         return self.results
-
-
-def _run_list(runs: list[Run], datasets: dict[tuple[str, bool], "Data | imagenet.ImageNetData"], dev: torch.device,
-              *, progress: bool | None, stop: StopFlag | None, log: Callable[[str], None], plan: ExecutionPlan,
-              ddp: Distributed = SINGLE, workers: int = 0, tensorboard: str | None = None) -> dict[str, str]:
-    """Train the runs this process gets the locks of, `plan.streams` at a time (interleaved step by
-    step, `interleave`; a run that ends makes room for the next) or `plan.fuse` at a time (fused into
-    grouped nets where their shapes agree), then wait for those held elsewhere and train them."""
-    return _ListRunner(runs, datasets, dev, progress=progress, stop=stop, log=log, plan=plan, ddp=ddp,
-                       workers=workers, tensorboard=tensorboard).run()

@@ -1,12 +1,19 @@
-"""One training step and one evaluation: the SGD step (eager, or replayed as a CUDA graph behind the
-same call), the network as the step trains it (BN split, DDP, `torch.compile`), and the evaluation
-of a device-resident data set."""
+"""One training step and one evaluation: the SGD step (eager, replayed as a CUDA graph, or done by a
+fused group, each behind the same call), the network as the step trains it (BN split, DDP,
+`torch.compile`), and the evaluation of a device-resident data set.
+
+A step is called the same way whatever it is: `loss, out = yield from step(x, y, lr, iteration,
+global_len)`. An eager or captured step does its work and returns at once (its generator yields
+nothing); a fused member yields its `StepRequest` and returns the group's answer (its first call
+yields its `Join` before). After each step's bookkeeping the loop yields None: there the process
+may turn to its other runs (`study.train.interleave`; a fused run goes on to its next request)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import onetime
 from ..config import RunConfig
 from ..data import Data, eval_batches, normalize
+from ..fast.fused import Join, StepRequest, fusion_key
 from ..fast.graphstep import GraphedStep
-from ..models import build_model
+from ..models import build_model, memory_format
 from ..models.syncbn import convert_sync_batchnorm
 from ..probes import GradientNorms
 from .distributed import Chunked, Distributed
@@ -113,20 +121,22 @@ class Trainee:
     forward: nn.Module
     opt: torch.optim.SGD
     autocast: torch.autocast
+    bf16: bool  # whether `autocast` is on (bf16), or a no-op (fp32)
 
 
 def make_trainee(cfg: RunConfig, num_classes: int, in_channels: int, device: torch.device, ddp: Distributed,
-                 *, compile: bool) -> Trainee:
+                 *, compile: bool = False, sync_bn: bool = False, chunks: int = 1) -> Trainee:
     """The run's network with its initial weights (a function of the seed alone), on `device`, and
-    its SGD optimizer with the paper's momentum and weight decay."""
+    its SGD optimizer with the paper's momentum and weight decay; each process's share of a batch in
+    `chunks` BN groups, or BN over the whole global batch (`sync_bn`, under DDP). Its autocast is
+    the one place a run's precision becomes a context (bf16 or none)."""
     torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed alone
     model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=num_classes,
                         in_channels=in_channels, dataset=cfg.dataset).to(device)
     # Channels-last lets cuDNN pick its fastest kernels on tensor cores; on CPU it buys nothing.
     model = model.to(memory_format=memory_format(device))
-    if ddp.sync_bn and ddp.enabled:
+    if sync_bn and ddp.enabled:
         model = convert_sync_batchnorm(model, device)  # same parameter and buffer names
-    chunks = ddp.chunks(cfg)
     trained: nn.Module = model if chunks == 1 else Chunked(model, chunks)
     if ddp.enabled:
         trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
@@ -135,13 +145,24 @@ def make_trainee(cfg: RunConfig, num_classes: int, in_channels: int, device: tor
     # size; the metrics' warmup_s says how much of elapsed_s that was (`study.onetime`).
     tune_device(device)
     forward = compile_model(trained, device) if compile else trained
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return Trainee(model, forward, opt, autocast)
+    return Trainee(model, forward, opt, autocast, cfg.bf16)
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+def _at_once(result: tuple[torch.Tensor, torch.Tensor]) -> Generator[Any, Any, tuple[torch.Tensor, torch.Tensor]]:
+    """A step's result as a generator that returns it without yielding (see the module's docstring)."""
+    return result
+    yield  # unreachable: makes this function a generator
+
+
+class Step(Protocol):
+    """What the loop calls for each training step (see the module's docstring)."""
+
+    fallback: str | None  # why a --cuda-graph capture failed, if it did (the run then trained eagerly)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, iteration: int, global_len: int
+                 ) -> Generator[Any, Any, tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class EagerStep:
@@ -155,31 +176,31 @@ class EagerStep:
                  *, exact_mean: bool, compile: bool) -> None:
         self.trainee, self.grad_norms, self.device, self.ddp, self.exact_mean = trainee, grad_norms, device, ddp, exact_mean
         self.stepped: Counter[int] = Counter()
-        self.warmup_steps = 2 if compile and device.type == "cuda" else 1
+        self.onetime_steps = 2 if compile and device.type == "cuda" else 1
         self.fallback: str | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, iteration: int, global_len: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 ) -> Generator[Any, Any, tuple[torch.Tensor, torch.Tensor]]:
         t = self.trainee
-        with onetime.timed(self.device, self.stepped[len(y)] < self.warmup_steps):
+        with onetime.timed(self.device, self.stepped[len(y)] < self.onetime_steps):
             loss, out = sgd_step(
                 t.forward, t.opt, x, y, lr, t.autocast,
                 loss_scale=None if self.exact_mean else self.ddp.world / global_len,
                 before_update=lambda: self.grad_norms.maybe_record(iteration + 1),
             )
         self.stepped[len(y)] += 1
-        return loss, out
+        return _at_once((loss, out))
 
 
 class CapturedStep:
     """The same step replayed as one CUDA graph per batch size (`--cuda-graph`, `study.fast.graphstep`);
     on a CPU, or after a failed capture, the same step runs uncaptured."""
 
-    def __init__(self, trainee: Trainee, grad_norms: GradientNorms, device: torch.device, *, bf16: bool,
+    def __init__(self, trainee: Trainee, grad_norms: GradientNorms, device: torch.device, *,
                  log: Callable[[str], None]) -> None:
         self.grad_norms = grad_norms
-        self.graphed = GraphedStep(trainee.model, trainee.opt, [w for _, w in grad_norms.params], bf16=bf16,
-                                   device=device, log=log)
+        self.graphed = GraphedStep(trainee.model, trainee.opt, [w for _, w in grad_norms.params],
+                                   bf16=trainee.bf16, device=device, log=log)
 
     @property
     def fallback(self) -> str | None:
@@ -187,8 +208,37 @@ class CapturedStep:
         return self.graphed.fallback
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, iteration: int, global_len: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 ) -> Generator[Any, Any, tuple[torch.Tensor, torch.Tensor]]:
         loss, out, norms = self.graphed.step(x, y, lr, norms=self.grad_norms.due(iteration + 1))
+        if norms is not None:
+            self.grad_norms.record(iteration + 1, norms)
+        return _at_once((loss, out))
+
+
+class FusedMemberStep:
+    """A run's step done by the group it is fused into (`--fuse`, `study.fast.fused.Fuser`, which
+    `study.train.interleave` drives): its first call yields the run's `Join` (model, optimizer,
+    fusion key), every call a `StepRequest`, answered with the step's (loss, logits, gradient norms)."""
+
+    def __init__(self, cfg: RunConfig, trainee: Trainee, grad_norms: GradientNorms) -> None:
+        self.trainee, self.grad_norms = trainee, grad_norms
+        self.join: Join | None = Join(trainee.model, trainee.opt, [name for name, _ in grad_norms.params],
+                                      fusion_key(cfg, trainee.model), bf16=trainee.bf16, name=cfg.run_id)
+        self.joined = self.join
+
+    @property
+    def fallback(self) -> str | None:
+        """Why its group's capture failed, if it did (set by the Fuser)."""
+        return self.joined.fallback
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, iteration: int, global_len: int
+                 ) -> Generator[Join | StepRequest, Any, tuple[torch.Tensor, torch.Tensor]]:
+        if self.join is not None:
+            join, self.join = self.join, None
+            yield join
+        for group in self.trainee.opt.param_groups:  # what the checkpoint records
+            group["lr"] = lr
+        loss, out, norms = yield StepRequest(x, y, lr, norms=self.grad_norms.due(iteration + 1))
         if norms is not None:
             self.grad_norms.record(iteration + 1, norms)
         return loss, out
