@@ -18,6 +18,8 @@ DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "fashion-mnist", "fashion-mn
 IMAGENET_DATASETS: tuple[str, ...] = ("imagenet",)
 #: The ImageNet nets' depths (Table 1; `study.models.imagenet.STAGE_BLOCKS` gives their stages).
 IMAGENET_DEPTHS: tuple[int, ...] = (18, 34)
+#: The CIFAR depths the paper trains (6n+2; Table 6, Figure 6).
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 #: The shortcut options of section 3.3 / Table 3: A zero-padding, B projections where dimensions
 #: change, C projections everywhere.
 SHORTCUTS = ("A", "B", "C")

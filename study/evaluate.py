@@ -211,10 +211,7 @@ def evaluate_runs(
         from .data.imagenet import make_ten_crop_loader
         from .train import default_workers, resolve_device
 
-        try:
-            dev = resolve_device(device)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        dev = resolve_device(device)  # a ConfigError naming the fix for a device this machine lacks
         for run in todo:
             if not (run.checkpoint_path.exists() or run.previous_checkpoint_path.exists()):
                 raise ConfigError(

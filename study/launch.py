@@ -5,14 +5,14 @@ continues where its run stopped.
 
 What a task keeps when it is stopped:
 - time limit (submitit asks SLURM for `--signal=USR2@90`) or a preemption that sends USR2: the
-  current step finishes, a mid-epoch checkpoint is written (as for SIGTERM in `train.py`), the run
+  current step finishes, a mid-epoch checkpoint is written (as for SIGTERM in `study.train.loop`), the run
   is marked `interrupted`, and only then is submitit's handler called, which calls
   `SlurmTask.checkpoint` and requeues the task (`scontrol requeue`). Nothing is lost but the step
   in flight. Timeouts are requeued at most `--slurm-max-timeouts` times, preemptions always.
 - SIGTERM (scancel, or a preemption without USR2): the same mid-epoch checkpoint; the task then
   waits PREEMPT_WAIT_S for the USR2 that may follow a preemption (and requeues if it comes),
   otherwise it ends; SLURM requeues a preempted job itself where the cluster is set up to.
-- SIGKILL, node failure: the last end-of-epoch checkpoint (see `train.py`).
+- SIGKILL, node failure: the last end-of-epoch checkpoint (see `study.train.loop`).
 
 `study status` reads `<run dir>/slurm_job.json` (written here) through `list_runs_with_queued` and
 `run_status`: a run submitted (or requeued) and not started since reads `queued`.
@@ -58,6 +58,9 @@ if TYPE_CHECKING:
     from .train.plan import ExecutionPlan
 
 LAUNCHERS = ("local", "slurm")
+#: The SLURM options of `study run` (argparse's names; their types: `study.cli.args.SLURM_TYPES`).
+SLURM_FLAGS = ("partition", "account", "qos", "time", "gpus_per_run", "cpus_per_run", "mem", "slurm_array_parallelism",
+               "slurm_max_timeouts")
 SLURM_DIR = "_slurm"  # submitit's folder under the runs dir: pickles, sbatch files, logs
 JOB_FILE = "slurm_job.json"  # in a run directory: the SLURM job that trains it
 DEFAULT_TIME_MIN = 240
@@ -230,7 +233,7 @@ class SlurmTask(Checkpointable):
                     stopped = e
         except Exception as e:
             # Set-up errors (data, device, run dir) leave no status behind; record them, so that
-            # `study status` does not show the run queued forever. (train_run records its own.)
+            # `study status` does not show the run queued forever. (train_steps records its own.)
             st = run.status()
             if ddp.writer and st.get("status") not in (*FINAL_STATUSES, "failed"):
                 with contextlib.suppress(OSError):  # an unwritable runs dir: the log has the error

@@ -96,29 +96,62 @@ def check_writable(runs_dir: Path) -> None:
         ) from None
 
 
+def _git(*args: str) -> str | None:
+    """`git ARGS` run in the package's directory: its output, or None (no git, not a checkout)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def tree_is_dirty() -> bool | None:
+    """Whether tracked files of the package's checkout differ from its commit (None: not a checkout)."""
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", str(Path(__file__).resolve().parents[1]))
+    return None if changed is None else bool(changed.strip())
+
+
+def publishing_from_a_dirty_tree(runs_dir: str | os.PathLike) -> str | None:
+    """One line if `runs_dir` is under this checkout's `results/` (published evidence) and the tree
+    has uncommitted changes to tracked files: the runs would not say exactly what trained them."""
+    top = (_git("rev-parse", "--show-toplevel") or "").strip()
+    if not top or not Path(runs_dir).resolve().is_relative_to(Path(top).resolve() / "results") or not tree_is_dirty():
+        return None
+    return (f"note: {runs_dir} is published evidence, but this checkout has uncommitted changes to tracked files: "
+            "the runs' config.json will say git_dirty; commit them first (or train from a clean `git worktree`)")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def provenance(device: str) -> dict:
     """Where and with what a run was produced."""
     from . import __version__
 
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
-                                  text=True, timeout=5)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout if done.returncode == 0 else None
-
-    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    commit = (_git("rev-parse", "HEAD") or "").strip() or None
     # Tracked files that differ from that commit: the commit alone does not say what ran.
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", str(Path(__file__).resolve().parents[1]))
+    dirty = tree_is_dirty()
     return {
         "package_version": __version__,
         "git_commit": commit,
-        "git_dirty": None if commit is None or changed is None else bool(changed.strip()),
+        "git_dirty": None if commit is None else dirty,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
+        # CPU results are exact for a given CPU model, torch and thread count (not across CPUs).
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
         "hostname": platform.node(),
     }
 

@@ -328,10 +328,12 @@ def _stars(ax) -> list[float]:
 def test_fig6_panels_series_and_labels_come_from_the_runs(study_dir):
     drawn = build("fig6", RunData.load(study_dir))
     axes = drawn.figure.axes
-    assert [ax.get_title() for ax in axes] == ["plain", "ResNet", "ResNet-110 vs 1202"]
+    # The third panel (ResNet-110 vs 1202) has no runs: it is left out, and the figure is two panels wide.
+    assert [ax.get_title() for ax in axes] == ["plain", "ResNet"]
+    assert drawn.figure.get_figwidth() == pytest.approx(2 * 4.3)
     assert _legend_texts(axes[0])[:2] == ["plain-20", "plain-56"] and "training" in _legend_texts(axes[0])
     assert _legend_texts(axes[1])[:2] == ["ResNet-20", "ResNet-56"]
-    assert axes[2].get_legend() is None and "no runs: ResNet-110, ResNet-1202" in axes[2].texts[0].get_text()
+    assert "ResNet-110, ResNet-1202" in drawn.caption.split("missing runs:")[1]  # named in the caption instead
     # Dashed training and bold test curve per series, on the runs' own budget.
     styles = [(line.get_linestyle(), line.get_linewidth()) for line in axes[0].get_lines() if len(line.get_xdata()) > 1]
     assert styles.count(("--", 1.0)) == 2 and styles.count(("-", 2.2)) == 2
@@ -339,6 +341,32 @@ def test_fig6_panels_series_and_labels_come_from_the_runs(study_dir):
     assert "fashion-mnist-mini, 400 iterations, 3 seeds" in drawn.figure._suptitle.get_text()
     assert not _stars(axes[1])  # the paper's CIFAR-10 numbers are not put on Fashion-MNIST curves
     assert "missing runs" in drawn.caption and "ResNet-56 s1" in drawn.caption
+
+
+def test_a_study_at_other_depths_draws_the_nets_it_has(tmp_path):
+    """The quick study's shape (plain and ResNet x 8/20 layers): Figure 1 draws both plain nets (not
+    plain-20 alone), Figure 6 the two panels with runs, Figure 7 all four nets; none of them lists
+    the paper's nets as missing (a study of 8 and 20 layers does not lack plain-56)."""
+    for arch in ("plain", "resnet"):
+        for depth in (8, 20):
+            run = write_run(tmp_path, arch, depth, iterations=250)
+            write_responses(run, np.linspace(1.5, 1.0, depth - 1))
+    data = RunData.load(tmp_path)
+    fig1 = build("fig1", data)
+    assert [_legend_texts(ax)[:2] for ax in fig1.figure.axes] == [["plain-8", "plain-20"]] * 2
+    assert "Plain nets of 8 and 20 layers" in fig1.caption and "missing runs" not in fig1.caption
+    fig6 = build("fig6", data)
+    assert [ax.get_title() for ax in fig6.figure.axes] == ["plain", "ResNet"]
+    assert [_legend_texts(ax)[:2] for ax in fig6.figure.axes] == [["plain-8", "plain-20"], ["ResNet-8", "ResNet-20"]]
+    assert "missing runs" not in fig6.caption
+    fig7 = build("fig7", data)
+    assert _legend_texts(fig7.figure.axes[0]) == ["plain-8", "plain-20", "ResNet-8", "ResNet-20"]
+    assert "missing runs" not in fig7.caption
+
+    # With the paper's pair present too, Figure 1 is the paper's: plain-20 against plain-56.
+    write_run(tmp_path, "plain", 56, iterations=250)
+    assert [_legend_texts(ax)[:2] for ax in build("fig1", RunData.load(tmp_path)).figure.axes] == [
+        ["plain-20", "plain-56"]] * 2
 
 
 def test_curve_figures_leave_out_and_name_runs_with_no_epoch_logged(tmp_path):
@@ -590,8 +618,12 @@ def test_a_net_above_the_papers_axis_is_named_with_its_final_errors(tmp_path):
     off = [n for n in drawn.notes if "off the chart" in n]
     final = final_test_errors(tmp_path, ["cifar10-plain110-A-s0"])[0]
     assert len(off) == 1 and "plain-110" in off[0] and "plain-20" not in off[0] and f"test {final:.1f}%" in off[0]
-    # Figure 1 draws plain-20 only (its pair, plain-56, is missing): no note for a net it does not draw.
-    assert not any("off the chart" in n for n in build("fig1", RunData.load(tmp_path)).notes)
+    # Figure 1 lacks its pair (plain-56): it draws the shallowest and deepest plain nets there are,
+    # names plain-110 as off its chart too, and plain-56 as missing (a study of the paper's depths).
+    fig1 = build("fig1", RunData.load(tmp_path))
+    assert _legend_texts(fig1.figure.axes[0])[:2] == ["plain-20", "plain-110"]
+    assert any("off the chart" in n and "plain-110" in n for n in fig1.notes)
+    assert any(n == "missing runs: plain-56" for n in fig1.notes)
 
 
 def test_claim_6_uses_the_10_crop_test_where_the_runs_have_one(tmp_path):

@@ -279,3 +279,36 @@ def test_config_and_grids_do_not_import_torch():
     code = "import sys, study.config, study.grids; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+def test_training_into_results_from_a_dirty_tree_says_so_before_it_starts(tmp_path, capsys, monkeypatch):
+    """Published evidence comes from a clean, committed tree: `study run` into the checkout's
+    results/ from a tree with uncommitted changes to tracked files says so in one line first (and
+    the runs record git_dirty); elsewhere, or from a clean tree, nothing is said."""
+    import study.runstore
+
+    state = {"porcelain": " M study/train/loop.py\n"}
+
+    def git(*args):
+        if args[:2] == ("rev-parse", "--show-toplevel"):
+            return f"{tmp_path}\n"
+        if args[:1] == ("status",):
+            return state["porcelain"]
+        return "0123456789abcdef\n"
+
+    monkeypatch.setattr(study.runstore, "_git", git)
+    argv = ["run", "--arch", "plain", "--depth", "8", "--iterations", "1", "--batch-size", "32", "--device", "cpu"]
+    code, out, err = run_cli(capsys, *argv, "--runs-dir", str(tmp_path / "results" / "mine"))
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if "published evidence" in line]
+    assert len(notes) == 1 and "uncommitted changes to tracked files" in notes[0]
+    assert out.index("published evidence") < out.index("training on")
+    cfg = json.loads(next((tmp_path / "results" / "mine").glob("*/config.json")).read_text())
+    assert cfg["provenance"]["git_dirty"] is True
+    # What else CPU results depend on: the CPU's model and the thread count.
+    assert cfg["provenance"]["cpu"] and cfg["provenance"]["threads"] == torch.get_num_threads()
+
+    for runs, porcelain in ((tmp_path / "elsewhere", " M study/x.py\n"), (tmp_path / "results" / "clean", "")):
+        state["porcelain"] = porcelain
+        code, out, err = run_cli(capsys, *argv, "--runs-dir", str(runs))
+        assert code == 0 and "published evidence" not in out, out

@@ -20,13 +20,18 @@ def all_metrics(runs_dir) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).drop(columns=TIMING_COLUMNS)
 
 
-def test_runs_trained_concurrently_equal_runs_trained_alone(tmp_path, capsys):
+def test_runs_trained_concurrently_equal_runs_trained_alone(tmp_path, capfd):
     """K=2 processes share the list; the metrics of all 3 runs equal, exactly, those of one process
     training them one after another (each run is the same code on its own seed and data order;
     CPU float results do not depend on which process computes them)."""
     args = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-2", "--iterations", "3", "--batch-size", "16", "--device", "cpu"]
     assert main([*args, "--runs-dir", str(tmp_path / "alone"), "--concurrency", "1"]) == 0
+    capfd.readouterr()
     assert main([*args, "--runs-dir", str(tmp_path / "together"), "--concurrency", "2"]) == 0
+    # The worker process trained some of the runs (it gets the parent's plan, and it can train with it).
+    out, err = capfd.readouterr()
+    assert "(worker 1) [" in out and "training on cpu" in out.split("(worker 1) [", 1)[1], out + err
+    assert "Traceback" not in err, err
     alone, together = all_metrics(tmp_path / "alone"), all_metrics(tmp_path / "together")
     assert len(alone) == 6 and alone.run_id.nunique() == 3
     pd.testing.assert_frame_equal(alone, together)

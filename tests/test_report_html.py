@@ -253,3 +253,24 @@ def test_chromium_renders_every_figure_and_claim(report, runs, tmp_path):
     # The figures' curves are drawn in matplotlib's first colours (blue, orange): they are on screen.
     for rgb in ((31, 119, 180), (255, 127, 14)):
         assert (np.abs(pixels - rgb).sum(axis=2) < 40).sum() > 500, rgb
+
+
+def test_each_caption_is_printed_once(report, runs):
+    """The page prints each figure's caption as text under its image, and draws the image without it
+    (it was printed twice: in the image and under it); the PNG that `study plot` writes keeps it."""
+    from study.analysis.figures import build
+    from study.analysis.html import figure_png
+
+    text = report[0].read_text(encoding="utf-8")
+    data = RunData.load(runs)
+    for name in FIGURES:
+        drawn = build(name, data)
+        first = drawn.caption.splitlines()[0][:50]
+        assert text.count(html.escape(first)) == 1, name
+        drawn_text = []
+        real_savefig = drawn.figure.savefig
+        drawn.figure.savefig = lambda *a, **kw: drawn_text.append(drawn.caption_label.get_text()) or real_savefig(*a, **kw)
+        figure_png(drawn, caption=False)
+        figure_png(drawn)
+        assert drawn_text[0] == "" and first.split()[0] in drawn_text[1], name
+        assert drawn.caption_label.get_text() == drawn_text[1]  # put back for the PNG files

@@ -58,3 +58,16 @@ def test_the_published_results_hold_only_small_files():
         if path.is_file():
             assert path.suffix in allowed, path
             assert path.stat().st_size < 1_000_000, path
+
+
+def test_the_published_runs_were_trained_from_a_clean_committed_tree():
+    """Each published run's config.json names the commit it was trained from, with no uncommitted
+    change to a tracked file: the commit alone says what ran."""
+    import json
+
+    configs = sorted((ROOT / "results").glob("*/*/config.json"))
+    if not configs:
+        pytest.skip("results/ is not in this checkout")
+    dirty = [p.parent.name for p in configs if json.loads(p.read_text())["provenance"]["git_dirty"] is not False]
+    assert dirty == [], f"trained from a tree with uncommitted changes (or no git): {dirty}"
+    assert all(json.loads(p.read_text())["provenance"]["git_commit"] for p in configs)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from ..config import ConfigError
+from ..config import CIFAR_DEPTHS, IMAGENET_DEPTHS, ConfigError
 from ..probes import PROBE_DEFAULTS
 from .load import RunData, Study, coverage, pick_study, unsettled_bn, unsettled_bn_note
 from .paper import FIGURES, TABLE2, TABLE6, Series, series_label
@@ -44,6 +44,27 @@ class Drawn:
     notes: list[str]
     caption: str
     paths: list[Path] = field(default_factory=list)
+    #: The caption as drawn under the panels (a matplotlib Text), for pages that set it as text instead.
+    caption_label: object = None
+
+    def png(self, dpi: int, *, caption: bool = True) -> bytes:
+        """The figure as PNG bytes; without the caption under the panels where `caption` is false
+        (a page that prints it as text), laid out again without it."""
+        import io
+
+        label, text = self.caption_label, getattr(self.caption_label, "get_text", lambda: "")()
+        engine = self.figure.get_layout_engine()
+        if not caption and label is not None:
+            label.set_text("")
+            self.figure.set_layout_engine("constrained")  # laid out anew (`save` freezes the layout)
+        try:
+            buffer = io.BytesIO()
+            self.figure.savefig(buffer, format="png", dpi=dpi)
+        finally:
+            if label is not None:
+                label.set_text(text)
+                self.figure.set_layout_engine(engine)
+        return buffer.getvalue()
 
 
 # --- shared pieces ---------------------------------------------------------------------------
@@ -204,16 +225,17 @@ def _empty(ax: "Axes", text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.4", wrap=True)
 
 
-def _finish(fig: "Figure", title: str, caption: str, notes: list[str]) -> str:
-    """Title and, under the panels, the caption and the notes on missing runs."""
+def _finish(fig: "Figure", title: str, caption: str, notes: list[str]) -> tuple[str, object]:
+    """Title and, under the panels, the caption and the notes on missing runs: their text, and the
+    label that draws it."""
     # Wrapped to the figure's width (about 12 characters an inch at 11 pt), so that a one-panel
     # figure's title is not cut off at its edges.
     fig.suptitle(textwrap.fill(title, max(30, int(fig.get_figwidth() * 12))), fontsize=11)
     text = caption + ("\n" + "\n".join(f"Note: {n}" for n in notes) if notes else "")
     width = int(fig.get_figwidth() * 17)
     wrapped = "\n".join(textwrap.fill(line, width) for line in text.splitlines())
-    fig.supxlabel(wrapped, fontsize=7.5, x=0.01, ha="left", color="0.15")
-    return text
+    label = fig.supxlabel(wrapped, fontsize=7.5, x=0.01, ha="left", color="0.15")
+    return text, label
 
 
 def _title(number: str, study: Study, runs: pd.DataFrame) -> str:
@@ -221,17 +243,28 @@ def _title(number: str, study: Study, runs: pd.DataFrame) -> str:
 
 
 def _choose(present: list[Series], wanted: tuple[Series, ...], fallback: list[Series]) -> list[Series]:
-    """The paper's series where the runs have any of them, else `fallback` (depths the runs have)."""
+    """The paper's series the runs have, where they span at least two depths (a comparison of
+    depth, as the paper's is); else `fallback`, the depths the runs have (a study at other depths,
+    such as `quick`'s 8 and 20 layers, would otherwise show one net alone)."""
     chosen = [s for s in wanted if s in present]
-    return chosen or fallback
+    return chosen if len({s[1] for s in chosen}) >= 2 else fallback
+
+
+def _of_paper_depths(runs: pd.DataFrame) -> bool:
+    """Whether the study is one of the paper's depths (all of its depths are the paper's, or two of
+    them are): only then are the paper's nets that it lacks worth a note (a study of 8 and 20 layers
+    does not miss plain-56; one of 8, 20 and 56 layers does miss ResNet-56)."""
+    depths = set(runs["depth"].astype(int))
+    paper = depths & set(CIFAR_DEPTHS + IMAGENET_DEPTHS)
+    return bool(depths) and (paper == depths or len(paper) >= 2)
 
 
 # --- Figures 1, 4 and 6: error curves --------------------------------------------------------
 
 
 def fig1(data: RunData, **select: object) -> Drawn:
-    """Figure 1: training (left) and test (right) error of plain-20 and plain-56; without those runs,
-    of the shallowest and deepest plain nets present."""
+    """Figure 1: training (left) and test (right) error of plain-20 and plain-56; without both of
+    those runs, of the shallowest and deepest plain nets present."""
     spec = FIGURES["fig1"]
     wanted = spec.panels[0][1]
     study, notes = pick_study(data, "fig1", imagenet=False, wanted=wanted, **select)
@@ -251,14 +284,15 @@ def fig1(data: RunData, **select: object) -> Drawn:
             _legend(ax, drawn, colors, [])
         else:
             _empty(ax, "no plain-net runs in this study")
-    notes = (coverage(runs, drawn, wanted) + _not_logged(runs[runs["arch"] == "plain"], metrics)
+    notes = (coverage(runs, drawn, wanted if _of_paper_depths(runs) else [])
+             + _not_logged(runs[runs["arch"] == "plain"], metrics)
              + _off_chart(metrics, drawn, study, spec.ylim) + notes)
     caption = (
         f"Plain nets of {' and '.join(str(s[1]) for s in drawn) or 'no'} layers (paper: 20 and 56, CIFAR-10). "
         "Line: mean over seeds; band: min to max over seeds. The paper gives no final numbers for plain nets."
     )
-    text = _finish(fig, _title("Figure 1", study, runs), caption, notes)
-    return Drawn("fig1", fig, study, notes, text)
+    text, label = _finish(fig, _title("Figure 1", study, runs), caption, notes)
+    return Drawn("fig1", fig, study, notes, text, caption_label=label)
 
 
 def _eval_split(metrics: pd.DataFrame) -> str:
@@ -279,9 +313,17 @@ def _curve_panels(
     paper_label: str,
     star_note: str = "",
 ) -> Drawn:
-    """One panel per (title, drawn series, the paper's series): training and evaluation error."""
+    """One panel per (title, drawn series, the paper's series): training and evaluation error. A
+    panel with no runs is left out (the figure is as wide as the panels drawn), unless none has any."""
     spec = FIGURES[name]
+    wanted_all = list(dict.fromkeys(s for _, _, wanted in panels for s in wanted))
     runs, metrics = study.select(data.runs), study.select(data.metrics)
+    # A panel left out is named, unless all its nets are deeper than the study's deepest (the
+    # quick study's 8 and 20 layers have no ResNet-110 vs 1202 to show).
+    deepest = int(runs["depth"].max()) if not runs.empty else 0
+    notes = notes + [f"no runs for the panel {title!r} ({', '.join(series_label(*s) for s in wanted)}): left out"
+                     for title, drawn, wanted in panels if not drawn and any(s[1] <= deepest for s in wanted)]
+    panels = [panel for panel in panels if panel[1]] or panels[:1]
     split = _eval_split(metrics)
     all_drawn = [s for _, drawn, _ in panels for s in drawn]
     colors = _colors(all_drawn)
@@ -307,8 +349,7 @@ def _curve_panels(
             _legend(ax, drawn, colors, styles)
         else:
             _empty(ax, "no runs: " + ", ".join(series_label(*s) for s in wanted))
-    wanted_all = list(dict.fromkeys(s for _, _, wanted in panels for s in wanted))
-    notes = (coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all) + _not_logged(runs, metrics)
+    notes = (coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all if _of_paper_depths(runs) else []) + _not_logged(runs, metrics)
              + _off_chart(metrics, all_drawn, study, spec.ylim) + notes)
     train_word = "dashed" if train_line.get("linestyle") == "--" else "thin"
     caption = (
@@ -321,13 +362,14 @@ def _curve_panels(
         caption += " The paper gives no final number for the nets drawn."
     else:
         caption += f" The paper's numbers are not marked: they are for {'ImageNet' if name == 'fig4' else 'CIFAR-10'}."
-    text = _finish(fig, _title(number, study, runs), caption, notes)
-    return Drawn(name, fig, study, notes, text)
+    text, label = _finish(fig, _title(number, study, runs), caption, notes)
+    return Drawn(name, fig, study, notes, text, caption_label=label)
 
 
 def fig6(data: RunData, **select: object) -> Drawn:
-    """Figure 6: plain nets (left), ResNets (middle), ResNet-110 vs 1202 (right); dashed training
-    error, bold test error; the paper's Table 6 errors starred on CIFAR-10."""
+    """Figure 6: plain nets (left), ResNets (middle), ResNet-110 vs 1202 (right), each panel where
+    the runs have its nets; dashed training error, bold test error; the paper's Table 6 errors
+    starred on CIFAR-10."""
     spec = FIGURES["fig6"]
     wanted = [s for _, series in spec.panels for s in series]
     study, notes = pick_study(data, "fig6", imagenet=False, wanted=wanted, **select)
@@ -480,7 +522,7 @@ def fig7(data: RunData, **select: object) -> Drawn:
         _legend(ax, drawn, colors, [], dashes={s: dashes[s[0]] for s in drawn})
     runs = study.select(data.runs)
     measured = runs[runs["run_id"].isin(responses["run_id"])]
-    notes = coverage(measured, drawn, wanted) + notes
+    notes = coverage(measured, drawn, wanted if _of_paper_depths(measured) else []) + notes
     if early := unsettled_bn(responses):
         notes.append(unsettled_bn_note(early))
     unprobed = runs[~runs["run_id"].isin(data.responses["run_id"]) & (runs["status"] == "done")]
@@ -490,8 +532,8 @@ def fig7(data: RunData, **select: object) -> Drawn:
         f"Std of each 3x3 layer's response, after BN and before ReLU or the residual addition, "
         f"{_options_text(responses)}. Line: mean over seeds; band: min to max over seeds."
     )
-    text = _finish(fig, _title("Figure 7", study, measured), caption, notes)
-    return Drawn("fig7", fig, study, notes, text)
+    text, label = _finish(fig, _title("Figure 7", study, measured), caption, notes)
+    return Drawn("fig7", fig, study, notes, text, caption_label=label)
 
 
 # --- Beyond the paper: gradient norms --------------------------------------------------------
@@ -564,8 +606,8 @@ def gradients(data: RunData, **select: object) -> Drawn:
         "recordings and seeds (band: interquartile range). Vanishing gradients would show as a norm falling "
         "by orders of magnitude towards the first layers."
     )
-    text = _finish(fig, _title("Gradient norms", study, measured), caption, notes)
-    return Drawn("gradients", fig, study, notes, text)
+    text, label = _finish(fig, _title("Gradient norms", study, measured), caption, notes)
+    return Drawn("gradients", fig, study, notes, text, caption_label=label)
 
 
 BUILDERS = {"fig1": fig1, "fig4": fig4, "fig6": fig6, "fig7": fig7, "gradients": gradients}

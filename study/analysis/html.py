@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import re
 import time
 from typing import TYPE_CHECKING
@@ -49,11 +48,10 @@ def _inline(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
 
-def figure_png(drawn: "Drawn") -> bytes:
-    """The figure as PNG bytes, as `figures.save` writes it."""
-    buffer = io.BytesIO()
-    drawn.figure.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
+def figure_png(drawn: "Drawn", *, caption: bool = True) -> bytes:
+    """The figure as PNG bytes, as `figures.save` writes it; without the caption under its panels
+    where `caption` is false (the page prints it as text)."""
+    return drawn.png(DPI, caption=caption)
 
 
 def data_uri(png: bytes) -> str:
@@ -83,7 +81,8 @@ def _figures(content: ReportContent) -> list[str]:
             out.append(f'<p class="missing">Not drawn: {_inline(fig.missing or "")}</p></section>')
             continue
         caption = "<br>\n".join(_inline(line) for line in fig.drawn.caption.splitlines())
-        out.append(f'<figure><img alt="{fig.name}" src="{data_uri(figure_png(fig.drawn))}">'
+        # The caption is the page's text under the image, not drawn in it as well (it was printed twice).
+        out.append(f'<figure><img alt="{fig.name}" src="{data_uri(figure_png(fig.drawn, caption=False))}">'
                    f"<figcaption>{caption}</figcaption></figure></section>")
     return out
 

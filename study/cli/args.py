@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from ..config import ALL_DATASETS, LR_SCHEDULES, ConfigError
 from ..data import DataError
-from ..launch import DEFAULT_GPUS, DEFAULT_MAX_TIMEOUTS, DEFAULT_TIME_MIN, LAUNCHERS
+from ..launch import DEFAULT_GPUS, DEFAULT_MAX_TIMEOUTS, DEFAULT_TIME_MIN, LAUNCHERS, SLURM_FLAGS
 from ..runstore import RunStoreError
 
 USER_ERRORS = (ConfigError, DataError, RunStoreError)
@@ -168,6 +168,7 @@ SLURM_TYPES: dict[str, Callable] = {
     "slurm_array_parallelism": positive_int,
     "slurm_max_timeouts": non_negative_int,
 }
+assert tuple(SLURM_TYPES) == SLURM_FLAGS  # the launcher's list of its flags (the plan reads it without study.cli)
 
 
 def add_launcher_arguments(run_parser: argparse.ArgumentParser) -> None:

@@ -125,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The one plan of how these runs execute, checked here for the modes alone (before the runs are
     # listed), then with the runs; it alone carries the modes from here on.
     plan = ExecutionPlan.from_args(args, world)
-    plan.check([])
+    plan.check(None)
     configs = run_configs(args, world)
     plan.check(configs)
     if args.launcher != "local":

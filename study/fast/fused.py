@@ -51,7 +51,7 @@ from .grouped import gate_shortcuts, grouped_cifar_net
 
 @dataclass
 class Join:
-    """What a fused run's `train_steps` yields once, when its model and optimizer are ready."""
+    """What a fused run's step yields once, before its first request (`study.train.step.FusedMemberStep`)."""
 
     model: CifarNet
     opt: torch.optim.SGD

@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ..config import IMAGENET_DATASETS, IMAGENET_DEPTHS, SHORTCUTS, blocks_per_stage
+from ..config import CIFAR_DEPTHS, IMAGENET_DATASETS, IMAGENET_DEPTHS, SHORTCUTS, blocks_per_stage
 from .cifar import BasicBlock, CifarNet, cifar_net
 from .imagenet import ImageNetNet, from_torchvision, imagenet_net
 
@@ -28,8 +28,6 @@ __all__ = [
     "imagenet_net",
     "from_torchvision",
 ]
-
-CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 
 
 def build_model(

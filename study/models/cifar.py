@@ -42,12 +42,12 @@ class PadShortcut(nn.Module):
         self.stride, self.extra, self.groups = stride, planes - in_planes, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)  # before slicing: a view is not
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.extra > 0 and self.groups == 1:
             x = F.pad(x, (0, 0, 0, 0, 0, self.extra))  # the channel dimension (dim 1), at its end
         elif self.extra > 0:
-            channels_last = x.is_contiguous(memory_format=torch.channels_last)
             n, c, h, w = x.shape
             x = F.pad(x.reshape(n, self.groups, c // self.groups, h, w), (0, 0, 0, 0, 0, self.extra))
             x = x.reshape(n, c + self.groups * self.extra, h, w)

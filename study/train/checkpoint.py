@@ -93,11 +93,15 @@ def restore(ckpt: dict, *, model: torch.nn.Module, opt: torch.optim.Optimizer, g
 
 
 def owned(state: Any) -> Any:
-    """`state` with each tensor that is a view into a larger storage replaced by its own copy."""
+    """`state` with each tensor that is a view into a larger storage replaced by its own copy; the
+    same object where there is none (a run that is not fused: its state dicts, `_metadata` and all,
+    are saved as they are)."""
     if isinstance(state, torch.Tensor):
         return state.clone() if state.untyped_storage().nbytes() > state.numel() * state.element_size() else state
     if isinstance(state, dict):
-        return {k: owned(v) for k, v in state.items()}
+        copied = {k: owned(v) for k, v in state.items()}
+        return state if all(copied[k] is v for k, v in state.items()) else copied
     if isinstance(state, (list, tuple)):
-        return type(state)(owned(v) for v in state)
+        copied = [owned(v) for v in state]
+        return state if all(c is v for c, v in zip(copied, state)) else type(state)(copied)
     return state

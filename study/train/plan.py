@@ -59,7 +59,7 @@ class ExecutionPlan:
     def from_args(cls, args: object, processes: int) -> "ExecutionPlan":
         """The plan `study run`'s options ask for (an argparse Namespace; options it lacks take their
         defaults), with `processes` per run (torchrun's, or `--gpus-per-run` on SLURM)."""
-        from ..cli.args import SLURM_TYPES  # the SLURM flags' names (study.cli imports this module's users)
+        from ..launch import SLURM_FLAGS
 
         def get(name: str, default: object) -> object:
             value = getattr(args, name, None)
@@ -70,7 +70,7 @@ class ExecutionPlan:
                    cuda_graph=bool(get("cuda_graph", False)), sync_bn=bool(get("sync_bn", False)),
                    launcher=str(get("launcher", "local")), decode=str(get("decode", "cpu")),
                    workers=getattr(args, "workers", None), download=bool(get("download", False)),
-                   slurm_flags=tuple(f for f in SLURM_TYPES if getattr(args, f, None) is not None))
+                   slurm_flags=tuple(f for f in SLURM_FLAGS if getattr(args, f, None) is not None))
 
     def for_task(self) -> "ExecutionPlan":
         """The plan a SLURM array task trains its one run with: here, one process per device."""
@@ -94,19 +94,17 @@ class ExecutionPlan:
             return cfg.batch_split
         return 1 if self.sync_bn else cfg.batch_split // self.processes
 
-    def check(self, configs: Iterable[RunConfig], device: str | None = None) -> None:
-        """ConfigError naming the fix if this plan cannot train `configs`. The checks that need the
-        device run when `device` (the resolved one, e.g. `cpu` or `cuda:0`) is given."""
-        configs = list(configs)
+    def check(self, configs: Iterable[RunConfig] | None, device: str | None = None) -> None:
+        """ConfigError naming the fix if this plan cannot train `configs`; `configs` None: the rules
+        of the modes alone (`study run` asks that before it lists the runs, then again with them).
+        The checks that need the device run when `device` (the resolved one, e.g. `cpu` or
+        `cuda:0`) is given."""
+        listed = configs is not None
+        configs = list(configs or [])
         slurm = self.launcher == "slurm"
-        if self.slurm_flags and not slurm:
-            raise ConfigError(f"--{self.slurm_flags[0].replace('_', '-')} applies to --launcher slurm only; "
-                              "add --launcher slurm or drop it")
         if self.sync_bn and self.processes == 1:
             raise ConfigError("--sync-bn applies to runs launched by torchrun over several processes; drop it")
         if slurm:
-            if not re.fullmatch(SLURM_DEVICES, self.device):
-                raise ConfigError(f"unknown device {self.device!r}; use --device auto, cpu or cuda")
             if self.concurrency not in (None, 1):
                 raise ConfigError("--concurrency does not apply to --launcher slurm (each run is its own array task); "
                                   "use --slurm-array-parallelism")
@@ -115,20 +113,6 @@ class ExecutionPlan:
                     raise ConfigError(f"--{flag} does not apply to --launcher slurm (each run is its own array task); drop it")
             if self.processes > 1 and self.device == "cpu":
                 raise ConfigError(f"--gpus-per-run {self.processes} trains on GPUs; drop --device cpu")
-        imagenet = [cfg for cfg in configs if cfg.imagenet]
-        if self.workers is not None and configs and not imagenet:
-            raise ConfigError("--workers sets ImageNet's DataLoader workers; CIFAR-style data sit on the device, drop it")
-        if self.download and imagenet:
-            raise ConfigError("ImageNet cannot be downloaded; drop --download and pass --data-dir to your copy")
-        if self.processes > 1:
-            for cfg in configs:
-                if self.sync_bn and cfg.batch_split != 1:
-                    raise ConfigError("--sync-bn computes BN over the whole batch; drop --batch-split or --sync-bn")
-                if not self.sync_bn and cfg.batch_split % self.processes:
-                    raise ConfigError(
-                        f"with per-device BN, {self.processes} processes split each batch into at least "
-                        f"{self.processes} BN groups; pass --batch-split {self.processes} (or a multiple), or --sync-bn"
-                    )
         ddp = self.processes > 1 and not slurm
         if ddp and self.concurrency not in (None, 1):
             raise ConfigError("--concurrency shares one device between runs; under torchrun each run uses all processes, drop it")
@@ -165,6 +149,31 @@ class ExecutionPlan:
             # torch.compile's CUDA graphs share one memory pool that assumes replays in one order on
             # one stream; interleaving compiled runs on several streams is untested.
             raise ConfigError("--streams with --compile is not supported on a GPU; use --streams with --cuda-graph")
+        if listed:
+            self._check_with_the_runs(configs, slurm)
+
+    def _check_with_the_runs(self, configs: list[RunConfig], slurm: bool) -> None:
+        """The rules that need the runs listed: what their data take, the BN split the processes can
+        honour, and where the SLURM options go."""
+        imagenet = [cfg for cfg in configs if cfg.imagenet]
+        if self.workers is not None and configs and not imagenet:
+            raise ConfigError("--workers sets ImageNet's DataLoader workers; CIFAR-style data sit on the device, drop it")
+        if self.download and imagenet:
+            raise ConfigError("ImageNet cannot be downloaded; drop --download and pass --data-dir to your copy")
+        if self.slurm_flags and not slurm:
+            raise ConfigError(f"--{self.slurm_flags[0].replace('_', '-')} applies to --launcher slurm only; "
+                              "add --launcher slurm or drop it")
+        if slurm and not re.fullmatch(SLURM_DEVICES, self.device):
+            raise ConfigError(f"unknown device {self.device!r}; use --device auto, cpu or cuda")
+        if self.processes > 1:
+            for cfg in configs:
+                if self.sync_bn and cfg.batch_split != 1:
+                    raise ConfigError("--sync-bn computes BN over the whole batch; drop --batch-split or --sync-bn")
+                if not self.sync_bn and cfg.batch_split % self.processes:
+                    raise ConfigError(
+                        f"with per-device BN, {self.processes} processes split each batch into at least "
+                        f"{self.processes} BN groups; pass --batch-split {self.processes} (or a multiple), or --sync-bn"
+                    )
 
     def torch_device(self, ddp: Distributed) -> torch.device:
         """The device this process trains on: `device` resolved, under torchrun this process's GPU."""

@@ -23,7 +23,7 @@ import torch
 from ..config import RunConfig
 from ..data import Data, imagenet, load_data
 from ..fast.fused import Fuser, fusion_order
-from ..runstore import Run, check_writable
+from ..runstore import Run, check_writable, publishing_from_a_dirty_tree
 from ..stopflag import StopFlag
 from .distributed import SINGLE, Distributed, broadcast
 from .feeds import pixel_mean_options, quiet
@@ -68,20 +68,22 @@ def run_all(
         from ..tensorboard import require
 
         require()
+    plan = replace(plan, processes=ddp.world)  # the job's processes train each run, whatever the caller's plan said
     dev = plan.torch_device(ddp)
     plan.check(configs, str(dev))
     datasets = _open_data(configs, data_dir, plan, dev)
     runs = _check_runs_dir(configs, runs_dir, ddp, tensorboard)
     concurrency = plan.processes_per_device(dev.type, len(runs), ddp.enabled)
-    plan = replace(plan, device=str(dev), workers=default_workers() if plan.workers is None else plan.workers,
-                   download=False)
+    loaders = any(cfg.imagenet for cfg in configs)  # only ImageNet runs have DataLoader workers
+    plan = replace(plan, device=str(dev), download=False,
+                   workers=default_workers() if plan.workers is None and loaders else plan.workers)
     log = log if ddp.writer else quiet
     # ImageNet's per-pixel mean: one pass over train/ (or the runs dir's cache), here, before any
     # worker process starts, so that they read it rather than each making its own pass.
     for data in datasets.values():
         if isinstance(data, imagenet.ImageNetData) and any(c.imagenet and c.mean == "pixel" for c in configs):
             data.mean_for("pixel", runs_dir, **pixel_mean_options(plan.workers, dev, ddp, progress, log))
-    _warn_of_long_cpu_runs(runs, dev, log)
+    _notes_before_training(runs, runs_dir, dev, log)
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     pool = [ctx.Process(target=_worker, args=(configs, str(runs_dir), replace(plan, concurrency=1), data_dir,
                                               tensorboard, f"worker {k}"), daemon=False)
@@ -127,6 +129,17 @@ def _open_data(configs: list[RunConfig], data_dir: str | None, plan: ExecutionPl
         else:
             datasets[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download).to(dev)
     return datasets
+
+
+def _notes_before_training(runs: list[Run], runs_dir: str | Path, dev: torch.device, log: Callable[[str], None]
+                           ) -> None:
+    """What the user should know before the runs start, said once, by the process the user started
+    (not by `--concurrency`'s workers): long runs on a CPU, published runs from a dirty tree."""
+    if multiprocessing.parent_process() is not None:
+        return
+    _warn_of_long_cpu_runs(runs, dev, log)
+    if note := publishing_from_a_dirty_tree(runs_dir):
+        log(note)
 
 
 def _warn_of_long_cpu_runs(runs: list[Run], dev: torch.device, log: Callable[[str], None]) -> None:
