@@ -827,3 +827,40 @@ def test_end_to_end_real_runs_probe_plot_table_report(tmp_path, cli, small_data)
     claim2 = next(line for line in stdout.splitlines() if line.startswith("claim 2:"))
     assert "cannot be judged" in claim2 and "smallest layer response std" not in claim2 and "--bn-mode train" in claim2
     assert "fewer than 100 iterations" in (out / "report.md").read_text().split("### Figure 7")[1].split("###")[0]
+
+
+def test_a_comparison_is_welchs_interval_and_the_per_seed_order():
+    """Known answers: 3 seeds a side, each with standard deviation 1, means 10 apart: Welch's
+    interval is 10 ± t(0.975, 4 df) x sqrt(1/3 + 1/3) = 10 ± 2.7764 x 0.8165; the seeds all agree."""
+    from study.analysis.report import _Stat, compare
+
+    a, b = _Stat(pd.Series([31.0, 32.0, 33.0], index=[0, 1, 2])), _Stat(pd.Series([21.0, 22.0, 23.0], index=[0, 1, 2]))
+    c = compare(a, b)
+    assert c.diff == pytest.approx(10.0)
+    assert (c.low, c.high) == pytest.approx((10 - 2.776445 * (2 / 3) ** 0.5, 10 + 2.776445 * (2 / 3) ** 0.5), abs=1e-5)
+    assert c.significant(higher=True) and not c.significant(higher=False)
+    assert str(c) == "difference +10.00, 95% CI +7.73 to +12.27 (Welch's t), higher in 3 of 3 seeds"
+    # Overlapping seeds: the interval straddles 0; the order is counted on the seeds both have.
+    wide = compare(_Stat(pd.Series([20.0, 26.0, 31.0], index=[0, 1, 2])), _Stat(pd.Series([21.0, 25.0, 30.0, 9.0], index=[0, 1, 2, 3])))
+    assert wide.low < 0 < wide.high and not wide.significant(higher=True)
+    assert (wide.above, wide.paired) == (2, 3) and "higher in 2 of 3 seeds" in str(wide)
+    # One seed a side: no interval, not significant, the order still said.
+    one = compare(_Stat(pd.Series([5.0], index=[0])), _Stat(pd.Series([4.0], index=[0])))
+    assert one.low is None and not one.significant(higher=True) and str(one) == "difference +1.00, higher in 1 of 1 seeds"
+
+
+@pytest.mark.parametrize("gap, significance", [(8.0, "significant"), (0.4, "not significant")])
+def test_a_verdict_says_whether_it_is_significant(tmp_path, gap, significance):
+    """Synthetic plain and ResNet nets of 8 and 20 layers over 3 seeds whose floors differ by seed
+    (spread about 1 point): the deeper plain net worse and the deeper ResNet better by `gap` points.
+    Far apart, claims 1 and 3 hold and are significant; close, they hold and are not."""
+    for seed, shift in zip(range(3), (0.0, 1.0, 2.0)):
+        for arch, depth, floor in (("plain", 8, 20.0), ("plain", 20, 20.0 + gap),
+                                   ("resnet", 8, 20.0), ("resnet", 20, 20.0 - gap)):
+            write_run(tmp_path, arch, depth, seed=seed, floor=(floor + shift, floor + 1 + shift))
+    claims = {c.number: c for c in classify_claims(RunData.load(tmp_path))}
+    for n in (1, 3):
+        assert claims[n].verdict == "holds" and claims[n].significance == significance, claims[n].line()
+        assert "in 3 of 3 seeds" in claims[n].evidence and "95% CI" in claims[n].evidence
+        assert claims[n].line().startswith(f"claim {n}: holds ({significance}) (3 seeds)")
+    assert claims[2].significance == ""  # not a comparison of two means

@@ -128,6 +128,9 @@ def test_html_report_has_every_claim_figure_table_and_run(report, runs):
     claims = classify_claims(data)
     assert [c["id"] for c in page.claims] == [f"claim-{n}" for n in range(1, 7)]
     assert [c["data-verdict"] for c in page.claims] == [c.verdict for c in claims]
+    # Each verdict cell says whether the verdict is significant, where it rests on comparisons of means.
+    assert any(c.significance for c in claims)
+    assert [row[2] for row in page.rows["claims"][1:]] == [c.verdict + c.significance for c in claims]
     for claim in claims:  # the verdict's evidence, whole (its `code` spans as <code>)
         assert re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(claim.evidence)) in text
 

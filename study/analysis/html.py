@@ -66,7 +66,9 @@ def _claims(content: ReportContent) -> list[str]:
         out.append(
             f'<tr class="claim" id="claim-{c.number}" data-verdict="{html.escape(c.verdict)}">'
             f"<td>{c.number}</td><td>{_inline(c.text)}</td>"
-            f'<td><span class="verdict {verdict}">{html.escape(c.verdict)}</span></td>'
+            f'<td><span class="verdict {verdict}">{html.escape(c.verdict)}</span>'
+            + (f'<br><span class="significance">{html.escape(c.significance)}</span>' if c.significance else "")
+            + "</td>"
             f'<td class="seeds">{_seeds(c.seeds)}</td><td class="evidence">{_inline(c.evidence)}</td></tr>'
         )
     return out + ["</tbody></table>"]

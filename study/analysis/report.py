@@ -3,8 +3,10 @@ or as one self-contained HTML file (`html.py`).
 
 Each claim of PROTOCOL.md ("Claims the study exists to test") is judged from the finished runs
 present: `holds`, `does not hold`, or `cannot be judged` when the runs it needs are missing. Verdicts
-compare means over seeds; the evidence line gives the numbers and the number of seeds, and says when
-a difference is within the seeds' spread, so a reader can weigh it.
+compare means over seeds; the evidence line gives the numbers and the number of seeds, and each
+two-way comparison of errors the difference of the means with its 95% confidence interval (Welch's t,
+`scipy.stats`) and the per-seed order ("higher in 3 of 3 seeds"). A verdict that rests on such
+comparisons says whether it is significant: all of them exclude 0 in the claimed direction.
 """
 
 from __future__ import annotations
@@ -66,31 +68,97 @@ class Claim:
     verdict: str
     evidence: str
     seeds: int
+    #: For a verdict that rests on two-way comparisons of means: `significant` or `not significant`
+    #: (Welch's t, 95%: every comparison's interval excludes 0 in the claimed direction); else "".
+    significance: str = ""
+
+    @property
+    def verdict_text(self) -> str:
+        """The verdict with its significance, as the report shows it: `holds (not significant)`."""
+        return f"{self.verdict} ({self.significance})" if self.significance else self.verdict
 
     def line(self) -> str:
         """The one line the report and the terminal show."""
-        return f"claim {self.number}: {self.verdict} ({_seeds(self.seeds)}): {self.evidence}"
+        return f"claim {self.number}: {self.verdict_text} ({_seeds(self.seeds)}): {self.evidence}"
 
 
 @dataclass
 class _Stat:
-    mean: float
-    std: float
-    n: int
+    """One net's final error over its seeds: `values` indexed by seed."""
+
+    values: pd.Series
+
+    @property
+    def mean(self) -> float:
+        return float(self.values.mean())
+
+    @property
+    def std(self) -> float:
+        return float(self.values.std())
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
 
     def __str__(self) -> str:
         return f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.n > 1 else "")
 
 
 def _stat(values: pd.Series) -> _Stat | None:
+    """The non-missing `values` (indexed by seed) as a _Stat, or None if there are none."""
     values = values.dropna()
-    return _Stat(values.mean(), values.std(), len(values)) if len(values) else None
+    return _Stat(values) if len(values) else None
 
 
-def _spread_note(a: _Stat, b: _Stat) -> str:
-    if a.n > 1 and b.n > 1 and abs(a.mean - b.mean) < a.std + b.std:
-        return " (within the seeds' spread)"
-    return ""
+@dataclass
+class Comparison:
+    """`a` against `b` (two nets' final errors over seeds): the difference of the means, its 95%
+    confidence interval by Welch's t (None with fewer than 2 seeds on a side), and over the seeds
+    both have, how many put `a` above `b`."""
+
+    diff: float
+    low: float | None
+    high: float | None
+    above: int
+    paired: int
+
+    def significant(self, higher: bool) -> bool:
+        """Whether the interval excludes 0 on the side of `a` higher (`higher`) or lower."""
+        if self.low is None or self.high is None:
+            return False
+        return self.low > 0 if higher else self.high < 0
+
+    def __str__(self) -> str:
+        side = "higher" if self.diff > 0 else "lower"
+        count = self.above if self.diff > 0 else self.paired - self.above
+        order = f"{side} in {count} of {self.paired} seeds" if self.paired else "no seed in common"
+        if self.low is None:
+            return f"difference {self.diff:+.2f}, {order}"
+        return f"difference {self.diff:+.2f}, 95% CI {self.low:+.2f} to {self.high:+.2f} (Welch's t), {order}"
+
+
+def compare(a: _Stat, b: _Stat) -> Comparison:
+    """`a` against `b`: see Comparison. The interval is scipy's Welch t interval of the difference."""
+    from scipy import stats
+
+    low = high = None
+    if a.n > 1 and b.n > 1:
+        result = stats.ttest_ind(a.values.to_numpy(float), b.values.to_numpy(float), equal_var=False)
+        interval = result.confidence_interval(0.95)
+        low, high = float(interval.low), float(interval.high)
+        if math.isnan(low) or math.isnan(high):  # no spread on either side: no interval
+            low = high = None
+    both = a.values.index.intersection(b.values.index)
+    above = int((a.values[both] > b.values[both]).sum())
+    return Comparison(a.mean - b.mean, low, high, above, len(both))
+
+
+def _significance(comparisons: list[tuple[Comparison, bool]]) -> str:
+    """`significant` if every comparison's interval excludes 0 on its claimed side (`higher`), else
+    `not significant`; "" where there is no comparison."""
+    if not comparisons:
+        return ""
+    return "significant" if all(c.significant(higher) for c, higher in comparisons) else "not significant"
 
 
 def _combine(parts: list[tuple[str | None, str]], conjunctive: bool) -> tuple[str, str]:
@@ -152,7 +220,8 @@ class _Finals:
         if self.df is None or column not in self.df:
             return None
         df = self.df
-        return _stat(df[(df["arch"] == arch) & (df["depth"] == depth) & (df["shortcut"] == shortcut)][column])
+        rows = df[(df["arch"] == arch) & (df["depth"] == depth) & (df["shortcut"] == shortcut)]
+        return _stat(rows.set_index("seed")[column])
 
     def depths(self, arch: str, shortcut: str = "A") -> list[int]:
         if self.df is None:
@@ -167,26 +236,28 @@ def _pair(depths: list[int], preferred: tuple[int, int]) -> tuple[int, int] | No
     return (depths[0], depths[-1]) if len(depths) >= 2 else None
 
 
-def _deeper_is_worse(f: _Finals, arch: str, pair: tuple[int, int]) -> tuple[str | None, str, int]:
-    """Degradation test of one pair: (verdict, evidence, seeds)."""
+def _deeper_is_worse(f: _Finals, arch: str, pair: tuple[int, int]
+                     ) -> tuple[str | None, str, int, list[tuple[Comparison, bool]]]:
+    """Degradation test of one pair: (verdict, evidence, seeds, comparisons with their claimed side)."""
     shallow, deep = pair
     name_s, name_d = series_label(arch, shallow), series_label(arch, deep)
     tr_s, tr_d = f.get(arch, shallow, "train"), f.get(arch, deep, "train")
     te_s, te_d = f.get(arch, shallow, f.eval), f.get(arch, deep, f.eval)
     if None in (tr_s, tr_d, te_s, te_d):
-        return None, f"{f.study.dataset}: {name_s} or {name_d} lacks a final training or {f.eval} error", 0
+        return None, f"{f.study.dataset}: {name_s} or {name_d} lacks a final training or {f.eval} error", 0, []
     if (why := f.unlearned([tr_s, tr_d])) is not None:
-        return None, why, min(tr_s.n, tr_d.n)
+        return None, why, min(tr_s.n, tr_d.n), []
     worse = tr_d.mean > tr_s.mean and te_d.mean > te_s.mean
+    train, test = compare(tr_d, tr_s), compare(te_d, te_s)
     evidence = (
-        f"{f.study.dataset}: training error {name_d} {tr_d} vs {name_s} {tr_s}{_spread_note(tr_d, tr_s)}, "
-        f"{f.eval} error {te_d} vs {te_s}{_spread_note(te_d, te_s)}"
+        f"{f.study.dataset}: training error {name_d} {tr_d} vs {name_s} {tr_s} ({train}), "
+        f"{f.eval} error {te_d} vs {te_s} ({test})"
     )
-    return (HOLDS if worse else FAILS), evidence, min(tr_s.n, tr_d.n)
+    return (HOLDS if worse else FAILS), evidence, min(tr_s.n, tr_d.n), [(train, True), (test, True)]
 
 
-def _claim1(cifar: _Finals | None, imagenet: _Finals | None) -> tuple[str, str, int]:
-    parts, seeds = [], []
+def _claim1(cifar: _Finals | None, imagenet: _Finals | None) -> tuple[str, str, int, str]:
+    parts, seeds, comparisons = [], [], []
     for f, preferred in ((cifar, (20, 56)), (imagenet, (18, 34))):
         if f is None:
             continue
@@ -196,13 +267,14 @@ def _claim1(cifar: _Finals | None, imagenet: _Finals | None) -> tuple[str, str, 
                 (None, f"{f.study.dataset}: needs two finished plain depths, has {f.depths('plain') or 'none'}")
             )
             continue
-        verdict, evidence, n = _deeper_is_worse(f, "plain", pair)
+        verdict, evidence, n, compared = _deeper_is_worse(f, "plain", pair)
         parts.append((verdict, evidence))
         seeds.append(n)
+        comparisons += compared
     if not parts:
         parts.append((None, "no finished plain-net runs"))
     verdict, evidence = _combine(parts, conjunctive=False)
-    return verdict, evidence, min(seeds, default=0)
+    return verdict, evidence, min(seeds, default=0), _significance(comparisons) if verdict != UNKNOWN else ""
 
 
 def _claim2(data: RunData, study: Study | None) -> tuple[str, str, int]:
@@ -252,40 +324,42 @@ def _claim2(data: RunData, study: Study | None) -> tuple[str, str, int]:
     return verdict, evidence, min(seeds, default=0)
 
 
-def _claim3(f: _Finals | None) -> tuple[str, str, int]:
+def _claim3(f: _Finals | None) -> tuple[str, str, int, str]:
     depths = [d for d in f.depths("resnet") if d <= 110] if f else []
     if len(depths) < 2:
         have = min((f.get("resnet", d, "train").n for d in depths), default=0)
-        return UNKNOWN, f"needs two finished ResNet depths up to 110, has {depths or 'none'}", have
+        return UNKNOWN, f"needs two finished ResNet depths up to 110, has {depths or 'none'}", have, ""
     rows = {d: (f.get("resnet", d, "train"), f.get("resnet", d, f.eval)) for d in depths}
     if (why := f.unlearned([tr for tr, _ in rows.values()])) is not None:
-        return UNKNOWN, why, min(s[0].n for s in rows.values())
+        return UNKNOWN, why, min(s[0].n for s in rows.values()), ""
     shallow, deep = rows[depths[0]], rows[depths[-1]]
     better = deep[0].mean < shallow[0].mean and deep[1].mean < shallow[1].mean
     listing = ", ".join(f"{series_label('resnet', d)} {tr.mean:.2f}/{te.mean:.2f}" for d, (tr, te) in rows.items())
     monotone = all(rows[a][1].mean > rows[b][1].mean for a, b in zip(depths, depths[1:]))
+    train, test = compare(deep[0], shallow[0]), compare(deep[1], shallow[1])
     evidence = (
-        f"{f.study.dataset}, training/{f.eval} error: {listing}"
-        f"{_spread_note(deep[1], shallow[1])}; {f.eval} error "
+        f"{f.study.dataset}, training/{f.eval} error: {listing}; {series_label('resnet', depths[-1])} vs "
+        f"{series_label('resnet', depths[0])}: training {train}, {f.eval} {test}; {f.eval} error "
         f"{'falls' if monotone else 'does not fall'} at every step in depth"
     )
-    return (HOLDS if better else FAILS), evidence, min(s[0].n for s in rows.values())
+    return (HOLDS if better else FAILS), evidence, min(s[0].n for s in rows.values()), _significance(
+        [(train, False), (test, False)])
 
 
-def _claim4(f: _Finals | None) -> tuple[str, str, int]:
+def _claim4(f: _Finals | None) -> tuple[str, str, int, str]:
     stats = {d: (f.get("resnet", d, "train"), f.get("resnet", d, f.eval)) for d in (110, 1202)} if f else {}
     if not stats or any(tr is None or te is None for tr, te in stats.values()):
-        return UNKNOWN, "needs finished ResNet-110 and ResNet-1202 runs", 0
+        return UNKNOWN, "needs finished ResNet-110 and ResNet-1202 runs", 0, ""
     (tr110, te110), (tr1202, te1202) = stats[110], stats[1202]
     if (why := f.unlearned([tr110, tr1202])) is not None:
-        return UNKNOWN, why, min(tr110.n, tr1202.n)
+        return UNKNOWN, why, min(tr110.n, tr1202.n), ""
     holds = tr1202.mean <= tr110.mean + SAME_TRAIN_ERROR_PP and te1202.mean > te110.mean
     evidence = (
         f"training error ResNet-1202 {tr1202} vs ResNet-110 {tr110} (same: within {SAME_TRAIN_ERROR_PP} points), "
-        f"{f.eval} error {te1202} vs {te110}{_spread_note(te1202, te110)}; paper: ResNet-1202's training error "
+        f"{f.eval} error {te1202} vs {te110} ({(test := compare(te1202, te110))}); paper: ResNet-1202's training error "
         f"under {RESNET1202_TRAIN_ERROR_BELOW}%, like 110's, test {TABLE6[('resnet', 1202, 'A')]} vs {TABLE6[('resnet', 110, 'A')]}"
     )
-    return (HOLDS if holds else FAILS), evidence, min(tr110.n, tr1202.n)
+    return (HOLDS if holds else FAILS), evidence, min(tr110.n, tr1202.n), _significance([(test, True)])
 
 
 def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int]:
@@ -329,16 +403,17 @@ def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int]:
     return verdict, evidence, int(seeds.min())
 
 
-def _claim6(f: _Finals | None) -> tuple[str, str, int]:
+def _claim6(f: _Finals | None) -> tuple[str, str, int, str]:
     nets = [("plain", "A"), ("resnet", "A"), ("resnet", "B"), ("resnet", "C")]
     stats = {n: f.get(n[0], 34, f.eval, shortcut=n[1]) for n in nets} if f else {}
     if not stats or any(s is None for s in stats.values()):
-        return UNKNOWN, "needs finished ImageNet plain-34 and ResNet-34 A, B and C runs", 0
+        return UNKNOWN, "needs finished ImageNet plain-34 and ResNet-34 A, B and C runs", 0, ""
     a, b, c, plain = stats[("resnet", "A")], stats[("resnet", "B")], stats[("resnet", "C")], stats[("plain", "A")]
     train = [f.get(n[0], 34, "train", shortcut=n[1]) for n in nets]
     if (why := f.unlearned([t for t in train if t is not None])) is not None:
-        return UNKNOWN, why, min(s.n for s in stats.values())
+        return UNKNOWN, why, min(s.n for s in stats.values()), ""
     holds = c.mean < b.mean < a.mean < plain.mean
+    steps = {"A vs plain": compare(a, plain), "B vs A": compare(b, a), "C vs B": compare(c, b)}
     paper = ", ".join(f"{series_label(*k)} {v[0]}" for k, v in TABLE3.items())
     compared = f.df[f.df["depth"] == 34]["tencrop"] if "tencrop" in f.df else pd.Series([False])
     if compared.all():
@@ -348,10 +423,11 @@ def _claim6(f: _Finals | None) -> tuple[str, str, int]:
     else:
         how = "centre-crop (run `study evaluate` for the paper's 10-crop)"
     evidence = (
-        f"top-1 {how} validation error plain-34 {plain}, ResNet-34 A {a}, B {b}, C {c}{_spread_note(b, a)}; "
-        f"paper (10-crop): {paper}"
+        f"top-1 {how} validation error plain-34 {plain}, ResNet-34 A {a}, B {b}, C {c} "
+        f"({'; '.join(f'{k}: {v}' for k, v in steps.items())}); paper (10-crop): {paper}"
     )
-    return (HOLDS if holds else FAILS), evidence, min(s.n for s in stats.values())
+    return (HOLDS if holds else FAILS), evidence, min(s.n for s in stats.values()), _significance(
+        [(cmp, False) for cmp in steps.values()])
 
 
 def _study_or_none(data: RunData, *, imagenet: bool, wanted: list) -> Study | None:
@@ -518,7 +594,8 @@ def render_markdown(content: ReportContent, out_dir: Path) -> str:
         lines += [content.judged_note, ""]
     for claim in content.claims:
         lines.append(
-            f"{claim.number}. **{claim.verdict}**: {claim.text}. Evidence ({_seeds(claim.seeds)}): {claim.evidence}."
+            f"{claim.number}. **{claim.verdict}**{f' ({claim.significance})' if claim.significance else ''}: {claim.text}. "
+            f"Evidence ({_seeds(claim.seeds)}): {claim.evidence}."
         )
     lines += ["", "## Figures", ""]
     for fig in content.figures:
