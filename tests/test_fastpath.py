@@ -1,6 +1,9 @@
 """The fast path keeps every run an independent run: concurrent runs equal runs trained alone, and
 bf16 stays within seed noise of fp32."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -75,3 +78,30 @@ def test_compiled_training_matches_eager(tmp_path, small_data):
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-3)
     # The checkpoint of a compiled run is a plain state_dict: it loads into an eager model.
     assert not any(k.startswith("_orig_mod") for k in compiled.load_checkpoint()["model"])
+
+
+def test_compile_on_a_cpu_says_nothing_of_cuda(tmp_path):
+    """`--compile --device cpu` where the CUDA toolkit is installed but no GPU (torch then says "No
+    CUDA runtime is found, using CUDA_HOME=..." as inductor loads its C++ tools): no stray warning."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "study", "run", "--arch", "plain", "--depth", "8", "--iterations", "2", "--batch-size",
+         "16", "--compile", "--device", "cpu", "--no-progress", "--runs-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "CUDA" not in proc.stderr, proc.stderr
+
+
+def test_one_process_compiles_every_net_of_a_grid(capfd):
+    """A grid trained with --compile in one process compiles one graph per net and batch size: more
+    than torch's default limit of 8, past which later runs would silently train eagerly. Twelve
+    graphs of one forward (12 input widths) all compile."""
+    from study.train.step import compile_model
+
+    torch.manual_seed(0)
+    for width in range(1, 13):
+        module = torch.nn.Sequential(torch.nn.Linear(width, 3))
+        x = torch.randn(4, width)
+        torch.testing.assert_close(compile_model(module, torch.device("cpu"))(x), module(x))
+    err = capfd.readouterr().err
+    assert "recompile_limit" not in err and "cache_size_limit" not in err, err

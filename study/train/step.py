@@ -10,6 +10,7 @@ may turn to its other runs (`study.train.interleave`; a fused run goes on to its
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -37,10 +38,31 @@ EVAL_BATCH_SIZE = 1000
 COMPILE_MODE_CUDA = "reduce-overhead"
 
 
+class _NotAboutCudaOnACpu(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." (said when inductor loads its
+    C++ tools on a machine with the CUDA toolkit and no GPU): of a CPU run it says nothing true."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
+_NOT_ABOUT_CUDA = _NotAboutCudaOnACpu()
+# Graphs one process may compile for a network's forward: one per distinct net and batch size of the
+# runs it trains (a grid of 10 nets, each with its epoch's partial last batch, needs 20). Past torch's
+# default of 8, later runs would train eagerly (slower, with only a warning) while recording
+# `compiled`.
+RECOMPILE_LIMIT = 64
+
+
 def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
     """`module` as `--compile` trains it: torch.compile with CUDA graphs on CUDA, and static shapes
     (the epoch's last, partial batch gets its own graph instead of making every batch dynamic).
     The result shares its parameters with `module`."""
+    if device.type == "cpu":
+        logging.getLogger("torch.utils.cpp_extension").addFilter(_NOT_ABOUT_CUDA)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     return torch.compile(module, mode=COMPILE_MODE_CUDA if device.type == "cuda" else None, dynamic=False)
 
 
