@@ -698,6 +698,9 @@ def test_a_claim_of_two_parts_says_which_part_failed(tmp_path):
     smaller, shrinking = claim.evidence.split("; ")
     assert smaller.startswith("mean response std ResNet vs plain") and smaller.endswith("(holds)"), claim.evidence
     assert shrinking.startswith("ResNet mean response std by depth") and shrinking.endswith("(does not hold)")
+    # Each comparison carries its statistic; one seed a net gives no interval, so not significant.
+    assert "56 vs 20: difference +0.100, higher in 1 of 1 seeds" in shrinking
+    assert claim.significance == "not significant"
 
 
 def test_claims_on_nets_that_have_not_learned_cannot_be_judged(tmp_path):

@@ -5,8 +5,9 @@ Each claim of PROTOCOL.md ("Claims the study exists to test") is judged from the
 present: `holds`, `does not hold`, or `cannot be judged` when the runs it needs are missing. Verdicts
 compare means over seeds; the evidence line gives the numbers and the number of seeds, and each
 two-way comparison of errors the difference of the means with its 95% confidence interval (Welch's t,
-`scipy.stats`) and the per-seed order ("higher in 3 of 3 seeds"). A verdict that rests on such
-comparisons says whether it is significant: all of them exclude 0 in the claimed direction.
+`scipy.stats`) and the per-seed order ("higher in 3 of 3 seeds"); claim 5 compares the nets' mean
+response stds the same way. A verdict that rests on such comparisons says whether it is
+significant: all of them exclude 0 in the claimed direction.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,12 +131,17 @@ class Comparison:
         return self.low > 0 if higher else self.high < 0
 
     def __str__(self) -> str:
+        return self.__format__(".2f")
+
+    def __format__(self, spec: str) -> str:
+        """With `spec` the numbers' format (`.2f` for errors in %, `.3f` for response stds)."""
+        spec = spec or ".2f"
         side = "higher" if self.diff > 0 else "lower"
         count = self.above if self.diff > 0 else self.paired - self.above
         order = f"{side} in {count} of {self.paired} seeds" if self.paired else "no seed in common"
         if self.low is None:
-            return f"difference {self.diff:+.2f}, {order}"
-        return f"difference {self.diff:+.2f}, 95% CI {self.low:+.2f} to {self.high:+.2f} (Welch's t), {order}"
+            return f"difference {self.diff:+{spec}}, {order}"
+        return f"difference {self.diff:+{spec}}, 95% CI {self.low:+{spec}} to {self.high:+{spec}} (Welch's t), {order}"
 
 
 def compare(a: _Stat, b: _Stat) -> Comparison:
@@ -143,8 +150,10 @@ def compare(a: _Stat, b: _Stat) -> Comparison:
 
     low = high = None
     if a.n > 1 and b.n > 1:
-        result = stats.ttest_ind(a.values.to_numpy(float), b.values.to_numpy(float), equal_var=False)
-        interval = result.confidence_interval(0.95)
+        with warnings.catch_warnings():  # seeds that agree to the last digit: no interval, said below, not warned
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = stats.ttest_ind(a.values.to_numpy(float), b.values.to_numpy(float), equal_var=False)
+            interval = result.confidence_interval(0.95)
         low, high = float(interval.low), float(interval.high)
         if math.isnan(low) or math.isnan(high):  # no spread on either side: no interval
             low = high = None
@@ -362,27 +371,32 @@ def _claim4(f: _Finals | None) -> tuple[str, str, int, str]:
     return (HOLDS if holds else FAILS), evidence, min(tr110.n, tr1202.n), _significance([(test, True)])
 
 
-def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int]:
+def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int, str]:
     resp = study.select(data.responses) if study is not None else data.responses.iloc[0:0]
     resp = resp[(resp["status"] == "done") & (resp["shortcut"] == "A")]
     if resp.empty:
-        return UNKNOWN, "no layer responses of finished runs (`study probe`)", 0
+        return UNKNOWN, "no layer responses of finished runs (`study probe`)", 0, ""
     if early := unsettled_bn(resp):
-        return UNKNOWN, "responses " + unsettled_bn_note(early), int(resp.groupby(["arch", "depth"])["run_id"].nunique().min())
+        return (UNKNOWN, "responses " + unsettled_bn_note(early),
+                int(resp.groupby(["arch", "depth"])["run_id"].nunique().min()), "")
     # One number per run (its mean layer std), then the mean over a net's seeds.
-    per_run = resp.groupby(["arch", "depth", "run_id"])["std"].mean()
+    per_run = resp.groupby(["arch", "depth", "seed"])["std"].mean()
     per_net = per_run.groupby(["arch", "depth"]).mean()
     seeds = per_run.groupby(["arch", "depth"]).size()
     nets = per_net.to_dict()
+    runs = {net: _Stat(per_run.loc[net]) for net in nets}  # each net's values, indexed by seed
     pairs = sorted(d for a, d in nets if a == "resnet" and ("plain", d) in nets)
-    parts = []
+    parts, comparisons = [], []
     if pairs:
         smaller = all(nets[("resnet", d)] < nets[("plain", d)] for d in pairs)
+        compared = {d: compare(runs[("resnet", d)], runs[("plain", d)]) for d in pairs}
+        comparisons += [(c, False) for c in compared.values()]
         parts.append(
             (
                 HOLDS if smaller else FAILS,
                 "mean response std ResNet vs plain: "
-                + ", ".join(f"{d} layers {nets[('resnet', d)]:.3f} vs {nets[('plain', d)]:.3f}" for d in pairs),
+                + ", ".join(f"{d} layers {nets[('resnet', d)]:.3f} vs {nets[('plain', d)]:.3f} ({compared[d]:.3f})"
+                            for d in pairs),
             )
         )
     else:
@@ -390,17 +404,20 @@ def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int]:
     res_depths = sorted(d for a, d in nets if a == "resnet")
     if len(res_depths) >= 2:
         shrink = all(nets[("resnet", a)] > nets[("resnet", b)] for a, b in zip(res_depths, res_depths[1:]))
+        steps = {(a, b): compare(runs[("resnet", b)], runs[("resnet", a)]) for a, b in zip(res_depths, res_depths[1:])}
+        comparisons += [(c, False) for c in steps.values()]
         parts.append(
             (
                 HOLDS if shrink else FAILS,
                 "ResNet mean response std by depth: "
-                + ", ".join(f"{d}: {nets[('resnet', d)]:.3f}" for d in res_depths),
+                + ", ".join(f"{d}: {nets[('resnet', d)]:.3f}" for d in res_depths)
+                + "".join(f", {b} vs {a}: {c:.3f}" for (a, b), c in steps.items()),
             )
         )
     else:
         parts.append((None, "needs responses of two ResNet depths to judge shrinking with depth"))
     verdict, evidence = _combine(parts, conjunctive=True)
-    return verdict, evidence, int(seeds.min())
+    return verdict, evidence, int(seeds.min()), _significance(comparisons) if verdict != UNKNOWN else ""
 
 
 def _claim6(f: _Finals | None) -> tuple[str, str, int, str]:
