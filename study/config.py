@@ -267,3 +267,14 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"malformed seeds list {text!r}; write distinct non-negative seeds, e.g. --seeds 0,1,2")
     return seeds
+
+
+#: How a run's step may run on a CPU (`study run --cpu-path`; `study.train.cpupath` measures them):
+#: name -> (channels-last tensors, compiled).
+CPU_PATHS = {
+    "eager": (False, False),
+    "channels-last": (True, False),
+    "compiled": (False, True),
+    "channels-last-compiled": (True, True),
+}
+CPU_PATH_CHOICES = ("auto", *CPU_PATHS)

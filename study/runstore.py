@@ -134,6 +134,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The CPU flags that decide which fast paths a CPU has (Linux's names in /proc/cpuinfo).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of CPU_FLAGS the CPU reports (Linux's /proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return {}
+    words = set(line.split(":", 1)[-1].split())
+    return {flag: flag in words for flag in CPU_FLAGS} if words else {}
+
+
 def provenance(device: str) -> dict:
     """Where and with what a run was produced."""
     from . import __version__
@@ -204,6 +219,19 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         record = {"run_id": self.cfg.run_id, "config": self.cfg.to_dict(), "provenance": {**provenance(device), **provenance_extra}}
         atomic_write_text(self.config_path, json.dumps(record, indent=1) + "\n")
+
+    def recorded_cpu_path(self) -> str | None:
+        """The CPU path (`study.train.cpupath`) the run's first session recorded, if any; a CPU run
+        begun before paths were recorded trained eager NCHW (compiled if its step says so)."""
+        try:
+            prov = json.loads(self.config_path.read_text())["provenance"]
+            if "cpu_path" in prov:
+                return str(prov["cpu_path"]["name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if str(prov.get("device", "")).startswith("cpu"):
+            return "compiled" if prov.get("step") == "compiled" else "eager"
+        return None
 
     # --- metrics ----------------------------------------------------------------------------
     def read_metrics(self) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """The fast path keeps every run an independent run: concurrent runs equal runs trained alone, and
 bf16 stays within seed noise of fp32."""
 
+import json
 import subprocess
 import sys
 
@@ -24,16 +25,28 @@ def all_metrics(runs_dir) -> pd.DataFrame:
 
 
 def test_runs_trained_concurrently_equal_runs_trained_alone(tmp_path, capfd):
-    """K=2 processes share the list; the metrics of all 3 runs equal, exactly, those of one process
-    training them one after another (each run is the same code on its own seed and data order;
-    CPU float results do not depend on which process computes them)."""
+    """K=2 processes share the list, and the CPU's threads; the metrics of all 3 runs equal, exactly,
+    those of one process training them one after another with as many threads as each of the two had
+    (each run is the same code on its own seed and data order; CPU float results do not depend on
+    which process computes them)."""
     args = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-2", "--iterations", "3", "--batch-size", "16", "--device", "cpu"]
-    assert main([*args, "--runs-dir", str(tmp_path / "alone"), "--concurrency", "1"]) == 0
+    threads = torch.get_num_threads()
+    share = max(1, threads // 2)
+    torch.set_num_threads(share)
+    try:
+        assert main([*args, "--runs-dir", str(tmp_path / "alone"), "--concurrency", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     capfd.readouterr()
     assert main([*args, "--runs-dir", str(tmp_path / "together"), "--concurrency", "2"]) == 0
+    assert torch.get_num_threads() == threads  # given back
     # The worker process trained some of the runs (it gets the parent's plan, and it can train with it).
     out, err = capfd.readouterr()
     assert "(worker 1) [" in out and "training on cpu" in out.split("(worker 1) [", 1)[1], out + err
+    assert f"2 processes share the CPU: {share} thread" in out + err
+    threads_recorded = {json.loads((run.dir / "config.json").read_text())["provenance"]["threads"]
+                        for run in list_runs(tmp_path / "together")}
+    assert threads_recorded == {share}
     assert "Traceback" not in err, err
     alone, together = all_metrics(tmp_path / "alone"), all_metrics(tmp_path / "together")
     assert len(alone) == 6 and alone.run_id.nunique() == 3

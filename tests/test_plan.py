@@ -52,6 +52,10 @@ REFUSED = [
     (RUN + ["--streams", "0"], 1, "--streams: must be a positive integer"),  # argparse's type, before the plan
     (RUN + ["--fuse", "0"], 1, "--fuse: must be a positive integer"),
     (RUN + ["--device", "mps"], 1, "--device mps cannot be used here"),
+    (RUN + ["--cpu-path", "channels-last", "--compile"], 1, "--compile and --cpu-path channels-last (not compiled) disagree"),
+    (RUN + ["--cpu-path", "eager", "--fuse", "2"], 1, "--fuse trains its group eagerly in NCHW on a CPU"),
+    (RUN + ["--cpu-path", "compiled", "--device", "cuda"], 1, "--cpu-path chooses how a run trains on a CPU (the device is cuda)"),
+    (RUN + ["--cpu-path", "nhwc"], 1, "--cpu-path: invalid choice"),  # argparse's choices
 ]
 
 

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from ..config import ConfigError, RunConfig, parse_seeds
+from ..config import CPU_PATH_CHOICES, ConfigError, RunConfig, parse_seeds
 from ..grids import grid_configs
 from .args import add_launcher_arguments, add_selection, positive_int
 
@@ -49,6 +49,12 @@ def add_training_options(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU); same protocol"
+    )
+    run.add_argument(
+        "--cpu-path", choices=CPU_PATH_CHOICES, default="auto",
+        help="on a CPU: how a run's step runs, NCHW or channels-last tensors, eager or compiled (same protocol); "
+        "auto (default) measures them on runs of 2,000 iterations or more, once per CPU and net, and takes the "
+        "fastest (docs/cpu.md)",
     )
     run.add_argument(
         "--streams", type=positive_int, default=1,

@@ -26,9 +26,10 @@ class CifarFeed:
     process draws the same order and augmentation for the whole batch and keeps its own slice, so
     the global batch is exactly the single-process one."""
 
-    def __init__(self, cfg: RunConfig, data: Data, device: torch.device, ddp: Distributed) -> None:
+    def __init__(self, cfg: RunConfig, data: Data, device: torch.device, ddp: Distributed,
+                 fmt: torch.memory_format | None = None) -> None:
         self.cfg, self.data, self.ddp, self.device = cfg, data, ddp, device
-        self.fmt = memory_format(device)
+        self.fmt = memory_format(device) if fmt is None else fmt
         self.num_classes, self.in_channels = data.info.num_classes, data.info.in_channels
         self.eval_split = data.eval_split
         self.n_train = len(data.train.labels)
@@ -73,8 +74,9 @@ class ImageNetFeed:
 
     def __init__(self, cfg: RunConfig, data: imagenet.ImageNetData, device: torch.device,
                  ddp: Distributed, workers: int, mean: tuple | torch.Tensor,
-                 log: Callable[[str], None] = quiet) -> None:
-        self.cfg, self.fmt, self.ddp, self.device, self.log = cfg, memory_format(device), ddp, device, log
+                 log: Callable[[str], None] = quiet, fmt: torch.memory_format | None = None) -> None:
+        self.cfg, self.ddp, self.device, self.log = cfg, ddp, device, log
+        self.fmt = memory_format(device) if fmt is None else fmt
         self.decoder = decode.BatchDecoder(device) if data.decode == "gpu" else None
         self.mean = mean.to(device) if isinstance(mean, torch.Tensor) else mean
         self.num_classes, self.in_channels, self.eval_split = data.num_classes, 3, data.eval_split
@@ -134,9 +136,18 @@ def pixel_mean_options(workers: int, device: torch.device, ddp: Distributed, pro
 
 
 def make_feed(cfg: RunConfig, data: "Data | imagenet.ImageNetData", device: torch.device, ddp: Distributed, *,
-              workers: int, runs_dir, progress: bool | None, log: Callable[[str], None]) -> "CifarFeed | ImageNetFeed":
-    """The run's feed; for ImageNet with its mean (the per-pixel mean from the runs dir's cache)."""
+              workers: int, runs_dir, progress: bool | None, log: Callable[[str], None],
+              fmt: torch.memory_format | None = None) -> "CifarFeed | ImageNetFeed":
+    """The run's feed, its batches laid out in `fmt` (default: `models.memory_format`); for ImageNet
+    with its mean (the per-pixel mean from the runs dir's cache)."""
     if isinstance(data, imagenet.ImageNetData):
         mean = data.mean_for(cfg.mean, runs_dir, **pixel_mean_options(workers, device, ddp, progress, log))
-        return ImageNetFeed(cfg, data, device, ddp, workers, mean, log if ddp.writer else quiet)
-    return CifarFeed(cfg, data, device, ddp)
+        return ImageNetFeed(cfg, data, device, ddp, workers, mean, log if ddp.writer else quiet, fmt=fmt)
+    return CifarFeed(cfg, data, device, ddp, fmt=fmt)
+
+
+def input_of(data: "Data | imagenet.ImageNetData") -> tuple[tuple[int, ...], int]:
+    """The shape of one training input (C, H, W) and the number of classes."""
+    if isinstance(data, imagenet.ImageNetData):
+        return (3, decode.CROP, decode.CROP), data.num_classes
+    return tuple(data.train.images.shape[1:]), data.info.num_classes

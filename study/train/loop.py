@@ -33,10 +33,10 @@ from ..probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_res
 from ..runstore import Run
 from ..stopflag import StopFlag
 from ..tensorboard import LiveWriter
-from . import checkpoint, signals
+from . import checkpoint, cpupath, signals
 from .distributed import SINGLE, Distributed, Follower
 from .epoch import Tally, metric_row
-from .feeds import CifarFeed, make_feed
+from .feeds import CifarFeed, input_of, make_feed, quiet
 from .plan import ExecutionPlan
 from .schedule import Schedule, warm_up_ends
 
@@ -145,13 +145,21 @@ class _Training:
         self.cfg, self.session, self.ddp = cfg, session, ddp
         self.run = run if ddp.writer else Follower(run)  # type: ignore[assignment]
         image_folders = isinstance(data, imagenet.ImageNetData)
+        input_shape, classes = input_of(data)
+        if device.type == "cpu" and ddp.writer:
+            cpupath.precision_note(cfg, log)
+        # On a CPU, the run's layout and compilation (measured, cached, or kept from its first session).
+        plan, cpu = plan.for_run(cfg, device, ddp, input_shape=input_shape, num_classes=classes,
+                                 recorded=run.recorded_cpu_path(), iterations_left=cfg.iterations - int(run.status().get("iteration", 0)),
+                                 log=log if ddp.writer else quiet)
         self.run.prepare(str(device), processes=ddp.world, step=plan.step_kind,
-                         classes=data.num_classes if image_folders else data.info.num_classes,
+                         **({"cpu_path": cpu.record()} if cpu is not None else {}),
+                         classes=classes,
                          **({"backend": dist.get_backend(), "sync_bn": plan.sync_bn} if ddp.enabled else {}),
                          **({"views": imagenet.views_decoder(data.decode)} if image_folders else {}))
         self.run.clean_temporaries()
         self.feed = make_feed(cfg, data, device, ddp, workers=plan.workers or 0, runs_dir=run.dir.parent,
-                              progress=session.progress, log=log)
+                              progress=session.progress, log=log, fmt=plan.memory_format(device))
         self.net = plan.trainee(cfg, self.feed.num_classes, self.feed.in_channels, device, ddp)
         self.schedule = Schedule(cfg, self.net.opt)
         # One generator drives the data order and the augmentation, so both resume exactly.

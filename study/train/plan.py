@@ -23,7 +23,10 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..probes import GradientNorms
+from . import cpupath
+from .cpupath import CPU_PATHS, CpuPath
 from .distributed import Distributed
+from ..models import memory_format
 from .step import CapturedStep, EagerStep, FusedMemberStep, Step, Trainee, make_trainee
 
 AUTO_GPU_CONCURRENCY = 4  # runs sharing one GPU when --concurrency is not given
@@ -39,7 +42,8 @@ class ExecutionPlan:
     fused at once; each step is eager, compiled or a CUDA graph. ImageNet's training JPEGs are
     read by `workers` DataLoader workers per process (None: `default_workers`) and decoded there or
     on the GPU (`decode`). `download` fetches a missing data set; `slurm_flags` are the SLURM
-    options given (they need `launcher="slurm"`)."""
+    options given (they need `launcher="slurm"`). On a CPU, `cpu_path` is the layout and compilation
+    of a run's step (`study.train.cpupath`): `auto` until `for_run` resolves it for one run."""
 
     device: str = "auto"
     processes: int = 1
@@ -54,6 +58,7 @@ class ExecutionPlan:
     workers: int | None = None
     download: bool = False
     slurm_flags: tuple[str, ...] = ()
+    cpu_path: str = "auto"
 
     @classmethod
     def from_args(cls, args: object, processes: int) -> "ExecutionPlan":
@@ -70,7 +75,8 @@ class ExecutionPlan:
                    cuda_graph=bool(get("cuda_graph", False)), sync_bn=bool(get("sync_bn", False)),
                    launcher=str(get("launcher", "local")), decode=str(get("decode", "cpu")),
                    workers=getattr(args, "workers", None), download=bool(get("download", False)),
-                   slurm_flags=tuple(f for f in SLURM_FLAGS if getattr(args, f, None) is not None))
+                   slurm_flags=tuple(f for f in SLURM_FLAGS if getattr(args, f, None) is not None),
+                   cpu_path=str(get("cpu_path", "auto")))
 
     def for_task(self) -> "ExecutionPlan":
         """The plan a SLURM array task trains its one run with: here, one process per device."""
@@ -86,6 +92,29 @@ class ExecutionPlan:
         """What a run records as its `step` in config.json's provenance."""
         kind = "cuda-graph" if self.cuda_graph else "compiled" if self.compile else "eager"
         return f"fused-{kind}" if self.fuse > 1 else kind
+
+    def memory_format(self, device: torch.device) -> torch.memory_format:
+        """The layout of the run's weights and inputs: channels-last on CUDA (`models.memory_format`),
+        and on a CPU when its path says so."""
+        if device.type == "cpu" and self.cpu_path in CPU_PATHS:
+            return torch.channels_last if CPU_PATHS[self.cpu_path][0] else torch.contiguous_format
+        return memory_format(device)
+
+    def for_run(self, cfg: RunConfig, device: torch.device, ddp: Distributed, *, input_shape: tuple[int, ...],
+                num_classes: int, recorded: str | None, iterations_left: int,
+                log: Callable[[str], None]) -> tuple["ExecutionPlan", CpuPath | None]:
+        """This plan for one run on `device`: on a CPU, with its path resolved (`cpupath.choose`; a
+        DDP job or a fused group, whose processes or members must agree, takes eager NCHW unless
+        --cpu-path says otherwise), and that path; elsewhere itself and None."""
+        if device.type != "cpu":
+            return self, None
+        if self.cpu_path == "auto" and (ddp.enabled or self.fuse > 1):
+            path = CpuPath("compiled" if self.compile else "eager", "default")
+        else:
+            path = cpupath.choose(cfg, self.cpu_path, compile=self.compile, input_shape=input_shape,
+                                  num_classes=num_classes, recorded=recorded, iterations_left=iterations_left,
+                                  log=log)
+        return replace(self, cpu_path=path.name, compile=path.compiled), path
 
     def chunks(self, cfg: RunConfig) -> int:
         """How many BN groups each process splits its share of a batch into (RunConfig.batch_split,
@@ -130,6 +159,17 @@ class ExecutionPlan:
             _check_one_process_cifar_step("--fuse", configs, self.processes)
         if device is None and not slurm and self.device != "auto":
             device = self.device  # as given: --device cpu is known to be no GPU before it is resolved
+        if self.cpu_path != "auto":
+            if self.cpu_path not in CPU_PATHS:
+                raise ConfigError(f"unknown --cpu-path {self.cpu_path!r}; choose from {', '.join(cpupath.CPU_PATH_CHOICES)}")
+            if self.compile and not CPU_PATHS[self.cpu_path][1]:
+                raise ConfigError(f"--compile and --cpu-path {self.cpu_path} (not compiled) disagree; drop one, or use "
+                                  f"--cpu-path {'channels-last-' if CPU_PATHS[self.cpu_path][0] else ''}compiled")
+            if self.fuse > 1:
+                raise ConfigError("--fuse trains its group eagerly in NCHW on a CPU; drop --cpu-path")
+            if device is not None and not device.startswith("cpu"):
+                raise ConfigError(f"--cpu-path chooses how a run trains on a CPU (the device is {device}); "
+                                  "drop it or use --device cpu")
         if self.cuda_graph:
             if slurm and self.device == "cpu":
                 raise ConfigError("--cuda-graph captures CUDA graphs and needs a GPU; drop it or --device cpu")
@@ -194,7 +234,7 @@ class ExecutionPlan:
                 ddp: Distributed) -> Trainee:
         """The run's network as this plan trains it (BN split, DDP, `--compile`), and its optimizer."""
         return make_trainee(cfg, num_classes, in_channels, device, ddp, compile=self.compile,
-                            sync_bn=self.sync_bn, chunks=self.chunks(cfg))
+                            sync_bn=self.sync_bn, chunks=self.chunks(cfg), fmt=self.memory_format(device))
 
     def step(self, cfg: RunConfig, net: Trainee, grad_norms: GradientNorms, device: torch.device, ddp: Distributed,
              log: Callable[[str], None]) -> Step:

@@ -84,9 +84,14 @@ def run_all(
         if isinstance(data, imagenet.ImageNetData) and any(c.imagenet and c.mean == "pixel" for c in configs):
             data.mean_for("pixel", runs_dir, **pixel_mean_options(plan.workers, dev, ddp, progress, log))
     _notes_before_training(runs, runs_dir, dev, log)
+    threads, own_threads = None, torch.get_num_threads()
+    if dev.type == "cpu" and concurrency > 1:  # the processes share the CPU's threads, not each take all of them
+        threads = max(1, torch.get_num_threads() // concurrency)
+        torch.set_num_threads(threads)
+        log(f"{concurrency} processes share the CPU: {threads} thread{'s' if threads > 1 else ''} each")
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     pool = [ctx.Process(target=_worker, args=(configs, str(runs_dir), replace(plan, concurrency=1), data_dir,
-                                              tensorboard, f"worker {k}"), daemon=False)
+                                              tensorboard, f"worker {k}", threads), daemon=False)
             for k in range(1, concurrency)]
     for w in pool:
         w.start()
@@ -98,6 +103,7 @@ def run_all(
             if w.is_alive() and sys.exc_info()[0] is not None:
                 w.terminate()  # SIGTERM: each worker checkpoints its run and exits
             w.join()
+        torch.set_num_threads(own_threads)
 
 
 def _check_runs_dir(configs: list[RunConfig], runs_dir: str | Path, ddp: Distributed, tensorboard: str | None
@@ -157,11 +163,14 @@ def _warn_of_long_cpu_runs(runs: list[Run], dev: torch.device, log: Callable[[st
 
 
 def _worker(configs: list[RunConfig], runs_dir: str, plan: ExecutionPlan, data_dir: str | None,
-            tensorboard: str | None, name: str) -> None:
+            tensorboard: str | None, name: str, threads: int | None = None) -> None:
     """A concurrent runner (see `run_all`), with the parent's plan (its device resolved, one
-    process); its own SIGTERM/SIGINT handling checkpoints its run."""
+    process) and, on a CPU, its share of the threads; its own SIGTERM/SIGINT handling checkpoints its run."""
     def log(message: str) -> None:
         print(f"({name}) {message}", flush=True)
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     with graceful_stop() as stop:
         try:

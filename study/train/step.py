@@ -147,16 +147,18 @@ class Trainee:
 
 
 def make_trainee(cfg: RunConfig, num_classes: int, in_channels: int, device: torch.device, ddp: Distributed,
-                 *, compile: bool = False, sync_bn: bool = False, chunks: int = 1) -> Trainee:
+                 *, compile: bool = False, sync_bn: bool = False, chunks: int = 1,
+                 fmt: torch.memory_format | None = None) -> Trainee:
     """The run's network with its initial weights (a function of the seed alone), on `device`, and
     its SGD optimizer with the paper's momentum and weight decay; each process's share of a batch in
     `chunks` BN groups, or BN over the whole global batch (`sync_bn`, under DDP). Its autocast is
-    the one place a run's precision becomes a context (bf16 or none)."""
+    the one place a run's precision becomes a context (bf16 or none). `fmt` is the layout of its
+    weights (default: `models.memory_format`, channels-last on CUDA)."""
     torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed alone
     model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=num_classes,
                         in_channels=in_channels, dataset=cfg.dataset).to(device)
-    # Channels-last lets cuDNN pick its fastest kernels on tensor cores; on CPU it buys nothing.
-    model = model.to(memory_format=memory_format(device))
+    # Channels-last lets cuDNN pick its fastest kernels on tensor cores; on a CPU the plan's path decides.
+    model = model.to(memory_format=memory_format(device) if fmt is None else fmt)
     if sync_bn and ddp.enabled:
         model = convert_sync_batchnorm(model, device)  # same parameter and buffer names
     trained: nn.Module = model if chunks == 1 else Chunked(model, chunks)
