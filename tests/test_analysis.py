@@ -867,3 +867,40 @@ def test_a_verdict_says_whether_it_is_significant(tmp_path, gap, significance):
         assert "in 3 of 3 seeds" in claims[n].evidence and "95% CI" in claims[n].evidence
         assert claims[n].line().startswith(f"claim {n}: holds ({significance}) (3 seeds)")
     assert claims[2].significance == ""  # not a comparison of two means
+
+
+# --- beyond the paper: error against budget --------------------------------------------------
+
+
+def test_budget_draws_each_nets_final_errors_against_its_budgets(tmp_path, cli):
+    """Two nets at three budgets, two seeds each: each line's points are the mean of the seeds'
+    final errors at each budget; an unfinished run is left out and named; a study of one budget (and
+    --iterations) is refused in one line; the report shows the figure only where it can be drawn."""
+    expected = {}
+    for depth, floors in ((20, (8.0, 6.5, 6.0)), (56, (11.0, 7.0, 5.0))):
+        for budget, floor in zip((1000, 2000, 4000), floors):
+            for seed in (0, 1):
+                run = write_run(tmp_path, "resnet", depth, seed=seed, iterations=budget, floor=(floor + seed, floor + 2))
+                expected.setdefault((depth, budget), []).append(final_test_errors(tmp_path, [run.cfg.run_id])[0])
+    write_run(tmp_path, "resnet", 56, seed=2, iterations=4000, status="running", stop_at=1000)
+    drawn = build("budget", RunData.load(tmp_path))
+    assert drawn.study.budgets == (1000, 2000, 4000)
+    assert any("unfinished, not drawn: ResNet-56 s2 at 4,000" in n for n in drawn.notes)
+    test_ax = drawn.figure.axes[1]
+    lines = [line for line in test_ax.get_lines() if line.get_linestyle() != "None" and len(line.get_xdata()) == 3]
+    assert len(lines) == 2 and all(list(line.get_xdata()) == [1000, 2000, 4000] for line in lines)  # one per net
+    got = sorted(tuple(np.round(line.get_ydata(), 6)) for line in lines)
+    want = sorted(tuple(np.round([np.mean(expected[(d, b)]) for b in (1000, 2000, 4000)], 6)) for d in (20, 56))
+    assert got == want
+    code, out, _ = cli("plot", "budget", "--runs-dir", tmp_path, "--out", tmp_path / "figs")
+    assert code == 0 and _is_png(tmp_path / "figs" / "budget.png") and "1,000/2,000/4,000 iterations" in out
+    code, _, err = cli("plot", "budget", "--runs-dir", tmp_path, "--iterations", "1000", "--out", tmp_path / "f2")
+    assert code == 2 and "drop --iterations" in err and len(err.strip().splitlines()) == 1
+    one = tmp_path / "one"
+    write_run(one, "resnet", 20)
+    code, _, err = cli("plot", "budget", "--runs-dir", one, "--out", tmp_path / "f3")
+    assert code == 2 and "two or more --iterations" in err
+    code, _, _ = cli("report", "--runs-dir", one, "--out", tmp_path / "one.md")
+    assert code == 0 and "study plot budget" not in (tmp_path / "one.md").read_text()
+    code, _, _ = cli("report", "--runs-dir", tmp_path, "--out", tmp_path / "all.md")
+    assert code == 0 and "study plot budget" in (tmp_path / "all.md").read_text()

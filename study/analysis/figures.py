@@ -21,14 +21,17 @@ import pandas as pd
 
 from ..config import CIFAR_DEPTHS, IMAGENET_DEPTHS, ConfigError
 from ..probes import PROBE_DEFAULTS
-from .load import RunData, Study, coverage, pick_study, unsettled_bn, unsettled_bn_note
+from .load import NoRunsError, RunData, Study, coverage, pick_study, studies, unsettled_bn, unsettled_bn_note
 from .paper import FIGURES, TABLE2, TABLE6, Series, series_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-FIGURE_NAMES = ("fig1", "fig4", "fig6", "fig7", "gradients")
+FIGURE_NAMES = ("fig1", "fig4", "fig6", "fig7", "gradients", "budget")
+#: Figures beyond the paper's that a report shows only where the runs allow them (a study of one
+#: budget has no budget figure, and misses nothing).
+OPTIONAL_FIGURES = ("budget",)
 SPREAD = ("pi", 100)  # seaborn's errorbar: the band spans every seed, min to max
 BAND_ALPHA = 0.18
 FEW_POINTS = 12  # curves with at most this many logged epochs get markers
@@ -610,7 +613,104 @@ def gradients(data: RunData, **select: object) -> Drawn:
     return Drawn("gradients", fig, study, notes, text, caption_label=label)
 
 
-BUILDERS = {"fig1": fig1, "fig4": fig4, "fig6": fig6, "fig7": fig7, "gradients": gradients}
+# --- Beyond the paper: final error against the training budget --------------------------------
+
+
+@dataclass(frozen=True)
+class Budgets(Study):
+    """Runs of one setting trained for several budgets: a study per budget, drawn together."""
+
+    budgets: tuple[int, ...] = ()
+
+    def label(self) -> str:
+        one = super().label()
+        return one.replace(f"{self.iterations:,} iterations", f"{'/'.join(f'{b:,}' for b in self.budgets)} iterations")
+
+
+def _budget_group(data: RunData, select: dict) -> tuple[Budgets, pd.DataFrame, list[str]]:
+    """The setting (data set, batch size, hold-out, variant) whose nets were trained for the most
+    budgets (at least two), the final errors of its finished runs, and a note on those left out."""
+    from .tables import final_errors
+
+    if select.get("iterations") is not None:
+        raise ConfigError("`study plot budget` draws every --iterations the runs have; drop --iterations")
+    runs = data.runs[data.runs["run_id"].isin(data.metrics["run_id"])]
+    for column in ("dataset", "batch_size", "holdout", "variant"):
+        if select.get(column) is not None:
+            runs = runs[runs[column] == select[column]]
+    keys = ["dataset", "batch_size", "holdout", "variant"]
+    groups = []
+    for key, group in runs.groupby(keys, sort=False):
+        done = group[group["status"] == "done"]
+        per_net = done.groupby(["arch", "depth", "shortcut"])["iterations"].nunique()
+        if not per_net.empty and per_net.max() >= 2:
+            groups.append((done["iterations"].nunique(), len(done), key, group))
+    if not groups:
+        found = "; ".join(f"{s.label()}" for s in studies(data.runs)) or "none"
+        raise NoRunsError(
+            f"budget needs one net trained to the end for two or more --iterations in {data.runs_dir} "
+            f"(studies found: {found}); train it again with another --iterations"
+        )
+    groups.sort(key=lambda g: g[:2], reverse=True)
+    _, _, (dataset, batch, holdout, variant), group = groups[0]
+    finals = final_errors(data.metrics[data.metrics["run_id"].isin(group["run_id"])])
+    finals = finals.merge(group[["run_id", "iterations"]], on="run_id")
+    budgets = tuple(sorted(group.loc[group["status"] == "done", "iterations"].astype(int).unique()))
+    study = Budgets(str(dataset), budgets[-1], int(batch), bool(holdout), str(variant), budgets=budgets)
+    notes = []
+    unfinished = group[group["status"] != "done"]
+    if not unfinished.empty:
+        notes.append("unfinished, not drawn: " + ", ".join(
+            f"{series_label(r.arch, r.depth, r.shortcut)} s{r.seed} at {r.iterations:,} ({r.last_iteration:,} it. so far)"
+            for r in unfinished.itertuples()))
+    if len(groups) > 1:
+        notes.append("also trained for several budgets, not used here: "
+                     + "; ".join(f"{g[2][0]} (batch {g[2][1]})" for g in groups[1:]))
+    return study, finals[finals["status"] == "done"], notes
+
+
+def budget(data: RunData, **select: object) -> Drawn:
+    """Beyond the paper: each net's final training (left) and test error (right) against the number
+    of iterations it was trained for (the paper's schedule shortened: lr / 10 at 50% and 75%), mean
+    over seeds with the seeds as dots; where a deeper net's line crosses under a shallower one's,
+    depth has begun to pay."""
+    study, finals, notes = _budget_group(data, select)
+    series = _series_in(finals)
+    colors = _colors(series)
+    dashes = {s: (4, 2) if s[0] == "plain" else None for s in series}
+    eval_split = "val" if "val" in finals.columns and finals["val"].notna().any() else "test"
+    fig, axes = _new_figure(2)
+    for ax, (split, name) in zip(axes[0], (("train", "training"), (eval_split, study.eval_name))):
+        for s in series:
+            rows = _rows_of(finals, s).dropna(subset=[split])
+            mean = rows.groupby("iterations")[split].agg(["mean", "min", "max"])
+            line = ax.plot(mean.index, mean["mean"], color=colors[s], marker="o", markersize=5, linewidth=1.6,
+                           **({"dashes": dashes[s]} if dashes[s] else {}))[0]
+            line.set_clip_on(False)
+            if rows["seed"].nunique() > 1:
+                ax.fill_between(mean.index, mean["min"], mean["max"], color=colors[s], alpha=BAND_ALPHA, linewidth=0)
+                ax.plot(rows["iterations"], rows[split], linestyle="none", marker=".", markersize=4,
+                        color=colors[s], alpha=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(study.budgets, [f"{b / 1000:g}k" if b >= 1000 else str(b) for b in study.budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("iterations trained (the budget)")
+        ax.set_ylabel("final error (%)")
+        ax.set_title(f"final {name} error")
+        _legend(ax, series, colors, [], dashes)
+    runs = data.runs[data.runs["run_id"].isin(finals["run_id"])]
+    caption = (
+        "Each point: a net's error at the end of a run of that many iterations, with the paper's protocol and "
+        "its schedule shortened (lr / 10 at 50% and 75% of the run). Line: mean over seeds; band and dots: the "
+        "seeds. Solid: ResNets; dashed: plain nets. A deeper net pays off where its line falls below the "
+        "shallower one's."
+    )
+    text, label = _finish(fig, f"Error against budget from your runs: {study.label()}, {_seeds_text(runs)}",
+                          caption, notes)
+    return Drawn("budget", fig, study, notes, text, caption_label=label)
+
+
+BUILDERS = {"fig1": fig1, "fig4": fig4, "fig6": fig6, "fig7": fig7, "gradients": gradients, "budget": budget}
 
 
 def build(name: str, data: RunData, **select: object) -> Drawn:
