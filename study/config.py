@@ -11,7 +11,12 @@ import dataclasses
 from dataclasses import dataclass
 from decimal import Decimal
 
-ARCHS = ("plain", "resnet")
+#: The paper's nets, and beyond it the pre-activation ResNet (He et al. 2016; issue 31's arms).
+ARCHS = ("plain", "resnet", "preact")
+#: Initialisations: the paper's He init, and the follow-ups' arms (`study.models.cifar`).
+INITS = ("he", "zero-residual", "delta-orthogonal")
+#: Their run-id suffixes.
+INIT_SUFFIXES = {"zero-residual": "zeroinit", "delta-orthogonal": "deltaorth"}
 #: The CIFAR-style data sets (`study.data` loads them); the default is the embedded demo subset.
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "fashion-mnist", "fashion-mnist-mini")
 #: Data sets whose images are ImageNet-sized: `build_model(..., dataset=...)` gives them the Table-1 nets.
@@ -66,6 +71,9 @@ class RunConfig:
     depth: int
     dataset: str = "fashion-mnist-mini"
     shortcut: str = "A"
+    # "he" (the paper's); beyond it "zero-residual" (every residual branch's last BN scale 0) or
+    # "delta-orthogonal" (orthogonal centre taps): issue 31's arms, in the run id.
+    init: str = "he"
     seed: int = 0
     # None: the paper's value for the data set (`paper_defaults`): 64k / 128 on CIFAR, 600k / 256
     # on ImageNet.
@@ -144,6 +152,8 @@ class RunConfig:
             parts.append(f"{self.mean}mean")
         if self.holdout:
             parts.append("val")
+        if self.init != "he":
+            parts.append(INIT_SUFFIXES[self.init])
         if self.precision != "fp32":
             parts.append(self.precision)
         for name, short in _OPTIMISER_SUFFIXES.items():
@@ -191,7 +201,15 @@ def _number(value: float) -> str:
 def validate(cfg: RunConfig) -> None:
     """Raise ConfigError (one line, naming the fix) for any impossible setting."""
     if cfg.arch not in ARCHS:
-        raise ConfigError(f"unknown arch {cfg.arch!r}; use --arch plain or --arch resnet")
+        raise ConfigError(f"unknown arch {cfg.arch!r}; use --arch plain or --arch resnet (or preact)")
+    if cfg.init not in INITS:
+        raise ConfigError(f"unknown init {cfg.init!r}; use --init he (the paper's), zero-residual or delta-orthogonal")
+    if cfg.init == "zero-residual" and cfg.arch == "plain":
+        raise ConfigError("--init zero-residual zeroes residual branches, which a plain net has none of; "
+                          "use --arch resnet or preact")
+    if cfg.dataset in IMAGENET_DATASETS and (cfg.arch == "preact" or cfg.init != "he"):
+        what = "--arch preact" if cfg.arch == "preact" else f"--init {cfg.init}"
+        raise ConfigError(f"{what} is built for the CIFAR-style nets only; drop it for ImageNet")
     if cfg.dataset not in ALL_DATASETS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; use one of: {', '.join(ALL_DATASETS)}")
     if cfg.imagenet:

@@ -131,7 +131,7 @@ def evaluate_run(run: Run, loader, device, *, progress: bool = False, pixel_mean
     from tqdm import tqdm
 
     from .data.imagenet import IMAGENET_MEAN, ten_crop_error
-    from .models import build_model, memory_format
+    from .models import memory_format, model_for
 
     if run.cfg.mean == "pixel" and pixel_mean is None:
         raise ValueError(f"run {run.cfg.run_id} subtracts the per-pixel mean: pass pixel_mean")
@@ -144,7 +144,7 @@ def evaluate_run(run: Run, loader, device, *, progress: bool = False, pixel_mean
         )
     cfg = run.cfg
     num_classes = len(loader.dataset.classes)
-    model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=num_classes, dataset=cfg.dataset)
+    model = model_for(cfg, num_classes)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError:

@@ -61,7 +61,7 @@ def load_model(run: str | os.PathLike, runs_dir: str | os.PathLike = "runs", *, 
     path, or a file name in the run's directory such as `checkpoint.prev.pt`); it may be from any
     point of training. `data_dir` is where the data set is (as for `study run`), needed to recompute
     a CIFAR-style training set's mean, or ImageNet's per-pixel mean if the runs dir has no cache."""
-    from .models import build_model
+    from .models import model_for
 
     r = _run_of(run, runs_dir)
     cfg = r.cfg
@@ -82,8 +82,7 @@ def load_model(run: str | os.PathLike, runs_dir: str | os.PathLike = "runs", *, 
     except Exception as e:  # unreadable: torch raises several types
         raise ConfigError(f"{path} is not a readable study checkpoint ({type(e).__name__})") from None
     classes, in_channels, preprocess = _normalisation(r, data_dir, torch.device(device))
-    model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=classes, in_channels=in_channels,
-                        dataset=cfg.dataset)
+    model = model_for(cfg, classes, in_channels)
     model.load_state_dict(weights)
     return TrainedModel(model.to(device).eval(), preprocess, cfg, iteration)
 

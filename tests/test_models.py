@@ -101,7 +101,9 @@ def test_depth_must_be_6n_plus_2(depth):
 
 def test_architecture_table_lists_every_architecture():
     rows = architecture_table(depths=(20, 56))
-    assert {(r["arch"], r["shortcut"]) for r in rows} == {("plain", "A"), ("resnet", "A"), ("resnet", "B"), ("resnet", "C")}
+    assert {(r["arch"], r["shortcut"]) for r in rows} == {("plain", "A"), ("resnet", "A"), ("resnet", "B"), ("resnet", "C"),
+                                                          ("preact", "A")}  # (beyond the paper, CIFAR-style only)
+    assert {r["arch"] for r in rows if r["dataset"] == "imagenet"} == {"plain", "resnet"}
     by_key = {(r["arch"], r["depth"], r["shortcut"]): r for r in rows}
     for depth in (20, 56):
         plain_a, resnet_b = PARAMS[depth]

@@ -59,3 +59,5 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the seaborn Figure 6 and the package's Figure 1
     assert "| plain-20" in _text(code[-1])  # the package's Table 6
+    compared = next(c for c in code if "per_seed" in c.source)
+    assert "resnet minus plain, mean over seeds:" in _text(compared)  # (no arm among these runs)

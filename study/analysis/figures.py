@@ -28,10 +28,10 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-FIGURE_NAMES = ("fig1", "fig4", "fig6", "fig7", "gradients", "budget")
+FIGURE_NAMES = ("fig1", "fig4", "fig6", "fig7", "gradients", "budget", "arms")
 #: Figures beyond the paper's that a report shows only where the runs allow them (a study of one
 #: budget has no budget figure, and misses nothing).
-OPTIONAL_FIGURES = ("budget",)
+OPTIONAL_FIGURES = ("budget", "arms")
 SPREAD = ("pi", 100)  # seaborn's errorbar: the band spans every seed, min to max
 BAND_ALPHA = 0.18
 FEW_POINTS = 12  # curves with at most this many logged epochs get markers
@@ -104,6 +104,12 @@ def _off_chart(metrics: pd.DataFrame, drawn: list[Series], study: Study, ylim: t
     if not above:
         return []
     return [f"above the {top:g}% the paper's axis shows, so off the chart: {'; '.join(above)}"]
+
+
+def _kind(arch: str) -> str:
+    """`plain` for a plain net (a follow-up's initialisation included), else `resnet`: how a figure
+    dashes it and colours it beside the others."""
+    return "plain" if arch.partition("+")[0] == "plain" else "resnet"
 
 
 def _rows_of(df: pd.DataFrame, series: Series) -> pd.DataFrame:
@@ -491,6 +497,7 @@ def fig7(data: RunData, **select: object) -> Drawn:
     drawn = _choose(present, wanted, present)
     responses = pd.concat([_rows_of(responses, s) for s in drawn], ignore_index=True)
     responses["net"] = [series_label(a, d, sc) for a, d, sc in zip(responses.arch, responses.depth, responses.shortcut)]
+    responses["kind"] = responses["arch"].map(_kind)
     # Rank within each run, so the sorted curve of several seeds averages like with like.
     responses["rank"] = responses.groupby("run_id")["std"].rank(ascending=False, method="first")
     # Five series on one axis, as in the paper: a colour each, plain dashed, ResNet solid.
@@ -510,7 +517,7 @@ def fig7(data: RunData, **select: object) -> Drawn:
             hue="net",
             hue_order=order,
             palette=palette,
-            style="arch",
+            style="kind",
             style_order=["plain", "resnet"],
             dashes=dashes,
             linewidth=1.3,
@@ -522,7 +529,7 @@ def fig7(data: RunData, **select: object) -> Drawn:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("std")
         ax.set_ylim(bottom=0)
-        _legend(ax, drawn, colors, [], dashes={s: dashes[s[0]] for s in drawn})
+        _legend(ax, drawn, colors, [], dashes={s: dashes[_kind(s[0])] for s in drawn})
     runs = study.select(data.runs)
     measured = runs[runs["run_id"].isin(responses["run_id"])]
     notes = coverage(measured, drawn, wanted if _of_paper_depths(measured) else []) + notes
@@ -556,7 +563,7 @@ def gradients(data: RunData, **select: object) -> Drawn:
     grads["net"] = [series_label(a, d, sc) for a, d, sc in zip(grads.arch, grads.depth, grads.shortcut)]
     # Colour by kind, plain vs ResNet, within a depth's column: the comparison the claim is about.
     kind_colors = dict(zip(["plain", "resnet"], sns.color_palette("Set1", 2)))
-    colors = {series_label(*s): kind_colors[s[0]] for s in drawn}
+    colors = {series_label(*s): kind_colors[_kind(s[0])] for s in drawn}
     depths = sorted({s[1] for s in drawn})
     fig, axes = _new_figure(len(depths), 2, width=3.8, height=2.8)
     over_layers = grads.groupby(["run_id", "net", "depth", "iteration"], as_index=False)["grad_norm"].median()
@@ -677,7 +684,7 @@ def budget(data: RunData, **select: object) -> Drawn:
     study, finals, notes = _budget_group(data, select)
     series = _series_in(finals)
     colors = _colors(series)
-    dashes = {s: (4, 2) if s[0] == "plain" else None for s in series}
+    dashes = {s: (4, 2) if _kind(s[0]) == "plain" else None for s in series}
     eval_split = "val" if "val" in finals.columns and finals["val"].notna().any() else "test"
     fig, axes = _new_figure(2)
     for ax, (split, name) in zip(axes[0], (("train", "training"), (eval_split, study.eval_name))):
@@ -710,7 +717,87 @@ def budget(data: RunData, **select: object) -> Drawn:
     return Drawn("budget", fig, study, notes, text, caption_label=label)
 
 
-BUILDERS = {"fig1": fig1, "fig4": fig4, "fig6": fig6, "fig7": fig7, "gradients": gradients, "budget": budget}
+# --- Beyond the paper: the follow-ups' arms ----------------------------------------------------
+
+
+def arms(data: RunData, **select: object) -> Drawn:
+    """Beyond the paper: Figure 6's question per arm. Each net's final training (left) and test error
+    (middle) against depth, one line per net (the paper's plain net and ResNet, and each arm: the
+    pre-activation ResNet, a zero-init ResNet, a delta-orthogonal plain net, ...); right, where the runs
+    were probed, Figure 7's layer responses of each net at the deepest depth."""
+    from .arms import PAPER_ARCHS
+    from .tables import final_errors
+
+    study, notes = pick_study(data, "arms", imagenet=False, **select)
+    runs = study.select(data.runs)
+    done = runs[runs["status"] == "done"]
+    metrics = study.select(data.metrics)
+    finals = final_errors(metrics[metrics["run_id"].isin(done["run_id"])]) if not done.empty else pd.DataFrame()
+    nets = sorted(set(finals["arch"]) if not finals.empty else set(), key=lambda a: (_kind(a) != "plain", a))
+    if not any(a not in PAPER_ARCHS for a in nets):
+        raise NoRunsError(
+            f"arms needs finished runs of a follow-up's arm (--arch preact, --init zero-residual or delta-orthogonal) "
+            f"in the study {study.label()} of {data.runs_dir}; train them (`study run --grid followups`)"
+        )
+    eval_split = "val" if "val" in finals.columns and finals["val"].notna().any() else "test"
+    responses = study.select(data.responses)
+    deepest = int(finals["depth"].max())
+    probed = responses[(responses["depth"] == deepest) & responses["arch"].isin(nets)]
+    fig, axes = _new_figure(3 if not probed.empty else 2, width=4.0)
+    colors = dict(zip(nets, _palette(len(nets))))
+    dashes = {a: (4, 2) if _kind(a) == "plain" else None for a in nets}
+    depths = sorted(set(finals["depth"].astype(int)))
+    for ax, (split, name) in zip(axes[0], (("train", "training"), (eval_split, study.eval_name))):
+        for a in nets:
+            rows = finals[(finals["arch"] == a) & (finals["shortcut"] == "A")].dropna(subset=[split])
+            mean = rows.groupby("depth")[split].mean()
+            ax.plot(mean.index, mean.to_numpy(), color=colors[a], marker="o", markersize=5, linewidth=1.6,
+                    **({"dashes": dashes[a]} if dashes[a] else {}))
+            if rows["seed"].nunique() > 1:
+                ax.plot(rows["depth"], rows[split], linestyle="none", marker=".", markersize=4, color=colors[a], alpha=0.6)
+        ax.set_xticks(depths)
+        ax.set_xlabel("depth (layers)")
+        ax.set_ylabel("final error (%)")
+        ax.set_title(f"final {name} error")
+    from matplotlib.lines import Line2D
+
+    axes[0][0].legend(handles=[Line2D([], [], color=colors[a], linewidth=2, label=series_label(a, 0).replace("-0", ""),
+                                      **({"dashes": dashes[a]} if dashes[a] else {})) for a in nets],
+                      fontsize=7, loc="best", framealpha=0.85, handlelength=3.5)
+    if not probed.empty:
+        ax = axes[0][2]
+        for a in nets:
+            rows = probed[probed["arch"] == a]
+            if rows.empty:
+                continue
+            mean = rows.groupby("layer_index")["std"].mean()
+            ax.plot(mean.index, mean.to_numpy(), color=colors[a], linewidth=1.3,
+                    **({"dashes": dashes[a]} if dashes[a] else {}))
+        ax.set_xlabel("layer index (original)")
+        ax.set_ylabel("std")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"layer responses, {deepest} layers")
+    notes = coverage(runs, [(a, d, "A") for a in nets for d in depths], []) + notes
+    caption = (
+        "Beyond the paper: the follow-ups' answers to degradation under the paper's protocol. Line: mean final "
+        "error over seeds at each depth; dots: the seeds. Dashed: plain nets (the paper's, and delta-orthogonal); "
+        "solid: residual nets (the paper's ResNet, pre-activation, zero-init). "
+        + ("Right: Figure 7's response std (after BN, before the nonlinearity or addition) of each 3x3 layer at "
+           f"{deepest} layers, mean over seeds. " if not probed.empty else "")
+        + "A plain arm whose line falls with depth has no degradation; `study report` gives each arm's verdicts."
+    )
+    text, label = _finish(fig, _title("The follow-ups' arms", study, runs), caption, notes)
+    return Drawn("arms", fig, study, notes, text, caption_label=label)
+
+
+def _palette(n: int) -> list:
+    import seaborn as sns
+
+    return sns.color_palette("tab10", max(n, 1))
+
+
+BUILDERS = {"fig1": fig1, "fig4": fig4, "fig6": fig6, "fig7": fig7, "gradients": gradients, "budget": budget,
+            "arms": arms}
 
 
 def build(name: str, data: RunData, **select: object) -> Drawn:

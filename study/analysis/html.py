@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .figures import Drawn
 
 DPI = 150  # as figures.save writes the PNGs of the Markdown report
-VERDICT_CLASS = {HOLDS: "holds", FAILS: "fails", UNKNOWN: "unknown"}
+VERDICT_CLASS = {HOLDS: "holds", FAILS: "fails", UNKNOWN: "unknown", "yes": "holds", "no": "fails"}
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f;
        max-width: 1180px; margin: 2em auto; padding: 0 1.2em; }
@@ -58,13 +58,15 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _claims(content: ReportContent) -> list[str]:
+def _claims(content: ReportContent, *, arms: bool = False) -> list[str]:
+    """The claims' table, or with `arms` the follow-ups' arms' (their questions, answered yes or no)."""
+    kind, column = ("arm", "question") if arms else ("claim", "claim")
     out = ['<table class="claims">',
-           "<thead><tr><th>#</th><th>claim</th><th>verdict</th><th>seeds</th><th>evidence</th></tr></thead><tbody>"]
-    for c in content.claims:
+           f"<thead><tr><th>#</th><th>{column}</th><th>verdict</th><th>seeds</th><th>evidence</th></tr></thead><tbody>"]
+    for c in content.arms if arms else content.claims:
         verdict = VERDICT_CLASS.get(c.verdict, "unknown")
         out.append(
-            f'<tr class="claim" id="claim-{c.number}" data-verdict="{html.escape(c.verdict)}">'
+            f'<tr class="{kind}" id="{kind}-{c.number}" data-verdict="{html.escape(c.verdict)}">'
             f"<td>{c.number}</td><td>{_inline(c.text)}</td>"
             f'<td><span class="verdict {verdict}">{html.escape(c.verdict)}</span>'
             + (f'<br><span class="significance">{html.escape(c.significance)}</span>' if c.significance else "")
@@ -124,6 +126,10 @@ def render(content: ReportContent) -> str:
     if content.judged_note:
         parts.append(f"<p>{_inline(content.judged_note)}</p>")
     parts += _claims(content)
+    if content.arms:
+        parts += ['<h2 id="arms">Beyond the paper: the follow-ups\' arms</h2>',
+                  "<p>Each arm against depth and against the paper's net of its kind (<code>docs/followups.md</code>).</p>",
+                  *_claims(content, arms=True)]
     parts += ['<h2 id="figures">Figures</h2>', *_figures(content)]
     parts += ['<h2 id="tables">Tables</h2>', *_tables(content)]
     parts += [

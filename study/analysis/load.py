@@ -29,6 +29,16 @@ STUDY_KEY = ["dataset", "iterations", "batch_size", "holdout", "variant"]
 RUN_COLUMNS = IDENTITY + ["iterations", "batch_size", "holdout", "variant", "status", "last_iteration"]
 
 
+def net_of(cfg: dict) -> str:
+    """The net a run trained, as the analysis keys its series: its `arch` (`plain`, `resnet`,
+    `preact`), with a follow-up's initialisation after a `+` (`resnet+zeroinit`, `plain+deltaorth`).
+    An arm is its own series of the study, beside the paper's nets, not a variant of it."""
+    from ..config import INIT_SUFFIXES
+
+    init = cfg.get("init", "he")
+    return str(cfg["arch"]) + (f"+{INIT_SUFFIXES[init]}" if init in INIT_SUFFIXES else "")
+
+
 def variant_of(cfg: dict) -> str:
     """A run's settings that differ from the paper's, other than budget, batch and hold-out, as the
     run id's suffixes name them (`bf16`, `bn2`, `light0`, `plateau`, ...), sorted and comma-joined;
@@ -40,7 +50,7 @@ def variant_of(cfg: dict) -> str:
     try:
         run = RunConfig.from_dict(cfg)
         paper = RunConfig(arch=run.arch, depth=run.depth, dataset=run.dataset, shortcut=run.shortcut, seed=run.seed,
-                          iterations=run.iterations, batch_size=run.batch_size, holdout=run.holdout)
+                          iterations=run.iterations, batch_size=run.batch_size, holdout=run.holdout, init=run.init)
     except (_ConfigError, TypeError, ValueError):
         return ""
     base = paper.run_id
@@ -86,7 +96,7 @@ def _run_row(run_dir: Path) -> dict | None:
     return {
         "run_id": run_dir.name,
         "dataset": str(cfg["dataset"]),
-        "arch": str(cfg["arch"]),
+        "arch": net_of(cfg),
         "depth": int(cfg["depth"]),
         "shortcut": str(cfg.get("shortcut", "A")),
         "seed": int(cfg.get("seed", 0)),

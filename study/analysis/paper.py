@@ -126,8 +126,17 @@ CLAIMS: dict[int, str] = {
 }
 
 
+#: How a follow-up's initialisation (`study.analysis.load.net_of`) is named after its net.
+INIT_LABELS = {"zeroinit": "zero-init", "deltaorth": "delta-orthogonal"}
+
+
 def series_label(arch: str, depth: int, shortcut: str = "A") -> str:
-    """The paper's name for a net: `plain-20`, `ResNet-56`; a non-A ResNet adds its option (`ResNet-34 B`)."""
-    if arch == "plain":
-        return f"plain-{depth}"
-    return f"ResNet-{depth}" + ("" if shortcut == "A" else f" {shortcut}")
+    """The paper's name for a net: `plain-20`, `ResNet-56`; a non-A ResNet adds its option (`ResNet-34 B`).
+    Beyond the paper: `PreAct-ResNet-56`, and an initialisation after the name (`ResNet-56 zero-init`,
+    `plain-56 delta-orthogonal`)."""
+    base, _, init = arch.partition("+")
+    if base == "plain":
+        name = f"plain-{depth}"
+    else:
+        name = ("PreAct-" if base == "preact" else "") + f"ResNet-{depth}" + ("" if shortcut == "A" else f" {shortcut}")
+    return name + (f" {INIT_LABELS.get(init, init)}" if init else "")

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ import pandas as pd
 
 from ..config import ConfigError
 from ..data import DataError, dataset_info
+from .arms import judge_arms
 from .load import NoRunsError, RunData, Study, pick_study, studies, unsettled_bn, unsettled_bn_note
 from .paper import CLAIMS, FIGURES, IMAGENET, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
 from ..runstore import atomic_write_text
@@ -47,6 +48,7 @@ FIGURE_TITLES = {
     "fig7": "Figure 7: layer responses",
     "gradients": "Gradient norms (beyond the paper)",
     "budget": "Final error against the training budget (beyond the paper)",
+    "arms": "The follow-ups' arms against depth (beyond the paper)",
 }
 # Claim 4: "the same low training error" = within this many percentage points.
 SAME_TRAIN_ERROR_PP = 0.5
@@ -510,6 +512,8 @@ class ReportContent:
     figures: list[ReportFigure]
     tables: list[ReportTable]
     runs: pd.DataFrame  # the Runs section (`run_table`), shown as is: one row per run, text cells
+    #: Beyond the paper: the findings on the follow-ups' arms (`arms.judge_arms`), where the study has any.
+    arms: list[Claim] = field(default_factory=list)
 
 
 # What `study run` records in config.json's provenance, as the Runs section shows it. A column of
@@ -601,7 +605,10 @@ def gather(data: RunData, *, log=print) -> ReportContent:
             made.append(ReportTable(name, table=tables.build(name, data)))
         except NoRunsError as e:
             made.append(ReportTable(name, missing=str(e)))
-    return ReportContent(data.runs_dir, summary, note, claims, shown, made, run_table(data))
+    arms = judge_arms(_Finals(data, judged_on)) if judged_on is not None else []
+    for finding in arms:
+        log(f"arm {finding.number}: {finding.verdict_text} ({_seeds(finding.seeds)}): {finding.text}")
+    return ReportContent(data.runs_dir, summary, note, claims, shown, made, run_table(data), arms)
 
 
 def render_markdown(content: ReportContent, out_dir: Path) -> str:
@@ -616,6 +623,12 @@ def render_markdown(content: ReportContent, out_dir: Path) -> str:
             f"{claim.number}. **{claim.verdict}**{f' ({claim.significance})' if claim.significance else ''}: {claim.text}. "
             f"Evidence ({_seeds(claim.seeds)}): {claim.evidence}."
         )
+    if content.arms:
+        lines += ["", "## Beyond the paper: the follow-ups' arms", "",
+                  "Each arm against depth and against the paper's net of its kind (`docs/followups.md`).", ""]
+        for f in content.arms:
+            lines.append(f"{f.number}. {f.text} **{f.verdict}**{f' ({f.significance})' if f.significance else ''}. "
+                         f"Evidence ({_seeds(f.seeds)}): {f.evidence}.")
     lines += ["", "## Figures", ""]
     for fig in content.figures:
         heading = f"### {fig.title} (`study plot {fig.name}`)"

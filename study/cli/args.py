@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable
 
-from ..config import ALL_DATASETS, LR_SCHEDULES, ConfigError
+from ..config import ALL_DATASETS, ARCHS, INITS, LR_SCHEDULES, ConfigError
 from ..data import DataError
 from ..launch import DEFAULT_GPUS, DEFAULT_MAX_TIMEOUTS, DEFAULT_TIME_MIN, LAUNCHERS, SLURM_FLAGS
 from ..runstore import RunStoreError
@@ -108,7 +108,7 @@ def slurm_name(text: str) -> str:
 
 #: The options of `add_selection` besides --grid/--arch (argparse's names).
 SELECTION = ("depth", "shortcut", "dataset", "seed", "seeds", "iterations", "batch_size", "lr_schedule",
-             "batch_split", "lighting", "mean", "holdout", "precision")
+             "batch_split", "lighting", "mean", "holdout", "precision", "init")
 
 
 def add_selection(parser: argparse.ArgumentParser, *, required: bool, arch_help: str = "train one network of this kind"
@@ -116,9 +116,12 @@ def add_selection(parser: argparse.ArgumentParser, *, required: bool, arch_help:
     """The options that say which runs (`study run` trains them, `study status` lists them)."""
     what = parser.add_mutually_exclusive_group(required=required)
     what.add_argument("--grid", help="a named grid (see `study grids`)")
-    what.add_argument("--arch", choices=("plain", "resnet"), help=arch_help)
+    what.add_argument("--arch", choices=ARCHS, help=arch_help + " (plain, resnet: the paper's; preact: the "
+                      "pre-activation ResNet of its sequel, docs/followups.md)")
     parser.add_argument("--depth", type=int, help="CIFAR 6n+2: 20, 32, 44, 56, 110, 1202; ImageNet 18 or 34 (with --arch)")
     parser.add_argument("--shortcut", choices=("A", "B", "C"), help="residual shortcut option (default A)")
+    parser.add_argument("--init", choices=INITS, help="he (the paper's, default); beyond the paper: zero-residual (every "
+                        "residual block starts as the identity) or delta-orthogonal (docs/followups.md)")
     parser.add_argument("--dataset", choices=ALL_DATASETS, help="data set (default: the grid's, else fashion-mnist-mini)")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, help="one seed (default 0)")

@@ -109,13 +109,14 @@ def run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
         mean=args.mean,
     )
     if args.grid is not None:
-        for flag in ("depth", "shortcut"):
-            if getattr(args, flag) is not None:
+        for flag in ("depth", "shortcut", "init"):
+            if getattr(args, flag, None) is not None:
                 raise ConfigError(f"--{flag} does not apply to --grid; use --arch/--depth for a single run")
         return grid_configs(args.grid, seeds=seeds, **settings)
     if args.depth is None:
         raise ConfigError("--arch needs --depth (6n+2 for CIFAR, e.g. --depth 20; 18 or 34 for ImageNet)")
-    settings = {k: v for k, v in dict(settings, shortcut=args.shortcut).items() if v is not None}
+    settings = {k: v for k, v in dict(settings, shortcut=args.shortcut, init=getattr(args, "init", None)).items()
+                if v is not None}
     return [RunConfig(arch=args.arch, depth=args.depth, seed=s, **settings) for s in (seeds or [0])]
 
 

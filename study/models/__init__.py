@@ -8,13 +8,16 @@ import torch
 from torch import nn
 
 from ..config import CIFAR_DEPTHS, IMAGENET_DATASETS, IMAGENET_DEPTHS, SHORTCUTS, blocks_per_stage
-from .cifar import BasicBlock, CifarNet, cifar_net
+from .cifar import BasicBlock, CifarNet, PreActBlock, PreActCifarNet, cifar_net
 from .imagenet import ImageNetNet, from_torchvision, imagenet_net
 
 __all__ = [
     "SHORTCUTS",
     "BasicBlock",
     "CifarNet",
+    "PreActBlock",
+    "PreActCifarNet",
+    "model_for",
     "blocks_per_stage",
     "build_model",
     "count_params",
@@ -38,8 +41,10 @@ def build_model(
     num_classes: int | None = None,
     in_channels: int = 3,
     dataset: str = "cifar10",
+    init: str = "he",
 ) -> nn.Module:
-    """Build a network by its paper name: `arch` is `plain` or `resnet`.
+    """Build a network by its paper name: `arch` is `plain` or `resnet` (or, beyond the paper,
+    `preact`: the pre-activation ResNet; with `init`, a follow-up's initialisation: `cifar_net`).
 
     The data set picks the family: ImageNet-sized data (`IMAGENET_DATASETS`) gets the Table-1 nets
     (depth 18 or 34, 1000 classes by default), any other data set the 6n+2 CIFAR nets (10 classes
@@ -48,8 +53,17 @@ def build_model(
     imagenet = dataset in IMAGENET_DATASETS
     if num_classes is None:
         num_classes = 1000 if imagenet else 10
-    builder = imagenet_net if imagenet else cifar_net
-    return builder(arch, depth, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels)
+    if imagenet:
+        if init != "he":
+            raise ValueError(f"init {init!r} is for the CIFAR-style nets")
+        return imagenet_net(arch, depth, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels)
+    return cifar_net(arch, depth, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels, init=init)
+
+
+def model_for(cfg, num_classes: int | None = None, in_channels: int = 3) -> nn.Module:
+    """The network a run config (`study.config.RunConfig`) trains, freshly initialised from the global RNG."""
+    return build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=num_classes, in_channels=in_channels,
+                       dataset=cfg.dataset, init=cfg.init)
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
@@ -96,7 +110,9 @@ def architecture_table(
     depths: tuple[int, ...] = CIFAR_DEPTHS, imagenet_depths: tuple[int, ...] = IMAGENET_DEPTHS
 ) -> list[dict]:
     """One row per architecture: plain, and residual with each shortcut option, for the CIFAR-10
-    nets (MACs per 32x32 image) and the ImageNet nets (MACs per 224x224 image)."""
+    nets (MACs per 32x32 image) and the ImageNet nets (MACs per 224x224 image); beyond the paper,
+    the pre-activation ResNet (`preact`, option A) of each CIFAR depth. (The follow-ups'
+    initialisations change no count.)"""
     families = [("cifar10", d, (3, 32, 32)) for d in depths]
     families += [("imagenet", d, (3, 224, 224)) for d in imagenet_depths]
     rows = []
@@ -106,7 +122,10 @@ def architecture_table(
         # the CIFAR nets' thousands of small layers would add up to half a minute: one 32x32 image
         # through them on the CPU is faster (ResNet-1202: about 1 s with its initialisation).
         # (No `torch.device("cpu")` context for those: its hook on every tensor op costs seconds.)
-        for arch, shortcut in (("plain", "A"), *(("resnet", s) for s in SHORTCUTS)):
+        archs = (("plain", "A"), *(("resnet", s) for s in SHORTCUTS))
+        if dataset != "imagenet":  # beyond the paper: the pre-activation ResNet (CIFAR-style nets only)
+            archs += (("preact", "A"),)
+        for arch, shortcut in archs:
             with torch.device("meta") if dataset == "imagenet" else contextlib.nullcontext():
                 model = build_model(arch, depth, shortcut=shortcut, dataset=dataset)
             rows.append(

@@ -135,6 +135,98 @@ class CifarNet(nn.Module):
         return self.fc(x)
 
 
+class PreActBlock(nn.Module):
+    """The full pre-activation residual block (He, Zhang, Ren, Sun 2016, "Identity Mappings in Deep
+    Residual Networks", Fig. 1(b) and 4(e)): BN and ReLU before each 3x3 conv, the branch added to
+    the shortcut of the block's own input, nothing after the addition. The shortcut options are the
+    original block's (`make_shortcut`); with option A the identity path is untouched from the first
+    block to the last (as in fb.resnet.torch's preresnet.lua, whose shortcut also takes the block's
+    input, not its pre-activation)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, shortcut: str = "A") -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.shortcut = make_shortcut(shortcut, in_planes, planes, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + self.shortcut(x)
+
+
+class PreActCifarNet(nn.Module):
+    """The pre-activation ResNet of depth 6n+2 on CIFAR-style data (the 2016 paper's CIFAR nets with
+    basic blocks): a bare 3x3 conv with 16 filters, three stages of `PreActBlock`s (16/32/64 filters,
+    stride 2 at the first block of stages 2 and 3), then the one BN-ReLU before the global average
+    pooling, and the fully connected layer. Its authors' code (KaimingHe/resnet-1k-layers) has the
+    same stem and head: every BN-ReLU of the body is a block's own."""
+
+    residual = True
+
+    def __init__(self, depth: int, *, shortcut: str = "A", num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        n = blocks_per_stage(depth)
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"unknown shortcut option {shortcut!r}; choose one of {', '.join(SHORTCUTS)}")
+        self.depth, self.shortcut = depth, shortcut
+        self.conv1 = conv3x3(in_channels, STAGE_WIDTHS[0])
+        stages, in_planes = [], STAGE_WIDTHS[0]
+        for i, planes in enumerate(STAGE_WIDTHS):
+            blocks = []
+            for b in range(n):
+                blocks.append(PreActBlock(in_planes, planes, 2 if (i > 0 and b == 0) else 1, shortcut=shortcut))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.stage1, self.stage2, self.stage3 = stages
+        self.bn = nn.BatchNorm2d(STAGE_WIDTHS[-1])
+        self.fc = nn.Linear(STAGE_WIDTHS[-1], num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage3(self.stage2(self.stage1(self.conv1(x))))
+        x = F.relu(self.bn(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(x)
+
+
+def zero_init_residual(model: nn.Module) -> None:
+    """Start every residual block as the identity (Goyal et al. 2017, "Accurate, Large Minibatch
+    SGD", section 5.1; torchvision's `zero_init_residual`): the scale of the last BN of each residual
+    branch is 0, so the branch adds 0. An original block then outputs ReLU(shortcut(x)), which is x
+    for a non-negative x of its width; a pre-activation block outputs shortcut(x)."""
+    for m in model.modules():
+        if isinstance(m, BasicBlock) and m.residual:
+            nn.init.zeros_(m.bn2.weight)
+        elif isinstance(m, PreActBlock):
+            # Its last BN precedes conv2: a zero scale (and zero shift) makes conv2's input 0.
+            nn.init.zeros_(m.bn2.weight)
+
+
+@torch.no_grad()
+def delta_orthogonal_(weight: torch.Tensor, gain: float) -> torch.Tensor:
+    """The delta-orthogonal initialisation of a conv kernel (Xiao et al. 2018, "Dynamical Isometry
+    and a Mean Field Theory of CNNs", Algorithm 2): zeros but the centre tap, a random (semi-)
+    orthogonal `out x in` matrix times `gain` (torch's `orthogonal_`, drawn from the global RNG)."""
+    out_ch, in_ch, kh, kw = weight.shape
+    centre = torch.empty(out_ch, in_ch)
+    nn.init.orthogonal_(centre, gain=gain)
+    weight.zero_()
+    weight[:, :, kh // 2, kw // 2] = centre.to(weight.dtype)
+    return weight
+
+
+def delta_orthogonal_init(model: nn.Module) -> None:
+    """Every 3x3 convolution of `model` delta-orthogonal, with ReLU's gain sqrt(2) (torch's
+    `calculate_gain("relu")`, as He initialisation has), in registration order."""
+    gain = nn.init.calculate_gain("relu")
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+            delta_orthogonal_(m.weight, gain)
+
+
 def init_weights(model: nn.Module) -> None:
     """He initialisation (fan-out normal, as in fb.resnet.torch and torchvision) for convs,
     BN scale 1 and shift 0; the FC layer keeps PyTorch's default. Modules are visited in
@@ -148,11 +240,22 @@ def init_weights(model: nn.Module) -> None:
 
 
 def cifar_net(
-    arch: str, depth: int, *, shortcut: str = "A", num_classes: int = 10, in_channels: int = 3
-) -> CifarNet:
-    """Build `plain` or `resnet` of the given depth (6n+2)."""
-    if arch not in ("plain", "resnet"):
-        raise ValueError(f"unknown arch {arch!r}; choose plain or resnet")
-    return CifarNet(
-        depth, residual=arch == "resnet", shortcut=shortcut, num_classes=num_classes, in_channels=in_channels
-    )
+    arch: str, depth: int, *, shortcut: str = "A", num_classes: int = 10, in_channels: int = 3, init: str = "he"
+) -> nn.Module:
+    """Build `plain`, `resnet` or `preact` (the pre-activation ResNet) of the given depth (6n+2), with
+    He initialisation (`init="he"`, the paper's), then, for the follow-ups' arms, its residual branches
+    zeroed (`zero-residual`) or its 3x3 kernels delta-orthogonal (`delta-orthogonal`)."""
+    if arch not in ("plain", "resnet", "preact"):
+        raise ValueError(f"unknown arch {arch!r}; choose plain, resnet or preact")
+    if arch == "preact":
+        net: nn.Module = PreActCifarNet(depth, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels)
+    else:
+        net = CifarNet(depth, residual=arch == "resnet", shortcut=shortcut, num_classes=num_classes,
+                       in_channels=in_channels)
+    if init == "zero-residual":
+        zero_init_residual(net)
+    elif init == "delta-orthogonal":
+        delta_orthogonal_init(net)
+    elif init != "he":
+        raise ValueError(f"unknown init {init!r}; choose he, zero-residual or delta-orthogonal")
+    return net

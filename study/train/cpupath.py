@@ -140,7 +140,7 @@ def probe(cfg: RunConfig, paths: list[str], input_shape: tuple[int, ...], num_cl
     net on each of `paths` (a name of CPU_PATHS; `bf16`: channels-last eager under bf16 autocast),
     timed in `ROUNDS` rounds that alternate their order. Random inputs from a generator of its own;
     the global random state is left as it was."""
-    from ..models import build_model
+    from ..models import model_for
     from .step import compile_model, sgd_step
 
     cpu = torch.device("cpu")
@@ -153,8 +153,7 @@ def probe(cfg: RunConfig, paths: list[str], input_shape: tuple[int, ...], num_cl
             start = time.perf_counter()
             channels_last, compiled = CPU_PATHS.get(path, (True, False))
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=num_classes,
-                                in_channels=input_shape[0], dataset=cfg.dataset).to(memory_format=fmt).train()
+            model = model_for(cfg, num_classes, input_shape[0]).to(memory_format=fmt).train()
             forward = compile_model(model, cpu) if compiled else model
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 or path == "bf16")

@@ -157,6 +157,10 @@ class ExecutionPlan:
             if self.compile:
                 raise ConfigError("--fuse with --compile is not supported; use --fuse with --cuda-graph on a GPU")
             _check_one_process_cifar_step("--fuse", configs, self.processes)
+            preact = next((cfg.run_id for cfg in configs if cfg.arch == "preact"), None)
+            if preact is not None:
+                raise ConfigError(f"--fuse groups the paper's blocks, not the pre-activation ResNet's ({preact}); "
+                                  "drop --fuse for it")
         if device is None and not slurm and self.device != "auto":
             device = self.device  # as given: --device cpu is known to be no GPU before it is resolved
         if self.cpu_path != "auto":

@@ -26,7 +26,7 @@ from ..config import RunConfig
 from ..data import Data, eval_batches, normalize
 from ..fast.fused import Join, StepRequest, fusion_key
 from ..fast.graphstep import GraphedStep
-from ..models import build_model, memory_format
+from ..models import memory_format, model_for
 from ..models.syncbn import convert_sync_batchnorm
 from ..probes import GradientNorms
 from .distributed import Chunked, Distributed
@@ -155,8 +155,7 @@ def make_trainee(cfg: RunConfig, num_classes: int, in_channels: int, device: tor
     the one place a run's precision becomes a context (bf16 or none). `fmt` is the layout of its
     weights (default: `models.memory_format`, channels-last on CUDA)."""
     torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed alone
-    model = build_model(cfg.arch, cfg.depth, shortcut=cfg.shortcut, num_classes=num_classes,
-                        in_channels=in_channels, dataset=cfg.dataset).to(device)
+    model = model_for(cfg, num_classes, in_channels).to(device)
     # Channels-last lets cuDNN pick its fastest kernels on tensor cores; on a CPU the plan's path decides.
     model = model.to(memory_format=memory_format(device) if fmt is None else fmt)
     if sync_bn and ddp.enabled:
