@@ -35,8 +35,12 @@ def conv3x3_bns(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     torchvision's ResNets). Projection shortcuts (1x1 conv + BN in a Sequential) and 7x7 stems do
     not qualify: they are not 3x3 layers.
     """
+    from .models.cifar import PreActBlock
+
     found = []
     for prefix, module in model.named_modules():
+        if isinstance(module, PreActBlock):
+            continue  # its BNs precede its convs: no 3x3 layer there has a BN response of its own
         for name, child in module.named_children():
             if not (name.startswith("bn") and isinstance(child, nn.BatchNorm2d)):
                 continue

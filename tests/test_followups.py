@@ -48,15 +48,29 @@ def test_a_zero_init_block_that_keeps_its_width_is_the_identity(block):
     assert not torch.equal(he.train()(x), x)  # (the He-initialised block is not)
 
 
-def test_a_zero_init_net_zeroes_exactly_the_last_bn_of_each_residual_branch():
-    for arch in ("resnet", "preact"):
+def test_a_zero_init_net_zeroes_exactly_the_last_layer_of_each_residual_branch_and_it_trains():
+    """The original block's last BN scale, the pre-activation block's conv2 (its last layer: zeroing
+    its BN instead would feed ReLU exactly 0 and no gradient would ever reach the branch). After one
+    SGD step (which moves the zeroed layer and so lets the gradient through) every parameter of every
+    branch has a gradient."""
+    for arch, last in (("resnet", "bn2.weight"), ("preact", "conv2.weight")):
         torch.manual_seed(0)
         he = build_model(arch, 20)
         torch.manual_seed(0)
         zero = build_model(arch, 20, init="zero-residual")
         changed = {k for k, v in zero.state_dict().items() if not torch.equal(v, he.state_dict()[k])}
-        assert changed == {f"stage{s}.{b}.bn2.weight" for s in (1, 2, 3) for b in range(3)}
+        assert changed == {f"stage{s}.{b}.{last}" for s in (1, 2, 3) for b in range(3)}
         assert all(zero.state_dict()[k].abs().sum() == 0 for k in changed)
+        opt = torch.optim.SGD(zero.parameters(), lr=0.1, momentum=0.9)
+        x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(zero.train()(x), y).backward()
+            if _ == 0:
+                opt.step()
+        # At the second step every branch parameter has a gradient (the first moved the zeroed layer).
+        frozen = [k for k, v in zero.named_parameters() if k.startswith("stage") and not bool(v.grad.abs().sum() > 0)]
+        assert frozen == [], frozen
 
 
 def _preact_count(depth: int, in_channels: int = 3, classes: int = 10) -> int:
@@ -88,6 +102,15 @@ def test_a_preact_net_is_built_as_its_sequel_says(depth):
     if depth == 20:  # `study models` lists it (a table of every arch: slow at the larger depths)
         rows = {(r["arch"], r["depth"]): r["params"] for r in architecture_table(depths=(depth,), imagenet_depths=())}
         assert rows[("preact", depth)] == _preact_count(depth)
+
+
+def test_figure_7_responses_are_not_measured_for_the_preact_net():
+    """Figure 7's response is a 3x3 layer's own BN output; a pre-activation block's BNs precede its
+    convs, so the probe measures none there (the paper's nets keep all of theirs)."""
+    from study.probes import conv3x3_bns
+
+    assert conv3x3_bns(build_model("preact", 20)) == []
+    assert len(conv3x3_bns(build_model("resnet", 20))) == 19
 
 
 def test_a_delta_orthogonal_kernel_is_orthogonal_at_its_centre_and_zero_elsewhere():
@@ -203,8 +226,13 @@ def test_the_report_judges_each_arm_and_the_figure_draws_it(tmp_path):
         "PreAct-ResNet-20 to PreAct-ResNet-56: does it improve with depth (the residual gain kept)?": ("yes", "significant"),
         "does PreAct-ResNet-56 train better than the paper's ResNet-56?": ("yes", "significant"),
     }
-    # The paper's claims are judged on the paper's nets alone.
+    # The paper's claims, tables and figures are the paper's nets alone.
     assert {c.number: c.verdict for c in content.claims}[1] == "holds"
+    table6 = next(t.table for t in content.tables if t.name == "table6")
+    assert not any("PreAct" in str(v) or "delta" in str(v) for v in table6.shown.to_numpy().ravel())
+    fig6 = next(f.drawn for f in content.figures if f.name == "fig6")
+    assert not any("PreAct" in t.get_text() or "delta" in t.get_text()
+                   for ax in fig6.figure.axes if ax.get_legend() for t in ax.get_legend().get_texts())
     drawn = build("arms", RunData.load(tmp_path))
     lines = [ln for ln in drawn.figure.axes[0].get_lines() if ln.get_linestyle() != "None"]
     assert len(lines) == 4  # one per net

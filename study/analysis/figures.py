@@ -493,7 +493,10 @@ def fig7(data: RunData, **select: object) -> Drawn:
     )
     responses, mixed = _one_probe_setting(study.select(data.responses).copy())
     notes = notes + mixed
-    present = _series_in(responses)
+    present = [s for s in _series_in(responses) if s[0] in ("plain", "resnet")]  # the arms: `study plot arms`
+    if not present:
+        raise NoRunsError(f"fig7 draws the paper's plain nets and ResNets; the probed runs of {study.label()} are "
+                          "other nets (`study plot arms` draws those)")
     drawn = _choose(present, wanted, present)
     responses = pd.concat([_rows_of(responses, s) for s in drawn], ignore_index=True)
     responses["net"] = [series_label(a, d, sc) for a, d, sc in zip(responses.arch, responses.depth, responses.shortcut)]
@@ -559,6 +562,9 @@ def gradients(data: RunData, **select: object) -> Drawn:
         data, "gradients", imagenet=False, **select, needs="gradients"
     )
     grads = study.select(data.gradients).copy()
+    grads = grads[grads["arch"].isin(["plain", "resnet"])]  # plain vs ResNet, the paper's claim; not the arms
+    if grads.empty:
+        raise NoRunsError(f"gradients draws the paper's plain nets and ResNets; {study.label()} has none with gradients")
     drawn = _series_in(grads)
     grads["net"] = [series_label(a, d, sc) for a, d, sc in zip(grads.arch, grads.depth, grads.shortcut)]
     # Colour by kind, plain vs ResNet, within a depth's column: the comparison the claim is about.
@@ -683,7 +689,10 @@ def budget(data: RunData, **select: object) -> Drawn:
     depth has begun to pay."""
     study, finals, notes = _budget_group(data, select)
     series = _series_in(finals)
-    colors = _colors(series)
+    # One colour per depth (a plain net and its ResNet twin share it); with a follow-up's arm among
+    # them, one per net, so that ResNet-56 and PreAct-ResNet-56 are told apart.
+    arms = any(s[0] not in ("plain", "resnet") for s in series)
+    colors = dict(zip(series, _palette(len(series)))) if arms else _colors(series)
     dashes = {s: (4, 2) if _kind(s[0]) == "plain" else None for s in series}
     eval_split = "val" if "val" in finals.columns and finals["val"].notna().any() else "test"
     fig, axes = _new_figure(2)
@@ -728,7 +737,9 @@ def arms(data: RunData, **select: object) -> Drawn:
     from .arms import PAPER_ARCHS
     from .tables import final_errors
 
-    study, notes = pick_study(data, "arms", imagenet=False, **select)
+    armed = data.runs[~data.runs["arch"].isin(PAPER_ARCHS)]
+    wanted = list(zip(armed["arch"], armed["depth"], armed["shortcut"]))  # the studies that have arms come first
+    study, notes = pick_study(data, "arms", imagenet=False, wanted=wanted, **select)
     runs = study.select(data.runs)
     done = runs[runs["status"] == "done"]
     metrics = study.select(data.metrics)

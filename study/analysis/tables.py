@@ -95,11 +95,12 @@ def _compare(
     final = final_errors(study.select(data.metrics))
     done = final[final["status"] == "done"]
     if tencrop:
-        shown_nets = [keep(s) for s in zip(done["arch"], done["depth"], done["shortcut"])]
+        shown_nets = [keep(s) and s[0] in ("plain", "resnet") for s in zip(done["arch"], done["depth"], done["shortcut"])]
         done, crop_notes = with_tencrop(done[pd.Series(shown_nets, index=done.index, dtype=bool)], runs)
         notes = notes + crop_notes
     present = set(zip(runs["arch"], runs["depth"], runs["shortcut"]))
-    rows = _sort({s for s in present if keep(s)} | set(wanted))
+    # The paper's nets only: the follow-ups' arms (`preact`, `resnet+zeroinit`, ...) are the report's own section.
+    rows = _sort({s for s in present if keep(s) and s[0] in ("plain", "resnet")} | set(wanted))
     # The paper's numbers are CIFAR-10 / ImageNet ones: a difference with other data would mislead.
     comparable = study.dataset in ("cifar10", IMAGENET)
     frame_rows, shown_rows = [], []

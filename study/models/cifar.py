@@ -194,15 +194,17 @@ class PreActCifarNet(nn.Module):
 
 def zero_init_residual(model: nn.Module) -> None:
     """Start every residual block as the identity (Goyal et al. 2017, "Accurate, Large Minibatch
-    SGD", section 5.1; torchvision's `zero_init_residual`): the scale of the last BN of each residual
-    branch is 0, so the branch adds 0. An original block then outputs ReLU(shortcut(x)), which is x
-    for a non-negative x of its width; a pre-activation block outputs shortcut(x)."""
+    SGD", section 5.1; torchvision's `zero_init_residual`): the last layer of each residual branch
+    starts at 0, so the branch adds 0. In an original block that is the scale of its last BN (the
+    block then outputs ReLU(shortcut(x)), which is x for a non-negative x of its width). A
+    pre-activation branch ends in conv2, whose weights are zeroed instead: zeroing its BN (which
+    precedes conv2) would feed conv2's ReLU exactly 0, where ReLU passes no gradient, and the branch
+    would never train. The block outputs shortcut(x)."""
     for m in model.modules():
         if isinstance(m, BasicBlock) and m.residual:
             nn.init.zeros_(m.bn2.weight)
         elif isinstance(m, PreActBlock):
-            # Its last BN precedes conv2: a zero scale (and zero shift) makes conv2's input 0.
-            nn.init.zeros_(m.bn2.weight)
+            nn.init.zeros_(m.conv2.weight)
 
 
 @torch.no_grad()

@@ -19,11 +19,12 @@ config.json's provenance (`cpu_path`) and keeps it when it resumes. Short runs (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -114,21 +115,37 @@ def _read_cache() -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _write_cache(key: str, entry: dict, log: Callable[[str], None]) -> None:
-    """Add `entry` to the cache, under a lock: `--concurrency` processes measure at the same time."""
+@contextlib.contextmanager
+def _cache_lock(log: Callable[[str], None]) -> Iterator[None]:
+    """Hold the cache's lock (a sidecar file) while one process checks, measures and writes: two
+    `--concurrency` processes starting runs of one net then measure once and take the same path.
+    Where no lock can be taken (no fcntl, an unwritable cache folder), go on without one."""
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "w") as lock:
-            try:
-                import fcntl
+        lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 (closed below)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            import fcntl
 
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            except ImportError:  # Windows: no lock; at worst an entry is measured again
-                pass
-            data = _read_cache()
-            data[key] = entry
-            atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no lock; at worst an entry is measured twice
+            pass
+        yield
+    finally:
+        lock.close()
+
+
+def _write_cache(key: str, entry: dict, log: Callable[[str], None]) -> None:
+    """Add `entry` to the cache (under `_cache_lock`)."""
+    path = cache_path()
+    try:
+        data = _read_cache()
+        data[key] = entry
+        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     except OSError as e:
         log(f"study: could not keep the CPU path measurements in {path} ({e.strerror or e}); "
             "the next run will measure again (set STUDY_CACHE_DIR to a writable folder)")
@@ -184,6 +201,8 @@ def choose(cfg: RunConfig, asked: str, *, compile: bool, input_shape: tuple[int,
     if asked != "auto":
         return CpuPath(asked, "given")
     if recorded in CPU_PATHS:
+        unlike = " (not compiled, although --compile was given)" if compile and not CPU_PATHS[recorded][1] else ""
+        log(f"{cfg.run_id}: CPU path {recorded}, kept from the run's first session{unlike}")
         return CpuPath(recorded, "resumed")
     if cfg.iterations < PROBE_MIN_ITERATIONS:
         return CpuPath("compiled" if compile else "eager", "short run")
@@ -191,17 +210,18 @@ def choose(cfg: RunConfig, asked: str, *, compile: bool, input_shape: tuple[int,
     measure_bf16 = not cfg.bf16 and bool(bf16_units())
     wanted = candidates + (["bf16"] if measure_bf16 else [])
     key = cache_key(cfg, input_shape, num_classes, cfg.bf16)
-    entry = _read_cache().get(key, {})
-    how = "cached"
-    if not all(p in entry.get("ms_per_step", {}) for p in wanted):
-        start = time.perf_counter()
-        ms, onetime = probe(cfg, [p for p in wanted if p not in entry.get("ms_per_step", {})], input_shape,
-                            num_classes, bf16=cfg.bf16)
-        entry = {"ms_per_step": {**entry.get("ms_per_step", {}), **ms},
-                 "onetime_s": {**entry.get("onetime_s", {}), **onetime},
-                 "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        _write_cache(key, entry, log)
-        how = f"measured in {time.perf_counter() - start:.0f} s"
+    with _cache_lock(log):
+        entry = _read_cache().get(key, {})
+        how = "cached"
+        if not all(p in entry.get("ms_per_step", {}) for p in wanted):
+            # All candidates together (not only those missing): their times are compared with each other.
+            start = time.perf_counter()
+            ms, onetime = probe(cfg, wanted, input_shape, num_classes, bf16=cfg.bf16)
+            entry = {"ms_per_step": {**entry.get("ms_per_step", {}), **ms},
+                     "onetime_s": {**entry.get("onetime_s", {}), **onetime},
+                     "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            _write_cache(key, entry, log)
+            how = f"measured in {time.perf_counter() - start:.0f} s"
     ms = {p: float(entry["ms_per_step"][p]) for p in wanted}
     onetime = {p: float(entry["onetime_s"][p]) for p in wanted}
     name = decide({p: ms[p] for p in candidates}, onetime, iterations_left)
