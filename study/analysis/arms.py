@@ -12,10 +12,9 @@ arm trained at two depths, the report asks two questions, with the same statisti
 
 from __future__ import annotations
 
-from .paper import series_label
+from .paper import PAPER_ARCHS, series_label
 
 YES, NO, UNKNOWN = "yes", "no", "cannot be judged"
-PAPER_ARCHS = ("plain", "resnet")
 
 
 def reference_of(arm: str) -> str:

@@ -22,7 +22,7 @@ import pandas as pd
 from ..config import CIFAR_DEPTHS, IMAGENET_DEPTHS, ConfigError
 from ..probes import PROBE_DEFAULTS
 from .load import NoRunsError, RunData, Study, coverage, pick_study, studies, unsettled_bn, unsettled_bn_note
-from .paper import FIGURES, TABLE2, TABLE6, Series, series_label
+from .paper import FIGURES, PAPER_ARCHS, TABLE2, TABLE6, Series, net_label, series_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -493,7 +493,7 @@ def fig7(data: RunData, **select: object) -> Drawn:
     )
     responses, mixed = _one_probe_setting(study.select(data.responses).copy())
     notes = notes + mixed
-    present = [s for s in _series_in(responses) if s[0] in ("plain", "resnet")]  # the arms: `study plot arms`
+    present = [s for s in _series_in(responses) if s[0] in PAPER_ARCHS]  # the arms: `study plot arms`
     if not present:
         raise NoRunsError(f"fig7 draws the paper's plain nets and ResNets; the probed runs of {study.label()} are "
                           "other nets (`study plot arms` draws those)")
@@ -562,7 +562,7 @@ def gradients(data: RunData, **select: object) -> Drawn:
         data, "gradients", imagenet=False, **select, needs="gradients"
     )
     grads = study.select(data.gradients).copy()
-    grads = grads[grads["arch"].isin(["plain", "resnet"])]  # plain vs ResNet, the paper's claim; not the arms
+    grads = grads[grads["arch"].isin(PAPER_ARCHS)]  # plain vs ResNet, the paper's claim; not the arms
     if grads.empty:
         raise NoRunsError(f"gradients draws the paper's plain nets and ResNets; {study.label()} has none with gradients")
     drawn = _series_in(grads)
@@ -691,7 +691,7 @@ def budget(data: RunData, **select: object) -> Drawn:
     series = _series_in(finals)
     # One colour per depth (a plain net and its ResNet twin share it); with a follow-up's arm among
     # them, one per net, so that ResNet-56 and PreAct-ResNet-56 are told apart.
-    arms = any(s[0] not in ("plain", "resnet") for s in series)
+    arms = any(s[0] not in PAPER_ARCHS for s in series)
     colors = dict(zip(series, _palette(len(series)))) if arms else _colors(series)
     dashes = {s: (4, 2) if _kind(s[0]) == "plain" else None for s in series}
     eval_split = "val" if "val" in finals.columns and finals["val"].notna().any() else "test"
@@ -734,7 +734,6 @@ def arms(data: RunData, **select: object) -> Drawn:
     (middle) against depth, one line per net (the paper's plain net and ResNet, and each arm: the
     pre-activation ResNet, a zero-init ResNet, a delta-orthogonal plain net, ...); right, where the runs
     were probed, Figure 7's layer responses of each net at the deepest depth."""
-    from .arms import PAPER_ARCHS
     from .tables import final_errors
 
     armed = data.runs[~data.runs["arch"].isin(PAPER_ARCHS)]
@@ -772,7 +771,7 @@ def arms(data: RunData, **select: object) -> Drawn:
         ax.set_title(f"final {name} error")
     from matplotlib.lines import Line2D
 
-    axes[0][0].legend(handles=[Line2D([], [], color=colors[a], linewidth=2, label=series_label(a, 0).replace("-0", ""),
+    axes[0][0].legend(handles=[Line2D([], [], color=colors[a], linewidth=2, label=net_label(a),
                                       **({"dashes": dashes[a]} if dashes[a] else {})) for a in nets],
                       fontsize=7, loc="best", framealpha=0.85, handlelength=3.5)
     if not probed.empty:

@@ -126,6 +126,9 @@ CLAIMS: dict[int, str] = {
 }
 
 
+#: The paper's nets; any other `arch` of the analysis is a follow-up's arm (`study.analysis.arms`).
+PAPER_ARCHS = ("plain", "resnet")
+
 #: How a follow-up's initialisation (`study.analysis.load.net_of`) is named after its net.
 INIT_LABELS = {"zeroinit": "zero-init", "deltaorth": "delta-orthogonal"}
 
@@ -140,3 +143,8 @@ def series_label(arch: str, depth: int, shortcut: str = "A") -> str:
     else:
         name = ("PreAct-" if base == "preact" else "") + f"ResNet-{depth}" + ("" if shortcut == "A" else f" {shortcut}")
     return name + (f" {INIT_LABELS.get(init, init)}" if init else "")
+
+
+def net_label(arch: str) -> str:
+    """A net's name without its depth: `plain`, `ResNet`, `PreAct-ResNet`, `ResNet zero-init`."""
+    return series_label(arch, 0).replace("-0", "")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .load import TENCROP_COLUMNS, RunData, Study, coverage, pick_study
-from .paper import IMAGENET, TABLE2, TABLE3, TABLE6, PaperError, Series, series_label
+from .paper import IMAGENET, PAPER_ARCHS, TABLE2, TABLE3, TABLE6, PaperError, Series, series_label
 
 TABLE_NAMES = ("table2", "table3", "table6")
 TOP5_COLUMN = "top5_error_pct"  # an optional metrics column; Table 3 shows it where runs log it
@@ -95,12 +95,12 @@ def _compare(
     final = final_errors(study.select(data.metrics))
     done = final[final["status"] == "done"]
     if tencrop:
-        shown_nets = [keep(s) and s[0] in ("plain", "resnet") for s in zip(done["arch"], done["depth"], done["shortcut"])]
+        shown_nets = [keep(s) and s[0] in PAPER_ARCHS for s in zip(done["arch"], done["depth"], done["shortcut"])]
         done, crop_notes = with_tencrop(done[pd.Series(shown_nets, index=done.index, dtype=bool)], runs)
         notes = notes + crop_notes
     present = set(zip(runs["arch"], runs["depth"], runs["shortcut"]))
     # The paper's nets only: the follow-ups' arms (`preact`, `resnet+zeroinit`, ...) are the report's own section.
-    rows = _sort({s for s in present if keep(s) and s[0] in ("plain", "resnet")} | set(wanted))
+    rows = _sort({s for s in present if keep(s) and s[0] in PAPER_ARCHS} | set(wanted))
     # The paper's numbers are CIFAR-10 / ImageNet ones: a difference with other data would mislead.
     comparable = study.dataset in ("cifar10", IMAGENET)
     frame_rows, shown_rows = [], []
