@@ -28,7 +28,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 from study.data import load_data, normalize
 from study.models import build_model
 from study.runstore import cpu_flags, cpu_model
-from study.train.step import compile_model, sgd_step
+from study.train.cpupath import alternate, warmed_step
 
 PATHS = {  # name: (bf16 autocast, channels-last, compiled)
     "fp32": (False, False, False),
@@ -49,49 +48,25 @@ PATHS = {  # name: (bf16 autocast, channels-last, compiled)
     "bf16-cl": (True, True, False),
     "bf16-cl-compile": (True, True, True),
 }
-class Built:
-    """One net built for one path, warmed up, ready to be timed."""
-
-    def __init__(self, depth: int, path: str, x: torch.Tensor, y: torch.Tensor, *, warmup: int) -> None:
-        bf16, channels_last, compiled = PATHS[path]
-        start = time.perf_counter()
-        torch.manual_seed(0)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = build_model("resnet", depth, in_channels=1, dataset="fashion-mnist").to(memory_format=fmt).train()
-        self.forward = compile_model(model, torch.device("cpu")) if compiled else model
-        self.opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-        self.x, self.y = x.contiguous(memory_format=fmt), y
-        self.time(warmup)
-        self.onetime_s = time.perf_counter() - start
-
-    def time(self, steps: int) -> list[float]:
-        """The ms of each of `steps` SGD steps."""
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            loss, _ = sgd_step(self.forward, self.opt, self.x, self.y, 0.1, self.autocast)
-            loss.item()  # the step's work is done (the CPU runs it synchronously anyway)
-            times.append(1000 * (time.perf_counter() - t))
-        return times
-
-
 def time_net(depth: int, paths: list[str], x: torch.Tensor, y: torch.Tensor, *, warmup: int, steps: int,
              rounds: int) -> dict[str, dict]:
-    """Every path of one net: built and warmed up, then timed in `rounds` alternating rounds."""
+    """Every path of one net: built and warmed up (`study.train.cpupath.warmed_step`), then timed in
+    `rounds` alternating rounds (`cpupath.alternate`), as `study run --cpu-path auto` times them."""
     torch._dynamo.reset()  # this net's compiled paths from scratch
-    built = {path: Built(depth, path, x, y, warmup=warmup) for path in paths}
-    per_round: dict[str, list[float]] = {path: [] for path in paths}
-    all_ms: dict[str, list[float]] = {path: [] for path in paths}
-    for r in range(rounds):
-        for path in paths if r % 2 == 0 else paths[::-1]:
-            times = built[path].time(steps)
-            all_ms[path] += times
-            per_round[path].append(statistics.median(times))
+    built, onetime = {}, {}
+    for path in paths:
+        bf16, channels_last, compiled = PATHS[path]
+        torch.manual_seed(0)
+        built[path], onetime[path] = warmed_step(
+            lambda: build_model("resnet", depth, in_channels=1, dataset="fashion-mnist"), x, y,
+            channels_last=channels_last, compiled=compiled, bf16=bf16, lr=0.1, momentum=0.9, weight_decay=1e-4,
+            warmup=warmup)
+    times = alternate(built, rounds, steps)
+    per_round = {path: [statistics.median(r) for r in times[path]] for path in paths}
     rows = {}
     for path in paths:
-        rows[path] = {"onetime_s": built[path].onetime_s, "ms_per_step": statistics.median(all_ms[path]),
-                      "ms_per_round": per_round[path], "ms_all": all_ms[path]}
+        rows[path] = {"onetime_s": onetime[path], "ms_per_step": statistics.median(ms for r in times[path] for ms in r),
+                      "ms_per_round": per_round[path], "ms_all": [ms for r in times[path] for ms in r]}
         if "fp32" in per_round:
             rows[path]["speedup_vs_fp32"] = statistics.median(
                 b / t for b, t in zip(per_round["fp32"], per_round[path]))

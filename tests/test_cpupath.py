@@ -105,6 +105,22 @@ def test_a_resumed_run_keeps_the_path_it_began_with(tmp_path, small_data, monkey
     assert old.recorded_cpu_path() == "compiled"
 
 
+def test_resuming_with_another_cpu_path_is_refused_before_anything_is_written(tmp_path, capsys):
+    """An unfinished run begun on channels-last, resumed with --cpu-path eager: one line naming the
+    run, its path and the fix, exit code 2, its files untouched; resumed with auto, it keeps its path."""
+    cfg = RunConfig(arch="resnet", depth=8, iterations=20, dataset="fashion-mnist-mini")
+    run = Run(tmp_path, cfg)
+    run.prepare("cpu", step="eager", cpu_path=cpupath.CpuPath("channels-last", "given").record())
+    before = {p.name: p.read_bytes() for p in run.dir.iterdir()}
+    assert _run(tmp_path, "--cpu-path", "eager") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and cfg.run_id in err[0] and "channels-last" in err[0] and "drop --cpu-path" in err[0]
+    assert {p.name: p.read_bytes() for p in run.dir.iterdir()} == before
+    assert _run(tmp_path, "--cpu-path", "channels-last") == 0
+    assert run.status()["status"] == "done" and run.recorded_cpu_path() == "channels-last"
+    assert _run(tmp_path, "--cpu-path", "eager") == 0  # a finished run is skipped, whatever the path
+
+
 def test_every_path_trains_the_papers_step(tmp_path, small_data):
     """Layout and compilation change the float rounding, not the step: four paths, five steps each,
     the same losses within float32's rounding."""

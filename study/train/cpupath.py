@@ -151,45 +151,68 @@ def _write_cache(key: str, entry: dict, log: Callable[[str], None]) -> None:
             "the next run will measure again (set STUDY_CACHE_DIR to a writable folder)")
 
 
+def warmed_step(build: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor, *, channels_last: bool,
+                compiled: bool, bf16: bool, lr: float, momentum: float, weight_decay: float,
+                warmup: int) -> tuple[Callable[[], None], float]:
+    """One SGD step of the net `build` makes (the loop's own `sgd_step`, on the batch `x`, `y`) in a
+    layout, compilation and precision, warmed up by `warmup` steps; and its one-time cost in seconds
+    (building, compiling, the warm-up steps). The step waits for its loss, so a caller can time it."""
+    from .step import compile_model, sgd_step
+
+    start = time.perf_counter()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build().to(memory_format=fmt).train()
+    forward = compile_model(model, torch.device("cpu")) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    xs = x.contiguous(memory_format=fmt)
+
+    def step() -> None:
+        sgd_step(forward, opt, xs, y, lr, autocast)[0].item()
+
+    for _ in range(warmup):
+        step()
+    return step, time.perf_counter() - start
+
+
+def alternate(steps: dict[str, Callable[[], None]], rounds: int, per_round: int) -> dict[str, list[list[float]]]:
+    """The ms of each timed call of each of `steps`: `rounds` rounds of `per_round` calls of each,
+    in an order that reverses every round, so that a drift in the machine's speed (a VM's
+    neighbours) falls on all alike. {name: one list of ms per round}."""
+    names = list(steps)
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            ms = []
+            for _ in range(per_round):
+                t = time.perf_counter()
+                steps[name]()
+                ms.append(1000 * (time.perf_counter() - t))
+            times[name].append(ms)
+    return times
+
+
 def probe(cfg: RunConfig, paths: list[str], input_shape: tuple[int, ...], num_classes: int, *,
           bf16: bool) -> tuple[dict[str, float], dict[str, float]]:
     """ms per SGD step and one-time seconds (building, compiling, `WARMUP_STEPS` steps) of the run's
     net on each of `paths` (a name of CPU_PATHS; `bf16`: channels-last eager under bf16 autocast),
-    timed in `ROUNDS` rounds that alternate their order. Random inputs from a generator of its own;
+    timed in `ROUNDS` alternating rounds (`alternate`). Random inputs from a generator of its own;
     the global random state is left as it was."""
     from ..models import model_for
-    from .step import compile_model, sgd_step
 
-    cpu = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((cfg.batch_size, *input_shape), generator=gen)
     y = torch.randint(0, num_classes, (cfg.batch_size,), generator=gen)
     built, onetime = {}, {}
     with torch.random.fork_rng(devices=[]):
         for path in paths:
-            start = time.perf_counter()
             channels_last, compiled = CPU_PATHS.get(path, (True, False))
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
-            model = model_for(cfg, num_classes, input_shape[0]).to(memory_format=fmt).train()
-            forward = compile_model(model, cpu) if compiled else model
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 or path == "bf16")
-            xs = x.contiguous(memory_format=fmt)
-
-            def step(forward=forward, opt=opt, autocast=autocast, xs=xs) -> None:
-                sgd_step(forward, opt, xs, y, 0.01, autocast)[0].item()
-
-            for _ in range(WARMUP_STEPS):
-                step()
-            built[path], onetime[path] = step, time.perf_counter() - start
-        times: dict[str, list[float]] = {p: [] for p in paths}
-        for r in range(ROUNDS):
-            for path in paths if r % 2 == 0 else paths[::-1]:
-                for _ in range(STEPS_PER_ROUND):
-                    t = time.perf_counter()
-                    built[path]()
-                    times[path].append(1000 * (time.perf_counter() - t))
-    return {p: statistics.median(t) for p, t in times.items()}, onetime
+            built[path], onetime[path] = warmed_step(
+                lambda: model_for(cfg, num_classes, input_shape[0]), x, y, channels_last=channels_last,
+                compiled=compiled, bf16=bf16 or path == "bf16", lr=0.01, momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay, warmup=WARMUP_STEPS)
+        times = alternate(built, ROUNDS, STEPS_PER_ROUND)
+    return {p: statistics.median(ms for r in rounds for ms in r) for p, rounds in times.items()}, onetime
 
 
 def choose(cfg: RunConfig, asked: str, *, compile: bool, input_shape: tuple[int, ...], num_classes: int,
@@ -212,7 +235,7 @@ def choose(cfg: RunConfig, asked: str, *, compile: bool, input_shape: tuple[int,
     key = cache_key(cfg, input_shape, num_classes, cfg.bf16)
     with _cache_lock(log):
         entry = _read_cache().get(key, {})
-        how = "cached"
+        how, took = "cached", ""
         if not all(p in entry.get("ms_per_step", {}) for p in wanted):
             # All candidates together (not only those missing): their times are compared with each other.
             start = time.perf_counter()
@@ -221,19 +244,19 @@ def choose(cfg: RunConfig, asked: str, *, compile: bool, input_shape: tuple[int,
                      "onetime_s": {**entry.get("onetime_s", {}), **onetime},
                      "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             _write_cache(key, entry, log)
-            how = f"measured in {time.perf_counter() - start:.0f} s"
+            how, took = "measured", f" in {time.perf_counter() - start:.0f} s"
     ms = {p: float(entry["ms_per_step"][p]) for p in wanted}
     onetime = {p: float(entry["onetime_s"][p]) for p in wanted}
     name = decide({p: ms[p] for p in candidates}, onetime, iterations_left)
     base = candidates[0]
     gain = f", {ms[base] / ms[name]:.2f}x {base}'s speed" if name != base else ""
-    log(f"{cfg.run_id}: CPU path {name} ({ms[name]:.0f} ms a step{gain}; {how}, {cache_path()}; "
+    log(f"{cfg.run_id}: CPU path {name} ({ms[name]:.0f} ms a step{gain}; {how}{took}, {cache_path()}; "
         f"--cpu-path to choose)")
     if measure_bf16:
         say_once(f"study: this CPU has bf16 matrix units ({', '.join(bf16_units())}): --precision bf16 (a deviation "
                  f"from the paper's fp32) measured {ms[name] / ms['bf16']:.2f}x this path's speed for "
                  f"{cfg.arch}-{cfg.depth} here", log)
-    return CpuPath(name, how.split(" in ")[0], ms, onetime)
+    return CpuPath(name, how, ms, onetime)
 
 
 _said: set[str] = set()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data import Data, imagenet, load_data
 from ..fast.fused import Fuser, fusion_order
 from ..runstore import Run, check_writable, publishing_from_a_dirty_tree
@@ -73,6 +73,7 @@ def run_all(
     plan.check(configs, str(dev))
     datasets = _open_data(configs, data_dir, plan, dev)
     runs = _check_runs_dir(configs, runs_dir, ddp, tensorboard)
+    _check_kept_cpu_paths(runs, plan, dev)
     concurrency = plan.processes_per_device(dev.type, len(runs), ddp.enabled)
     loaders = any(cfg.imagenet for cfg in configs)  # only ImageNet runs have DataLoader workers
     plan = replace(plan, device=str(dev), download=False,
@@ -120,6 +121,19 @@ def _check_runs_dir(configs: list[RunConfig], runs_dir: str | Path, ddp: Distrib
 
             check_dir(tensorboard)
     return runs
+
+
+def _check_kept_cpu_paths(runs: list[Run], plan: ExecutionPlan, dev: torch.device) -> None:
+    """ConfigError if --cpu-path names a path other than the one an unfinished run began with: a
+    resumed run keeps its first session's path (recorded in its config.json), so that it goes on as
+    it would have uninterrupted."""
+    if dev.type != "cpu" or plan.cpu_path == "auto":
+        return
+    for run in runs:
+        recorded = None if run.is_finished() else run.recorded_cpu_path()
+        if recorded is not None and recorded != plan.cpu_path:
+            raise ConfigError(f"{run.cfg.run_id} began on CPU path {recorded}, not --cpu-path {plan.cpu_path}; a "
+                              f"resumed run keeps its path: drop --cpu-path (or give {recorded}), or use another --runs-dir")
 
 
 def _open_data(configs: list[RunConfig], data_dir: str | None, plan: ExecutionPlan, dev: torch.device
