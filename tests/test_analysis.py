@@ -555,6 +555,29 @@ def test_runs_with_other_settings_are_another_study_not_extra_seeds(tmp_path, cl
     assert code == 2 and "--variant light0" in err
 
 
+def test_report_judges_the_study_its_choosers_pick(tmp_path, cli):
+    """A runs dir with the pair in fp32 (plain-56 degrades) and in bf16 (it does not): by default the
+    report judges the paper's fp32 study; --variant bf16 judges the bf16 one, its figures and tables
+    drawn from it; a choice that matches no run is a one-line error, exit 2, and no report."""
+    for precision, deep in (("fp32", (15.0, 20.0)), ("bf16", (3.0, 8.0))):
+        write_run(tmp_path, "plain", 20, floor=(5.0, 10.0), precision=precision)
+        write_run(tmp_path, "plain", 56, floor=deep, precision=precision)
+    verdicts = {}
+    for variant in (None, "paper", "bf16"):
+        out = tmp_path / "reports" / f"{variant}.md"
+        code, stdout, err = cli("report", "--runs-dir", tmp_path, "--out", out, *(("--variant", variant) if variant else ()))
+        assert code == 0, err
+        claim1 = next(line for line in stdout.splitlines() if line.startswith("claim 1"))
+        verdicts[variant] = claim1
+        judged = next(line for line in out.read_text().splitlines() if line.startswith("Judged on"))
+        assert ("variant bf16" in judged) == (variant == "bf16"), judged
+    assert "does not hold" not in verdicts[None] and verdicts[None] == verdicts["paper"]
+    assert "does not hold" in verdicts["bf16"]
+    code, stdout, err = cli("report", "--runs-dir", tmp_path, "--out", tmp_path / "none.md", "--variant", "light0")
+    assert code == 2 and "--variant light0" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "none.md").exists()
+
+
 def test_settings_only_the_api_changes_name_their_run_and_form_another_study(tmp_path):
     """lr, momentum, weight decay, milestones, plateau and warm-up settings are part of the run id: a
     run at another learning rate neither resumes the paper's run nor counts as one of its seeds."""

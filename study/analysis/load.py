@@ -385,7 +385,7 @@ def pick_study(
     notes = []
     if len(ranked) > 1:
         others = "; ".join(s.label() for s in ranked[1:])
-        notes.append(f"also present, not used here: {others} (`study plot` and `study table` choose with {CHOOSERS})")
+        notes.append(f"also present, not used here: {others} (`study plot`, `study table` and `study report` choose with {CHOOSERS})")
     return ranked[0], notes
 
 

@@ -450,24 +450,25 @@ def _claim6(f: _Finals | None) -> tuple[str, str, int, str]:
         [(cmp, False) for cmp in steps.values()])
 
 
-def _study_or_none(data: RunData, *, imagenet: bool, wanted: list) -> Study | None:
+def _study_or_none(data: RunData, *, imagenet: bool, wanted: list, **select: object) -> Study | None:
     try:
-        return pick_study(data, "the claims", imagenet=imagenet, wanted=wanted)[0]
+        return pick_study(data, "the claims", imagenet=imagenet, wanted=wanted, **select)[0]  # type: ignore[arg-type]
     except NoRunsError:
         return None
 
 
-def _cifar_study(data: RunData) -> Study | None:
+def _cifar_study(data: RunData, **select: object) -> Study | None:
     """The CIFAR-style study the claims are judged on: the one Figures 1 and 6 draw."""
     wanted = [s for spec in ("fig1", "fig6") for _, series in FIGURES[spec].panels for s in series]
-    return _study_or_none(data, imagenet=False, wanted=wanted)
+    return _study_or_none(data, imagenet=False, wanted=wanted, **select)
 
 
-def classify_claims(data: RunData) -> list[Claim]:
+def classify_claims(data: RunData, **select: object) -> list[Claim]:
     """One Claim per PROTOCOL.md claim, judged on the CIFAR-style study closest to the paper (the
-    one the figures draw) and, for the ImageNet claims, on the ImageNet runs."""
-    cifar_study = _cifar_study(data)
-    imagenet_study = _study_or_none(data, imagenet=True, wanted=list(TABLE3))
+    one the figures draw) and, for the ImageNet claims, on the ImageNet runs; `select` (dataset,
+    iterations, batch_size, holdout, variant: `load.pick_study`'s choosers) narrows both."""
+    cifar_study = _cifar_study(data, **select)
+    imagenet_study = _study_or_none(data, imagenet=True, wanted=list(TABLE3), **select)
     cifar = _Finals(data, cifar_study) if cifar_study else None
     imagenet = _Finals(data, imagenet_study) if imagenet_study else None
     results = {
@@ -574,20 +575,26 @@ def run_table(data: RunData) -> pd.DataFrame:
     return table.fillna("–").astype(str)
 
 
-def gather(data: RunData, *, log=print) -> ReportContent:
+def gather(data: RunData, *, log=print, **select: object) -> ReportContent:
     """Judge the claims (one line each through `log`), build every figure and table the runs
-    allow, and the Runs section: the content both report formats show."""
+    allow, and the Runs section: the content both report formats show. `select` (`load.pick_study`'s
+    choosers) narrows the claims, figures and tables to one study; NoRunsError if it matches no run."""
     from . import figures, tables
+
+    if select:  # a choice that matches nothing is the user's mistake, not an empty report
+        found = [_cifar_study(data, **select), _study_or_none(data, imagenet=True, wanted=[], **select)]
+        if found == [None, None]:
+            pick_study(data, "the report", imagenet=select.get("dataset") == IMAGENET, **select)  # type: ignore[arg-type]
 
     statuses = data.runs["status"].value_counts().to_dict()
     summary = (
         f"Runs in `{data.runs_dir}`: {len(data.runs)} ({', '.join(f'{v} {k}' for k, v in statuses.items())}); "
         f"studies: {'; '.join(s.label() for s in studies(data.runs))}."
     )
-    claims = classify_claims(data)
+    claims = classify_claims(data, **select)
     for claim in claims:
         log(claim.line())
-    judged_on = _cifar_study(data)
+    judged_on = _cifar_study(data, **select)
     note = None
     if judged_on is not None and not judged_on.is_paper:
         note = (f"Judged on {judged_on.label()}; the paper's claims are about CIFAR-10 nets trained for 64,000 "
@@ -595,14 +602,14 @@ def gather(data: RunData, *, log=print) -> ReportContent:
     shown = []
     for name in figures.FIGURE_NAMES:
         try:
-            shown.append(ReportFigure(name, FIGURE_TITLES[name], drawn=figures.build(name, data)))
+            shown.append(ReportFigure(name, FIGURE_TITLES[name], drawn=figures.build(name, data, **select)))
         except NoRunsError as e:
             if name not in figures.OPTIONAL_FIGURES:
                 shown.append(ReportFigure(name, FIGURE_TITLES[name], missing=str(e)))
     made = []
     for name in TABLE_NAMES:
         try:
-            made.append(ReportTable(name, table=tables.build(name, data)))
+            made.append(ReportTable(name, table=tables.build(name, data, **select)))
         except NoRunsError as e:
             made.append(ReportTable(name, missing=str(e)))
     arms = judge_arms(_Finals(data, judged_on)) if judged_on is not None else []
@@ -643,11 +650,13 @@ def render_markdown(content: ReportContent, out_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(data: RunData, out: str | os.PathLike, *, log=print, format: str = "md") -> Path:  # noqa: A002
+def write_report(data: RunData, out: str | os.PathLike, *, log=print, format: str = "md",  # noqa: A002
+                 **select: object) -> Path:
     """Write the report to `out`: Markdown (`md`) with every figure (PNG and PDF) beside it, or
     one self-contained HTML file (`html`: figures embedded, and a Runs section with each run's
     provenance). A figure or table with no runs to draw from is listed as such. Prints one line
-    per claim through `log`. The file is written whole or not at all (temporary file, renamed)."""
+    per claim through `log`. The file is written whole or not at all (temporary file, renamed).
+    `select` chooses the study (`gather`)."""
     if format not in REPORT_FORMATS:
         raise ValueError(f"report format {format!r}: one of {', '.join(REPORT_FORMATS)}")
     out = Path(out)
@@ -658,7 +667,7 @@ def write_report(data: RunData, out: str | os.PathLike, *, log=print, format: st
             pass
     except OSError as e:
         raise ConfigError(f"cannot write the report to {out_dir} ({e.strerror or e}); pass --out a writable path") from None
-    content = gather(data, log=log)
+    content = gather(data, log=log, **select)
     if format == "html":
         from .html import render
 

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
                        help="markdown with its notes (default), or CSV with the notes on stderr")
 
     report = sub.add_parser("report", help="every figure and table, and a verdict on each claim of the paper")
-    report.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    _study_options(report)
     report.add_argument("--format", choices=REPORT_FORMATS,
                         help="md: Markdown, its figures (PNG and PDF) beside it; html: one self-contained file, "
                         "figures embedded, with each run's provenance (default: html for an --out ending in .html, "
@@ -145,7 +145,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..analysis.report import write_report
 
     fmt = args.format or ("html" if args.out and Path(args.out).suffix.lower() in (".html", ".htm") else "md")
-    path = write_report(RunData.load(args.runs_dir), args.out or f"figures/report.{fmt}", format=fmt)
+    path = write_report(RunData.load(args.runs_dir), args.out or f"figures/report.{fmt}", format=fmt,
+                        **_selection(args))
     print(f"report -> {path}")
     return 0
 
