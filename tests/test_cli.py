@@ -58,8 +58,9 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     code, out, err = run_cli(capsys, "status", *args[1:-1], "0-2", "--runs-dir", str(runs), "--device", "cpu",
                              "--concurrency", "2", "--no-progress")
     lines = out.strip().splitlines()[1:]
-    assert code == 0 and [line.split()[:2] for line in lines] == [
+    assert code == 0 and [line.split()[:2] for line in lines[:3]] == [
         [f"fashion-mnist-mini-resnet8-A-s{s}-it6-b32", "done" if s < 2 else "new"] for s in range(3)]
+    assert lines[2].split()[-1].startswith("~") and lines[3].startswith("(left: about")  # at seeds 0-1's speed
     code, out, err = run_cli(capsys, "status", "--seeds", "0-2", "--runs-dir", str(runs))
     assert code == 2 and "--seeds selects runs of a --grid or an --arch" in err and err.count("\n") == 1
     # Options that change the run ids change the list too: per-device BN over 2 SLURM GPUs is a
@@ -97,6 +98,38 @@ def test_status_tells_a_run_whose_process_is_gone_from_one_still_training(tmp_pa
     assert code == 0 and lines[1].split()[1] == "stopped" and "3/6" in lines[1]
     assert "no process is training it" in lines[2] and "resumes it from its last checkpoint" in lines[2]
     assert run.status()["status"] == "running"  # status only reads
+
+
+def test_status_says_how_long_each_run_trained_and_has_left(tmp_path, capsys):
+    """A run stopped at 100 of 400 iterations after 130 s, 10 of them one-time (compiling): 1.2 s a
+    step, so 300 x 1.2 = 6 minutes left. Its seed-1 twin, not started, is estimated at the speed of
+    its twins (marked ~): 8 minutes. A finished run has nothing left; the total adds the rest up."""
+    import pandas as pd
+
+    from study.config import RunConfig
+    from study.runstore import METRIC_COLUMNS, Run
+
+    def ran(seed, iterations, status, at, elapsed, onetime):
+        cfg = RunConfig("plain", 8, seed=seed, iterations=iterations, dataset="fashion-mnist-mini")
+        run = Run(tmp_path, cfg)
+        run.prepare("cpu")
+        row = dict.fromkeys(METRIC_COLUMNS)
+        row.update(run_id=cfg.run_id, dataset=cfg.dataset, arch="plain", depth=8, shortcut="A", seed=seed, epoch=1,
+                   iteration=at, split="train", loss=1.0, error_pct=30.0, lr=0.1, elapsed_s=elapsed, warmup_s=onetime)
+        pd.DataFrame([row], columns=METRIC_COLUMNS).to_parquet(run.metrics_path, index=False)
+        run.set_status(status, iteration=at)
+
+    ran(0, 400, "interrupted", 100, 130.0, 10.0)
+    ran(2, 400, "done", 400, 490.0, 10.0)
+    code, out, err = run_cli(capsys, "status", "--arch", "plain", "--depth", "8", "--seeds", "0-2", "--iterations", "400",
+                             "--dataset", "fashion-mnist-mini", "--runs-dir", str(tmp_path))
+    assert code == 0, err
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[1:4]}
+    s0, s1, s2 = (lines[f"fashion-mnist-mini-plain8-A-s{k}-it400"] for k in range(3))
+    assert (s0[1], s0[-2], s0[-1]) == ("interrupted", "2m", "6m")
+    assert (s1[1], s1[-2], s1[-1]) == ("new", "-", "~8m")
+    assert (s2[1], s2[-2], s2[-1]) == ("done", "8m", "-")
+    assert "(left: about 14m of training" in out and "~: at that of another run of the same net" in out
 
 
 def test_the_papers_schedule_on_a_cpu_is_announced_before_it_starts(tmp_path, capsys, monkeypatch):

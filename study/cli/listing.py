@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..config import ConfigError
 from ..grids import GRIDS, grid_configs
 from ..launch import list_runs_with_queued, run_status
-from ..runstore import Run, RunStoreError
+from ..runstore import FINAL_STATUSES, Run, RunStoreError
 from .args import SELECTION, add_selection
 from .run import add_training_options, processes_per_run, run_configs
 
@@ -61,6 +61,30 @@ def cmd_grids(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds_per_step(metrics) -> float | None:
+    """A run's training seconds per iteration so far (its one-time costs, compiling, left out), from
+    its metrics; None before its first epoch."""
+    if metrics.empty or "elapsed_s" not in metrics or not (metrics["iteration"] > 0).any():
+        return None
+    last = metrics.loc[metrics["iteration"].idxmax()]
+    onetime = float(last["warmup_s"]) if "warmup_s" in metrics and last["warmup_s"] == last["warmup_s"] else 0.0
+    return max(float(last["elapsed_s"]) - onetime, 0.0) / int(last["iteration"])
+
+
+def _net_key(run: Run) -> str:
+    """What makes two runs cost the same per step: all of the config but the seed and the budget."""
+    cfg = run.cfg.to_dict()
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "iterations")}, sort_keys=True)
+
+
+def _duration(seconds: float) -> str:
+    """12s, 42m, 3h05m."""
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = round(seconds / 60)
+    return f"{minutes}m" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.grid is not None or args.arch is not None:
         # The runs `study run` with these options trains: those on disk, and the others as `new`.
@@ -77,22 +101,45 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no runs in {args.runs_dir}")
         return 0
     width = max(40, *(len(run.cfg.run_id) + 1 for run in runs))
-    print(f"{'run':<{width}} {'status':<12} {'iteration':>15} {'train err %':>11} {'eval err %':>10}")
+    print(f"{'run':<{width}} {'status':<12} {'iteration':>15} {'train err %':>11} {'eval err %':>10} "
+          f"{'trained':>8} {'left':>9}")
     stopped, failures = False, []
+    rows = []
     for run in runs:
         st = run_status(run)
         if st["status"] == "failed" and st.get("error"):
             failures.append(f"{run.cfg.run_id}: failed at iteration {st.get('iteration', 0)}: {st['error']}")
         if st["status"] == "running" and not run.is_held():  # its process was killed, or its node failed
             st, stopped = {**st, "status": "stopped"}, True
-        metrics = run.read_metrics()
+        rows.append((run, st, run.read_metrics()))
+    seen: dict[str, list[float]] = {}  # each net's speeds so far, for its runs not started yet
+    for run, _, metrics in rows:
+        if (rate := _seconds_per_step(metrics)) is not None:
+            seen.setdefault(_net_key(run), []).append(rate)
+    rates = {key: sum(r) / len(r) for key, r in seen.items()}
+    total_left, guessed = 0.0, False
+    for run, st, metrics in rows:
         last = metrics.groupby("split")["error_pct"].last() if not metrics.empty else {}
         train_err = f"{last['train']:.2f}" if "train" in last else "-"
         # The evaluated split: `val` with --holdout and on ImageNet (its validation set), else `test`.
         eval_split = next((s for s in ("val", "test") if s in last), None)
         eval_err = f"{last[eval_split]:.2f}" if eval_split else "-"
         it = f"{st.get('iteration', 0)}/{run.cfg.iterations}"
-        print(f"{run.cfg.run_id:<{width}} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10}")
+        trained = _duration(float(metrics["elapsed_s"].max())) if not metrics.empty else "-"
+        left = "-"
+        if st["status"] not in FINAL_STATUSES:
+            own = _seconds_per_step(metrics)
+            rate = own if own is not None else rates.get(_net_key(run))
+            if rate is not None:
+                seconds = rate * max(run.cfg.iterations - int(st.get("iteration", 0) or 0), 0)
+                total_left += seconds
+                guessed |= own is None
+                left = ("~" if own is None else "") + _duration(seconds)
+        print(f"{run.cfg.run_id:<{width}} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10} "
+              f"{trained:>8} {left:>9}")
+    if total_left:
+        print(f"(left: about {_duration(total_left)} of training, one run after another, at the speed each run "
+              "has trained so far" + ("; ~: at that of another run of the same net" if guessed else "") + ")")
     for line in failures:  # why each failed run stopped: one line each, as the run recorded it
         print(line)
     if stopped:
