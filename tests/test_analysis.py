@@ -557,25 +557,44 @@ def test_runs_with_other_settings_are_another_study_not_extra_seeds(tmp_path, cl
 
 def test_report_judges_the_study_its_choosers_pick(tmp_path, cli):
     """A runs dir with the pair in fp32 (plain-56 degrades) and in bf16 (it does not): by default the
-    report judges the paper's fp32 study; --variant bf16 judges the bf16 one, its figures and tables
-    drawn from it; a choice that matches no run is a one-line error, exit 2, and no report."""
+    report judges the paper's fp32 study; --variant bf16 judges the bf16 one, and its figures and
+    tables are drawn from it; --iterations chooses too. A claim the choice leaves unjudgeable says so.
+    A choice that matches no run is a one-line error, exit 2, and writes nothing."""
+    runs = tmp_path / "runs"
     for precision, deep in (("fp32", (15.0, 20.0)), ("bf16", (3.0, 8.0))):
-        write_run(tmp_path, "plain", 20, floor=(5.0, 10.0), precision=precision)
-        write_run(tmp_path, "plain", 56, floor=deep, precision=precision)
+        write_run(runs, "plain", 20, floor=(5.0, 10.0), precision=precision)
+        write_run(runs, "plain", 56, floor=deep, precision=precision)
     verdicts = {}
     for variant in (None, "paper", "bf16"):
-        out = tmp_path / "reports" / f"{variant}.md"
-        code, stdout, err = cli("report", "--runs-dir", tmp_path, "--out", out, *(("--variant", variant) if variant else ()))
+        out = tmp_path / "reports" / str(variant) / "report.md"
+        code, stdout, err = cli("report", "--runs-dir", runs, "--out", out, *(("--variant", variant) if variant else ()))
         assert code == 0, err
-        claim1 = next(line for line in stdout.splitlines() if line.startswith("claim 1"))
-        verdicts[variant] = claim1
-        judged = next(line for line in out.read_text().splitlines() if line.startswith("Judged on"))
+        verdicts[variant] = next(line for line in stdout.splitlines() if line.startswith("claim 1"))
+        text = out.read_text()
+        judged = next(line for line in text.splitlines() if line.startswith("Judged on"))
         assert ("variant bf16" in judged) == (variant == "bf16"), judged
+        # Table 6 is made from the judged study (its title names it), and Figure 6 drawn from it.
+        table6 = next(line for line in text.splitlines() if line.startswith("**Table 6"))
+        assert ("variant bf16" in table6) == (variant == "bf16"), table6
     assert "does not hold" not in verdicts[None] and verdicts[None] == verdicts["paper"]
     assert "does not hold" in verdicts["bf16"]
-    code, stdout, err = cli("report", "--runs-dir", tmp_path, "--out", tmp_path / "none.md", "--variant", "light0")
-    assert code == 2 and "--variant light0" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "none.md").exists()
+    from study.analysis.report import gather
+
+    for variant in ("", "bf16"):  # every figure the report draws comes from the chosen study
+        content = gather(RunData.load(runs), log=lambda line: None, variant=variant)
+        drawn = [f.drawn for f in content.figures if f.drawn is not None]
+        assert {f.name for f in content.figures if f.drawn} >= {"fig1", "fig6"}
+        assert {t.table.study.variant for t in content.tables if t.table} == {variant}
+        assert {d.study.variant for d in drawn} == {variant}
+    # Claim 3 needs ResNets, which this dir has none of: with a choice, the reason names it.
+    code, stdout, err = cli("report", "--runs-dir", runs, "--out", tmp_path / "it.md", "--iterations", "400",
+                            "--variant", "bf16")
+    assert code == 0, err
+    claim3 = next(line for line in stdout.splitlines() if line.startswith("claim 3"))
+    assert "cannot be judged" in claim3 and "(among the runs matching --iterations 400, --variant bf16)" in claim3
+    code, stdout, err = cli("report", "--runs-dir", runs, "--out", tmp_path / "new" / "none.md", "--variant", "light0")
+    assert code == 2 and "--variant light0" in err and len(err.strip().splitlines()) == 1 and stdout == ""
+    assert not (tmp_path / "new").exists()
 
 
 def test_settings_only_the_api_changes_name_their_run_and_form_another_study(tmp_path):

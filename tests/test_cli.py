@@ -132,6 +132,23 @@ def test_status_says_how_long_each_run_trained_and_has_left(tmp_path, capsys):
     assert "(left: about 14m of training" in out and "~: at that of another run of the same net" in out
 
 
+def test_no_wait_leaves_a_held_run_to_its_process_and_returns(tmp_path, capsys):
+    """With --no-wait, a runner trains the runs it can lock and returns, leaving the one another
+    process holds (here: this test) to it, untouched; exit 0 for what it did."""
+    from study.config import RunConfig
+    from study.runstore import Run
+
+    held_run, free_run = (Run(tmp_path, RunConfig("resnet", 8, seed=s, iterations=6, batch_size=32)) for s in (0, 1))
+    with held_run.lock() as held:
+        assert held
+        code, out, err = run_cli(capsys, "run", "--arch", "resnet", "--depth", "8", "--seeds", "0,1", "--iterations", "6",
+                                 "--batch-size", "32", "--runs-dir", str(tmp_path), "--device", "cpu", "--no-wait")
+    assert code == 0, err
+    assert f"{held_run.cfg.run_id}: held by another process; left to it (--no-wait)" in out
+    assert f"1 run(s) held by another process, left to it (--no-wait): {held_run.cfg.run_id}" in out
+    assert free_run.status()["status"] == "done" and not held_run.config_path.exists()
+
+
 def test_the_papers_schedule_on_a_cpu_is_announced_before_it_starts(tmp_path, capsys, monkeypatch):
     """64k iterations on a CPU are hours per run: one line says so (and how to shorten them) before
     training starts. Runs already done are not counted."""

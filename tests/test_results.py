@@ -16,16 +16,29 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDIES = {"quick": ROOT / "README.md", "laptop": ROOT / "docs" / "laptop-study.md"}
 
 
-def stated_verdicts(study_name: str) -> dict[str, str]:
+def stated_verdicts(study_name: str, page: Path | None = None) -> dict[str, str]:
     """The verdict table a page states for a published study: {row key: verdict}, between its markers."""
-    text = STUDIES[study_name].read_text()
+    return {key: verdicts[-1] for key, verdicts in stated_columns(study_name, page).items()}
+
+
+def stated_columns(study_name: str, page: Path | None = None) -> dict[str, list[str]]:
+    """Each row of a page's verdict table for a study (between its markers): {row key: its verdicts,
+    one per column}."""
+    text = (page or STUDIES[study_name]).read_text()
     block = text.split(f"<!-- {study_name}-verdicts -->")[1].split(f"<!-- /{study_name}-verdicts -->")[0]
     rows = {}
     for line in block.splitlines():
-        m = re.match(r"\|\s*(claim \d|twin)\b[^|]*\|.*\|\s*\*\*(holds|does not hold|cannot be judged)\*\*\s*\|$", line)
+        m = re.match(r"\|\s*(claim \d|twin)\b", line)
         if m:
-            rows[m[1]] = m[2]
+            rows[m[1]] = re.findall(r"\*\*(holds|does not hold|cannot be judged)\*\*", line)
     return rows
+
+
+def twin_verdict(metrics) -> str:
+    """The fix at equal depth: the deeper ResNet's mean final training error below its plain twin's."""
+    finals = final_errors(metrics).groupby(["arch", "depth"])["train"].mean()
+    deep = int(metrics["depth"].max())
+    return "holds" if finals[("resnet", deep)] < finals[("plain", deep)] else "does not hold"
 
 
 @pytest.mark.parametrize("name", sorted(STUDIES))
@@ -44,11 +57,27 @@ def test_the_published_results_give_the_verdicts_their_page_states(name):
     verdicts = {f"claim {c.number}": c.verdict for c in classify_claims(RunData.load(results))}
     assert verdicts["claim 1"] == stated["claim 1"]
     assert verdicts["claim 3"] == stated["claim 3"]
-    # The fix at equal depth: the deeper ResNet's mean final training error below its plain twin's.
-    finals = final_errors(metrics).groupby(["arch", "depth"])["train"].mean()
-    deep = int(metrics["depth"].max())
-    twin = "holds" if finals[("resnet", deep)] < finals[("plain", deep)] else "does not hold"
-    assert twin == stated["twin"]
+    assert twin_verdict(metrics) == stated["twin"]
+
+
+def test_the_bf16_check_gives_the_verdicts_its_page_states():
+    """results/paper-depths-bf16-check: the four nets at 4k in fp32 and in bf16; its page states each
+    verdict in both, and the runs of each precision give them."""
+    name = "paper-depths-bf16-check"
+    results = ROOT / "results" / name
+    if not results.is_dir():
+        pytest.skip(f"results/{name}/ is not in this checkout")
+    metrics = study.load_runs(results)
+    if set(metrics["run_id"]) != {cfg.run_id for cfg in grid_configs(name)}:
+        pytest.skip(f"results/{name}/ is still training")
+    stated = stated_columns(name, results / "README.md")
+    assert set(stated) == {"claim 1", "claim 3", "twin"} and all(len(v) == 2 for v in stated.values()), stated
+    data = RunData.load(results)
+    for column, variant in enumerate(("", "bf16")):
+        verdicts = {f"claim {c.number}": c.verdict for c in classify_claims(data, variant=variant)}
+        assert verdicts["claim 1"] == stated["claim 1"][column], (variant, verdicts["claim 1"])
+        assert verdicts["claim 3"] == stated["claim 3"][column], (variant, verdicts["claim 3"])
+        assert twin_verdict(metrics[metrics["run_id"].str.endswith("-bf16") == bool(variant)]) == stated["twin"][column]
 
 
 def test_the_published_results_hold_only_small_files():

@@ -315,8 +315,16 @@ def studies(runs: pd.DataFrame) -> list[Study]:
     return [Study(str(d), int(i), int(b), bool(h), str(v)) for d, i, b, h, v in keys]
 
 
-#: The options of `study plot` and `study table` that choose a study.
+#: The options of `study plot`, `study table` and `study report` that choose a study.
 CHOOSERS = "--dataset/--iterations/--batch-size/--[no-]holdout/--variant"
+
+
+def chosen_text(select: dict) -> str:
+    """The study choosers given (`pick_study`'s keywords), as the command line gives them:
+    `--iterations 32000, --variant bf16`; "" for none."""
+    flags = {"dataset": "--dataset", "iterations": "--iterations", "batch_size": "--batch-size",
+             "holdout": "--holdout", "variant": "--variant"}
+    return ", ".join(_filter_text(flags[k], v) for k, v in select.items() if v is not None and k in flags)
 
 
 def _filter_text(flag: str, value: object) -> str:

@@ -26,7 +26,7 @@ import pandas as pd
 from ..config import ConfigError
 from ..data import DataError, dataset_info
 from .arms import judge_arms
-from .load import NoRunsError, RunData, Study, pick_study, studies, unsettled_bn, unsettled_bn_note
+from .load import NoRunsError, RunData, Study, chosen_text, pick_study, studies, unsettled_bn, unsettled_bn_note
 from .paper import CLAIMS, FIGURES, IMAGENET, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
 from ..runstore import atomic_write_text
 from .tables import TABLE_NAMES, final_errors, with_tencrop
@@ -479,7 +479,19 @@ def classify_claims(data: RunData, **select: object) -> list[Claim]:
         5: _claim5(data, cifar_study),
         6: _claim6(imagenet),
     }
-    return [Claim(n, CLAIMS[n], *results[n]) for n in sorted(results)]
+    claims = [Claim(n, CLAIMS[n], *results[n]) for n in sorted(results)]
+    if chosen := chosen_text(select):  # what the choice left out is not what the runs dir lacks
+        for claim in claims:
+            if claim.verdict == UNKNOWN:
+                claim.evidence += f" (among the runs matching {chosen})"
+    return claims
+
+
+def check_selection(data: RunData, **select: object) -> None:
+    """NoRunsError (one line, naming the runs there are) if `select` matches no run a report could
+    judge, CIFAR-style or ImageNet."""
+    if select and _cifar_study(data, **select) is None and _study_or_none(data, imagenet=True, wanted=[], **select) is None:
+        pick_study(data, "the report", imagenet=select.get("dataset") == IMAGENET, **select)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -581,10 +593,7 @@ def gather(data: RunData, *, log=print, **select: object) -> ReportContent:
     choosers) narrows the claims, figures and tables to one study; NoRunsError if it matches no run."""
     from . import figures, tables
 
-    if select:  # a choice that matches nothing is the user's mistake, not an empty report
-        found = [_cifar_study(data, **select), _study_or_none(data, imagenet=True, wanted=[], **select)]
-        if found == [None, None]:
-            pick_study(data, "the report", imagenet=select.get("dataset") == IMAGENET, **select)  # type: ignore[arg-type]
+    check_selection(data, **select)  # a choice that matches nothing is the user's mistake, not an empty report
 
     statuses = data.runs["status"].value_counts().to_dict()
     summary = (
@@ -602,7 +611,9 @@ def gather(data: RunData, *, log=print, **select: object) -> ReportContent:
     shown = []
     for name in figures.FIGURE_NAMES:
         try:
-            shown.append(ReportFigure(name, FIGURE_TITLES[name], drawn=figures.build(name, data, **select)))
+            # The budget figure draws every budget of the chosen setting: --iterations does not narrow it.
+            chosen = {k: v for k, v in select.items() if not (name == "budget" and k == "iterations")}
+            shown.append(ReportFigure(name, FIGURE_TITLES[name], drawn=figures.build(name, data, **chosen)))
         except NoRunsError as e:
             if name not in figures.OPTIONAL_FIGURES:
                 shown.append(ReportFigure(name, FIGURE_TITLES[name], missing=str(e)))
@@ -659,6 +670,7 @@ def write_report(data: RunData, out: str | os.PathLike, *, log=print, format: st
     `select` chooses the study (`gather`)."""
     if format not in REPORT_FORMATS:
         raise ValueError(f"report format {format!r}: one of {', '.join(REPORT_FORMATS)}")
+    check_selection(data, **select)  # before anything is created or printed
     out = Path(out)
     out_dir = out.parent
     try:  # before anything is printed or drawn: an unwritable --out is a one-line error

@@ -63,12 +63,15 @@ def cmd_grids(args: argparse.Namespace) -> int:
 
 def _seconds_per_step(metrics) -> float | None:
     """A run's training seconds per iteration so far (its one-time costs, compiling, left out), from
-    its metrics; None before its first epoch."""
+    its metrics; None before its first epoch (or where no time was recorded)."""
     if metrics.empty or "elapsed_s" not in metrics or not (metrics["iteration"] > 0).any():
         return None
     last = metrics.loc[metrics["iteration"].idxmax()]
+    elapsed = float(last["elapsed_s"])
+    if elapsed != elapsed:  # NaN: written by a tool that keeps no clock
+        return None
     onetime = float(last["warmup_s"]) if "warmup_s" in metrics and last["warmup_s"] == last["warmup_s"] else 0.0
-    return max(float(last["elapsed_s"]) - onetime, 0.0) / int(last["iteration"])
+    return max(elapsed - onetime, 0.0) / int(last["iteration"])
 
 
 def _net_key(run: Run) -> str:
@@ -90,6 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         # The runs `study run` with these options trains: those on disk, and the others as `new`.
         on_disk = {r.cfg.run_id: r for r in list_runs_with_queued(args.runs_dir)} if os.path.isdir(args.runs_dir) else {}
         runs = [on_disk.get(c.run_id) or Run(args.runs_dir, c) for c in run_configs(args, processes_per_run(args))]
+        others = [r for r in on_disk.values() if r not in runs]  # their speeds estimate the runs not started
     else:
         given = [f"--{k.replace('_', '-')}" for k in SELECTION if getattr(args, k) is not None]
         if given:
@@ -97,6 +101,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not os.path.isdir(args.runs_dir):
             raise RunStoreError(f"runs dir {args.runs_dir} does not exist; pass --runs-dir to where your runs are")
         runs = list_runs_with_queued(args.runs_dir)
+        others = []
     if not runs:
         print(f"no runs in {args.runs_dir}")
         return 0
@@ -113,11 +118,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             st, stopped = {**st, "status": "stopped"}, True
         rows.append((run, st, run.read_metrics()))
     seen: dict[str, list[float]] = {}  # each net's speeds so far, for its runs not started yet
-    for run, _, metrics in rows:
+    for run, metrics in [(run, metrics) for run, _, metrics in rows] + [(r, r.read_metrics()) for r in others]:
         if (rate := _seconds_per_step(metrics)) is not None:
             seen.setdefault(_net_key(run), []).append(rate)
     rates = {key: sum(r) / len(r) for key, r in seen.items()}
-    total_left, guessed = 0.0, False
+    total_left, guessed, unknown = 0.0, False, 0
     for run, st, metrics in rows:
         last = metrics.groupby("split")["error_pct"].last() if not metrics.empty else {}
         train_err = f"{last['train']:.2f}" if "train" in last else "-"
@@ -125,7 +130,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         eval_split = next((s for s in ("val", "test") if s in last), None)
         eval_err = f"{last[eval_split]:.2f}" if eval_split else "-"
         it = f"{st.get('iteration', 0)}/{run.cfg.iterations}"
-        trained = _duration(float(metrics["elapsed_s"].max())) if not metrics.empty else "-"
+        elapsed = float(metrics["elapsed_s"].max()) if not metrics.empty else float("nan")
+        trained = _duration(elapsed) if elapsed == elapsed else "-"
         left = "-"
         if st["status"] not in FINAL_STATUSES:
             own = _seconds_per_step(metrics)
@@ -135,11 +141,18 @@ def cmd_status(args: argparse.Namespace) -> int:
                 total_left += seconds
                 guessed |= own is None
                 left = ("~" if own is None else "") + _duration(seconds)
+            else:
+                unknown += 1
         print(f"{run.cfg.run_id:<{width}} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10} "
               f"{trained:>8} {left:>9}")
-    if total_left:
-        print(f"(left: about {_duration(total_left)} of training, one run after another, at the speed each run "
-              "has trained so far" + ("; ~: at that of another run of the same net" if guessed else "") + ")")
+    if total_left or unknown:
+        parts = [f"left: about {_duration(total_left)} in all, each run's remaining iterations at its own speed so far "
+                 "(runs trained side by side overlap)"]
+        if guessed:
+            parts.append("~: at the speed of other runs of the same net")
+        if unknown:
+            parts.append(f"{unknown} run{'s' if unknown > 1 else ''} not estimated (no run of the same net has trained yet)")
+        print(f"({'; '.join(parts)})")
     for line in failures:  # why each failed run stopped: one line each, as the run recorded it
         print(line)
     if stopped:

@@ -71,6 +71,11 @@ def add_training_options(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     run.add_argument(
+        "--no-wait", action="store_true",
+        help="once this process's runs are done, leave those another process holds to it and return (to chain "
+        "grids back to back beside another runner); default: wait for them, and train any whose process died",
+    )
+    run.add_argument(
         "--tensorboard", metavar="DIR",
         help="also write each run's curves as TensorBoard events to DIR/<run id> "
         "(needs: pip install 'resnet-degradation-study[tensorboard]')",

@@ -59,6 +59,9 @@ class ExecutionPlan:
     download: bool = False
     slurm_flags: tuple[str, ...] = ()
     cpu_path: str = "auto"
+    #: After its own runs, wait for those another process holds (and train any whose process died);
+    #: False (`--no-wait`): leave them to it and return.
+    wait_held: bool = True
 
     @classmethod
     def from_args(cls, args: object, processes: int) -> "ExecutionPlan":
@@ -76,7 +79,7 @@ class ExecutionPlan:
                    launcher=str(get("launcher", "local")), decode=str(get("decode", "cpu")),
                    workers=getattr(args, "workers", None), download=bool(get("download", False)),
                    slurm_flags=tuple(f for f in SLURM_FLAGS if getattr(args, f, None) is not None),
-                   cpu_path=str(get("cpu_path", "auto")))
+                   cpu_path=str(get("cpu_path", "auto")), wait_held=not bool(get("no_wait", False)))
 
     def for_task(self) -> "ExecutionPlan":
         """The plan a SLURM array task trains its one run with: here, one process per device."""

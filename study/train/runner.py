@@ -249,7 +249,8 @@ class _ListRunner:
             return Claim.LOCKED, lock
         lock.close()
         if not held:
-            self.log(f"{self.tag(i, run)}: held by another process; will wait for it at the end")
+            self.log(f"{self.tag(i, run)}: held by another process; "
+                     + ("will wait for it at the end" if self.plan.wait_held else "left to it (--no-wait)"))
             return Claim.ELSEWHERE, None
         self.results[run.cfg.run_id] = status
         self.log(f"{self.tag(i, run)}: {status}, skipped")
@@ -319,7 +320,10 @@ class _ListRunner:
             self.fuser = self.new_fuser()
             interleave(self.claimed(pending, False, held_elsewhere), self.plan.runs_at_once, device, self.finished,
                        self.fuser)
-            if not self.stopped:  # this process's own runs are done: wait for the others', in order, one
+            if not self.stopped and held_elsewhere and not self.plan.wait_held:
+                self.log(f"{len(held_elsewhere)} run(s) held by another process, left to it (--no-wait): "
+                         + ", ".join(run.cfg.run_id for _, run in held_elsewhere))
+            elif not self.stopped:  # this process's own runs are done: wait for the others', in order, one
                 # at a time (a run mid-training must not sit idle while the next claim waits for a lock)
                 self.fuser = self.new_fuser()
                 interleave(self.claimed(held_elsewhere, True, []), 1, device, self.finished, self.fuser)
