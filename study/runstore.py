@@ -212,9 +212,10 @@ class Run:
     # --- config -----------------------------------------------------------------------------
     def prepare(self, device: str, **provenance_extra: Any) -> None:
         """Create the directory and write `config.json`, or check that an existing one matches.
-        `provenance_extra` (e.g. the DDP process count) joins the provenance record."""
+        `provenance_extra` (e.g. the DDP process count) joins the provenance record. A run that
+        kept no checkpoint starts over, so its record is written anew for this session."""
         self.check_no_conflict()
-        if self.config_path.exists():
+        if self.config_path.exists() and self.has_checkpoint():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         record = {"run_id": self.cfg.run_id, "config": self.cfg.to_dict(), "provenance": {**provenance(device), **provenance_extra}}
@@ -252,6 +253,10 @@ class Run:
     @property
     def previous_checkpoint_path(self) -> Path:
         return self.dir / "checkpoint.prev.pt"
+
+    def has_checkpoint(self) -> bool:
+        """Whether the run kept a checkpoint to resume from (readable or not)."""
+        return self.checkpoint_path.exists() or self.previous_checkpoint_path.exists()
 
     def save_checkpoint(self, state: dict) -> None:
         """Write the new checkpoint beside the old one, keep the old one as `checkpoint.prev.pt`
@@ -307,7 +312,9 @@ class Run:
 
     def is_held(self) -> bool:
         """Whether a process holds the run's lock now (is training it). Takes the lock for an
-        instant if it is free."""
+        instant if it is free; creates nothing where there is no lock file (no process holds it)."""
+        if not (self.dir / "lock").exists():
+            return False
         with self.lock() as free:
             return not free
 

@@ -106,19 +106,46 @@ def test_a_resumed_run_keeps_the_path_it_began_with(tmp_path, small_data, monkey
 
 
 def test_resuming_with_another_cpu_path_is_refused_before_anything_is_written(tmp_path, capsys):
-    """An unfinished run begun on channels-last, resumed with --cpu-path eager: one line naming the
-    run, its path and the fix, exit code 2, its files untouched; resumed with auto, it keeps its path."""
+    """A run stopped mid-epoch on channels-last, resumed with --cpu-path eager: one line naming the
+    run, its path and the fixes, exit code 2, its files untouched. Resumed with auto, it keeps
+    channels-last and trains to the end; once finished, any path skips it."""
+    import signal
+
+    from helpers import train_steps_of
+    from study.data import load_data
+    from study.train import StopFlag, StopRequested
+
+    cfg = RunConfig(arch="resnet", depth=8, iterations=20, dataset="fashion-mnist-mini")
+    run, stop = Run(tmp_path, cfg), StopFlag()
+    steps = train_steps_of(cfg, run, load_data("fashion-mnist-mini"), torch.device("cpu"), progress=False, stop=stop,
+                           cpu_path="channels-last")
+    next(steps), next(steps)
+    stop.signum = signal.SIGTERM
+    with pytest.raises(StopRequested):
+        next(steps)
+    assert run.has_checkpoint() and run.recorded_cpu_path() == "channels-last"
+    before = {p.name: p.read_bytes() for p in run.dir.iterdir()}
+    capsys.readouterr()
+    assert _run(tmp_path, "--cpu-path", "eager") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and cfg.run_id in err[0] and "began on CPU path channels-last" in err[0], err
+    assert "drop --cpu-path" in err[0] and "move its directory" in err[0]
+    assert {p.name: p.read_bytes() for p in run.dir.iterdir()} == before
+    assert _run(tmp_path) == 0
+    assert "CPU path channels-last, kept from the run's first session" in capsys.readouterr().err
+    assert run.status()["status"] == "done" and run.recorded_cpu_path() == "channels-last"
+    assert _run(tmp_path, "--cpu-path", "eager") == 0  # a finished run is skipped, whatever the path
+
+
+def test_a_run_that_kept_no_checkpoint_starts_over_on_the_path_given(tmp_path):
+    """A run whose first session recorded channels-last but kept no checkpoint (it failed, say, before
+    its first epoch ended) starts over: --cpu-path eager is taken and recorded."""
     cfg = RunConfig(arch="resnet", depth=8, iterations=20, dataset="fashion-mnist-mini")
     run = Run(tmp_path, cfg)
     run.prepare("cpu", step="eager", cpu_path=cpupath.CpuPath("channels-last", "given").record())
-    before = {p.name: p.read_bytes() for p in run.dir.iterdir()}
-    assert _run(tmp_path, "--cpu-path", "eager") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and cfg.run_id in err[0] and "channels-last" in err[0] and "drop --cpu-path" in err[0]
-    assert {p.name: p.read_bytes() for p in run.dir.iterdir()} == before
-    assert _run(tmp_path, "--cpu-path", "channels-last") == 0
-    assert run.status()["status"] == "done" and run.recorded_cpu_path() == "channels-last"
-    assert _run(tmp_path, "--cpu-path", "eager") == 0  # a finished run is skipped, whatever the path
+    run.set_status("failed", iteration=0, error="RuntimeError: compile failed")
+    assert _run(tmp_path, "--cpu-path", "eager") == 0
+    assert run.status()["status"] == "done" and run.recorded_cpu_path() == "eager"
 
 
 def test_every_path_trains_the_papers_step(tmp_path, small_data):

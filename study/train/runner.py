@@ -124,16 +124,29 @@ def _check_runs_dir(configs: list[RunConfig], runs_dir: str | Path, ddp: Distrib
 
 
 def _check_kept_cpu_paths(runs: list[Run], plan: ExecutionPlan, dev: torch.device) -> None:
-    """ConfigError if --cpu-path names a path other than the one an unfinished run began with: a
-    resumed run keeps its first session's path (recorded in its config.json), so that it goes on as
-    it would have uninterrupted."""
-    if dev.type != "cpu" or plan.cpu_path == "auto":
+    """ConfigError if this command would resume a run on a CPU path other than the one it began
+    with (recorded in its config.json): a --cpu-path that names another, or a --fuse group or DDP
+    job (which train eager NCHW, compiled with --compile) resuming a run begun on another path. A
+    resumed run keeps its path, so that it goes on as it would have uninterrupted. Runs that kept no
+    checkpoint start over (and record their new path); finished runs and runs another process
+    holds are not trained by this command."""
+    if dev.type != "cpu":
+        return
+    together = plan.fuse > 1 or plan.processes > 1
+    wanted = plan.cpu_path if plan.cpu_path != "auto" else ("compiled" if plan.compile else "eager") if together else None
+    if wanted is None:
         return
     for run in runs:
-        recorded = None if run.is_finished() else run.recorded_cpu_path()
-        if recorded is not None and recorded != plan.cpu_path:
-            raise ConfigError(f"{run.cfg.run_id} began on CPU path {recorded}, not --cpu-path {plan.cpu_path}; a "
-                              f"resumed run keeps its path: drop --cpu-path (or give {recorded}), or use another --runs-dir")
+        if run.is_finished() or not run.has_checkpoint() or run.is_held():
+            continue
+        recorded = run.recorded_cpu_path()
+        if recorded is not None and recorded != wanted:
+            how = f"not --cpu-path {plan.cpu_path}" if plan.cpu_path != "auto" else (
+                f"and a {'--fuse group' if plan.fuse > 1 else 'DDP job'} trains {wanted} on a CPU")
+            fix = "drop --cpu-path (or give " + recorded + ")" if plan.cpu_path != "auto" else (
+                f"resume it without {'--fuse' if plan.fuse > 1 else 'torchrun'}")
+            raise ConfigError(f"{run.cfg.run_id} began on CPU path {recorded}, {how}; a resumed run keeps its path: "
+                              f"{fix}, or move its directory out of the runs dir to start it over")
 
 
 def _open_data(configs: list[RunConfig], data_dir: str | None, plan: ExecutionPlan, dev: torch.device
