@@ -129,7 +129,7 @@ def test_status_says_how_long_each_run_trained_and_has_left(tmp_path, capsys):
     assert (s0[1], s0[-2], s0[-1]) == ("interrupted", "2m", "6m")
     assert (s1[1], s1[-2], s1[-1]) == ("new", "-", "~8m")
     assert (s2[1], s2[-2], s2[-1]) == ("done", "8m", "-")
-    assert "(left: about 14m of training" in out and "~: at that of another run of the same net" in out
+    assert "(left: about 14m in all" in out and "~: at the speed of other runs of the same net" in out
 
 
 def test_no_wait_leaves_a_held_run_to_its_process_and_returns(tmp_path, capsys):

@@ -145,7 +145,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 unknown += 1
         print(f"{run.cfg.run_id:<{width}} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10} "
               f"{trained:>8} {left:>9}")
-    if total_left or unknown:
+    for line in failures:  # why each failed run stopped: one line each, as the run recorded it
+        print(line)
+    if stopped:
+        print("(stopped: marked running, but no process is training it (killed, or its node failed); "
+              "`study run` with the same options resumes it from its last checkpoint)")
+    if total_left:
         parts = [f"left: about {_duration(total_left)} in all, each run's remaining iterations at its own speed so far "
                  "(runs trained side by side overlap)"]
         if guessed:
@@ -153,11 +158,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         if unknown:
             parts.append(f"{unknown} run{'s' if unknown > 1 else ''} not estimated (no run of the same net has trained yet)")
         print(f"({'; '.join(parts)})")
-    for line in failures:  # why each failed run stopped: one line each, as the run recorded it
-        print(line)
-    if stopped:
-        print("(stopped: marked running, but no process is training it (killed, or its node failed); "
-              "`study run` with the same options resumes it from its last checkpoint)")
     if args.grid is None and args.arch is None:
         print("(the runs on disk; with the --grid or --arch options you gave `study run`, also those not started)")
     return 0
