@@ -4,7 +4,7 @@ Every user error ends in one line on stderr (`study: error: ...` naming the fix)
 
 One module per group of commands, each with `register(sub)` (its sub-parsers; returns its handlers):
 run.py (`run`), listing.py (`models`, `grids`, `status`), analysis.py (`plot`, `table`, `report`,
-`probe`), evaluate.py (`evaluate`), export.py (`export tensorboard`); args.py holds the argument types
+`probe`), evaluate.py (`evaluate`), export.py (`export tensorboard`), publish.py (`publish`); args.py holds the argument types
 and the option groups they share.
 Torch-heavy imports happen inside the handlers, so that parsing and the listings start fast.
 """
@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from . import analysis, evaluate, export, listing, run
+from . import analysis, evaluate, export, listing, publish, run
 from .args import USER_ERRORS, Parser, UsageError
 
 #: {command: handler}, filled by `build_parser`; a handler returns the exit code.
@@ -26,7 +26,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="study", description="Plain vs residual nets: the degradation study of He et al. (2015).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for group in (run, listing, analysis, evaluate, export):
+    for group in (run, listing, analysis, evaluate, export, publish):
         COMMANDS.update(group.register(sub))
     return parser
 

@@ -1,0 +1,77 @@
+"""`study publish`: a finished run's small files, and only those, copied out of a runs dir; runs not
+finished or trained from an uncommitted tree left out with the reason; bad input in one line."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from study.cli import main
+from study.config import RunConfig
+from study.publish import SMALL_FILES
+from study.runstore import METRIC_COLUMNS, Run
+
+
+def make_run(runs_dir, seed, *, status="done", dirty=False, iterations=400):
+    """A run through the real Run API, with its provenance's git_dirty set, a checkpoint and a lock."""
+    cfg = RunConfig("plain", 8, seed=seed, iterations=iterations, dataset="fashion-mnist-mini")
+    run = Run(runs_dir, cfg)
+    run.prepare("cpu")
+    record = json.loads(run.config_path.read_text())
+    record["provenance"]["git_dirty"] = dirty
+    run.config_path.write_text(json.dumps(record))
+    row = dict.fromkeys(METRIC_COLUMNS)
+    row.update(run_id=cfg.run_id, dataset=cfg.dataset, arch="plain", depth=8, shortcut="A", seed=seed, epoch=1,
+               iteration=iterations, split="train", loss=1.0, error_pct=30.0, lr=0.1, elapsed_s=10.0, warmup_s=1.0)
+    pd.DataFrame([row], columns=METRIC_COLUMNS).to_parquet(run.metrics_path, index=False)
+    (run.dir / "responses.parquet").write_bytes(b"responses")
+    run.checkpoint_path.write_bytes(b"weights")
+    (run.dir / "lock").write_bytes(b"")
+    run.set_status(status, iteration=iterations if status == "done" else 100)
+    return run
+
+
+def test_publish_copies_the_small_files_of_finished_clean_runs(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "results" / "study"
+    done, running, dirty = make_run(runs, 0), make_run(runs, 1, status="interrupted"), make_run(runs, 2, dirty=True)
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [done.cfg.run_id]
+    copied = out / done.cfg.run_id
+    assert sorted(p.name for p in copied.iterdir()) == sorted(n for n in SMALL_FILES if (done.dir / n).exists())
+    assert not (copied / "checkpoint.pt").exists() and not (copied / "lock").exists()
+    for p in copied.iterdir():
+        assert p.read_bytes() == (done.dir / p.name).read_bytes()
+    assert f"{running.cfg.run_id}: left out: not finished (interrupted)" in printed
+    assert f"{dirty.cfg.run_id}: left out: trained from a tree with uncommitted changes" in printed and "--allow-dirty" in printed
+    assert "published 1 run(s)" in printed and "2 left out" in printed
+    # Again: nothing new to copy; with --allow-dirty the dirty run too.
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(out), "--allow-dirty"]) == 0
+    printed = capsys.readouterr().out
+    assert "published 1 run(s)" in printed and "1 already there unchanged" in printed
+    assert (out / dirty.cfg.run_id / "metrics.parquet").exists()
+
+
+def test_publish_takes_the_runs_a_study_run_command_line_selects(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    make_run(runs, 0), make_run(runs, 1), make_run(runs, 0, iterations=800)
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(out), "--arch", "plain", "--depth", "8",
+                 "--seeds", "0-2", "--iterations", "400", "--dataset", "fashion-mnist-mini", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [f"fashion-mnist-mini-plain8-A-s{s}-it400" for s in (0, 1)]
+    assert "fashion-mnist-mini-plain8-A-s2-it400: left out: not started" in printed
+
+
+@pytest.mark.parametrize("case", ["no runs dir", "out is a file", "out is the runs dir"])
+def test_publish_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
+    runs = tmp_path / "runs"
+    if case != "no runs dir":
+        make_run(runs, 0)
+    out = {"no runs dir": tmp_path / "out", "out is a file": tmp_path / "file", "out is the runs dir": runs}[case]
+    if case == "out is a file":
+        out.write_text("x")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("study: error: ") and ("--runs-dir" in err or "--out" in err), err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
