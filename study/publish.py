@@ -7,9 +7,12 @@ its checkpoints or lock. Figures and the report are then drawn from the publishe
 commands (`study plot all --runs-dir DIR`, `study report --runs-dir DIR`).
 
 Only runs trained from a committed tree are published by default: a run whose config.json says its
-git tree had uncommitted changes (or says nothing of it) cannot be traced to a commit, so it is left
-out with a line saying why unless `allow_dirty`. Runs not finished (`done` or `diverged`) are left
-out too. Each file is written whole or not at all (a temporary file, renamed).
+git tree had uncommitted changes (or says nothing of it: trained outside a git checkout) cannot be
+traced to a commit, so it is left out with a line saying why unless `allow_dirty`. (The tree is the
+one the run's first session recorded.) Runs neither `done` nor `diverged`, and runs with no metrics,
+are left out too. Every destination is checked before anything is copied; each file is then written
+whole or not at all (a temporary file with a plain file's permissions, renamed), and a published file
+the run no longer has (a stale tencrop.json, say) is removed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runstore import FINAL_STATUSES, Run, RunStoreError, list_runs
+from .runstore import FINAL_STATUSES, Run, RunStoreError, atomic_write, list_runs
 
 #: What a finished run publishes: everything the analysis reads, nothing it does not (no checkpoints).
 SMALL_FILES = ("config.json", "status.json", "metrics.parquet", "gradients.parquet", "responses.parquet",
@@ -54,9 +57,15 @@ def check_out_dir(out: Path) -> None:
 
 def _why_not(run: Run, allow_dirty: bool) -> str | None:
     """Why `run` is not published, or None."""
-    status = run.status().get("status")
+    from .launch import run_status  # `queued` for a run submitted to SLURM and not started since
+
+    status = run_status(run).get("status")
+    if status == "unknown":
+        return "its status.json is unreadable"
     if status not in FINAL_STATUSES:
         return f"not finished ({status})"
+    if not run.metrics_path.is_file():
+        return "no metrics.parquet"
     if allow_dirty:
         return None
     try:
@@ -64,24 +73,29 @@ def _why_not(run: Run, allow_dirty: bool) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         dirty = None
     if dirty is not False:
-        return ("trained from a tree with uncommitted changes" if dirty else "its config.json names no clean git tree"
-                ) + "; train it from a clean checkout, or pass --allow-dirty"
+        return ("trained from a tree with uncommitted changes" if dirty else "its config.json names no clean git tree "
+                "(trained outside a git checkout?)") + "; train it from a clean checkout, or pass --allow-dirty"
     return None
+
+
+def _check_destination(folder: Path) -> None:
+    """RunStoreError if a run's files cannot go to `folder`: something other than a directory there
+    (a file, a link) or in the way of one of its files."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise RunStoreError(f"{folder} is in the way of a run's published folder (not a directory); move it away, "
+                            "or pass --out another directory")
+    for name in SMALL_FILES:
+        path = folder / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise RunStoreError(f"{path} is in the way of a published file (not a plain file); move it away, "
+                                "or pass --out another directory")
 
 
 def _copy(src: Path, dst: Path) -> bool:
     """Copy `src` to `dst` atomically; False (and nothing written) if `dst` already holds the same bytes."""
     if dst.exists() and dst.read_bytes() == src.read_bytes():
         return False
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
     return True
 
 
@@ -89,25 +103,49 @@ def publish(runs_dir: str | os.PathLike, out: str | os.PathLike, *, run_ids: Ite
             allow_dirty: bool = False, log: Callable[[str], None] = print) -> Published:
     """Copy the small files (`SMALL_FILES`) of every finished run under `runs_dir` (or of those
     `run_ids` name) to `out/<run id>/`; one line through `log` for each run left out and one for the
-    whole. RunStoreError if `runs_dir` does not exist or `out` cannot be written."""
+    whole. RunStoreError (before anything is written) if `runs_dir` does not exist, `out` is in it or
+    cannot be written, or something is in the way of a run's published files."""
     root, out = Path(runs_dir), Path(out)
     if not root.is_dir():
         raise RunStoreError(f"runs dir {root} does not exist; pass --runs-dir to where your runs are")
-    if out.resolve() == root.resolve():
-        raise RunStoreError(f"--out {out} is the runs dir itself; pass --out another directory")
-    check_out_dir(out)
+    if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
+        raise RunStoreError(f"--out {out} is inside the runs dir {root}; pass --out a directory outside it")
     runs = {run.cfg.run_id: run for run in list_runs(root)}
-    wanted = list(runs) if run_ids is None else list(run_ids)
+    wanted = list(runs) if run_ids is None else list(dict.fromkeys(run_ids))
     done = Published()
+    chosen = []
     for run_id in wanted:
         run = runs.get(run_id)
-        why = "not started" if run is None else _why_not(run, allow_dirty)
+        if run is None:
+            why = ("its folder has no readable config.json" if (root / run_id / "config.json").exists()
+                   else "not started")
+        else:
+            why = _why_not(run, allow_dirty)
         if why is not None:
             done.left_out[run_id] = why
-            log(f"{run_id}: left out: {why}")
-            continue
-        changed = [_copy(run.dir / name, out / run_id / name) for name in SMALL_FILES if (run.dir / name).is_file()]
-        (done.copied if any(changed) else done.unchanged).append(run_id)
+        else:
+            chosen.append(run)
+    for run in chosen:
+        _check_destination(out / run.cfg.run_id)
+    check_out_dir(out)
+    for run_id, why in done.left_out.items():  # said once nothing can stop the copying for bad input
+        log(f"{run_id}: left out: {why}")
+    if run_ids is None:
+        unreadable = sorted(p.parent.name for p in root.glob("*/status.json") if p.parent.name not in runs)
+        if unreadable:
+            log(f"left out {len(unreadable)} folder(s) with no readable config.json: {', '.join(unreadable)}")
+    try:
+        for run in chosen:
+            folder = out / run.cfg.run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            changed = [_copy(run.dir / name, folder / name) for name in SMALL_FILES if (run.dir / name).is_file()]
+            stale = [folder / name for name in SMALL_FILES if not (run.dir / name).is_file() and (folder / name).exists()]
+            for path in stale:
+                path.unlink()
+            (done.copied if any(changed) or stale else done.unchanged).append(run.cfg.run_id)
+    except OSError as e:
+        raise RunStoreError(f"could not publish to {out} ({e.strerror or e}); free space or fix its permissions, "
+                            "and run the same command again") from None
     log(f"published {len(done.copied)} run(s) to {out}" + (f", {len(done.unchanged)} already there unchanged"
                                                            if done.unchanged else "")
         + (f"; {len(done.left_out)} left out" if done.left_out else ""))

@@ -52,6 +52,31 @@ def test_publish_copies_the_small_files_of_finished_clean_runs(tmp_path, capsys)
     assert (out / dirty.cfg.run_id / "metrics.parquet").exists()
 
 
+def test_publish_leaves_out_what_it_cannot_vouch_for_and_keeps_the_copy_current(tmp_path, capsys):
+    """A diverged run is a result and is published; a run whose status is unreadable or that has no
+    metrics is left out, each with its reason. Files are written with a plain file's permissions, and
+    a published file the run no longer has is removed."""
+    import os
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    diverged, corrupt, bare = make_run(runs, 0, status="diverged"), make_run(runs, 1), make_run(runs, 2)
+    corrupt.status_path.write_text("{not json")
+    bare.metrics_path.unlink()
+    (diverged.dir / "tencrop.json").write_text("{}")
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [diverged.cfg.run_id]
+    assert f"{corrupt.cfg.run_id}: left out: its status.json is unreadable" in printed
+    assert f"{bare.cfg.run_id}: left out: no metrics.parquet" in printed
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {oct(p.stat().st_mode & 0o777) for p in (out / diverged.cfg.run_id).iterdir()}
+    assert modes == {oct(0o666 & ~umask)}
+    (diverged.dir / "tencrop.json").unlink()
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    assert not (out / diverged.cfg.run_id / "tencrop.json").exists() and "published 1 run(s)" in capsys.readouterr().out
+
+
 def test_publish_takes_the_runs_a_study_run_command_line_selects(tmp_path, capsys):
     runs, out = tmp_path / "runs", tmp_path / "out"
     make_run(runs, 0), make_run(runs, 1), make_run(runs, 0, iterations=800)
@@ -60,16 +85,24 @@ def test_publish_takes_the_runs_a_study_run_command_line_selects(tmp_path, capsy
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [f"fashion-mnist-mini-plain8-A-s{s}-it400" for s in (0, 1)]
     assert "fashion-mnist-mini-plain8-A-s2-it400: left out: not started" in printed
+    # Choosing runs needs --grid or --arch, as with `study status`.
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(out), "--seeds", "0"]) == 2
+    assert "--seeds selects runs of a --grid or an --arch" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["no runs dir", "out is a file", "out is the runs dir"])
+@pytest.mark.parametrize("case", ["no runs dir", "out is a file", "out is the runs dir", "out in the runs dir",
+                                  "a file in the way"])
 def test_publish_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     runs = tmp_path / "runs"
     if case != "no runs dir":
         make_run(runs, 0)
-    out = {"no runs dir": tmp_path / "out", "out is a file": tmp_path / "file", "out is the runs dir": runs}[case]
+    out = {"no runs dir": tmp_path / "out", "out is a file": tmp_path / "file", "out is the runs dir": runs,
+           "out in the runs dir": runs / "published", "a file in the way": tmp_path / "out"}[case]
     if case == "out is a file":
         out.write_text("x")
+    if case == "a file in the way":  # where the run's folder would go
+        out.mkdir()
+        (out / "fashion-mnist-mini-plain8-A-s0-it400").write_text("x")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from .args import add_selection
+from ..config import ConfigError
+from .args import SELECTION, add_selection
 from .run import add_training_options, processes_per_run, run_configs
 
 
@@ -24,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     publish.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
     publish.add_argument("--out", required=True, metavar="DIR", help="where the copies go, one folder per run")
     publish.add_argument("--allow-dirty", action="store_true",
-                         help="also publish runs trained from a git tree with uncommitted changes")
+                         help="also publish runs trained from a git tree with uncommitted changes, or outside a git "
+                         "checkout")
     add_selection(publish, required=False, arch_help="the runs of one network of this kind")
     add_training_options(publish)
     return {"publish": cmd_publish}
@@ -34,6 +36,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from ..publish import publish
 
     selected = args.grid is not None or args.arch is not None
+    given = [f"--{k.replace('_', '-')}" for k in SELECTION if getattr(args, k) is not None]
+    if given and not selected:
+        raise ConfigError(f"{' '.join(given)} selects runs of a --grid or an --arch; add one, or drop them")
     run_ids = [cfg.run_id for cfg in run_configs(args, processes_per_run(args))] if selected else None
     publish(args.runs_dir, args.out, run_ids=run_ids, allow_dirty=args.allow_dirty)
     return 0
