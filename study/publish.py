@@ -20,12 +20,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runstore import FINAL_STATUSES, Run, RunStoreError, atomic_write, list_runs
+from .runstore import (
+    FINAL_STATUSES,
+    Run,
+    RunStoreError,
+    atomic_write,
+    check_writable,
+    list_runs,
+)
 
 #: What a finished run publishes: everything the analysis reads, nothing it does not (no checkpoints).
 SMALL_FILES = ("config.json", "status.json", "metrics.parquet", "gradients.parquet", "responses.parquet",
@@ -42,22 +48,11 @@ class Published:
     left_out: dict[str, str] = field(default_factory=dict)
 
 
-def check_out_dir(out: Path) -> None:
-    """Create `out` if needed and prove a file can be written there; RunStoreError naming the fix."""
-    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise RunStoreError(f"--out {out}: {blocker} is a file, not a directory; pass --out a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise RunStoreError(f"--out {out} is not writable ({e.strerror or e}); pass --out a directory you can write") from None
-
-
 def _why_not(run: Run, allow_dirty: bool) -> str | None:
     """Why `run` is not published, or None."""
-    from .launch import run_status  # `queued` for a run submitted to SLURM and not started since
+    from .launch import (
+        run_status,  # `queued` for a run submitted to SLURM and not started since
+    )
 
     status = run_status(run).get("status")
     if status == "unknown":
@@ -127,7 +122,7 @@ def publish(runs_dir: str | os.PathLike, out: str | os.PathLike, *, run_ids: Ite
             chosen.append(run)
     for run in chosen:
         _check_destination(out / run.cfg.run_id)
-    check_out_dir(out)
+    check_writable(out, "--out", "--out")
     for run_id, why in done.left_out.items():  # said once nothing can stop the copying for bad input
         log(f"{run_id}: left out: {why}")
     if run_ids is None:

@@ -80,19 +80,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
-def check_writable(runs_dir: Path) -> None:
+def check_writable(runs_dir: Path, flag: str = "--runs-dir", what: str = "runs dir") -> None:
     """Create `runs_dir` if needed and prove a file can be written there; RunStoreError naming the fix
-    otherwise. (A real write, not os.access: root passes access checks on read-only mounts.)"""
+    (the option `flag`, the folder called `what`) otherwise. (A real write, not os.access: root passes
+    access checks on read-only mounts.)"""
     blocker = next((p for p in (runs_dir, *runs_dir.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
-        raise RunStoreError(f"runs dir {runs_dir}: {blocker} is a file, not a directory; pass --runs-dir to a directory")
+        raise RunStoreError(f"{what} {runs_dir}: {blocker} is a file, not a directory; pass {flag} to a directory")
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=runs_dir):
             pass
     except OSError as e:
         raise RunStoreError(
-            f"runs dir {runs_dir} is not writable ({e.strerror or e}); pass --runs-dir to a directory you can write"
+            f"{what} {runs_dir} is not writable ({e.strerror or e}); pass {flag} to a directory you can write"
         ) from None
 
 
