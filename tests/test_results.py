@@ -100,3 +100,24 @@ def test_the_published_runs_were_trained_from_a_clean_committed_tree():
     dirty = [p.parent.name for p in configs if json.loads(p.read_text())["provenance"]["git_dirty"] is not False]
     assert dirty == [], f"trained from a tree with uncommitted changes (or no git): {dirty}"
     assert all(json.loads(p.read_text())["provenance"]["git_commit"] for p in configs)
+
+
+def test_the_pilot_page_states_the_final_errors_its_runs_have():
+    """results/paper-depths-pilot/README.md: each budget's row gives ResNet-20's and ResNet-56's final
+    training / test error as their runs there end (a run still training may read "(training)")."""
+    results = ROOT / "results" / "paper-depths-pilot"
+    if not results.is_dir():
+        pytest.skip("results/paper-depths-pilot/ is not in this checkout")
+    finals = final_errors(study.load_runs(results)).set_index("run_id")
+    rows = re.findall(r"^\| ([\d,]+) iterations \| ([^|]+) \| ([^|]+) \|", (results / "README.md").read_text(), flags=re.M)
+    assert len(rows) >= 3, rows
+    checked = 0
+    for budget, *cells in rows:
+        for depth, cell in zip((20, 56), cells):
+            cell = cell.strip()
+            if cell == "(training)":
+                continue
+            final = finals.loc[f"fashion-mnist-resnet{depth}-A-s0-it{budget.replace(',', '')}-bf16"]
+            assert cell == f"{final['train']:.2f} / {final['test']:.2f}", (budget, depth, cell)
+            checked += 1
+    assert checked >= 6
