@@ -33,7 +33,7 @@ QUICK_SEEDS = (0, 1, 2)
 QUICK_MINUTES = "5 to 9"  # measured 2026-12-06 on 2 AMD EPYC cores: 5 min 27 s idle, 8 min 47 s shared
 
 # The same study four times longer (results/laptop/): the ResNets' gain is larger, the plain nets'
-# degradation only a tendency within the seeds' spread.
+# degradation only a tendency (not significant over 3 seeds).
 LAPTOP_DEPTHS = QUICK_DEPTHS
 LAPTOP_ITERATIONS = 1000
 
@@ -125,8 +125,8 @@ GRIDS = {
         ),
         Grid(
             "laptop",
-            f"the quick study, {LAPTOP_ITERATIONS} iterations: a larger ResNet gain, plain degradation within "
-            "the seeds' spread (results/laptop/; an estimated 40 minutes on 2 cores)",
+            f"the quick study, {LAPTOP_ITERATIONS} iterations: a larger ResNet gain, plain degradation only a "
+            "tendency (results/laptop/; an estimated 40 minutes on 2 cores)",
             _pairs(LAPTOP_DEPTHS, dataset="fashion-mnist-mini", iterations=LAPTOP_ITERATIONS),
             seeds=QUICK_SEEDS,
         ),

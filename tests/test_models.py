@@ -110,3 +110,14 @@ def test_architecture_table_lists_every_architecture():
         assert by_key[("plain", depth, "A")]["params"] == plain_a
         assert by_key[("resnet", depth, "B")]["params"] == resnet_b
         assert by_key[("resnet", depth, "C")]["params"] > resnet_b
+
+
+def test_the_models_table_lists_every_depth_a_named_grid_trains():
+    """`study models` (its default depths) covers the nets of every CIFAR-style grid, 8 layers included."""
+    import inspect
+
+    from study.grids import GRIDS
+
+    listed = inspect.signature(architecture_table).parameters["depths"].default
+    trained = {cfg.depth for grid in GRIDS.values() for cfg in grid.configs if cfg.dataset != "imagenet"}
+    assert trained <= set(listed), sorted(trained - set(listed))

@@ -106,8 +106,12 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return macs
 
 
+#: The CIFAR-style depths `study models` lists: the paper's, and the 8 layers of the CPU studies (quick, laptop).
+TABLE_DEPTHS = (8, *CIFAR_DEPTHS)
+
+
 def architecture_table(
-    depths: tuple[int, ...] = CIFAR_DEPTHS, imagenet_depths: tuple[int, ...] = IMAGENET_DEPTHS
+    depths: tuple[int, ...] = TABLE_DEPTHS, imagenet_depths: tuple[int, ...] = IMAGENET_DEPTHS
 ) -> list[dict]:
     """One row per architecture: plain, and residual with each shortcut option, for the CIFAR-10
     nets (MACs per 32x32 image) and the ImageNet nets (MACs per 224x224 image); beyond the paper,
