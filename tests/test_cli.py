@@ -131,6 +131,19 @@ def test_status_says_how_long_each_run_trained_and_has_left(tmp_path, capsys):
     assert (s2[1], s2[-2], s2[-1]) == ("done", "8m", "-")
     assert "(left: about 14m in all" in out and "~: at the speed of other runs of the same net" in out
 
+    # A net none of whose runs has trained (the pre-activation ResNet of the same depth and settings)
+    # is estimated at the speed of that depth's runs: the plain-8 runs' mean, (1.2 + 1.2) / 2 a step.
+    code, out, err = run_cli(capsys, "status", "--arch", "preact", "--depth", "8", "--iterations", "400",
+                             "--dataset", "fashion-mnist-mini", "--runs-dir", str(tmp_path))
+    assert code == 0, err
+    row = out.splitlines()[1].split()
+    assert (row[0], row[1], row[-1]) == ("fashion-mnist-mini-preact8-A-s0-it400", "new", "~8m"), out
+    assert "of the same depth and settings" in out and "not estimated" not in out
+    # A depth no run has trained is not guessed at.
+    code, out, err = run_cli(capsys, "status", "--arch", "preact", "--depth", "14", "--iterations", "400",
+                             "--dataset", "fashion-mnist-mini", "--runs-dir", str(tmp_path))
+    assert code == 0 and out.splitlines()[1].split()[-1] == "-", out
+
 
 def test_no_wait_leaves_a_held_run_to_its_process_and_returns(tmp_path, capsys):
     """With --no-wait, a runner trains the runs it can lock and returns, leaving the one another

@@ -74,10 +74,13 @@ def _seconds_per_step(metrics) -> float | None:
     return max(elapsed - onetime, 0.0) / int(last["iteration"])
 
 
-def _net_key(run: Run) -> str:
-    """What makes two runs cost the same per step: all of the config but the seed and the budget."""
+def _net_key(run: Run, *, any_kind: bool = False) -> str:
+    """What makes two runs cost the same per step: all of the config but the seed and the budget.
+    `any_kind`: nor the kind of net (arch, shortcut, init): nets of one depth and setting cost about
+    the same, the estimate for a net none of whose runs has trained yet."""
     cfg = run.cfg.to_dict()
-    return json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "iterations")}, sort_keys=True)
+    ignored = {"seed", "iterations"} | ({"arch", "shortcut", "init"} if any_kind else set())
+    return json.dumps({k: v for k, v in cfg.items() if k not in ignored}, sort_keys=True)
 
 
 def _duration(seconds: float) -> str:
@@ -117,10 +120,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if st["status"] == "running" and not run.is_held():  # its process was killed, or its node failed
             st, stopped = {**st, "status": "stopped"}, True
         rows.append((run, st, run.read_metrics()))
-    seen: dict[str, list[float]] = {}  # each net's speeds so far, for its runs not started yet
+    seen: dict[str, list[float]] = {}  # each net's speeds so far (and each depth's), for its runs not started yet
     for run, metrics in [(run, metrics) for run, _, metrics in rows] + [(r, r.read_metrics()) for r in others]:
         if (rate := _seconds_per_step(metrics)) is not None:
-            seen.setdefault(_net_key(run), []).append(rate)
+            for key in {_net_key(run), _net_key(run, any_kind=True)}:
+                seen.setdefault(key, []).append(rate)
     rates = {key: sum(r) / len(r) for key, r in seen.items()}
     total_left, guessed, unknown = 0.0, False, 0
     for run, st, metrics in rows:
@@ -135,7 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         left = "-"
         if st["status"] not in FINAL_STATUSES:
             own = _seconds_per_step(metrics)
-            rate = own if own is not None else rates.get(_net_key(run))
+            rate = own if own is not None else rates.get(_net_key(run), rates.get(_net_key(run, any_kind=True)))
             if rate is not None:
                 seconds = rate * max(run.cfg.iterations - int(st.get("iteration", 0) or 0), 0)
                 total_left += seconds
@@ -154,9 +158,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         parts = [f"left: about {_duration(total_left)} in all, each run's remaining iterations at its own speed so far "
                  "(runs trained side by side overlap)"]
         if guessed:
-            parts.append("~: at the speed of other runs of the same net")
+            parts.append("~: at the speed of other runs of the same net, or where none has trained yet, of the "
+                         "same depth and settings")
         if unknown:
-            parts.append(f"{unknown} run{'s' if unknown > 1 else ''} not estimated (no run of the same net has trained yet)")
+            parts.append(f"{unknown} run{'s' if unknown > 1 else ''} not estimated (no run of the same depth and "
+                         "settings has trained yet)")
         print(f"({'; '.join(parts)})")
     if args.grid is None and args.arch is None:
         print("(the runs on disk; with the --grid or --arch options you gave `study run`, also those not started)")
