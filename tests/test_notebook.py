@@ -6,6 +6,7 @@ Needs nbformat, nbclient and ipykernel (`pip install nbformat nbclient ipykernel
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,9 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     root = str(NOTEBOOK.parents[1])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
 
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    with warnings.catch_warnings():  # the notebook as nbformat wants it (a cell without an id: a warning now, an error later)
+        warnings.simplefilter("error")
+        nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path / "notebooks")}}
     )
