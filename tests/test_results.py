@@ -121,3 +121,21 @@ def test_the_pilot_page_states_the_final_errors_its_runs_have():
             assert cell == f"{final['train']:.2f} / {final['test']:.2f}", (budget, depth, cell)
             checked += 1
     assert checked >= 6
+
+
+def test_the_followups_page_states_seed_0s_final_errors():
+    """results/followups/README.md: the seed-0 table gives each net's final training / test error at 20
+    and 56 layers, and their difference, as its runs there end."""
+    results = ROOT / "results" / "followups"
+    if not results.is_dir():
+        pytest.skip("results/followups/ is not in this checkout")
+    finals = final_errors(study.load_runs(results))
+    finals = finals[finals["seed"] == 0].set_index(["arch", "depth"])
+    text = (results / "README.md").read_text().replace("\u2212", "-")  # the page's minus signs
+    rows = re.findall(r"^\| [^|`]*\(`([a-z+]+)`\) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", text, flags=re.M)
+    assert {arch for arch, *_ in rows} == set(finals.index.get_level_values("arch")), rows
+    for arch, shallow, deep, diff in rows:
+        a, b = finals.loc[(arch, 20)], finals.loc[(arch, 56)]
+        assert shallow.strip() == f"{a['train']:.2f} / {a['test']:.2f}", arch
+        assert deep.strip() == f"{b['train']:.2f} / {b['test']:.2f}", arch
+        assert diff.strip() == f"{b['train'] - a['train']:+.2f} / {b['test'] - a['test']:+.2f}", arch
