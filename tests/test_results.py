@@ -102,25 +102,33 @@ def test_the_published_runs_were_trained_from_a_clean_committed_tree():
     assert all(json.loads(p.read_text())["provenance"]["git_commit"] for p in configs)
 
 
+def _errors_text(final) -> str:
+    """A final-errors row's "train / test" cell, as the results pages write it."""
+    return f"{final['train']:.2f} / {final['test']:.2f}"
+
+
+def _difference_text(deep, shallow) -> str:
+    """The "deeper minus shallower, train / test" cell, as the results pages write it."""
+    return f"{deep['train'] - shallow['train']:+.2f} / {deep['test'] - shallow['test']:+.2f}"
+
+
+def _page_text(page: Path) -> str:
+    return page.read_text().replace("\u2212", "-")  # the pages' minus signs
+
+
 def test_the_pilot_page_states_the_final_errors_its_runs_have():
     """results/paper-depths-pilot/README.md: each budget's row gives ResNet-20's and ResNet-56's final
-    training / test error as their runs there end (a run still training may read "(training)")."""
+    training / test error as their runs there end, and ResNet-56's minus ResNet-20's."""
     results = ROOT / "results" / "paper-depths-pilot"
     if not results.is_dir():
         pytest.skip("results/paper-depths-pilot/ is not in this checkout")
     finals = final_errors(study.load_runs(results)).set_index("run_id")
-    rows = re.findall(r"^\| ([\d,]+) iterations \| ([^|]+) \| ([^|]+) \|", (results / "README.md").read_text(), flags=re.M)
-    assert len(rows) >= 3, rows
-    checked = 0
-    for budget, *cells in rows:
-        for depth, cell in zip((20, 56), cells):
-            cell = cell.strip()
-            if cell == "(training)":
-                continue
-            final = finals.loc[f"fashion-mnist-resnet{depth}-A-s0-it{budget.replace(',', '')}-bf16"]
-            assert cell == f"{final['train']:.2f} / {final['test']:.2f}", (budget, depth, cell)
-            checked += 1
-    assert checked >= 6
+    rows = re.findall(r"^\| ([\d,]+) iterations \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", _page_text(results / "README.md"),
+                      flags=re.M)
+    assert sorted(int(b.replace(",", "")) for b, *_ in rows) == sorted({cfg.iterations for cfg in grid_configs("paper-depths-pilot")})
+    for budget, shallow, deep, diff in rows:
+        r20, r56 = (finals.loc[f"fashion-mnist-resnet{d}-A-s0-it{budget.replace(',', '')}-bf16"] for d in (20, 56))
+        assert (shallow.strip(), deep.strip(), diff.strip()) == (_errors_text(r20), _errors_text(r56), _difference_text(r56, r20)), budget
 
 
 def test_the_followups_page_states_seed_0s_final_errors():
@@ -131,11 +139,9 @@ def test_the_followups_page_states_seed_0s_final_errors():
         pytest.skip("results/followups/ is not in this checkout")
     finals = final_errors(study.load_runs(results))
     finals = finals[finals["seed"] == 0].set_index(["arch", "depth"])
-    text = (results / "README.md").read_text().replace("\u2212", "-")  # the page's minus signs
+    text = _page_text(results / "README.md")
     rows = re.findall(r"^\| [^|`]*\(`([a-z+]+)`\) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", text, flags=re.M)
     assert {arch for arch, *_ in rows} == set(finals.index.get_level_values("arch")), rows
     for arch, shallow, deep, diff in rows:
         a, b = finals.loc[(arch, 20)], finals.loc[(arch, 56)]
-        assert shallow.strip() == f"{a['train']:.2f} / {a['test']:.2f}", arch
-        assert deep.strip() == f"{b['train']:.2f} / {b['test']:.2f}", arch
-        assert diff.strip() == f"{b['train'] - a['train']:+.2f} / {b['test'] - a['test']:+.2f}", arch
+        assert (shallow.strip(), deep.strip(), diff.strip()) == (_errors_text(a), _errors_text(b), _difference_text(b, a)), arch
