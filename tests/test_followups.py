@@ -247,3 +247,28 @@ def test_the_report_judges_each_arm_and_the_figure_draws_it(tmp_path):
     assert "## Beyond the paper: the follow-ups' arms" in text and "(`study plot arms`)" in text
     assert main(["report", "--runs-dir", str(tmp_path), "--format", "html", "--out", str(tmp_path / "r.html")]) == 0
     assert 'id="arm-1"' in (tmp_path / "r.html").read_text()
+
+
+def test_the_figures_name_unprobed_runs_but_not_the_pre_activation_nets_which_have_no_responses(tmp_path):
+    """`study probe` records no responses for a pre-activation net (its BNs precede its convs): Figure 7
+    and the arms figure must not tell the user to probe it, but still name a run that was never probed."""
+    from test_analysis import write_responses
+
+    runs = {}
+    for arch, init in (("plain", "he"), ("resnet", "he"), ("preact", "he"), ("resnet", "zero-residual")):
+        for depth in (20, 56):
+            runs[(arch, init, depth)] = write_run(tmp_path, arch, depth, init=init, floor=(8.0, 9.0))
+    for (arch, init, depth), run in runs.items():
+        if arch == "preact":
+            write_responses(run, [])  # what the probe writes for a pre-activation net
+        elif (arch, depth) != ("plain", 20) and init == "he":  # plain-20 and the zero-init nets: never probed
+            write_responses(run, [1.0, 0.8, 0.6])
+    data = RunData.load(tmp_path)
+    fig7 = build("fig7", data)
+    assert [n for n in fig7.notes if "not probed" in n] == [
+        f"finished but not probed (run `study probe`): {runs[('plain', 'he', 20)].cfg.run_id}"]
+    arms = build("arms", data)
+    assert any(n.startswith("no layer responses for PreAct-ResNet:") for n in arms.notes), arms.notes
+    # At the deepest depth, the zero-init ResNet-56 is the one arm run the user can still probe.
+    assert [n for n in arms.notes if "not probed" in n] == [
+        f"finished but not probed (run `study probe`): {runs[('resnet', 'zero-residual', 56)].cfg.run_id}"]

@@ -538,7 +538,9 @@ def fig7(data: RunData, **select: object) -> Drawn:
     notes = coverage(measured, drawn, wanted if _of_paper_depths(measured) else []) + notes
     if early := unsettled_bn(responses):
         notes.append(unsettled_bn_note(early))
-    unprobed = runs[~runs["run_id"].isin(data.responses["run_id"]) & (runs["status"] == "done")]
+    # Only the paper's nets count: the arms have their own figure, and a pre-activation net has no responses.
+    unprobed = runs[~runs["run_id"].isin(data.responses["run_id"]) & (runs["status"] == "done")
+                    & runs["arch"].isin(PAPER_ARCHS)]
     if not unprobed.empty:
         notes.append(f"finished but not probed (run `study probe`): {', '.join(unprobed['run_id'])}")
     caption = (
@@ -787,6 +789,15 @@ def arms(data: RunData, **select: object) -> Drawn:
         ax.set_ylabel("std")
         ax.set_ylim(bottom=0)
         ax.set_title(f"layer responses, {deepest} layers")
+        silent = [a for a in nets if probed[probed["arch"] == a].empty]
+        preact = [a for a in silent if a.partition("+")[0] == "preact"]
+        unprobed = done[(done["depth"] == deepest) & done["arch"].isin(set(silent) - set(preact))
+                        & ~done["run_id"].isin(responses["run_id"])]
+        if preact:
+            notes.append(f"no layer responses for {', '.join(net_label(a) for a in preact)}: in a pre-activation "
+                         "block every BN precedes its conv, so no 3x3 layer has a BN output of its own")
+        if not unprobed.empty:
+            notes.append(f"finished but not probed (run `study probe`): {', '.join(unprobed['run_id'])}")
     notes = coverage(runs, [(a, d, "A") for a in nets for d in depths], []) + notes
     caption = (
         "Beyond the paper: the follow-ups' answers to degradation under the paper's protocol. Line: mean final "
