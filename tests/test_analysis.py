@@ -894,20 +894,23 @@ def test_a_comparison_is_welchs_interval_and_the_per_seed_order():
     assert one.low is None and not one.significant(higher=True) and str(one) == "difference +1.00, higher in 1 of 1 seeds"
 
 
-@pytest.mark.parametrize("gap, significance", [(8.0, "significant"), (0.4, "not significant")])
-def test_a_verdict_says_whether_it_is_significant(tmp_path, gap, significance):
+@pytest.mark.parametrize("gap, verdict, significance", [
+    (8.0, "holds", "significant"), (0.4, "holds", "not significant"),
+    (-8.0, "does not hold", "significant"), (-0.4, "does not hold", "not significant")])
+def test_a_verdict_says_whether_it_is_significant(tmp_path, gap, verdict, significance):
     """Synthetic plain and ResNet nets of 8 and 20 layers over 3 seeds whose floors differ by seed
-    (spread about 1 point): the deeper plain net worse and the deeper ResNet better by `gap` points.
-    Far apart, claims 1 and 3 hold and are significant; close, they hold and are not."""
+    (spread about 1 point): the deeper plain net worse and the deeper ResNet better by `gap` points
+    (a negative gap: the other way round). Far apart, claims 1 and 3 are significant: they hold, or
+    the runs significantly contradict them; close, they are not."""
     for seed, shift in zip(range(3), (0.0, 1.0, 2.0)):
         for arch, depth, floor in (("plain", 8, 20.0), ("plain", 20, 20.0 + gap),
                                    ("resnet", 8, 20.0), ("resnet", 20, 20.0 - gap)):
             write_run(tmp_path, arch, depth, seed=seed, floor=(floor + shift, floor + 1 + shift))
     claims = {c.number: c for c in classify_claims(RunData.load(tmp_path))}
     for n in (1, 3):
-        assert claims[n].verdict == "holds" and claims[n].significance == significance, claims[n].line()
+        assert claims[n].verdict == verdict and claims[n].significance == significance, claims[n].line()
         assert "in 3 of 3 seeds" in claims[n].evidence and "95% CI" in claims[n].evidence
-        assert claims[n].line().startswith(f"claim {n}: holds ({significance}) (3 seeds)")
+        assert claims[n].line().startswith(f"claim {n}: {verdict} ({significance}) (3 seeds)")
     assert claims[2].significance == ""  # not a comparison of two means
 
 

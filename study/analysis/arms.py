@@ -60,7 +60,7 @@ def judge_arms(finals) -> list:
             findings.append(Claim(
                 len(findings) + 1, question, YES if better else NO,
                 f"training error {name_d} {tr_d} vs {name_s} {tr_s} ({train}), {finals.eval} error {te_d} vs "
-                f"{te_s} ({test})", min(tr_s.n, tr_d.n), _significance([(train, False), (test, False)])))
+                f"{te_s} ({test})", min(tr_s.n, tr_d.n), _significance([(train, False), (test, False)], better)))
         question = f"does {name_d} train better than the paper's {name_r}?"
         tr_r, te_r = finals.get(ref, deep, "train"), finals.get(ref, deep, finals.eval)
         if None in (tr_d, tr_r):
@@ -70,6 +70,7 @@ def judge_arms(finals) -> list:
         evidence = f"training error {name_d} {tr_d} vs {name_r} {tr_r} ({train})"
         if te_d is not None and te_r is not None:
             evidence += f"; {finals.eval} error {te_d} vs {te_r} ({compare(te_d, te_r)})"
-        findings.append(Claim(len(findings) + 1, question, YES if tr_d.mean < tr_r.mean else NO, evidence,
-                              min(tr_d.n, tr_r.n), _significance([(train, False)])))
+        better = tr_d.mean < tr_r.mean
+        findings.append(Claim(len(findings) + 1, question, YES if better else NO, evidence,
+                              min(tr_d.n, tr_r.n), _significance([(train, False)], better)))
     return findings

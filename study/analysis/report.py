@@ -165,12 +165,16 @@ def compare(a: _Stat, b: _Stat) -> Comparison:
     return Comparison(a.mean - b.mean, low, high, above, len(both))
 
 
-def _significance(comparisons: list[tuple[Comparison, bool]]) -> str:
-    """`significant` if every comparison's interval excludes 0 on its claimed side (`higher`), else
-    `not significant`; "" where there is no comparison."""
+def _significance(comparisons: list[tuple[Comparison, bool]], holds: bool) -> str:
+    """Whether the runs' verdict is significant (Welch's t, 95%), given the claim's comparisons and the
+    side (`higher`) each claims. A verdict that holds is `significant` if every interval excludes 0 on its
+    claimed side; one that does not hold, if some interval excludes 0 on the other side (the runs
+    significantly contradict the claim). Else `not significant`; "" where there is no comparison."""
     if not comparisons:
         return ""
-    return "significant" if all(c.significant(higher) for c, higher in comparisons) else "not significant"
+    if holds:
+        return "significant" if all(c.significant(higher) for c, higher in comparisons) else "not significant"
+    return "significant" if any(c.significant(not higher) for c, higher in comparisons) else "not significant"
 
 
 def _combine(parts: list[tuple[str | None, str]], conjunctive: bool) -> tuple[str, str]:
@@ -286,7 +290,7 @@ def _claim1(cifar: _Finals | None, imagenet: _Finals | None) -> tuple[str, str, 
     if not parts:
         parts.append((None, "no finished plain-net runs"))
     verdict, evidence = _combine(parts, conjunctive=False)
-    return verdict, evidence, min(seeds, default=0), _significance(comparisons) if verdict != UNKNOWN else ""
+    return verdict, evidence, min(seeds, default=0), _significance(comparisons, verdict == HOLDS) if verdict != UNKNOWN else ""
 
 
 def _claim2(data: RunData, study: Study | None) -> tuple[str, str, int]:
@@ -355,7 +359,7 @@ def _claim3(f: _Finals | None) -> tuple[str, str, int, str]:
         f"{'falls' if monotone else 'does not fall'} at every step in depth"
     )
     return (HOLDS if better else FAILS), evidence, min(s[0].n for s in rows.values()), _significance(
-        [(train, False), (test, False)])
+        [(train, False), (test, False)], better)
 
 
 def _claim4(f: _Finals | None) -> tuple[str, str, int, str]:
@@ -371,7 +375,7 @@ def _claim4(f: _Finals | None) -> tuple[str, str, int, str]:
         f"{f.eval} error {te1202} vs {te110} ({(test := compare(te1202, te110))}); paper: ResNet-1202's training error "
         f"under {RESNET1202_TRAIN_ERROR_BELOW}%, like 110's, test {TABLE6[('resnet', 1202, 'A')]} vs {TABLE6[('resnet', 110, 'A')]}"
     )
-    return (HOLDS if holds else FAILS), evidence, min(tr110.n, tr1202.n), _significance([(test, True)])
+    return (HOLDS if holds else FAILS), evidence, min(tr110.n, tr1202.n), _significance([(test, True)], holds)
 
 
 def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int, str]:
@@ -420,7 +424,7 @@ def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int, str]:
     else:
         parts.append((None, "needs responses of two ResNet depths to judge shrinking with depth"))
     verdict, evidence = _combine(parts, conjunctive=True)
-    return verdict, evidence, int(seeds.min()), _significance(comparisons) if verdict != UNKNOWN else ""
+    return verdict, evidence, int(seeds.min()), _significance(comparisons, verdict == HOLDS) if verdict != UNKNOWN else ""
 
 
 def _claim6(f: _Finals | None) -> tuple[str, str, int, str]:
@@ -447,7 +451,7 @@ def _claim6(f: _Finals | None) -> tuple[str, str, int, str]:
         f"({'; '.join(f'{k}: {v}' for k, v in steps.items())}); paper (10-crop): {paper}"
     )
     return (HOLDS if holds else FAILS), evidence, min(s.n for s in stats.values()), _significance(
-        [(cmp, False) for cmp in steps.values()])
+        [(cmp, False) for cmp in steps.values()], holds)
 
 
 def _study_or_none(data: RunData, *, imagenet: bool, wanted: list, **select: object) -> Study | None:
@@ -461,6 +465,13 @@ def _cifar_study(data: RunData, **select: object) -> Study | None:
     """The CIFAR-style study the claims are judged on: the one Figures 1 and 6 draw."""
     wanted = [s for spec in ("fig1", "fig6") for _, series in FIGURES[spec].panels for s in series]
     return _study_or_none(data, imagenet=False, wanted=wanted, **select)
+
+
+def judge_study_arms(data: RunData, **select: object) -> list[Claim]:
+    """The report's findings on the follow-ups' arms (`arms.judge_arms`), judged on the study the claims
+    are judged on (`select` narrows it as for `classify_claims`); empty when it has no arm."""
+    judged_on = _cifar_study(data, **select)
+    return judge_arms(_Finals(data, judged_on)) if judged_on is not None else []
 
 
 def classify_claims(data: RunData, **select: object) -> list[Claim]:
@@ -623,7 +634,7 @@ def gather(data: RunData, *, log=print, **select: object) -> ReportContent:
             made.append(ReportTable(name, table=tables.build(name, data, **select)))
         except NoRunsError as e:
             made.append(ReportTable(name, missing=str(e)))
-    arms = judge_arms(_Finals(data, judged_on)) if judged_on is not None else []
+    arms = judge_study_arms(data, **select)
     for finding in arms:
         log(f"arm {finding.number}: {finding.verdict_text} ({_seeds(finding.seeds)}): {finding.text}")
     return ReportContent(data.runs_dir, summary, note, claims, shown, made, run_table(data), arms)
