@@ -745,6 +745,19 @@ def test_a_claim_of_two_parts_says_which_part_failed(tmp_path):
     assert claim.significance == "not significant"
 
 
+def test_claim_5_is_judged_on_the_papers_nets_alone(tmp_path):
+    """A follow-up's arm with responses (one seed, larger than everything) changes neither claim 5's
+    verdict nor its seed count: the paper's nets have two seeds each."""
+    for seed in (0, 1):
+        for (arch, depth), std in {("plain", 20): 1.5, ("plain", 56): 1.6, ("resnet", 20): 1.0, ("resnet", 56): 0.9}.items():
+            write_responses(write_run(tmp_path, arch, depth, seed=seed), np.full(depth - 1, std + 0.01 * seed))
+    before = next(c for c in classify_claims(RunData.load(tmp_path)) if c.number == 5)
+    write_responses(write_run(tmp_path, "plain", 56, seed=0, init="delta-orthogonal"), np.full(55, 9.0))
+    after = next(c for c in classify_claims(RunData.load(tmp_path)) if c.number == 5)
+    assert (after.verdict, after.seeds, after.evidence) == (before.verdict, before.seeds, before.evidence) == (
+        "holds", 2, before.evidence)
+
+
 def test_claims_on_nets_that_have_not_learned_cannot_be_judged(tmp_path):
     """Nets all at chance (90% error for 10 classes; a demo of a few steps) say nothing about depth,
     whichever is a point "better": claims 1 and 3 cannot be judged, and the evidence says why. A

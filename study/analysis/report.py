@@ -27,7 +27,7 @@ from ..config import ConfigError
 from ..data import DataError, dataset_info
 from .arms import judge_arms
 from .load import NoRunsError, RunData, Study, chosen_text, pick_study, studies, unsettled_bn, unsettled_bn_note
-from .paper import CLAIMS, FIGURES, IMAGENET, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
+from .paper import CLAIMS, FIGURES, IMAGENET, PAPER_ARCHS, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
 from ..runstore import atomic_write_text
 from .tables import TABLE_NAMES, final_errors, with_tencrop
 
@@ -380,7 +380,8 @@ def _claim4(f: _Finals | None) -> tuple[str, str, int, str]:
 
 def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int, str]:
     resp = study.select(data.responses) if study is not None else data.responses.iloc[0:0]
-    resp = resp[(resp["status"] == "done") & (resp["shortcut"] == "A")]
+    # The paper's nets alone: the follow-ups' arms have their own section.
+    resp = resp[(resp["status"] == "done") & (resp["shortcut"] == "A") & resp["arch"].isin(PAPER_ARCHS)]
     if resp.empty:
         return UNKNOWN, "no layer responses of finished runs (`study probe`)", 0, ""
     if early := unsettled_bn(resp):
