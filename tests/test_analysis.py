@@ -927,6 +927,37 @@ def test_a_verdict_says_whether_it_is_significant(tmp_path, gap, verdict, signif
     assert claims[2].significance == ""  # not a comparison of two means
 
 
+def test_significance_of_a_verdict_that_holds_needs_every_interval_and_of_one_that_fails_any():
+    """`_significance(comparisons, holds)`: each comparison is (interval, the side the claim states)."""
+    from study.analysis.report import Comparison, _significance
+
+    up = Comparison(diff=3.0, low=1.0, high=5.0, above=3, paired=3)  # significantly higher
+    down = Comparison(diff=-3.0, low=-5.0, high=-1.0, above=0, paired=3)  # significantly lower
+    wide = Comparison(diff=0.5, low=-1.0, high=2.0, above=2, paired=3)  # straddles 0
+    one = Comparison(diff=3.0, low=None, high=None, above=1, paired=1)  # one seed: no interval
+    assert _significance([(up, True), (down, False)], True) == "significant"
+    assert _significance([(up, True), (wide, True)], True) == "not significant"  # every one is needed
+    assert _significance([(one, True)], True) == "not significant"
+    # Failing: one comparison significantly on the other side is enough; the claimed side is not.
+    assert _significance([(up, True), (up, False)], False) == "significant"
+    assert _significance([(wide, True), (down, True)], False) == "significant"
+    assert _significance([(up, True), (wide, True)], False) == "not significant"
+    assert _significance([(one, False)], False) == "not significant"
+    assert _significance([], True) == _significance([], False) == ""
+
+
+@pytest.mark.parametrize("train_1202, significance", [(8.0, "significant"), (2.2, "not significant")])
+def test_claim_4_contradicted_by_training_error_says_whether_significantly(tmp_path, train_1202, significance):
+    """Claim 4 (ResNet-1202 trains like ResNet-110, tests worse): here its test error is higher, as
+    claimed, but its training error is above 110's by more than the margin: far above (significant) or
+    just above, within the seeds' spread (not significant)."""
+    for seed, shift in zip(range(3), (0.0, 0.5, 1.0)):
+        write_run(tmp_path, "resnet", 110, seed=seed, floor=(1.0 + shift, 6.0 + shift), iterations=400)
+        write_run(tmp_path, "resnet", 1202, seed=seed, floor=(train_1202 + shift, 8.0 + shift), iterations=400)
+    claim = next(c for c in classify_claims(RunData.load(tmp_path)) if c.number == 4)
+    assert (claim.verdict, claim.significance) == ("does not hold", significance), claim.line()
+
+
 # --- beyond the paper: error against budget --------------------------------------------------
 
 

@@ -273,3 +273,13 @@ def test_the_figures_name_unprobed_runs_but_not_the_pre_activation_nets_which_ha
     # At the deepest depth, the zero-init ResNet-56 is the one arm run the user can still probe.
     assert [n for n in arms.notes if "not probed" in n] == [
         f"finished but not probed (run `study probe`): {runs[('resnet', 'zero-residual', 56)].cfg.run_id}"]
+    # Nothing probed at the deepest depth: no response panel, and still both notes.
+    bare = tmp_path / "bare"
+    for arch in ("plain", "preact"):
+        for depth in (20, 56):
+            write_run(bare, arch, depth, floor=(8.0, 9.0))
+    arms = build("arms", RunData.load(bare))
+    assert len(arms.figure.axes) == 2
+    assert any(n.startswith("no layer responses for PreAct-ResNet:") for n in arms.notes), arms.notes
+    assert [n for n in arms.notes if "not probed" in n] == ["finished but not probed (run `study probe`): "
+                                                            "fashion-mnist-mini-plain56-A-s0-it400"]

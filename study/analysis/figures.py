@@ -789,15 +789,16 @@ def arms(data: RunData, **select: object) -> Drawn:
         ax.set_ylabel("std")
         ax.set_ylim(bottom=0)
         ax.set_title(f"layer responses, {deepest} layers")
-        silent = [a for a in nets if probed[probed["arch"] == a].empty]
-        preact = [a for a in silent if a.partition("+")[0] == "preact"]
-        unprobed = done[(done["depth"] == deepest) & done["arch"].isin(set(silent) - set(preact))
-                        & ~done["run_id"].isin(responses["run_id"])]
-        if preact:
-            notes.append(f"no layer responses for {', '.join(net_label(a) for a in preact)}: in a pre-activation "
-                         "block every BN precedes its conv, so no 3x3 layer has a BN output of its own")
-        if not unprobed.empty:
-            notes.append(f"finished but not probed (run `study probe`): {', '.join(unprobed['run_id'])}")
+    # Per run, probed panel or not: a pre-activation net has no responses by design; any other finished run
+    # at the deepest depth without them can still be probed.
+    at_deepest = done[done["depth"] == deepest]
+    preact = sorted({a for a in at_deepest["arch"] if a.partition("+")[0] == "preact"})
+    unprobed = at_deepest[~at_deepest["arch"].isin(preact) & ~at_deepest["run_id"].isin(data.responses["run_id"])]
+    if preact:
+        notes.append(f"no layer responses for {', '.join(net_label(a) for a in preact)}: in a pre-activation "
+                     "block every BN precedes its conv, so no 3x3 layer has a BN output of its own")
+    if not unprobed.empty:
+        notes.append(f"finished but not probed (run `study probe`): {', '.join(unprobed['run_id'])}")
     notes = coverage(runs, [(a, d, "A") for a in nets for d in depths], []) + notes
     caption = (
         "Beyond the paper: the follow-ups' answers to degradation under the paper's protocol. Line: mean final "
