@@ -7,13 +7,14 @@ import pytest
 
 import study
 from study.analysis.load import RunData
-from study.analysis.report import classify_claims
+from study.analysis.report import classify_claims, judge_study_arms
 from study.analysis.tables import final_errors
 from study.grids import grid_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Each published study, and the page whose verdict table states its verdicts.
-STUDIES = {"quick": ROOT / "README.md", "laptop": ROOT / "docs" / "laptop-study.md"}
+STUDIES = {"quick": ROOT / "README.md", "laptop": ROOT / "docs" / "laptop-study.md",
+           "followups": ROOT / "results" / "followups" / "README.md"}
 
 
 def stated_verdicts(study_name: str, page: Path | None = None) -> dict[str, str]:
@@ -131,17 +132,51 @@ def test_the_pilot_page_states_the_final_errors_its_runs_have():
         assert (shallow.strip(), deep.strip(), diff.strip()) == (_errors_text(r20), _errors_text(r56), _difference_text(r56, r20)), budget
 
 
-def test_the_followups_page_states_seed_0s_final_errors():
-    """results/followups/README.md: the seed-0 table gives each net's final training / test error at 20
-    and 56 layers, and their difference, as its runs there end."""
+def _means_text(rows) -> str:
+    """A net's "train / test" cell over its seeds, as the results pages write it: mean ± std of each."""
+    return " / ".join(f"{rows[s].mean():.2f} ± {rows[s].std():.2f}" for s in ("train", "test"))
+
+
+def _mean_difference_text(deep, shallow) -> str:
+    """The deeper net's mean minus the shallower's, train / test."""
+    return " / ".join(f"{deep[s].mean() - shallow[s].mean():+.2f}" for s in ("train", "test"))
+
+
+def _between(text: str, marker: str) -> str:
+    """A page's text between `<!-- marker -->` and `<!-- /marker -->`."""
+    assert f"<!-- {marker} -->" in text and f"<!-- /{marker} -->" in text, f"the page lacks its {marker} markers"
+    return text.split(f"<!-- {marker} -->")[1].split(f"<!-- /{marker} -->")[0]
+
+
+def test_the_followups_page_states_the_final_errors_of_its_runs():
+    """results/followups/README.md: the table gives each net's final training / test error at 20 and 56
+    layers, mean ± std over the grid's 3 seeds as its runs there end, and the difference of the means."""
     results = ROOT / "results" / "followups"
     if not results.is_dir():
         pytest.skip("results/followups/ is not in this checkout")
-    finals = final_errors(study.load_runs(results))
-    finals = finals[finals["seed"] == 0].set_index(["arch", "depth"])
-    text = _page_text(results / "README.md")
+    metrics = study.load_runs(results)
+    assert set(metrics["run_id"]) == {cfg.run_id for cfg in grid_configs("followups")}
+    finals = final_errors(metrics)
+    text = _between(_page_text(results / "README.md"), "followups-errors")
     rows = re.findall(r"^\| [^|`]*\(`([a-z+]+)`\) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", text, flags=re.M)
-    assert {arch for arch, *_ in rows} == set(finals.index.get_level_values("arch")), rows
+    assert {arch for arch, *_ in rows} == set(finals["arch"]), rows
     for arch, shallow, deep, diff in rows:
-        a, b = finals.loc[(arch, 20)], finals.loc[(arch, 56)]
-        assert (shallow.strip(), deep.strip(), diff.strip()) == (_errors_text(a), _errors_text(b), _difference_text(b, a)), arch
+        a, b = (finals[(finals["arch"] == arch) & (finals["depth"] == d)] for d in (20, 56))
+        assert len(a) == len(b) == 3
+        assert (shallow.strip(), deep.strip(), diff.strip()) == (_means_text(a), _means_text(b), _mean_difference_text(b, a)), arch
+
+
+def test_the_followups_page_states_the_arms_verdicts_of_its_runs():
+    """results/followups/README.md: each arm's row gives the question `study report` asks, its verdict
+    and significance, as the report judges the published runs."""
+    results = ROOT / "results" / "followups"
+    if not results.is_dir():
+        pytest.skip("results/followups/ is not in this checkout")
+    findings = judge_study_arms(RunData.load(results))
+    assert len(findings) == 6  # two questions for each of the three arms
+    text = _between(_page_text(results / "README.md"), "followups-arms")
+    rows = re.findall(r"^\| arm (\d+) \| ([^|]+) \| \*\*(yes|no|cannot be judged)\*\*(?: \(([a-z ]+)\))? \|", text,
+                      flags=re.M)
+    assert len({n for n, *_ in rows}) == len(rows), rows  # each arm's question once
+    stated = {int(n): (q.strip(), v, sig) for n, q, v, sig in rows}
+    assert stated == {f.number: (f.text, f.verdict, f.significance) for f in findings}
