@@ -144,6 +144,14 @@ def test_status_says_how_long_each_run_trained_and_has_left(tmp_path, capsys):
                              "--dataset", "fashion-mnist-mini", "--runs-dir", str(tmp_path))
     assert code == 0 and out.splitlines()[1].split()[-1] == "-", out
 
+    # The speed of a net's runs is pooled over their iterations: a finished run of 1,600 iterations at
+    # 3 s a step counts for its length, (120 + 480 + 4,800) s / 2,100 iterations = 2.57 s a step, so the
+    # seed-1 run's 400 iterations: about 17 minutes (a plain mean of the three speeds would say 12).
+    ran(5, 1600, "done", 1600, 4810.0, 10.0)
+    code, out, err = run_cli(capsys, "status", "--arch", "plain", "--depth", "8", "--seeds", "1", "--iterations", "400",
+                             "--dataset", "fashion-mnist-mini", "--runs-dir", str(tmp_path))
+    assert code == 0 and out.splitlines()[1].split()[-1] == "~17m", out
+
 
 def test_no_wait_leaves_a_held_run_to_its_process_and_returns(tmp_path, capsys):
     """With --no-wait, a runner trains the runs it can lock and returns, leaving the one another

@@ -61,9 +61,9 @@ def cmd_grids(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds_per_step(metrics) -> float | None:
-    """A run's training seconds per iteration so far (its one-time costs, compiling, left out), from
-    its metrics; None before its first epoch (or where no time was recorded)."""
+def _training_time(metrics) -> tuple[float, int] | None:
+    """A run's training seconds so far (its one-time costs, compiling, left out) and the iterations they
+    trained, from its metrics; None before its first epoch (or where no time was recorded)."""
     if metrics.empty or "elapsed_s" not in metrics or not (metrics["iteration"] > 0).any():
         return None
     last = metrics.loc[metrics["iteration"].idxmax()]
@@ -71,7 +71,13 @@ def _seconds_per_step(metrics) -> float | None:
     if elapsed != elapsed:  # NaN: written by a tool that keeps no clock
         return None
     onetime = float(last["warmup_s"]) if "warmup_s" in metrics and last["warmup_s"] == last["warmup_s"] else 0.0
-    return max(elapsed - onetime, 0.0) / int(last["iteration"])
+    return max(elapsed - onetime, 0.0), int(last["iteration"])
+
+
+def _seconds_per_step(metrics) -> float | None:
+    """A run's training seconds per iteration so far; None before its first epoch."""
+    timed = _training_time(metrics)
+    return timed[0] / timed[1] if timed is not None else None
 
 
 def _net_key(run: Run, *, any_kind: bool = False) -> str:
@@ -120,12 +126,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         if st["status"] == "running" and not run.is_held():  # its process was killed, or its node failed
             st, stopped = {**st, "status": "stopped"}, True
         rows.append((run, st, run.read_metrics()))
-    seen: dict[str, list[float]] = {}  # each net's speeds so far (and each depth's), for its runs not started yet
+    # Each net's (and each depth's) seconds and iterations so far, for its runs not started yet: pooled, so
+    # a long run's speed counts for its length, not as much as a short run's trained beside more others.
+    seen: dict[str, list[tuple[float, int]]] = {}
     for run, metrics in [(run, metrics) for run, _, metrics in rows] + [(r, r.read_metrics()) for r in others]:
-        if (rate := _seconds_per_step(metrics)) is not None:
+        if (timed := _training_time(metrics)) is not None:
             for key in {_net_key(run), _net_key(run, any_kind=True)}:
-                seen.setdefault(key, []).append(rate)
-    rates = {key: sum(r) / len(r) for key, r in seen.items()}
+                seen.setdefault(key, []).append(timed)
+    rates = {key: sum(t for t, _ in times) / sum(n for _, n in times) for key, times in seen.items()}
     total_left, guessed, unknown = 0.0, False, 0
     for run, st, metrics in rows:
         last = metrics.groupby("split")["error_pct"].last() if not metrics.empty else {}
