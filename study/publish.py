@@ -94,6 +94,19 @@ def _copy(src: Path, dst: Path) -> bool:
     return True
 
 
+def _nothing_to_publish(root: Path, left_out: dict[str, str]) -> str:
+    """The one line for a publish that would copy nothing: why, counted by reason, and the fix."""
+    if not left_out:
+        return f"nothing to publish: no runs in {root}; pass --runs-dir to where your finished runs are"
+    reasons: dict[str, int] = {}
+    for why in left_out.values():
+        reason = why.split(";")[0].split(" (")[0]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    counted = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+    return (f"nothing to publish from {root}: of {len(left_out)} run(s), {counted}; pass --runs-dir to where "
+            "the finished runs are, or publish once they finish")
+
+
 def publish(runs_dir: str | os.PathLike, out: str | os.PathLike, *, run_ids: Iterable[str] | None = None,
             allow_dirty: bool = False, log: Callable[[str], None] = print) -> Published:
     """Copy the small files (`SMALL_FILES`) of every finished run under `runs_dir` (or of those
@@ -120,6 +133,8 @@ def publish(runs_dir: str | os.PathLike, out: str | os.PathLike, *, run_ids: Ite
             done.left_out[run_id] = why
         else:
             chosen.append(run)
+    if not chosen:  # a wrong --runs-dir or --grid, or runs still training: say so, and write nothing
+        raise RunStoreError(_nothing_to_publish(root, done.left_out))
     for run in chosen:
         _check_destination(out / run.cfg.run_id)
     check_writable(out, "--out", "--out")

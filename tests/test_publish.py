@@ -91,13 +91,19 @@ def test_publish_takes_the_runs_a_study_run_command_line_selects(tmp_path, capsy
 
 
 @pytest.mark.parametrize("case", ["no runs dir", "out is a file", "out is the runs dir", "out in the runs dir",
-                                  "a file in the way"])
+                                  "a file in the way", "no runs in the runs dir", "no run finished"])
 def test_publish_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
+    """Including a publish that would copy nothing (a wrong --runs-dir, or runs still training): no empty
+    --out folder is left to look like a success."""
     runs = tmp_path / "runs"
-    if case != "no runs dir":
+    if case == "no runs in the runs dir":
+        runs.mkdir()
+    elif case == "no run finished":
+        make_run(runs, 0, status="interrupted"), make_run(runs, 1, status="running")
+    elif case != "no runs dir":
         make_run(runs, 0)
-    out = {"no runs dir": tmp_path / "out", "out is a file": tmp_path / "file", "out is the runs dir": runs,
-           "out in the runs dir": runs / "published", "a file in the way": tmp_path / "out"}[case]
+    out = {"out is a file": tmp_path / "file", "out is the runs dir": runs, "out in the runs dir": runs / "published",
+           }.get(case, tmp_path / "out")
     if case == "out is a file":
         out.write_text("x")
     if case == "a file in the way":  # where the run's folder would go
@@ -107,4 +113,6 @@ def test_publish_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case
     assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("study: error: ") and ("--runs-dir" in err or "--out" in err), err
+    if case == "no run finished":
+        assert "nothing to publish" in err and "of 2 run(s), 2 not finished" in err, err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
