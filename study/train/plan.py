@@ -277,10 +277,14 @@ def resolve_device(device: str = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"unknown device {device!r}; use --device auto, cpu or cuda") from None
+    if dev.type == "mps" and not torch.backends.mps.is_available():  # torch's own message runs to 2,000 characters
+        raise ConfigError(f"--device {device} cannot be used here (MPS needs a Mac with Apple silicon and a torch built "
+                          "with MPS); use --device auto, cpu or cuda")
     try:
-        torch.empty(0, device=dev)  # e.g. `mps` where torch has no MPS, `cuda:3` on a one-GPU machine
+        torch.empty(0, device=dev)  # e.g. `cuda:3` on a one-GPU machine
     except (RuntimeError, AssertionError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = reason if len(reason) <= 160 else reason[:157].rstrip() + "..."  # one readable line
         raise ConfigError(f"--device {device} cannot be used here ({reason}); use --device auto, cpu or cuda") from None
     return dev
 
