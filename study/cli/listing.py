@@ -40,9 +40,18 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
     from ..models import architecture_table
 
-    rows = architecture_table()
+    # Thousands of tiny ops: one thread does them in seconds, where more threads on cores busy with
+    # training spin-wait for one another for minutes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = architecture_table()
+    finally:
+        torch.set_num_threads(threads)
     if args.format == "json":
         print(json.dumps(rows, indent=1))
         return 0
