@@ -325,6 +325,7 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
     # The checks run_all makes before training, here, so that no job starts only to fail. The data
     # must be where the jobs will look (a shared file system); --download fetches it now.
     from .data import load_data
+    from .train.runner import check_batch_fits
 
     checked: set[tuple[str, bool]] = set()
     data_dir = getattr(args, "data_dir", None)
@@ -336,7 +337,9 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
                 imagenet.split_dir(data_dir or os.path.join("data", "imagenet"), split)
         elif (cfg.dataset, cfg.holdout) not in checked:
             checked.add((cfg.dataset, cfg.holdout))
-            load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download)
+            data = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download)
+            for same in {r.cfg for r in todo if (r.cfg.dataset, r.cfg.holdout) == (cfg.dataset, cfg.holdout)}:
+                check_batch_fits(same, data)
     check_writable(root)
 
     if executor is None:

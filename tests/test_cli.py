@@ -277,6 +277,10 @@ BAD_INPUT = [
     (["run", "--arch", "plain", "--depth", "20", "--device", "tpu"], "unknown device"),
     (["run", "--grid", "quick", "--depth", "20"], "does not apply to --grid"),
     (["frobnicate"], "invalid choice"),
+    (["run", "--arch", "plain", "--depth", "8", "--dataset", "fashion-mnist-mini", "--batch-size", "10001"],
+     "--batch-size 10001 is larger than fashion-mnist-mini's training split of 10,000 images; use at most 10000"),
+    (["run", "--arch", "plain", "--depth", "8", "--dataset", "fashion-mnist-mini", "--holdout", "--batch-size", "9500"],
+     "larger than fashion-mnist-mini's training split (less the held-out part)"),
 ]
 # A real process for one case of each kind (an argparse error, a check of ours, missing data).
 IN_A_PROCESS = {0, 10, 13}

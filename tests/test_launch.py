@@ -394,6 +394,12 @@ def test_bad_flags_and_missing_sbatch_are_one_line_errors(tmp_path, monkeypatch)
             submit(cfg, str(runs), parse())
         assert str(e.value) == "--launcher slurm needs submitit: pip install 'resnet-degradation-study[slurm]'"
 
+    # A batch larger than the training split, found before any job is submitted (the executor is never used).
+    too_big = [RunConfig(arch="plain", depth=8, dataset="fashion-mnist-mini", iterations=10, batch_size=10001)]
+    with pytest.raises(ConfigError, match="--batch-size 10001 is larger than fashion-mnist-mini's training split"):
+        submit(too_big, str(runs), parse(), executor=object())
+    assert not runs.exists()
+
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
     with pytest.raises(ConfigError) as e:
         submit(cfg, str(runs), parse())

@@ -161,7 +161,20 @@ def _open_data(configs: list[RunConfig], data_dir: str | None, plan: ExecutionPl
             datasets[key] = imagenet.open_imagenet(data_dir or os.path.join("data", "imagenet"), decode=plan.decode)
         else:
             datasets[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download).to(dev)
+    for cfg in configs:
+        if not cfg.imagenet:
+            check_batch_fits(cfg, datasets[(cfg.dataset, cfg.holdout)])
     return datasets
+
+
+def check_batch_fits(cfg: RunConfig, data: Data) -> None:
+    """ConfigError if `cfg`'s batch is larger than its training split: every step would train on the
+    whole split, a run no longer of the batch size its id names."""
+    n = len(data.train)
+    if cfg.batch_size > n:
+        split = "training split" + (" (less the held-out part)" if cfg.holdout else "")
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than {cfg.dataset}'s {split} of {n:,} images; "
+                          f"use at most {n}")
 
 
 def _notes_before_training(runs: list[Run], runs_dir: str | Path, dev: torch.device, log: Callable[[str], None]
