@@ -58,6 +58,12 @@ def test_a_missing_run_or_checkpoint_is_a_one_line_error(finished, tmp_path):
         study.load_model("nope", runs_dir=runs)
     with pytest.raises(ConfigError, match="has no checkpoint"):
         study.load_model(cfg.run_id, runs_dir=runs, checkpoint="missing.pt")
+    # A published copy (results/) holds no weights: the error says so and where to load from.
+    from study.publish import publish
+
+    publish(runs, tmp_path / "published", allow_dirty=True, log=lambda _: None)
+    with pytest.raises(ConfigError, match="has no checkpoint in .*published run .*carries no weights"):
+        study.load_model(cfg.run_id, runs_dir=tmp_path / "published")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="not a readable study checkpoint"):
