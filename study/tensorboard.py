@@ -179,6 +179,8 @@ def export(runs_dir: str | os.PathLike, out: str | os.PathLike, log: Callable[[s
 
     require("study export tensorboard")
     runs = list_runs(runs_dir)
+    if not runs and not Path(runs_dir).is_dir():
+        raise ConfigError(f"runs dir {runs_dir} does not exist; pass --runs-dir to where your runs are")
     if not runs:
         raise ConfigError(f"no runs in {runs_dir}; pass --runs-dir to the directory `study run` wrote")
     finished = [run for run in runs if run.status().get("status") in FINAL_STATUSES]

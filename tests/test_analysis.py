@@ -283,11 +283,16 @@ def test_runs_written_before_warmup_s_still_load_and_plot(tmp_path, cli):
 def test_no_runs_at_all_is_a_one_line_error_exit_2(tmp_path, cli):
     with pytest.raises(ConfigError, match="no runs in"):
         load_runs(tmp_path)
+    (tmp_path / "empty").mkdir()
     for argv in (["plot", "fig6"], ["plot", "all"], ["table", "table6"], ["report"], ["probe"]):
-        code, out, err = cli(*argv, "--runs-dir", tmp_path / "nothing")
+        code, out, err = cli(*argv, "--runs-dir", tmp_path / "empty")
         assert code == 2, argv
         assert err.count("\n") == 1 and err.startswith("study: error: no runs in") and "--runs-dir" in err, err
-    assert not (tmp_path / "figures").exists()
+        # A mistyped path is not "no runs": the error says the folder is not there.
+        code, out, err = cli(*argv, "--runs-dir", tmp_path / "nothing")
+        assert code == 2, argv
+        assert err.count("\n") == 1 and err.startswith(f"study: error: runs dir {tmp_path / 'nothing'} does not exist"), err
+    assert not (tmp_path / "figures").exists() and not (tmp_path / "nothing").exists()
 
 
 # --- figures ---------------------------------------------------------------------------------

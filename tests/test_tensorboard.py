@@ -186,3 +186,13 @@ def test_slurm_tasks_get_the_directory(tmp_path, monkeypatch):
     executor = Executor()
     assert submit([tiny()], str(tmp_path / "runs"), args, executor=executor) == 0
     assert [task.tensorboard for task in executor.tasks] == [str(tmp_path / "tb")]
+
+
+def test_export_from_a_missing_or_empty_runs_dir_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for runs, needle in ((tmp_path / "nothing", f"runs dir {tmp_path / 'nothing'} does not exist"),
+                         (tmp_path / "empty", f"no runs in {tmp_path / 'empty'}")):
+        assert main(["export", "tensorboard", "--runs-dir", str(runs), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"study: error: {needle}") and "--runs-dir" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]

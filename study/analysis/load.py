@@ -140,6 +140,8 @@ def load_run_table(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
 
 
 def _no_runs(runs_dir: str | os.PathLike) -> NoRunsError:
+    if not Path(runs_dir).is_dir():  # a mistyped path is not "no runs"
+        return NoRunsError(f"runs dir {runs_dir} does not exist; pass --runs-dir to where your runs are")
     return NoRunsError(
         f"no runs in {runs_dir}; train some first (e.g. `study run --grid quick`) "
         "or pass --runs-dir to the directory that holds them"

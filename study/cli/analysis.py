@@ -182,6 +182,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.max_images is not None and args.max_images <= 0:
         raise ConfigError(f"--max-images must be a positive number of images; got {args.max_images}")
     runs = {run.cfg.run_id: run for run in list_runs(args.runs_dir)}
+    if not runs and not Path(args.runs_dir).is_dir():
+        raise NoRunsError(f"runs dir {args.runs_dir} does not exist; pass --runs-dir to where your runs are")
     if not runs:
         raise NoRunsError(
             f"no runs in {args.runs_dir} to probe; train some first (e.g. `study run --grid quick`) or pass --runs-dir"
