@@ -148,6 +148,19 @@ def _between(text: str, marker: str) -> str:
     return text.split(f"<!-- {marker} -->")[1].split(f"<!-- /{marker} -->")[0]
 
 
+def _assert_errors_table(page_text: str, marker: str, finals) -> None:
+    """A page's final-errors table (between its `marker`s): a row per net (its `arch` in backticks) giving
+    its final training / test error at 20 and 56 layers, mean ± std over 3 seeds as `finals` (the runs'
+    `final_errors`) has them, and the difference of the means."""
+    text = _between(page_text, marker)
+    rows = re.findall(r"^\| [^|`]*\(`([a-z+]+)`\) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", text, flags=re.M)
+    assert {arch for arch, *_ in rows} == set(finals["arch"]), rows
+    for arch, shallow, deep, diff in rows:
+        a, b = (finals[(finals["arch"] == arch) & (finals["depth"] == d)] for d in (20, 56))
+        assert len(a) == len(b) == 3
+        assert (shallow.strip(), deep.strip(), diff.strip()) == (_means_text(a), _means_text(b), _mean_difference_text(b, a)), arch
+
+
 def test_the_followups_page_states_the_final_errors_of_its_runs():
     """results/followups/README.md: the table gives each net's final training / test error at 20 and 56
     layers, mean ± std over the grid's 3 seeds as its runs there end, and the difference of the means."""
@@ -156,14 +169,55 @@ def test_the_followups_page_states_the_final_errors_of_its_runs():
         pytest.skip("results/followups/ is not in this checkout")
     metrics = study.load_runs(results)
     assert set(metrics["run_id"]) == {cfg.run_id for cfg in grid_configs("followups")}
+    _assert_errors_table(_page_text(results / "README.md"), "followups-errors", final_errors(metrics))
+
+
+def assert_paper_depths_page(results: Path) -> None:
+    """A paper-depths page (plain and ResNet x 20/56, 3 seeds) states what its runs show: the final
+    errors (mean ± std, difference of the means); the verdicts and significance `study report` gives
+    claims 1 and 3 (training and test error); the twin (ResNet-56 against plain-56) and ResNet-56 against
+    ResNet-20 in training error alone, each with its Welch interval and significance as `compare` gives them."""
+    from study.analysis.report import _significance, _stat, compare
+
+    metrics = study.load_runs(results)
     finals = final_errors(metrics)
-    text = _between(_page_text(results / "README.md"), "followups-errors")
-    rows = re.findall(r"^\| [^|`]*\(`([a-z+]+)`\) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", text, flags=re.M)
-    assert {arch for arch, *_ in rows} == set(finals["arch"]), rows
-    for arch, shallow, deep, diff in rows:
-        a, b = (finals[(finals["arch"] == arch) & (finals["depth"] == d)] for d in (20, 56))
-        assert len(a) == len(b) == 3
-        assert (shallow.strip(), deep.strip(), diff.strip()) == (_means_text(a), _means_text(b), _mean_difference_text(b, a)), arch
+    text = _page_text(results / "README.md")
+    _assert_errors_table(text, "paper-depths-errors", finals)
+
+    def train(arch, depth):
+        return _stat(finals[(finals["arch"] == arch) & (finals["depth"] == depth)].set_index("seed")["train"])
+
+    block = _between(text, "paper-depths-verdicts")
+    stated = {m[0]: (m[1], m[2]) for m in re.findall(
+        r"^\| (claim \d|twin)\b.*\| \*\*(holds|does not hold|cannot be judged)\*\* \(((?:not )?significant)\) \|$",
+        block, flags=re.M)}
+    assert set(stated) == {"claim 1", "claim 3", "twin"}, block
+    claims = {f"claim {c.number}": c for c in classify_claims(RunData.load(results))}
+    for key in ("claim 1", "claim 3"):
+        assert stated[key] == (claims[key].verdict, claims[key].significance), key
+        assert claims[key].evidence.replace("-", "\u2212") in block.replace("-", "\u2212"), key
+    for key, marker, deep, shallow, words in (
+            ("twin", "paper-depths-verdicts", ("resnet", 56), ("plain", 56), ("holds", "does not hold")),
+            ("training", "paper-depths-training", ("resnet", 56), ("resnet", 20), ("yes", "no"))):
+        comparison = compare(train(*deep), train(*shallow))
+        better = comparison.diff < 0
+        row = [line for line in _between(text, marker).splitlines() if str(comparison) in line.replace("\u2212", "-")]
+        assert len(row) == 1, (key, str(comparison))
+        verdict = words[0] if better else words[1]
+        assert f"**{verdict}** ({_significance([(comparison, False)], better)})" in row[0], (key, row[0])
+
+
+def test_the_paper_depths_page_states_what_its_runs_show():
+    """results/paper-depths/README.md, once all 12 runs are published (they are published as they finish)."""
+    results = ROOT / "results" / "paper-depths"
+    if not results.is_dir():
+        pytest.skip("results/paper-depths/ is not in this checkout")
+    published = set(study.load_runs(results)["run_id"])
+    grid = {cfg.run_id for cfg in grid_configs("paper-depths")}
+    assert published <= grid, published - grid
+    if published != grid:
+        pytest.skip(f"results/paper-depths/ is still training: {len(published)} of {len(grid)} runs published")
+    assert_paper_depths_page(results)
 
 
 def test_the_followups_page_states_the_arms_verdicts_of_its_runs():
