@@ -153,6 +153,38 @@ def test_status_says_how_long_each_run_trained_and_has_left(tmp_path, capsys):
     assert code == 0 and out.splitlines()[1].split()[-1] == "~17m", out
 
 
+def test_status_estimates_the_wall_time_of_runs_trained_side_by_side(tmp_path, capsys):
+    """Two runs training now (their processes hold their locks), 6 and 4 minutes left at 1.2 s a step, and
+    one waiting, 8 minutes at their speed: side by side the waiting run starts when the 4-minute one ends,
+    so 12 minutes of wall time, against 18 in all."""
+    import pandas as pd
+
+    from study.config import RunConfig
+    from study.runstore import METRIC_COLUMNS, Run
+
+    def ran(seed, at, elapsed):
+        cfg = RunConfig("plain", 8, seed=seed, iterations=400, dataset="fashion-mnist-mini")
+        run = Run(tmp_path, cfg)
+        run.prepare("cpu")
+        row = dict.fromkeys(METRIC_COLUMNS)
+        row.update(run_id=cfg.run_id, dataset=cfg.dataset, arch="plain", depth=8, shortcut="A", seed=seed, epoch=1,
+                   iteration=at, split="train", loss=1.0, error_pct=30.0, lr=0.1, elapsed_s=elapsed, warmup_s=10.0)
+        pd.DataFrame([row], columns=METRIC_COLUMNS).to_parquet(run.metrics_path, index=False)
+        run.set_status("running", iteration=at)
+        return run
+
+    first, second = ran(0, 100, 130.0), ran(1, 200, 250.0)
+    argv = ("status", "--arch", "plain", "--depth", "8", "--seeds", "0-2", "--iterations", "400",
+            "--dataset", "fashion-mnist-mini", "--runs-dir", str(tmp_path))
+    with first.lock() as a, second.lock() as b:
+        assert a and b
+        code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "(left: about 18m in all" in out and "with 2 trained side by side as now, about 12m of wall time" in out, out
+    code, out, err = run_cli(capsys, *argv)  # no process trains them: no side-by-side estimate
+    assert code == 0 and "(left: about 18m in all" in out and "side by side as now" not in out, out
+
+
 def test_no_wait_leaves_a_held_run_to_its_process_and_returns(tmp_path, capsys):
     """With --no-wait, a runner trains the runs it can lock and returns, leaving the one another
     process holds (here: this test) to it, untouched; exit 0 for what it did."""

@@ -98,6 +98,17 @@ def _net_key(run: Run, *, any_kind: bool = False) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k not in ignored}, sort_keys=True)
 
 
+def _side_by_side(training: list[float], waiting: list[float]) -> float:
+    """Seconds until the last run finishes when the runs training now (their seconds left) go on side by
+    side and each waiting run, in order, starts in the place of the first to finish."""
+    import heapq
+
+    places = sorted(training)
+    for seconds in waiting:
+        heapq.heappush(places, heapq.heappop(places) + seconds)
+    return max(places)
+
+
 def _duration(seconds: float) -> str:
     """12s, 42m, 3h05m."""
     if seconds < 60:
@@ -144,6 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 seen.setdefault(key, []).append(timed)
     rates = {key: sum(t for t, _ in times) / sum(n for _, n in times) for key, times in seen.items()}
     total_left, guessed, unknown = 0.0, False, 0
+    lefts: list[tuple[float, bool]] = []  # each unfinished run's seconds left, and whether it trains now
     for run, st, metrics in rows:
         last = metrics.groupby("split")["error_pct"].last() if not metrics.empty else {}
         train_err = f"{last['train']:.2f}" if "train" in last else "-"
@@ -160,6 +172,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if rate is not None:
                 seconds = rate * max(run.cfg.iterations - int(st.get("iteration", 0) or 0), 0)
                 total_left += seconds
+                lefts.append((seconds, st["status"] == "running"))
                 guessed |= own is None
                 left = ("~" if own is None else "") + _duration(seconds)
             else:
@@ -174,6 +187,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if total_left:
         parts = [f"left: about {_duration(total_left)} in all, each run's remaining iterations at its own speed so far "
                  "(runs trained side by side overlap)"]
+        now = sum(running for _, running in lefts)
+        if now >= 2 and not unknown:
+            wall = _side_by_side([s for s, running in lefts if running], [s for s, running in lefts if not running])
+            parts.append(f"with {now} trained side by side as now, about {_duration(wall)} of wall time (each run "
+                         "not training now starting, in this order, when one finishes)")
         if guessed:
             parts.append("~: at the speed of other runs of the same net, or where none has trained yet, of the "
                          "same depth and settings")
