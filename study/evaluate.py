@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .data.sources import DataError
-from .runstore import Run, RunStoreError, atomic_write_text, check_writable, list_runs
+from .runstore import Run, RunStoreError, atomic_write_text, check_writable, list_runs, missing_runs_dir, no_checkpoint
 
 TENCROP_FILE = "tencrop.json"
 DEFAULT_DATA_DIR = "data/imagenet"
@@ -90,6 +90,8 @@ def select_runs(runs_dir: str | Path, run_ids: list[str] | None) -> list[Run]:
                     f"run {rid} is a {runs[rid].cfg.dataset} run; 10-crop testing is for ImageNet runs only, drop it"
                 )
         return [imagenet[rid] for rid in dict.fromkeys(run_ids)]
+    if not imagenet and (missing := missing_runs_dir(runs_dir)) is not None:
+        raise NoImageNetRunsError(missing)
     if not imagenet:
         raise NoImageNetRunsError(
             f"no ImageNet runs in {runs_dir}; train one first (e.g. `study run --arch resnet --depth 18 "
@@ -214,10 +216,7 @@ def evaluate_runs(
         dev = resolve_device(device)  # a ConfigError naming the fix for a device this machine lacks
         for run in todo:
             if not (run.checkpoint_path.exists() or run.previous_checkpoint_path.exists()):
-                raise ConfigError(
-                    f"run {run.cfg.run_id} has no checkpoint yet (no epoch finished); "
-                    "evaluate it once it has trained an epoch"
-                )
+                raise ConfigError(no_checkpoint(run, "evaluate it"))
         loader = make_ten_crop_loader(data_dir, batch_size, default_workers() if workers is None else workers)
         for run in todo:
             try:

@@ -327,7 +327,7 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
     from .data import load_data
     from .train.runner import check_batch_fits
 
-    checked: set[tuple[str, bool]] = set()
+    loaded: dict[tuple[str, bool], object] = {}
     data_dir = getattr(args, "data_dir", None)
     for cfg in dict.fromkeys(r.cfg for r in todo):
         if getattr(cfg, "imagenet", False):  # the folders only: scanning them is the job's work
@@ -335,11 +335,11 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
 
             for split in ("train", "val"):
                 imagenet.split_dir(data_dir or os.path.join("data", "imagenet"), split)
-        elif (cfg.dataset, cfg.holdout) not in checked:
-            checked.add((cfg.dataset, cfg.holdout))
-            data = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download)
-            for same in {r.cfg for r in todo if (r.cfg.dataset, r.cfg.holdout) == (cfg.dataset, cfg.holdout)}:
-                check_batch_fits(same, data)
+        else:
+            key = (cfg.dataset, cfg.holdout)
+            if key not in loaded:
+                loaded[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download)
+            check_batch_fits(cfg, loaded[key])
     check_writable(root)
 
     if executor is None:

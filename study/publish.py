@@ -31,6 +31,7 @@ from .runstore import (
     atomic_write,
     check_writable,
     list_runs,
+    missing_runs_dir,
 )
 
 #: What a finished run publishes: everything the analysis reads, nothing it does not (no checkpoints).
@@ -94,28 +95,43 @@ def _copy(src: Path, dst: Path) -> bool:
     return True
 
 
-def _nothing_to_publish(root: Path, left_out: dict[str, str]) -> str:
-    """The one line for a publish that would copy nothing: why, counted by reason, and the fix."""
+#: How `_nothing_to_publish` counts each reason a run is left out (by its start), and the fix it adds.
+_REASONS = (("not finished", "not finished", "publish once they finish"),
+            ("not started", "not started", "check --runs-dir and the --grid or --arch options"),
+            ("trained from a tree", "trained from an uncommitted tree", "pass --allow-dirty"),
+            ("its config.json names no clean", "with no clean git tree recorded", "pass --allow-dirty"),
+            ("its folder has no readable config.json", "with an unreadable config.json", None),
+            ("its status.json is unreadable", "with an unreadable status.json", None),
+            ("no metrics.parquet", "with no metrics.parquet", None))
+
+
+def _nothing_to_publish(root: Path, left_out: dict[str, str], unreadable: list[str]) -> str:
+    """The one line for a publish that would copy nothing: why, counted by reason, and the fixes."""
     if not left_out:
-        return f"nothing to publish: no runs in {root}; pass --runs-dir to where your finished runs are"
-    reasons: dict[str, int] = {}
+        folders = f" ({len(unreadable)} folder(s) with no readable config.json)" if unreadable else ""
+        return f"nothing to publish: no runs in {root}{folders}; pass --runs-dir to where your finished runs are"
+    counts: dict[str, int] = {}
+    fixes: list[str] = []
     for why in left_out.values():
-        reason = why.split(";")[0].split(" (")[0]
-        reasons[reason] = reasons.get(reason, 0) + 1
-    counted = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
-    return (f"nothing to publish from {root}: of {len(left_out)} run(s), {counted}; pass --runs-dir to where "
-            "the finished runs are, or publish once they finish")
+        label, fix = next(((label, fix) for start, label, fix in _REASONS if why.startswith(start)), (why, None))
+        counts[label] = counts.get(label, 0) + 1
+        if fix and fix not in fixes:
+            fixes.append(fix)
+    counted = ", ".join(f"{n} {label}" for label, n in counts.items())
+    return (f"nothing to publish from {root}: of {len(left_out)} run(s), {counted}; "
+            + (", or ".join(fixes) if fixes else "`study status` shows where each run stands"))
 
 
 def publish(runs_dir: str | os.PathLike, out: str | os.PathLike, *, run_ids: Iterable[str] | None = None,
             allow_dirty: bool = False, log: Callable[[str], None] = print) -> Published:
     """Copy the small files (`SMALL_FILES`) of every finished run under `runs_dir` (or of those
     `run_ids` name) to `out/<run id>/`; one line through `log` for each run left out and one for the
-    whole. RunStoreError (before anything is written) if `runs_dir` does not exist, `out` is in it or
+    whole. RunStoreError (before anything is written) if there is nothing to publish (no runs, or none of
+    them finished and clean), if `runs_dir` does not exist, `out` is in it or
     cannot be written, or something is in the way of a run's published files."""
     root, out = Path(runs_dir), Path(out)
-    if not root.is_dir():
-        raise RunStoreError(f"runs dir {root} does not exist; pass --runs-dir to where your runs are")
+    if (missing := missing_runs_dir(root)) is not None:
+        raise RunStoreError(missing)
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
         raise RunStoreError(f"--out {out} is inside the runs dir {root}; pass --out a directory outside it")
     runs = {run.cfg.run_id: run for run in list_runs(root)}
@@ -133,15 +149,15 @@ def publish(runs_dir: str | os.PathLike, out: str | os.PathLike, *, run_ids: Ite
             done.left_out[run_id] = why
         else:
             chosen.append(run)
-    if not chosen:  # a wrong --runs-dir or --grid, or runs still training: say so, and write nothing
-        raise RunStoreError(_nothing_to_publish(root, done.left_out))
+    unreadable = sorted(p.parent.name for p in root.glob("*/status.json") if p.parent.name not in runs)
+    if not chosen:  # a wrong --runs-dir or --grid, runs still training, dirty runs: say so, and write nothing
+        raise RunStoreError(_nothing_to_publish(root, done.left_out, unreadable if run_ids is None else []))
     for run in chosen:
         _check_destination(out / run.cfg.run_id)
     check_writable(out, "--out", "--out")
     for run_id, why in done.left_out.items():  # said once nothing can stop the copying for bad input
         log(f"{run_id}: left out: {why}")
     if run_ids is None:
-        unreadable = sorted(p.parent.name for p in root.glob("*/status.json") if p.parent.name not in runs)
         if unreadable:
             log(f"left out {len(unreadable)} folder(s) with no readable config.json: {', '.join(unreadable)}")
     try:

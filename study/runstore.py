@@ -80,6 +80,31 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
+def missing_runs_dir(runs_dir: str | os.PathLike) -> str | None:
+    """The one line saying why `runs_dir` cannot hold runs (not there, or not a folder), with the fix;
+    None when it is a directory. (An empty folder is the caller's "no runs in" case.)"""
+    path = Path(runs_dir)
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"--runs-dir {runs_dir} is not a directory; pass --runs-dir to the folder that holds your runs"
+    return f"runs dir {runs_dir} does not exist; pass --runs-dir to where your runs are"
+
+
+def no_checkpoint(run: "Run", then: str) -> str:
+    """The one line saying why `run` has no checkpoint to read, and the fix; `then` is what to do with it
+    once it has one (`probe it`). A finished run without one is a published copy (`study publish` copies
+    no weights, nor the lock a runs dir's run has) or a run whose checkpoint was deleted."""
+    status = run.status().get("status")
+    if status not in FINAL_STATUSES:
+        return f"run {run.cfg.run_id} has no checkpoint yet (no epoch finished); {then} once it has trained an epoch"
+    if not (run.dir / "lock").exists() and not run.previous_checkpoint_path.exists():
+        return (f"run {run.cfg.run_id} in {run.dir.parent} is a published copy, which carries no weights (`study "
+                "publish` copies none); pass --runs-dir to the runs dir that trained it")
+    return (f"run {run.cfg.run_id} is {status} but its checkpoint is gone (deleted?); move its folder out of the runs "
+            "dir and run the same `study run` to train it again")
+
+
 def check_writable(runs_dir: Path, flag: str = "--runs-dir", what: str = "runs dir") -> None:
     """Create `runs_dir` if needed and prove a file can be written there; RunStoreError naming the fix
     (the option `flag`, the folder called `what`) otherwise. (A real write, not os.access: root passes

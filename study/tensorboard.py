@@ -175,12 +175,12 @@ def export(runs_dir: str | os.PathLike, out: str | os.PathLike, log: Callable[[s
     `metrics.parquet`: the points the live writer writes, and for `done` runs the hyper-parameters.
     A run exported before (or written live) is replaced: the new file purges the old points.
     Returns the number of runs exported; ConfigError if there is none to export."""
-    from .runstore import FINAL_STATUSES, list_runs
+    from .runstore import FINAL_STATUSES, list_runs, missing_runs_dir
 
     require("study export tensorboard")
     runs = list_runs(runs_dir)
-    if not runs and not Path(runs_dir).is_dir():
-        raise ConfigError(f"runs dir {runs_dir} does not exist; pass --runs-dir to where your runs are")
+    if not runs and (missing := missing_runs_dir(runs_dir)) is not None:
+        raise ConfigError(missing)
     if not runs:
         raise ConfigError(f"no runs in {runs_dir}; pass --runs-dir to the directory `study run` wrote")
     finished = [run for run in runs if run.status().get("status") in FINAL_STATUSES]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig
-from .runstore import Run
+from .runstore import Run, no_checkpoint
 
 
 class TrainedModel(NamedTuple):
@@ -77,10 +77,8 @@ def load_model(run: str | os.PathLike, runs_dir: str | os.PathLike = "runs", *, 
         state = torch.load(path, map_location="cpu", weights_only=True)
         weights, iteration = state["model"], int(state["iteration"])
     except FileNotFoundError:
-        if checkpoint is None:  # a finished run without its weights: published (results/), or deleted
-            raise ConfigError(f"{cfg.run_id} has no checkpoint in {r.dir}: a published run (`study publish`, "
-                              "results/) carries no weights; load it from the runs dir that trained it, or train it "
-                              "again there with the same command") from None
+        if checkpoint is None:  # a finished run without its weights: a published copy, or deleted
+            raise ConfigError(no_checkpoint(r, "load it")) from None
         raise ConfigError(f"{cfg.run_id} has no checkpoint at {path}; `study run` writes one at every epoch's end "
                           "(was it deleted?)") from None
     except Exception as e:  # unreadable: torch raises several types

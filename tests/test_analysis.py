@@ -293,6 +293,14 @@ def test_no_runs_at_all_is_a_one_line_error_exit_2(tmp_path, cli):
         assert code == 2, argv
         assert err.count("\n") == 1 and err.startswith(f"study: error: runs dir {tmp_path / 'nothing'} does not exist"), err
     assert not (tmp_path / "figures").exists() and not (tmp_path / "nothing").exists()
+    (tmp_path / "a-file").write_text("")
+    for argv in (["report"], ["probe"], ["evaluate"], ["status"], ["publish", "--out", str(tmp_path / "out")]):
+        code, out, err = cli(*argv, "--runs-dir", tmp_path / "a-file")
+        assert code == 2 and err.count("\n") == 1, (argv, err)
+        assert err.startswith(f"study: error: --runs-dir {tmp_path / 'a-file'} is not a directory"), err
+        code, out, err = cli(*argv, "--runs-dir", tmp_path / "nothing")
+        assert code == 2 and err.startswith(f"study: error: runs dir {tmp_path / 'nothing'} does not exist"), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "empty"]
 
 
 # --- figures ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """`study.load_model`: a finished run's network with the normalisation it trained with."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def test_an_unfinished_run_is_an_error_unless_a_checkpoint_is_named(finished, tm
         run.status_path.write_text(json.dumps(status))
 
 
-def test_a_missing_run_or_checkpoint_is_a_one_line_error(finished, tmp_path):
+def test_a_missing_run_or_checkpoint_is_a_one_line_error(finished, tmp_path, capsys):
     runs, cfg = finished
     with pytest.raises(ConfigError, match="no run 'nope' in .*study status"):
         study.load_model("nope", runs_dir=runs)
@@ -62,8 +63,19 @@ def test_a_missing_run_or_checkpoint_is_a_one_line_error(finished, tmp_path):
     from study.publish import publish
 
     publish(runs, tmp_path / "published", allow_dirty=True, log=lambda _: None)
-    with pytest.raises(ConfigError, match="has no checkpoint in .*published run .*carries no weights"):
+    with pytest.raises(ConfigError, match="is a published copy, which carries no weights.*--runs-dir"):
         study.load_model(cfg.run_id, runs_dir=tmp_path / "published")
+    from study.cli import main
+
+    capsys.readouterr()
+    assert main(["probe", "--runs-dir", str(tmp_path / "published")]) == 2  # `study probe` says the same
+    assert "is a published copy, which carries no weights" in capsys.readouterr().err
+    # A run of a runs dir whose checkpoint was deleted is not called a published copy.
+    gone = tmp_path / "gone"
+    shutil.copytree(runs, gone)
+    (gone / cfg.run_id / "checkpoint.pt").unlink()
+    with pytest.raises(ConfigError, match="is done but its checkpoint is gone .*move its folder out of the runs dir"):
+        study.load_model(cfg.run_id, runs_dir=gone)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="not a readable study checkpoint"):

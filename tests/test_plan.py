@@ -168,3 +168,24 @@ def test_a_slurm_task_pickled_before_the_plan_trains_with_its_flags(tmp_path):
     task = pickle.loads(pickle.dumps(old))
     assert task.plan == ExecutionPlan(device="cpu", compile=True, workers=3)
     assert task.tensorboard is None and not hasattr(task, "compile")
+
+
+def test_a_device_torch_refuses_is_named_in_one_readable_line(monkeypatch):
+    """torch's reason for refusing a device can run to many lines and thousands of characters (its backend
+    lists): the error keeps its first line, cut to a readable length."""
+    import torch
+
+    from study.config import ConfigError
+    from study.train import resolve_device
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Could not run 'aten::empty.memory_format' with arguments from the 'XPU' backend. "
+                           + "x" * 2000 + "\nsecond line")
+
+    monkeypatch.setattr(torch, "empty", refuse)
+    with pytest.raises(ConfigError) as e:
+        resolve_device("xpu")
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 250, message
+    assert message.startswith("--device xpu cannot be used here (Could not run 'aten::empty.memory_format'")
+    assert message.endswith("...); use --device auto, cpu or cuda"), message

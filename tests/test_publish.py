@@ -91,7 +91,7 @@ def test_publish_takes_the_runs_a_study_run_command_line_selects(tmp_path, capsy
 
 
 @pytest.mark.parametrize("case", ["no runs dir", "out is a file", "out is the runs dir", "out in the runs dir",
-                                  "a file in the way", "no runs in the runs dir", "no run finished"])
+                                  "a file in the way", "no runs in the runs dir", "no run finished", "every run dirty"])
 def test_publish_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     """Including a publish that would copy nothing (a wrong --runs-dir, or runs still training): no empty
     --out folder is left to look like a success."""
@@ -100,6 +100,8 @@ def test_publish_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case
         runs.mkdir()
     elif case == "no run finished":
         make_run(runs, 0, status="interrupted"), make_run(runs, 1, status="running")
+    elif case == "every run dirty":
+        make_run(runs, 0, dirty=True), make_run(runs, 1, status="running")
     elif case != "no runs dir":
         make_run(runs, 0)
     out = {"out is a file": tmp_path / "file", "out is the runs dir": runs, "out in the runs dir": runs / "published",
@@ -112,7 +114,12 @@ def test_publish_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("study: error: ") and ("--runs-dir" in err or "--out" in err), err
+    assert err.count("\n") == 1 and err.startswith("study: error: "), err
+    if case not in ("no run finished", "every run dirty"):  # those name their own fixes (below)
+        assert "--runs-dir" in err or "--out" in err, err
     if case == "no run finished":
-        assert "nothing to publish" in err and "of 2 run(s), 2 not finished" in err, err
+        assert "nothing to publish" in err and "of 2 run(s), 2 not finished; publish once they finish" in err, err
+    if case == "every run dirty":  # each reason's own fix
+        assert ("of 2 run(s), 1 trained from an uncommitted tree, 1 not finished; pass --allow-dirty, or publish once "
+                "they finish") in err, err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..config import IMAGENET_BATCH_SIZE, PAPER_BATCH_SIZE, ConfigError
 from ..evaluate import TENCROP_FILE
-from ..runstore import METRIC_COLUMNS
+from ..runstore import METRIC_COLUMNS, missing_runs_dir
 from .paper import CIFAR_ITERATIONS, IMAGENET, IMAGENET_ITERATIONS, Series, series_label
 
 IDENTITY = ["run_id", "dataset", "arch", "depth", "shortcut", "seed"]
@@ -140,8 +140,8 @@ def load_run_table(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
 
 
 def _no_runs(runs_dir: str | os.PathLike) -> NoRunsError:
-    if not Path(runs_dir).is_dir():  # a mistyped path is not "no runs"
-        return NoRunsError(f"runs dir {runs_dir} does not exist; pass --runs-dir to where your runs are")
+    if (missing := missing_runs_dir(runs_dir)) is not None:  # a mistyped path is not "no runs"
+        return NoRunsError(missing)
     return NoRunsError(
         f"no runs in {runs_dir}; train some first (e.g. `study run --grid quick`) "
         "or pass --runs-dir to the directory that holds them"

@@ -176,14 +176,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
     """Measure the layer responses of the named (or every finished) run from its checkpoint."""
     from ..models import build_model
     from ..probes import record_responses
-    from ..runstore import list_runs
+    from ..runstore import list_runs, missing_runs_dir, no_checkpoint
     from ..train import resolve_device
 
     if args.max_images is not None and args.max_images <= 0:
         raise ConfigError(f"--max-images must be a positive number of images; got {args.max_images}")
     runs = {run.cfg.run_id: run for run in list_runs(args.runs_dir)}
-    if not runs and not Path(args.runs_dir).is_dir():
-        raise NoRunsError(f"runs dir {args.runs_dir} does not exist; pass --runs-dir to where your runs are")
+    if not runs and (missing := missing_runs_dir(args.runs_dir)) is not None:
+        raise NoRunsError(missing)
     if not runs:
         raise NoRunsError(
             f"no runs in {args.runs_dir} to probe; train some first (e.g. `study run --grid quick`) or pass --runs-dir"
@@ -209,9 +209,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     for run in chosen:
         state = run.load_checkpoint()
         if state is None:
-            raise ConfigError(
-                f"run {run.cfg.run_id} has no checkpoint yet (no epoch finished); probe it once it has trained an epoch"
-            )
+            raise ConfigError(no_checkpoint(run, "probe it"))
         data = _probe_data(run.cfg, args.split, args.data_dir, cache)
         model = build_model(
             run.cfg.arch,

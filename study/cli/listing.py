@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..config import ConfigError
 from ..grids import GRIDS, grid_configs
 from ..launch import list_runs_with_queued, run_status
-from ..runstore import FINAL_STATUSES, Run, RunStoreError
+from ..runstore import FINAL_STATUSES, Run, RunStoreError, missing_runs_dir
 from .args import SELECTION, add_selection
 from .run import add_training_options, processes_per_run, run_configs
 
@@ -40,18 +40,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    import torch
-
     from ..models import architecture_table
 
-    # Thousands of tiny ops: one thread does them in seconds, where more threads on cores busy with
-    # training spin-wait for one another for minutes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rows = architecture_table()
-    finally:
-        torch.set_num_threads(threads)
+    rows = architecture_table()
     if args.format == "json":
         print(json.dumps(rows, indent=1))
         return 0
@@ -127,8 +118,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         given = [f"--{k.replace('_', '-')}" for k in SELECTION if getattr(args, k) is not None]
         if given:
             raise ConfigError(f"{' '.join(given)} selects runs of a --grid or an --arch; add one, or drop them")
-        if not os.path.isdir(args.runs_dir):
-            raise RunStoreError(f"runs dir {args.runs_dir} does not exist; pass --runs-dir to where your runs are")
+        if (missing := missing_runs_dir(args.runs_dir)) is not None:
+            raise RunStoreError(missing)
         runs = list_runs_with_queued(args.runs_dir)
         others = []
     if not runs:
@@ -189,9 +180,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                  "(runs trained side by side overlap)"]
         now = sum(running for _, running in lefts)
         if now >= 2 and not unknown:
-            wall = _side_by_side([s for s, running in lefts if running], [s for s, running in lefts if not running])
-            parts.append(f"with {now} trained side by side as now, about {_duration(wall)} of wall time (each run "
-                         "not training now starting, in this order, when one finishes)")
+            waiting = [s for s, running in lefts if not running]
+            wall = _side_by_side([s for s, running in lefts if running], waiting)
+            parts.append(f"with {now} trained side by side as now, about {_duration(wall)} of wall time"
+                         + (" (each run not training now starting, in this order, when one finishes)" if waiting else ""))
         if guessed:
             parts.append("~: at the speed of other runs of the same net, or where none has trained yet, of the "
                          "same depth and settings")

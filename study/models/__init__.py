@@ -117,6 +117,17 @@ def architecture_table(
     nets (MACs per 32x32 image) and the ImageNet nets (MACs per 224x224 image); beyond the paper,
     the pre-activation ResNet (`preact`, option A) of each CIFAR depth. (The follow-ups'
     initialisations change no count.)"""
+    # Thousands of tiny ops: one thread does them in seconds, where torch's threads on cores busy with
+    # training spin-wait for one another for minutes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _architecture_rows(depths, imagenet_depths)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _architecture_rows(depths: tuple[int, ...], imagenet_depths: tuple[int, ...]) -> list[dict]:
     families = [("cifar10", d, (3, 32, 32)) for d in depths]
     families += [("imagenet", d, (3, 224, 224)) for d in imagenet_depths]
     rows = []

@@ -278,7 +278,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     except RuntimeError:
         raise ConfigError(f"unknown device {device!r}; use --device auto, cpu or cuda") from None
     if dev.type == "mps" and not torch.backends.mps.is_available():  # torch's own message runs to 2,000 characters
-        raise ConfigError(f"--device {device} cannot be used here (MPS needs a Mac with Apple silicon and a torch built "
+        raise ConfigError(f"--device {device} cannot be used here (MPS needs macOS and a torch built "
                           "with MPS); use --device auto, cpu or cuda")
     try:
         torch.empty(0, device=dev)  # e.g. `cuda:3` on a one-GPU machine
