@@ -176,12 +176,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained, capsys, tmp_pa
     # No ImageNet runs: an empty runs dir, and one holding only a CIFAR-style run.
     cifar = tmp_path / "cifar"
     write_run(cifar, "resnet", 20)
+    (tmp_path / "empty").mkdir()
     for where in (tmp_path / "empty", cifar):
         before = files(tmp_path)
         code, out, err = cli(capsys, "evaluate", "--runs-dir", where, "--data-dir", root)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "no ImageNet runs" in err, err
         assert "study run --arch resnet --depth 18 --dataset imagenet" in err
-        assert files(tmp_path) == before and not (tmp_path / "empty").exists()
+        assert files(tmp_path) == before
+    # A runs dir that is not there: said so, and not created.
+    code, out, err = cli(capsys, "evaluate", "--runs-dir", tmp_path / "nothing", "--data-dir", root)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "runs dir" in err and "does not exist" in err, err
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_an_unreadable_image_met_by_the_ten_crop_test_is_one_line_exit_2(trained, capsys, tmp_path):
