@@ -207,6 +207,37 @@ def assert_paper_depths_page(results: Path) -> None:
         assert f"**{verdict}** ({_significance([(comparison, False)], better)})" in row[0], (key, row[0])
 
 
+def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_number_fails(tmp_path):
+    """`study.analysis.pages` writes a pair study's blocks from its runs (here the follow-ups' plain nets and
+    ResNets: the paper's pair at 20 and 56 layers, 3 seeds); `assert_paper_depths_page` accepts the page,
+    and rejects it with one number or one verdict changed."""
+    import shutil
+
+    from study.analysis import pages
+
+    followups = ROOT / "results" / "followups"
+    if not followups.is_dir():
+        pytest.skip("results/followups/ is not in this checkout")
+    for run in followups.glob("fashion-mnist-*"):
+        if re.match(r"fashion-mnist-(plain|resnet)(20|56)-A-s\d-it4000-bf16$", run.name):
+            shutil.copytree(run, tmp_path / run.name)
+    assert len(list(tmp_path.iterdir())) == 12
+    page = tmp_path / "README.md"
+    page.write_text("".join(f"<!-- paper-depths-{b} -->\n<!-- /paper-depths-{b} -->\n" for b in ("errors", "verdicts", "training")))
+    assert pages.main(["paper-depths", str(tmp_path)]) == 0
+    assert_paper_depths_page(tmp_path)
+    good = page.read_text()
+    for old, new in ((r"\| (\d+\.\d)(\d) ± ", lambda m: f"| {m[1]}{(int(m[2]) + 1) % 10} ± "),
+                     (r"\*\*(holds|does not hold)\*\* \(significant\)", "**\\1** (not significant)"),
+                     (r"\*\*(yes|no)\*\*", lambda m: "**no**" if m[1] == "yes" else "**yes**")):
+        page.write_text(re.sub(old, new, good, count=1))
+        assert page.read_text() != good
+        with pytest.raises(AssertionError):
+            assert_paper_depths_page(tmp_path)
+    page.write_text("<!-- paper-depths-errors -->\n<!-- /paper-depths-errors -->\n")  # markers missing: exit 2
+    assert pages.main(["paper-depths", str(tmp_path)]) == 2
+
+
 def test_the_paper_depths_page_states_what_its_runs_show():
     """results/paper-depths/README.md, once all 12 runs are published (they are published as they finish)."""
     results = ROOT / "results" / "paper-depths"
