@@ -234,8 +234,35 @@ def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_
         assert page.read_text() != good
         with pytest.raises(AssertionError):
             assert_paper_depths_page(tmp_path)
-    page.write_text("<!-- paper-depths-errors -->\n<!-- /paper-depths-errors -->\n")  # markers missing: exit 2
-    assert pages.main(["paper-depths", str(tmp_path)]) == 2
+
+def test_the_pages_module_refuses_bad_input_in_one_line_and_leaves_the_page(tmp_path, capsys):
+    """No page, markers missing, no runs, runs lacking a net of the pair: one line, exit 2, page unchanged."""
+    from study.analysis import pages
+
+    followups = ROOT / "results" / "followups"
+    if not followups.is_dir():
+        pytest.skip("results/followups/ is not in this checkout")
+    page = tmp_path / "README.md"
+    cases = []
+    assert pages.main(["paper-depths", str(tmp_path)]) == 2  # no page
+    cases.append("does not exist")
+    page.write_text("<!-- paper-depths-errors -->\n<!-- /paper-depths-errors -->\n")
+    assert pages.main(["paper-depths", str(tmp_path)]) == 2  # no runs
+    cases.append("no runs in")
+    run = "fashion-mnist-plain20-A-s0-it4000-bf16"
+    import shutil
+
+    shutil.copytree(followups / run, tmp_path / run)
+    assert pages.main(["paper-depths", str(tmp_path)]) == 2  # plain-20 only
+    cases.append("has no finished runs of plain-56, resnet-20, resnet-56")
+    for r in followups.glob("fashion-mnist-*-it4000-bf16"):
+        if re.match(r"fashion-mnist-(plain|resnet)(20|56)-A-s\d-it4000-bf16$", r.name) and not (tmp_path / r.name).exists():
+            shutil.copytree(r, tmp_path / r.name)
+    assert pages.main(["paper-depths", str(tmp_path)]) == 2  # the verdicts' and training's markers missing
+    cases.append("lacks the markers of: paper-depths-verdicts, paper-depths-training")
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == len(cases) and all(needle in line for needle, line in zip(cases, errors)), errors
+    assert page.read_text() == "<!-- paper-depths-errors -->\n<!-- /paper-depths-errors -->\n"
 
 
 def test_the_paper_depths_page_states_what_its_runs_show():

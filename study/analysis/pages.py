@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..config import ConfigError
 from .load import RunData, load_runs
 from .report import _significance, _stat, classify_claims, compare
 from .tables import final_errors
@@ -34,6 +35,10 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
 
     def net(arch: str, depth: int):
         return finals[(finals["arch"] == arch) & (finals["depth"] == depth)].set_index("seed")
+
+    if absent := [f"{arch}-{depth}" for arch in PAIR_NETS for depth in (20, 56) if net(arch, depth).empty]:
+        raise ConfigError(f"{results} has no finished runs of {', '.join(absent)}; a pair page needs plain and ResNet "
+                          "at 20 and 56 layers")
 
     def means(rows) -> str:
         return " / ".join(f"{rows[s].mean():.2f} ± {rows[s].std():.2f}" for s in ("train", "test"))
@@ -68,27 +73,37 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
 
 
 def fill(page: str | Path, blocks: dict[str, list[str]]) -> list[str]:
-    """Write each block between its markers in `page` (which must have them); return the markers missing."""
+    """Write each block between its markers in `page`; return the markers it lacks, in which case the page
+    is left as it was."""
     page = Path(page)
-    text, missing = page.read_text(), []
+    text = page.read_text()
+    missing = [m for m in blocks if not re.search(rf"<!-- {m} -->.*?<!-- /{m} -->", text, flags=re.S)]
+    if missing:
+        return missing
     for marker, rows in blocks.items():
         new = f"<!-- {marker} -->\n" + "\n".join(rows) + f"\n<!-- /{marker} -->"
-        text, n = re.subn(rf"<!-- {marker} -->.*?<!-- /{marker} -->", lambda _: new, text, flags=re.S)
-        if not n:
-            missing.append(marker)
+        text = re.sub(rf"<!-- {marker} -->.*?<!-- /{marker} -->", lambda _: new, text, flags=re.S)
     page.write_text(text)
-    return missing
+    return []
 
 
 def main(argv: list[str]) -> int:
+    """Bad input (no runs, no page, markers missing) is one line on stderr and exit code 2, the page unchanged."""
     if len(argv) != 2:
         print("usage: python -m study.analysis.pages MARKER RESULTS_DIR (e.g. paper-depths results/paper-depths)",
               file=sys.stderr)
         return 2
     marker, results = argv
-    missing = fill(Path(results) / "README.md", pair_blocks(results, marker))
+    page = Path(results) / "README.md"
+    try:
+        if not page.is_file():
+            raise ConfigError(f"{page} does not exist; write the page, with its markers, first")
+        missing = fill(page, pair_blocks(results, marker))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if missing:
-        print(f"{results}/README.md lacks the markers of: {', '.join(missing)}; add <!-- NAME --> and <!-- /NAME -->",
+        print(f"error: {page} lacks the markers of: {', '.join(missing)}; add <!-- NAME --> and <!-- /NAME -->",
               file=sys.stderr)
         return 2
     return 0
