@@ -145,7 +145,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             for key in {_net_key(run), _net_key(run, any_kind=True)}:
                 seen.setdefault(key, []).append(timed)
     rates = {key: sum(t for t, _ in times) / sum(n for _, n in times) for key, times in seen.items()}
-    total_left, guessed, unknown = 0.0, False, 0
+    total_left, guessed, unknown, failed = 0.0, False, 0, 0
     lefts: list[tuple[float, bool]] = []  # each unfinished run's seconds left, and whether it trains now
     for run, st, metrics in rows:
         last = metrics.groupby("split")["error_pct"].last() if not metrics.empty else {}
@@ -157,7 +157,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         elapsed = float(metrics["elapsed_s"].max()) if not metrics.empty else float("nan")
         trained = _duration(elapsed) if elapsed == elapsed else "-"
         left = "-"
-        if st["status"] not in FINAL_STATUSES:
+        if st["status"] == "failed":
+            failed += 1  # the processes training now do not take it up again: not in the time left
+        elif st["status"] not in FINAL_STATUSES:
             own = _seconds_per_step(metrics)
             rate = own if own is not None else rates.get(_net_key(run), rates.get(_net_key(run, any_kind=True)))
             if rate is not None:
@@ -190,6 +192,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if unknown:
             parts.append(f"{unknown} run{'s' if unknown > 1 else ''} not estimated (no run of the same depth and "
                          "settings has trained yet)")
+        if failed:
+            parts.append(f"{failed} failed run{'s' if failed > 1 else ''} not counted: the processes training now "
+                         "leave {0}; `study run` with the same options trains {0} again".format("them" if failed > 1 else "it"))
         print(f"({'; '.join(parts)})")
     if args.grid is None and args.arch is None:
         print("(the runs on disk; with the --grid or --arch options you gave `study run`, also those not started)")
