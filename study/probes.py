@@ -135,14 +135,19 @@ def layer_responses(
     `reduction` `tensor` is the std over the whole response tensor of all images; `channel` the std
     of each channel over images and positions, averaged over channels. `include_first` adds the
     first conv. Returns columns `layer_index` (position among the net's 3x3 layers, first conv = 1),
-    `layer_name`, `std`. The model is left as it was: parameters, BN buffers, train/eval flags.
+    `layer_name`, `std`, and `bn_scale_rms`: the root mean square of that BN's learned scales γ (its
+    `weight`; they start at 1), which a response's std follows in eval mode (NaN for a BN without
+    them). The model is left as it was: parameters, BN buffers, train/eval flags.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {', '.join(BN_MODES)}")
     images = _pick_split(data, split, max_images)
     device = next(model.parameters()).device
     mean = data.mean.to(device)
-    index = {name: i for i, (name, _) in enumerate(conv3x3_bns(model), start=1)}
+    layers = conv3x3_bns(model)
+    index = {name: i for i, (name, _) in enumerate(layers, start=1)}
+    scale = {name: bn.weight.detach().double().square().mean().sqrt().item() if bn.weight is not None else float("nan")
+             for name, bn in layers}
     # BN in train mode would update its running statistics; they are put back afterwards.
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     modes = {m: m.training for m in model.modules()}
@@ -151,14 +156,15 @@ def layer_responses(
         with torch.no_grad(), response_hooks(model, reduction=reduction, include_first=include_first) as moments:
             for x, _ in eval_batches(images, batch_size):
                 model(normalize(x.to(device), mean))
-            rows = [{"layer_index": index[name], "layer_name": name, "std": m.std()} for name, m in moments.items()]
+            rows = [{"layer_index": index[name], "layer_name": name, "std": m.std(), "bn_scale_rms": scale[name]}
+                    for name, m in moments.items()]
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
         for m, training in modes.items():
             m.training = training
-    return pd.DataFrame(rows, columns=["layer_index", "layer_name", "std"])
+    return pd.DataFrame(rows, columns=["layer_index", "layer_name", "std", "bn_scale_rms"])
 
 
 #: `layer_responses`' options that `record_responses` records, with their defaults.
@@ -168,14 +174,14 @@ PROBE_DEFAULTS = {"split": "test", "bn_mode": "eval", "reduction": "tensor", "in
 def record_responses(run: Run, model: nn.Module, data: Data, *, iteration: int | None = None,
                      **options: object) -> Path:
     """Measure `layer_responses(model, data, **options)` and write them atomically to
-    `run.dir / "responses.parquet"` with columns `run_id, layer_index, layer_name, std`, one
+    `run.dir / "responses.parquet"` with columns `run_id, layer_index, layer_name, std, bn_scale_rms`, one
     column per option used (`split, bn_mode, reduction, include_first, max_images`), so a figure
     can state how they were measured, and `probed_iteration`, the training iteration of the
     weights measured (`iteration`). Returns the path."""
     df = layer_responses(model, data, **options)
     used = {**PROBE_DEFAULTS, **{k: v for k, v in options.items() if k in PROBE_DEFAULTS}}
     df = df.assign(run_id=run.cfg.run_id, **used, probed_iteration=iteration)[
-        ["run_id", "layer_index", "layer_name", "std", *used, "probed_iteration"]]
+        ["run_id", "layer_index", "layer_name", "std", "bn_scale_rms", *used, "probed_iteration"]]
     df["max_images"] = df["max_images"].astype("Int64")  # <NA>: all images of the split
     df["probed_iteration"] = df["probed_iteration"].astype("Int64")
     path = run.dir / "responses.parquet"

@@ -81,6 +81,10 @@ def test_hooked_std_equals_std_of_layers_run_by_hand(data, arch, shortcut, reduc
     assert got["std"].tolist() == pytest.approx(list(expected.values()), rel=1e-5)
     # The stds differ from layer to layer: the test would notice a mix-up.
     assert got["std"].nunique() == len(got)
+    # Each row's γ rms is that layer's BN's: sqrt(mean(weight^2)), computed here from the modules by name.
+    bns = dict(model.named_modules())
+    scales = [bns[name].weight.double().square().mean().sqrt().item() for name in expected]
+    assert got["bn_scale_rms"].tolist() == pytest.approx(scales, rel=1e-12) and got["bn_scale_rms"].nunique() == len(got)
 
 
 def test_defaults_exclude_the_first_conv_and_use_the_eval_split(data):
@@ -152,7 +156,7 @@ def test_record_responses_writes_parquet_with_options(tmp_path, data):
     path = record_responses(run, net("resnet"), data, iteration=7, reduction="channel", max_images=20)
     df = pd.read_parquet(path)
     assert path == run.dir / "responses.parquet"
-    assert list(df.columns[:4]) == ["run_id", "layer_index", "layer_name", "std"]
+    assert list(df.columns[:5]) == ["run_id", "layer_index", "layer_name", "std", "bn_scale_rms"]
     assert set(df.run_id) == {cfg.run_id} and len(df) == 12
     assert df[["split", "bn_mode", "reduction", "include_first"]].drop_duplicates().values.tolist() == [
         ["test", "eval", "channel", False]

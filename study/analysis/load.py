@@ -58,7 +58,7 @@ def variant_of(cfg: dict) -> str:
 # From `tencrop.json` (ImageNet runs that `study evaluate` has tested): 10-crop top-1 and top-5
 # error % and the checkpoint iteration they score; NaN for runs without one.
 TENCROP_COLUMNS = ["tencrop_top1", "tencrop_top5", "tencrop_iteration"]
-RESPONSE_COLUMNS = ["run_id", "layer_index", "layer_name", "std"]
+RESPONSE_COLUMNS = ["run_id", "layer_index", "layer_name", "std", "bn_scale_rms"]
 GRADIENT_COLUMNS = ["run_id", "iteration", "layer_index", "layer_name", "grad_norm"]
 
 
