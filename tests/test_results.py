@@ -292,3 +292,25 @@ def test_the_followups_page_states_the_arms_verdicts_of_its_runs():
     assert len({n for n, *_ in rows}) == len(rows), rows  # each arm's question once
     stated = {int(n): (q.strip(), v, sig) for n, q, v, sig in rows}
     assert stated == {f.number: (f.text, f.verdict, f.significance) for f in findings}
+
+
+def test_the_followups_page_states_what_the_bn_scales_of_its_plain_56_nets_show():
+    """results/followups/README.md's paragraph on the delta-orthogonal plain-56's strong responses: the
+    correlation of response std and γ rms over the 54 layers (mean over seeds), and stage 1's largest γ
+    rms in each plain-56, as the published responses.parquet files give them."""
+    from study.analysis import load_responses
+
+    results = ROOT / "results" / "followups"
+    if not results.is_dir():
+        pytest.skip("results/followups/ is not in this checkout")
+    r = load_responses(results)
+    m = r[(r.depth == 56) & r.arch.isin(["plain", "plain+deltaorth"])].groupby(
+        ["arch", "layer_index", "layer_name"])[["std", "bn_scale_rms"]].mean()
+    corr = {arch: g["std"].corr(g["bn_scale_rms"]) for arch, g in m.groupby("arch")}
+    first = m[m.index.get_level_values("layer_name").str.startswith("stage1")].groupby("arch")["bn_scale_rms"].max()
+    assert len(m) == 2 * 54 and m["bn_scale_rms"].notna().all()
+    text = " ".join(_page_text(results / "README.md").split())
+    assert {f"{c:.3f}" for c in corr.values()} == {"0.998"}, corr
+    assert "(correlation 0.998 over the 54 layers, mean over seeds, in both nets)" in text
+    assert (f"first-stage γ grew to an rms of up to {first['plain+deltaorth']:.1f} (mean over seeds) against "
+            f"{first['plain']:.1f} for the He-initialised net") in text
