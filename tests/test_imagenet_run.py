@@ -76,6 +76,14 @@ def test_a_finished_imagenet_run_is_skipped_and_bad_data_is_one_line(trained, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--data-dir" in err
     assert not (tmp_path / "r").exists()
+    # A batch larger than train/'s 3 images: every step would be the whole split, not a batch of 4.
+    big = ["run", "--arch", "plain", "--depth", "18", "--dataset", "imagenet", "--iterations", "3", "--batch-size", "4",
+           "--workers", "1", "--device", "cpu", "--data-dir", str(root), "--runs-dir", str(tmp_path / "r"), "--no-progress"]
+    assert main(big) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(
+        "--batch-size 4 is larger than imagenet's training split of 3 images; use at most 3"), err
+    assert not (tmp_path / "r").exists()
 
 
 def test_plateau_schedule_divides_by_ten_after_patience_and_restores():

@@ -162,12 +162,11 @@ def _open_data(configs: list[RunConfig], data_dir: str | None, plan: ExecutionPl
         else:
             datasets[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download).to(dev)
     for cfg in configs:
-        if not cfg.imagenet:
-            check_batch_fits(cfg, datasets[(cfg.dataset, cfg.holdout)])
+        check_batch_fits(cfg, datasets[(cfg.dataset, cfg.holdout)])
     return datasets
 
 
-def check_batch_fits(cfg: RunConfig, data: Data) -> None:
+def check_batch_fits(cfg: RunConfig, data: "Data | imagenet.ImageNetData") -> None:
     """ConfigError if `cfg`'s batch is larger than its training split: every step would train on the
     whole split, a run no longer of the batch size its id names."""
     n = len(data.train)
