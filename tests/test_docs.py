@@ -43,3 +43,14 @@ def test_relative_links_point_at_files_and_headings_that_exist(page):
         elif anchor and dest.suffix == ".md" and anchor not in slugs(dest):
             broken.append(f"{target}: no heading #{anchor}")
     assert broken == [], broken
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_code_fences_open_and_close_on_lines_of_their_own(page):
+    """A fence is ``` with at most a language name, alone on its line, and each one opened is closed: a
+    closing fence with text after it (```` ``` So the probe ````) is no fence, and the rest of the page
+    renders as code."""
+    fences = [(n, line) for n, line in enumerate(page.read_text().splitlines(), start=1) if line.lstrip().startswith("```")]
+    bad = [f"line {n}: {line.strip()}" for n, line in fences if not re.fullmatch(r"\s*```[\w+-]*\s*", line)]
+    assert bad == [], bad
+    assert len(fences) % 2 == 0, f"{len(fences)} fences: one is not closed"
