@@ -184,8 +184,8 @@ def test_status_estimates_the_wall_time_of_runs_trained_side_by_side(tmp_path, c
     code, out, err = run_cli(capsys, *argv)  # no process trains them: no side-by-side estimate
     assert code == 0 and "(left: about 18m in all" in out and "side by side as now" not in out, out
 
-    # A run that failed is not taken up again by the processes training now: it is left out of both
-    # estimates (a waiting seed-3 run would have made them 26m in all and 20m of wall time), and said so.
+    # A failed run is left out of both estimates (a process training now may or may not take it up again;
+    # a waiting seed-3 run would have made them 26m in all and 20m of wall time), and the line says so.
     failed = ran(3, 0, 0.0)
     failed.set_status("failed", iteration=0, error="RuntimeError: boom")
     argv = (*argv[:6], "0-3", *argv[7:])
@@ -195,6 +195,10 @@ def test_status_estimates_the_wall_time_of_runs_trained_side_by_side(tmp_path, c
     assert code == 0, err
     assert "(left: about 18m in all" in out and "side by side as now, about 12m of wall time" in out, out
     assert "1 failed run not counted" in out and "fashion-mnist-mini-plain8-A-s3-it400: failed at iteration 0" in out, out
+    # With nothing else left to train, the failed run is still counted out loud.
+    code, out, err = run_cli(capsys, "status", "--arch", "plain", "--depth", "8", "--seeds", "3", "--iterations", "400",
+                             "--dataset", "fashion-mnist-mini", "--runs-dir", str(tmp_path))
+    assert code == 0 and "left: about" not in out and "(1 failed run not counted: `study run` with the same" in out, out
 
 
 def test_no_wait_leaves_a_held_run_to_its_process_and_returns(tmp_path, capsys):

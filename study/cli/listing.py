@@ -100,6 +100,13 @@ def _side_by_side(training: list[float], waiting: list[float]) -> float:
     return max(places)
 
 
+def _failed_not_counted(n: int) -> str:
+    """The status line's words for the failed runs left out of the time left."""
+    runs, them = ("runs", "them") if n > 1 else ("run", "it")
+    return (f"{n} failed {runs} not counted: `study run` with the same options trains {them} again (a process "
+            f"training now does only if it has not passed {them} in its list)")
+
+
 def _duration(seconds: float) -> str:
     """12s, 42m, 3h05m."""
     if seconds < 60:
@@ -158,7 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         trained = _duration(elapsed) if elapsed == elapsed else "-"
         left = "-"
         if st["status"] == "failed":
-            failed += 1  # the processes training now do not take it up again: not in the time left
+            failed += 1  # whether a process training now takes it up again depends on its place in their lists
         elif st["status"] not in FINAL_STATUSES:
             own = _seconds_per_step(metrics)
             rate = own if own is not None else rates.get(_net_key(run), rates.get(_net_key(run, any_kind=True)))
@@ -193,9 +200,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             parts.append(f"{unknown} run{'s' if unknown > 1 else ''} not estimated (no run of the same depth and "
                          "settings has trained yet)")
         if failed:
-            parts.append(f"{failed} failed run{'s' if failed > 1 else ''} not counted: the processes training now "
-                         "leave {0}; `study run` with the same options trains {0} again".format("them" if failed > 1 else "it"))
+            parts.append(_failed_not_counted(failed))
         print(f"({'; '.join(parts)})")
+    elif failed:
+        print(f"({_failed_not_counted(failed)})")
     if args.grid is None and args.arch is None:
         print("(the runs on disk; with the --grid or --arch options you gave `study run`, also those not started)")
     return 0
