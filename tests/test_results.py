@@ -1,5 +1,6 @@
 """The published evidence in results/: the committed runs say what the README says they say."""
 
+import json
 import re
 from pathlib import Path
 
@@ -179,8 +180,9 @@ def assert_paper_depths_page(results: Path) -> None:
     ResNet-20 in training error alone, each with its Welch interval and significance as `compare` gives them."""
     from study.analysis.report import _significance, _stat, compare
 
-    metrics = study.load_runs(results)
-    finals = final_errors(metrics)
+    data = RunData.load(results)
+    done = data.runs.query("status == 'done'")["run_id"]  # the runs `study report` judges the claims on
+    finals = final_errors(data.metrics[data.metrics["run_id"].isin(done)])
     text = _page_text(results / "README.md")
     _assert_errors_table(text, "paper-depths-errors", finals)
 
@@ -235,6 +237,33 @@ def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_
         with pytest.raises(AssertionError):
             assert_paper_depths_page(tmp_path)
 
+    # A run that diverged (published, but not judged): the tables leave it out as the claims do, so the
+    # page's plain-56 cell and claim 1's evidence give the same 2 seeds.
+    from study.analysis.report import _stat
+
+    gone = tmp_path / "fashion-mnist-plain56-A-s2-it4000-bf16" / "status.json"
+    gone.write_text(json.dumps({**json.loads(gone.read_text()), "status": "diverged"}))
+    assert pages.main(["paper-depths", str(tmp_path)]) == 0
+    finals = final_errors(study.load_runs(tmp_path))
+    two = finals[(finals["arch"] == "plain") & (finals["depth"] == 56) & (finals["seed"] < 2)].set_index("seed")
+    cell = f"{_stat(two['train'])} / {_stat(two['test'])}"
+    text = _page_text(page)
+    row = next(line for line in text.splitlines() if line.startswith("| plain (`plain`)"))
+    assert row.split(" | ")[2] == cell, (row, cell)
+    claim1 = next(line for line in text.splitlines() if line.startswith("| claim 1"))
+    assert f"plain-56 {_stat(two['train'])} vs" in claim1, claim1
+    # Two studies in one folder (another budget of a net): one line, exit 2, the page as it was.
+    before = page.read_text()
+    other = tmp_path / "fashion-mnist-plain20-A-s0-it4000-bf16"
+    cfg = json.loads((other / "config.json").read_text())
+    twin = tmp_path / other.name.replace("it4000", "it2000")
+    shutil.copytree(other, twin)
+    (twin / "config.json").write_text(json.dumps({**cfg, "run_id": twin.name,
+                                                  "config": {**cfg["config"], "iterations": 2000}}))
+    assert pages.main(["paper-depths", str(tmp_path)]) == 2
+    assert page.read_text() == before
+
+
 def test_the_pages_module_refuses_bad_input_in_one_line_and_leaves_the_page(tmp_path, capsys):
     """No page, markers missing, no runs, runs lacking a net of the pair: one line, exit 2, page unchanged."""
     from study.analysis import pages
@@ -254,7 +283,7 @@ def test_the_pages_module_refuses_bad_input_in_one_line_and_leaves_the_page(tmp_
 
     shutil.copytree(followups / run, tmp_path / run)
     assert pages.main(["paper-depths", str(tmp_path)]) == 2  # plain-20 only
-    cases.append("has no finished runs of plain-56, resnet-20, resnet-56")
+    cases.append("with training and test errors) of plain-56, resnet-20, resnet-56; a pair page needs")
     for r in followups.glob("fashion-mnist-*-it4000-bf16"):
         if re.match(r"fashion-mnist-(plain|resnet)(20|56)-A-s\d-it4000-bf16$", r.name) and not (tmp_path / r.name).exists():
             shutil.copytree(r, tmp_path / r.name)

@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from .load import RunData, load_runs
-from .report import _significance, _stat, classify_claims, compare
-from .tables import final_errors
+from ..runstore import atomic_write_text
+from .load import RunData, studies
+from .paper import IMAGENET
+from .report import _cifar_study, _Finals, _significance, classify_claims, compare
 
 #: The nets of the paper's pair, as a page names them (`arch` in the runs in backticks).
 PAIR_NETS = {"plain": "plain", "resnet": "ResNet"}
@@ -30,41 +31,61 @@ def _minus(text: str) -> str:
 
 def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
     """The blocks `<marker>-errors`, `<marker>-verdicts` and `<marker>-training` of a study of the
-    paper's pair at 20 and 56 layers in `results`: each a list of Markdown table lines."""
-    finals = final_errors(load_runs(results))
+    paper's pair at 20 and 56 layers in `results`: each a list of Markdown table lines.
 
-    def net(arch: str, depth: int):
-        return finals[(finals["arch"] == arch) & (finals["depth"] == depth)].set_index("seed")
+    Every block reads the runs the claims are judged on (`study report`'s: the finished runs, option A,
+    of the one CIFAR-style study in `results`), so a page's tables and its verdicts count the same seeds.
+    ConfigError (one line) when `results` holds several such studies, lacks a net of the pair, or a net
+    has no final error."""
+    data = RunData.load(results)
+    cifar = [s for s in studies(data.runs) if s.dataset != IMAGENET]
+    if len(cifar) > 1:
+        raise ConfigError(f"{results} holds {len(cifar)} studies ({'; '.join(s.label() for s in cifar)}); a pair "
+                          "page is written from one: publish each to a folder of its own")
+    study = _cifar_study(data)
+    finals = _Finals(data, study) if study is not None else None
+    if finals is None or finals.df is None:
+        raise ConfigError(f"{results} has no finished CIFAR-style runs with metrics; a pair page needs plain and "
+                          "ResNet at 20 and 56 layers")
+    column = {"train": "train", "test": finals.eval}
 
-    if absent := [f"{arch}-{depth}" for arch in PAIR_NETS for depth in (20, 56) if net(arch, depth).empty]:
-        raise ConfigError(f"{results} has no finished runs of {', '.join(absent)}; a pair page needs plain and ResNet "
-                          "at 20 and 56 layers")
+    def stat(arch: str, depth: int, split: str):
+        return finals.get(arch, depth, column[split])
 
-    def means(rows) -> str:
-        return " / ".join(f"{rows[s].mean():.2f} ± {rows[s].std():.2f}" for s in ("train", "test"))
+    absent = [f"{arch}-{depth}" for arch in PAIR_NETS for depth in (20, 56)
+              if any(stat(arch, depth, split) is None for split in column)]
+    if absent:
+        raise ConfigError(f"{results} has no finished runs (option A, with training and {finals.eval} errors) of "
+                          f"{', '.join(absent)}; a pair page needs plain and ResNet at 20 and 56 layers")
 
-    def difference(deep, shallow) -> str:
-        return " / ".join(_minus(f"{deep[s].mean() - shallow[s].mean():+.2f}") for s in ("train", "test"))
+    def means(arch: str, depth: int) -> str:
+        return " / ".join(str(stat(arch, depth, split)) for split in column)
 
-    errors = ["| net (`arch` in the runs) | 20 layers | 56 layers | 56 minus 20 (means) |", "|---|---|---|---|"]
+    def difference(arch: str) -> str:
+        return " / ".join(_minus(f"{stat(arch, 56, split).mean - stat(arch, 20, split).mean:+.2f}") for split in column)
+
+    splits = "train / test" if finals.eval == "test" else f"train / {finals.eval}"
+    errors = [f"| net (`arch` in the runs) | 20 layers ({splits}) | 56 layers | 56 minus 20 (means) |",
+              "|---|---|---|---|"]
     for arch, name in PAIR_NETS.items():
-        errors.append(f"| {name} (`{arch}`) | {means(net(arch, 20))} | {means(net(arch, 56))} | "
-                      f"{difference(net(arch, 56), net(arch, 20))} |")
+        errors.append(f"| {name} (`{arch}`) | {means(arch, 20)} | {means(arch, 56)} | {difference(arch)} |")
 
     def training_row(text: str, deep: tuple[str, int], shallow: tuple[str, int], words: tuple[str, str]) -> str:
-        a, b = _stat(net(*deep)["train"]), _stat(net(*shallow)["train"])
+        a, b = stat(*deep, "train"), stat(*shallow, "train")
         comparison = compare(a, b)
         better = comparison.diff < 0
         names = [f"{PAIR_NETS[arch]}-{depth}" for arch, depth in (deep, shallow)]
+        significance = _significance([(comparison, False)], better)
         return (f"| {text} | training error {names[0]} {a} vs {names[1]} {b} ({_minus(str(comparison))}) | "
-                f"**{words[0] if better else words[1]}** ({_significance([(comparison, False)], better)}) |")
+                f"**{words[0] if better else words[1]}**{f' ({significance})' if significance else ''} |")
 
-    claims = {c.number: c for c in classify_claims(RunData.load(results))}
+    claims = {c.number: c for c in classify_claims(data)}
     verdicts = ["| the paper's claim (`study report`) | evidence (seeds; mean ± std, %) | verdict |", "|---|---|---|"]
     for number, text in ((1, "plain-56 trains and tests worse than plain-20"),
                          (3, "ResNet-56 trains and tests better than ResNet-20")):
         c = claims[number]
-        verdicts.append(f"| claim {number}: {text} | {_minus(c.evidence)} | **{c.verdict}** ({c.significance}) |")
+        verdicts.append(f"| claim {number}: {text} | {_minus(c.evidence)} | **{c.verdict}**"
+                        f"{f' ({c.significance})' if c.significance else ''} |")
     verdicts.append(training_row("twin: ResNet-56 trains better than plain-56", ("resnet", 56), ("plain", 56),
                                  ("holds", "does not hold")))
     training = [training_row("ResNet-56 trains better than ResNet-20 (training error alone)", ("resnet", 56),
@@ -77,13 +98,16 @@ def fill(page: str | Path, blocks: dict[str, list[str]]) -> list[str]:
     is left as it was."""
     page = Path(page)
     text = page.read_text()
-    missing = [m for m in blocks if not re.search(rf"<!-- {m} -->.*?<!-- /{m} -->", text, flags=re.S)]
+    def span(m: str) -> str:
+        return rf"<!-- {re.escape(m)} -->.*?<!-- /{re.escape(m)} -->"
+
+    missing = [m for m in blocks if not re.search(span(m), text, flags=re.S)]
     if missing:
         return missing
     for marker, rows in blocks.items():
         new = f"<!-- {marker} -->\n" + "\n".join(rows) + f"\n<!-- /{marker} -->"
-        text = re.sub(rf"<!-- {marker} -->.*?<!-- /{marker} -->", lambda _: new, text, flags=re.S)
-    page.write_text(text)
+        text = re.sub(span(marker), lambda _, new=new: new, text, flags=re.S)
+    atomic_write_text(page, text)  # whole or not at all
     return []
 
 
@@ -101,6 +125,9 @@ def main(argv: list[str]) -> int:
         missing = fill(page, pair_blocks(results, marker))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unreadable or unwritable page
+        print(f"error: cannot rewrite {page}: {e.strerror or e}; check its permissions", file=sys.stderr)
         return 2
     if missing:
         print(f"error: {page} lacks the markers of: {', '.join(missing)}; add <!-- NAME --> and <!-- /NAME -->",
