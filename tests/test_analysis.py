@@ -248,6 +248,8 @@ def test_load_runs_is_long_form_metrics_with_status_and_budget(study_dir):
     assert set(done.status) == {"done"} and len(done) == 40  # 20 epochs x 2 splits
     responses, gradients = load_responses(study_dir), load_gradients(study_dir)
     assert responses.run_id.nunique() == 10 and {"arch", "depth", "seed", "std", "bn_mode"} <= set(responses.columns)
+    # Files written before the probe recorded γ (as these are) load with the column, all missing.
+    assert responses.columns[4] == "bn_scale_rms" and responses["bn_scale_rms"].isna().all()
     assert gradients.run_id.nunique() == 10 and {"iteration", "grad_norm", "depth"} <= set(gradients.columns)
 
 
