@@ -88,8 +88,8 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
                         f"{f' ({c.significance})' if c.significance else ''} |")
     verdicts.append(training_row("twin: ResNet-56 trains better than plain-56", ("resnet", 56), ("plain", 56),
                                  ("holds", "does not hold")))
-    training = [training_row("ResNet-56 trains better than ResNet-20 (training error alone)", ("resnet", 56),
-                             ("resnet", 20), ("yes", "no"))]
+    training = ["| question | evidence (seeds; mean ± std, %) | answer |", "|---|---|---|", training_row("ResNet-56 trains better than ResNet-20 (training error alone)", ("resnet", 56),
+                             ("resnet", 20), ("yes", "no"))]  # a table of its own: a page may set it apart
     return {f"{marker}-errors": errors, f"{marker}-verdicts": verdicts, f"{marker}-training": training}
 
 
