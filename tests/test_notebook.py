@@ -34,7 +34,10 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         for depth in (20, 56):
             for seed in (0, 1):
                 run = write_run(runs, arch, depth, seed=seed, iterations=200, floor=(5.0 + depth / 20, 9.0))
-                write_responses(run, [1.0] * (depth - 1))
+                stds = [1.0 + 0.1 * i for i in range(depth - 1)]
+                # The plain nets' files carry the BN scales (their std follows them: correlation 1); the
+                # ResNets' are as probed before the column existed.
+                write_responses(run, stds, **({"bn_scale_rms": [0.8 * s for s in stds]} if arch == "plain" else {}))
     for seed in (0, 1):  # another study of the same data set and budget: its runs stay out of Figure 6
         write_run(runs, "plain", 20, seed=seed, iterations=200, floor=(3.0, 7.0), precision="bf16")
     # The kernel inherits the environment: the runs to read, and this source tree to import. As
@@ -56,6 +59,12 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code)
     assert "10 runs" in _text(code[0]) and "from ../runs" in _text(code[0])
+    scales = next(c for c in code if "bn_scale_rms" in c.source)
+    assert "correlation of response std and γ rms" in _text(scales), _text(scales)
+    lines = _text(scales).splitlines()
+    table = lines[lines.index(next(line for line in lines if line.split() == ["arch", "depth", "correlation"])) + 1:]
+    corr = {tuple(line.split()[:2]): line.split()[2] for line in table if line.split()[:1] in (["plain"], ["resnet"])}
+    assert corr == {("plain", "20"): "1.0", ("plain", "56"): "1.0", ("resnet", "20"): "NaN", ("resnet", "56"): "NaN"}, corr
     figure6 = next(c for c in code if "STUDY_KEY" in c.source)
     assert "8 runs of the study" in _text(figure6) and "'variant': ''" in _text(figure6)
     assert "'iterations': 200," in _text(figure6)  # plain values, not numpy reprs (np.int64(200))
