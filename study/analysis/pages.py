@@ -17,7 +17,6 @@ from pathlib import Path
 from ..config import ConfigError
 from ..runstore import atomic_write_text
 from .load import RunData, studies
-from .paper import IMAGENET
 from .report import _cifar_study, _Finals, _significance, classify_claims, compare
 
 #: The nets of the paper's pair, as a page names them (`arch` in the runs in backticks).
@@ -35,12 +34,12 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
 
     Every block reads the runs the claims are judged on (`study report`'s: the finished runs, option A,
     of the one CIFAR-style study in `results`), so a page's tables and its verdicts count the same seeds.
-    ConfigError (one line) when `results` holds several such studies, lacks a net of the pair, or a net
-    has no final error."""
+    ConfigError (one line) when `results` holds several studies (ImageNet runs too: the report would judge
+    claim 1 on them as well), lacks a net of the pair, or a net has no final error."""
     data = RunData.load(results)
-    cifar = [s for s in studies(data.runs) if s.dataset != IMAGENET]
-    if len(cifar) > 1:
-        raise ConfigError(f"{results} holds {len(cifar)} studies ({'; '.join(s.label() for s in cifar)}); a pair "
+    found = studies(data.runs)
+    if len(found) > 1:
+        raise ConfigError(f"{results} holds {len(found)} studies ({'; '.join(s.label() for s in found)}); a pair "
                           "page is written from one: publish each to a folder of its own")
     study = _cifar_study(data)
     finals = _Finals(data, study) if study is not None else None
@@ -88,8 +87,10 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
                         f"{f' ({c.significance})' if c.significance else ''} |")
     verdicts.append(training_row("twin: ResNet-56 trains better than plain-56", ("resnet", 56), ("plain", 56),
                                  ("holds", "does not hold")))
-    training = ["| question | evidence (seeds; mean ± std, %) | answer |", "|---|---|---|", training_row("ResNet-56 trains better than ResNet-20 (training error alone)", ("resnet", 56),
-                             ("resnet", 20), ("yes", "no"))]  # a table of its own: a page may set it apart
+    # A table of its own, with its header: a page may set it apart from the verdicts.
+    training = ["| question | evidence (seeds; mean ± std, %) | answer |", "|---|---|---|",
+                training_row("ResNet-56 trains better than ResNet-20 (training error alone)", ("resnet", 56),
+                             ("resnet", 20), ("yes", "no"))]
     return {f"{marker}-errors": errors, f"{marker}-verdicts": verdicts, f"{marker}-training": training}
 
 
@@ -97,16 +98,16 @@ def fill(page: str | Path, blocks: dict[str, list[str]]) -> list[str]:
     """Write each block between its markers in `page`; return the markers it lacks, in which case the page
     is left as it was."""
     page = Path(page)
-    text = page.read_text()
+    text = page.read_text(encoding="utf-8")
     def span(m: str) -> str:
         return rf"<!-- {re.escape(m)} -->.*?<!-- /{re.escape(m)} -->"
 
-    missing = [m for m in blocks if not re.search(span(m), text, flags=re.S)]
+    missing = [m for m in blocks if not re.search(span(m), text, flags=re.DOTALL)]
     if missing:
         return missing
     for marker, rows in blocks.items():
         new = f"<!-- {marker} -->\n" + "\n".join(rows) + f"\n<!-- /{marker} -->"
-        text = re.sub(span(marker), lambda _, new=new: new, text, flags=re.S)
+        text = re.sub(span(marker), lambda _, new=new: new, text, flags=re.DOTALL)
     atomic_write_text(page, text)  # whole or not at all
     return []
 
@@ -122,12 +123,22 @@ def main(argv: list[str]) -> int:
     try:
         if not page.is_file():
             raise ConfigError(f"{page} does not exist; write the page, with its markers, first")
-        missing = fill(page, pair_blocks(results, marker))
+        blocks = pair_blocks(results, marker)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # an unreadable or unwritable page
-        print(f"error: cannot rewrite {page}: {e.strerror or e}; check its permissions", file=sys.stderr)
+    except OSError as e:
+        print(f"error: cannot read the runs in {results}: {e.strerror or e}; check the folder's permissions",
+              file=sys.stderr)
+        return 2
+    try:
+        missing = fill(page, blocks)
+    except UnicodeDecodeError:
+        print(f"error: {page} is not UTF-8 text; save it as UTF-8", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unreadable page, or a folder the new page cannot be written into
+        print(f"error: cannot rewrite {page}: {e.strerror or e}; check its and its folder's permissions",
+              file=sys.stderr)
         return 2
     if missing:
         print(f"error: {page} lacks the markers of: {', '.join(missing)}; add <!-- NAME --> and <!-- /NAME -->",
