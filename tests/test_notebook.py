@@ -34,12 +34,14 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         for depth in (20, 56):
             for seed in (0, 1):
                 run = write_run(runs, arch, depth, seed=seed, iterations=200, floor=(5.0 + depth / 20, 9.0))
-                stds = [1.0 + 0.1 * i for i in range(depth - 1)]
-                # The plain nets' files carry the BN scales (their std follows them: correlation 1); the
-                # ResNets' are as probed before the column existed.
-                write_responses(run, stds, **({"bn_scale_rms": [0.8 * s for s in stds]} if arch == "plain" else {}))
+                stds = [1.0 + ((7 * i) % 5) / 10 for i in range(depth - 1)]  # not monotone in the layer
+                # The plain nets' files carry the BN scales, falling where the std rises (correlation -1);
+                # the ResNets' are as probed before the column existed.
+                write_responses(run, stds, **({"bn_scale_rms": [3.0 - s for s in stds]} if arch == "plain" else {}))
     for seed in (0, 1):  # another study of the same data set and budget: its runs stay out of Figure 6
-        write_run(runs, "plain", 20, seed=seed, iterations=200, floor=(3.0, 7.0), precision="bf16")
+        run = write_run(runs, "plain", 20, seed=seed, iterations=200, floor=(3.0, 7.0), precision="bf16")
+        stds = [1.0 + ((7 * i) % 5) / 10 for i in range(19)]  # γ rising with the std: mixed in, plain-20's -1 would go
+        write_responses(run, stds, bn_scale_rms=[2 * s for s in stds])
     # The kernel inherits the environment: the runs to read, and this source tree to import. As
     # `STUDY_RUNS_DIR=runs jupyter execute notebooks/explore.ipynb` typed in the project root: the
     # kernel runs in notebooks/, so `runs` is found as `../runs` (it used to fail: no runs in runs).
@@ -64,7 +66,9 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     lines = _text(scales).splitlines()
     table = lines[lines.index(next(line for line in lines if line.split() == ["arch", "depth", "correlation"])) + 1:]
     corr = {tuple(line.split()[:2]): line.split()[2] for line in table if line.split()[:1] in (["plain"], ["resnet"])}
-    assert corr == {("plain", "20"): "1.0", ("plain", "56"): "1.0", ("resnet", "20"): "NaN", ("resnet", "56"): "NaN"}, corr
+    assert corr == {("plain", "20"): "-1.0", ("plain", "56"): "-1.0"}, corr
+    assert "8 runs of the study" in _text(scales) and "variant=''" in _text(scales), _text(scales)
+    assert "no bn_scale_rms for resnet-20, resnet-56 (probed before it was recorded)" in _text(scales)
     figure6 = next(c for c in code if "STUDY_KEY" in c.source)
     assert "8 runs of the study" in _text(figure6) and "'variant': ''" in _text(figure6)
     assert "'iterations': 200," in _text(figure6)  # plain values, not numpy reprs (np.int64(200))
