@@ -99,6 +99,7 @@ def fill(page: str | Path, blocks: dict[str, list[str]]) -> list[str]:
     is left as it was."""
     page = Path(page)
     text = page.read_text(encoding="utf-8")
+
     def span(m: str) -> str:
         return rf"<!-- {re.escape(m)} -->.*?<!-- /{re.escape(m)} -->"
 
