@@ -396,6 +396,18 @@ def test_console_script_in_a_pipe_is_quiet_and_fails_cleanly(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("argv", [("grids",), ("models", "--format", "json")])
+def test_a_reader_that_leaves_early_gets_no_traceback(argv):
+    """`study grids | head -1`: once the reader has gone, the command stops quietly (exit 141, as a
+    shell tool killed by SIGPIPE) instead of printing a BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader leaves before the first line
+    proc = subprocess.run([sys.executable, "-m", "study", *argv], stdout=write, stderr=subprocess.PIPE, text=True,
+                          timeout=300)
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
 def test_config_and_grids_do_not_import_torch():
     """The constants and their validation (`study.config`) and the named grids read without torch
     (a fresh interpreter)."""

@@ -36,7 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = build_parser().parse_known_args(argv)
         if unknown:  # argparse's own message would point at `study --help`, not the command's
             raise UsageError(f"unrecognized arguments: {' '.join(unknown)}; see `study {args.command} --help`")
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that left (`study grids | head -1`) shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader of stdout left, as `head` does: stop quietly, as other command-line tools do, and
+        # keep Python from reporting the same broken pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the shell's code for a writer whose reader left
     except (UsageError, *USER_ERRORS) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
             print(f"study: error: {e}", file=sys.stderr)
