@@ -288,9 +288,34 @@ def _active_jobs() -> set[str] | None:
 
 
 def _one_line_error(text: str) -> str:
+    """sbatch's reason in one line: its first `fatal:` line (SLURM itself cannot work here), else its
+    last line (a refused job: `error: Batch job submission failed: ...`), without sbatch's prefix."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    last = lines[-1] if lines else "no message"
-    return re.sub(r"^sbatch: error: ", "", last)
+    fatal = [line for line in lines if re.match(r"^sbatch: fatal: ", line)]
+    last = fatal[0] if fatal else lines[-1] if lines else "no message"
+    return re.sub(r"^sbatch: (error|fatal): ", "", last)
+
+
+def _refusal(reason: str) -> str:
+    """The fix for an sbatch refusal: SLURM's own setup where sbatch could not reach it, else the job's options."""
+    if re.search(r"configuration|slurm\.conf|slurmctld|Unable to contact|Connection refused|munge", reason, re.I):
+        return "SLURM is not reachable from here: run on a login node of the cluster (`sinfo` works there) or use --launcher local"
+    return "check --partition, --account, --qos, --time, --gpus-per-run"
+
+
+def _remove_new_files(folder: Path, before: set[Path] | None, made: list[Path]) -> None:
+    """Remove what a refused submission left in submitit's `folder` (its sbatch script, its pickles):
+    every file not in `before`; the folder itself if it was not there (`before` None), and the folders
+    `made` for the runs dir (deepest first) where they are empty."""
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if (before is None or path not in before) and path.is_file():
+                path.unlink(missing_ok=True)
+    for empty in ([folder] if before is None else []) + made:
+        try:
+            empty.rmdir()
+        except OSError:  # not empty (or gone): leave it
+            pass
 
 
 def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, plan: "ExecutionPlan | None" = None, *,
@@ -340,13 +365,15 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
             if key not in loaded:
                 loaded[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download)
             check_batch_fits(cfg, loaded[key])
+    made = [p for p in (root, *root.parents) if not p.exists()]  # what check_writable creates, deepest first
     check_writable(root)
 
+    unlisted = None
     if executor is None:
         active = _active_jobs()
-        if active is None:
-            print("study: squeue could not list your jobs; runs already queued may be submitted again "
-                  "(the second job then waits for the first)", file=sys.stderr)
+        if active is None:  # said once the jobs are in: where sbatch refuses them, its reason is the one line
+            unlisted = ("study: squeue could not list your jobs; runs already queued may have been submitted again "
+                        "(the second job then waits for the first)")
         else:
             queued = {run.cfg.run_id: (read_job_file(run) or {}).get("job_id") for run in todo}
             for run in [r for r in todo if queued[r.cfg.run_id] in active]:
@@ -367,16 +394,22 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
                   tensorboard=None if tensorboard is None else str(Path(tensorboard).absolute()))
         for run in todo
     ]
-    captured = io.StringIO()  # submitit prints sbatch's stderr itself; we report its last line once
+    captured = io.StringIO()  # submitit prints sbatch's stderr itself; we report its reason once
+    folder = root / SLURM_DIR
+    before = set(folder.iterdir()) if folder.is_dir() else None
     try:
         with contextlib.redirect_stderr(captured):
             jobs = executor.submit_array(tasks)
     except submitit.core.utils.UncompletedJobError as e:
-        raise ConfigError(f"sbatch refused the job array: {_one_line_error(str(e) or captured.getvalue())}; "
-                          "check --partition, --account, --qos, --time, --gpus-per-run") from None
+        _remove_new_files(folder, before, made)
+        reason = _one_line_error(str(e) or captured.getvalue())
+        raise ConfigError(f"sbatch refused the job array: {reason}; {_refusal(reason)}") from None
     except submitit.core.utils.FailedSubmissionError as e:
+        _remove_new_files(folder, before, made)
         raise ConfigError(f"could not read the job id from sbatch: {_one_line_error(str(e))}") from None
 
+    if unlisted:
+        print(unlisted, file=sys.stderr)
     submitted = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for run, job in zip(todo, jobs):
         _write_job_file(run, job_id=str(job.job_id), submitted=submitted, requeues=0,

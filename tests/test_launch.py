@@ -19,6 +19,7 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
+from study import launch
 from study.cli.args import add_launcher_arguments, parse_time
 from study.config import ConfigError, RunConfig
 from study.data import DataError, load_data
@@ -267,6 +268,7 @@ def fake_slurm(tmp_path, monkeypatch):
     state.mkdir()
     (bin_dir / "sbatch").write_text(f"""#!/bin/sh
 if [ -n "$FAKE_SBATCH_ERROR" ]; then echo "sbatch: error: $FAKE_SBATCH_ERROR" >&2; exit 1; fi
+if [ -n "$FAKE_SBATCH_FATAL" ]; then echo "sbatch: fatal: $FAKE_SBATCH_FATAL" >&2; exit 1; fi
 n=$(cat {state}/next 2>/dev/null || echo 4242)
 echo $((n + 1)) > {state}/next
 cp "$1" {state}/sbatch_$n.sh
@@ -360,8 +362,27 @@ def test_sbatch_refusal_is_one_line(tmp_path, fake_slurm, monkeypatch):
     with pytest.raises(ConfigError) as e:
         submit([RunConfig(arch="plain", depth=20)], str(tmp_path / "runs"), parse("--partition", "nope"))
     assert str(e.value).startswith("sbatch refused the job array: Batch job submission failed: Invalid partition")
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and str(e.value).endswith("check --partition, --account, --qos, --time, --gpus-per-run")
     assert not list((tmp_path / "runs").glob(f"*/{JOB_FILE}"))
+    assert not (tmp_path / "runs").exists()  # nor submitit's sbatch script and pickles, nor the runs dir it made
+
+
+def test_a_slurm_that_cannot_work_here_is_named_and_leaves_no_files(tmp_path, fake_slurm, monkeypatch, capsys):
+    """sbatch installed but SLURM not set up (Debian's slurm-wlm without a slurm.conf): sbatch's own
+    reason and the fix, one line; a submission folder that was there keeps its files and loses the new ones."""
+    monkeypatch.setenv("FAKE_SBATCH_FATAL", "Could not establish a configuration source")
+    monkeypatch.setattr(launch, "_active_jobs", lambda: None)  # squeue cannot reach SLURM either
+    runs = tmp_path / "runs"
+    kept = runs / SLURM_DIR / "4242_0_log.out"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("an earlier job's log")
+    with pytest.raises(ConfigError) as e:
+        submit([RunConfig(arch="plain", depth=20)], str(runs), parse("--partition", "gpu"))
+    assert str(e.value) == ("sbatch refused the job array: Could not establish a configuration source; SLURM is not "
+                            "reachable from here: run on a login node of the cluster (`sinfo` works there) or use "
+                            "--launcher local")
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["4242_0_log.out"]
+    assert capsys.readouterr().err == ""  # no squeue note before the error either
 
 
 def test_bad_flags_and_missing_sbatch_are_one_line_errors(tmp_path, monkeypatch):
