@@ -91,26 +91,34 @@ def missing_runs_dir(runs_dir: str | os.PathLike) -> str | None:
     return f"runs dir {runs_dir} does not exist; pass --runs-dir to where your runs are"
 
 
-def no_checkpoint(run: "Run", then: str) -> str:
+def no_checkpoint(run: "Run", then: str, runs_dir_option: str = "--runs-dir") -> str:
     """The one line saying why `run` has no checkpoint to read, and the fix; `then` is what to do with it
-    once it has one (`probe it`). A finished run without one is a published copy (`study publish` copies
+    once it has one (`probe it`); `runs_dir_option`, how the caller names the runs dir (`runs_dir=` in Python).
+    A finished run without one is a published copy (`study publish` copies
     no weights, nor the lock a runs dir's run has) or a run whose checkpoint was deleted."""
     status = run.status().get("status")
     if status not in FINAL_STATUSES:
         return f"run {run.cfg.run_id} has no checkpoint yet (no epoch finished); {then} once it has trained an epoch"
     if not (run.dir / "lock").exists() and not run.previous_checkpoint_path.exists():
         return (f"run {run.cfg.run_id} in {run.dir.parent} is a published copy, which carries no weights (`study "
-                "publish` copies none); pass --runs-dir to the runs dir that trained it")
+                f"publish` copies none); point {runs_dir_option} at the runs dir that trained it")
     return (f"run {run.cfg.run_id} is {status} but its checkpoint is gone (deleted?); move its folder out of the runs "
             "dir and run the same `study run` to train it again")
+
+
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file that keeps `folder` from being a directory (`folder` itself, or the nearest of its parents
+    that exists, where that is not a directory); None if there is none."""
+    folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return blocker if blocker is not None and not blocker.is_dir() else None
 
 
 def check_writable(runs_dir: Path, flag: str = "--runs-dir", what: str = "runs dir") -> None:
     """Create `runs_dir` if needed and prove a file can be written there; RunStoreError naming the fix
     (the option `flag`, the folder called `what`) otherwise. (A real write, not os.access: root passes
     access checks on read-only mounts.)"""
-    blocker = next((p for p in (runs_dir, *runs_dir.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    if (blocker := file_in_the_way(runs_dir)) is not None:
         raise RunStoreError(f"{what} {runs_dir}: {blocker} is a file, not a directory; pass {flag} to a directory")
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,7 @@ def load_model(run: str | os.PathLike, runs_dir: str | os.PathLike = "runs", *, 
         weights, iteration = state["model"], int(state["iteration"])
     except FileNotFoundError:
         if checkpoint is None:  # a finished run without its weights: a published copy, or deleted
-            raise ConfigError(no_checkpoint(r, "load it")) from None
+            raise ConfigError(no_checkpoint(r, "load it", "runs_dir=")) from None
         raise ConfigError(f"{cfg.run_id} has no checkpoint at {path}; `study run` writes one at every epoch's end "
                           "(was it deleted?)") from None
     except Exception as e:  # unreadable: torch raises several types

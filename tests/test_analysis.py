@@ -476,6 +476,31 @@ def test_fig7_layer_responses_and_caption_states_the_choices(study_dir):
 # --- tables ----------------------------------------------------------------------------------
 
 
+def test_an_out_that_is_or_is_under_a_file_names_the_file(study_dir, cli, tmp_path):
+    """`study plot --out /etc/passwd`: the file in the way, not mkdir's bare "File exists"; one line,
+    exit 2, nothing written."""
+    blocker = tmp_path / "file"
+    blocker.write_text("kept")
+    for argv in (("plot", "fig1", "--out", blocker), ("plot", "fig1", "--out", blocker / "figs"),
+                 ("report", "--out", blocker / "report.md")):
+        code, out, err = cli(*argv, "--runs-dir", study_dir)
+        assert code == 2 and err.count("\n") == 1 and f"{blocker} is a file, not a directory" in err, err
+        assert "File exists" not in err and "Not a directory" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and blocker.read_text() == "kept"
+
+
+def test_the_reports_figure_1_heading_names_the_nets_it_draws(tmp_path, cli):
+    """A study of plain-8 and plain-20 (results/quick's): the report's Figure 1 is headed with those,
+    not the paper's plain-20 vs plain-56."""
+    for depth in (8, 20):
+        write_run(tmp_path / "runs", "plain", depth)
+    out = tmp_path / "report.md"
+    code, _, err = cli("report", "--runs-dir", tmp_path / "runs", "--out", out)
+    assert code == 0, err
+    headings = [line for line in out.read_text().splitlines() if line.startswith("### Figure 1")]
+    assert headings == ["### Figure 1: plain-8 vs plain-20 (`study plot fig1`)"]
+
+
 def test_format_cell_and_series_summary():
     assert format_cell(5, 6.43, 6.61, 0.16) == "6.43 (6.61 ± 0.16)"
     assert format_cell(1, 8.75, 8.75, float("nan")) == "8.75"
@@ -497,6 +522,7 @@ def test_table6_best_mean_std_over_seeds(study_dir, cli):
     assert df.loc["ResNet-110"].test_paper_best == pytest.approx(6.43)  # beside our best, the paper's best
     assert "unfinished: ResNet-56 s1" in err  # notes on stderr keep the CSV clean
     code, out, err = cli("table", "table6", "--runs-dir", study_dir)
+    assert cli("table", "table6", "--runs-dir", study_dir, "--format", "md")[1] == out  # `study report`'s spelling
     cell = f"{min(errors):.2f} ({np.mean(errors):.2f} ± {np.std(errors, ddof=1):.2f})"
     plain20 = next(line for line in out.splitlines() if line.startswith("| plain-20"))
     assert cell in plain20 and "fashion-mnist-mini, 400 iterations" in out

@@ -63,13 +63,14 @@ def test_a_missing_run_or_checkpoint_is_a_one_line_error(finished, tmp_path, cap
     from study.publish import publish
 
     publish(runs, tmp_path / "published", allow_dirty=True, log=lambda _: None)
-    with pytest.raises(ConfigError, match="is a published copy, which carries no weights.*--runs-dir"):
+    with pytest.raises(ConfigError, match="is a published copy, which carries no weights.*point runs_dir= at"):
         study.load_model(cfg.run_id, runs_dir=tmp_path / "published")
     from study.cli import main
 
     capsys.readouterr()
     assert main(["probe", "--runs-dir", str(tmp_path / "published")]) == 2  # `study probe` says the same
-    assert "is a published copy, which carries no weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is a published copy, which carries no weights" in err and "point --runs-dir at" in err
     # A run of a runs dir whose checkpoint was deleted is not called a published copy.
     gone = tmp_path / "gone"
     shutil.copytree(runs, gone)

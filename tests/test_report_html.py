@@ -172,11 +172,28 @@ def test_format_follows_out_unless_given(runs, monkeypatch, tmp_path):
         ("--out", "r.md"): ("r.md", "md"),
         ("--format", "md", "--out", "r.html"): ("r.html", "md"),
         ("--format", "html", "--out", "share/report"): ("share/report", "html"),
+        ("--out", "r.markdown"): ("r.markdown", "md"),
+        ("--format", "markdown", "--out", "r.txt"): ("r.txt", "md"),  # `study table`'s spelling
+        ("--format", "HTML"): ("figures/report.html", "html"),
     }
     for argv, expected in cases.items():
         with contextlib.redirect_stdout(io.StringIO()):
             assert cli_module.main(["report", "--runs-dir", str(runs), *argv]) == 0
         assert calls[-1] == expected, argv
+
+
+def test_an_out_of_neither_format_is_refused_unless_format_says(runs, monkeypatch, tmp_path, capsys):
+    """`--out report.pdf` would have been Markdown under a .pdf name: refused in one line, exit 2,
+    nothing written; with --format the user has said what it is."""
+    calls = []
+    monkeypatch.setattr(report_module, "write_report", lambda data, out, **kw: calls.append((str(out), kw["format"])) or out)
+    monkeypatch.chdir(tmp_path)
+    assert cli_module.main(["report", "--runs-dir", str(runs), "--out", "report.pdf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--out report.pdf" in err and "not .pdf" in err and "--format" in err
+    assert calls == [] and not (tmp_path / "report.pdf").exists()
+    assert cli_module.main(["report", "--runs-dir", str(runs), "--out", "report.pdf", "--format", "html"]) == 0
+    assert calls == [("report.pdf", "html")]
 
 
 def test_a_failed_write_leaves_the_old_report_and_no_temporary_file(runs, monkeypatch, tmp_path):

@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..config import CIFAR_DEPTHS, IMAGENET_DEPTHS, ConfigError
 from ..probes import PROBE_DEFAULTS
+from ..runstore import file_in_the_way
 from .load import NoRunsError, RunData, Study, coverage, pick_study, studies, unsettled_bn, unsettled_bn_note
 from .paper import FIGURES, PAPER_ARCHS, TABLE2, TABLE6, Series, net_label, series_label
 
@@ -49,6 +50,9 @@ class Drawn:
     paths: list[Path] = field(default_factory=list)
     #: The caption as drawn under the panels (a matplotlib Text), for pages that set it as text instead.
     caption_label: object = None
+    #: A report's heading naming what was drawn, where it may differ from the paper's (Figure 1 of
+    #: plain-8 against plain-20); None: the figure's usual title.
+    heading: str | None = None
 
     def png(self, dpi: int, *, caption: bool = True) -> bytes:
         """The figure as PNG bytes; without the caption under the panels where `caption` is false
@@ -301,7 +305,8 @@ def fig1(data: RunData, **select: object) -> Drawn:
         "Line: mean over seeds; band: min to max over seeds. The paper gives no final numbers for plain nets."
     )
     text, label = _finish(fig, _title("Figure 1", study, runs), caption, notes)
-    return Drawn("fig1", fig, study, notes, text, caption_label=label)
+    heading = f"Figure 1: {' vs '.join(f'plain-{s[1]}' for s in drawn)}" if len(drawn) > 1 else None
+    return Drawn("fig1", fig, study, notes, text, caption_label=label, heading=heading)
 
 
 def _eval_split(metrics: pd.DataFrame) -> str:
@@ -834,6 +839,8 @@ def save(drawn: Drawn, out_dir: str | os.PathLike) -> list[Path]:
     """Write `<out_dir>/<name>.png` and `.pdf`; ConfigError naming the fix if that is impossible."""
     out = Path(out_dir)
     paths = [out / f"{drawn.name}.png", out / f"{drawn.name}.pdf"]
+    if (blocker := file_in_the_way(out)) is not None:  # mkdir would say only "File exists"
+        raise ConfigError(f"cannot write figures to {out}: {blocker} is a file, not a directory; pass --out a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
         drawn.figure.savefig(paths[0], dpi=150)

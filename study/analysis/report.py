@@ -29,7 +29,7 @@ from ..data import DataError, dataset_info
 from .arms import judge_arms
 from .load import NoRunsError, RunData, Study, chosen_text, pick_study, studies, unsettled_bn, unsettled_bn_note
 from .paper import CLAIMS, FIGURES, IMAGENET, PAPER_ARCHS, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
-from ..runstore import atomic_write_text
+from ..runstore import atomic_write_text, file_in_the_way
 from .tables import TABLE_NAMES, final_errors, with_tencrop
 
 if TYPE_CHECKING:
@@ -633,7 +633,8 @@ def gather(data: RunData, *, log=print, **select: object) -> ReportContent:
         try:
             # The budget figure draws every budget of the chosen setting: --iterations does not narrow it.
             chosen = {k: v for k, v in select.items() if not (name == "budget" and k == "iterations")}
-            shown.append(ReportFigure(name, FIGURE_TITLES[name], drawn=figures.build(name, data, **chosen)))
+            drawn = figures.build(name, data, **chosen)
+            shown.append(ReportFigure(name, drawn.heading or FIGURE_TITLES[name], drawn=drawn))
         except NoRunsError as e:
             if name not in figures.OPTIONAL_FIGURES:
                 shown.append(ReportFigure(name, FIGURE_TITLES[name], missing=str(e)))
@@ -693,6 +694,9 @@ def write_report(data: RunData, out: str | os.PathLike, *, log=print, format: st
     check_selection(data, **select)  # before anything is created or printed
     out = Path(out)
     out_dir = out.parent
+    if (blocker := file_in_the_way(out_dir)) is not None:  # mkdir would say only "File exists"
+        raise ConfigError(f"cannot write the report to {out}: {blocker} is a file, not a directory; "
+                          "pass --out a path in a directory")
     try:  # before anything is printed or drawn: an unwritable --out is a one-line error
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):

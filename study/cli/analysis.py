@@ -22,6 +22,12 @@ from ..config import ConfigError
 from ..probes import BN_MODES, REDUCTIONS, SPLITS
 
 
+#: What an --out's suffix says of the report's format, where --format does not say.
+REPORT_SUFFIXES = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html"}
+#: --format's other spellings, as other commands spell them (`study table --format markdown`).
+FORMAT_ALIASES = {"markdown": "md", "htm": "html"}
+
+
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add `plot`, `table`, `report` and `probe` to the CLI's sub-parsers; return their handlers."""
     plot = sub.add_parser("plot", help="draw the paper's figures from your runs (PNG and PDF)")
@@ -33,14 +39,15 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     table.add_argument("table", choices=TABLE_NAMES, help="which of the paper's tables")
     _study_options(table)
     table.add_argument("--format", choices=("markdown", "csv"), default="markdown",
-                       help="markdown with its notes (default), or CSV with the notes on stderr")
+                       type=lambda v: {"md": "markdown"}.get(v.lower(), v.lower()),
+                       help="markdown (or md) with its notes (default), or CSV with the notes on stderr")
 
     report = sub.add_parser("report", help="every figure and table, and a verdict on each claim of the paper")
     _study_options(report)
-    report.add_argument("--format", choices=REPORT_FORMATS,
-                        help="md: Markdown, its figures (PNG and PDF) beside it; html: one self-contained file, "
-                        "figures embedded, with each run's provenance (default: html for an --out ending in .html, "
-                        "else md)")
+    report.add_argument("--format", choices=REPORT_FORMATS, type=lambda v: FORMAT_ALIASES.get(v.lower(), v.lower()),
+                        help="md (or markdown): Markdown, its figures (PNG and PDF) beside it; html: one self-contained "
+                        "file, figures embedded, with each run's provenance (default: html for an --out ending in "
+                        ".html, md for one ending in .md or none)")
     report.add_argument("--out", help="the report (default figures/report.md, or figures/report.html with --format html)")
 
     probe = sub.add_parser("probe", help="measure layer responses (Figure 7) of finished runs into responses.parquet")
@@ -144,7 +151,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the report (Markdown with its figures beside it, or one HTML file) and print one line per claim."""
     from ..analysis.report import write_report
 
-    fmt = args.format or ("html" if args.out and Path(args.out).suffix.lower() in (".html", ".htm") else "md")
+    suffix = Path(args.out).suffix.lower() if args.out else ""
+    if args.format is None and suffix not in ("", *REPORT_SUFFIXES):
+        raise ConfigError(f"--out {args.out}: a report is Markdown or HTML, not {suffix}; name it .md or .html, "
+                          "or give --format md|html")
+    fmt = args.format or REPORT_SUFFIXES.get(suffix, "md")
     path = write_report(RunData.load(args.runs_dir), args.out or f"figures/report.{fmt}", format=fmt,
                         **_selection(args))
     print(f"report -> {path}")
