@@ -229,6 +229,7 @@ def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_
     assert pages.main(["paper-depths", str(tmp_path)]) == 0
     assert_paper_depths_page(tmp_path)
     good = page.read_text()
+    assert good.count("(seeds 0-2; mean ± std, %)") == 2 and "| net (`arch` in the runs; seeds 0-2) |" in good
     for old, new in ((r"\| (\d+\.\d)(\d) ± ", lambda m: f"| {m[1]}{(int(m[2]) + 1) % 10} ± "),
                      (r"\*\*(holds|does not hold)\*\* \(significant\)", "**\\1** (not significant)"),
                      (r"\*\*(yes|no)\*\*", lambda m: "**no**" if m[1] == "yes" else "**yes**")):
@@ -246,10 +247,11 @@ def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_
     assert pages.main(["paper-depths", str(tmp_path)]) == 0
     finals = final_errors(study.load_runs(tmp_path))
     two = finals[(finals["arch"] == "plain") & (finals["depth"] == 56) & (finals["seed"] < 2)].set_index("seed")
-    cell = f"{_stat(two['train'])} / {_stat(two['test'])}"
+    cell = f"{_stat(two['train'])} / {_stat(two['test'])} (seeds 0, 1)"  # its seeds, where the nets' differ
     text = _page_text(page)
     row = next(line for line in text.splitlines() if line.startswith("| plain (`plain`)"))
     assert row.split(" | ")[2] == cell, (row, cell)
+    assert row.split(" | ")[1].endswith("(seeds 0-2)") and "evidence (each net's seeds, as the errors table" in text
     claim1 = next(line for line in text.splitlines() if line.startswith("| claim 1"))
     assert f"plain-56 {_stat(two['train'])} vs" in claim1, claim1
     # Two studies in one folder (another budget of a net): one line, exit 2, the page as it was (emptied

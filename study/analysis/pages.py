@@ -28,6 +28,13 @@ def _minus(text: str) -> str:
     return re.sub(r"(?<![\w.])-(?=\d)", "\u2212", text)
 
 
+def _seed_text(seeds: tuple[int, ...]) -> str:
+    """Seeds as a page names them: `0-2` for a run of three or more, else `0, 2`."""
+    if len(seeds) > 2 and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
 def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
     """The blocks `<marker>-errors`, `<marker>-verdicts` and `<marker>-training` of a study of the
     paper's pair at 20 and 56 layers in `results`: each a list of Markdown table lines.
@@ -57,14 +64,22 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
         raise ConfigError(f"{results} has no finished runs (option A, with training and {finals.eval} errors) of "
                           f"{', '.join(absent)}; a pair page needs plain and ResNet at 20 and 56 layers")
 
+    seeds = {(arch, depth): tuple(sorted(int(x) for x in stat(arch, depth, "train").values.index))
+             for arch in PAIR_NETS for depth in (20, 56)}
+    same = len(set(seeds.values())) == 1
+    # Every net over the same seeds: the headers say which; else each cell says its own.
+    over = f"seeds {_seed_text(next(iter(seeds.values())))}" if same else "each net's seeds, in its cell"
+    evidence = over if same else "each net's seeds, as the errors table gives them"
+
     def means(arch: str, depth: int) -> str:
-        return " / ".join(str(stat(arch, depth, split)) for split in column)
+        cell = " / ".join(str(stat(arch, depth, split)) for split in column)
+        return cell if same else f"{cell} (seed{'s' * (len(seeds[arch, depth]) > 1)} {_seed_text(seeds[arch, depth])})"
 
     def difference(arch: str) -> str:
         return " / ".join(_minus(f"{stat(arch, 56, split).mean - stat(arch, 20, split).mean:+.2f}") for split in column)
 
     splits = "train / test" if finals.eval == "test" else f"train / {finals.eval}"
-    errors = [f"| net (`arch` in the runs) | 20 layers ({splits}) | 56 layers | 56 minus 20 (means) |",
+    errors = [f"| net (`arch` in the runs; {over}) | 20 layers ({splits}; mean ± std, %) | 56 layers | 56 minus 20 (means) |",
               "|---|---|---|---|"]
     for arch, name in PAIR_NETS.items():
         errors.append(f"| {name} (`{arch}`) | {means(arch, 20)} | {means(arch, 56)} | {difference(arch)} |")
@@ -79,7 +94,7 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
                 f"**{words[0] if better else words[1]}**{f' ({significance})' if significance else ''} |")
 
     claims = {c.number: c for c in classify_claims(data)}
-    verdicts = ["| the paper's claim (`study report`) | evidence (seeds; mean ± std, %) | verdict |", "|---|---|---|"]
+    verdicts = [f"| the paper's claim (`study report`) | evidence ({evidence}; mean ± std, %) | verdict |", "|---|---|---|"]
     for number, text in ((1, "plain-56 trains and tests worse than plain-20"),
                          (3, "ResNet-56 trains and tests better than ResNet-20")):
         c = claims[number]
@@ -88,7 +103,7 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
     verdicts.append(training_row("twin: ResNet-56 trains better than plain-56", ("resnet", 56), ("plain", 56),
                                  ("holds", "does not hold")))
     # A table of its own, with its header: a page may set it apart from the verdicts.
-    training = ["| question | evidence (seeds; mean ± std, %) | answer |", "|---|---|---|",
+    training = [f"| question | evidence ({evidence}; mean ± std, %) | answer |", "|---|---|---|",
                 training_row("ResNet-56 trains better than ResNet-20 (training error alone)", ("resnet", 56),
                              ("resnet", 20), ("yes", "no"))]
     return {f"{marker}-errors": errors, f"{marker}-verdicts": verdicts, f"{marker}-training": training}
