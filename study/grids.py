@@ -43,7 +43,8 @@ LAPTOP_ITERATIONS = 1000
 # The pilot trains the ResNets alone at growing budgets, to find where ResNet-56 passes ResNet-20
 # (results/paper-depths-pilot/); the study trains both pairs at the pilot's largest budget, over 3 seeds:
 # in seed 0 ResNet-56 passes ResNet-20 in training error first at 32k (2.79 against 3.07%; at 16k it was
-# still a point behind), which is also the most a 2-core CPU campaign can afford (about 26 core-hours).
+# still a point behind), which is also the most a 2-core CPU campaign can afford (about 32 core-hours:
+# seed 0's four runs took 10.6 hours by their own clocks, one thread each, on an AMD EPYC).
 PAIR_DEPTHS = (20, 56)
 PILOT_BUDGETS = (4000, 8000, 16000, 32000)
 PAIR_ITERATIONS = PILOT_BUDGETS[-1]
@@ -95,14 +96,14 @@ GRIDS = {
             "paper-depths-pilot",
             f"ResNet-20 vs ResNet-56 on the full fashion-mnist at {'/'.join(f'{b // 1000}k' for b in PILOT_BUDGETS)} "
             "iterations, seed 0, bf16 (a deviation): how long depth takes to pay (results/paper-depths-pilot/; "
-            "about 10 core-hours on an AMD EPYC)",
+            "about 14 core-hours on an AMD EPYC, by its runs' own clocks)",
             tuple(RunConfig(arch="resnet", depth=d, iterations=b, **PAIR) for b in PILOT_BUDGETS for d in PAIR_DEPTHS),
         ),
         Grid(
             "paper-depths",
             f"plain and residual x {'/'.join(map(str, PAIR_DEPTHS))} on the full fashion-mnist, {PAIR_ITERATIONS:,} "
             "iterations, bf16 (a deviation), seeds 0-2: the paper's pair on a CPU (results/paper-depths/; about "
-            "26 core-hours on an AMD EPYC)",
+            "32 core-hours on an AMD EPYC, by seed 0's runs' own clocks)",
             _pairs(PAIR_DEPTHS, iterations=PAIR_ITERATIONS, **PAIR),
             seeds=QUICK_SEEDS,
         ),
@@ -110,7 +111,7 @@ GRIDS = {
             "paper-depths-bf16-check",
             f"plain and residual x {'/'.join(map(str, PAIR_DEPTHS))} on the full fashion-mnist, "
             f"{BF16_CHECK_ITERATIONS:,} iterations, seed 0, in fp32 and in bf16: whether bf16 keeps fp32's "
-            "verdicts (results/paper-depths-bf16-check/; about 3 core-hours on an AMD EPYC)",
+            "verdicts (results/paper-depths-bf16-check/; about 4 core-hours on an AMD EPYC, by its runs' own clocks)",
             _pairs(PAIR_DEPTHS, iterations=BF16_CHECK_ITERATIONS, dataset="fashion-mnist")
             + _pairs(PAIR_DEPTHS, iterations=BF16_CHECK_ITERATIONS, **PAIR),
         ),
@@ -118,7 +119,7 @@ GRIDS = {
             "followups",
             f"beyond the paper: plain, ResNet, pre-activation ResNet, zero-init ResNet and delta-orthogonal plain x "
             f"{'/'.join(map(str, PAIR_DEPTHS))} on the full fashion-mnist, {FOLLOWUP_ITERATIONS:,} iterations, bf16, "
-            "seeds 0-2 (docs/followups.md, results/followups/; about 9 core-hours on an AMD EPYC)",
+            "seeds 0-2 (docs/followups.md, results/followups/; about 9.5 core-hours on an AMD EPYC, by its runs' own clocks)",
             tuple(RunConfig(arch=a, depth=d, init=i, iterations=FOLLOWUP_ITERATIONS, **PAIR)
                   for d in PAIR_DEPTHS for a, i in FOLLOWUP_NETS),
             seeds=QUICK_SEEDS,
