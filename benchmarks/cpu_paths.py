@@ -118,8 +118,9 @@ def main() -> None:
         rows = record["nets"][f"resnet{depth}"] = time_net(depth, paths, x, y, warmup=args.warmup, steps=args.steps,
                                                            rounds=args.rounds)
         for path, row in rows.items():
-            ratio = row.get("speedup_vs_fp32", float("nan"))
-            print(f"{'ResNet-' + str(depth):<10} {path:<16} {row['ms_per_step']:>9.1f} {ratio:>7.2f}x "
+            ratio = row.get("speedup_vs_fp32")  # none where fp32 was not among the --paths
+            ratio = "-" if ratio is None else f"{ratio:.2f}x"
+            print(f"{'ResNet-' + str(depth):<10} {path:<16} {row['ms_per_step']:>9.1f} {ratio:>8} "
                   f"{row['onetime_s']:>11.1f}", flush=True)
         if args.out:  # after each net: a stopped run keeps what it measured
             Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
