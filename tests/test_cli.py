@@ -396,16 +396,32 @@ def test_console_script_in_a_pipe_is_quiet_and_fails_cleanly(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("unbuffered", [False, True])
 @pytest.mark.parametrize("argv", [("grids",), ("models", "--format", "json")])
-def test_a_reader_that_leaves_early_gets_no_traceback(argv):
+def test_a_reader_that_leaves_early_gets_no_traceback(argv, unbuffered):
     """`study grids | head -1`: once the reader has gone, the command stops quietly (exit 141, as a
-    shell tool killed by SIGPIPE) instead of printing a BrokenPipeError traceback."""
+    shell tool killed by SIGPIPE) instead of printing a BrokenPipeError traceback; with stdout buffered
+    (the pipe breaks at the flush) and unbuffered (at the first print)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | ({"PYTHONUNBUFFERED": "1"} if unbuffered else {})
     read, write = os.pipe()
     os.close(read)  # the reader leaves before the first line
     proc = subprocess.run([sys.executable, "-m", "study", *argv], stdout=write, stderr=subprocess.PIPE, text=True,
-                          timeout=300)
+                          env=env, timeout=300)
     os.close(write)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_a_broken_pipe_of_the_commands_own_is_not_taken_for_a_reader_that_left(monkeypatch):
+    """Only a stdout whose reader has gone ends quietly: a BrokenPipeError from elsewhere (a worker's
+    pipe) is a failure to report, stdout left as it was."""
+    import study.cli.listing
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(study.cli.listing, "cmd_grids", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["grids"])
 
 
 def test_config_and_grids_do_not_import_torch():

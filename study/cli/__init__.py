@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 from collections.abc import Callable
 
@@ -33,17 +34,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        code = _main(argv)
+    except BrokenPipeError:
+        if not _stdout_gone():  # a pipe of the command's own (a worker's, say): a bug to report, not a reader
+            raise
+        code = READER_LEFT
+    try:
+        sys.stdout.flush()  # a reader that left (`study grids | head -1`) shows here, not at exit
+    except BrokenPipeError:
+        code = READER_LEFT if code == 0 else code
+    if code == READER_LEFT or _stdout_gone():
+        # Stop quietly, as other command-line tools do when `head` has read enough, and keep Python from
+        # reporting the broken pipe again as it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
+
+
+#: The exit code of a command whose reader left: 128 + SIGPIPE, as the shell reports a tool SIGPIPE stopped.
+READER_LEFT = 141
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll says POLLERR); False where stdout is no
+    file (a notebook's, a test's capture) or poll cannot tell."""
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
         args, unknown = build_parser().parse_known_args(argv)
         if unknown:  # argparse's own message would point at `study --help`, not the command's
             raise UsageError(f"unrecognized arguments: {' '.join(unknown)}; see `study {args.command} --help`")
-        code = COMMANDS[args.command](args)
-        sys.stdout.flush()  # a reader that left (`study grids | head -1`) shows here, not at exit
-        return code
-    except BrokenPipeError:
-        # The reader of stdout left, as `head` does: stop quietly, as other command-line tools do, and
-        # keep Python from reporting the same broken pipe again when it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, the shell's code for a writer whose reader left
+        return COMMANDS[args.command](args)
     except (UsageError, *USER_ERRORS) as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
             print(f"study: error: {e}", file=sys.stderr)
