@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import getpass
 import io
 import json
@@ -296,22 +297,32 @@ def _one_line_error(text: str) -> str:
     return re.sub(r"^sbatch: (error|fatal): ", "", last)
 
 
+#: sbatch's words for a SLURM it cannot reach (no slurm.conf, no controller, no munge), as against a job it refuses.
+UNREACHABLE = re.compile(r"Could not establish a configuration source|slurm\.conf|Unable to contact slurm controller|"
+                         r"Connection refused|munge", re.I)
+SUBMIT_LOCK = ".submitting.lock"  # in SLURM_DIR: held while a `study` command submits into it
+#: The files submitit writes into its folder before calling sbatch: the sbatch script and the pickled tasks.
+SUBMISSION_FILE = re.compile(r"^\.submission_file_[0-9a-f]+\.sh$|^[0-9a-f]{32}\.pkl$")
+
+
 def _refusal(reason: str) -> str:
     """The fix for an sbatch refusal: SLURM's own setup where sbatch could not reach it, else the job's options."""
-    if re.search(r"configuration|slurm\.conf|slurmctld|Unable to contact|Connection refused|munge", reason, re.I):
+    if UNREACHABLE.search(reason):
         return "SLURM is not reachable from here: run on a login node of the cluster (`sinfo` works there) or use --launcher local"
     return "check --partition, --account, --qos, --time, --gpus-per-run"
 
 
-def _remove_new_files(folder: Path, before: set[Path] | None, made: list[Path]) -> None:
-    """Remove what a refused submission left in submitit's `folder` (its sbatch script, its pickles):
-    every file not in `before`; the folder itself if it was not there (`before` None), and the folders
-    `made` for the runs dir (deepest first) where they are empty."""
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if (before is None or path not in before) and path.is_file():
-                path.unlink(missing_ok=True)
-    for empty in ([folder] if before is None else []) + made:
+def _remove_new_files(folder: Path, before: set[Path], made: list[Path], lock: Path) -> None:
+    """Remove what a refused submission left in submitit's `folder`, which it holds the `lock` of: its
+    sbatch script and pickles (the names submitit gives them, not in `before`; an earlier job's logs and
+    results keep names of their own); then, where this command made `folder` (in `made`), the lock, and
+    each folder in `made` (deepest first) that is empty."""
+    for path in folder.iterdir():
+        if path not in before and SUBMISSION_FILE.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+    if folder in made:
+        lock.unlink(missing_ok=True)
+    for empty in made:
         try:
             empty.rmdir()
         except OSError:  # not empty (or gone): leave it
@@ -396,17 +407,24 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
     ]
     captured = io.StringIO()  # submitit prints sbatch's stderr itself; we report its reason once
     folder = root / SLURM_DIR
-    before = set(folder.iterdir()) if folder.is_dir() else None
-    try:
-        with contextlib.redirect_stderr(captured):
-            jobs = executor.submit_array(tasks)
-    except submitit.core.utils.UncompletedJobError as e:
-        _remove_new_files(folder, before, made)
-        reason = _one_line_error(str(e) or captured.getvalue())
-        raise ConfigError(f"sbatch refused the job array: {reason}; {_refusal(reason)}") from None
-    except submitit.core.utils.FailedSubmissionError as e:
-        _remove_new_files(folder, before, made)
-        raise ConfigError(f"could not read the job id from sbatch: {_one_line_error(str(e))}") from None
+    made = ([] if folder.is_dir() else [folder]) + made  # deepest first
+    folder.mkdir(exist_ok=True)
+    lock_path = folder / SUBMIT_LOCK
+    with open(lock_path, "a") as lock:
+        # One `study` submission at a time into this folder, so that the submission files that appear
+        # while this one holds the lock are its own.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = set(folder.iterdir())
+        try:
+            with contextlib.redirect_stderr(captured):
+                jobs = executor.submit_array(tasks)
+        except submitit.core.utils.UncompletedJobError as e:
+            _remove_new_files(folder, before, made, lock_path)
+            reason = _one_line_error(str(e) or captured.getvalue())
+            raise ConfigError(f"sbatch refused the job array: {reason}; {_refusal(reason)}") from None
+        except submitit.core.utils.FailedSubmissionError as e:
+            _remove_new_files(folder, before, made, lock_path)
+            raise ConfigError(f"could not read the job id from sbatch: {_one_line_error(str(e))}") from None
 
     if unlisted:
         print(unlisted, file=sys.stderr)

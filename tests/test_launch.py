@@ -26,6 +26,7 @@ from study.data import DataError, load_data
 from study.launch import (
     JOB_FILE,
     SLURM_DIR,
+    SUBMIT_LOCK,
     export_distributed_env,
     list_runs_with_queued,
     read_job_file,
@@ -267,6 +268,7 @@ def fake_slurm(tmp_path, monkeypatch):
     bin_dir.mkdir()
     state.mkdir()
     (bin_dir / "sbatch").write_text(f"""#!/bin/sh
+if [ -n "$FAKE_SBATCH_BEFORE" ]; then eval "$FAKE_SBATCH_BEFORE"; fi
 if [ -n "$FAKE_SBATCH_ERROR" ]; then echo "sbatch: error: $FAKE_SBATCH_ERROR" >&2; exit 1; fi
 if [ -n "$FAKE_SBATCH_FATAL" ]; then echo "sbatch: fatal: $FAKE_SBATCH_FATAL" >&2; exit 1; fi
 n=$(cat {state}/next 2>/dev/null || echo 4242)
@@ -357,11 +359,14 @@ def test_decode_gpu_reaches_the_array_tasks_of_imagenet_runs(tmp_path, fake_slur
     assert not (tmp_path / "other").exists()
 
 
-def test_sbatch_refusal_is_one_line(tmp_path, fake_slurm, monkeypatch):
-    monkeypatch.setenv("FAKE_SBATCH_ERROR", "Batch job submission failed: Invalid partition name specified")
+@pytest.mark.parametrize("reason", ["Invalid partition name specified", "Requested node configuration is not available"])
+def test_sbatch_refusal_is_one_line(tmp_path, fake_slurm, monkeypatch, reason):
+    """A job SLURM refuses: sbatch's reason and the job's options to check (a "node configuration" is
+    the job's, not SLURM's own set-up); nothing left behind."""
+    monkeypatch.setenv("FAKE_SBATCH_ERROR", f"Batch job submission failed: {reason}")
     with pytest.raises(ConfigError) as e:
         submit([RunConfig(arch="plain", depth=20)], str(tmp_path / "runs"), parse("--partition", "nope"))
-    assert str(e.value).startswith("sbatch refused the job array: Batch job submission failed: Invalid partition")
+    assert str(e.value).startswith(f"sbatch refused the job array: Batch job submission failed: {reason}")
     assert "\n" not in str(e.value) and str(e.value).endswith("check --partition, --account, --qos, --time, --gpus-per-run")
     assert not list((tmp_path / "runs").glob(f"*/{JOB_FILE}"))
     assert not (tmp_path / "runs").exists()  # nor submitit's sbatch script and pickles, nor the runs dir it made
@@ -371,6 +376,8 @@ def test_a_slurm_that_cannot_work_here_is_named_and_leaves_no_files(tmp_path, fa
     """sbatch installed but SLURM not set up (Debian's slurm-wlm without a slurm.conf): sbatch's own
     reason and the fix, one line; a submission folder that was there keeps its files and loses the new ones."""
     monkeypatch.setenv("FAKE_SBATCH_FATAL", "Could not establish a configuration source")
+    # A slow sbatch, while an earlier array task starts writing its log beside the submission's files.
+    monkeypatch.setenv("FAKE_SBATCH_BEFORE", "echo started > $(dirname $1)/4242_1_log.out")
     monkeypatch.setattr(launch, "_active_jobs", lambda: None)  # squeue cannot reach SLURM either
     runs = tmp_path / "runs"
     kept = runs / SLURM_DIR / "4242_0_log.out"
@@ -381,7 +388,7 @@ def test_a_slurm_that_cannot_work_here_is_named_and_leaves_no_files(tmp_path, fa
     assert str(e.value) == ("sbatch refused the job array: Could not establish a configuration source; SLURM is not "
                             "reachable from here: run on a login node of the cluster (`sinfo` works there) or use "
                             "--launcher local")
-    assert sorted(p.name for p in kept.parent.iterdir()) == ["4242_0_log.out"]
+    assert sorted(p.name for p in kept.parent.iterdir()) == [SUBMIT_LOCK, "4242_0_log.out", "4242_1_log.out"]
     assert capsys.readouterr().err == ""  # no squeue note before the error either
 
 
