@@ -365,3 +365,10 @@ def test_the_followups_page_states_what_the_bn_scales_of_its_plain_56_nets_show(
     assert (f"γ's rms stays between {rest['bn_scale_rms'].min():.2f} and {rest['bn_scale_rms'].max():.2f} and the "
             f"responses between {rest['std'].min():.2f} and {rest['std'].max():.2f} in both nets") in text
     assert f"(rank correlation {rank['plain']:.2f} and {rank['plain+deltaorth']:.2f}, in that order)" in text
+
+
+def test_the_pages_name_seeds_as_a_reader_says_them():
+    from study.analysis.pages import _seed_text
+
+    assert [_seed_text(s) for s in ((1,), (0, 2), (0, 1), (0, 1, 2), (0, 2, 3))] == [
+        "seed 1", "seeds 0, 2", "seeds 0, 1", "seeds 0-2", "seeds 0, 2, 3"]

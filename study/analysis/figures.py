@@ -305,7 +305,7 @@ def fig1(data: RunData, **select: object) -> Drawn:
         "Line: mean over seeds; band: min to max over seeds. The paper gives no final numbers for plain nets."
     )
     text, label = _finish(fig, _title("Figure 1", study, runs), caption, notes)
-    heading = f"Figure 1: {' vs '.join(f'plain-{s[1]}' for s in drawn)}" if len(drawn) > 1 else None
+    heading = f"Figure 1: {' vs '.join(series_label(*s) for s in drawn) or 'no plain nets'}"
     return Drawn("fig1", fig, study, notes, text, caption_label=label, heading=heading)
 
 

@@ -29,10 +29,10 @@ def _minus(text: str) -> str:
 
 
 def _seed_text(seeds: tuple[int, ...]) -> str:
-    """Seeds as a page names them: `0-2` for a run of three or more, else `0, 2`."""
+    """Seeds as a page names them: `seeds 0-2` for a run of three or more, `seeds 0, 2`, `seed 1`."""
     if len(seeds) > 2 and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
-        return f"{seeds[0]}-{seeds[-1]}"
-    return ", ".join(map(str, seeds))
+        return f"seeds {seeds[0]}-{seeds[-1]}"
+    return f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
 
 
 def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
@@ -64,16 +64,20 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
         raise ConfigError(f"{results} has no finished runs (option A, with training and {finals.eval} errors) of "
                           f"{', '.join(absent)}; a pair page needs plain and ResNet at 20 and 56 layers")
 
-    seeds = {(arch, depth): tuple(sorted(int(x) for x in stat(arch, depth, "train").values.index))
-             for arch in PAIR_NETS for depth in (20, 56)}
+    seeds = {(arch, depth, split): tuple(sorted(int(x) for x in stat(arch, depth, split).values.index))
+             for arch in PAIR_NETS for depth in (20, 56) for split in column}
     same = len(set(seeds.values())) == 1
-    # Every net over the same seeds: the headers say which; else each cell says its own.
-    over = f"seeds {_seed_text(next(iter(seeds.values())))}" if same else "each net's seeds, in its cell"
+    # Every net and split over the same seeds: the headers say which; else each cell says its own.
+    over = _seed_text(next(iter(seeds.values()))) if same else "each net's seeds, in its cell"
     evidence = over if same else "each net's seeds, as the errors table gives them"
 
     def means(arch: str, depth: int) -> str:
-        cell = " / ".join(str(stat(arch, depth, split)) for split in column)
-        return cell if same else f"{cell} (seed{'s' * (len(seeds[arch, depth]) > 1)} {_seed_text(seeds[arch, depth])})"
+        own = [seeds[arch, depth, split] for split in column]
+        if same:
+            return " / ".join(str(stat(arch, depth, split)) for split in column)
+        if own[0] == own[1]:
+            return " / ".join(str(stat(arch, depth, split)) for split in column) + f" ({_seed_text(own[0])})"
+        return " / ".join(f"{stat(arch, depth, split)} ({_seed_text(o)})" for split, o in zip(column, own))
 
     def difference(arch: str) -> str:
         return " / ".join(_minus(f"{stat(arch, 56, split).mean - stat(arch, 20, split).mean:+.2f}") for split in column)
