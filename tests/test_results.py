@@ -173,6 +173,26 @@ def test_the_followups_page_states_the_final_errors_of_its_runs():
     _assert_errors_table(_page_text(results / "README.md"), "followups-errors", final_errors(metrics))
 
 
+#: The blocks `study.analysis.pages` writes into a pair study's page.
+PAGE_BLOCKS = ("errors", "verdicts", "training", "runs")
+
+
+def _assert_runs_table(text: str, data: RunData, done) -> None:
+    """The page's runs block: one row per judged run, with the CPU, CPU path, threads and commit of its
+    config.json and the clock of its metrics."""
+    rows = re.findall(r"^\| (\S+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$",
+                      _between(text, "paper-depths-runs"), flags=re.M)
+    stated = {r[0]: tuple(c.strip() for c in r[1:]) for r in rows if r[0] != "run" and not r[0].startswith("-")}
+    assert set(stated) == set(done), set(stated) ^ set(done)
+    for run_id in done:
+        prov = json.loads((data.runs_dir / run_id / "config.json").read_text())["provenance"]
+        clock = data.metrics[data.metrics["run_id"] == run_id]["elapsed_s"].max() / 3600
+        # Runs trained before config.json recorded the CPU model, its path and threads say what they have.
+        cpu = prov.get("cpu") or prov.get("device_name") or prov["device"]
+        path = (prov.get("cpu_path") or {}).get("name", "–")
+        assert stated[run_id] == (cpu, path, str(prov.get("threads", "–")), prov["git_commit"][:7], f"{clock:.2f}"), run_id
+
+
 def assert_paper_depths_page(results: Path) -> None:
     """A paper-depths page (plain and ResNet x 20/56, 3 seeds) states what its runs show: the final
     errors (mean ± std, difference of the means); the verdicts and significance `study report` gives
@@ -185,6 +205,7 @@ def assert_paper_depths_page(results: Path) -> None:
     finals = final_errors(data.metrics[data.metrics["run_id"].isin(done)])
     text = _page_text(results / "README.md")
     _assert_errors_table(text, "paper-depths-errors", finals)
+    _assert_runs_table(text, data, set(done))
 
     def train(arch, depth):
         return _stat(finals[(finals["arch"] == arch) & (finals["depth"] == depth)].set_index("seed")["train"])
@@ -225,7 +246,7 @@ def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_
             shutil.copytree(run, tmp_path / run.name)
     assert len(list(tmp_path.iterdir())) == 12
     page = tmp_path / "README.md"
-    page.write_text("".join(f"<!-- paper-depths-{b} -->\n<!-- /paper-depths-{b} -->\n" for b in ("errors", "verdicts", "training")))
+    page.write_text("".join(f"<!-- paper-depths-{b} -->\n<!-- /paper-depths-{b} -->\n" for b in PAGE_BLOCKS))
     assert pages.main(["paper-depths", str(tmp_path)]) == 0
     assert_paper_depths_page(tmp_path)
     good = page.read_text()
@@ -256,7 +277,7 @@ def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_
     assert f"plain-56 {_stat(two['train'])} vs" in claim1, claim1
     # Two studies in one folder (another budget of a net): one line, exit 2, the page as it was (emptied
     # first, so a page rewritten with the same blocks would show).
-    before = "".join(f"<!-- paper-depths-{b} -->\nold\n<!-- /paper-depths-{b} -->\n" for b in ("errors", "verdicts", "training"))
+    before = "".join(f"<!-- paper-depths-{b} -->\nold\n<!-- /paper-depths-{b} -->\n" for b in PAGE_BLOCKS)
     page.write_text(before)
     other = tmp_path / "fashion-mnist-plain20-A-s0-it4000-bf16"
     cfg = json.loads((other / "config.json").read_text())
@@ -301,8 +322,8 @@ def test_the_pages_module_refuses_bad_input_in_one_line_and_leaves_the_page(tmp_
     for r in followups.glob("fashion-mnist-*-it4000-bf16"):
         if re.match(r"fashion-mnist-(plain|resnet)(20|56)-A-s\d-it4000-bf16$", r.name) and not (tmp_path / r.name).exists():
             shutil.copytree(r, tmp_path / r.name)
-    assert pages.main(["paper-depths", str(tmp_path)]) == 2  # the verdicts' and training's markers missing
-    cases.append("lacks the markers of: paper-depths-verdicts, paper-depths-training")
+    assert pages.main(["paper-depths", str(tmp_path)]) == 2  # the other blocks' markers missing
+    cases.append("lacks the markers of: paper-depths-verdicts, paper-depths-training, paper-depths-runs")
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == len(cases) and all(needle in line for needle, line in zip(cases, errors)), errors
     assert page.read_text() == "<!-- paper-depths-errors -->\n<!-- /paper-depths-errors -->\n"

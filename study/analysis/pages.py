@@ -5,7 +5,7 @@ runs' and `tests/test_results.py` can hold them to it.
 `python -m study.analysis.pages paper-depths results/paper-depths` fills the page of a study of the
 paper's pair (plain and ResNet x 20/56, several seeds): its final errors, the paper's claims 1 and 3 as
 `study report` judges them, the twin (ResNet-56 against plain-56), and ResNet-56 against ResNet-20 in
-training error alone.
+training error alone; and how each of its runs was trained (CPU, CPU path, threads, commit, clock).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import ConfigError
 from ..runstore import atomic_write_text
 from .load import RunData, studies
-from .report import _cifar_study, _Finals, _significance, classify_claims, compare
+from .report import _cifar_study, _Finals, _json_record, _significance, classify_claims, compare
 
 #: The nets of the paper's pair, as a page names them (`arch` in the runs in backticks).
 PAIR_NETS = {"plain": "plain", "resnet": "ResNet"}
@@ -110,7 +110,27 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
     training = [f"| question | evidence ({evidence}; mean ± std, %) | answer |", "|---|---|---|",
                 training_row("ResNet-56 trains better than ResNet-20 (training error alone)", ("resnet", 56),
                              ("resnet", 20), ("yes", "no"))]
-    return {f"{marker}-errors": errors, f"{marker}-verdicts": verdicts, f"{marker}-training": training}
+    return {f"{marker}-errors": errors, f"{marker}-verdicts": verdicts, f"{marker}-training": training,
+            f"{marker}-runs": runs_rows(data, study)}
+
+
+def runs_rows(data: RunData, study) -> list[str]:
+    """How each judged run (finished, of `study`) was trained, from its own files: the CPU (or device),
+    the CPU path `study run` chose, threads and commit from its config.json, its clock from its metrics
+    (`elapsed_s` of its last epoch: wall time, any pause included)."""
+    done = study.select(data.runs).query("status == 'done'").sort_values(["seed", "arch", "depth"])
+    clock = data.metrics.groupby("run_id")["elapsed_s"].max() if "elapsed_s" in data.metrics else {}
+    rows = ["| run | CPU (or device) | CPU path | threads | commit | clock, h |", "|---|---|---|---:|---|---:|"]
+    for run_id in done["run_id"]:
+        prov = _json_record(data.runs_dir / run_id / "config.json").get("provenance")
+        prov = prov if isinstance(prov, dict) else {}
+        path = prov.get("cpu_path")
+        path = path.get("name") if isinstance(path, dict) else path
+        commit = str(prov.get("git_commit") or "")[:7] + (" (dirty)" if prov.get("git_dirty") else "")
+        hours = f"{clock[run_id] / 3600:.2f}" if run_id in clock else "–"
+        rows.append(f"| {run_id} | {prov.get('cpu') or prov.get('device_name') or prov.get('device') or '–'} | "
+                    f"{path or '–'} | {prov.get('threads') or '–'} | {commit or '–'} | {hours} |")
+    return rows
 
 
 def fill(page: str | Path, blocks: dict[str, list[str]]) -> list[str]:
