@@ -125,8 +125,11 @@ def check_writable(runs_dir: Path, flag: str = "--runs-dir", what: str = "runs d
         with tempfile.TemporaryFile(dir=runs_dir):
             pass
     except OSError as e:
+        # A folder that exists yet "has no such file" for a new one is a file system that makes none (/proc).
+        reason = ("its file system accepts no new files" if e.errno == errno.ENOENT and runs_dir.is_dir()
+                  else e.strerror or e)
         raise RunStoreError(
-            f"{what} {runs_dir} is not writable ({e.strerror or e}); pass {flag} to a directory you can write"
+            f"{what} {runs_dir} is not writable ({reason}); pass {flag} to a directory you can write"
         ) from None
 
 

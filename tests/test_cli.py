@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -373,6 +374,16 @@ def test_a_runs_dir_that_is_or_is_under_a_file(tmp_path, capsys):
         code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--runs-dir", str(runs))
         assert code == 2 and f"{blocker} is a file, not a directory" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_runs_dir_on_a_file_system_that_makes_no_files_says_so(capsys):
+    """/proc/1 exists, yet creating a file there fails with "No such file or directory": the line says
+    what is wrong instead."""
+    if not Path("/proc/1").is_dir():
+        pytest.skip("no /proc here")
+    code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--runs-dir", "/proc/1")
+    assert code == 2 and "its file system accepts no new files" in err and err.count("\n") == 1, err
+    assert "No such file" not in err
 
 
 def test_listing_and_analysis_commands_do_not_import_torchvision():
