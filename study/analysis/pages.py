@@ -73,10 +73,9 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
 
     def means(arch: str, depth: int) -> str:
         own = [seeds[arch, depth, split] for split in column]
-        if same:
-            return " / ".join(str(stat(arch, depth, split)) for split in column)
-        if own[0] == own[1]:
-            return " / ".join(str(stat(arch, depth, split)) for split in column) + f" ({_seed_text(own[0])})"
+        cell = " / ".join(str(stat(arch, depth, split)) for split in column)
+        if same or own[0] == own[1]:
+            return cell if same else f"{cell} ({_seed_text(own[0])})"
         return " / ".join(f"{stat(arch, depth, split)} ({_seed_text(o)})" for split, o in zip(column, own))
 
     def difference(arch: str) -> str:
