@@ -251,8 +251,9 @@ class SlurmTask(Checkpointable):
 
         if stopped is not None:
             st = run.status()
-            print(f"study: {self.cfg.run_id}: stopped by {stopped} at iteration {st.get('iteration')}; "
-                  "checkpoint written", flush=True)
+            print(f"study: {self.cfg.run_id}: stopped by {stopped} at iteration {st.get('iteration', 0)}; "
+                  + ("checkpoint written" if stopped.checkpointed else "before its first step, nothing to keep"),
+                  flush=True)
             if preempted and callable(requeue):
                 requeue(usr_sig, None)  # calls self.checkpoint(), requeues, exits (rank 0 only)
             elif stopped.signum == signal.SIGTERM:

@@ -159,6 +159,14 @@ def publishing_from_a_dirty_tree(runs_dir: str | os.PathLike) -> str | None:
             "the runs' config.json will say git_dirty; commit them first (or train from a clean `git worktree`)")
 
 
+def duration(seconds: float) -> str:
+    """A run's length as `study status` and `study run` write it: 12s, 42m, 3h05m."""
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = round(seconds / 60)
+    return f"{minutes}m" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
     try:

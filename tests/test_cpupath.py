@@ -181,3 +181,63 @@ def test_the_bf16_notes(monkeypatch):
         cpupath.precision_note(RunConfig(arch="resnet", depth=8, iterations=100), lines.append)
     cpupath.precision_note(RunConfig(arch="resnet", depth=8, precision="bf16"), lines.append)
     assert len(lines) == 2 and "AMX-BF16, AVX-512 BF16" in lines[1] and "--precision bf16 would use them" in lines[1]
+
+
+def test_a_signal_while_the_paths_are_measured_stops_at_once_and_keeps_nothing(tmp_path, monkeypatch, capsys,
+                                                                                cache_dir):
+    """A SIGTERM that comes while a run's CPU paths are measured (minutes on a slow CPU) stops the
+    command before the next measured step, not after the whole measurement and a first step: exit
+    128 + 15, a line that says nothing was kept, no cache entry and no run files. The same command
+    starts the run afresh."""
+    import os
+    import signal
+
+    monkeypatch.setattr(cpupath, "PROBE_MIN_ITERATIONS", 10)
+    real, built = cpupath.warmed_step, []
+
+    def signalled(*args, **kwargs):
+        built.append(kwargs["compiled"])
+        if len(built) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill`, `scancel` or a time limit sends it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpupath, "warmed_step", signalled)
+    assert _run(tmp_path) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM; before a run's first step, nothing to keep; run the same command again" in err
+    assert "checkpoint written" not in err and "CPU path" not in err
+    assert built == [False]  # the first path's warm-up was the last work done
+    assert not (cache_dir / "cpu-paths.json").exists()
+    run = Run(tmp_path, RunConfig(arch="resnet", depth=8, iterations=20, dataset="fashion-mnist-mini"))
+    assert not run.config_path.exists() and not run.has_checkpoint() and not (run.dir / "metrics.parquet").exists()
+    assert _run(tmp_path, "--cpu-path", "eager") == 0
+    assert run.is_finished()
+
+
+def test_a_measured_path_says_how_long_the_run_takes_and_emulated_bf16_is_measured_against_fp32(monkeypatch):
+    """On a CPU without bf16 units a long bf16 run measures fp32 beside its own paths and says how
+    many times faster the paper's precision is here; the path's line gives the steps' time for the
+    iterations left (from the measured ms a step)."""
+    monkeypatch.setattr(cpupath, "cpu_flags", lambda: {"avx2": True, "avx512_bf16": False, "amx_bf16": False})
+    cfg = RunConfig(arch="plain", depth=56, iterations=32_000, dataset="fashion-mnist", precision="bf16")
+    ms = {"eager": 16_000.0, "channels-last": 14_000.0, "compiled": 14_500.0, "channels-last-compiled": 13_000.0,
+          "fp32": 1_300.0}
+    key = cpupath.cache_key(cfg, (1, 28, 28), 10, True)
+    cpupath.cache_path().parent.mkdir(parents=True)
+    cpupath.cache_path().write_text(json.dumps({key: {"ms_per_step": ms, "onetime_s": dict.fromkeys(ms, 1.0)}}))
+    lines = []
+    path = cpupath.choose(cfg, "auto", compile=True, input_shape=(1, 28, 28), num_classes=10, recorded=None,
+                          iterations_left=20_000, log=lines.append)
+    assert path.name == "channels-last-compiled" and path.how == "cached"
+    hours = 20_000 * 13.0 / 3600  # 72.2 h
+    assert f"about {int(hours)}h{round((hours % 1) * 60):02d}m of steps for the 20,000 iterations left" in lines[0]
+    assert len(lines) == 2 and "bf16 is emulated" in lines[1] and "10.0x this path's speed for plain-56" in lines[1]
+    # A cache without fp32 beside the bf16 paths (an earlier version's) is measured again, all paths together.
+    del ms["fp32"]
+    cpupath.cache_path().write_text(json.dumps({key: {"ms_per_step": ms, "onetime_s": dict.fromkeys(ms, 1.0)}}))
+    measured = []
+    monkeypatch.setattr(cpupath, "probe", lambda cfg, paths, *a, **k: measured.append(paths) or (
+        {p: 1000.0 for p in paths}, {p: 0.0 for p in paths}))
+    cpupath.choose(cfg, "auto", compile=True, input_shape=(1, 28, 28), num_classes=10, recorded=None,
+                   iterations_left=20_000, log=lines.append)
+    assert measured == [["compiled", "channels-last-compiled", "fp32"]]

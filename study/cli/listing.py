@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..config import ConfigError
 from ..grids import GRIDS, grid_configs
 from ..launch import list_runs_with_queued, run_status
-from ..runstore import FINAL_STATUSES, Run, RunStoreError, missing_runs_dir
+from ..runstore import FINAL_STATUSES, Run, RunStoreError, duration, missing_runs_dir
 from .args import SELECTION, add_selection
 from .run import add_training_options, processes_per_run, run_configs
 
@@ -107,14 +107,6 @@ def _failed_not_counted(n: int) -> str:
             f"training now does only if it has not passed {them} in its list)")
 
 
-def _duration(seconds: float) -> str:
-    """12s, 42m, 3h05m."""
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    minutes = round(seconds / 60)
-    return f"{minutes}m" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     if args.grid is not None or args.arch is not None:
         # The runs `study run` with these options trains: those on disk, and the others as `new`.
@@ -162,7 +154,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         eval_err = f"{last[eval_split]:.2f}" if eval_split else "-"
         it = f"{st.get('iteration', 0)}/{run.cfg.iterations}"
         elapsed = float(metrics["elapsed_s"].max()) if not metrics.empty else float("nan")
-        trained = _duration(elapsed) if elapsed == elapsed else "-"
+        trained = duration(elapsed) if elapsed == elapsed else "-"
         left = "-"
         if st["status"] == "failed":
             failed += 1  # whether a process training now takes it up again depends on its place in their lists
@@ -174,7 +166,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 total_left += seconds
                 lefts.append((seconds, st["status"] == "running"))
                 guessed |= own is None
-                left = ("~" if own is None else "") + _duration(seconds)
+                left = ("~" if own is None else "") + duration(seconds)
             else:
                 unknown += 1
         print(f"{run.cfg.run_id:<{width}} {st['status']:<12} {it:>15} {train_err:>11} {eval_err:>10} "
@@ -185,13 +177,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("(stopped: marked running, but no process is training it (killed, or its node failed); "
               "`study run` with the same options resumes it from its last checkpoint)")
     if total_left:
-        parts = [f"left: about {_duration(total_left)} in all, each run's remaining iterations at its own speed so far "
+        parts = [f"left: about {duration(total_left)} in all, each run's remaining iterations at its own speed so far "
                  "(runs trained side by side overlap)"]
         now = sum(running for _, running in lefts)
         if now >= 2 and not unknown:
             waiting = [s for s, running in lefts if not running]
             wall = _side_by_side([s for s, running in lefts if running], waiting)
-            parts.append(f"with {now} trained side by side as now, about {_duration(wall)} of wall time"
+            parts.append(f"with {now} trained side by side as now, about {duration(wall)} of wall time"
                          + (" (each run not training now starting, in this order, when one finishes)" if waiting else ""))
         if guessed:
             parts.append("~: at the speed of other runs of the same net, or where none has trained yet, of the "

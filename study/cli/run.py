@@ -152,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               tensorboard=tensorboard)
     except StopRequested as e:
         if ddp.writer:
-            print(f"study: stopped by {e}; checkpoint written, run the same command again to resume", file=sys.stderr)
+            print(f"study: stopped by {e}; {e.outcome()}", file=sys.stderr)
         return 128 + e.signum
     finally:
         if ddp.enabled:

@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 
 from ..config import CPU_PATH_CHOICES, CPU_PATHS, RunConfig  # noqa: F401 (CPU_PATH_CHOICES: re-exported)
-from ..runstore import atomic_write_text, cpu_flags, cpu_model
+from ..runstore import atomic_write_text, cpu_flags, cpu_model, duration
+from ..stopflag import StopFlag
+from .signals import raise_if_stopped
 
 #: Runs shorter than this take the eager path without measuring: the probe (about 40 steps and two
 #: compilations) would cost more than a faster path could save.
@@ -42,6 +44,9 @@ MARGIN = 0.05
 WARMUP_STEPS, ROUNDS, STEPS_PER_ROUND = 2, 3, 3
 #: The CPU flags of bf16 matrix units (Linux's names): oneDNN runs bf16 autocast on them.
 BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}
+#: Measured beside the run's own precision, for the user's note (`choose`): channels-last eager in
+#: the precision named, {name: bf16 autocast on}.
+OTHER_PRECISION = {"bf16": True, "fp32": False}
 
 
 def cache_path() -> Path:
@@ -153,10 +158,11 @@ def _write_cache(key: str, entry: dict, log: Callable[[str], None]) -> None:
 
 def warmed_step(build: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor, *, channels_last: bool,
                 compiled: bool, bf16: bool, lr: float, momentum: float, weight_decay: float,
-                warmup: int) -> tuple[Callable[[], None], float]:
+                warmup: int, between: Callable[[], None] = lambda: None) -> tuple[Callable[[], None], float]:
     """One SGD step of the net `build` makes (the loop's own `sgd_step`, on the batch `x`, `y`) in a
     layout, compilation and precision, warmed up by `warmup` steps; and its one-time cost in seconds
-    (building, compiling, the warm-up steps). The step waits for its loss, so a caller can time it."""
+    (building, compiling, the warm-up steps). The step waits for its loss, so a caller can time it.
+    `between` is called before each warm-up step (it may raise to stop)."""
     from .step import compile_model, sgd_step
 
     start = time.perf_counter()
@@ -171,20 +177,24 @@ def warmed_step(build: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.
         sgd_step(forward, opt, xs, y, lr, autocast)[0].item()
 
     for _ in range(warmup):
+        between()
         step()
     return step, time.perf_counter() - start
 
 
-def alternate(steps: dict[str, Callable[[], None]], rounds: int, per_round: int) -> dict[str, list[list[float]]]:
+def alternate(steps: dict[str, Callable[[], None]], rounds: int, per_round: int,
+              between: Callable[[], None] = lambda: None) -> dict[str, list[list[float]]]:
     """The ms of each timed call of each of `steps`: `rounds` rounds of `per_round` calls of each,
     in an order that reverses every round, so that a drift in the machine's speed (a VM's
-    neighbours) falls on all alike. {name: one list of ms per round}."""
+    neighbours) falls on all alike. {name: one list of ms per round}. `between` is called before
+    each timed call, outside its time (it may raise to stop)."""
     names = list(steps)
     times: dict[str, list[list[float]]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             ms = []
             for _ in range(per_round):
+                between()
                 t = time.perf_counter()
                 steps[name]()
                 ms.append(1000 * (time.perf_counter() - t))
@@ -193,11 +203,12 @@ def alternate(steps: dict[str, Callable[[], None]], rounds: int, per_round: int)
 
 
 def probe(cfg: RunConfig, paths: list[str], input_shape: tuple[int, ...], num_classes: int, *,
-          bf16: bool) -> tuple[dict[str, float], dict[str, float]]:
+          bf16: bool, stop: StopFlag | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """ms per SGD step and one-time seconds (building, compiling, `WARMUP_STEPS` steps) of the run's
-    net on each of `paths` (a name of CPU_PATHS; `bf16`: channels-last eager under bf16 autocast),
-    timed in `ROUNDS` alternating rounds (`alternate`). Random inputs from a generator of its own;
-    the global random state is left as it was."""
+    net on each of `paths` (a name of CPU_PATHS, in the run's precision `bf16`; or one of
+    `OTHER_PRECISION`, channels-last eager in the precision it names), timed in `ROUNDS` alternating
+    rounds (`alternate`). Random inputs from a generator of its own; the global random state is left
+    as it was. A signal in `stop` ends it between steps with StopRequested (nothing measured is kept)."""
     from ..models import model_for
 
     gen = torch.Generator().manual_seed(0)
@@ -209,18 +220,22 @@ def probe(cfg: RunConfig, paths: list[str], input_shape: tuple[int, ...], num_cl
             channels_last, compiled = CPU_PATHS.get(path, (True, False))
             built[path], onetime[path] = warmed_step(
                 lambda: model_for(cfg, num_classes, input_shape[0]), x, y, channels_last=channels_last,
-                compiled=compiled, bf16=bf16 or path == "bf16", lr=0.01, momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay, warmup=WARMUP_STEPS)
-        times = alternate(built, ROUNDS, STEPS_PER_ROUND)
+                compiled=compiled, bf16=OTHER_PRECISION.get(path, bf16), lr=0.01, momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay, warmup=WARMUP_STEPS, between=lambda: raise_if_stopped(stop))
+        times = alternate(built, ROUNDS, STEPS_PER_ROUND, between=lambda: raise_if_stopped(stop))
     return {p: statistics.median(ms for r in rounds for ms in r) for p, rounds in times.items()}, onetime
 
 
 def choose(cfg: RunConfig, asked: str, *, compile: bool, input_shape: tuple[int, ...], num_classes: int,
-           recorded: str | None, iterations_left: int, log: Callable[[str], None]) -> CpuPath:
+           recorded: str | None, iterations_left: int, log: Callable[[str], None],
+           stop: StopFlag | None = None) -> CpuPath:
     """The CPU path of one run: `asked` (--cpu-path) unless it is `auto`; then the one the run
     recorded when it started (a resumed run keeps it); then, for a run too short to measure, eager
     (compiled with `compile`); else the fastest by measurement (among the compiled paths with
-    `compile`), from the cache or measured now and cached."""
+    `compile`), from the cache or measured now and cached. Its line gives the run's time at that
+    speed. The other precision is measured too where the user should hear of it: bf16 on a CPU with
+    bf16 units, fp32 for a bf16 run on a CPU without them (emulated bf16 can be many times slower).
+    A signal in `stop` during the measurement raises StopRequested at once."""
     if asked != "auto":
         return CpuPath(asked, "given")
     if recorded in CPU_PATHS:
@@ -231,7 +246,8 @@ def choose(cfg: RunConfig, asked: str, *, compile: bool, input_shape: tuple[int,
         return CpuPath("compiled" if compile else "eager", "short run")
     candidates = [p for p, (_, compiled) in CPU_PATHS.items() if compiled or not compile]
     measure_bf16 = not cfg.bf16 and bool(bf16_units())
-    wanted = candidates + (["bf16"] if measure_bf16 else [])
+    measure_fp32 = cfg.bf16 and not bf16_units() and bool(cpu_flags())
+    wanted = candidates + (["bf16"] if measure_bf16 else []) + (["fp32"] if measure_fp32 else [])
     key = cache_key(cfg, input_shape, num_classes, cfg.bf16)
     with _cache_lock(log):
         entry = _read_cache().get(key, {})
@@ -239,7 +255,7 @@ def choose(cfg: RunConfig, asked: str, *, compile: bool, input_shape: tuple[int,
         if not all(p in entry.get("ms_per_step", {}) for p in wanted):
             # All candidates together (not only those missing): their times are compared with each other.
             start = time.perf_counter()
-            ms, onetime = probe(cfg, wanted, input_shape, num_classes, bf16=cfg.bf16)
+            ms, onetime = probe(cfg, wanted, input_shape, num_classes, bf16=cfg.bf16, stop=stop)
             entry = {"ms_per_step": {**entry.get("ms_per_step", {}), **ms},
                      "onetime_s": {**entry.get("onetime_s", {}), **onetime},
                      "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -250,12 +266,17 @@ def choose(cfg: RunConfig, asked: str, *, compile: bool, input_shape: tuple[int,
     name = decide({p: ms[p] for p in candidates}, onetime, iterations_left)
     base = candidates[0]
     gain = f", {ms[base] / ms[name]:.2f}x {base}'s speed" if name != base else ""
-    log(f"{cfg.run_id}: CPU path {name} ({ms[name]:.0f} ms a step{gain}; {how}{took}, {cache_path()}; "
-        f"--cpu-path to choose)")
+    steps_take = duration(iterations_left * ms[name] / 1000)
+    log(f"{cfg.run_id}: CPU path {name} ({ms[name]:.0f} ms a step{gain}: about {steps_take} of steps for the "
+        f"{iterations_left:,} iterations left; {how}{took}, {cache_path()}; --cpu-path to choose)")
     if measure_bf16:
         say_once(f"study: this CPU has bf16 matrix units ({', '.join(bf16_units())}): --precision bf16 (a deviation "
                  f"from the paper's fp32) measured {ms[name] / ms['bf16']:.2f}x this path's speed for "
                  f"{cfg.arch}-{cfg.depth} here", log)
+    if measure_fp32:
+        say_once(f"study: bf16 is emulated on this CPU (no AMX-BF16 or AVX-512 BF16): fp32, the paper's precision, "
+                 f"measured {ms[name] / ms['fp32']:.1f}x this path's speed for {cfg.arch}-{cfg.depth} here "
+                 "(--precision fp32 for it; a bf16 study keeps its precision)", log)
     return CpuPath(name, how, ms, onetime)
 
 

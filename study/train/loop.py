@@ -151,7 +151,7 @@ class _Training:
         # On a CPU, the run's layout and compilation (measured, cached, or kept from its first session).
         plan, cpu = plan.for_run(cfg, device, ddp, input_shape=input_shape, num_classes=classes,
                                  recorded=run.recorded_cpu_path(), iterations_left=cfg.iterations - int(run.status().get("iteration", 0)),
-                                 log=log if ddp.writer else quiet)
+                                 log=log if ddp.writer else quiet, stop=session.stop)
         self.run.prepare(str(device), processes=ddp.world, step=plan.step_kind,
                          **({"cpu_path": cpu.record()} if cpu is not None else {}),
                          classes=classes,

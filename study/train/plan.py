@@ -23,6 +23,7 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..probes import GradientNorms
+from ..stopflag import StopFlag
 from . import cpupath
 from .cpupath import CPU_PATHS, CpuPath
 from .distributed import Distributed
@@ -105,10 +106,11 @@ class ExecutionPlan:
 
     def for_run(self, cfg: RunConfig, device: torch.device, ddp: Distributed, *, input_shape: tuple[int, ...],
                 num_classes: int, recorded: str | None, iterations_left: int,
-                log: Callable[[str], None]) -> tuple["ExecutionPlan", CpuPath | None]:
+                log: Callable[[str], None], stop: StopFlag | None = None) -> tuple["ExecutionPlan", CpuPath | None]:
         """This plan for one run on `device`: on a CPU, with its path resolved (`cpupath.choose`; a
         DDP job or a fused group, whose processes or members must agree, takes eager NCHW unless
-        --cpu-path says otherwise), and that path; elsewhere itself and None."""
+        --cpu-path says otherwise), and that path; elsewhere itself and None. A signal in `stop`
+        while the paths are measured raises StopRequested."""
         if device.type != "cpu":
             return self, None
         if self.cpu_path == "auto" and (ddp.enabled or self.fuse > 1):
@@ -116,7 +118,7 @@ class ExecutionPlan:
         else:
             path = cpupath.choose(cfg, self.cpu_path, compile=self.compile, input_shape=input_shape,
                                   num_classes=num_classes, recorded=recorded, iterations_left=iterations_left,
-                                  log=log)
+                                  log=log, stop=stop)
         return replace(self, cpu_path=path.name, compile=path.compiled), path
 
     def chunks(self, cfg: RunConfig) -> int:

@@ -291,11 +291,12 @@ class _ListRunner:
             if self.stopped:
                 return
             if not self.ddp.enabled and stop is not None and stop.signum is not None:
-                self.stopped.append(StopRequested(stop.signum))  # a signal between runs stops the list too
+                # a signal between runs stops the list too
+                self.stopped.append(StopRequested(stop.signum, checkpointed=False))
                 return
             claim, lock = self.claim(i, run, wait)
             if claim is Claim.STOPPED:
-                self.stopped.append(StopRequested(stop.signum))
+                self.stopped.append(StopRequested(stop.signum, checkpointed=False))
                 return
             if claim is Claim.ELSEWHERE:
                 held_elsewhere.append((i, run))

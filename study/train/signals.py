@@ -18,11 +18,27 @@ AGREE_EVERY = 20
 
 
 class StopRequested(Exception):
-    """Raised after a SIGTERM/SIGINT once the run's state is safely on disk."""
+    """Raised after a SIGTERM/SIGINT once the run's state is safely on disk: a checkpoint, or
+    (`checkpointed` False) nothing yet to keep, the signal having come before the run's first step
+    (while its CPU paths were measured, say)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, *, checkpointed: bool = True) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.checkpointed = checkpointed
+
+    def outcome(self) -> str:
+        """What the stop kept and how to go on, for the user's one line."""
+        if self.checkpointed:
+            return "checkpoint written, run the same command again to resume"
+        return "before a run's first step, nothing to keep; run the same command again to go on"
+
+
+def raise_if_stopped(stop: StopFlag | None) -> None:
+    """StopRequested (nothing checkpointed) if a signal has set `stop`: for work before a run's
+    first step that may take minutes (measuring its CPU paths), which a stop should not wait for."""
+    if stop is not None and stop.signum is not None:
+        raise StopRequested(stop.signum, checkpointed=False)
 
 
 @contextmanager
