@@ -407,8 +407,9 @@ def test_console_script_in_a_pipe_is_quiet_and_fails_cleanly(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("unbuffered", [False, True])
-@pytest.mark.parametrize("argv", [("grids",), ("models", "--format", "json")])
+@pytest.mark.parametrize("argv, unbuffered", [(("grids",), False), (("grids",), True),
+                                              (("models", "--format", "json"), False),
+                                              pytest.param(("models", "--format", "json"), True, marks=pytest.mark.slow)])
 def test_a_reader_that_leaves_early_gets_no_traceback(argv, unbuffered):
     """`study grids | head -1`: once the reader has gone, the command stops quietly (exit 141, as a
     shell tool killed by SIGPIPE) instead of printing a BrokenPipeError traceback; with stdout buffered

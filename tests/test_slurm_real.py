@@ -116,6 +116,7 @@ def test_submit_one_task_per_run_and_train_as_locally(slurm_cluster, local_runs,
     assert "nothing to submit" in study(tmp_path, *argv).stdout
 
 
+@pytest.mark.slow  # the default run's real-SLURM test: test_submit_one_task_per_run_and_train_as_locally
 def test_submitting_twice_while_pending_submits_nothing_twice(slurm_cluster, tmp_path):
     """While the node is full (a job holding both CPUs), the runs stay pending; the same command
     again submits nothing, and a third run added to the command is the only one submitted."""
@@ -141,6 +142,7 @@ def test_submitting_twice_while_pending_submits_nothing_twice(slurm_cluster, tmp
     wait_gone(slurm_cluster, [blocker])
 
 
+@pytest.mark.slow  # the default run's real-SLURM test: test_submit_one_task_per_run_and_train_as_locally
 def test_scancel_interrupts_and_the_same_command_resumes_exactly(slurm_cluster, local_runs, tmp_path):
     """scancel of a running task: the run is `interrupted` with a mid-epoch checkpoint; the same
     command again submits exactly that run, which resumes and ends equal to an uninterrupted run."""

@@ -112,6 +112,7 @@ def test_streams_must_be_positive(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # interleaving and its equality stay in the default run (test_interleaved_runs_equal_runs_trained_alone)
 def test_a_finished_run_makes_room_for_the_next(tmp_path, monkeypatch):
     """Two places, three runs of 2, 6 and 3 steps: the third starts when the first ends, beside
     the second (not after it), and every run ends with the metrics it has alone."""
