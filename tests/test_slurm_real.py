@@ -180,6 +180,7 @@ def test_scancel_interrupts_and_the_same_command_resumes_exactly(slurm_cluster, 
     pd.testing.assert_frame_equal(metrics(runs, victim), metrics(ref, victim))
 
 
+@pytest.mark.slow  # the default run's real-SLURM test: test_submit_one_task_per_run_and_train_as_locally
 def test_cpus_per_run_reaches_the_task(slurm_cluster, tmp_path):
     """`--cpus-per-run 2`: the array task holds both of the node's CPUs (one process; a 2-process
     run needs --gpus-per-run 2, which trains on GPUs only) and trains its run."""

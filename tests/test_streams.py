@@ -53,6 +53,7 @@ def test_interleaved_runs_equal_runs_trained_alone(tmp_path, capsys, monkeypatch
             assert torch.equal(v, b.load_checkpoint()["model"][k]), (a.cfg.run_id, k)
 
 
+@pytest.mark.slow  # the default run stops interleaved lists between runs (test_a_signal_between_runs_stops_the_list) and one run mid-epoch (test_faults)
 def test_a_stop_checkpoints_every_interleaved_run_and_they_resume_exactly(tmp_path, monkeypatch):
     """SIGTERM (the shared stop flag) while two runs are interleaved: each stops after its next
     step with its own mid-epoch checkpoint; running again finishes them with the metrics of an
