@@ -408,7 +408,7 @@ def test_console_script_in_a_pipe_is_quiet_and_fails_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize("argv, unbuffered", [(("grids",), False), (("grids",), True),
-                                              (("models", "--format", "json"), False),
+                                              pytest.param(("models", "--format", "json"), False, marks=pytest.mark.slow),
                                               pytest.param(("models", "--format", "json"), True, marks=pytest.mark.slow)])
 def test_a_reader_that_leaves_early_gets_no_traceback(argv, unbuffered):
     """`study grids | head -1`: once the reader has gone, the command stops quietly (exit 141, as a
