@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import ConfigError
 from ..runstore import atomic_write_text
 from .load import RunData, studies
-from .report import _cifar_study, _Finals, _json_record, _significance, classify_claims, compare
+from .report import _cifar_study, _Finals, _provenance, _significance, classify_claims, compare
 
 #: The nets of the paper's pair, as a page names them (`arch` in the runs in backticks).
 PAIR_NETS = {"plain": "plain", "resnet": "ResNet"}
@@ -113,6 +113,10 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
             f"{marker}-runs": runs_rows(data, study)}
 
 
+#: The provenance a page's runs block gives (with report's `_provenance`, which reads it from config.json).
+RUN_KEYS = ("cpu", "device_name", "device", "cpu_path", "threads", "git_commit", "git_dirty")
+
+
 def runs_rows(data: RunData, study) -> list[str]:
     """How each judged run (finished, of `study`) was trained, from its own files: the CPU (or device),
     the CPU path `study run` chose, threads and commit from its config.json, its clock from its metrics
@@ -120,9 +124,9 @@ def runs_rows(data: RunData, study) -> list[str]:
     done = study.select(data.runs).query("status == 'done'").sort_values(["seed", "arch", "depth"])
     clock = data.metrics.groupby("run_id")["elapsed_s"].max() if "elapsed_s" in data.metrics else {}
     rows = ["| run | CPU (or device) | CPU path | threads | commit | clock, h |", "|---|---|---|---:|---|---:|"]
-    for run_id in done["run_id"]:
-        prov = _json_record(data.runs_dir / run_id / "config.json").get("provenance")
-        prov = prov if isinstance(prov, dict) else {}
+    for _, run in done.iterrows():
+        run_id = run["run_id"]
+        prov = _provenance(data, run, RUN_KEYS)
         path = prov.get("cpu_path")
         path = path.get("name") if isinstance(path, dict) else path
         commit = str(prov.get("git_commit") or "")[:7] + (" (dirty)" if prov.get("git_dirty") else "")

@@ -564,11 +564,11 @@ def _json_record(path: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _provenance(data: RunData, row: pd.Series) -> dict:
-    """One run's provenance (PROVENANCE_KEYS) and its status date (`updated`), None where unknown."""
+def _provenance(data: RunData, row: pd.Series, keys: tuple[str, ...] = PROVENANCE_KEYS) -> dict:
+    """One run's provenance (`keys` of its config.json's) and its status date (`updated`), None where unknown."""
     record = _json_record(data.runs_dir / row["run_id"] / "config.json").get("provenance")
     record = record if isinstance(record, dict) else {}
-    out = {k: row[k] if k in row.index else record.get(k) for k in PROVENANCE_KEYS}
+    out = {k: row[k] if k in row.index else record.get(k) for k in keys}
     out["updated"] = _json_record(data.runs_dir / row["run_id"] / "status.json").get("updated")
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
 
