@@ -26,6 +26,17 @@ from ..probes import BN_MODES, REDUCTIONS, SPLITS
 REPORT_SUFFIXES = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html"}
 #: --format's other spellings, as other commands spell them (`study table --format markdown`).
 FORMAT_ALIASES = {"markdown": "md", "htm": "html"}
+#: `study table --format`'s other spelling, as `study report` spells it.
+TABLE_FORMAT_ALIASES = {"md": "markdown"}
+
+
+def _spelled(aliases: dict[str, str]) -> Callable[[str], str]:
+    """An argparse `type` that reads a --format in any case and maps its other spellings to the choice."""
+
+    def format_name(value: str) -> str:
+        return aliases.get(value.lower(), value.lower())
+
+    return format_name
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -39,12 +50,12 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     table.add_argument("table", choices=TABLE_NAMES, help="which of the paper's tables")
     _study_options(table)
     table.add_argument("--format", choices=("markdown", "csv"), default="markdown",
-                       type=lambda v: {"md": "markdown"}.get(v.lower(), v.lower()),
+                       type=_spelled(TABLE_FORMAT_ALIASES),
                        help="markdown (or md) with its notes (default), or CSV with the notes on stderr")
 
     report = sub.add_parser("report", help="every figure and table, and a verdict on each claim of the paper")
     _study_options(report)
-    report.add_argument("--format", choices=REPORT_FORMATS, type=lambda v: FORMAT_ALIASES.get(v.lower(), v.lower()),
+    report.add_argument("--format", choices=REPORT_FORMATS, type=_spelled(FORMAT_ALIASES),
                         help="md (or markdown): Markdown, its figures (PNG and PDF) beside it; html: one self-contained "
                         "file, figures embedded, with each run's provenance (default: html for an --out ending in "
                         ".html, md for one ending in .md or none)")
