@@ -181,6 +181,8 @@ def cpu_model() -> str:
 
 #: The CPU flags that decide which fast paths a CPU has (Linux's names in /proc/cpuinfo).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+#: Those of them that are bf16 matrix units (oneDNN runs bf16 autocast on them), by the names notes give them.
+BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -192,6 +194,25 @@ def cpu_flags() -> dict[str, bool]:
         return {}
     words = set(line.split(":", 1)[-1].split())
     return {flag: flag in words for flag in CPU_FLAGS} if words else {}
+
+
+def cpu_capability() -> str | None:
+    """The instruction set torch's CPU kernels dispatch to here ("AVX2", "AVX512", ...; None where this
+    torch cannot say)."""
+    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return get() if get is not None else None
+
+
+def cpu_label(prov: dict) -> str | None:
+    """A run's CPU as a page names it: the model, and the kernels torch ran on it where recorded
+    ("AMD EPYC (AVX2)"); runs written before cpu_capability was recorded give the model alone."""
+    cpu = prov.get("cpu")
+    capability = prov.get("cpu_capability")
+    if not cpu:
+        return None
+    units = [name for flag, name in BF16_FLAGS.items() if flag in (prov.get("cpu_flags") or [])]
+    detail = ", ".join([capability] * bool(capability) + units)
+    return f"{cpu} ({detail})" if detail else cpu
 
 
 def provenance(device: str) -> dict:
@@ -209,8 +230,12 @@ def provenance(device: str) -> dict:
         "python_version": platform.python_version(),
         "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine(),
-        # CPU results are exact for a given CPU model, torch and thread count (not across CPUs).
+        # CPU results are exact for a given CPU model, torch and thread count (not across CPUs). The
+        # model name alone may not tell two CPUs apart ("AMD EPYC" with AVX2 only, or with AVX-512 and
+        # bf16 units): the fast-path flags it reports, and the kernels torch chose for it, say which.
         "cpu": cpu_model(),
+        "cpu_flags": [flag for flag, on in cpu_flags().items() if on],
+        "cpu_capability": cpu_capability(),
         "threads": torch.get_num_threads(),
         "hostname": platform.node(),
     }

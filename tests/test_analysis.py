@@ -943,6 +943,12 @@ def test_a_comparison_is_welchs_interval_and_the_per_seed_order():
     wide = compare(_Stat(pd.Series([20.0, 26.0, 31.0], index=[0, 1, 2])), _Stat(pd.Series([21.0, 25.0, 30.0, 9.0], index=[0, 1, 2, 3])))
     assert wide.low < 0 < wide.high and not wide.significant(higher=True)
     assert (wide.above, wide.paired) == (2, 3) and "higher in 2 of 3 seeds" in str(wide)
+    # Means over other seeds than the order (a net with a seed more): said, with each mean's count.
+    assert wide.sizes == (3, 4) and str(wide).endswith("higher in 2 of 3 seeds both have; means over 3 and 4 seeds")
+    assert wide.diff == pytest.approx(77 / 3 - 85 / 4)
+    assert compare(a, b).sizes is None and "means over" not in str(compare(a, b))
+    apart = compare(_Stat(pd.Series([5.0], index=[0])), _Stat(pd.Series([4.0], index=[1])))
+    assert str(apart) == "difference +1.00, no seed in common; means over 1 and 1 seeds"
     # One seed a side: no interval, not significant, the order still said.
     one = compare(_Stat(pd.Series([5.0], index=[0])), _Stat(pd.Series([4.0], index=[0])))
     assert one.low is None and not one.significant(higher=True) and str(one) == "difference +1.00, higher in 1 of 1 seeds"

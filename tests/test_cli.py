@@ -468,8 +468,12 @@ def test_training_into_results_from_a_dirty_tree_says_so_before_it_starts(tmp_pa
     assert out.index("published evidence") < out.index("training on")
     cfg = json.loads(next((tmp_path / "results" / "mine").glob("*/config.json")).read_text())
     assert cfg["provenance"]["git_dirty"] is True
-    # What else CPU results depend on: the CPU's model and the thread count.
-    assert cfg["provenance"]["cpu"] and cfg["provenance"]["threads"] == torch.get_num_threads()
+    # What else CPU results depend on: the CPU (its model, and the instruction sets that tell two CPUs
+    # of one model name apart) and the thread count.
+    prov = cfg["provenance"]
+    assert prov["cpu"] and prov["threads"] == torch.get_num_threads()
+    assert prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert prov["cpu_flags"] == [f for f, on in study.runstore.cpu_flags().items() if on]
 
     for runs, porcelain in ((tmp_path / "elsewhere", " M study/x.py\n"), (tmp_path / "results" / "clean", "")):
         state["porcelain"] = porcelain

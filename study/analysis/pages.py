@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from ..runstore import atomic_write_text
+from ..runstore import atomic_write_text, cpu_label
 from .load import RunData, studies
 from .report import _cifar_study, _Finals, _provenance, _significance, classify_claims, compare
 
@@ -114,7 +114,8 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
 
 
 #: The provenance a page's runs block gives (with report's `_provenance`, which reads it from config.json).
-RUN_KEYS = ("cpu", "device_name", "device", "cpu_path", "threads", "git_commit", "git_dirty")
+RUN_KEYS = ("cpu", "cpu_flags", "cpu_capability", "device_name", "device", "cpu_path", "threads", "git_commit",
+            "git_dirty")
 
 
 def runs_rows(data: RunData, study) -> list[str]:
@@ -131,7 +132,7 @@ def runs_rows(data: RunData, study) -> list[str]:
         path = path.get("name") if isinstance(path, dict) else path
         commit = str(prov.get("git_commit") or "")[:7] + (" (dirty)" if prov.get("git_dirty") else "")
         hours = f"{clock[run_id] / 3600:.2f}" if run_id in clock else "–"
-        rows.append(f"| {run_id} | {prov.get('cpu') or prov.get('device_name') or prov.get('device') or '–'} | "
+        rows.append(f"| {run_id} | {cpu_label(prov) or prov.get('device_name') or prov.get('device') or '–'} | "
                     f"{path or '–'} | {prov.get('threads') or '–'} | {commit or '–'} | {hours} |")
     return rows
 

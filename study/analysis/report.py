@@ -29,7 +29,7 @@ from ..data import DataError, dataset_info
 from .arms import judge_arms
 from .load import NoRunsError, RunData, Study, chosen_text, pick_study, studies, unsettled_bn, unsettled_bn_note
 from .paper import CLAIMS, FIGURES, IMAGENET, PAPER_ARCHS, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
-from ..runstore import atomic_write_text, file_in_the_way
+from ..runstore import atomic_write_text, cpu_label, file_in_the_way
 from .tables import TABLE_NAMES, final_errors, with_tencrop
 
 if TYPE_CHECKING:
@@ -128,6 +128,10 @@ class Comparison:
     high: float | None
     above: int
     paired: int
+    #: How many seeds each mean is over, where the two nets' seeds differ (a net with a run still
+    #: training, or diverged): the means are then over other seeds than the per-seed order. None where
+    #: both nets have the same seeds.
+    sizes: tuple[int, int] | None = None
 
     def significant(self, higher: bool) -> bool:
         """Whether the interval excludes 0 on the side of `a` higher (`higher`) or lower."""
@@ -144,6 +148,10 @@ class Comparison:
         side = "higher" if self.diff > 0 else "lower"
         count = self.above if self.diff > 0 else self.paired - self.above
         order = f"{side} in {count} of {self.paired} seeds" if self.paired else "no seed in common"
+        if self.sizes is not None and self.paired:
+            order += f" both have; means over {self.sizes[0]} and {self.sizes[1]} seeds"
+        elif self.sizes is not None:
+            order += f"; means over {self.sizes[0]} and {self.sizes[1]} seeds"
         if self.low is None:
             return f"difference {self.diff:+{spec}}, {order}"
         return f"difference {self.diff:+{spec}}, 95% CI {self.low:+{spec}} to {self.high:+{spec}} (Welch's t), {order}"
@@ -164,7 +172,8 @@ def compare(a: _Stat, b: _Stat) -> Comparison:
             low = high = None
     both = a.values.index.intersection(b.values.index)
     above = int((a.values[both] > b.values[both]).sum())
-    return Comparison(a.mean - b.mean, low, high, above, len(both))
+    same = len(both) == a.n == b.n
+    return Comparison(a.mean - b.mean, low, high, above, len(both), None if same else (a.n, b.n))
 
 
 def _significance(comparisons: list[tuple[Comparison, bool]], holds: bool) -> str:
@@ -551,8 +560,8 @@ class ReportContent:
 
 # What `study run` records in config.json's provenance, as the Runs section shows it. A column of
 # the same name in RunData.runs is used where the run table carries it.
-PROVENANCE_KEYS = ("torch_version", "python_version", "package_version", "device", "device_name", "git_commit",
-                   "git_dirty")
+PROVENANCE_KEYS = ("torch_version", "python_version", "package_version", "device", "device_name", "cpu", "cpu_flags",
+                   "cpu_capability", "git_commit", "git_dirty")
 REPORT_FORMATS = ("md", "html")
 
 
@@ -590,7 +599,10 @@ def run_table(data: RunData) -> pd.DataFrame:
     for _, run in data.runs.iterrows():
         prov = _provenance(data, run)
         final = finals.loc[run["run_id"]] if run["run_id"] in finals.index else pd.Series(dtype=object)
-        device = " ".join(filter(None, [prov["device"], f"({prov['device_name']})" if prov["device_name"] else None]))
+        # A CPU run names its CPU, and the kernels torch ran on it, where it recorded them.
+        cpu = cpu_label(prov) if prov["device"] == "cpu" else None
+        device = f"cpu: {cpu}" if cpu else " ".join(
+            filter(None, [prov["device"], f"({prov['device_name']})" if prov["device_name"] else None]))
         commit = prov["git_commit"] and str(prov["git_commit"])[:10] + (" (dirty)" if prov["git_dirty"] else "")
         rows.append({
             "run": run["run_id"],

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..config import CPU_PATH_CHOICES, CPU_PATHS, RunConfig  # noqa: F401 (CPU_PATH_CHOICES: re-exported)
-from ..runstore import atomic_write_text, cpu_flags, cpu_model, duration
+from ..runstore import BF16_FLAGS, atomic_write_text, cpu_flags, cpu_model, duration
 from ..stopflag import StopFlag
 from .signals import raise_if_stopped
 
@@ -42,8 +42,6 @@ PROBE_MIN_ITERATIONS = 2000
 #: A path must beat eager NCHW by this fraction of the run's estimated time to be taken.
 MARGIN = 0.05
 WARMUP_STEPS, ROUNDS, STEPS_PER_ROUND = 2, 3, 3
-#: The CPU flags of bf16 matrix units (Linux's names): oneDNN runs bf16 autocast on them.
-BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}
 #: Measured beside the run's own precision, for the user's note (`choose`): channels-last eager in
 #: the precision named, {name: bf16 autocast on}.
 OTHER_PRECISION = {"bf16": True, "fp32": False}
