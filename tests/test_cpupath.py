@@ -50,6 +50,10 @@ def test_the_same_command_twice_trains_the_same_path_to_identical_metrics(tmp_pa
     """The first command measures the paths and caches what it measured; the second reads the cache,
     takes the same path and trains to the same metrics."""
     monkeypatch.setattr(cpupath, "PROBE_MIN_ITERATIONS", 10)  # a short run measured as a long one would be
+    # One warm-up step (it compiles) and one timed step per path: what is measured matters here, not how well.
+    monkeypatch.setattr(cpupath, "WARMUP_STEPS", 1)
+    monkeypatch.setattr(cpupath, "ROUNDS", 1)
+    monkeypatch.setattr(cpupath, "STEPS_PER_ROUND", 1)
     assert _run(tmp_path / "a") == 0
     first = capsys.readouterr().err
     assert "CPU path" in first and "measured in" in first
