@@ -30,7 +30,8 @@ def _pairs(depths: tuple[int, ...], **kw) -> tuple[RunConfig, ...]:
 QUICK_DEPTHS = (8, 20)
 QUICK_ITERATIONS = 250
 QUICK_SEEDS = (0, 1, 2)
-QUICK_MINUTES = "5 to 9"  # measured 2026-12-06 on 2 AMD EPYC cores: 5 min 27 s idle, 8 min 47 s shared
+QUICK_MINUTES = "5 to 11"  # measured on 2 idle cores: 5 min 27 s (AMD EPYC with AVX-512, 2026-12-06), 7 min 20 s
+# (Intel Xeon, 2026-12-06), 10 min 40 s (AMD EPYC with AVX2 only, 2026-12-07)
 
 # The same study four times longer (results/laptop/): the ResNets' gain is larger, the plain nets'
 # degradation only a tendency (not significant over 3 seeds).
