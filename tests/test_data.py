@@ -454,3 +454,30 @@ def test_data_to_device_keeps_everything():
     assert moved.eval_split == data.eval_split and moved.info == data.info
     assert torch.equal(moved.train.images, data.train.images)
     assert torch.equal(moved.mean, data.mean)
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10"])
+def test_a_failed_download_is_one_line_and_leaves_no_folder_it_made(tmp_path, monkeypatch, name):
+    """--download with the network down (torchvision's own downloader, its URL lookup failing): one line
+    naming the fix, and no folder left that the attempt made: not the data dir nor its parent, nor
+    the FashionMNIST/raw folder torchvision makes before it fetches."""
+    import urllib.error
+
+    import torchvision.datasets.utils
+
+    def offline(url, max_hops=3):
+        raise urllib.error.URLError("network unreachable (test)")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "_get_redirect_url", offline)
+    data_dir = tmp_path / "new" / "data"
+    with pytest.raises(DataError) as error:
+        load_data(name, data_dir, download=True)
+    _assert_one_line_naming(error, str(data_dir))
+    assert "retry" in str(error.value) and "network unreachable" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+    # A data dir that was there (with something in it) stays, as it was.
+    data_dir.mkdir(parents=True)
+    (data_dir / "kept.txt").write_text("mine")
+    with pytest.raises(DataError):
+        load_data(name, data_dir, download=True)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["new", "new/data", "new/data/kept.txt"]

@@ -99,20 +99,27 @@ class Data:
                     self.mean.to(device))
 
 
+#: The folders a torchvision download makes inside the data dir before it fetches anything (deepest
+#: first): Fashion-MNIST's raw files go to FashionMNIST/raw; CIFAR's archive to the data dir itself.
+DOWNLOAD_DIRS = ("FashionMNIST/raw", "FashionMNIST")
+
+
 def load_data(name: str, data_dir: str | os.PathLike | None = None, *, holdout: bool = False,
               download: bool = False) -> Data:
     """Load data set ``name`` into CPU tensors (see `_load_data`). A failed ``download`` leaves no
-    directory behind that it created (they are removed if still empty)."""
+    directory behind that it created (they are removed if still empty): the data dir and its parents,
+    and the folders torchvision makes inside it before it fetches a file."""
     root = Path(data_dir if data_dir is not None else "data").absolute()
-    created = [p for p in (root, *root.parents) if not p.exists()] if download else []
+    inside = [root / d for d in DOWNLOAD_DIRS]
+    created = [p for p in (*inside, root, *root.parents) if not p.exists()] if download else []
     try:
         return _load_data(name, data_dir, holdout=holdout, download=download)
     except DataError:
         for path in created:  # deepest first
             try:
                 path.rmdir()
-            except OSError:
-                break
+            except OSError:  # not empty (it holds something else): kept, as are its parents
+                continue
         raise
 
 
@@ -205,9 +212,12 @@ def _check(split: Split, info: DatasetInfo, what: str, where: Path) -> None:
         raise DataError(f"{info.name} {what} labels outside 0..{info.num_classes - 1}; {fix}")
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """`error` as one line: its type and its message's lines joined (torchvision's download errors put
+    the cause, "Tried <mirror>, got: <urlopen error ...>", on the lines after the first), cut at `limit`."""
+    text = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 # --- CIFAR ---------------------------------------------------------------------------------------
