@@ -10,6 +10,7 @@ import study
 from study.analysis.load import RunData
 from study.analysis.report import classify_claims, judge_study_arms
 from study.analysis.tables import final_errors
+from study.runstore import cpu_label
 from study.grids import grid_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,18 +178,19 @@ def test_the_followups_page_states_the_final_errors_of_its_runs():
 PAGE_BLOCKS = ("errors", "verdicts", "training", "runs")
 
 
-def _assert_runs_table(text: str, data: RunData, done) -> None:
+def _assert_runs_table(text: str, data: RunData, done, marker: str = "paper-depths-runs") -> None:
     """The page's runs block: one row per judged run, with the CPU, CPU path, threads and commit of its
     config.json and the clock of its metrics."""
     rows = re.findall(r"^\| (\S+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$",
-                      _between(text, "paper-depths-runs"), flags=re.M)
+                      _between(text, marker), flags=re.M)
     stated = {r[0]: tuple(c.strip() for c in r[1:]) for r in rows if r[0] != "run" and not r[0].startswith("-")}
     assert set(stated) == set(done), set(stated) ^ set(done)
     for run_id in done:
         prov = json.loads((data.runs_dir / run_id / "config.json").read_text())["provenance"]
         clock = data.metrics[data.metrics["run_id"] == run_id]["elapsed_s"].max() / 3600
-        # Runs trained before config.json recorded the CPU model, its path and threads say what they have.
-        cpu = prov.get("cpu") or prov.get("device_name") or prov["device"]
+        # Runs trained before config.json recorded the CPU model, its path and threads say what they have;
+        # the CPU's instruction set where it recorded that too (`AMD EPYC (AVX2)`).
+        cpu = cpu_label(prov) or prov.get("device_name") or prov["device"]
         path = (prov.get("cpu_path") or {}).get("name", "–")
         assert stated[run_id] == (cpu, path, str(prov.get("threads", "–")), prov["git_commit"][:7], f"{clock:.2f}"), run_id
 
@@ -340,6 +342,24 @@ def test_the_paper_depths_page_states_what_its_runs_show():
     if published != grid:
         pytest.skip(f"results/paper-depths/ is still training: {len(published)} of {len(grid)} runs published")
     assert_paper_depths_page(results)
+
+
+def test_the_followups_page_blocks_are_what_the_pages_module_writes_from_its_runs():
+    """results/followups/README.md: every generated block (final errors of every net, the arms' answers,
+    the paper's claims, training alone, how each run was trained) is, line for line, what
+    `python -m study.analysis.pages followups results/followups` writes from the published runs."""
+    from study.analysis import pages
+
+    results = ROOT / "results" / "followups"
+    if not results.is_dir():
+        pytest.skip("results/followups/ is not in this checkout")
+    blocks = pages.pair_blocks(results, "followups")
+    assert set(blocks) == {f"followups-{b}" for b in (*PAGE_BLOCKS, "arms")}
+    text = (results / "README.md").read_text()
+    for marker, rows in blocks.items():
+        assert _between(text, marker) == "\n" + "\n".join(rows) + "\n", marker
+    _assert_runs_table(_page_text(results / "README.md"), RunData.load(results),
+                       set(study.analysis.load_run_table(results)["run_id"]), "followups-runs")
 
 
 def test_the_followups_page_states_the_arms_verdicts_of_its_runs():

@@ -69,7 +69,8 @@ def judge_arms(finals) -> list:
         train = compare(tr_d, tr_r)
         evidence = f"training error {name_d} {tr_d} vs {name_r} {tr_r} ({train})"
         if te_d is not None and te_r is not None:
-            evidence += f"; {finals.eval} error {te_d} vs {te_r} ({compare(te_d, te_r)})"
+            # Beside the answer, not part of it: the question is of training (optimisation), as in the paper.
+            evidence += f"; {finals.eval} error, beside it (not judged): {te_d} vs {te_r} ({compare(te_d, te_r)})"
         better = tr_d.mean < tr_r.mean
         findings.append(Claim(len(findings) + 1, question, YES if better else NO, evidence,
                               min(tr_d.n, tr_r.n), _significance([(train, False)], better)))

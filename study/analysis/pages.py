@@ -6,6 +6,8 @@ runs' and `tests/test_results.py` can hold them to it.
 paper's pair (plain and ResNet x 20/56, several seeds): its final errors, the paper's claims 1 and 3 as
 `study report` judges them, the twin (ResNet-56 against plain-56), and ResNet-56 against ResNet-20 in
 training error alone; and how each of its runs was trained (CPU, CPU path, threads, commit, clock).
+A study with follow-up arms (`python -m study.analysis.pages followups results/followups`) has their
+rows in the errors table too, and a block of their questions and answers (`<marker>-arms`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..runstore import atomic_write_text, cpu_label
+from .arms import arms_in, judge_arms
 from .load import RunData, studies
 from .report import _cifar_study, _Finals, _provenance, _significance, classify_claims, compare
 
 #: The nets of the paper's pair, as a page names them (`arch` in the runs in backticks).
 PAIR_NETS = {"plain": "plain", "resnet": "ResNet"}
+#: The follow-ups' arms (`study.analysis.arms`), as a page names them; another arm goes by its `arch`.
+ARM_NAMES = {"preact": "pre-activation ResNet", "resnet+zeroinit": "zero-init ResNet",
+             "plain+deltaorth": "delta-orthogonal plain"}
 
 
 def _minus(text: str) -> str:
@@ -64,8 +70,11 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
         raise ConfigError(f"{results} has no finished runs (option A, with training and {finals.eval} errors) of "
                           f"{', '.join(absent)}; a pair page needs plain and ResNet at 20 and 56 layers")
 
+    # The paper's pair, then any arm the study trained at both depths (its errors table gives them too).
+    arms = [a for a in arms_in(finals) if all(stat(a, d, split) is not None for d in (20, 56) for split in column)]
+    nets = {**PAIR_NETS, **{arm: ARM_NAMES.get(arm, arm) for arm in arms}}
     seeds = {(arch, depth, split): tuple(sorted(int(x) for x in stat(arch, depth, split).values.index))
-             for arch in PAIR_NETS for depth in (20, 56) for split in column}
+             for arch in nets for depth in (20, 56) for split in column}
     same = len(set(seeds.values())) == 1
     # Every net and split over the same seeds: the headers say which; else each cell says its own.
     over = _seed_text(next(iter(seeds.values()))) if same else "each net's seeds, in its cell"
@@ -84,7 +93,7 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
     splits = "train / test" if finals.eval == "test" else f"train / {finals.eval}"
     errors = [f"| net (`arch` in the runs; {over}) | 20 layers ({splits}; mean ± std, %) | 56 layers | 56 minus 20 (means) |",
               "|---|---|---|---|"]
-    for arch, name in PAIR_NETS.items():
+    for arch, name in nets.items():
         errors.append(f"| {name} (`{arch}`) | {means(arch, 20)} | {means(arch, 56)} | {difference(arch)} |")
 
     def training_row(text: str, deep: tuple[str, int], shallow: tuple[str, int], words: tuple[str, str]) -> str:
@@ -109,8 +118,14 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
     training = [f"| question | evidence ({evidence}; mean ± std, %) | answer |", "|---|---|---|",
                 training_row("ResNet-56 trains better than ResNet-20 (training error alone)", ("resnet", 56),
                              ("resnet", 20), ("yes", "no"))]
-    return {f"{marker}-errors": errors, f"{marker}-verdicts": verdicts, f"{marker}-training": training,
-            f"{marker}-runs": runs_rows(data, study)}
+    blocks = {f"{marker}-errors": errors, f"{marker}-verdicts": verdicts, f"{marker}-training": training,
+              f"{marker}-runs": runs_rows(data, study)}
+    if arms_in(finals):  # `study report`'s questions to each arm, and its answers
+        blocks[f"{marker}-arms"] = [f"| arm | question (`study report`) | answer | evidence ({evidence}; mean ± std, %) |",
+                                    "|---|---|---|---|"] + [
+            f"| arm {f.number} | {f.text} | **{f.verdict}**{f' ({f.significance})' if f.significance else ''} | "
+            f"{_minus(f.evidence)} |" for f in judge_arms(finals)]
+    return blocks
 
 
 #: The provenance a page's runs block gives (with report's `_provenance`, which reads it from config.json).
