@@ -332,13 +332,20 @@ def test_the_pages_module_refuses_bad_input_in_one_line_and_leaves_the_page(tmp_
 
 
 def test_the_paper_depths_page_states_what_its_runs_show():
-    """results/paper-depths/README.md, once all 12 runs are published (they are published as they finish)."""
+    """results/paper-depths/README.md: its blocks are, line for line, what the pages module writes from the
+    runs published so far (they are published as they finish); once all 12 are, every number and
+    verdict is checked against the runs as well."""
+    from study.analysis import pages
+
     results = ROOT / "results" / "paper-depths"
     if not results.is_dir():
         pytest.skip("results/paper-depths/ is not in this checkout")
     published = set(study.load_runs(results)["run_id"])
     grid = {cfg.run_id for cfg in grid_configs("paper-depths")}
     assert published <= grid, published - grid
+    text = (results / "README.md").read_text()
+    for marker, rows in pages.pair_blocks(results, "paper-depths").items():
+        assert _between(text, marker) == "\n" + "\n".join(rows) + "\n", marker
     if published != grid:
         pytest.skip(f"results/paper-depths/ is still training: {len(published)} of {len(grid)} runs published")
     assert_paper_depths_page(results)
