@@ -211,7 +211,8 @@ def cpu_label(prov: dict) -> str | None:
     if not cpu:
         return None
     units = [name for flag, name in BF16_FLAGS.items() if flag in (prov.get("cpu_flags") or [])]
-    detail = ", ".join([capability] * bool(capability) + units)
+    # torch's "DEFAULT" (no vector extension it dispatches to, as on an ARM CPU) says nothing worth a label.
+    detail = ", ".join([capability] * (capability not in (None, "DEFAULT")) + units)
     return f"{cpu} ({detail})" if detail else cpu
 
 
@@ -234,7 +235,8 @@ def provenance(device: str) -> dict:
         # model name alone may not tell two CPUs apart ("AMD EPYC" with AVX2 only, or with AVX-512 and
         # bf16 units): the fast-path flags it reports, and the kernels torch chose for it, say which.
         "cpu": cpu_model(),
-        "cpu_flags": [flag for flag, on in cpu_flags().items() if on],
+        # None where the flags cannot be read (no /proc/cpuinfo), [] on a CPU with none of them.
+        "cpu_flags": [flag for flag, on in flags.items() if on] if (flags := cpu_flags()) else None,
         "cpu_capability": cpu_capability(),
         "threads": torch.get_num_threads(),
         "hostname": platform.node(),

@@ -473,9 +473,23 @@ def test_training_into_results_from_a_dirty_tree_says_so_before_it_starts(tmp_pa
     prov = cfg["provenance"]
     assert prov["cpu"] and prov["threads"] == torch.get_num_threads()
     assert prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert prov["cpu_flags"] == [f for f, on in study.runstore.cpu_flags().items() if on]
+    flags = study.runstore.cpu_flags()  # None where they cannot be read (no /proc/cpuinfo)
+    assert prov["cpu_flags"] == ([f for f, on in flags.items() if on] if flags else None)
 
     for runs, porcelain in ((tmp_path / "elsewhere", " M study/x.py\n"), (tmp_path / "results" / "clean", "")):
         state["porcelain"] = porcelain
         code, out, err = run_cli(capsys, *argv, "--runs-dir", str(runs))
         assert code == 0 and "published evidence" not in out, out
+
+
+def test_a_runs_cpu_label_names_its_model_kernels_and_bf16_units():
+    """How pages and the HTML report name a CPU run's machine, from what its config.json recorded: runs
+    written before the flags were recorded give the model alone; no model, no label."""
+    from study.runstore import cpu_label
+
+    assert cpu_label({"cpu": "AMD EPYC", "cpu_flags": ["avx2"], "cpu_capability": "AVX2"}) == "AMD EPYC (AVX2)"
+    xeon = {"cpu": "Intel Xeon", "cpu_flags": ["avx2", "avx512f", "avx512_bf16", "amx_bf16"], "cpu_capability": "AVX512"}
+    assert cpu_label(xeon) == "Intel Xeon (AVX512, AMX-BF16, AVX-512 BF16)"
+    assert cpu_label({"cpu": "AMD EPYC"}) == "AMD EPYC"  # written before cpu_flags and cpu_capability
+    assert cpu_label({"cpu": "Neoverse-N1", "cpu_flags": None, "cpu_capability": "DEFAULT"}) == "Neoverse-N1"
+    assert cpu_label({"device_name": "x86_64"}) is None

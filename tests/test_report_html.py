@@ -156,7 +156,7 @@ def test_html_report_has_every_claim_figure_table_and_run(report, runs):
     import torch
 
     prov = json.loads((runs / cifar["run"] / "config.json").read_text())["provenance"]
-    units = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX-512 BF16")) if flag in prov["cpu_flags"]]
+    units = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX-512 BF16")) if flag in (prov["cpu_flags"] or [])]
     detail = ", ".join([torch.backends.cpu.get_cpu_capability(), *units])
     assert cifar["device"] == f"cpu: {prov['cpu']} ({detail})", cifar["device"]
     imagenet = by_run["imagenet-resnet34-A-s0"]  # written by another tool: no provenance recorded

@@ -42,8 +42,9 @@ def _seed_text(seeds: tuple[int, ...]) -> str:
 
 
 def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
-    """The blocks `<marker>-errors`, `<marker>-verdicts` and `<marker>-training` of a study of the
-    paper's pair at 20 and 56 layers in `results`: each a list of Markdown table lines.
+    """The blocks `<marker>-errors`, `<marker>-verdicts`, `<marker>-training` and `<marker>-runs` of a
+    study of the paper's pair at 20 and 56 layers in `results` (and `<marker>-arms` where it has follow-up
+    arms): each a list of Markdown table lines.
 
     Every block reads the runs the claims are judged on (`study report`'s: the finished runs, option A,
     of the one CIFAR-style study in `results`), so a page's tables and its verdicts count the same seeds.
