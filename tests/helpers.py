@@ -49,3 +49,17 @@ def run_all(configs: list[RunConfig], runs_dir: str | Path, **kwargs: Any) -> di
     """`study.train.run_all` with the plan's fields among the keywords (device, streams, fuse, ...)."""
     plan = ExecutionPlan(**{name: kwargs.pop(name) for name in PLAN_FIELDS if name in kwargs})
     return study.train.run_all(configs, runs_dir, plan, **kwargs)
+
+
+def write_small_fashion_mnist(directory):
+    """Raw IDX files (torchvision's names) of 96 training and 40 test images of the embedded real
+    data: a step and an evaluation cost little, and every launch is mostly process start-up."""
+    from study.data import load_data
+    from study.data.fashion_mnist_mini.build import write_idx
+
+    full = load_data("fashion-mnist-mini")
+    directory.mkdir(parents=True)
+    for prefix, split, n in (("train", full.train, 96), ("t10k", full.eval, 40)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", split.images[:n, 0].clone())
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", split.labels[:n].to(torch.uint8))
+    return directory

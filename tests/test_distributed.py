@@ -16,25 +16,11 @@ import pytest
 import torch
 
 from study.runstore import METRIC_COLUMNS
-from helpers import TIMING_COLUMNS
+from helpers import TIMING_COLUMNS, write_small_fashion_mnist
 
 STEP = ["--arch", "resnet", "--depth", "20", "--iterations", "1", "--batch-size", "64", "--device", "cpu",
         "--no-progress", "--dataset", "fashion-mnist"]
 RUN = "fashion-mnist-resnet20-A-s0-it1-b64"
-
-
-def write_small_fashion_mnist(directory):
-    """Raw IDX files (torchvision's names) of 96 training and 40 test images of the embedded real
-    data: a step and an evaluation cost little, and every launch is mostly process start-up."""
-    from study.data import load_data
-    from study.data.fashion_mnist_mini.build import write_idx
-
-    full = load_data("fashion-mnist-mini")
-    directory.mkdir(parents=True)
-    for prefix, split, n in (("train", full.train, 96), ("t10k", full.eval, 40)):
-        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", split.images[:n, 0].clone())
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", split.labels[:n].to(torch.uint8))
-    return directory
 
 
 def free_port() -> int:

@@ -10,23 +10,25 @@ import study
 from study.config import ConfigError, RunConfig
 from study.data import eval_batches, load_data
 from study.runstore import Run
-from helpers import run_all
+from helpers import run_all, write_small_fashion_mnist
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A ResNet-8 trained for 2 epochs on the embedded Fashion-MNIST subset, and its runs dir."""
+    """A ResNet-8 trained for 2 epochs (3 and 2 steps of 32) on real Fashion-MNIST files of 96 training and
+    40 test images, its runs dir and its data dir."""
     runs = tmp_path_factory.mktemp("runs")
-    cfg = RunConfig(arch="resnet", depth=8, dataset="fashion-mnist-mini", iterations=100, batch_size=128, seed=2)
-    assert run_all([cfg], runs, device="cpu", progress=False, log=lambda m: None) == {cfg.run_id: "done"}
-    return runs, cfg
+    data = write_small_fashion_mnist(tmp_path_factory.mktemp("data") / "fashion-mnist")
+    cfg = RunConfig(arch="resnet", depth=8, dataset="fashion-mnist", iterations=5, batch_size=32, seed=2)
+    assert run_all([cfg], runs, device="cpu", progress=False, log=lambda m: None, data_dir=str(data)) == {cfg.run_id: "done"}
+    return runs, cfg, data
 
 
 def test_the_loaded_model_gives_the_runs_logged_test_error(finished):
-    runs, cfg = finished
-    net = study.load_model(cfg.run_id, runs_dir=runs)
+    runs, cfg, data = finished
+    net = study.load_model(cfg.run_id, runs_dir=runs, data_dir=data)
     assert net.config == cfg and net.iteration == cfg.iterations and not net.model.training
-    test = load_data(cfg.dataset).eval
+    test = load_data(cfg.dataset, data).eval
     wrong = 0
     with torch.no_grad():
         for images, labels in eval_batches(test, 1000):
@@ -34,27 +36,27 @@ def test_the_loaded_model_gives_the_runs_logged_test_error(finished):
     logged = Run(runs, cfg).read_metrics().query("split == 'test'").error_pct.iloc[-1]
     assert 100.0 * wrong / len(test.labels) == logged
     # The same run named by its directory.
-    again = study.load_model(runs / cfg.run_id)
+    again = study.load_model(runs / cfg.run_id, data_dir=data)
     for k, v in net.model.state_dict().items():
         assert torch.equal(v, again.model.state_dict()[k]), k
 
 
 def test_an_unfinished_run_is_an_error_unless_a_checkpoint_is_named(finished, tmp_path):
-    runs, cfg = finished
+    runs, cfg, data = finished
     run = Run(runs, cfg)
     status = json.loads(run.status_path.read_text())
-    run.set_status("interrupted", iteration=100)
+    run.set_status("interrupted", iteration=cfg.iterations)
     try:
         with pytest.raises(ConfigError, match="is interrupted, not done.*checkpoint="):
-            study.load_model(cfg.run_id, runs_dir=runs)
-        earlier = study.load_model(cfg.run_id, runs_dir=runs, checkpoint="checkpoint.prev.pt")
-        assert earlier.iteration == 79  # the end of the first epoch (79 batches of 128 of 10,000)
+            study.load_model(cfg.run_id, runs_dir=runs, data_dir=data)
+        earlier = study.load_model(cfg.run_id, runs_dir=runs, data_dir=data, checkpoint="checkpoint.prev.pt")
+        assert earlier.iteration == 3  # the end of the first epoch (3 batches of 32 of 96 images)
     finally:
         run.status_path.write_text(json.dumps(status))
 
 
 def test_a_missing_run_or_checkpoint_is_a_one_line_error(finished, tmp_path, capsys):
-    runs, cfg = finished
+    runs, cfg, data = finished
     with pytest.raises(ConfigError, match="no run 'nope' in .*study status"):
         study.load_model("nope", runs_dir=runs)
     with pytest.raises(ConfigError, match="has no checkpoint"):
