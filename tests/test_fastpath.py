@@ -93,6 +93,7 @@ def test_compiled_training_matches_eager(tmp_path, small_data):
     assert not any(k.startswith("_orig_mod") for k in compiled.load_checkpoint()["model"])
 
 
+@pytest.mark.slow  # a process that compiles: 11-13 s on 2 cores
 def test_compile_on_a_cpu_says_nothing_of_cuda(tmp_path):
     """`--compile --device cpu` where the CUDA toolkit is installed but no GPU (torch then says "No
     CUDA runtime is found, using CUDA_HOME=..." as inductor loads its C++ tools): no stray warning."""
