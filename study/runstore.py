@@ -196,13 +196,6 @@ def cpu_flags() -> dict[str, bool]:
     return {flag: flag in words for flag in CPU_FLAGS} if words else {}
 
 
-def cpu_capability() -> str | None:
-    """The instruction set torch's CPU kernels dispatch to here ("AVX2", "AVX512", ...; None where this
-    torch cannot say)."""
-    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
-    return get() if get is not None else None
-
-
 def cpu_label(prov: dict) -> str | None:
     """A run's CPU as a page names it: the model, and the kernels torch ran on it where recorded
     ("AMD EPYC (AVX2)"); runs written before cpu_capability was recorded give the model alone."""
@@ -237,7 +230,7 @@ def provenance(device: str) -> dict:
         "cpu": cpu_model(),
         # None where the flags cannot be read (no /proc/cpuinfo), [] on a CPU with none of them.
         "cpu_flags": [flag for flag, on in flags.items() if on] if (flags := cpu_flags()) else None,
-        "cpu_capability": cpu_capability(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the instruction set its kernels dispatch to
         "threads": torch.get_num_threads(),
         "hostname": platform.node(),
     }

@@ -72,7 +72,8 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
                           f"{', '.join(absent)}; a pair page needs plain and ResNet at 20 and 56 layers")
 
     # The paper's pair, then any arm the study trained at both depths (its errors table gives them too).
-    arms = [a for a in arms_in(finals) if all(stat(a, d, split) is not None for d in (20, 56) for split in column)]
+    every_arm = arms_in(finals)
+    arms = [a for a in every_arm if all(stat(a, d, split) is not None for d in (20, 56) for split in column)]
     nets = {**PAIR_NETS, **{arm: ARM_NAMES.get(arm, arm) for arm in arms}}
     seeds = {(arch, depth, split): tuple(sorted(int(x) for x in stat(arch, depth, split).values.index))
              for arch in nets for depth in (20, 56) for split in column}
@@ -121,7 +122,7 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
                              ("resnet", 20), ("yes", "no"))]
     blocks = {f"{marker}-errors": errors, f"{marker}-verdicts": verdicts, f"{marker}-training": training,
               f"{marker}-runs": runs_rows(data, study)}
-    if arms_in(finals):  # `study report`'s questions to each arm, and its answers
+    if every_arm:  # `study report`'s questions to each arm (those at one depth too), and its answers
         blocks[f"{marker}-arms"] = [f"| arm | question (`study report`) | answer | evidence ({evidence}; mean ± std, %) |",
                                     "|---|---|---|---|"] + [
             f"| arm {f.number} | {f.text} | **{f.verdict}**{f' ({f.significance})' if f.significance else ''} | "
