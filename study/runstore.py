@@ -209,6 +209,26 @@ def cpu_label(prov: dict) -> str | None:
     return f"{cpu} ({detail})" if detail else cpu
 
 
+def this_cpu_label() -> str | None:
+    """This machine's CPU as `cpu_label` names a run's."""
+    flags = cpu_flags()
+    return cpu_label({"cpu": cpu_model(), "cpu_flags": [f for f, on in flags.items() if on] if flags else None,
+                      "cpu_capability": torch.backends.cpu.get_cpu_capability()})
+
+
+def trained_on(run_dir: str | os.PathLike) -> tuple[str, str] | None:
+    """Where a run trained, from its config.json: ("cpu", its `cpu_label`) or (its device, the device's
+    name); None where it recorded neither (or there is no config.json)."""
+    try:
+        prov = json.loads((Path(run_dir) / "config.json").read_text())["provenance"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    device = str(prov.get("device") or "")
+    if device.startswith("cpu"):
+        return ("cpu", label) if (label := cpu_label(prov)) else None
+    return (device.split(":")[0], str(prov["device_name"])) if device and prov.get("device_name") else None
+
+
 def provenance(device: str) -> dict:
     """Where and with what a run was produced."""
     from . import __version__

@@ -202,6 +202,53 @@ def test_status_estimates_the_wall_time_of_runs_trained_side_by_side(tmp_path, c
     assert code == 0 and "left: about" not in out and "(1 failed run not counted: `study run` with the same" in out, out
 
 
+def test_status_names_the_machines_behind_its_estimates_and_this_cpu_where_it_differs(tmp_path, capsys, monkeypatch):
+    """A bf16 run finished on a CPU with AMX (its config.json says so) estimates its twin's time; on a CPU
+    that is not that one, the line says what this CPU is, and, where it has no bf16 units, that bf16 is
+    emulated here. On the CPU the run trained on, the line names it and says no more; a GPU's speed is
+    named but not set against this CPU."""
+    from study.cli import listing
+    from study.config import RunConfig
+    from study.runstore import Run
+
+    def ran(seed, status, at, where):
+        cfg = RunConfig("resnet", 8, seed=seed, iterations=400, dataset="fashion-mnist-mini", precision="bf16")
+        run = Run(tmp_path, cfg)
+        run.prepare("cpu")
+        record = json.loads(run.config_path.read_text())
+        record["provenance"].update(where)
+        run.config_path.write_text(json.dumps(record))
+        row = dict.fromkeys(METRIC_COLUMNS)
+        row.update(run_id=cfg.run_id, dataset=cfg.dataset, arch="resnet", depth=8, shortcut="A", seed=seed, epoch=1,
+                   iteration=at, split="train", loss=1.0, error_pct=30.0, lr=0.1, elapsed_s=1.2 * at, warmup_s=0.0)
+        pd.DataFrame([row], columns=METRIC_COLUMNS).to_parquet(run.metrics_path, index=False)
+        run.set_status(status, iteration=at)
+
+    xeon = {"device": "cpu", "cpu": "Intel Xeon", "cpu_flags": ["avx2", "avx512f", "amx_bf16"], "cpu_capability": "AVX512"}
+    ran(0, "done", 400, xeon)
+    argv = ("status", "--arch", "resnet", "--depth", "8", "--seeds", "0-1", "--iterations", "400", "--precision", "bf16",
+            "--dataset", "fashion-mnist-mini", "--runs-dir", str(tmp_path))
+
+    monkeypatch.setattr(listing, "this_cpu_label", lambda: "AMD EPYC (AVX2)")
+    monkeypatch.setattr(listing, "cpu_flags", lambda: {"avx2": True, "avx512f": False, "amx_bf16": False})
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and out.splitlines()[2].split()[-1] == "~8m", out
+    assert ("speeds measured on Intel Xeon (AVX512, AMX-BF16); this CPU is AMD EPYC (AVX2), where they may train at "
+            "another speed (it has no bf16 units: bf16 is emulated, many times slower))") in out, out
+    monkeypatch.setattr(listing, "cpu_flags", lambda: {"avx2": True, "avx512f": True, "amx_bf16": True})
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "this CPU is AMD EPYC (AVX2), where they may train at another speed)" in out, out
+    monkeypatch.setattr(listing, "this_cpu_label", lambda: "Intel Xeon (AVX512, AMX-BF16)")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and out.rstrip().endswith("speeds measured on Intel Xeon (AVX512, AMX-BF16))"), out
+
+    # A run half-trained on a GPU (its own speed, then) beside the CPU's: both named, this CPU not set against them.
+    ran(1, "interrupted", 200, {"device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3"})
+    monkeypatch.setattr(listing, "this_cpu_label", lambda: "AMD EPYC (AVX2)")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and out.rstrip().endswith("speeds measured on NVIDIA H100 80GB HBM3)"), out
+
+
 def test_no_wait_leaves_a_held_run_to_its_process_and_returns(tmp_path, capsys):
     """With --no-wait, a runner trains the runs it can lock and returns, leaving the one another
     process holds (here: this test) to it, untouched; exit 0 for what it did."""

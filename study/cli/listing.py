@@ -14,7 +14,8 @@ from collections.abc import Callable
 from ..config import ConfigError
 from ..grids import GRIDS, grid_configs
 from ..launch import list_runs_with_queued, run_status
-from ..runstore import FINAL_STATUSES, Run, RunStoreError, duration, missing_runs_dir
+from ..runstore import (BF16_FLAGS, FINAL_STATUSES, Run, RunStoreError, cpu_flags, duration, missing_runs_dir,
+                        this_cpu_label, trained_on)
 from .args import SELECTION, add_selection
 from .run import add_training_options, processes_per_run, run_configs
 
@@ -107,6 +108,22 @@ def _failed_not_counted(n: int) -> str:
             f"training now does only if it has not passed {them} in its list)")
 
 
+def _measured_on(machines: set[tuple[str, str]], bf16: bool) -> str | None:
+    """The status line's words for where the speeds behind the time left were measured (as the runs'
+    config.json names the machines), and, where they were all measured on CPUs and none on this one,
+    what this CPU is: the time holds for those machines. `bf16`: some run left trains in bf16, which a
+    CPU without bf16 units emulates, many times slower (`study run` measures by how much)."""
+    if not machines:
+        return None
+    names = ", ".join(sorted(name for _, name in machines))
+    note = f"speeds measured on {names}"
+    if all(kind == "cpu" for kind, _ in machines) and (here := this_cpu_label()) not in {n for _, n in machines}:
+        note += f"; this CPU is {here}, where they may train at another speed"
+        if bf16 and (flags := cpu_flags()) and not any(flags.get(flag) for flag in BF16_FLAGS):
+            note += " (it has no bf16 units: bf16 is emulated, many times slower)"
+    return note
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.grid is not None or args.arch is not None:
         # The runs `study run` with these options trains: those on disk, and the others as `new`.
@@ -139,11 +156,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     # Each net's (and each depth's) seconds and iterations so far, for its runs not started yet: pooled, so
     # a long run's speed counts for its length, not as much as a short run's trained beside more others.
     seen: dict[str, list[tuple[float, int]]] = {}
+    machines: dict[str, set[tuple[str, str]]] = {}  # where the runs behind each speed trained
     for run, metrics in [(run, metrics) for run, _, metrics in rows] + [(r, r.read_metrics()) for r in others]:
         if (timed := _training_time(metrics)) is not None:
+            where = trained_on(run.dir)
             for key in {_net_key(run), _net_key(run, any_kind=True)}:
                 seen.setdefault(key, []).append(timed)
+                machines.setdefault(key, set()).update([where] if where else [])
     rates = {key: sum(t for t, _ in times) / sum(n for _, n in times) for key, times in seen.items()}
+    measured_on: set[tuple[str, str]] = set()  # where the speeds behind the time left were measured
+    bf16_left = False  # whether a run in that time trains in bf16
     total_left, guessed, unknown, failed = 0.0, False, 0, 0
     lefts: list[tuple[float, bool]] = []  # each unfinished run's seconds left, and whether it trains now
     for run, st, metrics in rows:
@@ -160,7 +182,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             failed += 1  # whether a process training now takes it up again depends on its place in their lists
         elif st["status"] not in FINAL_STATUSES:
             own = _seconds_per_step(metrics)
-            rate = own if own is not None else rates.get(_net_key(run), rates.get(_net_key(run, any_kind=True)))
+            key = _net_key(run) if _net_key(run) in rates else _net_key(run, any_kind=True)
+            rate = own if own is not None else rates.get(key)
+            if rate is not None:
+                if own is None:
+                    measured_on |= machines[key]
+                elif where := trained_on(run.dir):
+                    measured_on.add(where)
+                bf16_left |= run.cfg.precision == "bf16"
             if rate is not None:
                 seconds = rate * max(run.cfg.iterations - int(st.get("iteration", 0) or 0), 0)
                 total_left += seconds
@@ -193,6 +222,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                          "settings has trained yet)")
         if failed:
             parts.append(_failed_not_counted(failed))
+        if note := _measured_on(measured_on, bf16_left):
+            parts.append(note)
         print(f"({'; '.join(parts)})")
     elif failed:
         print(f"({_failed_not_counted(failed)})")
