@@ -30,6 +30,7 @@ from .runstore import (
     RunStoreError,
     atomic_write,
     check_writable,
+    dirty_tree,
     list_runs,
     missing_runs_dir,
 )
@@ -65,7 +66,7 @@ def _why_not(run: Run, allow_dirty: bool) -> str | None:
     if allow_dirty:
         return None
     try:
-        dirty = json.loads(run.config_path.read_text())["provenance"].get("git_dirty")
+        dirty = dirty_tree(json.loads(run.config_path.read_text())["provenance"])  # in any session
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         dirty = None
     if dirty is not False:

@@ -216,17 +216,38 @@ def this_cpu_label() -> str | None:
                       "cpu_capability": torch.backends.cpu.get_cpu_capability()})
 
 
-def trained_on(run_dir: str | os.PathLike) -> tuple[str, str] | None:
-    """Where a run trained, from its config.json: ("cpu", its `cpu_label`) or (its device, the device's
-    name); None where it recorded neither (or there is no config.json)."""
-    try:
-        prov = json.loads((Path(run_dir) / "config.json").read_text())["provenance"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def sessions(prov: dict) -> list[dict]:
+    """A run's sessions, from its config.json's provenance: the first session's record, then the record
+    of each session that resumed it (`resumed`: each with `from_iteration`, the checkpoint it resumed
+    from). A run resumed on another machine, with another torch or from another commit says so there."""
+    later = prov.get("resumed")
+    return [prov, *(s for s in later if isinstance(s, dict))] if isinstance(later, list) else [prov]
+
+
+def machine(prov: dict) -> tuple[str, str] | None:
+    """Where one session trained: ("cpu", its `cpu_label`) or (its device, the device's name); None
+    where it recorded neither."""
     device = str(prov.get("device") or "")
     if device.startswith("cpu"):
         return ("cpu", label) if (label := cpu_label(prov)) else None
     return (device.split(":")[0], str(prov["device_name"])) if device and prov.get("device_name") else None
+
+
+def dirty_tree(prov: dict) -> bool | None:
+    """Whether a run trained, in any session, from a tree with uncommitted changes to tracked files: True
+    if some session did, False if every session recorded a clean tree, else None (unknown)."""
+    flags = [s.get("git_dirty") for s in sessions(prov)]
+    return True if True in flags else False if all(f is False for f in flags) else None
+
+
+def trained_on(run_dir: str | os.PathLike) -> set[tuple[str, str]]:
+    """Where a run trained, every session (`machine`), from its config.json; empty where it recorded
+    no machine (or there is no config.json)."""
+    try:
+        prov = json.loads((Path(run_dir) / "config.json").read_text())["provenance"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {m for s in sessions(prov) if (m := machine(s)) is not None}
 
 
 def provenance(device: str) -> dict:
@@ -304,6 +325,15 @@ class Run:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         record = {"run_id": self.cfg.run_id, "config": self.cfg.to_dict(), "provenance": {**provenance(device), **provenance_extra}}
+        atomic_write_text(self.config_path, json.dumps(record, indent=1) + "\n")
+
+    def record_resume(self, device: str, iteration: int, **provenance_extra: Any) -> None:
+        """Add this session, resuming the run from its checkpoint at `iteration`, to config.json's
+        provenance (`resumed`, see `sessions`): where, with what and from which commit it trains now."""
+        record = json.loads(self.config_path.read_text())
+        session = {"from_iteration": iteration, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   **provenance(device), **provenance_extra}
+        record["provenance"].setdefault("resumed", []).append(session)
         atomic_write_text(self.config_path, json.dumps(record, indent=1) + "\n")
 
     def recorded_cpu_path(self) -> str | None:

@@ -1,5 +1,6 @@
 """Training follows the paper's schedule, logs the agreed metrics, is deterministic and resumes exactly."""
 
+import json
 import signal
 import time
 from dataclasses import replace
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from study.config import RunConfig
-from study.runstore import METRIC_COLUMNS, Run
+from study.runstore import METRIC_COLUMNS, Run, RunStoreError
 from helpers import TIMING_COLUMNS
 from study.models import build_model
 from study.train import StopFlag, StopRequested, evaluate, lr_at
@@ -125,6 +126,66 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, small_data, monkeypatch)
     pd.testing.assert_frame_equal(metrics_without_time(whole), metrics_without_time(cut))
     for k, v in whole.load_checkpoint()["model"].items():
         assert torch.equal(v, cut.load_checkpoint()["model"][k]), k
+
+
+def test_a_resumed_session_is_recorded_and_the_runs_table_names_each_sessions_cpu_and_commit(
+        tmp_path, small_data, monkeypatch):
+    """A run stopped after its epoch-2 checkpoint (iteration 10) and resumed on another CPU from a tree with
+    uncommitted changes: config.json keeps the first session's record and adds the second's, from iteration
+    10; the report's runs table and a page's runs block name both CPUs and the dirty commit from iteration
+    10 on; `study status` counts both machines; publish leaves the run out as dirty. A run trained in one
+    go records no later session."""
+    import study.runstore
+    from study.analysis import pages, report
+    from study.analysis.load import RunData, studies
+    from study.publish import publish
+
+    cfg = tiny(iterations=15)
+    cut = Run(tmp_path / "runs", cfg)
+    real_save = Run.save_checkpoint
+    saves = []
+
+    def save_then_stop(self, state):
+        real_save(self, state)
+        saves.append(state["epoch"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(study.runstore, "tree_is_dirty", lambda: False)  # whatever this checkout's state
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, cut, small_data, torch.device("cpu"), progress=False)
+    monkeypatch.setattr(Run, "save_checkpoint", real_save)
+    first = json.loads(cut.config_path.read_text())["provenance"]
+    assert "resumed" not in first and first["git_dirty"] is False
+
+    monkeypatch.setattr(study.runstore, "cpu_model", lambda: "Other CPU")
+    monkeypatch.setattr(study.runstore, "tree_is_dirty", lambda: True)
+    assert train_run(cfg, cut, small_data, torch.device("cpu"), progress=False) == "done"
+    prov = json.loads(cut.config_path.read_text())["provenance"]
+    assert {k: v for k, v in prov.items() if k != "resumed"} == first  # the first session's record, as it was
+    (later,) = prov["resumed"]
+    assert (later["from_iteration"], later["cpu"], later["git_dirty"]) == (10, "Other CPU", True)
+    assert later["git_commit"] == first["git_commit"] and later["device"] == "cpu"
+
+    data = RunData.load(tmp_path / "runs")
+    row = report.run_table(data).iloc[0]
+    first_cpu, other_cpu = study.runstore.cpu_label(first), study.runstore.cpu_label(later)
+    assert row["device"] == f"cpu: {first_cpu}; from iteration 10: cpu: {other_cpu}", row["device"]
+    commit = first["git_commit"][:10]
+    assert row["git commit"] == f"{commit}; from iteration 10: {commit} (dirty)", row["git commit"]
+    (block_row,) = pages.runs_rows(data, studies(data.runs)[0])[2:]
+    assert f"| {first_cpu}; from iteration 10: {other_cpu} |" in block_row, block_row
+    assert f"| {commit[:7]}; from iteration 10: {commit[:7]} (dirty) |" in block_row, block_row
+    assert study.runstore.trained_on(cut.dir) == {("cpu", first_cpu), ("cpu", other_cpu)}
+    with pytest.raises(RunStoreError, match="1 trained from an uncommitted tree"):
+        publish(tmp_path / "runs", tmp_path / "out", log=lambda line: None)
+    assert not (tmp_path / "out").exists()
+
+    monkeypatch.undo()
+    whole = Run(tmp_path / "whole", cfg)
+    train_run(cfg, whole, small_data, torch.device("cpu"), progress=False)
+    assert "resumed" not in json.loads(whole.config_path.read_text())["provenance"]
 
 
 def test_warmup_s_counts_the_first_step_at_each_batch_size_and_survives_a_resume(tmp_path, small_data, monkeypatch):

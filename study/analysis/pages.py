@@ -20,7 +20,8 @@ from ..config import ConfigError
 from ..runstore import atomic_write_text, cpu_label
 from .arms import arms_in, judge_arms
 from .load import RunData, studies
-from .report import _cifar_study, _Finals, _provenance, _significance, classify_claims, compare
+from .report import (_cifar_study, _Finals, _provenance, _significance, by_session, classify_claims, commit_text,
+                     compare)
 
 #: The nets of the paper's pair, as a page names them (`arch` in the runs in backticks).
 PAIR_NETS = {"plain": "plain", "resnet": "ResNet"}
@@ -132,7 +133,7 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
 
 #: The provenance a page's runs block gives (with report's `_provenance`, which reads it from config.json).
 RUN_KEYS = ("cpu", "cpu_flags", "cpu_capability", "device_name", "device", "cpu_path", "threads", "git_commit",
-            "git_dirty")
+            "git_dirty", "resumed")
 
 
 def runs_rows(data: RunData, study) -> list[str]:
@@ -147,10 +148,12 @@ def runs_rows(data: RunData, study) -> list[str]:
         prov = _provenance(data, run, RUN_KEYS)
         path = prov.get("cpu_path")
         path = path.get("name") if isinstance(path, dict) else path
-        commit = str(prov.get("git_commit") or "")[:7] + (" (dirty)" if prov.get("git_dirty") else "")
+        # A run resumed on another machine or from another commit: each session's, from the iteration it resumed at.
+        commit = by_session(prov, lambda s: commit_text(s, 7))
+        where = by_session(prov, lambda s: cpu_label(s) or s.get("device_name") or s.get("device"))
+        threads = by_session(prov, lambda s: str(s["threads"]) if s.get("threads") else None)
         hours = f"{clock[run_id] / 3600:.2f}" if run_id in clock else "–"
-        rows.append(f"| {run_id} | {cpu_label(prov) or prov.get('device_name') or prov.get('device') or '–'} | "
-                    f"{path or '–'} | {prov.get('threads') or '–'} | {commit or '–'} | {hours} |")
+        rows.append(f"| {run_id} | {where or '–'} | {path or '–'} | {threads or '–'} | {commit or '–'} | {hours} |")
     return rows
 
 

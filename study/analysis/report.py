@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +30,7 @@ from ..data import DataError, dataset_info
 from .arms import judge_arms
 from .load import NoRunsError, RunData, Study, chosen_text, pick_study, studies, unsettled_bn, unsettled_bn_note
 from .paper import CLAIMS, FIGURES, IMAGENET, PAPER_ARCHS, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
-from ..runstore import atomic_write_text, cpu_label, file_in_the_way
+from ..runstore import atomic_write_text, cpu_label, file_in_the_way, sessions
 from .tables import TABLE_NAMES, final_errors, with_tencrop
 
 if TYPE_CHECKING:
@@ -561,7 +562,7 @@ class ReportContent:
 # What `study run` records in config.json's provenance, as the Runs section shows it. A column of
 # the same name in RunData.runs is used where the run table carries it.
 PROVENANCE_KEYS = ("torch_version", "python_version", "package_version", "device", "device_name", "cpu", "cpu_flags",
-                   "cpu_capability", "git_commit", "git_dirty")
+                   "cpu_capability", "git_commit", "git_dirty", "resumed")
 REPORT_FORMATS = ("md", "html")
 
 
@@ -582,6 +583,35 @@ def _provenance(data: RunData, row: pd.Series, keys: tuple[str, ...] = PROVENANC
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
 
 
+def by_session(prov: dict, describe: Callable[[dict], str | None]) -> str | None:
+    """`describe` of a run's first session, then of each session that resumed it where that changed
+    ("cpu: AMD EPYC; from iteration 18,000: cpu: Intel Xeon (AVX512, AMX-BF16)"); None if it says
+    nothing of any session."""
+    parts: list[str] = []
+    last: str | None = None
+    for i, session in enumerate(sessions(prov)):
+        text = describe(session)
+        if i == 0 or text != last:
+            parts.append((text or "–") if i == 0 else f"from iteration {int(session.get('from_iteration') or 0):,}: "
+                         f"{text or '–'}")
+        last = text
+    return "; ".join(parts) if any(describe(s) for s in sessions(prov)) else None
+
+
+def device_text(session: dict) -> str | None:
+    """A session's device as the report's Runs section names it: a CPU with its kernels ("cpu: AMD EPYC
+    (AVX2)"), else the device and its name."""
+    cpu = cpu_label(session) if session.get("device") == "cpu" else None
+    return f"cpu: {cpu}" if cpu else " ".join(filter(None, [
+        session.get("device"), f"({session['device_name']})" if session.get("device_name") else None])) or None
+
+
+def commit_text(session: dict, width: int = 10) -> str | None:
+    """A session's git commit, shortened to `width`, and "(dirty)" where its tree had uncommitted changes."""
+    commit = session.get("git_commit")
+    return str(commit)[:width] + (" (dirty)" if session.get("git_dirty") else "") if commit else None
+
+
 def run_table(data: RunData) -> pd.DataFrame:
     """The report's Runs section: each run read, its study, status, progress, final errors (last
     logged epoch) and provenance, as text. Provenance columns no run recorded are left out."""
@@ -599,11 +629,10 @@ def run_table(data: RunData) -> pd.DataFrame:
     for _, run in data.runs.iterrows():
         prov = _provenance(data, run)
         final = finals.loc[run["run_id"]] if run["run_id"] in finals.index else pd.Series(dtype=object)
-        # A CPU run names its CPU, and the kernels torch ran on it, where it recorded them.
-        cpu = cpu_label(prov) if prov["device"] == "cpu" else None
-        device = f"cpu: {cpu}" if cpu else " ".join(
-            filter(None, [prov["device"], f"({prov['device_name']})" if prov["device_name"] else None]))
-        commit = prov["git_commit"] and str(prov["git_commit"])[:10] + (" (dirty)" if prov["git_dirty"] else "")
+        # A CPU run names its CPU, and the kernels torch ran on it, where it recorded them; a run resumed
+        # on another machine, torch or commit, each session's from the iteration it resumed at.
+        device, commit = by_session(prov, device_text), by_session(prov, commit_text)
+        torch_version = by_session(prov, lambda s: s.get("torch_version"))
         rows.append({
             "run": run["run_id"],
             "study": labels.get(run["run_id"], ""),
@@ -611,7 +640,7 @@ def run_table(data: RunData) -> pd.DataFrame:
             "iterations": f"{int(run['last_iteration']):,} / {int(run['iterations']):,}",
             **{label: pct(final.get(split)) for split, label in splits.items() if split in finals.columns},
             **({"10-crop top-1 (%)": pct(run["tencrop_top1"])} if data.runs["tencrop_top1"].notna().any() else {}),
-            "torch": prov["torch_version"], "python": prov["python_version"], "study version": prov["package_version"],
+            "torch": torch_version, "python": prov["python_version"], "study version": prov["package_version"],
             "device": device or None, "git commit": commit, "status updated": prov["updated"],
         })
     table = pd.DataFrame(rows)

@@ -162,7 +162,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             where = trained_on(run.dir)
             for key in {_net_key(run), _net_key(run, any_kind=True)}:
                 seen.setdefault(key, []).append(timed)
-                machines.setdefault(key, set()).update([where] if where else [])
+                machines.setdefault(key, set()).update(where)
     rates = {key: sum(t for t, _ in times) / sum(n for _, n in times) for key, times in seen.items()}
     measured_on: set[tuple[str, str]] = set()  # where the speeds behind the time left were measured
     bf16_left = False  # whether a run in that time trains in bf16
@@ -185,10 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             key = _net_key(run) if _net_key(run) in rates else _net_key(run, any_kind=True)
             rate = own if own is not None else rates.get(key)
             if rate is not None:
-                if own is None:
-                    measured_on |= machines[key]
-                elif where := trained_on(run.dir):
-                    measured_on.add(where)
+                measured_on |= machines[key] if own is None else trained_on(run.dir)
                 bf16_left |= run.cfg.precision == "bf16"
             if rate is not None:
                 seconds = rate * max(run.cfg.iterations - int(st.get("iteration", 0) or 0), 0)

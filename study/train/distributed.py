@@ -80,7 +80,7 @@ class Follower:
     def prepare(self, *args: object, **kwargs: object) -> None:
         pass
 
-    clean_temporaries = write_metrics = save_checkpoint = set_status = prepare
+    clean_temporaries = write_metrics = save_checkpoint = set_status = record_resume = prepare
 
 
 class Chunked(nn.Module):

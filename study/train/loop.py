@@ -169,8 +169,10 @@ class _Training:
         if ckpt is not None:
             self.at = checkpoint.restore(ckpt, model=self.net.model, opt=self.net.opt, gen=self.gen,
                                          schedule=self.schedule)
-            if ddp.writer and self.at.iteration < cfg.iterations:
-                log(f"{cfg.run_id}: resuming from its checkpoint at iteration {self.at.iteration:,} of {cfg.iterations:,}")
+            if self.at.iteration < cfg.iterations:
+                self.run.record_resume(str(device), self.at.iteration, processes=ddp.world)
+                if ddp.writer:
+                    log(f"{cfg.run_id}: resuming from its checkpoint at iteration {self.at.iteration:,} of {cfg.iterations:,}")
         # The checkpoint holds every row so far: rewriting the file from it drops rows written after
         # the checkpoint (a kill between the two writes) and repairs an unreadable file.
         self.run.write_metrics(self.at.metrics)
