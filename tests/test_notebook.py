@@ -69,11 +69,37 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert corr == {("plain", "20"): "-1.0", ("plain", "56"): "-1.0"}, corr
     assert "8 runs of the study" in _text(scales) and "variant=''" in _text(scales), _text(scales)
     assert "no bn_scale_rms for resnet-20, resnet-56 (probed before it was recorded)" in _text(scales)
-    figure6 = next(c for c in code if "STUDY_KEY" in c.source)
+    figure6 = next(c for c in code if "relplot" in c.source)
     assert "8 runs of the study" in _text(figure6) and "'variant': ''" in _text(figure6)
     assert "'iterations': 200," in _text(figure6)  # plain values, not numpy reprs (np.int64(200))
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the seaborn Figure 6 and the package's Figure 1
     assert "| plain-20" in _text(code[-1])  # the package's Table 6
     compared = next(c for c in code if "per_seed" in c.source)
-    assert "resnet minus plain, mean over seeds:" in _text(compared)  # (no arm among these runs)
+    assert "resnet minus plain at 56 layers, mean over seeds:" in _text(compared)  # (no arm among these runs)
+    # One study at a time: the pivot keeps the bf16 runs apart, and the per-seed table is the fp32 study's own
+    # final errors (an average with the bf16 runs, or whichever run came last, would differ by about 3 points).
+    from study.analysis import load_runs
+
+    df = load_runs(runs)
+    bf16 = df[(df.variant == "bf16") & (df.split == "test") & (df.iteration == 200)].error_pct.mean()
+    pivot = next(c for c in code if "pivot_table(index=[*STUDY_KEY" in c.source)
+    assert ["bf16", "plain", "A", "20", f"{bf16:.2f}"] in [line.split()[:5] for line in _text(pivot).splitlines()]
+    last = df[(df.variant == "") & (df.arch == "plain") & (df.depth == 20) & (df.split == "train")].sort_values("iteration")
+    want = ["20", *(f"{last[last.seed == seed].error_pct.iat[-1]:.2f}" for seed in (0, 1))]
+    per_seed = next(c for c in code if "plain_train" in c.source)
+    assert "8 runs of the study" in _text(per_seed) and want in [line.split() for line in _text(per_seed).splitlines()]
+
+
+def test_explore_notebook_runs_on_resnets_alone_and_says_what_it_cannot_compare(tmp_path, monkeypatch):
+    """A first user's runs dir: one ResNet-56 (docs/running.md's first example). Every cell runs; the
+    comparison of two nets says there is nothing to compare."""
+    write_run(tmp_path / "runs", "resnet", 56, seed=0, iterations=200, floor=(8.0, 9.0))
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.setenv("STUDY_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(NOTEBOOK.parents[1]), os.environ.get("PYTHONPATH")])))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path / "notebooks")}}).execute()
+    compared = next(c for c in nb.cells if c.cell_type == "code" and "per_seed" in c.source)
+    assert "nothing to compare: the study has no depth with both plain and resnet runs (it has resnet)" in _text(compared)
