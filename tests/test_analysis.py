@@ -458,6 +458,36 @@ def test_fig7_draws_runs_of_one_probe_setting_and_names_the_others(tmp_path):
         "ResNet-20", "plain-20", "plain-56"]
 
 
+def test_claims_on_responses_read_the_probe_setting_figure_7_draws(tmp_path):
+    """Claims 2 and 5 judge the responses Figure 7 draws: those measured with one probe setting. A
+    ResNet-56 and a plain-20 probed per channel with BN in train mode (stds far above the others') are
+    left out of both, and each claim names the runs it left out: without them claim 5 has no plain and
+    ResNet pair of one depth, nor two ResNet depths (with them counted it would have both)."""
+    for depth in (20, 56):
+        for arch in ("plain", "resnet"):
+            run = write_run(tmp_path, arch, depth)
+            if arch == "plain":
+                write_gradients(run, depth, arch)
+            odd = (arch, depth) in {("resnet", 56), ("plain", 20)}
+            stds = np.full(depth - 1, 9.0) if odd else np.linspace(1.5, 1.0, depth - 1) * (0.8 if arch == "resnet" else 1)
+            write_responses(run, stds, **(dict(reduction="channel", bn_mode="train") if odd else {}))
+    data = RunData.load(tmp_path)
+    drawn = build("fig7", data)
+    assert sorted(label.get_text() for label in drawn.figure.axes[0].get_legend().get_texts()) == ["ResNet-20", "plain-56"]
+    claims = {c.number: c for c in classify_claims(data)}
+    five, two = claims[5], claims[2]
+    # Counted, the odd runs would pair every depth (20 and 56 layers) and give ResNet two depths.
+    assert five.verdict_text == "cannot be judged" and five.evidence.startswith(
+        "needs a plain net and a ResNet of the same depth with responses; needs responses of two ResNet depths"), five.evidence
+    assert five.evidence.endswith("left out, measured with other `study probe` options than the rest: "
+                                  "fashion-mnist-mini-plain20-A-s0-it400, fashion-mnist-mini-resnet56-A-s0-it400 "
+                                  "(probe them again with the options the others used)"), five.evidence
+    assert "plain-56: smallest layer response std 1" in two.evidence, two.evidence
+    assert two.evidence.endswith("responses left out, measured with other `study probe` options than the study's other "
+                                 "runs: fashion-mnist-mini-plain20-A-s0-it400 (probe them again with the options the "
+                                 "others used)"), two.evidence
+
+
 def test_fig7_layer_responses_and_caption_states_the_choices(study_dir):
     drawn = build("fig7", RunData.load(study_dir))
     top, bottom = drawn.figure.axes

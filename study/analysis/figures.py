@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ..config import CIFAR_DEPTHS, IMAGENET_DEPTHS, ConfigError
-from ..probes import PROBE_DEFAULTS
 from ..runstore import file_in_the_way
-from .load import NoRunsError, RunData, Study, coverage, pick_study, studies, unsettled_bn, unsettled_bn_note
+from .load import (NoRunsError, RunData, Study, coverage, one_probe_setting, pick_study, studies, unsettled_bn,
+                   unsettled_bn_note)
 from .paper import FIGURES, PAPER_ARCHS, TABLE2, TABLE6, Series, net_label, series_label
 
 if TYPE_CHECKING:
@@ -465,27 +465,6 @@ def _options_text(responses: pd.DataFrame) -> str:
     return ", ".join(parts)
 
 
-def _one_probe_setting(responses: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """The responses measured with one setting of the probe's options (the one most runs used;
-    on a tie, the one nearest the defaults), and a note naming the runs left out, if any: curves
-    measured differently (per channel vs whole tensor, BN in train vs eval mode) do not compare."""
-    columns = [c for c in PROBE_DEFAULTS if c in responses]
-    if not columns:
-        return responses, []
-    first = responses.drop_duplicates("run_id").set_index("run_id")[columns]  # one setting per run
-    per_run = first.astype(object).where(first.notna(), None).astype(str).apply(tuple, axis=1)
-    if per_run.nunique() <= 1:
-        return responses, []
-    counts = per_run.value_counts()
-    default = tuple(str(PROBE_DEFAULTS[c]) for c in columns)
-    nearest = {s: sum(a == b for a, b in zip(s, default) if b != "test") for s in counts.index}
-    chosen = max(counts.index, key=lambda s: (counts[s], nearest[s]))
-    left = sorted(per_run.index[per_run != chosen])
-    note = (f"left out, measured with other `study probe` options than the rest: {', '.join(left)} "
-            f"(probe them again with the options the others used)")
-    return responses[responses["run_id"].isin(per_run.index[per_run == chosen])], [note]
-
-
 def fig7(data: RunData, **select: object) -> Drawn:
     """Figure 7: the std of each 3x3 layer's response (after BN, before ReLU or addition), top in
     layer order, bottom sorted in descending order; plain-20/56 and ResNet-20/56/110 where measured
@@ -496,7 +475,7 @@ def fig7(data: RunData, **select: object) -> Drawn:
     study, notes = pick_study(
         data, "fig7", imagenet=False, wanted=wanted, **select, needs="responses"
     )
-    responses, mixed = _one_probe_setting(study.select(data.responses).copy())
+    responses, mixed = one_probe_setting(study.select(data.responses).copy())
     notes = notes + mixed
     present = [s for s in _series_in(responses) if s[0] in PAPER_ARCHS]  # the arms: `study plot arms`
     if not present:

@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..config import IMAGENET_BATCH_SIZE, PAPER_BATCH_SIZE, ConfigError
 from ..evaluate import TENCROP_FILE
+from ..probes import PROBE_DEFAULTS
 from ..runstore import METRIC_COLUMNS, missing_runs_dir
 from .paper import CIFAR_ITERATIONS, IMAGENET, IMAGENET_ITERATIONS, Series, series_label
 
@@ -188,6 +189,28 @@ def load_responses(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
     """Every run's `responses.parquet` (Figure 7's layer-response stds, see `study.probes`), long
     form, with the run's identity and budget; empty when no run has been probed."""
     return _per_run_files(runs_dir, load_run_table(runs_dir), "responses.parquet", RESPONSE_COLUMNS)
+
+
+def one_probe_setting(responses: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The responses measured with one setting of the probe's options (the one most runs used;
+    on a tie, the one nearest the defaults), and a note naming the runs left out, if any: curves
+    measured differently (per channel vs whole tensor, BN in train vs eval mode) do not compare.
+    Figure 7 and the claims on responses (2 and 5) read the same runs' responses through it."""
+    columns = [c for c in PROBE_DEFAULTS if c in responses]
+    if not columns:
+        return responses, []
+    first = responses.drop_duplicates("run_id").set_index("run_id")[columns]  # one setting per run
+    per_run = first.astype(object).where(first.notna(), None).astype(str).apply(tuple, axis=1)
+    if per_run.nunique() <= 1:
+        return responses, []
+    counts = per_run.value_counts()
+    default = tuple(str(PROBE_DEFAULTS[c]) for c in columns)
+    nearest = {s: sum(a == b for a, b in zip(s, default) if b != "test") for s in counts.index}
+    chosen = max(counts.index, key=lambda s: (counts[s], nearest[s]))
+    left = sorted(per_run.index[per_run != chosen])
+    note = (f"left out, measured with other `study probe` options than the rest: {', '.join(left)} "
+            f"(probe them again with the options the others used)")
+    return responses[responses["run_id"].isin(per_run.index[per_run == chosen])], [note]
 
 
 #: BN's running statistics start at mean 0 and variance 1 and move 10% of the way to each batch's

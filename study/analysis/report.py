@@ -28,7 +28,8 @@ import pandas as pd
 from ..config import ConfigError
 from ..data import DataError, dataset_info
 from .arms import judge_arms
-from .load import NoRunsError, RunData, Study, chosen_text, pick_study, studies, unsettled_bn, unsettled_bn_note
+from .load import (NoRunsError, RunData, Study, chosen_text, one_probe_setting, pick_study, studies, unsettled_bn,
+                   unsettled_bn_note)
 from .paper import CLAIMS, FIGURES, IMAGENET, PAPER_ARCHS, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
 from ..runstore import atomic_write_text, cpu_label, file_in_the_way, sessions
 from .tables import TABLE_NAMES, final_errors, with_tencrop
@@ -310,7 +311,13 @@ def _claim2(data: RunData, study: Study | None) -> tuple[str, str, int]:
         return UNKNOWN, "no CIFAR-style runs", 0
     runs = study.select(data.runs).query("arch == 'plain' and status == 'done'")
     grads = data.gradients[data.gradients["run_id"].isin(runs["run_id"])]
-    resp = data.responses[data.responses["run_id"].isin(runs["run_id"])]
+    # As Figure 7: the study's responses measured with one setting of the probe's options.
+    probed = set(data.responses["run_id"][data.responses["run_id"].isin(runs["run_id"])])
+    resp = one_probe_setting(study.select(data.responses))[0]
+    resp = resp[resp["run_id"].isin(runs["run_id"])]
+    if dropped := sorted(probed - set(resp["run_id"])):
+        dropped_note = (f"responses left out, measured with other `study probe` options than the study's other runs: "
+                        f"{', '.join(dropped)} (probe them again with the options the others used)")
     parts, seeds = [], []
     if grads.empty:
         parts.append((None, "no gradient norms recorded for finished plain nets"))
@@ -349,7 +356,7 @@ def _claim2(data: RunData, study: Study | None) -> tuple[str, str, int]:
         )
         seeds.append(resp[resp["depth"] == depth]["run_id"].nunique())
     verdict, evidence = _combine(parts, conjunctive=True)
-    return verdict, evidence, min(seeds, default=0)
+    return verdict, "; ".join([evidence, dropped_note] if dropped else [evidence]), min(seeds, default=0)
 
 
 def _claim3(f: _Finals | None) -> tuple[str, str, int, str]:
@@ -397,13 +404,14 @@ def _claim4(f: _Finals | None) -> tuple[str, str, int, str]:
 
 
 def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int, str]:
-    resp = study.select(data.responses) if study is not None else data.responses.iloc[0:0]
+    # As Figure 7: the study's responses measured with one setting of the probe's options.
+    resp, mixed = one_probe_setting(study.select(data.responses)) if study is not None else (data.responses.iloc[0:0], [])
     # The paper's nets alone: the follow-ups' arms have their own section.
     resp = resp[(resp["status"] == "done") & (resp["shortcut"] == "A") & resp["arch"].isin(PAPER_ARCHS)]
     if resp.empty:
-        return UNKNOWN, "no layer responses of finished runs (`study probe`)", 0, ""
+        return UNKNOWN, "; ".join(["no layer responses of finished runs (`study probe`)", *mixed]), 0, ""
     if early := unsettled_bn(resp):
-        return (UNKNOWN, "responses " + unsettled_bn_note(early),
+        return (UNKNOWN, "; ".join(["responses " + unsettled_bn_note(early), *mixed]),
                 int(resp.groupby(["arch", "depth"])["run_id"].nunique().min()), "")
     # One number per run (its mean layer std), then the mean over a net's seeds.
     per_run = resp.groupby(["arch", "depth", "seed"])["std"].mean()
@@ -443,6 +451,7 @@ def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int, str]:
     else:
         parts.append((None, "needs responses of two ResNet depths to judge shrinking with depth"))
     verdict, evidence = _combine(parts, conjunctive=True)
+    evidence = "; ".join([evidence, *mixed])
     return verdict, evidence, int(seeds.min()), _significance(comparisons, verdict == HOLDS) if verdict != UNKNOWN else ""
 
 
