@@ -33,6 +33,8 @@ from .runstore import (
     dirty_tree,
     list_runs,
     missing_runs_dir,
+    parquet_error,
+    unreadable_fix,
 )
 
 #: What a finished run publishes: everything the analysis reads, nothing it does not (no checkpoints).
@@ -63,6 +65,9 @@ def _why_not(run: Run, allow_dirty: bool) -> str | None:
         return f"not finished ({status})"
     if not run.metrics_path.is_file():
         return "no metrics.parquet"
+    for name in SMALL_FILES:  # a damaged file would be published as it is
+        if name.endswith(".parquet") and (run.dir / name).is_file() and (why := parquet_error(run.dir / name)):
+            return f"its {name} is unreadable ({why}); {unreadable_fix(name)}"
     if allow_dirty:
         return None
     try:

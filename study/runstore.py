@@ -159,6 +159,31 @@ def publishing_from_a_dirty_tree(runs_dir: str | os.PathLike) -> str | None:
             "the runs' config.json will say git_dirty; commit them first (or train from a clean `git worktree`)")
 
 
+def unreadable_reason(error: Exception) -> str:
+    """The gist of a Parquet reader's error, without the path it repeats ("Parquet magic bytes not found
+    in footer")."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.rsplit("': ", 1)[-1].split(". ")[0].rstrip(".")
+
+
+def unreadable_fix(name: str) -> str:
+    """What to do about a run's unreadable Parquet file `name`."""
+    if name == "metrics.parquet":
+        return "run the run's `study run` command again, which rewrites its metrics from its checkpoint"
+    if name == "responses.parquet":
+        return "`study probe` the run again"
+    return "copy the file again from where the run trained"
+
+
+def parquet_error(path: str | os.PathLike) -> str | None:
+    """Why the Parquet file at `path` cannot be read (`unreadable_reason`), or None where it reads."""
+    try:
+        pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
+        return unreadable_reason(e)
+    return None
+
+
 def duration(seconds: float) -> str:
     """A run's length as `study status` and `study run` write it: 12s, 42m, 3h05m."""
     if seconds < 60:
@@ -356,6 +381,20 @@ class Run:
             return pd.read_parquet(self.metrics_path)
         except (FileNotFoundError, OSError, ValueError):
             return pd.DataFrame(columns=METRIC_COLUMNS)
+
+    def repair_metrics(self) -> str | None:
+        """Rebuild a finished run's metrics.parquet from its final checkpoint (which holds every row) where
+        the file is missing or unreadable; one line saying what was done, or None where the file reads.
+        Call while holding the run's lock."""
+        if self.metrics_path.exists() and (why := parquet_error(self.metrics_path)) is None:
+            return None
+        problem = f"is unreadable ({why})" if self.metrics_path.exists() else "is missing"
+        state = self.load_checkpoint()
+        if state is None or state.get("iteration") != self.status().get("iteration") or not state.get("metrics"):
+            return (f"{self.cfg.run_id}: its metrics.parquet {problem}, and no checkpoint of its last iteration holds "
+                    f"its rows: move {self.dir} away and train it again")
+        self.write_metrics(list(state["metrics"]))
+        return f"{self.cfg.run_id}: its metrics.parquet {problem}: rewritten from its checkpoint"
 
     def write_metrics(self, rows: list[dict]) -> None:
         """Write all of the run's rows (Parquet has no append; a run has a few hundred rows, and

@@ -249,6 +249,58 @@ def test_status_names_the_machines_behind_its_estimates_and_this_cpu_where_it_di
     assert code == 0 and out.rstrip().endswith("speeds measured on NVIDIA H100 80GB HBM3)"), out
 
 
+def test_a_damaged_metrics_file_is_named_left_out_and_rewritten_from_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """A finished run's metrics.parquet cut short from outside: `status` names it, `plot` and `report` leave
+    the run out in one note (no Python warning) and say why it is not drawn, `publish` leaves it out, and
+    the run's `study run` command rewrites the file from the run's checkpoint, equal to what it was; a
+    copy without a checkpoint says it cannot."""
+    import warnings
+
+    import study.runstore
+
+    monkeypatch.setattr(study.runstore, "tree_is_dirty", lambda: False)  # publishable whatever this checkout's state
+    runs = tmp_path / "runs"
+    train = ["run", "--arch", "plain", "--depth", "8", "--seeds", "0,1", "--iterations", "10", "--batch-size", "64",
+             "--runs-dir", str(runs), "--device", "cpu", "--no-progress"]
+    code, out, err = run_cli(capsys, *train)
+    assert code == 0, err
+    damaged = runs / "fashion-mnist-mini-plain8-A-s0-it10-b64" / "metrics.parquet"
+    whole = pd.read_parquet(damaged)
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    why = "its metrics.parquet is unreadable (Parquet magic bytes not found in footer)"
+
+    code, out, err = run_cli(capsys, "status", "--runs-dir", str(runs))
+    assert code == 0 and f"fashion-mnist-mini-plain8-A-s0-it10-b64: {why}: run the run's `study run` command" in out, out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Python warning reaches the user
+        code, out, err = run_cli(capsys, "plot", "fig6", "--runs-dir", str(runs), "--out", str(tmp_path / "fig"))
+        assert code == 0, err
+        assert err.splitlines() == [f"note: {damaged} is unreadable (Parquet magic bytes not found in footer), so its "
+                                    "rows are left out: run the run's `study run` command again, which rewrites its "
+                                    "metrics from its checkpoint"], err
+        assert "fig6: metrics.parquet unreadable, so not drawn: plain-8 s0 (done)" in out, out
+        code, out, err = run_cli(capsys, "report", "--runs-dir", str(runs), "--out", str(tmp_path / "rep" / "report.md"))
+        assert code == 0 and err.startswith(f"note: {damaged} is unreadable"), err
+        assert f"{damaged} is unreadable (Parquet magic bytes not found in footer)" in (tmp_path / "rep" / "report.md").read_text()
+    code, out, err = run_cli(capsys, "publish", "--runs-dir", str(runs), "--out", str(tmp_path / "pub"))
+    assert code == 0 and f"fashion-mnist-mini-plain8-A-s0-it10-b64: left out: {why}" in out, out
+    assert sorted(p.name for p in (tmp_path / "pub").iterdir()) == ["fashion-mnist-mini-plain8-A-s1-it10-b64"]
+
+    # A published copy keeps no checkpoint: its metrics cannot be rebuilt there, and the line says what to do.
+    copy = tmp_path / "pub" / "fashion-mnist-mini-plain8-A-s1-it10-b64" / "metrics.parquet"
+    copy.write_bytes(b"garbage")
+    code, out, err = run_cli(capsys, *train[:11], "--seeds", "1", "--runs-dir", str(tmp_path / "pub"), "--device", "cpu",
+                             "--no-progress")
+    assert code == 0 and ("its metrics.parquet is unreadable (Parquet file size is 7 bytes, smaller than the minimum "
+                          "file footer (8 bytes)), and no checkpoint of its last iteration holds its rows") in out, out
+
+    code, out, err = run_cli(capsys, *train)
+    assert code == 0 and f"fashion-mnist-mini-plain8-A-s0-it10-b64: {why}: rewritten from its checkpoint" in out, out
+    pd.testing.assert_frame_equal(pd.read_parquet(damaged), whole)
+    code, out, err = run_cli(capsys, *train)  # nothing left to mend
+    assert code == 0 and "rewritten" not in out and out.count("done, skipped") == 2, out
+
+
 def test_no_wait_leaves_a_held_run_to_its_process_and_returns(tmp_path, capsys):
     """With --no-wait, a runner trains the runs it can lock and returns, leaving the one another
     process holds (here: this test) to it, untouched; exit 0 for what it did."""

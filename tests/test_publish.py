@@ -24,7 +24,7 @@ def make_run(runs_dir, seed, *, status="done", dirty=False, iterations=400):
     row.update(run_id=cfg.run_id, dataset=cfg.dataset, arch="plain", depth=8, shortcut="A", seed=seed, epoch=1,
                iteration=iterations, split="train", loss=1.0, error_pct=30.0, lr=0.1, elapsed_s=10.0, warmup_s=1.0)
     pd.DataFrame([row], columns=METRIC_COLUMNS).to_parquet(run.metrics_path, index=False)
-    (run.dir / "responses.parquet").write_bytes(b"responses")
+    pd.DataFrame({"run_id": [cfg.run_id], "layer_index": [1], "std": [1.0]}).to_parquet(run.dir / "responses.parquet")
     run.checkpoint_path.write_bytes(b"weights")
     (run.dir / "lock").write_bytes(b"")
     run.set_status(status, iteration=iterations if status == "done" else 100)

@@ -83,13 +83,17 @@ def _series_in(df: pd.DataFrame) -> list[Series]:
     return sorted(keys, key=lambda s: (s[0] != "plain", s[1], s[2]))
 
 
-def _not_logged(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:
-    """A note naming the runs with no epoch logged yet (a curve figure cannot draw them)."""
-    waiting = runs[~runs["run_id"].isin(metrics["run_id"])]
-    if waiting.empty:
-        return []
-    names = [f"{series_label(r.arch, r.depth, r.shortcut)} s{r.seed} ({r.status})" for r in waiting.itertuples()]
-    return [f"no epoch logged yet, so not drawn: {', '.join(names)}"]
+def _not_logged(runs: pd.DataFrame, metrics: pd.DataFrame, unreadable: set[str]) -> list[str]:
+    """A note naming the runs with no epoch logged yet, and one naming those whose metrics could not be
+    read (`unreadable`: run ids): a curve figure cannot draw them."""
+    missing = runs[~runs["run_id"].isin(metrics["run_id"])]
+    notes = []
+    for words, rows in (("no epoch logged yet", missing[~missing["run_id"].isin(unreadable)]),
+                        ("metrics.parquet unreadable", missing[missing["run_id"].isin(unreadable)])):
+        if not rows.empty:
+            names = [f"{series_label(r.arch, r.depth, r.shortcut)} s{r.seed} ({r.status})" for r in rows.itertuples()]
+            notes.append(f"{words}, so not drawn: {', '.join(names)}")
+    return notes
 
 
 def _off_chart(metrics: pd.DataFrame, drawn: list[Series], study: Study, ylim: tuple[float, float] | None) -> list[str]:
@@ -298,7 +302,7 @@ def fig1(data: RunData, **select: object) -> Drawn:
         else:
             _empty(ax, "no plain-net runs in this study")
     notes = (coverage(runs, drawn, wanted if _of_paper_depths(runs) else [])
-             + _not_logged(runs[runs["arch"] == "plain"], metrics)
+             + _not_logged(runs[runs["arch"] == "plain"], metrics, data.unreadable_metrics())
              + _off_chart(metrics, drawn, study, spec.ylim) + notes)
     caption = (
         f"Plain nets of {' and '.join(str(s[1]) for s in drawn) or 'no'} layers (paper: 20 and 56, CIFAR-10). "
@@ -363,7 +367,8 @@ def _curve_panels(
             _legend(ax, drawn, colors, styles)
         else:
             _empty(ax, "no runs: " + ", ".join(series_label(*s) for s in wanted))
-    notes = (coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all if _of_paper_depths(runs) else []) + _not_logged(runs, metrics)
+    notes = (coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all if _of_paper_depths(runs) else [])
+             + _not_logged(runs, metrics, data.unreadable_metrics())
              + _off_chart(metrics, all_drawn, study, spec.ylim) + notes)
     train_word = "dashed" if train_line.get("linestyle") == "--" else "thin"
     caption = (

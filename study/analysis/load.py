@@ -14,7 +14,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +22,7 @@ import pandas as pd
 from ..config import IMAGENET_BATCH_SIZE, PAPER_BATCH_SIZE, ConfigError
 from ..evaluate import TENCROP_FILE
 from ..probes import PROBE_DEFAULTS
-from ..runstore import METRIC_COLUMNS, missing_runs_dir
+from ..runstore import METRIC_COLUMNS, missing_runs_dir, unreadable_fix, unreadable_reason
 from .paper import CIFAR_ITERATIONS, IMAGENET, IMAGENET_ITERATIONS, Series, series_label
 
 IDENTITY = ["run_id", "dataset", "arch", "depth", "shortcut", "seed"]
@@ -149,9 +149,21 @@ def _no_runs(runs_dir: str | os.PathLike) -> NoRunsError:
     )
 
 
-def _per_run_files(runs_dir: str | os.PathLike, table: pd.DataFrame, filename: str, columns: list[str]) -> pd.DataFrame:
+class UnreadableFileWarning(UserWarning):
+    """A run's Parquet file could not be read (damaged from outside: files are replaced atomically);
+    its rows are left out and the rest loads."""
+
+
+def unreadable_note(path: str | os.PathLike, reason: str) -> str:
+    """One line for an unreadable file of a run: what it is, that its rows are left out, and the fix."""
+    return f"{path} is unreadable ({reason}), so its rows are left out: {unreadable_fix(Path(path).name)}"
+
+
+def _per_run_files(runs_dir: str | os.PathLike, table: pd.DataFrame, filename: str, columns: list[str],
+                   unreadable: list[tuple[str, str]] | None = None) -> pd.DataFrame:
     """Concatenate `filename` of every run in `table`, with the run's identity, budget and status
-    taken from the run table (the authority for them) rather than from the file."""
+    taken from the run table (the authority for them) rather than from the file. An unreadable file is
+    left out: added to `unreadable` (its path and why), or, without that list, an UnreadableFileWarning."""
     frames = []
     for run_id in table["run_id"]:
         path = Path(runs_dir) / run_id / filename
@@ -161,7 +173,10 @@ def _per_run_files(runs_dir: str | os.PathLike, table: pd.DataFrame, filename: s
             frames.append(pd.read_parquet(path).assign(run_id=run_id))
         except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
             # Files are replaced atomically, so this is damage from outside; the rest still loads.
-            warnings.warn(f"skipped unreadable {path}: {e}", stacklevel=3)
+            if unreadable is not None:
+                unreadable.append((str(path), unreadable_reason(e)))
+            else:
+                warnings.warn(unreadable_note(path, unreadable_reason(e)), UnreadableFileWarning, stacklevel=3)
     frames = [f for f in frames if not f.empty]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     df = df.drop(columns=[c for c in RUN_COLUMNS if c in df.columns and c != "run_id"])
@@ -254,6 +269,8 @@ class RunData:
     metrics: pd.DataFrame
     responses: pd.DataFrame
     gradients: pd.DataFrame
+    #: The runs' files that could not be read, each with why: their rows are left out (`unreadable_note`).
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     def load(cls, runs_dir: str | os.PathLike = "runs") -> "RunData":
@@ -261,13 +278,23 @@ class RunData:
         runs = load_run_table(runs_dir)
         if runs.empty:
             raise _no_runs(runs_dir)
+        unreadable: list[tuple[str, str]] = []
         return cls(
             Path(runs_dir),
             runs,
-            _per_run_files(runs_dir, runs, "metrics.parquet", METRIC_COLUMNS),
-            _per_run_files(runs_dir, runs, "responses.parquet", RESPONSE_COLUMNS),
-            _per_run_files(runs_dir, runs, "gradients.parquet", GRADIENT_COLUMNS),
+            _per_run_files(runs_dir, runs, "metrics.parquet", METRIC_COLUMNS, unreadable),
+            _per_run_files(runs_dir, runs, "responses.parquet", RESPONSE_COLUMNS, unreadable),
+            _per_run_files(runs_dir, runs, "gradients.parquet", GRADIENT_COLUMNS, unreadable),
+            unreadable,
         )
+
+    def notes(self) -> list[str]:
+        """One line for each unreadable file (`unreadable_note`)."""
+        return [unreadable_note(path, reason) for path, reason in self.unreadable]
+
+    def unreadable_metrics(self) -> set[str]:
+        """The runs whose metrics.parquet could not be read."""
+        return {Path(path).parent.name for path, _ in self.unreadable if Path(path).name == "metrics.parquet"}
 
 
 @dataclass(frozen=True)

@@ -669,6 +669,7 @@ def gather(data: RunData, *, log=print, **select: object) -> ReportContent:
     summary = (
         f"Runs in `{data.runs_dir}`: {len(data.runs)} ({', '.join(f'{v} {k}' for k, v in statuses.items())}); "
         f"studies: {'; '.join(s.label() for s in studies(data.runs))}."
+        + "".join(f" Left out: {note}." for note in data.notes())
     )
     claims = classify_claims(data, **select)
     for claim in claims:

@@ -118,11 +118,19 @@ def _print_notes(name: str, notes: list[str], file=None) -> None:
         print(f"{name}: {note}", file=file)
 
 
+def _load(runs_dir: str) -> RunData:
+    """The runs, with one line on stderr for each file of theirs that could not be read (left out)."""
+    data = RunData.load(runs_dir)
+    for note in data.notes():
+        print(f"note: {note}", file=sys.stderr)
+    return data
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Draw one figure, or every figure that has runs (`all`), into --out as PNG and PDF."""
     from ..analysis.figures import build, save
 
-    data = RunData.load(args.runs_dir)
+    data = _load(args.runs_dir)
     names = FIGURE_NAMES if args.figure == "all" else (args.figure,)
     drawn_any = False
     for name in names:
@@ -149,7 +157,7 @@ def cmd_table(args: argparse.Namespace) -> int:
     """Print a table as markdown (with its notes) or CSV (notes on stderr)."""
     from ..analysis.tables import build
 
-    table = build(args.table, RunData.load(args.runs_dir), **_selection(args))
+    table = build(args.table, _load(args.runs_dir), **_selection(args))
     if args.format == "csv":
         print(table.csv(), end="")
         _print_notes(args.table, table.notes, file=sys.stderr)
@@ -167,7 +175,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: a report is Markdown or HTML, not {suffix}; name it .md or .html, "
                           "or give --format md|html")
     fmt = args.format or REPORT_SUFFIXES.get(suffix, "md")
-    path = write_report(RunData.load(args.runs_dir), args.out or f"figures/report.{fmt}", format=fmt,
+    path = write_report(_load(args.runs_dir), args.out or f"figures/report.{fmt}", format=fmt,
                         **_selection(args))
     print(f"report -> {path}")
     return 0

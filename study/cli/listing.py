@@ -15,7 +15,7 @@ from ..config import ConfigError
 from ..grids import GRIDS, grid_configs
 from ..launch import list_runs_with_queued, run_status
 from ..runstore import (BF16_FLAGS, FINAL_STATUSES, Run, RunStoreError, cpu_flags, duration, missing_runs_dir,
-                        this_cpu_label, trained_on)
+                        parquet_error, this_cpu_label, trained_on, unreadable_fix)
 from .args import SELECTION, add_selection
 from .run import add_training_options, processes_per_run, run_configs
 
@@ -199,6 +199,9 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{trained:>8} {left:>9}")
     for line in failures:  # why each failed run stopped: one line each, as the run recorded it
         print(line)
+    for run, _, metrics in rows:  # a metrics file damaged from outside: its errors and times are unknown here
+        if metrics.empty and run.metrics_path.is_file() and (why := parquet_error(run.metrics_path)):
+            print(f"{run.cfg.run_id}: its metrics.parquet is unreadable ({why}): {unreadable_fix('metrics.parquet')}")
     if stopped:
         print("(stopped: marked running, but no process is training it (killed, or its node failed); "
               "`study run` with the same options resumes it from its last checkpoint)")

@@ -272,6 +272,8 @@ class _ListRunner:
         held, status, finished = broadcast((held, status, finished), ddp)
         if held and not finished:
             return Claim.LOCKED, lock
+        # A finished run's metrics, damaged or lost since, rebuilt from its checkpoint while the lock is held.
+        repaired = run.repair_metrics() if held and status == "done" and ddp.writer else None
         lock.close()
         if not held:
             self.log(f"{self.tag(i, run)}: held by another process; "
@@ -279,6 +281,8 @@ class _ListRunner:
             return Claim.ELSEWHERE, None
         self.results[run.cfg.run_id] = status
         self.log(f"{self.tag(i, run)}: {status}, skipped")
+        if repaired:
+            self.log(repaired)
         return Claim.FINISHED, None
 
     def claimed(self, pending: list[tuple[int, Run]], wait: bool, held_elsewhere: list[tuple[int, Run]]
