@@ -488,6 +488,19 @@ def test_claims_on_responses_read_the_probe_setting_figure_7_draws(tmp_path):
                                  "others used)"), two.evidence
 
 
+def test_fig7_ticks_count_whole_layers(tmp_path):
+    """The quick study's depths (8 and 20: up to 19 layers) drew ticks at 2.5, 7.5, ...: layers are
+    counted, so both panels tick whole numbers only."""
+    for depth in (8, 20):
+        for arch in ("plain", "resnet"):
+            write_responses(write_run(tmp_path, arch, depth), np.linspace(1.5, 1.0, depth - 1))
+    drawn = build("fig7", RunData.load(tmp_path))
+    drawn.figure.canvas.draw()
+    for ax in drawn.figure.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), ticks
+
+
 def test_fig7_layer_responses_and_caption_states_the_choices(study_dir):
     drawn = build("fig7", RunData.load(study_dir))
     top, bottom = drawn.figure.axes

@@ -475,6 +475,7 @@ def fig7(data: RunData, **select: object) -> Drawn:
     layer order, bottom sorted in descending order; plain-20/56 and ResNet-20/56/110 where measured
     (else every net measured). Reads `responses.parquet` (`study probe`)."""
     import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
 
     wanted = FIGURES["fig7"].panels[0][1]
     study, notes = pick_study(
@@ -521,6 +522,7 @@ def fig7(data: RunData, **select: object) -> Drawn:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("std")
         ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are counted: no tick at 2.5
         _legend(ax, drawn, colors, [], dashes={s: dashes[_kind(s[0])] for s in drawn})
     runs = study.select(data.runs)
     measured = runs[runs["run_id"].isin(responses["run_id"])]
