@@ -328,6 +328,7 @@ def test_the_pages_module_refuses_bad_input_in_one_line_and_leaves_the_page(tmp_
     cases.append("lacks the markers of: paper-depths-verdicts, paper-depths-training, paper-depths-runs")
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == len(cases) and all(needle in line for needle, line in zip(cases, errors)), errors
+    assert all(line.startswith("study.analysis.pages: error: ") for line in errors), errors  # whose error it is
     assert page.read_text() == "<!-- paper-depths-errors -->\n<!-- /paper-depths-errors -->\n"
 
 

@@ -189,23 +189,23 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"{page} does not exist; write the page, with its markers, first")
         blocks = pair_blocks(results, marker)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"study.analysis.pages: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: cannot read the runs in {results}: {e.strerror or e}; check the folder's permissions",
+        print(f"study.analysis.pages: error: cannot read the runs in {results}: {e.strerror or e}; check the folder's permissions",
               file=sys.stderr)
         return 2
     try:
         missing = fill(page, blocks)
     except UnicodeDecodeError:
-        print(f"error: {page} is not UTF-8 text; save it as UTF-8", file=sys.stderr)
+        print(f"study.analysis.pages: error: {page} is not UTF-8 text; save it as UTF-8", file=sys.stderr)
         return 2
     except OSError as e:  # an unreadable page, or a folder the new page cannot be written into
-        print(f"error: cannot rewrite {page}: {e.strerror or e}; check its and its folder's permissions",
+        print(f"study.analysis.pages: error: cannot rewrite {page}: {e.strerror or e}; check its and its folder's permissions",
               file=sys.stderr)
         return 2
     if missing:
-        print(f"error: {page} lacks the markers of: {', '.join(missing)}; add <!-- NAME --> and <!-- /NAME -->",
+        print(f"study.analysis.pages: error: {page} lacks the markers of: {', '.join(missing)}; add <!-- NAME --> and <!-- /NAME -->",
               file=sys.stderr)
         return 2
     return 0
