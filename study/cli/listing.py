@@ -187,7 +187,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             if rate is not None:
                 measured_on |= machines[key] if own is None else trained_on(run.dir)
                 bf16_left |= run.cfg.precision == "bf16"
-            if rate is not None:
                 seconds = rate * max(run.cfg.iterations - int(st.get("iteration", 0) or 0), 0)
                 total_left += seconds
                 lefts.append((seconds, st["status"] == "running"))
