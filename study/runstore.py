@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -166,13 +166,17 @@ def unreadable_reason(error: Exception) -> str:
     return text.rsplit("': ", 1)[-1].split(". ")[0].rstrip(".")
 
 
-def unreadable_fix(name: str) -> str:
-    """What to do about a run's unreadable Parquet file `name`."""
+def unreadable_fix(name: str, status: str | None = None) -> str:
+    """What to do about a run's unreadable Parquet file `name`, the run's status being `status`."""
+    if name == "metrics.parquet" and status == "diverged":  # its last rows were never checkpointed
+        return ("a diverged run's last rows are in no checkpoint: copy the file again if the run trained elsewhere, "
+                "or move the run away and train it again")
     if name == "metrics.parquet":
         return "run the run's `study run` command again, which rewrites its metrics from its checkpoint"
     if name == "responses.parquet":
         return "`study probe` the run again"
-    return "copy the file again from where the run trained"
+    return ("a diagnostic (claim 2's gradient check): copy it again if the run trained elsewhere, or delete it and "
+            "the run goes without it")
 
 
 def parquet_error(path: str | os.PathLike) -> str | None:
@@ -249,13 +253,23 @@ def sessions(prov: dict) -> list[dict]:
     return [prov, *(s for s in later if isinstance(s, dict))] if isinstance(later, list) else [prov]
 
 
-def machine(prov: dict) -> tuple[str, str] | None:
-    """Where one session trained: ("cpu", its `cpu_label`) or (its device, the device's name); None
-    where it recorded neither."""
+class Machine(NamedTuple):
+    """Where a session trained: `kind` "cpu" (`name` its `cpu_label`; `bf16` whether it has bf16 units,
+    None where its flags were not recorded) or a device type ("cuda": `name` the device's name)."""
+
+    kind: str
+    name: str
+    bf16: bool | None = None
+
+
+def machine(prov: dict) -> Machine | None:
+    """Where one session trained, from its provenance record; None where it recorded no machine."""
     device = str(prov.get("device") or "")
     if device.startswith("cpu"):
-        return ("cpu", label) if (label := cpu_label(prov)) else None
-    return (device.split(":")[0], str(prov["device_name"])) if device and prov.get("device_name") else None
+        flags = prov.get("cpu_flags")
+        units = any(flag in flags for flag in BF16_FLAGS) if isinstance(flags, list) else None
+        return Machine("cpu", label, units) if (label := cpu_label(prov)) else None
+    return Machine(device.split(":")[0], str(prov["device_name"])) if device and prov.get("device_name") else None
 
 
 def dirty_tree(prov: dict) -> bool | None:
@@ -265,7 +279,7 @@ def dirty_tree(prov: dict) -> bool | None:
     return True if True in flags else False if all(f is False for f in flags) else None
 
 
-def trained_on(run_dir: str | os.PathLike) -> set[tuple[str, str]]:
+def trained_on(run_dir: str | os.PathLike) -> set[Machine]:
     """Where a run trained, every session (`machine`), from its config.json; empty where it recorded
     no machine (or there is no config.json)."""
     try:
@@ -341,12 +355,13 @@ class Run:
                 f.truncate()
 
     # --- config -----------------------------------------------------------------------------
-    def prepare(self, device: str, **provenance_extra: Any) -> None:
+    def prepare(self, device: str, *, anew: bool = False, **provenance_extra: Any) -> None:
         """Create the directory and write `config.json`, or check that an existing one matches.
         `provenance_extra` (e.g. the DDP process count) joins the provenance record. A run that
-        kept no checkpoint starts over, so its record is written anew for this session."""
+        kept no checkpoint starts over, so its record is written anew for this session; `anew`: so
+        is that of a run whose checkpoints are all unreadable."""
         self.check_no_conflict()
-        if self.config_path.exists() and self.has_checkpoint():
+        if self.config_path.exists() and self.has_checkpoint() and not anew:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         record = {"run_id": self.cfg.run_id, "config": self.cfg.to_dict(), "provenance": {**provenance(device), **provenance_extra}}
@@ -358,17 +373,23 @@ class Run:
         record = json.loads(self.config_path.read_text())
         session = {"from_iteration": iteration, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    **provenance(device), **provenance_extra}
-        record["provenance"].setdefault("resumed", []).append(session)
+        if not isinstance(record.get("provenance"), dict):  # a config.json written by another tool
+            record["provenance"] = {}
+        if not isinstance(record["provenance"].get("resumed"), list):
+            record["provenance"]["resumed"] = []
+        record["provenance"]["resumed"].append(session)
         atomic_write_text(self.config_path, json.dumps(record, indent=1) + "\n")
 
     def recorded_cpu_path(self) -> str | None:
-        """The CPU path (`study.train.cpupath`) the run's first session recorded, if any; a CPU run
-        begun before paths were recorded trained eager NCHW (compiled if its step says so)."""
+        """The CPU path (`study.train.cpupath`) the run recorded, if any (its first session's, or that of
+        the first session on a CPU, which each later one kept); a CPU run begun before paths were recorded
+        trained eager NCHW (compiled if its step says so)."""
         try:
             prov = json.loads(self.config_path.read_text())["provenance"]
-            if "cpu_path" in prov:
-                return str(prov["cpu_path"]["name"])
-        except (OSError, ValueError, KeyError, TypeError):
+            # The latest session that chose one: a run begun on a GPU chose its path when first resumed on a CPU.
+            if chosen := [s["cpu_path"] for s in sessions(prov) if isinstance(s.get("cpu_path"), dict)]:
+                return str(chosen[-1]["name"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         if str(prov.get("device", "")).startswith("cpu"):
             return "compiled" if prov.get("step") == "compiled" else "eager"
@@ -384,11 +405,13 @@ class Run:
 
     def repair_metrics(self) -> str | None:
         """Rebuild a finished run's metrics.parquet from its final checkpoint (which holds every row) where
-        the file is missing or unreadable; one line saying what was done, or None where the file reads.
-        Call while holding the run's lock."""
+        the file is missing or unreadable; one line saying what was done (or, for a diverged run, whose last
+        rows no checkpoint holds, what to do), or None where the file reads. Call while holding the run's lock."""
         if self.metrics_path.exists() and (why := parquet_error(self.metrics_path)) is None:
             return None
         problem = f"is unreadable ({why})" if self.metrics_path.exists() else "is missing"
+        if (status := self.status().get("status")) != "done":
+            return f"{self.cfg.run_id}: its metrics.parquet {problem}: {unreadable_fix('metrics.parquet', status)}"
         state = self.load_checkpoint()
         if state is None or state.get("iteration") != self.status().get("iteration") or not state.get("metrics"):
             return (f"{self.cfg.run_id}: its metrics.parquet {problem}, and no checkpoint of its last iteration holds "

@@ -266,6 +266,34 @@ def test_load_runs_reads_runs_that_other_tools_wrote(tmp_path):
     assert set(df.split) == {"train", "val"} and "top5_error_pct" in df.columns
 
 
+def test_an_unreadable_file_is_left_out_in_one_note_whether_or_not_the_run_has_a_config(tmp_path):
+    """A run folder with no config.json names itself by its metrics: if they are unreadable too, the folder is
+    left out with the same note as a damaged file of a run with a config (no traceback); `load_runs`, for a
+    notebook, warns instead."""
+    import warnings
+
+    from study.analysis import load_runs
+    from study.analysis.load import UnreadableFileWarning
+
+    write_run(tmp_path, "plain", 20)
+    damaged = write_run(tmp_path, "resnet", 20)
+    damaged.metrics_path.write_bytes(b"garbage")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "metrics.parquet").write_bytes(b"garbage!")
+    data = RunData.load(tmp_path)
+    assert sorted(data.runs["run_id"]) == ["fashion-mnist-mini-plain20-A-s0-it400", "fashion-mnist-mini-resnet20-A-s0-it400"]
+    assert sorted(p for p, _ in data.unreadable) == [str(tmp_path / "fashion-mnist-mini-resnet20-A-s0-it400" / "metrics.parquet"),
+                                                      str(tmp_path / "foreign" / "metrics.parquet")]
+    assert all(note.endswith("so its rows are left out: run the run's `study run` command again, which rewrites its "
+                             "metrics from its checkpoint") for note in data.notes()), data.notes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = load_runs(tmp_path)
+    assert set(df["run_id"]) == {"fashion-mnist-mini-plain20-A-s0-it400"}
+    assert sorted(type(w.message).__name__ for w in caught) == ["UnreadableFileWarning"] * 2
+    assert all(issubclass(w.category, UnreadableFileWarning) for w in caught)
+
+
 def test_runs_written_before_warmup_s_still_load_and_plot(tmp_path, cli):
     """Metrics files from before the `warmup_s` column load (as NaN there), alone or beside new ones,
     and the figures are drawn from them."""
@@ -479,7 +507,7 @@ def test_claims_on_responses_read_the_probe_setting_figure_7_draws(tmp_path):
     # Counted, the odd runs would pair every depth (20 and 56 layers) and give ResNet two depths.
     assert five.verdict_text == "cannot be judged" and five.evidence.startswith(
         "needs a plain net and a ResNet of the same depth with responses; needs responses of two ResNet depths"), five.evidence
-    assert five.evidence.endswith("left out, measured with other `study probe` options than the rest: "
+    assert five.evidence.endswith("left out, measured with other `study probe` options than the study's other runs: "
                                   "fashion-mnist-mini-plain20-A-s0-it400, fashion-mnist-mini-resnet56-A-s0-it400 "
                                   "(probe them again with the options the others used)"), five.evidence
     assert "plain-56: smallest layer response std 1" in two.evidence, two.evidence

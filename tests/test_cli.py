@@ -234,7 +234,8 @@ def test_status_names_the_machines_behind_its_estimates_and_this_cpu_where_it_di
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and out.splitlines()[2].split()[-1] == "~8m", out
     assert ("speeds measured on Intel Xeon (AVX512, AMX-BF16); this CPU is AMD EPYC (AVX2), where they may train at "
-            "another speed (it has no bf16 units: bf16 is emulated, many times slower))") in out, out
+            "another speed (it has no bf16 units: bf16 is emulated here, many times slower than on a CPU with them))"
+            ) in out, out
     monkeypatch.setattr(listing, "cpu_flags", lambda: {"avx2": True, "avx512f": True, "amx_bf16": True})
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and "this CPU is AMD EPYC (AVX2), where they may train at another speed)" in out, out
@@ -242,9 +243,18 @@ def test_status_names_the_machines_behind_its_estimates_and_this_cpu_where_it_di
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and out.rstrip().endswith("speeds measured on Intel Xeon (AVX512, AMX-BF16))"), out
 
+    # Measured on another CPU without bf16 units, where bf16 was emulated too: the estimate already counts that.
+    record = json.loads((tmp_path / "fashion-mnist-mini-resnet8-A-s0-it400-bf16" / "config.json").read_text())
+    record["provenance"].update(cpu="Intel Core", cpu_flags=["avx2"], cpu_capability="AVX2")
+    (tmp_path / "fashion-mnist-mini-resnet8-A-s0-it400-bf16" / "config.json").write_text(json.dumps(record))
+    monkeypatch.setattr(listing, "cpu_flags", lambda: {"avx2": True, "avx512f": False, "amx_bf16": False})
+    monkeypatch.setattr(listing, "this_cpu_label", lambda: "AMD EPYC (AVX2)")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and out.rstrip().endswith(
+        "speeds measured on Intel Core (AVX2); this CPU is AMD EPYC (AVX2), where they may train at another speed)"), out
+
     # A run half-trained on a GPU (its own speed, then) beside the CPU's: both named, this CPU not set against them.
     ran(1, "interrupted", 200, {"device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3"})
-    monkeypatch.setattr(listing, "this_cpu_label", lambda: "AMD EPYC (AVX2)")
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and out.rstrip().endswith("speeds measured on NVIDIA H100 80GB HBM3)"), out
 
@@ -299,6 +309,18 @@ def test_a_damaged_metrics_file_is_named_left_out_and_rewritten_from_the_checkpo
     pd.testing.assert_frame_equal(pd.read_parquet(damaged), whole)
     code, out, err = run_cli(capsys, *train)  # nothing left to mend
     assert code == 0 and "rewritten" not in out and out.count("done, skipped") == 2, out
+
+    # A diverged run's last rows were never checkpointed: nothing is rewritten, and every line says what to do.
+    other = study.runstore.Run(runs, study.runstore.RunConfig.from_dict(
+        json.loads((damaged.parent.parent / "fashion-mnist-mini-plain8-A-s1-it10-b64" / "config.json").read_text())["config"]))
+    other.set_status("diverged", iteration=7)
+    other.metrics_path.write_bytes(b"garbage")
+    fix = "a diverged run's last rows are in no checkpoint: copy the file again if the run trained elsewhere, or move"
+    code, out, err = run_cli(capsys, *train)
+    assert code == 1 and f"{other.cfg.run_id}: its metrics.parquet is unreadable (Parquet file size is 7 bytes" in out, out
+    assert fix in out and other.metrics_path.read_bytes() == b"garbage", out
+    code, out, err = run_cli(capsys, "status", "--runs-dir", str(runs))
+    assert fix in out, out
 
 
 def test_no_wait_leaves_a_held_run_to_its_process_and_returns(tmp_path, capsys):

@@ -111,10 +111,16 @@ def test_corrupt_checkpoints_and_metrics_restart_cleanly(tmp_path, reference):
     run_dir = tmp_path / RUN_ID
     for name in ("checkpoint.pt", "checkpoint.prev.pt", "metrics.parquet"):
         (run_dir / name).write_bytes(b"garbage")
+    # What the first session recorded, changed: a run that starts over records its new first session.
+    record = json.loads((run_dir / "config.json").read_text())
+    record["provenance"].update(cpu="An old CPU", resumed=[{"from_iteration": 5, "cpu": "Another"}])
+    (run_dir / "config.json").write_text(json.dumps(record))
     proc = study(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("unreadable") == 2
     pd.testing.assert_frame_equal(metrics(tmp_path), reference)
+    prov = json.loads((run_dir / "config.json").read_text())["provenance"]
+    assert prov["cpu"] != "An old CPU" and "resumed" not in prov, prov
 
 
 def test_nan_marks_run_diverged_and_the_grid_goes_on(tmp_path):

@@ -299,6 +299,14 @@ def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "is not UTF-8 text" in err[0], err
     assert page.read_bytes() == before.encode("latin-1") + b"caf\xe9\n"
+    # A run's damaged file: the page would quietly lose its rows; one line naming it, exit 2, the page as it was.
+    page.write_text(before)
+    damaged = tmp_path / "fashion-mnist-resnet56-A-s1-it4000-bf16" / "metrics.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    assert pages.main(["paper-depths", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"study.analysis.pages: error: {damaged} is unreadable"), err
+    assert page.read_text() == before
 
 
 def test_the_pages_module_refuses_bad_input_in_one_line_and_leaves_the_page(tmp_path, capsys):

@@ -167,6 +167,9 @@ def test_a_resumed_session_is_recorded_and_the_runs_table_names_each_sessions_cp
     (later,) = prov["resumed"]
     assert (later["from_iteration"], later["cpu"], later["git_dirty"]) == (10, "Other CPU", True)
     assert later["git_commit"] == first["git_commit"] and later["device"] == "cpu"
+    # The same record as the first session's, extras included (its step, CPU path and class count).
+    assert (later["step"], later["classes"], later["processes"]) == (first["step"], first["classes"], first["processes"])
+    assert later["cpu_path"]["name"] == first["cpu_path"]["name"] and later["cpu_path"]["chosen"] == "resumed"
 
     data = RunData.load(tmp_path / "runs")
     row = report.run_table(data).iloc[0]
@@ -177,7 +180,7 @@ def test_a_resumed_session_is_recorded_and_the_runs_table_names_each_sessions_cp
     (block_row,) = pages.runs_rows(data, studies(data.runs)[0])[2:]
     assert f"| {first_cpu}; from iteration 10: {other_cpu} |" in block_row, block_row
     assert f"| {commit[:7]}; from iteration 10: {commit[:7]} (dirty) |" in block_row, block_row
-    assert study.runstore.trained_on(cut.dir) == {("cpu", first_cpu), ("cpu", other_cpu)}
+    assert {(m.kind, m.name) for m in study.runstore.trained_on(cut.dir)} == {("cpu", first_cpu), ("cpu", other_cpu)}
     with pytest.raises(RunStoreError, match="1 trained from an uncommitted tree"):
         publish(tmp_path / "runs", tmp_path / "out", log=lambda line: None)
     assert not (tmp_path / "out").exists()

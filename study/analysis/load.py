@@ -75,8 +75,9 @@ def _read_json(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _run_row(run_dir: Path) -> dict | None:
-    """One run's identity, budget and status, or None for a directory that is not a run."""
+def _run_row(run_dir: Path, unreadable: list[tuple[str, str]] | None = None) -> dict | None:
+    """One run's identity, budget and status, or None for a directory that is not a run (or one without
+    config.json whose metrics, which would name it, are unreadable: added to `unreadable`, else warned of)."""
     record = _read_json(run_dir / "config.json")
     cfg = record.get("config") if record else None
     metrics_path = run_dir / "metrics.parquet"
@@ -85,7 +86,11 @@ def _run_row(run_dir: Path) -> dict | None:
             return None
         # No config: the metrics rows carry the identity; the budget is unknown, so the last
         # logged iteration stands in for it.
-        metrics = pd.read_parquet(metrics_path)
+        try:
+            metrics = pd.read_parquet(metrics_path)
+        except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
+            _unreadable(metrics_path, e, unreadable)
+            return None
         if metrics.empty or not {"arch", "depth", "dataset"} <= set(metrics.columns):
             return None
         cfg = metrics.iloc[0].to_dict()
@@ -129,14 +134,24 @@ def _tencrop(run_dir: Path) -> dict:
     return dict(zip(TENCROP_COLUMNS, values))
 
 
-def load_run_table(runs_dir: str | os.PathLike = "runs") -> pd.DataFrame:
+def _unreadable(path: Path, error: Exception, unreadable: list[tuple[str, str]] | None) -> None:
+    """Note an unreadable file of a run: in `unreadable` (its path and why), or, without that list, as an
+    UnreadableFileWarning."""
+    if unreadable is not None:
+        unreadable.append((str(path), unreadable_reason(error)))
+    else:
+        warnings.warn(unreadable_note(path, unreadable_reason(error)), UnreadableFileWarning, stacklevel=4)
+
+
+def load_run_table(runs_dir: str | os.PathLike = "runs", unreadable: list[tuple[str, str]] | None = None
+                   ) -> pd.DataFrame:
     """One row per run directory under `runs_dir`: identity, budget (`iterations`, `batch_size`,
     `holdout`), `status`, `last_iteration`, `classes` (the training set's class count, as the run
     recorded it; NaN for runs written before it was recorded), and the 10-crop test where `study evaluate` made one
     (`tencrop_top1`, `tencrop_top5`, `tencrop_iteration`; NaN otherwise). Empty (with these
     columns) when there are none."""
     root = Path(runs_dir)
-    rows = [_run_row(d) for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+    rows = [_run_row(d, unreadable) for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
     return pd.DataFrame([r for r in rows if r is not None], columns=RUN_COLUMNS + ["classes"] + TENCROP_COLUMNS)
 
 
@@ -156,7 +171,8 @@ class UnreadableFileWarning(UserWarning):
 
 def unreadable_note(path: str | os.PathLike, reason: str) -> str:
     """One line for an unreadable file of a run: what it is, that its rows are left out, and the fix."""
-    return f"{path} is unreadable ({reason}), so its rows are left out: {unreadable_fix(Path(path).name)}"
+    status = (_read_json(Path(path).parent / "status.json") or {}).get("status")
+    return f"{path} is unreadable ({reason}), so its rows are left out: {unreadable_fix(Path(path).name, status)}"
 
 
 def _per_run_files(runs_dir: str | os.PathLike, table: pd.DataFrame, filename: str, columns: list[str],
@@ -173,10 +189,7 @@ def _per_run_files(runs_dir: str | os.PathLike, table: pd.DataFrame, filename: s
             frames.append(pd.read_parquet(path).assign(run_id=run_id))
         except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
             # Files are replaced atomically, so this is damage from outside; the rest still loads.
-            if unreadable is not None:
-                unreadable.append((str(path), unreadable_reason(e)))
-            else:
-                warnings.warn(unreadable_note(path, unreadable_reason(e)), UnreadableFileWarning, stacklevel=3)
+            _unreadable(path, e, unreadable)
     frames = [f for f in frames if not f.empty]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     df = df.drop(columns=[c for c in RUN_COLUMNS if c in df.columns and c != "run_id"])
@@ -275,10 +288,10 @@ class RunData:
     @classmethod
     def load(cls, runs_dir: str | os.PathLike = "runs") -> "RunData":
         """Read `runs_dir`; NoRunsError when it holds no run."""
-        runs = load_run_table(runs_dir)
+        unreadable: list[tuple[str, str]] = []
+        runs = load_run_table(runs_dir, unreadable)
         if runs.empty:
             raise _no_runs(runs_dir)
-        unreadable: list[tuple[str, str]] = []
         return cls(
             Path(runs_dir),
             runs,

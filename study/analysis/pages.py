@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from ..runstore import atomic_write_text, cpu_label
+from ..runstore import atomic_write_text, machine
 from .arms import arms_in, judge_arms
 from .load import RunData, studies
 from .report import (_cifar_study, _Finals, _provenance, _significance, by_session, classify_claims, commit_text,
@@ -50,8 +50,11 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
     Every block reads the runs the claims are judged on (`study report`'s: the finished runs, option A,
     of the one CIFAR-style study in `results`), so a page's tables and its verdicts count the same seeds.
     ConfigError (one line) when `results` holds several studies (ImageNet runs too: the report would judge
-    claim 1 on them as well), lacks a net of the pair, or a net has no final error."""
+    claim 1 on them as well), lacks a net of the pair, a net has no final error, or a run's file is
+    unreadable (a page would quietly lose its rows)."""
     data = RunData.load(results)
+    if data.unreadable:
+        raise ConfigError(data.notes()[0])
     found = studies(data.runs)
     if len(found) > 1:
         raise ConfigError(f"{results} holds {len(found)} studies ({'; '.join(s.label() for s in found)}); a pair "
@@ -150,7 +153,8 @@ def runs_rows(data: RunData, study) -> list[str]:
         path = path.get("name") if isinstance(path, dict) else path
         # A run resumed on another machine or from another commit: each session's, from the iteration it resumed at.
         commit = by_session(prov, lambda s: commit_text(s, 7))
-        where = by_session(prov, lambda s: cpu_label(s) or s.get("device_name") or s.get("device"))
+        where = by_session(prov, lambda s: (m.name if (m := machine(s)) else None) or s.get("device_name")
+                           or s.get("device"))
         threads = by_session(prov, lambda s: str(s["threads"]) if s.get("threads") else None)
         hours = f"{clock[run_id] / 3600:.2f}" if run_id in clock else "–"
         rows.append(f"| {run_id} | {where or '–'} | {path or '–'} | {threads or '–'} | {commit or '–'} | {hours} |")

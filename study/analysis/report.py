@@ -405,9 +405,16 @@ def _claim4(f: _Finals | None) -> tuple[str, str, int, str]:
 
 def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int, str]:
     # As Figure 7: the study's responses measured with one setting of the probe's options.
-    resp, mixed = one_probe_setting(study.select(data.responses)) if study is not None else (data.responses.iloc[0:0], [])
-    # The paper's nets alone: the follow-ups' arms have their own section.
-    resp = resp[(resp["status"] == "done") & (resp["shortcut"] == "A") & resp["arch"].isin(PAPER_ARCHS)]
+    everything = study.select(data.responses) if study is not None else data.responses.iloc[0:0]
+
+    def ours(frame: pd.DataFrame) -> pd.DataFrame:  # the paper's nets alone: the arms have their own section
+        return frame[(frame["status"] == "done") & (frame["shortcut"] == "A") & frame["arch"].isin(PAPER_ARCHS)]
+
+    resp = ours(one_probe_setting(everything)[0])
+    mixed = []
+    if dropped := sorted(set(ours(everything)["run_id"]) - set(resp["run_id"])):
+        mixed.append(f"left out, measured with other `study probe` options than the study's other runs: "
+                     f"{', '.join(dropped)} (probe them again with the options the others used)")
     if resp.empty:
         return UNKNOWN, "; ".join(["no layer responses of finished runs (`study probe`)", *mixed]), 0, ""
     if early := unsettled_bn(resp):

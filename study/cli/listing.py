@@ -14,8 +14,8 @@ from collections.abc import Callable
 from ..config import ConfigError
 from ..grids import GRIDS, grid_configs
 from ..launch import list_runs_with_queued, run_status
-from ..runstore import (BF16_FLAGS, FINAL_STATUSES, Run, RunStoreError, cpu_flags, duration, missing_runs_dir,
-                        parquet_error, this_cpu_label, trained_on, unreadable_fix)
+from ..runstore import (BF16_FLAGS, FINAL_STATUSES, Machine, Run, RunStoreError, cpu_flags, duration,
+                        missing_runs_dir, parquet_error, this_cpu_label, trained_on, unreadable_fix)
 from .args import SELECTION, add_selection
 from .run import add_training_options, processes_per_run, run_configs
 
@@ -108,19 +108,20 @@ def _failed_not_counted(n: int) -> str:
             f"training now does only if it has not passed {them} in its list)")
 
 
-def _measured_on(machines: set[tuple[str, str]], bf16: bool) -> str | None:
+def _measured_on(machines: set[Machine], bf16: bool) -> str | None:
     """The status line's words for where the speeds behind the time left were measured (as the runs'
     config.json names the machines), and, where they were all measured on CPUs and none on this one,
     what this CPU is: the time holds for those machines. `bf16`: some run left trains in bf16, which a
-    CPU without bf16 units emulates, many times slower (`study run` measures by how much)."""
+    CPU without bf16 units emulates, many times slower (`study run` measures by how much): said where this
+    CPU has none and some of those machines had them (or did not record whether)."""
     if not machines:
         return None
-    names = ", ".join(sorted(name for _, name in machines))
-    note = f"speeds measured on {names}"
-    if all(kind == "cpu" for kind, _ in machines) and (here := this_cpu_label()) not in {n for _, n in machines}:
+    note = f"speeds measured on {', '.join(sorted(m.name for m in machines))}"
+    if all(m.kind == "cpu" for m in machines) and (here := this_cpu_label()) not in {m.name for m in machines}:
         note += f"; this CPU is {here}, where they may train at another speed"
-        if bf16 and (flags := cpu_flags()) and not any(flags.get(flag) for flag in BF16_FLAGS):
-            note += " (it has no bf16 units: bf16 is emulated, many times slower)"
+        if (bf16 and any(m.bf16 is not False for m in machines)
+                and (flags := cpu_flags()) and not any(flags.get(flag) for flag in BF16_FLAGS)):
+            note += " (it has no bf16 units: bf16 is emulated here, many times slower than on a CPU with them)"
     return note
 
 
@@ -156,7 +157,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     # Each net's (and each depth's) seconds and iterations so far, for its runs not started yet: pooled, so
     # a long run's speed counts for its length, not as much as a short run's trained beside more others.
     seen: dict[str, list[tuple[float, int]]] = {}
-    machines: dict[str, set[tuple[str, str]]] = {}  # where the runs behind each speed trained
+    machines: dict[str, set[Machine]] = {}  # where the runs behind each speed trained
     for run, metrics in [(run, metrics) for run, _, metrics in rows] + [(r, r.read_metrics()) for r in others]:
         if (timed := _training_time(metrics)) is not None:
             where = trained_on(run.dir)
@@ -164,7 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 seen.setdefault(key, []).append(timed)
                 machines.setdefault(key, set()).update(where)
     rates = {key: sum(t for t, _ in times) / sum(n for _, n in times) for key, times in seen.items()}
-    measured_on: set[tuple[str, str]] = set()  # where the speeds behind the time left were measured
+    measured_on: set[Machine] = set()  # where the speeds behind the time left were measured
     bf16_left = False  # whether a run in that time trains in bf16
     total_left, guessed, unknown, failed = 0.0, False, 0, 0
     lefts: list[tuple[float, bool]] = []  # each unfinished run's seconds left, and whether it trains now
@@ -198,9 +199,10 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{trained:>8} {left:>9}")
     for line in failures:  # why each failed run stopped: one line each, as the run recorded it
         print(line)
-    for run, _, metrics in rows:  # a metrics file damaged from outside: its errors and times are unknown here
+    for run, st, metrics in rows:  # a metrics file damaged from outside: its errors and times are unknown here
         if metrics.empty and run.metrics_path.is_file() and (why := parquet_error(run.metrics_path)):
-            print(f"{run.cfg.run_id}: its metrics.parquet is unreadable ({why}): {unreadable_fix('metrics.parquet')}")
+            print(f"{run.cfg.run_id}: its metrics.parquet is unreadable ({why}): "
+                  f"{unreadable_fix('metrics.parquet', st['status'])}")
     if stopped:
         print("(stopped: marked running, but no process is training it (killed, or its node failed); "
               "`study run` with the same options resumes it from its last checkpoint)")

@@ -152,11 +152,12 @@ class _Training:
         plan, cpu = plan.for_run(cfg, device, ddp, input_shape=input_shape, num_classes=classes,
                                  recorded=run.recorded_cpu_path(), iterations_left=cfg.iterations - int(run.status().get("iteration", 0)),
                                  log=log if ddp.writer else quiet, stop=session.stop)
-        self.run.prepare(str(device), processes=ddp.world, step=plan.step_kind,
-                         **({"cpu_path": cpu.record()} if cpu is not None else {}),
-                         classes=classes,
-                         **({"backend": dist.get_backend(), "sync_bn": plan.sync_bn} if ddp.enabled else {}),
-                         **({"views": imagenet.views_decoder(data.decode)} if image_folders else {}))
+        session_record = dict(processes=ddp.world, step=plan.step_kind,
+                              **({"cpu_path": cpu.record()} if cpu is not None else {}),
+                              classes=classes,
+                              **({"backend": dist.get_backend(), "sync_bn": plan.sync_bn} if ddp.enabled else {}),
+                              **({"views": imagenet.views_decoder(data.decode)} if image_folders else {}))
+        self.run.prepare(str(device), **session_record)
         self.run.clean_temporaries()
         self.feed = make_feed(cfg, data, device, ddp, workers=plan.workers or 0, runs_dir=run.dir.parent,
                               progress=session.progress, log=log, fmt=plan.memory_format(device))
@@ -166,11 +167,13 @@ class _Training:
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.at = checkpoint.RunState(warming_up=cfg.uses_warmup)
         ckpt = self.run.load_checkpoint(log=log)
+        if ckpt is None and self.run.has_checkpoint():  # none readable: the run starts over, recorded anew
+            self.run.prepare(str(device), anew=True, **session_record)
         if ckpt is not None:
             self.at = checkpoint.restore(ckpt, model=self.net.model, opt=self.net.opt, gen=self.gen,
                                          schedule=self.schedule)
             if self.at.iteration < cfg.iterations:
-                self.run.record_resume(str(device), self.at.iteration, processes=ddp.world)
+                self.run.record_resume(str(device), self.at.iteration, **session_record)
                 if ddp.writer:
                     log(f"{cfg.run_id}: resuming from its checkpoint at iteration {self.at.iteration:,} of {cfg.iterations:,}")
         # The checkpoint holds every row so far: rewriting the file from it drops rows written after

@@ -273,7 +273,7 @@ class _ListRunner:
         if held and not finished:
             return Claim.LOCKED, lock
         # A finished run's metrics, damaged or lost since, rebuilt from its checkpoint while the lock is held.
-        repaired = run.repair_metrics() if held and status == "done" and ddp.writer else None
+        repaired = run.repair_metrics() if held and status in ("done", "diverged") and ddp.writer else None
         lock.close()
         if not held:
             self.log(f"{self.tag(i, run)}: held by another process; "
