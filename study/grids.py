@@ -128,7 +128,7 @@ GRIDS = {
         Grid(
             "laptop",
             f"the quick study, {LAPTOP_ITERATIONS} iterations: a larger ResNet gain, plain degradation only a "
-            "tendency (results/laptop/; an estimated 40 to 80 minutes on 2 cores)",
+            "tendency (results/laptop/; 20 to 45 minutes on 2 cores)",
             _pairs(LAPTOP_DEPTHS, dataset="fashion-mnist-mini", iterations=LAPTOP_ITERATIONS),
             seeds=QUICK_SEEDS,
         ),

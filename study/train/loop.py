@@ -167,7 +167,7 @@ class _Training:
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.at = checkpoint.RunState(warming_up=cfg.uses_warmup)
         ckpt = self.run.load_checkpoint(log=log)
-        if ckpt is None and self.run.has_checkpoint():  # none readable: the run starts over, recorded anew
+        if ckpt is None and run.has_checkpoint():  # none readable: the run starts over, recorded anew (by rank 0)
             self.run.prepare(str(device), anew=True, **session_record)
         if ckpt is not None:
             self.at = checkpoint.restore(ckpt, model=self.net.model, opt=self.net.opt, gen=self.gen,
