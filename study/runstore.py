@@ -14,7 +14,7 @@ import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -214,6 +214,12 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8
 BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}
 
 
+def bf16_unit_names(flags: Iterable[str]) -> list[str]:
+    """The bf16 matrix units among CPU `flags` (Linux's names), by the names notes give them."""
+    present = set(flags)
+    return [name for flag, name in BF16_FLAGS.items() if flag in present]
+
+
 def cpu_flags() -> dict[str, bool]:
     """Which of CPU_FLAGS the CPU reports (Linux's /proc/cpuinfo; empty where there is none)."""
     try:
@@ -232,7 +238,7 @@ def cpu_label(prov: dict) -> str | None:
     capability = prov.get("cpu_capability")
     if not cpu:
         return None
-    units = [name for flag, name in BF16_FLAGS.items() if flag in (prov.get("cpu_flags") or [])]
+    units = bf16_unit_names(prov.get("cpu_flags") or [])
     # torch's "DEFAULT" (no vector extension it dispatches to, as on an ARM CPU) says nothing worth a label.
     detail = ", ".join([capability] * (capability not in (None, "DEFAULT")) + units)
     return f"{cpu} ({detail})" if detail else cpu
@@ -267,7 +273,7 @@ def machine(prov: dict) -> Machine | None:
     device = str(prov.get("device") or "")
     if device.startswith("cpu"):
         flags = prov.get("cpu_flags")
-        units = any(flag in flags for flag in BF16_FLAGS) if isinstance(flags, list) else None
+        units = bool(bf16_unit_names(flags)) if isinstance(flags, list) else None
         return Machine("cpu", label, units) if (label := cpu_label(prov)) else None
     return Machine(device.split(":")[0], str(prov["device_name"])) if device and prov.get("device_name") else None
 

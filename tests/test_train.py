@@ -100,12 +100,8 @@ def test_same_seed_gives_identical_metrics_and_other_seed_differs(tmp_path, smal
     assert not metrics_without_time(a).loss.equals(metrics_without_time(c).loss)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, small_data, monkeypatch):
-    cfg = tiny(iterations=17, depth=14)
-    whole = Run(tmp_path / "whole", cfg)
-    train_run(cfg, whole, small_data, torch.device("cpu"), progress=False)
-
-    cut = Run(tmp_path / "cut", cfg)
+def stop_after_the_epoch_2_checkpoint(cfg: RunConfig, run: Run, data, monkeypatch) -> None:
+    """Train `run` until its epoch-2 checkpoint is written, then stop it there (a KeyboardInterrupt)."""
     real_save = Run.save_checkpoint
     saves = []
 
@@ -113,12 +109,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, small_data, monkeypatch)
         real_save(self, state)
         saves.append(state["epoch"])
         if len(saves) == 2:
-            raise KeyboardInterrupt  # stopped right after the epoch-2 checkpoint
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(Run, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, cut, small_data, torch.device("cpu"), progress=False)
+        train_run(cfg, run, data, torch.device("cpu"), progress=False)
     monkeypatch.setattr(Run, "save_checkpoint", real_save)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, small_data, monkeypatch):
+    cfg = tiny(iterations=17, depth=14)
+    whole = Run(tmp_path / "whole", cfg)
+    train_run(cfg, whole, small_data, torch.device("cpu"), progress=False)
+
+    cut = Run(tmp_path / "cut", cfg)
+    stop_after_the_epoch_2_checkpoint(cfg, cut, small_data, monkeypatch)
     assert cut.status()["status"] == "interrupted"
     assert cut.read_metrics().epoch.max() == 2
 
@@ -142,20 +147,8 @@ def test_a_resumed_session_is_recorded_and_the_runs_table_names_each_sessions_cp
 
     cfg = tiny(iterations=15)
     cut = Run(tmp_path / "runs", cfg)
-    real_save = Run.save_checkpoint
-    saves = []
-
-    def save_then_stop(self, state):
-        real_save(self, state)
-        saves.append(state["epoch"])
-        if len(saves) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Run, "save_checkpoint", save_then_stop)
     monkeypatch.setattr(study.runstore, "tree_is_dirty", lambda: False)  # whatever this checkout's state
-    with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, cut, small_data, torch.device("cpu"), progress=False)
-    monkeypatch.setattr(Run, "save_checkpoint", real_save)
+    stop_after_the_epoch_2_checkpoint(cfg, cut, small_data, monkeypatch)
     first = json.loads(cut.config_path.read_text())["provenance"]
     assert "resumed" not in first and first["git_dirty"] is False
 

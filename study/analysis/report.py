@@ -603,15 +603,14 @@ def by_session(prov: dict, describe: Callable[[dict], str | None]) -> str | None
     """`describe` of a run's first session, then of each session that resumed it where that changed
     ("cpu: AMD EPYC; from iteration 18,000: cpu: Intel Xeon (AVX512, AMX-BF16)"); None if it says
     nothing of any session."""
-    parts: list[str] = []
-    last: str | None = None
-    for i, session in enumerate(sessions(prov)):
-        text = describe(session)
-        if i == 0 or text != last:
-            parts.append((text or "–") if i == 0 else f"from iteration {int(session.get('from_iteration') or 0):,}: "
-                         f"{text or '–'}")
-        last = text
-    return "; ".join(parts) if any(describe(s) for s in sessions(prov)) else None
+    described = [(session, describe(session)) for session in sessions(prov)]
+    if not any(text for _, text in described):
+        return None
+    parts = [described[0][1] or "–"]
+    for (_, before), (session, text) in zip(described, described[1:]):
+        if text != before:
+            parts.append(f"from iteration {int(session.get('from_iteration') or 0):,}: {text or '–'}")
+    return "; ".join(parts)
 
 
 def device_text(session: dict) -> str | None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..config import ConfigError
 from ..grids import GRIDS, grid_configs
 from ..launch import list_runs_with_queued, run_status
-from ..runstore import (BF16_FLAGS, FINAL_STATUSES, Machine, Run, RunStoreError, cpu_flags, duration,
+from ..runstore import (FINAL_STATUSES, Machine, Run, RunStoreError, bf16_unit_names, cpu_flags, duration,
                         missing_runs_dir, parquet_error, this_cpu_label, trained_on, unreadable_fix)
 from .args import SELECTION, add_selection
 from .run import add_training_options, processes_per_run, run_configs
@@ -120,7 +120,7 @@ def _measured_on(machines: set[Machine], bf16: bool) -> str | None:
     if all(m.kind == "cpu" for m in machines) and (here := this_cpu_label()) not in {m.name for m in machines}:
         note += f"; this CPU is {here}, where they may train at another speed"
         if (bf16 and any(m.bf16 is not False for m in machines)
-                and (flags := cpu_flags()) and not any(flags.get(flag) for flag in BF16_FLAGS)):
+                and (flags := cpu_flags()) and not bf16_unit_names(f for f, on in flags.items() if on)):
             note += " (it has no bf16 units: bf16 is emulated here, many times slower than on a CPU with them)"
     return note
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..config import CPU_PATH_CHOICES, CPU_PATHS, RunConfig  # noqa: F401 (CPU_PATH_CHOICES: re-exported)
-from ..runstore import BF16_FLAGS, atomic_write_text, cpu_flags, cpu_model, duration
+from ..runstore import atomic_write_text, bf16_unit_names, cpu_flags, cpu_model, duration
 from ..stopflag import StopFlag
 from .signals import raise_if_stopped
 
@@ -58,8 +58,7 @@ def cache_path() -> Path:
 def bf16_units() -> list[str]:
     """The bf16 matrix units this CPU reports (e.g. ['AMX-BF16', 'AVX-512 BF16']); empty if none
     or unknown (no /proc/cpuinfo)."""
-    flags = cpu_flags()
-    return [name for flag, name in BF16_FLAGS.items() if flags.get(flag)]
+    return bf16_unit_names(flag for flag, on in cpu_flags().items() if on)
 
 
 @dataclass(frozen=True)
