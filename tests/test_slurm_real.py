@@ -221,7 +221,13 @@ def test_time_limit_signals_checkpoints_requeues_and_finishes_exactly(slurm_clus
         resumed = re.findall(rf"{rid}: resuming from its checkpoint at iteration ([\d,]+)", log)
         print(f"time-limit run: {elapsed:.0f} s, requeues {record.get('requeues')}, SLURM restarts {restarts}, "
               f"resumed at {resumed}")
-        assert record["requeues"] >= 1 and record["requeues"] == restarts == len(resumed), (record, restarts, log)
+        assert record["requeues"] >= 1 and record["requeues"] == restarts, (record, restarts, log)
+        # Each start after a checkpoint resumes from it. A start that SLURM signals before its first step
+        # (a slow start-up on a busy machine) keeps nothing, so the start after it may find no checkpoint
+        # yet and start anew: at least one start resumed, and no more than the requeues.
+        assert re.search(rf"{rid}: stopped by .*?; checkpoint written", log), log
+        assert 1 <= len(resumed) <= record["requeues"], (record, resumed, log)
+        assert resumed == sorted(resumed, key=lambda i: int(i.replace(",", ""))), resumed
         assert all(int(i.replace(",", "")) % STEPS_PER_EPOCH for i in resumed), resumed  # mid-epoch checkpoints
     finally:
         assert ref.wait(timeout=600) == 0, (tmp_path / "local.err").read_text()
