@@ -8,6 +8,8 @@ not.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -51,6 +53,46 @@ def paper_defaults(dataset: str) -> dict:
 
 class ConfigError(ValueError):
     """An invalid setting. str(e) is one line naming the problem and the fix."""
+
+
+def torchrun_place(environ: "os._Environ[str] | dict[str, str] | None" = None) -> tuple[int, int, int]:
+    """This process's (rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK
+    (SLURM's launcher sets them too): (0, 1, 0) where WORLD_SIZE is unset. ConfigError, naming the
+    variable and the fix, where they are not whole numbers, RANK is missing from a job of several
+    processes, or a rank lies outside the job."""
+    env = os.environ if environ is None else environ
+
+    def number(name: str, default: str | None) -> int:
+        text = env.get(name, default)
+        if text is None:
+            raise ConfigError(f"WORLD_SIZE={env['WORLD_SIZE']} but {name} is not set; start a job of several "
+                              "processes with torchrun (it sets both), or unset WORLD_SIZE")
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ConfigError(f"{name}={text!r} is not a non-negative whole number; start the job with torchrun "
+                              f"(it sets {name}), or unset {name}")
+        return value
+
+    world = number("WORLD_SIZE", "1")
+    if world <= 1:
+        return 0, 1, 0
+    rank, local_rank = number("RANK", None), number("LOCAL_RANK", "0")
+    if rank >= world:
+        raise ConfigError(f"RANK={rank} is outside a job of WORLD_SIZE={world} processes (0 to {world - 1}); "
+                          "start the job with torchrun")
+    return rank, world, local_rank
+
+
+def reports_errors(environ: "os._Environ[str] | dict[str, str] | None" = None) -> bool:
+    """Whether this process prints a user error: under torchrun, rank 0 alone (one line, not one per
+    process); every process that is not one of several, or whose variables are malformed."""
+    try:
+        return torchrun_place(environ)[0] == 0
+    except ConfigError:
+        return True
 
 
 def blocks_per_stage(depth: int) -> int:
@@ -239,8 +281,8 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}")
-    if not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer; got {cfg.seed!r}")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be a whole number from 0 to {MAX_SEED:,}; got {cfg.seed!r}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {cfg.precision!r}; use --precision fp32 or bf16")
     if cfg.lr_schedule not in LR_SCHEDULES:
@@ -251,20 +293,27 @@ def validate(cfg: RunConfig) -> None:
         )
     if not isinstance(cfg.plateau_patience, int) or cfg.plateau_patience <= 0:
         raise ConfigError(f"plateau patience must be a positive number of epochs; got {cfg.plateau_patience!r}")
-    if cfg.lighting is not None and not cfg.lighting >= 0:
-        raise ConfigError(f"--lighting must be >= 0 (0 turns it off); got {cfg.lighting!r}")
+    if cfg.lighting is not None and not 0 <= cfg.lighting < math.inf:
+        raise ConfigError(f"--lighting must be a finite number >= 0 (0 turns it off; the paper's is "
+                          f"{PAPER_LIGHTING}); got {cfg.lighting!r}")
     for name, ok, what in (
         ("lr", cfg.lr > 0, "> 0"), ("warmup_lr", cfg.warmup_lr > 0, "> 0"),
         ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
         ("plateau_threshold", cfg.plateau_threshold >= 0, ">= 0"),
         ("warmup_until_error", cfg.warmup_until_error >= 0, ">= 0"),
     ):
-        if not ok:
-            raise ConfigError(f"{name} must be {what}; got {getattr(cfg, name)!r}")
+        if not ok or not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"{name} must be {what} and finite; got {getattr(cfg, name)!r}")
     if not isinstance(cfg.warmup_min_depth, int) or cfg.warmup_min_depth <= 0:
         raise ConfigError(f"warmup_min_depth must be a positive integer; got {cfg.warmup_min_depth!r}")
     if not all(0 < f < 1 for f in cfg.milestones) or list(cfg.milestones) != sorted(cfg.milestones):
         raise ConfigError(f"milestones must be increasing fractions in (0, 1); got {cfg.milestones!r}")
+
+
+#: The largest seed: torch's generators take 64-bit seeds, and a run mixes its seed with the epoch.
+MAX_SEED = 2**63 - 1
+#: The most seeds one --seeds list names: a range beyond it is a typo, and would fill the memory.
+MAX_SEEDS = 10_000
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -277,13 +326,20 @@ def parse_seeds(text: str) -> list[int]:
                 lo, hi = (int(x) for x in part.split("-"))
                 if hi < lo:
                     raise ValueError
+                if hi - lo >= MAX_SEEDS:
+                    raise ConfigError(f"--seeds {part} names {hi - lo + 1:,} seeds, more than {MAX_SEEDS:,}; "
+                                      "name fewer, e.g. --seeds 0-4")
                 seeds.extend(range(lo, hi + 1))
             else:
                 seeds.append(int(part))
+    except ConfigError:
+        raise
     except ValueError:
         raise ConfigError(f"malformed seeds list {text!r}; write e.g. --seeds 0,1,2 or --seeds 0-4") from None
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"malformed seeds list {text!r}; write distinct non-negative seeds, e.g. --seeds 0,1,2")
+    if max(seeds) > MAX_SEED:
+        raise ConfigError(f"seed {max(seeds)} is too large; seeds run from 0 to {MAX_SEED:,}")
     return seeds
 
 

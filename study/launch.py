@@ -44,6 +44,7 @@ from .runstore import (
     FINAL_STATUSES,
     Run,
     atomic_write_text,
+    check_not_in_a_run,
     check_writable,
     list_runs,
 )
@@ -352,6 +353,7 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
         raise ConfigError("no srun found (submitit runs each task through srun): run on a SLURM login node or use --launcher local")
 
     root = Path(runs_dir).absolute()
+    check_not_in_a_run(root)
     runs = [Run(root, cfg) for cfg in configs]
     for run in runs:
         run.check_no_conflict()

@@ -114,6 +114,21 @@ def file_in_the_way(folder: str | os.PathLike) -> Path | None:
     return blocker if blocker is not None and not blocker.is_dir() else None
 
 
+def check_not_in_a_run(runs_dir: str | os.PathLike) -> None:
+    """RunStoreError if `runs_dir` is a run's own folder or lies inside one (a --runs-dir one level
+    too deep): its runs would nest among that run's files, where no command looks for them."""
+    folder = Path(runs_dir).absolute()
+    for place in (folder, *folder.parents):
+        try:
+            record = json.loads((place / "config.json").read_text())
+            run_id = RunConfig.from_dict(record["config"]).run_id
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if run_id == place.name:
+            raise RunStoreError(f"runs dir {runs_dir} is {'' if place == folder else 'inside '}the folder of run "
+                                f"{run_id}; pass --runs-dir {place.parent}, the folder that holds its runs")
+
+
 def check_writable(runs_dir: Path, flag: str = "--runs-dir", what: str = "runs dir") -> None:
     """Create `runs_dir` if needed and prove a file can be written there; RunStoreError naming the fix
     (the option `flag`, the folder called `what`) otherwise. (A real write, not os.access: root passes
@@ -505,7 +520,11 @@ class Run:
         return self.status().get("status") in FINAL_STATUSES
 
     def check_no_conflict(self) -> None:
-        """RunStoreError (one line, naming the fix) if `conflicts()`."""
+        """RunStoreError (one line, naming the fix) if `conflicts()`, or if something other than a
+        folder has the run's name."""
+        if self.dir.exists() and not self.dir.is_dir():
+            raise RunStoreError(f"{self.dir} is a file, where run {self.cfg.run_id} keeps its folder; "
+                                "move it away or use another --runs-dir")
         if self.conflicts():
             raise RunStoreError(
                 f"{self.dir} holds a run with a different or unreadable config.json; "

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from study.cli import main
-from study.runstore import METRIC_COLUMNS
+from study.config import RunConfig
+from study.runstore import METRIC_COLUMNS, Run
 
 
 def run_cli(capsys, *argv):
@@ -440,7 +441,7 @@ BAD_INPUT = [
     (["run", "--arch", "plain", "--depth", "20", "--dataset", "mnist"], "invalid choice"),
     (["run", "--arch", "plain", "--depth", "20", "--shortcut", "B"], "plain nets have no shortcuts"),
     (["run", "--arch", "plain", "--depth", "20", "--seeds", "1,x"], "malformed seeds"),
-    (["run", "--arch", "plain", "--depth", "20", "--seed", "-1"], "--seed must be a non-negative integer"),
+    (["run", "--arch", "plain", "--depth", "20", "--seed", "-1"], "--seed must be a whole number from 0 to"),
     (["run", "--arch", "plain", "--depth", "20", "--iterations", "0"], "positive integer"),
     (["run", "--arch", "plain", "--depth", "20", "--iterations", "-5"], "positive integer"),
     (["run", "--arch", "plain", "--depth", "20", "--dataset", "cifar10"], "CIFAR-10 not found"),
@@ -451,6 +452,13 @@ BAD_INPUT = [
      "--batch-size 10001 is larger than fashion-mnist-mini's training split of 10,000 images; use at most 10000"),
     (["run", "--arch", "plain", "--depth", "8", "--dataset", "fashion-mnist-mini", "--holdout", "--batch-size", "9500"],
      "larger than fashion-mnist-mini's training split (less the held-out part)"),
+    (["run", "--arch", "plain", "--depth", "20", "--seed", "99999999999999999999"], "--seed must be a whole number from 0 to"),
+    (["run", "--arch", "plain", "--depth", "20", "--seeds", "0,9223372036854775808"], "is too large; seeds run from 0"),
+    (["run", "--arch", "plain", "--depth", "20", "--seeds", "0-99999999999"], "names 100,000,000,000 seeds, more than"),
+    (["run", "--arch", "resnet", "--depth", "18", "--dataset", "imagenet", "--lighting", "inf"],
+     "--lighting must be a finite number >= 0"),
+    (["run", "--arch", "plain", "--depth", "8", "--data-dir", "data"], "--data-dir reads no data for fashion-mnist-mini"),
+    (["run", "--grid", "quick", "--download"], "--download reads no data for fashion-mnist-mini"),
 ]
 # A real process for one case of each kind (an argparse error, a check of ours, missing data).
 IN_A_PROCESS = {0, 10, 13}
@@ -495,6 +503,57 @@ def test_a_runs_dir_that_is_or_is_under_a_file(tmp_path, capsys):
         code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--runs-dir", str(runs))
         assert code == 2 and f"{blocker} is a file, not a directory" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_file_where_a_run_keeps_its_folder(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "fashion-mnist-mini-plain8-A-s0-it2").write_text("")
+    code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--iterations", "2", "--runs-dir", str(runs))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "fashion-mnist-mini-plain8-A-s0-it2 is a file, where run fashion-mnist-mini-plain8-A-s0-it2 keeps its folder" in err
+    assert [p.name for p in runs.iterdir()] == ["fashion-mnist-mini-plain8-A-s0-it2"]
+
+
+def test_a_runs_dir_that_is_or_is_inside_a_runs_folder_is_refused(tmp_path, capsys):
+    """--runs-dir one level too deep (a run's own folder, or a folder in it) would nest new runs among
+    that run's files, where no command looks: refused, naming the runs dir to pass."""
+    runs = tmp_path / "runs"
+    run = Run(runs, RunConfig("plain", 8, iterations=2))
+    run.prepare("cpu")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for inside in (run.dir, run.dir / "more" / "runs"):
+        code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--iterations", "2",
+                               "--runs-dir", str(inside))
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"the folder of run {run.cfg.run_id}; pass --runs-dir {runs}," in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_tensorboard_dir_that_cannot_be_written_leaves_no_runs_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--iterations", "2",
+                           "--runs-dir", str(tmp_path / "new" / "runs"), "--tensorboard", str(blocker))
+    assert code == 2 and "--tensorboard" in err and err.count("\n") == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK is not set"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a non-negative whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK=5 is outside a job of WORLD_SIZE=2 processes"),
+    ({"RANK": "1"}, "unknown grid"),  # RANK alone is no job: the error is still said
+])
+def test_malformed_torchrun_variables_are_one_line_errors(tmp_path, monkeypatch, capsys, env, needle):
+    monkeypatch.chdir(tmp_path)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_cli(capsys, "run", "--grid", "nope" if "RANK" in env and len(env) == 1 else "quick")
+    assert code == 2 and err.startswith("study: error: ") and err.count("\n") == 1 and needle in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_runs_dir_on_a_file_system_that_makes_no_files_says_so(capsys):

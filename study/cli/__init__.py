@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 
 from . import analysis, evaluate, export, listing, publish, run
+from ..config import reports_errors
 from .args import USER_ERRORS, Parser, UsageError
 
 #: {command: handler}, filled by `build_parser`; a handler returns the exit code.
@@ -73,7 +74,7 @@ def _main(argv: list[str] | None) -> int:
             raise UsageError(f"unrecognized arguments: {' '.join(unknown)}; see `study {args.command} --help`")
         return COMMANDS[args.command](args)
     except (UsageError, *USER_ERRORS) as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
+        if reports_errors():  # under torchrun, one line from rank 0, not one per process
             print(f"study: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,11 +7,10 @@ options of args.py) and lists the runs `run_configs` says this command trains.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 
-from ..config import CPU_PATH_CHOICES, ConfigError, RunConfig, parse_seeds
+from ..config import CPU_PATH_CHOICES, MAX_SEED, ConfigError, RunConfig, parse_seeds, torchrun_place
 from ..grids import grid_configs
 from .args import add_launcher_arguments, add_selection, positive_int
 
@@ -86,7 +85,7 @@ def add_training_options(run: argparse.ArgumentParser) -> None:
 def processes_per_run(args: argparse.Namespace) -> int:
     """The processes that will train each run: torchrun's here, or --gpus-per-run on SLURM (it
     decides the run ids: per-device BN is recorded as a batch split)."""
-    return (args.gpus_per_run or 1) if args.launcher == "slurm" else int(os.environ.get("WORLD_SIZE", "1"))
+    return (args.gpus_per_run or 1) if args.launcher == "slurm" else torchrun_place()[1]
 
 
 def run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
@@ -94,8 +93,8 @@ def run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
     elif args.seed is not None:
-        if args.seed < 0:
-            raise ConfigError(f"--seed must be a non-negative integer; got {args.seed}")
+        if not 0 <= args.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be a whole number from 0 to {MAX_SEED:,}; got {args.seed}")
         seeds = [args.seed]
     else:
         seeds = None
@@ -125,6 +124,18 @@ def run_configs(args: argparse.Namespace, world: int = 1) -> list[RunConfig]:
     return [RunConfig(arch=args.arch, depth=args.depth, seed=s, **settings) for s in (seeds or [0])]
 
 
+def check_data_options(configs: list[RunConfig], data_dir: str | None, download: bool) -> None:
+    """ConfigError where --data-dir or --download is given and every run trains on the embedded subset,
+    which reads neither: the user most likely meant a data set on disk (`--dataset fashion-mnist`)."""
+    embedded = RunConfig.__dataclass_fields__["dataset"].default
+    given = [flag for flag, on in (("--data-dir", data_dir is not None), ("--download", download)) if on]
+    if given and configs and all(cfg.dataset == embedded for cfg in configs):
+        one = len(given) == 1
+        raise ConfigError(f"{' and '.join(given)} read{'s' if one else ''} no data for {embedded}, which is embedded "
+                          f"in the package; drop {'it' if one else 'them'}, or pick the data set on disk with "
+                          "--dataset (e.g. --dataset fashion-mnist for all 60,000 images)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ..train import ExecutionPlan, StopRequested, distributed_from_env, graceful_stop, run_all  # torch-heavy
 
@@ -140,6 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan.check(None)
     configs = run_configs(args, world)
     plan.check(configs)
+    check_data_options(configs, args.data_dir, args.download)
     if args.launcher != "local":
         from ..launch import submit
 

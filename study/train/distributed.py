@@ -3,13 +3,13 @@ one device compute what S devices would (how many parts: `ExecutionPlan.chunks`)
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import torchrun_place
 from ..runstore import Run
 
 
@@ -38,10 +38,9 @@ def distributed_from_env() -> Distributed:
     """Join the DDP job torchrun (or SLURM via submitit) describes in RANK / WORLD_SIZE /
     LOCAL_RANK / MASTER_ADDR / MASTER_PORT; the single process when WORLD_SIZE is unset or 1.
     NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, local_rank = torchrun_place()
     if world <= 1:
         return SINGLE
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..data import Data, imagenet, load_data
 from ..fast.fused import Fuser, fusion_order
-from ..runstore import Run, check_writable, publishing_from_a_dirty_tree
+from ..runstore import Run, check_not_in_a_run, check_writable, publishing_from_a_dirty_tree
 from ..stopflag import StopFlag
 from .distributed import SINGLE, Distributed, broadcast
 from .feeds import pixel_mean_options, quiet
@@ -111,15 +111,24 @@ def _check_runs_dir(configs: list[RunConfig], runs_dir: str | Path, ddp: Distrib
                     ) -> list[Run]:
     """The runs, once no run directory holds another config and the runs dir (and the TensorBoard
     dir) can be written: the last checks, which create those directories."""
+    check_not_in_a_run(runs_dir)
     runs = [Run(runs_dir, cfg) for cfg in configs]
     for run in runs:
         run.check_no_conflict()
     if ddp.writer:
-        check_writable(Path(runs_dir))
+        root = Path(runs_dir)
+        made = [p for p in (root, *root.parents) if not p.exists()]  # what check_writable creates, deepest first
+        check_writable(root)
         if tensorboard is not None:
             from ..tensorboard import check_dir
 
-            check_dir(tensorboard)
+            try:
+                check_dir(tensorboard)
+            except ConfigError:
+                for folder in made:  # nothing half-written: the runs dir goes again if this command made it
+                    with suppress(OSError):
+                        folder.rmdir()
+                raise
     return runs
 
 
