@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
-from .data.sources import DataError
 from .runstore import Run, RunStoreError, atomic_write_text, check_writable, list_runs, missing_runs_dir, no_checkpoint
 
 TENCROP_FILE = "tencrop.json"
@@ -231,12 +230,8 @@ def evaluate_runs(
             data_dir, runs_dir, workers=default_workers() if workers is None else workers, device=dev,
             progress=show, log=log))
         for run in todo:
-            try:
-                record = evaluate_run(run, loader, dev, progress=show, pixel_mean=pixel_mean)
-            except DataError as e:  # raised in a worker, it arrives with the worker's traceback
-                from .data.imagenet import from_worker
-
-                raise from_worker(e) from None
+            # An unreadable image is a one-line DataError (`imagenet.batches` unwraps the worker's).
+            record = evaluate_run(run, loader, dev, progress=show, pixel_mean=pixel_mean)
             atomic_write_text(tencrop_path(run.dir), json.dumps(record, indent=1) + "\n")
             outcomes[run.cfg.run_id] = Outcome(run.cfg.run_id, record, computed=True)
             log(f"{run.cfg.run_id}: 10-crop top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}% "

@@ -410,6 +410,24 @@ def test_mismatched_classes_and_corrupt_images_are_data_errors(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_an_unreadable_val_image_met_by_a_worker_is_one_line_in_either_evaluation(tmp_path):
+    from test_imagenet_run import no_worker_left_behind
+
+    root = write_image_folder(tmp_path / "data", per_class=(1, 2))
+    # Not the first file: the up-front check decodes each split's first file.
+    bad = sorted((root / "val").glob("*/*.JPEG"))[-1]
+    bad.write_bytes(b"\xff\xd8 this is not a JPEG")
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+    centre = make_loaders(root, 2, 1, pin_memory=False).val
+    ten = make_ten_crop_loader(root, 2, 1, pin_memory=False)
+    for score, loader in ((evaluate, centre), (ten_crop_error, ten)):
+        with no_worker_left_behind(), pytest.raises(DataError) as err:
+            score(model, loader, "cpu")
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"cannot decode image {bad}"), message
+        assert message.endswith("replace or delete that file")
+
+
 def test_distributed_needs_an_initialised_process_group(folder):
     with pytest.raises(ValueError, match="torchrun"):
         make_loaders(folder, 4, 0, distributed=True)

@@ -170,3 +170,34 @@ def test_an_unreadable_image_met_during_training_is_one_line_exit_2(tmp_path, ca
     (run_dir,) = runs.iterdir()
     status = __import__("json").loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and "\n" not in status["error"]
+
+
+def test_an_unreadable_val_image_is_one_line_exit_2_up_front_or_when_the_run_validates(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "data", per_class=(1, 1))
+    first, *_, last = sorted((root / "val").glob("*/*.JPEG"))
+    runs = tmp_path / "runs"
+    args = ["run", "--arch", "resnet", "--depth", "18", "--dataset", "imagenet", "--iterations", "1",
+            "--batch-size", "3", "--workers", "1", "--device", "cpu", "--runs-dir", str(runs), "--no-progress",
+            "--data-dir", str(root)]
+    # val/'s first file is decoded up front, as train/'s is: before any run (or the runs dir) exists.
+    good = first.read_bytes()
+    first.write_bytes(b"\xff\xd8 this is not a JPEG")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot decode image" in err and first.name in err, err
+    assert not runs.exists()
+    first.write_bytes(good)
+    # Any other is met by a worker when the run validates (after its one training step): the same
+    # one line as in training, and the failed run's status holds that line, not the worker's traceback.
+    last.write_bytes(b"\xff\xd8 this is not a JPEG")
+    with no_worker_left_behind():
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"study: error: cannot decode image {last}"), err
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == "DataError: " + err.removeprefix("study: error: ")
+    assert main(["status", "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "worker process" not in out and "Traceback" not in out
+    assert [line for line in out.splitlines() if last.name in line] == [f"{run_dir.name}: failed at iteration 1: {status['error']}"]

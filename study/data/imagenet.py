@@ -208,13 +208,10 @@ def _compute_pixel_mean(root, cache: Path, workers: int, device, distributed: bo
             f"(once; cached in {cache})")
     with tqdm(total=len(loader), desc="per-pixel mean", unit="batch", disable=not progress or rank != 0,
               leave=False, dynamic_ncols=True) as bar:
-        try:
-            for images, _ in batches(loader):
-                total += images.to(device).double().sum(0)
-                count += images.shape[0]
-                bar.update(1)
-        except DataError as e:
-            raise from_worker(e) from None
+        for images, _ in batches(loader):  # an unreadable image: one line (`batches`)
+            total += images.to(device).double().sum(0)
+            count += images.shape[0]
+            bar.update(1)
     if distributed:
         dist.all_reduce(total)
         dist.all_reduce(count)
@@ -422,10 +419,13 @@ def batches(loader: Iterable) -> Iterator:
     error or the consumer's break. Not left to the garbage collector: an error raised in a worker
     is re-raised by a frame that also holds the exception (torch's `ExceptionWrapper.reraise`),
     a reference cycle through the traceback that keeps the iterator, and its workers, alive until
-    a collection finds it; at exit that can be never, and the exit would hang (`_Loader`)."""
+    a collection finds it; at exit that can be never, and the exit would hang (`_Loader`).
+    A DataError raised in a worker (an unreadable image) comes out as its own one line (`from_worker`)."""
     it = iter(loader)
     try:
         yield from it
+    except DataError as e:  # raised in a worker, it arrives with the worker's traceback
+        raise from_worker(e) from None
     finally:
         shutdown_workers(it)
 
@@ -621,7 +621,8 @@ def evaluate(
     average of the n crops' softmax probabilities (the standard 10-crop test). ``crops``, if given,
     is the number of crops every batch must carry (ValueError otherwise). With a sharded
     (distributed) loader the counts are summed over all processes, so every process gets the
-    whole set's result. ``autocast`` runs the forward pass in bfloat16.
+    whole set's result. ``autocast`` runs the forward pass in bfloat16. An unreadable image is a
+    one-line DataError naming it (`batches`).
     """
     device = torch.device(device)
     was_training = model.training
