@@ -189,6 +189,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained, capsys, tmp_pa
     assert not (tmp_path / "nothing").exists()
 
 
+def test_a_folder_whose_val_classes_are_not_its_train_classes_is_refused_as_study_run_refuses_it(
+        trained, capsys, tmp_path):
+    from study.data import DataError
+
+    source, runs, _ = trained
+    root = shutil.copytree(source, tmp_path / "imagenet")
+    # As many classes as the run trained on, so the checkpoint loads: val/ labels would be shifted.
+    (root / "val" / "cls_red").rename(root / "val" / "cls_rouge")
+    with pytest.raises(DataError) as refused:
+        open_imagenet(root)  # what `study run` checks
+    before = files(runs)
+    code, out, err = evaluate(capsys, runs, root, "--force")
+    assert code == 2 and out == "" and err.strip() == f"study: error: {refused.value}", err
+    assert "differing in e.g. cls_red, cls_rouge" in err
+    assert files(runs) == before  # no tencrop.json, and no per-pixel mean of this folder's train/ cached
+
+
 def test_an_unreadable_image_met_by_the_ten_crop_test_is_one_line_exit_2(trained, capsys, tmp_path):
     from test_imagenet_run import no_worker_left_behind
 

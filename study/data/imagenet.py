@@ -52,7 +52,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import default_loader
+from torchvision.datasets.folder import default_loader, find_classes
 from torchvision.transforms import v2
 
 from .decode import CROP, TRAIN_SCALE, CropFirst, EncodedView, collate_encoded, open_image, partial_decoding
@@ -302,14 +302,30 @@ def image_folder(root: str | os.PathLike, split: str, transform: Callable | None
 def _check_pair(train: ImageFolder, val: ImageFolder, root: str | os.PathLike) -> None:
     """Catch layouts that load but would mislabel: different classes in train/ and val/, or files
     that are not images (checked on each split's first file, not all 1.3 million)."""
-    if train.classes != val.classes:
-        differ = sorted(set(train.classes) ^ set(val.classes))[:3]
-        raise DataError(
-            f"{root}/train/ has {len(train.classes)} class folders and {root}/val/ has "
-            f"{len(val.classes)}, differing in e.g. {', '.join(differ)}; sort val/ into the same class "
-            "folders as train/ (ImageNet's official val/ is flat: sort it first, e.g. with valprep.sh)")
+    _check_classes(train.classes, val.classes, root)
     for ds in (train, val):
         load_image(ds.samples[0][0])
+
+
+def _check_classes(train: list[str], val: list[str], root: str | os.PathLike, split: str = "val") -> None:
+    """DataError (one line, naming the fix) unless train/ and ``split``/ (val/) have the same class
+    folders: a label is the index of its class among train/'s, so other folders would mislabel it."""
+    if train != val:
+        differ = sorted(set(train) ^ set(val))[:3]
+        raise DataError(
+            f"{root}/train/ has {len(train)} class folders and {root}/{split}/ has "
+            f"{len(val)}, differing in e.g. {', '.join(differ)}; sort {split}/ into the same class "
+            "folders as train/ (ImageNet's official val/ is flat: sort it first, e.g. with valprep.sh)")
+
+
+def train_classes(root: str | os.PathLike) -> list[str]:
+    """The class-folder names of ``root/train``, sorted (the labels' order), from its listing alone
+    (not the scan of its images); DataError, naming the fix, if it is missing or holds none."""
+    where = split_dir(root, "train")
+    try:
+        return find_classes(str(where))[0]
+    except FileNotFoundError as e:
+        raise DataError(f"{where}/ holds no class folders ({e}); put one folder of JPEGs per class in {where}/") from e
 
 
 class EvalResult(NamedTuple):
@@ -574,8 +590,11 @@ def make_ten_crop_loader(
 ) -> DataLoader:
     """A DataLoader of (uint8 (B, 10, 3, 224, 224), labels) 10-crop batches of ``root/split``,
     for `ten_crop_error`. ``batch_size`` counts images (each brings 10 crops), globally as in
-    `make_loaders`."""
+    `make_loaders`. DataError, naming the fix, as for `make_loaders`' folders: another split than
+    train/ must hold the same class folders as train/ (the labels are train/'s, as the runs trained)."""
     dataset = image_folder(root, split, ten_crop_transform())
+    if split != "train":
+        _check_classes(train_classes(root), dataset.classes, root, split)
     load_image(dataset.samples[0][0])
     per_process = _per_process_batch(batch_size, distributed)
     return _loader(dataset, per_process, workers, _sampler(dataset, distributed, shuffle=False, seed=0),
