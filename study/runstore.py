@@ -106,6 +106,13 @@ def no_checkpoint(run: "Run", then: str, runs_dir_option: str = "--runs-dir") ->
             "dir and run the same `study run` to train it again")
 
 
+def _reason(e: BaseException, limit: int = 80) -> str:
+    """An exception as a short reason for a one-line message: its type and its message's first line."""
+    first = next(iter(str(e).strip().splitlines()), "")
+    first = first if len(first) <= limit else first[: limit - 3] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def file_in_the_way(folder: str | os.PathLike) -> Path | None:
     """The file that keeps `folder` from being a directory (`folder` itself, or the nearest of its parents
     that exists, where that is not a directory); None if there is none."""
@@ -471,10 +478,10 @@ class Run:
 
     def load_checkpoint(self, log: Any = None) -> dict | None:
         """The newest readable checkpoint, or None. An unreadable one (truncated, corrupt) is
-        reported through `log` in one line and the previous one is used instead."""
-        for path in (self.checkpoint_path, self.previous_checkpoint_path):
-            if not path.exists():
-                continue
+        reported through `log` in one line, saying what comes next: the previous one, or (none being
+        readable) training from the start."""
+        paths = [p for p in (self.checkpoint_path, self.previous_checkpoint_path) if p.exists()]
+        for k, path in enumerate(paths):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 if not isinstance(state, dict) or "model" not in state:
@@ -482,8 +489,9 @@ class Run:
                 return state
             except Exception as e:  # any unreadable file: torch raises several types
                 if log is not None:
-                    log(f"{self.cfg.run_id}: {path.name} is unreadable ({type(e).__name__}); "
-                        "using the previous good state")
+                    then = (f"using the previous good state, {paths[k + 1].name}" if k + 1 < len(paths) else
+                            "no readable checkpoint is left: the run starts over from iteration 0")
+                    log(f"{self.cfg.run_id}: {path.name} is unreadable ({_reason(e)}); {then}")
         return None
 
     def clean_temporaries(self) -> None:

@@ -102,7 +102,8 @@ def test_truncated_checkpoint_falls_back_to_previous(tmp_path, reference):
     proc = study(tmp_path)
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if "unreadable" in line]
-    assert warnings == [f"{RUN_ID}: checkpoint.pt is unreadable (RuntimeError); using the previous good state"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{RUN_ID}: checkpoint.pt is unreadable (RuntimeError: "), warnings
+    assert warnings[0].endswith("); using the previous good state, checkpoint.prev.pt"), warnings
     pd.testing.assert_frame_equal(metrics(tmp_path), reference)
 
 
@@ -118,6 +119,10 @@ def test_corrupt_checkpoints_and_metrics_restart_cleanly(tmp_path, reference):
     proc = study(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("unreadable") == 2
+    # Each line says what comes next: the previous checkpoint, then (that one unreadable too) the start.
+    assert "checkpoint.pt is unreadable (" in proc.stderr and "; using the previous good state, checkpoint.prev.pt" in proc.stderr
+    assert "checkpoint.prev.pt is unreadable (" in proc.stderr
+    assert "; no readable checkpoint is left: the run starts over from iteration 0" in proc.stderr
     pd.testing.assert_frame_equal(metrics(tmp_path), reference)
     prov = json.loads((run_dir / "config.json").read_text())["provenance"]
     assert prov["cpu"] != "An old CPU" and "resumed" not in prov, prov
