@@ -309,6 +309,35 @@ def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_
     assert page.read_text() == before
 
 
+def test_a_pair_page_judges_no_training_row_of_nets_still_at_chance(tmp_path):
+    """Two nets at chance (90% error on 10 classes): which is "better" is noise, so the page's twin row
+    cannot be judged, as `study report`'s claims say of such nets; a row of nets that learned is judged."""
+    import shutil
+
+    import pandas as pd
+
+    from study.analysis import pages
+
+    followups = ROOT / "results" / "followups"
+    if not followups.is_dir():
+        pytest.skip("results/followups/ is not in this checkout")
+    for run in followups.glob("fashion-mnist-*"):
+        if re.match(r"fashion-mnist-(plain|resnet)(20|56)-A-s\d-it4000-bf16$", run.name):
+            shutil.copytree(run, tmp_path / run.name)
+    for path in tmp_path.glob("fashion-mnist-*56-A-*/metrics.parquet"):  # the 56-layer nets learned nothing
+        df = pd.read_parquet(path)
+        df["error_pct"] = 90.0
+        df.to_parquet(path, index=False)
+    page = tmp_path / "README.md"
+    page.write_text("".join(f"<!-- paper-depths-{b} -->\n<!-- /paper-depths-{b} -->\n" for b in PAGE_BLOCKS))
+    assert pages.main(["paper-depths", str(tmp_path)]) == 0
+    lines = _page_text(page).splitlines()
+    twin = next(line for line in lines if line.startswith("| twin: ResNet-56 trains better than plain-56"))
+    assert twin.endswith("| **cannot be judged** |") and "no net compared has learned" in twin, twin
+    deeper = next(line for line in lines if line.startswith("| ResNet-56 trains better than ResNet-20"))
+    assert "| **no** (significant) |" in deeper, deeper  # ResNet-20 learned: ResNet-56 at chance is worse
+
+
 def test_the_pages_module_refuses_bad_input_in_one_line_and_leaves_the_page(tmp_path, capsys):
     """No page, markers missing, no runs, runs lacking a net of the pair: one line, exit 2, page unchanged."""
     from study.analysis import pages

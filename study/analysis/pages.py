@@ -20,7 +20,7 @@ from ..config import ConfigError
 from ..runstore import atomic_write_text, machine
 from .arms import arms_in, judge_arms
 from .load import RunData, studies
-from .report import (_cifar_study, _Finals, _provenance, _significance, by_session, classify_claims, commit_text,
+from .report import (UNKNOWN, _cifar_study, _Finals, _provenance, _significance, by_session, classify_claims, commit_text,
                      compare)
 
 #: The nets of the paper's pair, as a page names them (`arch` in the runs in backticks).
@@ -107,6 +107,9 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
         comparison = compare(a, b)
         better = comparison.diff < 0
         names = [f"{PAIR_NETS[arch]}-{depth}" for arch, depth in (deep, shallow)]
+        if why := finals.unlearned([a, b]):  # nets at chance: which is "better" is noise, as in the claims
+            return (f"| {text} | training error {names[0]} {a} vs {names[1]} {b}; {_minus(why)} | "
+                    f"**{UNKNOWN}** |")
         significance = _significance([(comparison, False)], better)
         return (f"| {text} | training error {names[0]} {a} vs {names[1]} {b} ({_minus(str(comparison))}) | "
                 f"**{words[0] if better else words[1]}**{f' ({significance})' if significance else ''} |")
