@@ -556,6 +556,49 @@ def test_malformed_torchrun_variables_are_one_line_errors(tmp_path, monkeypatch,
     assert list(tmp_path.iterdir()) == []
 
 
+#: Every command with a folder or file option, and what else it needs to get as far as that option.
+EMPTY_PATH_CASES = {
+    "run": ["run", "--arch", "plain", "--depth", "8"], "status": ["status"], "publish": ["publish", "--out", "pub"],
+    "export tensorboard": ["export", "tensorboard", "--out", "tb"], "evaluate": ["evaluate"],
+    "plot": ["plot", "all"], "table": ["table", "table6"], "report": ["report"], "probe": ["probe"],
+}
+
+
+def _path_options() -> set[tuple[str, str]]:
+    """(command, option) for every --runs-dir, --out and --data-dir the CLI has, sub-commands' included."""
+    import argparse
+
+    from study.cli import build_parser
+
+    found = set()
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    walk(child, f"{name} {sub}".strip())
+            found.update((name, o) for o in action.option_strings if o in ("--runs-dir", "--out", "--data-dir"))
+
+    walk(build_parser(), "")
+    return found
+
+
+def test_an_empty_path_is_refused_in_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    """`--runs-dir ""`, `--out ""` or `--data-dir ""`, of any command: one line naming the option, exit code 2,
+    nothing written (an empty path would otherwise mean the current directory, or quietly the default)."""
+    options = _path_options()
+    assert {command for command, _ in options} == set(EMPTY_PATH_CASES)  # a new command: add its case
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for command, option in sorted(options):
+        argv = [*EMPTY_PATH_CASES[command], option, ""]
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and out == "", (argv, out)
+        assert err.startswith(f"study: error: argument {option}: an empty path names nothing") and err.count("\n") == 1, (
+            argv, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and not any((tmp_path / "runs").iterdir()), argv
+
+
 def test_a_runs_dir_on_a_file_system_that_makes_no_files_says_so(capsys):
     """/proc/1 exists, yet creating a file there fails with "No such file or directory": the line says
     what is wrong instead."""

@@ -20,6 +20,7 @@ from ..analysis.report import REPORT_FORMATS
 from ..analysis.tables import TABLE_NAMES
 from ..config import ConfigError
 from ..probes import BN_MODES, REDUCTIONS, SPLITS
+from .args import path
 
 
 #: What an --out's suffix says of the report's format, where --format does not say.
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     plot = sub.add_parser("plot", help="draw the paper's figures from your runs (PNG and PDF)")
     plot.add_argument("figure", choices=(*FIGURE_NAMES, "all"), help="which figure; `all` draws every one it can")
     _study_options(plot)
-    plot.add_argument("--out", default="figures", help="output directory (default ./figures)")
+    plot.add_argument("--out", type=path, default="figures", help="output directory (default ./figures)")
 
     table = sub.add_parser("table", help="the paper's tables: your final errors beside the paper's")
     table.add_argument("table", choices=TABLE_NAMES, help="which of the paper's tables")
@@ -59,11 +60,12 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
                         help="md (or markdown): Markdown, its figures (PNG and PDF) beside it; html: one self-contained "
                         "file, figures embedded, with each run's provenance (default: html for an --out ending in "
                         ".html, md for one ending in .md or none)")
-    report.add_argument("--out", help="the report (default figures/report.md, or figures/report.html with --format html)")
+    report.add_argument("--out", type=path,
+                        help="the report (default figures/report.md, or figures/report.html with --format html)")
 
     probe = sub.add_parser("probe", help="measure layer responses (Figure 7) of finished runs into responses.parquet")
     probe.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to probe (default: every finished run)")
-    probe.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    probe.add_argument("--runs-dir", type=path, default="runs", help="where the run directories are (default ./runs)")
     probe.add_argument("--split", choices=SPLITS, default="test", help="images to use (default test)")
     probe.add_argument(
         "--bn-mode", choices=BN_MODES, default="eval", help="BN running stats (eval) or batch stats (train)"
@@ -76,13 +78,13 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     )
     probe.add_argument("--include-first", action="store_true", help="also measure the first conv layer")
     probe.add_argument("--max-images", type=int, help="use only the split's first N images")
-    probe.add_argument("--data-dir", help="where the data set's files are (default ./data)")
+    probe.add_argument("--data-dir", type=path, help="where the data set's files are (default ./data)")
     probe.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     return {"plot": cmd_plot, "table": cmd_table, "report": cmd_report, "probe": cmd_probe}
 
 
 def _study_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    parser.add_argument("--runs-dir", type=path, default="runs", help="where the run directories are (default ./runs)")
     parser.add_argument("--dataset", help="use the runs of this data set (default: the study closest to the paper)")
     parser.add_argument(
         "--iterations",

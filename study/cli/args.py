@@ -97,6 +97,14 @@ def parse_mem(text: str) -> str:
     return m[1] + m[2].upper()
 
 
+def path(text: str) -> str:
+    """A folder or file option's value (--runs-dir, --out, --data-dir): any path but the empty one, which
+    would quietly mean the current directory (or the default)."""
+    if str(text) == "":
+        raise argparse.ArgumentTypeError("an empty path names nothing; give a path (`.` for the current directory)")
+    return str(text)
+
+
 def slurm_name(text: str) -> str:
     """A partition, account or QOS name."""
     if not re.fullmatch(r"[A-Za-z0-9_.,:+@-]+", str(text)):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from .args import count
+from .args import count, path
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -16,9 +16,11 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     evaluate = sub.add_parser(
         "evaluate", help="10-crop test of finished ImageNet runs (the paper's Tables 2 and 3) into tencrop.json"
     )
-    evaluate.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    evaluate.add_argument("--runs-dir", type=path, default="runs",
+                          help="where the run directories are (default ./runs)")
     evaluate.add_argument(
-        "--data-dir", default="data/imagenet", help="the ImageNet folder holding val/<class>/ (default ./data/imagenet)"
+        "--data-dir", type=path, default="data/imagenet",
+        help="the ImageNet folder holding val/<class>/ (default ./data/imagenet)"
     )
     evaluate.add_argument(
         "--run", dest="run_ids", action="extend", nargs="+", metavar="RUN_ID",

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from .args import path
+
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add `export` (with its formats as sub-commands) to the CLI's sub-parsers; return its handler."""
@@ -19,8 +21,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         "points `study run --tensorboard` writes live (errors, losses, lr by iteration; hyper-parameters of done "
         "runs). A run exported before is replaced.",
     )
-    tb.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
-    tb.add_argument("--out", required=True, metavar="DIR", help="where the event files go (tensorboard --logdir DIR)")
+    tb.add_argument("--runs-dir", type=path, default="runs", help="where the run directories are (default ./runs)")
+    tb.add_argument("--out", type=path, required=True, metavar="DIR",
+                    help="where the event files go (tensorboard --logdir DIR)")
     return {"export": cmd_export}
 
 

@@ -16,7 +16,7 @@ from ..grids import GRIDS, grid_configs
 from ..launch import list_runs_with_queued, run_status
 from ..runstore import (FINAL_STATUSES, Machine, Run, RunStoreError, bf16_unit_names, cpu_flags, duration,
                         missing_runs_dir, parquet_error, this_cpu_label, trained_on, unreadable_fix)
-from .args import SELECTION, add_selection
+from .args import SELECTION, add_selection, path
 from .run import add_training_options, processes_per_run, run_configs
 
 
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         "trains, those not started included. Every other option of `study run` is accepted and ignored, so a "
         "`study run` command line works with `run` replaced by `status`.",
     )
-    status.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
+    status.add_argument("--runs-dir", type=path, default="runs", help="where the run directories are (default ./runs)")
     add_selection(status, required=False, arch_help="the runs of one network of this kind")
     add_training_options(status)
     return {"models": cmd_models, "grids": cmd_grids, "status": cmd_status}

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 
 from ..config import ConfigError
-from .args import SELECTION, add_selection
+from .args import SELECTION, add_selection, path
 from .run import add_training_options, processes_per_run, run_configs
 
 
@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         "or trained from a git tree with uncommitted changes (unless --allow-dirty), are left out with a line "
         "saying why. Then draw the figures and report from the copy: study report --runs-dir OUT.",
     )
-    publish.add_argument("--runs-dir", default="runs", help="where the run directories are (default ./runs)")
-    publish.add_argument("--out", required=True, metavar="DIR", help="where the copies go, one folder per run")
+    publish.add_argument("--runs-dir", type=path, default="runs", help="where the run directories are (default ./runs)")
+    publish.add_argument("--out", type=path, required=True, metavar="DIR",
+                         help="where the copies go, one folder per run")
     publish.add_argument("--allow-dirty", action="store_true",
                          help="also publish runs trained from a git tree with uncommitted changes, or outside a git "
                          "checkout")

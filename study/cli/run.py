@@ -12,14 +12,14 @@ from collections.abc import Callable
 
 from ..config import CPU_PATH_CHOICES, MAX_SEED, ConfigError, RunConfig, parse_seeds, torchrun_place
 from ..grids import grid_configs
-from .args import add_launcher_arguments, add_selection, positive_int
+from .args import add_launcher_arguments, add_selection, path, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add `run` to the CLI's sub-parsers; return its handler."""
     run = sub.add_parser("run", help="train one network, a set of seeds, or a named grid")
     add_selection(run, required=True)
-    run.add_argument("--runs-dir", default="runs", help="where run directories go (default ./runs)")
+    run.add_argument("--runs-dir", type=path, default="runs", help="where run directories go (default ./runs)")
     add_training_options(run)
     return {"run": cmd_run}
 
@@ -38,7 +38,8 @@ def add_training_options(run: argparse.ArgumentParser) -> None:
         help="where ImageNet's training JPEGs are decoded: cpu (DataLoader workers, default) or gpu (batched on the "
         "CUDA device, nvJPEG; docs/imagenet.md)",
     )
-    run.add_argument("--data-dir", help="where the data set's files are (default ./data; ImageNet: ./data/imagenet)")
+    run.add_argument("--data-dir", type=path,
+                     help="where the data set's files are (default ./data; ImageNet: ./data/imagenet)")
     run.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     run.add_argument(
