@@ -190,8 +190,8 @@ def test_format_follows_out_unless_given(runs, monkeypatch, tmp_path):
 
 
 def test_an_out_of_neither_format_is_refused_unless_format_says(runs, monkeypatch, tmp_path, capsys):
-    """`--out report.pdf` would have been Markdown under a .pdf name: refused in one line, exit 2,
-    nothing written; with --format the user has said what it is."""
+    """`--out report.pdf` (or `--out report`) would have been Markdown under another name: refused in one
+    line, exit 2, nothing written; with --format the user has said what it is."""
     calls = []
     monkeypatch.setattr(report_module, "write_report", lambda data, out, **kw: calls.append((str(out), kw["format"])) or out)
     monkeypatch.chdir(tmp_path)
@@ -201,6 +201,13 @@ def test_an_out_of_neither_format_is_refused_unless_format_says(runs, monkeypatc
     assert calls == [] and not (tmp_path / "report.pdf").exists()
     assert cli_module.main(["report", "--runs-dir", str(runs), "--out", "report.pdf", "--format", "html"]) == 0
     assert calls == [("report.pdf", "html")]
+    # No extension at all says no more which format it is: refused the same way, and --format says.
+    assert cli_module.main(["report", "--runs-dir", str(runs), "--out", "report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--out report" in err and "has no extension" in err and "--format" in err, err
+    assert calls == [("report.pdf", "html")] and not (tmp_path / "report").exists()
+    assert cli_module.main(["report", "--runs-dir", str(runs), "--out", "report", "--format", "md"]) == 0
+    assert calls[-1] == ("report", "md")
 
 
 def test_a_failed_write_leaves_the_old_report_and_no_temporary_file(runs, monkeypatch, tmp_path):

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     report.add_argument("--format", choices=REPORT_FORMATS, type=_spelled(FORMAT_ALIASES),
                         help="md (or markdown): Markdown, its figures (PNG and PDF) beside it; html: one self-contained "
                         "file, figures embedded, with each run's provenance (default: html for an --out ending in "
-                        ".html, md for one ending in .md or none)")
+                        ".html, md for one ending in .md or without --out; another --out needs --format)")
     report.add_argument("--out", type=path,
                         help="the report (default figures/report.md, or figures/report.html with --format html)")
 
@@ -173,8 +173,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..analysis.report import write_report
 
     suffix = Path(args.out).suffix.lower() if args.out else ""
-    if args.format is None and suffix not in ("", *REPORT_SUFFIXES):
-        raise ConfigError(f"--out {args.out}: a report is Markdown or HTML, not {suffix}; name it .md or .html, "
+    if args.out and args.format is None and suffix not in REPORT_SUFFIXES:
+        what = f"not {suffix}" if suffix else "and this name has no extension"
+        raise ConfigError(f"--out {args.out}: a report is Markdown or HTML, {what}; name it .md or .html, "
                           "or give --format md|html")
     fmt = args.format or REPORT_SUFFIXES.get(suffix, "md")
     path = write_report(_load(args.runs_dir), args.out or f"figures/report.{fmt}", format=fmt,
