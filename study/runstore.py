@@ -136,6 +136,28 @@ def check_not_in_a_run(runs_dir: str | os.PathLike) -> None:
                                 f"{run_id}; pass --runs-dir {place.parent}, the folder that holds its runs")
 
 
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why a file could not be written at `path`, found without creating or changing anything: a folder
+    (or something else that is no plain file) already there, a file where one of its folders would go, or
+    a folder (the nearest that exists) or existing file that takes no writing; None where nothing is in the way."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        return f"{path} is {'a directory' if path.is_dir() else 'not a plain file'}"
+    if (blocker := file_in_the_way(path.parent)) is not None:
+        return f"{blocker} is a file, not a directory"
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if path.exists():
+            open(path, "ab").close()  # opened to append, nothing written: its bytes and times stay as they are
+    except OSError as e:
+        reason = ("its file system accepts no new files" if e.errno == errno.ENOENT and folder.is_dir()
+                  else e.strerror or e)
+        return f"{path if path.exists() else folder} is not writable ({reason})"
+    return None
+
+
 def check_writable(runs_dir: Path, flag: str = "--runs-dir", what: str = "runs dir") -> None:
     """Create `runs_dir` if needed and prove a file can be written there; RunStoreError naming the fix
     (the option `flag`, the folder called `what`) otherwise. (A real write, not os.access: root passes

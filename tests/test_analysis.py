@@ -560,6 +560,26 @@ def test_an_out_that_is_or_is_under_a_file_names_the_file(study_dir, cli, tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["file"] and blocker.read_text() == "kept"
 
 
+def test_an_out_in_the_way_is_refused_before_anything_is_drawn_written_or_printed(study_dir, cli, tmp_path):
+    """A folder given as the report's --out, or a folder where one of the figures goes (`plot all`, or the
+    report's figures beside it): one line naming that path, exit 2, before a verdict is printed or a figure
+    written (not fig1 written, then an error on fig6)."""
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "outdir.md").mkdir()
+    (tmp_path / "pa" / "fig6.png").mkdir(parents=True)
+    before = sorted(tmp_path.rglob("*"))
+    for out in ("outdir", "outdir.md"):
+        code, stdout, err = cli("report", "--runs-dir", study_dir, "--out", tmp_path / out)
+        assert code == 2 and stdout == "" and err.count("\n") == 1, (stdout, err)
+        assert f"--out {tmp_path / out} is a directory; name the report file in it, e.g. --out " in err, err
+    for argv in (("plot", "all", "--out", tmp_path / "pa"), ("plot", "fig6", "--out", tmp_path / "pa"),
+                 ("report", "--out", tmp_path / "pa" / "report.md")):
+        code, stdout, err = cli(*argv, "--runs-dir", study_dir)
+        assert code == 2 and stdout == "" and err.count("\n") == 1, (argv, stdout, err)
+        assert f"cannot write figures to {tmp_path / 'pa'}: {tmp_path / 'pa' / 'fig6.png'} is a directory" in err, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_the_reports_figure_1_heading_names_the_nets_it_draws(tmp_path, cli):
     """A study of plain-8 and plain-20 (results/quick's): the report's Figure 1 is headed with those,
     not the paper's plain-20 vs plain-56."""

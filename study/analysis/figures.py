@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ..config import CIFAR_DEPTHS, IMAGENET_DEPTHS, ConfigError
-from ..runstore import file_in_the_way
+from ..runstore import file_in_the_way, unwritable
 from .load import (NoRunsError, RunData, Study, coverage, one_probe_setting, pick_study, studies, unsettled_bn,
                    unsettled_bn_note)
 from .paper import FIGURES, PAPER_ARCHS, TABLE2, TABLE6, Series, net_label, series_label
@@ -819,6 +820,17 @@ def build(name: str, data: RunData, **select: object) -> Drawn:
 
     with sns.axes_style("whitegrid"):
         return BUILDERS[name](data, **select)
+
+
+def check_out(out_dir: str | os.PathLike, names: Iterable[str],
+              fix: str = "pass --out a directory they can be written to") -> None:
+    """ConfigError naming the path and `fix` where `save` could not write one of the figures `names` into
+    `out_dir` (a folder where a file goes, a file where the folder goes, no permission): for a check before
+    any is drawn or written. Creates nothing."""
+    for name in names:
+        for path in (Path(out_dir) / f"{name}.png", Path(out_dir) / f"{name}.pdf"):
+            if (why := unwritable(path)) is not None:
+                raise ConfigError(f"cannot write figures to {out_dir}: {why}; {fix}")
 
 
 def save(drawn: Drawn, out_dir: str | os.PathLike) -> list[Path]:

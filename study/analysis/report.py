@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from .arms import judge_arms
 from .load import (NoRunsError, RunData, Study, chosen_text, one_probe_setting, pick_study, studies, unsettled_bn,
                    unsettled_bn_note)
 from .paper import CLAIMS, FIGURES, IMAGENET, PAPER_ARCHS, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
-from ..runstore import atomic_write_text, cpu_label, file_in_the_way, sessions
+from ..runstore import atomic_write_text, cpu_label, sessions, unwritable
 from .tables import TABLE_NAMES, final_errors, with_tencrop
 
 if TYPE_CHECKING:
@@ -739,6 +738,21 @@ def render_markdown(content: ReportContent, out_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_out(out: str | os.PathLike, format: str = "md") -> None:  # noqa: A002
+    """ConfigError (one line, naming the path and the fix) where the report could not be written to `out`,
+    nor, in Markdown, a figure beside it: a folder there, a file in the way of its folder, no permission.
+    For a check before anything is read, drawn, printed or written; creates nothing."""
+    from .figures import FIGURE_NAMES, check_out as check_figures
+
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; name the report file in it, e.g. --out {out / f'report.{format}'}")
+    if (why := unwritable(out)) is not None:
+        raise ConfigError(f"cannot write the report to {out}: {why}; pass --out a path you can write")
+    if format == "md":  # its figures go beside it
+        check_figures(out.parent, FIGURE_NAMES, "pass --out a report path in another directory")
+
+
 def write_report(data: RunData, out: str | os.PathLike, *, log=print, format: str = "md",  # noqa: A002
                  **select: object) -> Path:
     """Write the report to `out`: Markdown (`md`) with every figure (PNG and PDF) beside it, or
@@ -748,18 +762,10 @@ def write_report(data: RunData, out: str | os.PathLike, *, log=print, format: st
     `select` chooses the study (`gather`)."""
     if format not in REPORT_FORMATS:
         raise ValueError(f"report format {format!r}: one of {', '.join(REPORT_FORMATS)}")
-    check_selection(data, **select)  # before anything is created or printed
+    check_out(out, format)  # before anything is created or printed
+    check_selection(data, **select)
     out = Path(out)
     out_dir = out.parent
-    if (blocker := file_in_the_way(out_dir)) is not None:  # mkdir would say only "File exists"
-        raise ConfigError(f"cannot write the report to {out}: {blocker} is a file, not a directory; "
-                          "pass --out a path in a directory")
-    try:  # before anything is printed or drawn: an unwritable --out is a one-line error
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        raise ConfigError(f"cannot write the report to {out_dir} ({e.strerror or e}); pass --out a writable path") from None
     content = gather(data, log=log, **select)
     if format == "html":
         from .html import render

@@ -130,10 +130,11 @@ def _load(runs_dir: str) -> RunData:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Draw one figure, or every figure that has runs (`all`), into --out as PNG and PDF."""
-    from ..analysis.figures import build, save
+    from ..analysis.figures import build, check_out, save
 
-    data = _load(args.runs_dir)
     names = FIGURE_NAMES if args.figure == "all" else (args.figure,)
+    check_out(args.out, names)  # every figure's files, before any is drawn or written
+    data = _load(args.runs_dir)
     drawn_any = False
     for name in names:
         try:
@@ -170,16 +171,18 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report (Markdown with its figures beside it, or one HTML file) and print one line per claim."""
-    from ..analysis.report import write_report
+    from ..analysis.report import check_out, write_report
 
     suffix = Path(args.out).suffix.lower() if args.out else ""
-    if args.out and args.format is None and suffix not in REPORT_SUFFIXES:
+    # (A folder given as --out is named as such by check_out, whatever its name ends in.)
+    if args.out and args.format is None and suffix not in REPORT_SUFFIXES and not Path(args.out).is_dir():
         what = f"not {suffix}" if suffix else "and this name has no extension"
         raise ConfigError(f"--out {args.out}: a report is Markdown or HTML, {what}; name it .md or .html, "
                           "or give --format md|html")
     fmt = args.format or REPORT_SUFFIXES.get(suffix, "md")
-    path = write_report(_load(args.runs_dir), args.out or f"figures/report.{fmt}", format=fmt,
-                        **_selection(args))
+    out = args.out or f"figures/report.{fmt}"
+    check_out(out, fmt)  # before the runs are read: nothing printed, drawn or written for a bad --out
+    path = write_report(_load(args.runs_dir), out, format=fmt, **_selection(args))
     print(f"report -> {path}")
     return 0
 
