@@ -333,6 +333,23 @@ def test_no_runs_at_all_is_a_one_line_error_exit_2(tmp_path, cli):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "empty"]
 
 
+def test_runs_without_metrics_yet_are_refused_alike_by_report_table_and_plot(tmp_path, cli):
+    """Every run new (config.json, no metrics): the report is refused as `study table` and `study plot` refuse
+    it, in one line with the same fix, exit 2, before a verdict is printed or anything written; not an
+    all-"cannot be judged" report with exit 0."""
+    for arch in ("plain", "resnet"):
+        Run(tmp_path / "runs", RunConfig(arch=arch, depth=20, iterations=400)).prepare("cpu")
+    fix = "found none (runs with metrics: none); no run has finished an epoch yet: wait for one, or pass --runs-dir"
+    outs = {"report": [], "table": [], "plot": []}
+    for argv in (("report", "--out", tmp_path / "rep" / "report.md"), ("report", "--format", "html", "--out",
+                 tmp_path / "rep" / "report.html"), ("table", "table6"), ("plot", "fig1", "--out", tmp_path / "figs")):
+        code, stdout, err = cli(*argv, "--runs-dir", tmp_path / "runs")
+        assert code == 2 and err.count("\n") == 1 and fix in err, (argv, err)
+        outs[argv[0]].append(stdout)
+    assert outs["report"] == ["", ""]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
 # --- figures ---------------------------------------------------------------------------------
 
 

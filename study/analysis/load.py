@@ -399,6 +399,18 @@ def _filter_text(flag: str, value: object) -> str:
     return f"{flag} {value if value != '' else 'paper'}"
 
 
+#: What to do where no run has metrics: `pick_study`'s fix, and the report's (`require_metrics`).
+NO_METRICS_FIX = "no run has finished an epoch yet: wait for one, or pass --runs-dir to the directory that holds them"
+
+
+def require_metrics(data: RunData, what: str) -> None:
+    """NoRunsError, worded as `pick_study` words it for a figure or table, where no run in `data` has
+    metrics (none has finished an epoch, or their files are unreadable: `data.notes()` says so)."""
+    if data.metrics.empty:
+        raise NoRunsError(f"{what} needs runs with metrics in {data.runs_dir}, found none (runs with metrics: none); "
+                          f"{NO_METRICS_FIX}")
+
+
 def pick_study(
     data: RunData,
     what: str,
@@ -439,7 +451,7 @@ def pick_study(
         }
         fix = fixes.get(needs, "pass --runs-dir to the directory that holds them")
         if needs == "metrics" and runs.empty:
-            fix = "no run has finished an epoch yet: wait for one, or " + fix
+            fix = NO_METRICS_FIX
         filters = ", ".join(_filter_text(flag, value) for _, flag, value in chosen if value is not None)
         if filters:
             fix = f"pick {CHOOSERS} among those, or leave them out"

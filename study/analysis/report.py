@@ -27,8 +27,8 @@ import pandas as pd
 from ..config import ConfigError
 from ..data import DataError, dataset_info
 from .arms import judge_arms
-from .load import (NoRunsError, RunData, Study, chosen_text, one_probe_setting, pick_study, studies, unsettled_bn,
-                   unsettled_bn_note)
+from .load import (NoRunsError, RunData, Study, chosen_text, one_probe_setting, pick_study, require_metrics, studies,
+                   unsettled_bn, unsettled_bn_note)
 from .paper import CLAIMS, FIGURES, IMAGENET, PAPER_ARCHS, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
 from ..runstore import atomic_write_text, cpu_label, sessions, unwritable
 from .tables import TABLE_NAMES, final_errors, with_tencrop
@@ -533,8 +533,9 @@ def classify_claims(data: RunData, **select: object) -> list[Claim]:
 
 
 def check_selection(data: RunData, **select: object) -> None:
-    """NoRunsError (one line, naming the runs there are) if `select` matches no run a report could
-    judge, CIFAR-style or ImageNet."""
+    """NoRunsError (one line, naming the runs there are) if no run has metrics yet (as `study plot` and
+    `study table` refuse them), or `select` matches no run a report could judge, CIFAR-style or ImageNet."""
+    require_metrics(data, "the report")
     if select and _cifar_study(data, **select) is None and _study_or_none(data, imagenet=True, wanted=[], **select) is None:
         pick_study(data, "the report", imagenet=select.get("dataset") == IMAGENET, **select)  # type: ignore[arg-type]
 
