@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
-from .runstore import Run, RunStoreError, atomic_write_text, check_writable, list_runs, missing_runs_dir, no_checkpoint
+from .runstore import (Run, RunStoreError, atomic_write_text, check_writable, list_runs, missing_runs_dir, no_checkpoint,
+                       refuse_damaged, unreadable_note)
 
 TENCROP_FILE = "tencrop.json"
 DEFAULT_DATA_DIR = "data/imagenet"
@@ -73,10 +74,17 @@ class Outcome:
     computed: bool
 
 
-def select_runs(runs_dir: str | Path, run_ids: list[str] | None) -> list[Run]:
-    """The ImageNet runs to consider: the named ones (any status), else every `done` one.
-    ConfigError (one line, naming the fix) for no ImageNet runs, an unknown or non-ImageNet id."""
-    runs = {run.cfg.run_id: run for run in list_runs(runs_dir)}
+def select_runs(runs_dir: str | Path, run_ids: list[str] | None,
+                unreadable: list[tuple[str, str]] | None = None) -> list[Run]:
+    """The ImageNet runs to consider: the named ones (any status), else every `done` one; a damaged
+    config.json is added to `unreadable`, where given (`list_runs`). ConfigError (one line, naming the fix)
+    for no ImageNet runs, an unknown or non-ImageNet id; RunStoreError for a named run whose config.json is
+    damaged."""
+    damaged: list[tuple[str, str]] = []
+    runs = {run.cfg.run_id: run for run in list_runs(runs_dir, damaged)}
+    refuse_damaged(damaged, run_ids or [])
+    if unreadable is not None:
+        unreadable.extend(damaged)
     imagenet = {rid: run for rid, run in runs.items() if run.cfg.imagenet}
     if run_ids:
         for rid in run_ids:
@@ -200,7 +208,10 @@ def evaluate_runs(
         raise ConfigError(f"--batch-size must be a positive number of images; got {batch_size!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 0):
         raise ConfigError(f"--workers must be 0 or more; got {workers!r}")
-    runs = select_runs(runs_dir, run_ids)
+    damaged: list[tuple[str, str]] = []
+    runs = select_runs(runs_dir, run_ids, damaged)
+    for path, why in damaged:  # left out, with what to do, as `study plot` leaves them out
+        log(f"note: {unreadable_note(path, why)}")
     existing = {run.cfg.run_id: read_tencrop(run.dir) for run in runs}
     todo = [run for run in runs if force or not is_current(run, existing[run.cfg.run_id])]
     outcomes = {

@@ -445,10 +445,10 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
 # --- status ----------------------------------------------------------------------------------------
 
 
-def list_runs_with_queued(runs_dir: str | os.PathLike) -> list[Run]:
-    """`list_runs`, plus the runs submitted to SLURM that have not started yet (a `slurm_job.json`
-    but no `config.json`), sorted by id."""
-    runs = {run.cfg.run_id: run for run in list_runs(runs_dir)}
+def list_runs_with_queued(runs_dir: str | os.PathLike, unreadable: list[tuple[str, str]] | None = None) -> list[Run]:
+    """`list_runs` (damaged config.json files added to `unreadable`, where given), plus the runs submitted to
+    SLURM that have not started yet (a `slurm_job.json` but no readable `config.json`), sorted by id."""
+    runs = {run.cfg.run_id: run for run in list_runs(runs_dir, unreadable)}
     root = Path(runs_dir)
     for path in sorted(root.glob(f"*/{JOB_FILE}")) if root.is_dir() else []:
         if path.parent.name in runs:

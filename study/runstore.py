@@ -211,7 +211,11 @@ def unreadable_reason(error: Exception) -> str:
 
 
 def unreadable_fix(name: str, status: str | None = None) -> str:
-    """What to do about a run's unreadable Parquet file `name`, the run's status being `status`."""
+    """What to do about a run's unreadable file `name` (a Parquet file, or its config.json), the run's
+    status being `status`."""
+    if name == "config.json":  # nothing else records the run's settings; `study run` refuses the folder as it is
+        return ("copy it again if the run trained elsewhere, or move the run's folder out of the runs dir and train "
+                "it again")
     if name == "metrics.parquet" and status == "diverged":  # its last rows were never checkpointed
         return ("a diverged run's last rows are in no checkpoint: copy the file again if the run trained elsewhere, "
                 "or move the run away and train it again")
@@ -221,6 +225,50 @@ def unreadable_fix(name: str, status: str | None = None) -> str:
         return "`study probe` the run again"
     return ("a diagnostic (claim 2's gradient check): copy it again if the run trained elsewhere, or delete it and "
             "the run goes without it")
+
+
+def unreadable_note(path: str | os.PathLike, reason: str) -> str:
+    """One line for an unreadable file of a run: what it is, what is left out (the file's rows; for a
+    config.json, the run), and the fix (`unreadable_fix`)."""
+    try:
+        status = json.loads((Path(path).parent / "status.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    name = Path(path).name
+    left_out = "the run is left out" if name == "config.json" else "its rows are left out"
+    return f"{path} is unreadable ({reason}), so {left_out}: {unreadable_fix(name, status)}"
+
+
+def read_config(path: str | os.PathLike) -> tuple[dict | None, str | None]:
+    """A run's config.json at `path`: (its record, None), or (None, why it is damaged): not readable, not
+    JSON, or no JSON object with a `config` object in it (every config.json `Run.prepare` writes has one). Its
+    values are not checked: a run written by another tool may hold settings `RunConfig` does not know."""
+    try:
+        text = Path(path).read_text()
+        record = json.loads(text)
+    except OSError as e:
+        return None, str(e.strerror or e)
+    except json.JSONDecodeError as e:
+        return None, "it is empty" if not text.strip() else f"not JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+    except ValueError:  # not UTF-8 text
+        return None, "not UTF-8 text"
+    if not isinstance(record, dict):
+        kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(record), "a number")
+        return None, f"it holds {kind}, not a JSON object"
+    if not isinstance(record.get("config"), dict):
+        return None, "it holds no run config (no `config` object)"
+    return record, None
+
+
+def refuse_damaged(unreadable: list[tuple[str, str]], run_ids: Iterable[str]) -> None:
+    """RunStoreError (one line, with the fix) for the first of `run_ids` (runs asked for by name) whose
+    config.json `list_runs` put in `unreadable`: that run cannot be read, which "unknown run id" would not say."""
+    damaged = {Path(path).parent.name: (path, why) for path, why in unreadable if Path(path).name == "config.json"}
+    for run_id in run_ids:
+        if run_id in damaged:
+            path, why = damaged[run_id]
+            raise RunStoreError(f"{path} is unreadable ({why}), so run {run_id} cannot be read: "
+                                f"{unreadable_fix('config.json')}")
 
 
 def parquet_error(path: str | os.PathLike) -> str | None:
@@ -571,16 +619,23 @@ class Run:
             return True
 
 
-def list_runs(runs_dir: str | os.PathLike) -> list[Run]:
-    """Every run directory (one with a readable config.json) under `runs_dir`, sorted by id."""
+def list_runs(runs_dir: str | os.PathLike, unreadable: list[tuple[str, str]] | None = None) -> list[Run]:
+    """Every run directory (one with a readable config.json) under `runs_dir`, sorted by id. A damaged
+    config.json (`read_config`) is added to `unreadable` (its path and why: `unreadable_note` words it),
+    where that list is given; one whose settings `RunConfig` refuses (another tool's run) is passed over."""
     runs = []
     root = Path(runs_dir)
     if not root.is_dir():
         return runs
     for path in sorted(root.glob("*/config.json")):
+        record, why = read_config(path)
+        if record is None:
+            if unreadable is not None:
+                unreadable.append((str(path), str(why)))
+            continue
         try:
-            cfg = RunConfig.from_dict(json.loads(path.read_text())["config"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError):
+            cfg = RunConfig.from_dict(record["config"])
+        except (KeyError, TypeError, ValueError):
             continue
         if cfg.run_id == path.parent.name:
             runs.append(Run(root, cfg))

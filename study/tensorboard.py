@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -175,10 +176,13 @@ def export(runs_dir: str | os.PathLike, out: str | os.PathLike, log: Callable[[s
     `metrics.parquet`: the points the live writer writes, and for `done` runs the hyper-parameters.
     A run exported before (or written live) is replaced: the new file purges the old points.
     Returns the number of runs exported; ConfigError if there is none to export."""
-    from .runstore import FINAL_STATUSES, list_runs, missing_runs_dir
+    from .runstore import FINAL_STATUSES, list_runs, missing_runs_dir, unreadable_note
 
     require("study export tensorboard")
-    runs = list_runs(runs_dir)
+    damaged: list[tuple[str, str]] = []
+    runs = list_runs(runs_dir, damaged)
+    for path, why in damaged:  # left out, with what to do, as `study plot` leaves them out
+        print(f"note: {unreadable_note(path, why)}", file=sys.stderr)
     if not runs and (missing := missing_runs_dir(runs_dir)) is not None:
         raise ConfigError(missing)
     if not runs:

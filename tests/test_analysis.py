@@ -294,6 +294,61 @@ def test_an_unreadable_file_is_left_out_in_one_note_whether_or_not_the_run_has_a
     assert all(issubclass(w.category, UnreadableFileWarning) for w in caught)
 
 
+@pytest.mark.parametrize("damage,why", [
+    (lambda text: text[:40], "not JSON: "),  # truncated
+    (lambda text: "", "it is empty"),
+    (lambda text: "[1, 2]", "it holds an array, not a JSON object"),
+    (lambda text: json.dumps({"run_id": "x"}), "it holds no run config (no `config` object)"),
+])
+def test_a_damaged_config_json_leaves_its_run_out_everywhere_with_one_note(tmp_path, cli, damage, why):
+    """A config.json that is there but cannot be read is damage, not a run written without one: its run is
+    not rebuilt from its metrics rows (whose first `lr`, a warm-up's, filed it under a study of its own,
+    "variant lr0.01"), but left out of status, table, plot, report and probe, each time with one line naming
+    the file and the fix. A folder with no config.json at all (another tool's run) is still read from its rows."""
+    import warnings
+
+    from study.analysis.load import UnreadableFileWarning, studies
+
+    runs = tmp_path / "runs"
+    write_run(runs, "plain", 20)
+    write_run(runs, "resnet", 20)
+    damaged = write_run(runs, "plain", 56)
+    metrics = pd.read_parquet(damaged.metrics_path)
+    metrics.loc[0, "lr"] = 0.01  # as a warm-up's first row
+    metrics.to_parquet(damaged.metrics_path, index=False)
+    damaged.config_path.write_text(damage(damaged.config_path.read_text()))
+    foreign = write_imagenet_run(runs, "resnet", 34)
+    (foreign / "config.json").unlink()
+    fix = "copy it again if the run trained elsewhere, or move the run's folder out of the runs dir and train it again"
+    note = f"{damaged.config_path} is unreadable ({why}"
+
+    data = RunData.load(runs)
+    assert sorted(data.runs.run_id) == ["fashion-mnist-mini-plain20-A-s0-it400", "fashion-mnist-mini-resnet20-A-s0-it400",
+                                        "imagenet-resnet34-A-s0"]
+    assert [s.label() for s in studies(data.runs) if s.dataset != "imagenet"] == ["fashion-mnist-mini, 400 iterations"]
+    assert damaged.cfg.run_id not in set(data.metrics.run_id) | set(data.responses.run_id)
+    assert len(data.notes()) == 1 and data.notes()[0].startswith(note), data.notes()
+    assert data.notes()[0].endswith(f"so the run is left out: {fix}"), data.notes()
+    with warnings.catch_warnings(record=True) as caught:  # a notebook's load_runs warns instead
+        warnings.simplefilter("always")
+        assert damaged.cfg.run_id not in set(load_runs(runs).run_id)
+    assert [type(w.message) for w in caught] == [UnreadableFileWarning]
+
+    for argv in (("table", "table6"), ("plot", "fig1", "--out", tmp_path / "figs"),
+                 ("report", "--out", tmp_path / "rep" / "report.md")):
+        code, stdout, err = cli(*argv, "--runs-dir", runs)
+        assert code == 0 and err.count("\n") == 1 and err.startswith(f"note: {note}") and fix in err, (argv, err)
+        assert "variant" not in stdout and "plain-56" not in stdout.replace("missing runs: plain-56", ""), stdout
+    assert "variant" not in (tmp_path / "rep" / "report.md").read_text()
+    code, stdout, err = cli("status", "--runs-dir", runs)
+    lines = stdout.splitlines()
+    assert code == 0 and err == "" and damaged.cfg.run_id not in "".join(lines[:3]), stdout
+    assert f"{damaged.cfg.run_id}: its config.json is unreadable ({why}" in stdout and fix in stdout, stdout
+    for argv in (("probe", damaged.cfg.run_id), ("evaluate", "--run", damaged.cfg.run_id)):  # asked for by name
+        code, stdout, err = cli(*argv, "--runs-dir", runs)
+        assert code == 2 and err.count("\n") == 1 and f"so run {damaged.cfg.run_id} cannot be read: {fix}" in err, err
+
+
 def test_runs_written_before_warmup_s_still_load_and_plot(tmp_path, cli):
     """Metrics files from before the `warmup_s` column load (as NaN there), alone or beside new ones,
     and the figures are drawn from them."""

@@ -4,7 +4,9 @@ Everything here reads files only (`config.json`, `status.json`, `metrics.parquet
 `gradients.parquet`, and `tencrop.json`, the 10-crop test that `study evaluate` writes); nothing
 imports the trainer. A run directory written by another tool (an ImageNet run, say, whose data set or
 depth `RunConfig` does not know) is read all the same: its `config.json` is taken as plain JSON, and
-without one the identity comes from its metrics rows.
+without one the identity comes from its metrics rows. A `config.json` that is there but cannot be read
+(`runstore.read_config`) is damage, not a run without one: the run is left out with a note, as a damaged
+Parquet file's rows are (`RunData.notes`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pandas as pd
 from ..config import IMAGENET_BATCH_SIZE, PAPER_BATCH_SIZE, ConfigError
 from ..evaluate import TENCROP_FILE
 from ..probes import PROBE_DEFAULTS
-from ..runstore import METRIC_COLUMNS, missing_runs_dir, unreadable_fix, unreadable_reason
+from ..runstore import METRIC_COLUMNS, missing_runs_dir, read_config, unreadable_note, unreadable_reason
 from .paper import CIFAR_ITERATIONS, IMAGENET, IMAGENET_ITERATIONS, Series, series_label
 
 IDENTITY = ["run_id", "dataset", "arch", "depth", "shortcut", "seed"]
@@ -76,20 +78,26 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _run_row(run_dir: Path, unreadable: list[tuple[str, str]] | None = None) -> dict | None:
-    """One run's identity, budget and status, or None for a directory that is not a run (or one without
-    config.json whose metrics, which would name it, are unreadable: added to `unreadable`, else warned of)."""
-    record = _read_json(run_dir / "config.json")
-    cfg = record.get("config") if record else None
+    """One run's identity, budget and status, or None for a directory that is not a run, or a run left out
+    because its config.json is damaged (`read_config`), or, without config.json, its metrics, which would
+    name it, are unreadable (those added to `unreadable`, else warned of)."""
+    record, cfg = None, None
+    if (run_dir / "config.json").exists():
+        record, why = read_config(run_dir / "config.json")
+        if record is None:  # damage, not a run written without one: its metrics would file it under another study
+            _unreadable(run_dir / "config.json", str(why), unreadable)
+            return None
+        cfg = record["config"]
     metrics_path = run_dir / "metrics.parquet"
-    if not isinstance(cfg, dict):
+    if cfg is None:
         if not metrics_path.exists():
             return None
-        # No config: the metrics rows carry the identity; the budget is unknown, so the last
-        # logged iteration stands in for it.
+        # No config.json (a run another tool wrote): the metrics rows carry the identity; the budget is
+        # unknown, so the last logged iteration stands in for it.
         try:
             metrics = pd.read_parquet(metrics_path)
         except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
-            _unreadable(metrics_path, e, unreadable)
+            _unreadable(metrics_path, unreadable_reason(e), unreadable)
             return None
         if metrics.empty or not {"arch", "depth", "dataset"} <= set(metrics.columns):
             return None
@@ -134,13 +142,13 @@ def _tencrop(run_dir: Path) -> dict:
     return dict(zip(TENCROP_COLUMNS, values))
 
 
-def _unreadable(path: Path, error: Exception, unreadable: list[tuple[str, str]] | None) -> None:
+def _unreadable(path: Path, reason: str, unreadable: list[tuple[str, str]] | None) -> None:
     """Note an unreadable file of a run: in `unreadable` (its path and why), or, without that list, as an
     UnreadableFileWarning."""
     if unreadable is not None:
-        unreadable.append((str(path), unreadable_reason(error)))
+        unreadable.append((str(path), reason))
     else:
-        warnings.warn(unreadable_note(path, unreadable_reason(error)), UnreadableFileWarning, stacklevel=4)
+        warnings.warn(unreadable_note(path, reason), UnreadableFileWarning, stacklevel=4)
 
 
 def load_run_table(runs_dir: str | os.PathLike = "runs", unreadable: list[tuple[str, str]] | None = None
@@ -165,14 +173,8 @@ def _no_runs(runs_dir: str | os.PathLike) -> NoRunsError:
 
 
 class UnreadableFileWarning(UserWarning):
-    """A run's Parquet file could not be read (damaged from outside: files are replaced atomically);
-    its rows are left out and the rest loads."""
-
-
-def unreadable_note(path: str | os.PathLike, reason: str) -> str:
-    """One line for an unreadable file of a run: what it is, that its rows are left out, and the fix."""
-    status = (_read_json(Path(path).parent / "status.json") or {}).get("status")
-    return f"{path} is unreadable ({reason}), so its rows are left out: {unreadable_fix(Path(path).name, status)}"
+    """A run's Parquet file, or its config.json, could not be read (damaged from outside: files are replaced
+    atomically); its rows (for a config.json, the run) are left out and the rest loads."""
 
 
 def _per_run_files(runs_dir: str | os.PathLike, table: pd.DataFrame, filename: str, columns: list[str],
@@ -189,7 +191,7 @@ def _per_run_files(runs_dir: str | os.PathLike, table: pd.DataFrame, filename: s
             frames.append(pd.read_parquet(path).assign(run_id=run_id))
         except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
             # Files are replaced atomically, so this is damage from outside; the rest still loads.
-            _unreadable(path, e, unreadable)
+            _unreadable(path, unreadable_reason(e), unreadable)
     frames = [f for f in frames if not f.empty]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     df = df.drop(columns=[c for c in RUN_COLUMNS if c in df.columns and c != "run_id"])
@@ -282,7 +284,8 @@ class RunData:
     metrics: pd.DataFrame
     responses: pd.DataFrame
     gradients: pd.DataFrame
-    #: The runs' files that could not be read, each with why: their rows are left out (`unreadable_note`).
+    #: The runs' files that could not be read, each with why: their rows are left out (a config.json's: its run)
+    #: (`unreadable_note`).
     unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod

@@ -125,10 +125,19 @@ def _measured_on(machines: set[Machine], bf16: bool) -> str | None:
     return note
 
 
+def _print_damaged(damaged: list[tuple[str, str]]) -> None:
+    """One line for each run whose config.json cannot be read (not listed: nothing else says what it is)."""
+    for path, why in damaged:
+        folder = os.path.basename(os.path.dirname(path))
+        print(f"{folder}: its config.json is unreadable ({why}), so it is not listed: {unreadable_fix('config.json')}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    damaged: list[tuple[str, str]] = []  # config.json files that cannot be read: their runs are not listed
     if args.grid is not None or args.arch is not None:
         # The runs `study run` with these options trains: those on disk, and the others as `new`.
-        on_disk = {r.cfg.run_id: r for r in list_runs_with_queued(args.runs_dir)} if os.path.isdir(args.runs_dir) else {}
+        on_disk = ({r.cfg.run_id: r for r in list_runs_with_queued(args.runs_dir, damaged)}
+                   if os.path.isdir(args.runs_dir) else {})
         runs = [on_disk.get(c.run_id) or Run(args.runs_dir, c) for c in run_configs(args, processes_per_run(args))]
         others = [r for r in on_disk.values() if r not in runs]  # their speeds estimate the runs not started
     else:
@@ -137,10 +146,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise ConfigError(f"{' '.join(given)} selects runs of a --grid or an --arch; add one, or drop them")
         if (missing := missing_runs_dir(args.runs_dir)) is not None:
             raise RunStoreError(missing)
-        runs = list_runs_with_queued(args.runs_dir)
+        runs = list_runs_with_queued(args.runs_dir, damaged)
         others = []
     if not runs:
-        print(f"no runs in {args.runs_dir}")
+        print(f"no runs in {args.runs_dir}" + (" that can be read" if damaged else ""))
+        _print_damaged(damaged)
         return 0
     width = max(40, *(len(run.cfg.run_id) + 1 for run in runs))
     print(f"{'run':<{width}} {'status':<12} {'iteration':>15} {'train err %':>11} {'eval err %':>10} "
@@ -203,6 +213,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if metrics.empty and run.metrics_path.is_file() and (why := parquet_error(run.metrics_path)):
             print(f"{run.cfg.run_id}: its metrics.parquet is unreadable ({why}): "
                   f"{unreadable_fix('metrics.parquet', st['status'])}")
+    _print_damaged(damaged)
     if stopped:
         print("(stopped: marked running, but no process is training it (killed, or its node failed); "
               "`study run` with the same options resumes it from its last checkpoint)")
