@@ -175,8 +175,12 @@ def export(runs_dir: str | os.PathLike, out: str | os.PathLike, log: Callable[[s
     """Write `out/<run id>/` for every finished (`done` or `diverged`) run under `runs_dir` from its
     `metrics.parquet`: the points the live writer writes, and for `done` runs the hyper-parameters.
     A run exported before (or written live) is replaced: the new file purges the old points.
+    A finished run whose metrics.parquet is unreadable or missing is left out with a note on stderr (it would
+    export no points, and purge those of an earlier export), as is a run whose config.json is damaged.
     Returns the number of runs exported; ConfigError if there is none to export."""
-    from .runstore import FINAL_STATUSES, list_runs, missing_runs_dir, unreadable_note
+    import pandas as pd
+
+    from .runstore import FINAL_STATUSES, list_runs, missing_runs_dir, unreadable_fix, unreadable_note, unreadable_reason
 
     require("study export tensorboard")
     damaged: list[tuple[str, str]] = []
@@ -191,9 +195,23 @@ def export(runs_dir: str | os.PathLike, out: str | os.PathLike, log: Callable[[s
     if not finished:
         raise ConfigError(f"none of the {len(runs)} runs in {runs_dir} is finished; `study status --runs-dir "
                           f"{runs_dir}` shows where they stand")
-    check_dir(out, "--out")
+    metrics = {}  # every run's rows read before anything is written
     for run in finished:
-        rows = run.read_metrics().to_dict("records")
+        status = run.status().get("status")
+        try:
+            metrics[run.cfg.run_id] = pd.read_parquet(run.metrics_path).to_dict("records")
+        except FileNotFoundError:
+            print(f"note: {run.metrics_path} is missing, so the run is left out: "
+                  f"{unreadable_fix('metrics.parquet', status)}", file=sys.stderr)
+        except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
+            print(f"note: {unreadable_note(run.metrics_path, unreadable_reason(e))}", file=sys.stderr)
+    if not metrics:
+        raise ConfigError(f"none of the {len(finished)} finished runs in {runs_dir} has metrics that can be read (see "
+                          "the notes above); mend them as the notes say, or pass --runs-dir to the runs you meant")
+    check_dir(out, "--out")
+    exported = [run for run in finished if run.cfg.run_id in metrics]
+    for run in exported:
+        rows = metrics[run.cfg.run_id]
         writer = open_writer(Path(out) / run.cfg.run_id, purge_step=1)
         try:
             write_rows(writer, rows)
@@ -202,6 +220,8 @@ def export(runs_dir: str | os.PathLike, out: str | os.PathLike, log: Callable[[s
         finally:
             writer.close()
     skipped = len(runs) - len(finished)
-    log(f"exported {len(finished)} run(s) to {out}" + (f" ({skipped} unfinished skipped)" if skipped else "")
+    left_out = len(finished) - len(exported)
+    log(f"exported {len(exported)} run(s) to {out}" + (f" ({skipped} unfinished skipped)" if skipped else "")
+        + (f" ({left_out} left out: see the notes above)" if left_out else "")
         + f"; view them with: tensorboard --logdir {out}")
-    return len(finished)
+    return len(exported)

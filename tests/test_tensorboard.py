@@ -147,6 +147,44 @@ def test_export_writes_the_live_points(tmp_path, finished, capsys):
         assert_points_are_the_metrics(out / run_id, Run(runs, RunConfig.from_dict(config)))
 
 
+def test_export_leaves_out_a_run_it_cannot_read_and_its_earlier_export_as_it_was(tmp_path, finished, capsys):
+    """A finished run whose metrics.parquet is damaged (or whose config.json is) is left out with one note
+    naming the file and the fix, before anything is written: exported, it gave no points, and as the export
+    purges a run's earlier points, exporting again over a good export wiped its curves. Nothing readable to
+    export at all: one line, exit 2."""
+    runs_dir, _, run = finished
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    twins = [Run(runs, tiny(seed=seed)) for seed in (1, 2)]
+    for twin in twins:
+        shutil.copytree(run.dir, twin.dir)
+        record = json.loads((twin.dir / "config.json").read_text())
+        record["config"]["seed"] = twin.cfg.seed
+        (twin.dir / "config.json").write_text(json.dumps(record))
+    assert main(["export", "tensorboard", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    good = {twin.cfg.run_id: points(out / twin.cfg.run_id) for twin in twins}
+    before = {p: p.read_bytes() for p in (out / twins[0].cfg.run_id).iterdir()}
+    capsys.readouterr()
+
+    twins[0].metrics_path.write_bytes(b"garbage")
+    assert main(["export", "tensorboard", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"note: {twins[0].metrics_path} is unreadable"), captured.err
+    assert "run the run's `study run` command again, which rewrites its metrics from its checkpoint" in captured.err
+    assert "exported 1 run(s)" in captured.out and "1 left out" in captured.out, captured.out
+    assert {p: p.read_bytes() for p in (out / twins[0].cfg.run_id).iterdir()} == before  # untouched
+    assert points(out / twins[0].cfg.run_id) == good[twins[0].cfg.run_id] != {}
+    assert points(out / twins[1].cfg.run_id) == good[twins[1].cfg.run_id]
+
+    (twins[1].dir / "config.json").write_text('{"run_id": "trunc')
+    fresh = tmp_path / "fresh"
+    assert main(["export", "tensorboard", "--runs-dir", str(runs), "--out", str(fresh)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and err[0].startswith(f"note: {twins[1].dir / 'config.json'} is unreadable (not JSON"), err
+    assert err[1].startswith(f"note: {twins[0].metrics_path} is unreadable"), err
+    assert err[2].startswith("study: error: none of the 1 finished runs") and "has metrics that can be read" in err[2]
+    assert not fresh.exists()
+
+
 def test_without_the_package_one_line_error_exit_2_nothing_trained(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` raises ImportError
     monkeypatch.chdir(tmp_path)
