@@ -242,3 +242,46 @@ def test_an_unreadable_gradients_file_is_set_aside_not_fatal(tmp_path):
     assert (run.dir / "gradients.parquet.bad").read_bytes() == b"not parquet"
     append_gradients(run, [{"run_id": "r", "iteration": 6, "layer_index": 1, "layer_name": "w", "grad_norm": 1.0}])
     assert pd.read_parquet(run.dir / "gradients.parquet").iteration.tolist() == [6]
+
+
+def test_probe_checks_every_run_and_the_data_before_writing_any(tmp_path, small_data, capsys):
+    """`study probe` over several runs: a run without its checkpoint, or a data set whose files are not there,
+    stops the command in one line (exit 2) before any run's responses.parquet is written, not after the runs
+    before it were overwritten."""
+    import shutil
+
+    from helpers import train_run
+
+    from study.cli import main
+    from study.runstore import no_checkpoint
+
+    runs = tmp_path / "runs"
+    trained = [Run(runs, RunConfig(arch=arch, depth=8, iterations=3, batch_size=32)) for arch in ("plain", "resnet")]
+    for run in trained:
+        assert train_run(run.cfg, run, small_data, torch.device("cpu"), progress=False) == "done"
+    files = [run.dir / "responses.parquet" for run in trained]
+    before = [f.read_bytes() for f in files]  # measured as each run finished (eval mode)
+    probe = ["probe", "--runs-dir", str(runs), "--device", "cpu", "--bn-mode", "train", "--max-images", "50"]
+
+    trained[1].checkpoint_path.rename(tmp_path / "aside.pt")  # the last run probed
+    capsys.readouterr()
+    assert main(probe) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"study: error: {no_checkpoint(trained[1], 'probe it')}\n", err
+    assert [f.read_bytes() for f in files] == before
+    (tmp_path / "aside.pt").rename(trained[1].checkpoint_path)
+
+    # A run of the full Fashion-MNIST, probed after the two above, whose files are not in --data-dir.
+    full = Run(runs, RunConfig(arch="plain", depth=8, iterations=3, batch_size=32, dataset="fashion-mnist"))
+    full.prepare("cpu")
+    shutil.copy(trained[0].checkpoint_path, full.checkpoint_path)
+    full.set_status("done", iteration=3)
+    (tmp_path / "no-data").mkdir()
+    assert main([*probe, "--data-dir", str(tmp_path / "no-data")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("study: error: ") and err.count("\n") == 1 and "Fashion-MNIST" in err, err
+    assert [f.read_bytes() for f in files] == before and not (full.dir / "responses.parquet").exists()
+
+    full.checkpoint_path.unlink()  # by name, the runs that can be probed are
+    assert main([*probe[:1], trained[0].cfg.run_id, *probe[1:]]) == 0
+    assert files[0].read_bytes() != before[0] and files[1].read_bytes() == before[1]

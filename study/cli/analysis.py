@@ -212,7 +212,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     """Measure the layer responses of the named (or every finished) run from its checkpoint."""
     from ..models import build_model
     from ..probes import record_responses
-    from ..runstore import list_runs, missing_runs_dir, no_checkpoint, refuse_damaged, unreadable_note
+    from ..runstore import list_runs, missing_runs_dir, no_checkpoint, refuse_damaged, unreadable_note, unwritable
     from ..train import resolve_device
 
     if args.max_images is not None and args.max_images <= 0:
@@ -246,7 +246,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
             raise NoRunsError(f"no finished run in {args.runs_dir} to probe; wait for one to finish or name run ids")
     device = resolve_device(args.device)  # a ConfigError naming the fix for a device this machine lacks
     cache: dict = {}
-    for run in chosen:
+
+    def prepared(run):
+        """The run's net with its checkpoint's weights, the checkpoint's iteration and the images to probe."""
         state = run.load_checkpoint()
         if state is None:
             raise ConfigError(no_checkpoint(run, "probe it"))
@@ -259,16 +261,27 @@ def cmd_probe(args: argparse.Namespace) -> int:
             in_channels=data.info.in_channels,
         )
         model.load_state_dict(state["model"])
+        return model, state["iteration"], data
+
+    # Every run's checkpoint and data first: a run that cannot be probed stops the command before any
+    # responses.parquet is written (the data stay cached; a net's weights are read again below, one at a time).
+    for run in chosen:
+        prepared(run)
+        if (why := unwritable(run.dir / "responses.parquet")) is not None:
+            raise ConfigError(f"cannot write the responses of run {run.cfg.run_id}: {why}; probe runs whose folders "
+                              "you can write")
+    for run in chosen:
+        model, iteration, data = prepared(run)
         path = record_responses(
             run,
             model.to(device),
             data.to(device),
-            iteration=state["iteration"],
+            iteration=iteration,
             split=args.split,
             bn_mode=args.bn_mode,
             reduction=args.reduction,
             include_first=args.include_first,
             max_images=args.max_images,
         )
-        print(f"{run.cfg.run_id}: layer responses at iteration {state['iteration']} -> {path}")
+        print(f"{run.cfg.run_id}: layer responses at iteration {iteration} -> {path}")
     return 0
