@@ -39,7 +39,8 @@ def add_training_options(run: argparse.ArgumentParser) -> None:
         "CUDA device, nvJPEG; docs/imagenet.md)",
     )
     run.add_argument("--data-dir", type=path,
-                     help="where the data set's files are (default ./data; ImageNet: ./data/imagenet)")
+                     help="where the data set's files are (default ./data; Fashion-MNIST also Debian's "
+                     "/usr/share/datasets/fashion-mnist; ImageNet: ./data/imagenet)")
     run.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     run.add_argument(
