@@ -294,12 +294,30 @@ def test_an_unreadable_file_is_left_out_in_one_note_whether_or_not_the_run_has_a
     assert all(issubclass(w.category, UnreadableFileWarning) for w in caught)
 
 
-@pytest.mark.parametrize("damage,why", [
+CONFIG_DAMAGE = [
     (lambda text: text[:40], "not JSON: "),  # truncated
     (lambda text: "", "it is empty"),
     (lambda text: "[1, 2]", "it holds an array, not a JSON object"),
     (lambda text: json.dumps({"run_id": "x"}), "it holds no run config (no `config` object)"),
-])
+]
+
+
+@pytest.mark.parametrize("damage,why", CONFIG_DAMAGE)
+def test_each_kind_of_damage_to_a_config_json_is_named(tmp_path, damage, why):
+    """`read_config`, which every command reads a config.json through, says what is wrong with it."""
+    from study.runstore import list_runs, read_config
+
+    damaged = write_run(tmp_path, "plain", 20)
+    assert read_config(damaged.config_path)[1] is None
+    damaged.config_path.write_text(damage(damaged.config_path.read_text()))
+    record, reason = read_config(damaged.config_path)
+    assert record is None and reason.startswith(why), reason
+    unreadable: list = []
+    assert list_runs(tmp_path, unreadable) == [] and unreadable == [(str(damaged.config_path), reason)]
+
+
+# One kind of damage through every command (the kinds differ only in `read_config`'s reason, tested above).
+@pytest.mark.parametrize("damage,why", CONFIG_DAMAGE[:1])
 def test_a_damaged_config_json_leaves_its_run_out_everywhere_with_one_note(tmp_path, cli, damage, why):
     """A config.json that is there but cannot be read is damage, not a run written without one: its run is
     not rebuilt from its metrics rows (whose first `lr`, a warm-up's, filed it under a study of its own,

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+import study.runstore
 from study.cli import main
 from study.config import RunConfig
 from study.runstore import METRIC_COLUMNS, Run
@@ -40,6 +41,13 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     assert config["config"]["depth"] == 8 and config["config"]["iterations"] == 6
     assert {"package_version", "git_commit", "git_dirty", "torch_version", "device"} <= set(config["provenance"])
     assert config["provenance"]["device"] == "cpu" and config["provenance"]["classes"] == 10
+    # What else CPU results depend on: the CPU (its model, and the instruction sets that tell two CPUs
+    # of one model name apart) and the thread count.
+    prov = config["provenance"]
+    assert prov["cpu"] and prov["threads"] == torch.get_num_threads()
+    assert prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    flags = study.runstore.cpu_flags()  # None where they cannot be read (no /proc/cpuinfo)
+    assert prov["cpu_flags"] == ([f for f, on in flags.items() if on] if flags else None)
     assert "hours per run" not in out + err  # short runs: no warning of a long CPU schedule
     df = pd.read_parquet(run_dir / "metrics.parquet")
     assert list(df.columns) == METRIC_COLUMNS and list(df.split) == ["train", "test"]  # 6 iterations < 1 epoch
@@ -460,8 +468,9 @@ BAD_INPUT = [
     (["run", "--arch", "plain", "--depth", "8", "--data-dir", "data"], "--data-dir reads no data for fashion-mnist-mini"),
     (["run", "--grid", "quick", "--download"], "--download reads no data for fashion-mnist-mini"),
 ]
-# A real process for one case of each kind (an argparse error, a check of ours, missing data).
-IN_A_PROCESS = {0, 10, 13}
+# A real process for an argparse error and for missing data (one of our checks, an unknown grid, runs in a
+# process in test_console_script_in_a_pipe_is_quiet_and_fails_cleanly).
+IN_A_PROCESS = {10, 13}
 
 
 def _with_runs_dir(argv: list[str]) -> list[str]:
@@ -626,8 +635,10 @@ def test_console_script_in_a_pipe_is_quiet_and_fails_cleanly(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "it/s" not in proc.stderr and "\r" not in proc.stderr  # no tqdm bar
-    proc = subprocess.run([sys.executable, "-m", "study", "run", "--grid", "x"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "study", "run", "--grid", "x", "--runs-dir", str(tmp_path / "new")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("study: error: unknown grid 'x'") and not (tmp_path / "new").exists(), proc.stderr
 
 
 @pytest.mark.parametrize("argv, unbuffered", [(("grids",), False), (("grids",), True),
@@ -667,6 +678,7 @@ def test_config_and_grids_do_not_import_torch():
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
 
+@pytest.mark.slow
 def test_training_into_results_from_a_dirty_tree_says_so_before_it_starts(tmp_path, capsys, monkeypatch):
     """Published evidence comes from a clean, committed tree: `study run` into the checkout's
     results/ from a tree with uncommitted changes to tracked files says so in one line first (and
@@ -691,13 +703,6 @@ def test_training_into_results_from_a_dirty_tree_says_so_before_it_starts(tmp_pa
     assert out.index("published evidence") < out.index("training on")
     cfg = json.loads(next((tmp_path / "results" / "mine").glob("*/config.json")).read_text())
     assert cfg["provenance"]["git_dirty"] is True
-    # What else CPU results depend on: the CPU (its model, and the instruction sets that tell two CPUs
-    # of one model name apart) and the thread count.
-    prov = cfg["provenance"]
-    assert prov["cpu"] and prov["threads"] == torch.get_num_threads()
-    assert prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    flags = study.runstore.cpu_flags()  # None where they cannot be read (no /proc/cpuinfo)
-    assert prov["cpu_flags"] == ([f for f, on in flags.items() if on] if flags else None)
 
     for runs, porcelain in ((tmp_path / "elsewhere", " M study/x.py\n"), (tmp_path / "results" / "clean", "")):
         state["porcelain"] = porcelain

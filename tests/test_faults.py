@@ -147,6 +147,7 @@ def test_nan_marks_run_diverged_and_the_grid_goes_on(tmp_path):
     assert out.stdout.count(" diverged ") == 2
 
 
+@pytest.mark.slow
 def test_two_concurrent_grid_runners_train_each_run_once(tmp_path):
     grid = ["run", "--arch", "resnet", "--depth", "8", "--seeds", "0-3", "--iterations", "6", "--batch-size", "64"]
     a, b = study(tmp_path, args=grid, wait=False), study(tmp_path, args=grid, wait=False)

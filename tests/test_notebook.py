@@ -91,6 +91,7 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert "8 runs of the study" in _text(per_seed) and want in [line.split() for line in _text(per_seed).splitlines()]
 
 
+@pytest.mark.slow
 def test_explore_notebook_runs_on_resnets_alone_and_says_what_it_cannot_compare(tmp_path, monkeypatch):
     """A first user's runs dir: one ResNet-56 (docs/running.md's first example). Every cell runs; the
     comparison of two nets says there is nothing to compare."""

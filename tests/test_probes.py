@@ -269,6 +269,12 @@ def test_probe_checks_every_run_and_the_data_before_writing_any(tmp_path, small_
     out, err = capsys.readouterr()
     assert out == "" and err == f"study: error: {no_checkpoint(trained[1], 'probe it')}\n", err
     assert [f.read_bytes() for f in files] == before
+    # A damaged checkpoint is named as damaged, not as gone.
+    trained[1].checkpoint_path.write_bytes(b"garbage")
+    assert main(probe) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "is done but its checkpoint is unreadable (damaged: checkpoint.pt)" in err, err
+    assert [f.read_bytes() for f in files] == before
     (tmp_path / "aside.pt").rename(trained[1].checkpoint_path)
 
     # A run of the full Fashion-MNIST, probed after the two above, whose files are not in --data-dir.
