@@ -99,10 +99,10 @@ def no_checkpoint(run: "Run", then: str, runs_dir_option: str = "--runs-dir") ->
     status = run.status().get("status")
     if status not in FINAL_STATUSES:
         return f"run {run.cfg.run_id} has no checkpoint yet (no epoch finished); {then} once it has trained an epoch"
-    if run.has_checkpoint():  # there, but none reads
-        damaged = ", ".join(p.name for p in (run.checkpoint_path, run.previous_checkpoint_path) if p.exists())
-        return (f"run {run.cfg.run_id} is {status} but its checkpoint is unreadable (damaged: {damaged}); move its "
-                "folder out of the runs dir and run the same `study run` to train it again")
+    if run.checkpoint_path.exists():  # there, but it does not read (a finished run's weights are in it)
+        return (f"run {run.cfg.run_id} is {status} but its checkpoint is unreadable (damaged: "
+                f"{run.checkpoint_path.name}); move its folder out of the runs dir and run the same `study run` to "
+                "train it again")
     if not (run.dir / "lock").exists() and not run.previous_checkpoint_path.exists():
         return (f"run {run.cfg.run_id} in {run.dir.parent} is a published copy, which carries no weights (`study "
                 f"publish` copies none); point {runs_dir_option} at the runs dir that trained it")
