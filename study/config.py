@@ -338,6 +338,8 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"malformed seeds list {text!r}; write e.g. --seeds 0,1,2 or --seeds 0-4") from None
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"malformed seeds list {text!r}; write distinct non-negative seeds, e.g. --seeds 0,1,2")
+    if len(seeds) > MAX_SEEDS:
+        raise ConfigError(f"--seeds {text} names {len(seeds):,} seeds, more than {MAX_SEEDS:,}; name fewer, e.g. --seeds 0-4")
     if max(seeds) > MAX_SEED:
         raise ConfigError(f"seed {max(seeds)} is too large; seeds run from 0 to {MAX_SEED:,}")
     return seeds

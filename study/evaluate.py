@@ -210,8 +210,8 @@ def evaluate_runs(
         raise ConfigError(f"--workers must be 0 or more; got {workers!r}")
     damaged: list[tuple[str, str]] = []
     runs = select_runs(runs_dir, run_ids, damaged)
-    for path, why in damaged:  # left out, with what to do, as `study plot` leaves them out
-        log(f"note: {unreadable_note(path, why)}")
+    for path, why in damaged:  # left out, with what to do, on stderr as `study plot` leaves them out
+        print(f"note: {unreadable_note(path, why)}", file=sys.stderr)
     existing = {run.cfg.run_id: read_tencrop(run.dir) for run in runs}
     todo = [run for run in runs if force or not is_current(run, existing[run.cfg.run_id])]
     outcomes = {

@@ -451,7 +451,7 @@ def list_runs_with_queued(runs_dir: str | os.PathLike, unreadable: list[tuple[st
     runs = {run.cfg.run_id: run for run in list_runs(runs_dir, unreadable)}
     root = Path(runs_dir)
     for path in sorted(root.glob(f"*/{JOB_FILE}")) if root.is_dir() else []:
-        if path.parent.name in runs:
+        if path.parent.name in runs or (path.parent / "config.json").exists():  # listed, or its config.json damaged
             continue
         try:
             cfg = RunConfig.from_dict(json.loads(path.read_text())["config"])

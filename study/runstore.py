@@ -110,11 +110,9 @@ def no_checkpoint(run: "Run", then: str, runs_dir_option: str = "--runs-dir") ->
             "dir and run the same `study run` to train it again")
 
 
-def _reason(e: BaseException, limit: int = 80) -> str:
-    """An exception as a short reason for a one-line message: its type and its message's first line."""
-    first = next(iter(str(e).strip().splitlines()), "")
-    first = first if len(first) <= limit else first[: limit - 3] + "..."
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+def _reason(e: Exception) -> str:
+    """An exception as a short reason for a one-line message: its type and the gist of its message."""
+    return f"{type(e).__name__}: {unreadable_reason(e)}" if str(e).strip() else type(e).__name__
 
 
 def file_in_the_way(folder: str | os.PathLike) -> Path | None:
@@ -128,12 +126,12 @@ def file_in_the_way(folder: str | os.PathLike) -> Path | None:
 def check_not_in_a_run(runs_dir: str | os.PathLike) -> None:
     """RunStoreError if `runs_dir` is a run's own folder or lies inside one (a --runs-dir one level
     too deep): its runs would nest among that run's files, where no command looks for them."""
-    folder = Path(runs_dir).absolute()
+    folder = Path(runs_dir).resolve()  # `..` collapsed and links followed: the folder the runs would go to
     for place in (folder, *folder.parents):
+        record, _ = read_config(place / "config.json") if (place / "config.json").is_file() else (None, None)
         try:
-            record = json.loads((place / "config.json").read_text())
-            run_id = RunConfig.from_dict(record["config"]).run_id
-        except (OSError, ValueError, KeyError, TypeError):
+            run_id = RunConfig.from_dict(record["config"]).run_id if record is not None else None
+        except (KeyError, TypeError, ValueError):  # another tool's config: not a run of ours
             continue
         if run_id == place.name:
             raise RunStoreError(f"runs dir {runs_dir} is {'' if place == folder else 'inside '}the folder of run "

@@ -362,6 +362,14 @@ def test_a_damaged_config_json_leaves_its_run_out_everywhere_with_one_note(tmp_p
     lines = stdout.splitlines()
     assert code == 0 and err == "" and damaged.cfg.run_id not in "".join(lines[:3]), stdout
     assert f"{damaged.cfg.run_id}: its config.json is unreadable ({why}" in stdout and fix in stdout, stdout
+    # Not listed as a SLURM job's queued run (from its slurm_job.json), nor as a `new` run of the --arch
+    # asked for: the line below the table is all status says of it.
+    (damaged.dir / "slurm_job.json").write_text(json.dumps({"config": damaged.cfg.to_dict(), "job_id": "7"}))
+    for extra in ((), ("--arch", "plain", "--depth", "56", "--iterations", "400")):
+        code, stdout, err = cli("status", "--runs-dir", runs, *extra)
+        table = [line for line in stdout.splitlines() if "config.json is unreadable" not in line]
+        assert code == 0 and damaged.cfg.run_id not in "".join(table), (extra, stdout)
+        assert f"{damaged.cfg.run_id}: its config.json is unreadable ({why}" in stdout, (extra, stdout)
     for argv in (("probe", damaged.cfg.run_id), ("evaluate", "--run", damaged.cfg.run_id)):  # asked for by name
         code, stdout, err = cli(*argv, "--runs-dir", runs)
         assert code == 2 and err.count("\n") == 1 and f"so run {damaged.cfg.run_id} cannot be read: {fix}" in err, err

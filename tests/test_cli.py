@@ -463,6 +463,7 @@ BAD_INPUT = [
     (["run", "--arch", "plain", "--depth", "20", "--seed", "99999999999999999999"], "--seed must be a whole number from 0 to"),
     (["run", "--arch", "plain", "--depth", "20", "--seeds", "0,9223372036854775808"], "is too large; seeds run from 0"),
     (["run", "--arch", "plain", "--depth", "20", "--seeds", "0-99999999999"], "names 100,000,000,000 seeds, more than"),
+    (["run", "--arch", "plain", "--depth", "20", "--seeds", "0-9999,10000-10001"], "names 10,002 seeds, more than 10,000"),
     (["run", "--arch", "resnet", "--depth", "18", "--dataset", "imagenet", "--lighting", "inf"],
      "--lighting must be a finite number >= 0"),
     (["run", "--arch", "plain", "--depth", "8", "--data-dir", "data"], "--data-dir reads no data for fashion-mnist-mini"),
@@ -537,14 +538,23 @@ def test_a_runs_dir_that_is_or_is_inside_a_runs_folder_is_refused(tmp_path, caps
         assert code == 2 and err.count("\n") == 1, err
         assert f"the folder of run {run.cfg.run_id}; pass --runs-dir {runs}," in err, err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    # The folder the path names, not its spelling: `<run>/..` is the runs dir itself; a link into a run's
+    # folder is that folder.
+    from study.runstore import RunStoreError, check_not_in_a_run
+
+    check_not_in_a_run(run.dir / "..")
+    (tmp_path / "link").symlink_to(run.dir)
+    with pytest.raises(RunStoreError, match=f"is the folder of run {run.cfg.run_id}"):
+        check_not_in_a_run(tmp_path / "link")
 
 
 def test_a_tensorboard_dir_that_cannot_be_written_leaves_no_runs_dir(tmp_path, capsys):
+    pytest.importorskip("tensorboard")  # without it, `--tensorboard` is refused before any folder is made
     blocker = tmp_path / "file"
     blocker.write_text("")
     code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--iterations", "2",
                            "--runs-dir", str(tmp_path / "new" / "runs"), "--tensorboard", str(blocker))
-    assert code == 2 and "--tensorboard" in err and err.count("\n") == 1, err
+    assert code == 2 and f"--tensorboard {blocker} is not a writable directory" in err and err.count("\n") == 1, err
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
@@ -574,7 +584,8 @@ EMPTY_PATH_CASES = {
 
 
 def _path_options() -> set[tuple[str, str]]:
-    """(command, option) for every --runs-dir, --out and --data-dir the CLI has, sub-commands' included."""
+    """(command, option) for every folder or file option the CLI has (--runs-dir, --out, --data-dir,
+    --tensorboard, and any other whose metavar says DIR or FILE), sub-commands' included."""
     import argparse
 
     from study.cli import build_parser
@@ -586,14 +597,15 @@ def _path_options() -> set[tuple[str, str]]:
             if isinstance(action, argparse._SubParsersAction):
                 for sub, child in action.choices.items():
                     walk(child, f"{name} {sub}".strip())
-            found.update((name, o) for o in action.option_strings if o in ("--runs-dir", "--out", "--data-dir"))
+            found.update((name, o) for o in action.option_strings
+                         if o in ("--runs-dir", "--out", "--data-dir", "--tensorboard") or action.metavar in ("DIR", "FILE"))
 
     walk(build_parser(), "")
     return found
 
 
 def test_an_empty_path_is_refused_in_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys):
-    """`--runs-dir ""`, `--out ""` or `--data-dir ""`, of any command: one line naming the option, exit code 2,
+    """`--runs-dir ""`, `--out ""`, `--data-dir ""` or `--tensorboard ""`, of any command: one line naming the option, exit code 2,
     nothing written (an empty path would otherwise mean the current directory, or quietly the default)."""
     options = _path_options()
     assert {command for command, _ in options} == set(EMPTY_PATH_CASES)  # a new command: add its case

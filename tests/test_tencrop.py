@@ -206,6 +206,20 @@ def test_a_folder_whose_val_classes_are_not_its_train_classes_is_refused_as_stud
     assert files(runs) == before  # no tencrop.json, and no per-pixel mean of this folder's train/ cached
 
 
+def test_a_folder_of_val_alone_gives_the_ten_crop_batches_of_the_whole_folder(trained, tmp_path):
+    """The 10-crop test reads val/ alone (a run with a channel mean, or a cached pixel mean, needs no
+    train/); train/, where it is there, only checks val/'s class folders."""
+    from study.data.imagenet import make_ten_crop_loader
+
+    source, _, _ = trained
+    alone = tmp_path / "val-only"
+    shutil.copytree(source / "val", alone / "val")
+    whole, val_only = (make_ten_crop_loader(root, 4, 0) for root in (source, alone))
+    assert val_only.dataset.classes == whole.dataset.classes
+    for (a, labels_a), (b, labels_b) in zip(whole, val_only, strict=True):
+        assert torch.equal(a, b) and torch.equal(labels_a, labels_b)
+
+
 def test_an_unreadable_image_met_by_the_ten_crop_test_is_one_line_exit_2(trained, capsys, tmp_path):
     from test_imagenet_run import no_worker_left_behind
 

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
                           help="where the run directories are (default ./runs)")
     evaluate.add_argument(
         "--data-dir", type=path, default="data/imagenet",
-        help="the ImageNet folder holding val/<class>/ (default ./data/imagenet)"
+        help="the ImageNet folder holding val/<class>/ (default ./data/imagenet); where it holds train/ too, "
+        "val/'s class folders must be train/'s"
     )
     evaluate.add_argument(
         "--run", dest="run_ids", action="extend", nargs="+", metavar="RUN_ID",

@@ -138,7 +138,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         # The runs `study run` with these options trains: those on disk, and the others as `new`.
         on_disk = ({r.cfg.run_id: r for r in list_runs_with_queued(args.runs_dir, damaged)}
                    if os.path.isdir(args.runs_dir) else {})
-        runs = [on_disk.get(c.run_id) or Run(args.runs_dir, c) for c in run_configs(args, processes_per_run(args))]
+        unlisted = {os.path.basename(os.path.dirname(path)) for path, _ in damaged}  # said below the table
+        runs = [on_disk.get(c.run_id) or Run(args.runs_dir, c) for c in run_configs(args, processes_per_run(args))
+                if c.run_id not in unlisted]
         others = [r for r in on_disk.values() if r not in runs]  # their speeds estimate the runs not started
     else:
         given = [f"--{k.replace('_', '-')}" for k in SELECTION if getattr(args, k) is not None]

@@ -77,7 +77,7 @@ def add_training_options(run: argparse.ArgumentParser) -> None:
         "grids back to back beside another runner); default: wait for them, and train any whose process died",
     )
     run.add_argument(
-        "--tensorboard", metavar="DIR",
+        "--tensorboard", type=path, metavar="DIR",
         help="also write each run's curves as TensorBoard events to DIR/<run id> "
         "(needs: pip install 'resnet-degradation-study[tensorboard]')",
     )

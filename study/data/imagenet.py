@@ -591,9 +591,10 @@ def make_ten_crop_loader(
     """A DataLoader of (uint8 (B, 10, 3, 224, 224), labels) 10-crop batches of ``root/split``,
     for `ten_crop_error`. ``batch_size`` counts images (each brings 10 crops), globally as in
     `make_loaders`. DataError, naming the fix, as for `make_loaders`' folders: another split than
-    train/ must hold the same class folders as train/ (the labels are train/'s, as the runs trained)."""
+    train/ must hold the same class folders as train/ (the labels are train/'s, as the runs trained),
+    where train/ is there: a folder of val/ alone is tested by its own class folders' order."""
     dataset = image_folder(root, split, ten_crop_transform())
-    if split != "train":
+    if split != "train" and (Path(root) / "train").is_dir():
         _check_classes(train_classes(root), dataset.classes, root, split)
     load_image(dataset.samples[0][0])
     per_process = _per_process_batch(batch_size, distributed)
