@@ -229,15 +229,16 @@ def unreadable_fix(name: str, status: str | None = None) -> str:
             "the run goes without it")
 
 
-def unreadable_note(path: str | os.PathLike, reason: str) -> str:
+def unreadable_note(path: str | os.PathLike, reason: str, *, whole_run: bool = False) -> str:
     """One line for an unreadable file of a run: what it is, what is left out (the file's rows; for a
-    config.json, the run), and the fix (`unreadable_fix`)."""
+    config.json, or where the caller leaves the run out for it (`whole_run`), the run), and the fix
+    (`unreadable_fix`)."""
     try:
         status = json.loads((Path(path).parent / "status.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
         status = None
     name = Path(path).name
-    left_out = "the run is left out" if name == "config.json" else "its rows are left out"
+    left_out = "the run is left out" if name == "config.json" or whole_run else "its rows are left out"
     return f"{path} is unreadable ({reason}), so {left_out}: {unreadable_fix(name, status)}"
 
 

@@ -204,7 +204,7 @@ def export(runs_dir: str | os.PathLike, out: str | os.PathLike, log: Callable[[s
             print(f"note: {run.metrics_path} is missing, so the run is left out: "
                   f"{unreadable_fix('metrics.parquet', status)}", file=sys.stderr)
         except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
-            print(f"note: {unreadable_note(run.metrics_path, unreadable_reason(e))}", file=sys.stderr)
+            print(f"note: {unreadable_note(run.metrics_path, unreadable_reason(e), whole_run=True)}", file=sys.stderr)
     if not metrics:
         raise ConfigError(f"none of the {len(finished)} finished runs in {runs_dir} has metrics that can be read (see "
                           "the notes above); mend them as the notes say, or pass --runs-dir to the runs you meant")

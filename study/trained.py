@@ -13,7 +13,6 @@ dir's cache). For ImageNet, `preprocess` takes the 224x224 uint8 crops the evalu
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig
-from .runstore import Run, no_checkpoint
+from .runstore import Run, no_checkpoint, read_config, unreadable_fix
 
 
 class TrainedModel(NamedTuple):
@@ -42,9 +41,13 @@ def _run_of(run: str | os.PathLike, runs_dir: str | os.PathLike) -> Run:
     for path in candidates:
         config = path / "config.json"
         if config.is_file():
+            record, why = read_config(config)
+            if record is None:
+                raise ConfigError(f"{config} is unreadable ({why}), so run {path.name} cannot be read: "
+                                  f"{unreadable_fix('config.json')}")
             try:
-                cfg = RunConfig.from_dict(json.loads(config.read_text())["config"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                cfg = RunConfig.from_dict(record["config"])
+            except (KeyError, TypeError, ValueError) as e:
                 raise ConfigError(f"{config} is not a study run's config ({type(e).__name__}); "
                                   "pass a run directory that `study run` wrote") from None
             return Run(path.parent, cfg)

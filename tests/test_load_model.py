@@ -83,3 +83,7 @@ def test_a_missing_run_or_checkpoint_is_a_one_line_error(finished, tmp_path, cap
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="not a readable study checkpoint"):
         study.load_model(cfg.run_id, runs_dir=runs, checkpoint=bad)
+    # A damaged config.json is named as damaged, with the fix the commands give.
+    (gone / cfg.run_id / "config.json").write_text('{"config": {"arch"')
+    with pytest.raises(ConfigError, match=r"config.json is unreadable \(not JSON: .*so run .* cannot be read: copy it again"):
+        study.load_model(cfg.run_id, runs_dir=gone)

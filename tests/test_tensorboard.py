@@ -169,7 +169,7 @@ def test_export_leaves_out_a_run_it_cannot_read_and_its_earlier_export_as_it_was
     assert main(["export", "tensorboard", "--runs-dir", str(runs), "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and captured.err.startswith(f"note: {twins[0].metrics_path} is unreadable"), captured.err
-    assert "run the run's `study run` command again, which rewrites its metrics from its checkpoint" in captured.err
+    assert "so the run is left out: run the run's `study run` command again, which rewrites its metrics from its checkpoint" in captured.err
     assert "exported 1 run(s)" in captured.out and "1 left out" in captured.out, captured.out
     assert {p: p.read_bytes() for p in (out / twins[0].cfg.run_id).iterdir()} == before  # untouched
     assert points(out / twins[0].cfg.run_id) == good[twins[0].cfg.run_id] != {}
