@@ -55,12 +55,12 @@ class ConfigError(ValueError):
     """An invalid setting. str(e) is one line naming the problem and the fix."""
 
 
-def torchrun_place(environ: "os._Environ[str] | dict[str, str] | None" = None) -> tuple[int, int, int]:
+def torchrun_place() -> tuple[int, int, int]:
     """This process's (rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK
     (SLURM's launcher sets them too): (0, 1, 0) where WORLD_SIZE is unset. ConfigError, naming the
     variable and the fix, where they are not whole numbers, RANK is missing from a job of several
     processes, or a rank lies outside the job."""
-    env = os.environ if environ is None else environ
+    env = os.environ
 
     def number(name: str, default: str | None) -> int:
         text = env.get(name, default)
@@ -86,11 +86,11 @@ def torchrun_place(environ: "os._Environ[str] | dict[str, str] | None" = None) -
     return rank, world, local_rank
 
 
-def reports_errors(environ: "os._Environ[str] | dict[str, str] | None" = None) -> bool:
+def reports_errors() -> bool:
     """Whether this process prints a user error: under torchrun, rank 0 alone (one line, not one per
     process); every process that is not one of several, or whose variables are malformed."""
     try:
-        return torchrun_place(environ)[0] == 0
+        return torchrun_place()[0] == 0
     except ConfigError:
         return True
 
@@ -319,27 +319,17 @@ MAX_SEEDS = 10_000
 def parse_seeds(text: str) -> list[int]:
     """`0,1,2` or a range `0-4` -> list of seeds; ConfigError for anything else."""
     try:
-        seeds: list[int] = []
+        parts: list[range] = []  # counted before they are listed: a range of billions would fill the memory
         for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-"))
-                if hi < lo:
-                    raise ValueError
-                if hi - lo >= MAX_SEEDS:
-                    raise ConfigError(f"--seeds {part} names {hi - lo + 1:,} seeds, more than {MAX_SEEDS:,}; "
-                                      "name fewer, e.g. --seeds 0-4")
-                seeds.extend(range(lo, hi + 1))
-            else:
-                seeds.append(int(part))
-    except ConfigError:
-        raise
+            lo, dash, hi = part.strip().partition("-")
+            parts.append(range(int(lo), int(hi if dash else lo) + 1))
     except ValueError:
         raise ConfigError(f"malformed seeds list {text!r}; write e.g. --seeds 0,1,2 or --seeds 0-4") from None
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+    if (count := sum(len(r) for r in parts)) > MAX_SEEDS:
+        raise ConfigError(f"--seeds {text} names {count:,} seeds, more than {MAX_SEEDS:,}; name fewer, e.g. --seeds 0-4")
+    seeds = [seed for r in parts for seed in r]
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds) or not all(parts):
         raise ConfigError(f"malformed seeds list {text!r}; write distinct non-negative seeds, e.g. --seeds 0,1,2")
-    if len(seeds) > MAX_SEEDS:
-        raise ConfigError(f"--seeds {text} names {len(seeds):,} seeds, more than {MAX_SEEDS:,}; name fewer, e.g. --seeds 0-4")
     if max(seeds) > MAX_SEED:
         raise ConfigError(f"seed {max(seeds)} is too large; seeds run from 0 to {MAX_SEED:,}")
     return seeds

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
-from .runstore import (Run, RunStoreError, atomic_write_text, check_writable, list_runs, missing_runs_dir, no_checkpoint,
-                       refuse_damaged, unreadable_note)
+from .runstore import Run, RunStoreError, atomic_write_text, check_writable, missing_runs_dir, no_checkpoint, readable_runs
 
 TENCROP_FILE = "tencrop.json"
 DEFAULT_DATA_DIR = "data/imagenet"
@@ -74,17 +73,12 @@ class Outcome:
     computed: bool
 
 
-def select_runs(runs_dir: str | Path, run_ids: list[str] | None,
-                unreadable: list[tuple[str, str]] | None = None) -> list[Run]:
-    """The ImageNet runs to consider: the named ones (any status), else every `done` one; a damaged
-    config.json is added to `unreadable`, where given (`list_runs`). ConfigError (one line, naming the fix)
-    for no ImageNet runs, an unknown or non-ImageNet id; RunStoreError for a named run whose config.json is
-    damaged."""
-    damaged: list[tuple[str, str]] = []
-    runs = {run.cfg.run_id: run for run in list_runs(runs_dir, damaged)}
-    refuse_damaged(damaged, run_ids or [])
-    if unreadable is not None:
-        unreadable.extend(damaged)
+def select_runs(runs_dir: str | Path, run_ids: list[str] | None) -> tuple[list[Run], list[str]]:
+    """The ImageNet runs to consider: the named ones (any status), else every `done` one; and the notes of
+    runs left out for a damaged config.json (`readable_runs`). ConfigError (one line, naming the fix) for no
+    ImageNet runs, an unknown or non-ImageNet id; RunStoreError for a named run whose config.json is damaged."""
+    listed, notes = readable_runs(runs_dir, run_ids or [])
+    runs = {run.cfg.run_id: run for run in listed}
     imagenet = {rid: run for rid, run in runs.items() if run.cfg.imagenet}
     if run_ids:
         for rid in run_ids:
@@ -96,7 +90,7 @@ def select_runs(runs_dir: str | Path, run_ids: list[str] | None,
                 raise ConfigError(
                     f"run {rid} is a {runs[rid].cfg.dataset} run; 10-crop testing is for ImageNet runs only, drop it"
                 )
-        return [imagenet[rid] for rid in dict.fromkeys(run_ids)]
+        return [imagenet[rid] for rid in dict.fromkeys(run_ids)], notes
     if not imagenet and (missing := missing_runs_dir(runs_dir)) is not None:
         raise NoImageNetRunsError(missing)
     if not imagenet:
@@ -110,7 +104,7 @@ def select_runs(runs_dir: str | Path, run_ids: list[str] | None,
             f"no finished ImageNet run in {runs_dir} ({len(imagenet)} unfinished); "
             "wait for one to finish, or name runs with --run RUN_ID to test their last checkpoint"
         )
-    return done
+    return done, notes
 
 
 class _Progress:
@@ -208,10 +202,9 @@ def evaluate_runs(
         raise ConfigError(f"--batch-size must be a positive number of images; got {batch_size!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 0):
         raise ConfigError(f"--workers must be 0 or more; got {workers!r}")
-    damaged: list[tuple[str, str]] = []
-    runs = select_runs(runs_dir, run_ids, damaged)
-    for path, why in damaged:  # left out, with what to do, on stderr as `study plot` leaves them out
-        print(f"note: {unreadable_note(path, why)}", file=sys.stderr)
+    runs, notes = select_runs(runs_dir, run_ids)
+    for note in notes:  # runs left out, with what to do, on stderr as `study plot` leaves them out
+        print(note, file=sys.stderr)
     existing = {run.cfg.run_id: read_tencrop(run.dir) for run in runs}
     todo = [run for run in runs if force or not is_current(run, existing[run.cfg.run_id])]
     outcomes = {

@@ -46,6 +46,7 @@ from .runstore import (
     atomic_write_text,
     check_not_in_a_run,
     check_writable,
+    folders_made_by,
     list_runs,
 )
 
@@ -379,7 +380,7 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
             if key not in loaded:
                 loaded[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download)
             check_batch_fits(cfg, loaded[key])
-    made = [p for p in (root, *root.parents) if not p.exists()]  # what check_writable creates, deepest first
+    made = folders_made_by(root)  # what check_writable creates
     check_writable(root)
 
     unlisted = None

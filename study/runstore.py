@@ -160,6 +160,13 @@ def unwritable(path: str | os.PathLike) -> str | None:
     return None
 
 
+def folders_made_by(folder: str | os.PathLike) -> list[Path]:
+    """The folders that creating `folder` (as `check_writable` does) would make, deepest first: those to
+    remove again where the command then fails, so that it leaves nothing behind."""
+    folder = Path(folder)
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
 def check_writable(runs_dir: Path, flag: str = "--runs-dir", what: str = "runs dir") -> None:
     """Create `runs_dir` if needed and prove a file can be written there; RunStoreError naming the fix
     (the option `flag`, the folder called `what`) otherwise. (A real write, not os.access: root passes
@@ -269,9 +276,22 @@ def refuse_damaged(unreadable: list[tuple[str, str]], run_ids: Iterable[str]) ->
     damaged = {Path(path).parent.name: (path, why) for path, why in unreadable if Path(path).name == "config.json"}
     for run_id in run_ids:
         if run_id in damaged:
-            path, why = damaged[run_id]
-            raise RunStoreError(f"{path} is unreadable ({why}), so run {run_id} cannot be read: "
-                                f"{unreadable_fix('config.json')}")
+            raise RunStoreError(damaged_config(*damaged[run_id]))
+
+
+def damaged_config(path: str | os.PathLike, why: str) -> str:
+    """The one line for a run asked for by name whose config.json at `path` is damaged (`read_config`'s `why`)."""
+    return f"{path} is unreadable ({why}), so run {Path(path).parent.name} cannot be read: {unreadable_fix('config.json')}"
+
+
+def readable_runs(runs_dir: str | os.PathLike, named: Iterable[str] = ()) -> tuple[list["Run"], list[str]]:
+    """`list_runs`, and a `note:` line for each run left out for a damaged config.json (`unreadable_note`),
+    for the caller to print as the analysis commands print theirs; RunStoreError (`refuse_damaged`) where
+    one of the runs asked for by name (`named`) is such a run."""
+    damaged: list[tuple[str, str]] = []
+    runs = list_runs(runs_dir, damaged)
+    refuse_damaged(damaged, named)
+    return runs, [f"note: {unreadable_note(path, why)}" for path, why in damaged]
 
 
 def parquet_error(path: str | os.PathLike) -> str | None:

@@ -180,13 +180,12 @@ def export(runs_dir: str | os.PathLike, out: str | os.PathLike, log: Callable[[s
     Returns the number of runs exported; ConfigError if there is none to export."""
     import pandas as pd
 
-    from .runstore import FINAL_STATUSES, list_runs, missing_runs_dir, unreadable_fix, unreadable_note, unreadable_reason
+    from .runstore import FINAL_STATUSES, missing_runs_dir, readable_runs, unreadable_fix, unreadable_note, unreadable_reason
 
     require("study export tensorboard")
-    damaged: list[tuple[str, str]] = []
-    runs = list_runs(runs_dir, damaged)
-    for path, why in damaged:  # left out, with what to do, as `study plot` leaves them out
-        print(f"note: {unreadable_note(path, why)}", file=sys.stderr)
+    runs, notes = readable_runs(runs_dir)
+    for note in notes:  # runs left out, with what to do, as `study plot` leaves them out
+        print(note, file=sys.stderr)
     if not runs and (missing := missing_runs_dir(runs_dir)) is not None:
         raise ConfigError(missing)
     if not runs:

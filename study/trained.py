@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig
-from .runstore import Run, no_checkpoint, read_config, unreadable_fix
+from .runstore import Run, damaged_config, no_checkpoint, read_config
 
 
 class TrainedModel(NamedTuple):
@@ -42,9 +42,8 @@ def _run_of(run: str | os.PathLike, runs_dir: str | os.PathLike) -> Run:
         config = path / "config.json"
         if config.is_file():
             record, why = read_config(config)
-            if record is None:
-                raise ConfigError(f"{config} is unreadable ({why}), so run {path.name} cannot be read: "
-                                  f"{unreadable_fix('config.json')}")
+            if record is None:  # the line the commands give for a run asked for whose config.json is damaged
+                raise ConfigError(damaged_config(config, str(why)))
             try:
                 cfg = RunConfig.from_dict(record["config"])
             except (KeyError, TypeError, ValueError) as e:

@@ -232,6 +232,19 @@ def assert_paper_depths_page(results: Path) -> None:
         assert f"**{verdict}** ({_significance([(comparison, False)], better)})" in row[0], (key, row[0])
 
 
+def _copy_the_followups_pair(folder):
+    """The follow-ups' plain nets and ResNets at 20 and 56 layers (a pair study of 3 seeds), copied into
+    `folder`; skips where results/followups/ is not in the checkout."""
+    import shutil
+
+    followups = ROOT / "results" / "followups"
+    if not followups.is_dir():
+        pytest.skip("results/followups/ is not in this checkout")
+    for run in followups.glob("fashion-mnist-*"):
+        if re.match(r"fashion-mnist-(plain|resnet)(20|56)-A-s\d-it4000-bf16$", run.name):
+            shutil.copytree(run, folder / run.name)
+
+
 def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_number_fails(tmp_path, capsys):
     """`study.analysis.pages` writes a pair study's blocks from its runs (here the follow-ups' plain nets and
     ResNets: the paper's pair at 20 and 56 layers, 3 seeds); `assert_paper_depths_page` accepts the page,
@@ -240,12 +253,7 @@ def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_
 
     from study.analysis import pages
 
-    followups = ROOT / "results" / "followups"
-    if not followups.is_dir():
-        pytest.skip("results/followups/ is not in this checkout")
-    for run in followups.glob("fashion-mnist-*"):
-        if re.match(r"fashion-mnist-(plain|resnet)(20|56)-A-s\d-it4000-bf16$", run.name):
-            shutil.copytree(run, tmp_path / run.name)
+    _copy_the_followups_pair(tmp_path)
     assert len(list(tmp_path.iterdir())) == 12
     page = tmp_path / "README.md"
     page.write_text("".join(f"<!-- paper-depths-{b} -->\n<!-- /paper-depths-{b} -->\n" for b in PAGE_BLOCKS))
@@ -312,18 +320,11 @@ def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_
 def test_a_pair_page_judges_no_training_row_of_nets_still_at_chance(tmp_path):
     """Two nets at chance (90% error on 10 classes): which is "better" is noise, so the page's twin row
     cannot be judged, as `study report`'s claims say of such nets; a row of nets that learned is judged."""
-    import shutil
-
     import pandas as pd
 
     from study.analysis import pages
 
-    followups = ROOT / "results" / "followups"
-    if not followups.is_dir():
-        pytest.skip("results/followups/ is not in this checkout")
-    for run in followups.glob("fashion-mnist-*"):
-        if re.match(r"fashion-mnist-(plain|resnet)(20|56)-A-s\d-it4000-bf16$", run.name):
-            shutil.copytree(run, tmp_path / run.name)
+    _copy_the_followups_pair(tmp_path)
     for path in tmp_path.glob("fashion-mnist-*56-A-*/metrics.parquet"):  # the 56-layer nets learned nothing
         df = pd.read_parquet(path)
         df["error_pct"] = 90.0

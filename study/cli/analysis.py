@@ -212,16 +212,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
     """Measure the layer responses of the named (or every finished) run from its checkpoint."""
     from ..models import build_model
     from ..probes import record_responses
-    from ..runstore import list_runs, missing_runs_dir, no_checkpoint, refuse_damaged, unreadable_note, unwritable
+    from ..runstore import missing_runs_dir, no_checkpoint, readable_runs, unwritable
     from ..train import resolve_device
 
     if args.max_images is not None and args.max_images <= 0:
         raise ConfigError(f"--max-images must be a positive number of images; got {args.max_images}")
-    damaged: list[tuple[str, str]] = []
-    runs = {run.cfg.run_id: run for run in list_runs(args.runs_dir, damaged)}
-    refuse_damaged(damaged, args.run_ids)
-    for path, why in damaged:  # left out, as `plot`, `table` and `report` leave them out
-        print(f"note: {unreadable_note(path, why)}", file=sys.stderr)
+    listed, notes = readable_runs(args.runs_dir, args.run_ids)
+    runs = {run.cfg.run_id: run for run in listed}
+    for note in notes:  # runs left out, as `plot`, `table` and `report` leave them out
+        print(note, file=sys.stderr)
     if not runs and (missing := missing_runs_dir(args.runs_dir)) is not None:
         raise NoRunsError(missing)
     if not runs:

@@ -23,7 +23,7 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..data import Data, imagenet, load_data
 from ..fast.fused import Fuser, fusion_order
-from ..runstore import Run, check_not_in_a_run, check_writable, publishing_from_a_dirty_tree
+from ..runstore import Run, check_not_in_a_run, check_writable, folders_made_by, publishing_from_a_dirty_tree
 from ..stopflag import StopFlag
 from .distributed import SINGLE, Distributed, broadcast
 from .feeds import pixel_mean_options, quiet
@@ -117,7 +117,7 @@ def _check_runs_dir(configs: list[RunConfig], runs_dir: str | Path, ddp: Distrib
         run.check_no_conflict()
     if ddp.writer:
         root = Path(runs_dir)
-        made = [p for p in (root, *root.parents) if not p.exists()]  # what check_writable creates, deepest first
+        made = folders_made_by(root)  # what check_writable creates
         check_writable(root)
         if tensorboard is not None:
             from ..tensorboard import check_dir
