@@ -67,7 +67,7 @@ def _why_not(run: Run, allow_dirty: bool) -> str | None:
         return "no metrics.parquet"
     for name in SMALL_FILES:  # a damaged file would be published as it is
         if name.endswith(".parquet") and (run.dir / name).is_file() and (why := parquet_error(run.dir / name)):
-            return f"its {name} is unreadable ({why}); {unreadable_fix(name, status)}"
+            return f"its {name} is unreadable ({why}); {unreadable_fix(name, status, why)}"
     if allow_dirty:
         return None
     try:

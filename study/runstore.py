@@ -212,16 +212,25 @@ def publishing_from_a_dirty_tree(runs_dir: str | os.PathLike) -> str | None:
             "the runs' config.json will say git_dirty; commit them first (or train from a clean `git worktree`)")
 
 
+#: The reason `unreadable_reason` and `read_config` give for a file this user may not read: the file is
+#: whole, so the fix is its permissions, not a new copy (`unreadable_fix`).
+PERMISSION_DENIED = "permission denied"
+
+
 def unreadable_reason(error: Exception) -> str:
     """The gist of a Parquet reader's error, without the path it repeats ("Parquet magic bytes not found
-    in footer")."""
+    in footer"); PERMISSION_DENIED for a file this user may not read."""
+    if isinstance(error, PermissionError):
+        return PERMISSION_DENIED
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text.rsplit("': ", 1)[-1].split(". ")[0].rstrip(".")
 
 
-def unreadable_fix(name: str, status: str | None = None) -> str:
+def unreadable_fix(name: str, status: str | None = None, reason: str | None = None) -> str:
     """What to do about a run's unreadable file `name` (a Parquet file, or its config.json), the run's
-    status being `status`."""
+    status being `status` and why it is unreadable `reason` (`unreadable_reason`, `read_config`)."""
+    if reason == PERMISSION_DENIED:  # the file may be whole: copying or training again would be the wrong fix
+        return "let this user read it (see its owner and mode with `ls -l`), then run the command again"
     if name == "config.json":  # nothing else records the run's settings; `study run` refuses the folder as it is
         return ("copy it again if the run trained elsewhere, or move the run's folder out of the runs dir and train "
                 "it again")
@@ -246,7 +255,7 @@ def unreadable_note(path: str | os.PathLike, reason: str, *, whole_run: bool = F
         status = None
     name = Path(path).name
     left_out = "the run is left out" if name == "config.json" or whole_run else "its rows are left out"
-    return f"{path} is unreadable ({reason}), so {left_out}: {unreadable_fix(name, status)}"
+    return f"{path} is unreadable ({reason}), so {left_out}: {unreadable_fix(name, status, reason)}"
 
 
 def read_config(path: str | os.PathLike) -> tuple[dict | None, str | None]:
@@ -256,6 +265,8 @@ def read_config(path: str | os.PathLike) -> tuple[dict | None, str | None]:
     try:
         text = Path(path).read_text()
         record = json.loads(text)
+    except PermissionError:
+        return None, PERMISSION_DENIED
     except OSError as e:
         return None, str(e.strerror or e)
     except json.JSONDecodeError as e:
@@ -281,7 +292,7 @@ def refuse_damaged(unreadable: list[tuple[str, str]], run_ids: Iterable[str]) ->
 
 def damaged_config(path: str | os.PathLike, why: str) -> str:
     """The one line for a run asked for by name whose config.json at `path` is damaged (`read_config`'s `why`)."""
-    return f"{path} is unreadable ({why}), so run {Path(path).parent.name} cannot be read: {unreadable_fix('config.json')}"
+    return f"{path} is unreadable ({why}), so run {Path(path).parent.name} cannot be read: {unreadable_fix('config.json', reason=why)}"
 
 
 def readable_runs(runs_dir: str | os.PathLike, named: Iterable[str] = ()) -> tuple[list["Run"], list[str]]:
@@ -532,7 +543,8 @@ class Run:
             return None
         problem = f"is unreadable ({why})" if self.metrics_path.exists() else "is missing"
         if (status := self.status().get("status")) != "done":
-            return f"{self.cfg.run_id}: its metrics.parquet {problem}: {unreadable_fix('metrics.parquet', status)}"
+            return (f"{self.cfg.run_id}: its metrics.parquet {problem}: "
+                    f"{unreadable_fix('metrics.parquet', status, why if self.metrics_path.exists() else None)}")
         state = self.load_checkpoint()
         if state is None or state.get("iteration") != self.status().get("iteration") or not state.get("metrics"):
             return (f"{self.cfg.run_id}: its metrics.parquet {problem}, and no checkpoint of its last iteration holds "

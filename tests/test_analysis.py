@@ -316,6 +316,53 @@ def test_each_kind_of_damage_to_a_config_json_is_named(tmp_path, damage, why):
     assert list_runs(tmp_path, unreadable) == [] and unreadable == [(str(damaged.config_path), reason)]
 
 
+def test_a_file_this_user_may_not_read_is_named_with_the_permissions_fix(tmp_path):
+    """A config.json or metrics.parquet that this user may not read is whole: its line says "permission
+    denied" and to mend the permissions, not to copy the file again or train the run again (real file modes;
+    as root, through `setpriv` without the capabilities that bypass them)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from study.runstore import PERMISSION_DENIED, read_config, unreadable_reason
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("as root, file modes are bypassed without setpriv (util-linux) to drop that capability")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    runs = tmp_path / "runs"
+    locked_config = write_run(runs, "plain", 20).config_path
+    locked_metrics = write_run(runs, "resnet", 20).metrics_path
+    fix = "let this user read it (see its owner and mode with `ls -l`), then run the command again"
+    assert read_config(locked_config)[1] is None
+    assert unreadable_reason(PermissionError(13, "Permission denied")) == PERMISSION_DENIED
+    locked_config.chmod(0)
+    locked_metrics.chmod(0)
+    try:
+        if not prefix:
+            assert read_config(locked_config) == (None, PERMISSION_DENIED)
+        # One process for both commands (each one's output after a marker line): torch's import is most of its time.
+        script = ("import sys; from study.cli import main\n"
+                  "for argv in (['status'], ['table', 'table2']):\n"
+                  "    print('===', flush=True); main([*argv, '--runs-dir', sys.argv[1]]); sys.stdout.flush()")
+        proc = subprocess.run([*prefix, sys.executable, "-c", script, str(runs)], capture_output=True, text=True,
+                              timeout=300)
+        out = dict(zip(("status", "table"), proc.stdout.split("===\n")[1:]))
+        out["table"] += proc.stderr  # the notes go to stderr; status prints none there
+    finally:
+        locked_config.chmod(0o644)
+        locked_metrics.chmod(0o644)
+    status = out["status"]
+    assert (f"{locked_config.parent.name}: its config.json is unreadable (permission denied), so it is not listed: {fix}"
+            in status), status
+    assert f"{locked_metrics.parent.name}: its metrics.parquet is unreadable (permission denied): {fix}" in status, status
+    assert "train it again" not in status and "copy it again" not in status, status
+    assert f"note: {locked_config} is unreadable (permission denied), so the run is left out: {fix}" in out["table"], out
+    assert f"note: {locked_metrics} is unreadable (permission denied), so its rows are left out: {fix}" in out["table"], out
+
+
 # One kind of damage through every command (the kinds differ only in `read_config`'s reason, tested above).
 @pytest.mark.parametrize("damage,why", CONFIG_DAMAGE[:1])
 def test_a_damaged_config_json_leaves_its_run_out_everywhere_with_one_note(tmp_path, cli, damage, why):

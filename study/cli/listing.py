@@ -129,7 +129,7 @@ def _print_damaged(damaged: list[tuple[str, str]]) -> None:
     """One line for each run whose config.json cannot be read (not listed: nothing else says what it is)."""
     for path, why in damaged:
         folder = os.path.basename(os.path.dirname(path))
-        print(f"{folder}: its config.json is unreadable ({why}), so it is not listed: {unreadable_fix('config.json')}")
+        print(f"{folder}: its config.json is unreadable ({why}), so it is not listed: {unreadable_fix('config.json', reason=why)}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -214,7 +214,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for run, st, metrics in rows:  # a metrics file damaged from outside: its errors and times are unknown here
         if metrics.empty and run.metrics_path.is_file() and (why := parquet_error(run.metrics_path)):
             print(f"{run.cfg.run_id}: its metrics.parquet is unreadable ({why}): "
-                  f"{unreadable_fix('metrics.parquet', st['status'])}")
+                  f"{unreadable_fix('metrics.parquet', st['status'], why)}")
     _print_damaged(damaged)
     if stopped:
         print("(stopped: marked running, but no process is training it (killed, or its node failed); "
