@@ -479,6 +479,19 @@ def test_runs_without_metrics_yet_are_refused_alike_by_report_table_and_plot(tmp
     assert outs["report"] == ["", ""]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
+    # Metrics there but every file unreadable: the notes name them, and the error says to mend them, not to wait.
+    damaged = write_run(tmp_path / "damaged", "plain", 20)
+    damaged.metrics_path.write_bytes(b"not parquet")
+    for argv in (("report", "--out", tmp_path / "rep" / "report.md"), ("table", "table6"),
+                 ("plot", "fig1", "--out", tmp_path / "figs")):
+        code, stdout, err = cli(*argv, "--runs-dir", tmp_path / "damaged")
+        note, error = err.splitlines()
+        assert code == 2 and note.startswith(f"note: {damaged.metrics_path} is unreadable"), (argv, err)
+        assert error.endswith("found none (runs with metrics: none); no metrics file there can be read: mend the "
+                              "unreadable ones as the notes say, or pass --runs-dir to the directory that holds the "
+                              "runs you meant"), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "runs"]
+
 
 # --- figures ---------------------------------------------------------------------------------
 

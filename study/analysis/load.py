@@ -402,8 +402,14 @@ def _filter_text(flag: str, value: object) -> str:
     return f"{flag} {value if value != '' else 'paper'}"
 
 
-#: What to do where no run has metrics: `pick_study`'s fix, and the report's (`require_metrics`).
-NO_METRICS_FIX = "no run has finished an epoch yet: wait for one, or pass --runs-dir to the directory that holds them"
+def no_metrics_fix(data: RunData) -> str:
+    """What to do where no run in `data` has metrics: `pick_study`'s fix, and the report's (`require_metrics`).
+    Where metrics files are there but unreadable, the notes printed above the error say which and how to mend
+    them; otherwise no run has finished an epoch yet."""
+    if any(Path(path).name == "metrics.parquet" for path, _ in data.unreadable):
+        return ("no metrics file there can be read: mend the unreadable ones as the notes say, or pass --runs-dir "
+                "to the directory that holds the runs you meant")
+    return "no run has finished an epoch yet: wait for one, or pass --runs-dir to the directory that holds them"
 
 
 def require_metrics(data: RunData, what: str) -> None:
@@ -411,7 +417,7 @@ def require_metrics(data: RunData, what: str) -> None:
     metrics (none has finished an epoch, or their files are unreadable: `data.notes()` says so)."""
     if data.metrics.empty:
         raise NoRunsError(f"{what} needs runs with metrics in {data.runs_dir}, found none (runs with metrics: none); "
-                          f"{NO_METRICS_FIX}")
+                          f"{no_metrics_fix(data)}")
 
 
 def pick_study(
@@ -454,7 +460,7 @@ def pick_study(
         }
         fix = fixes.get(needs, "pass --runs-dir to the directory that holds them")
         if needs == "metrics" and runs.empty:
-            fix = NO_METRICS_FIX
+            fix = no_metrics_fix(data)
         filters = ", ".join(_filter_text(flag, value) for _, flag, value in chosen if value is not None)
         if filters:
             fix = f"pick {CHOOSERS} among those, or leave them out"
