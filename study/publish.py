@@ -35,6 +35,7 @@ from .runstore import (
     missing_runs_dir,
     parquet_error,
     unreadable_fix,
+    unreadable_note,
 )
 
 #: What a finished run publishes: everything the analysis reads, nothing it does not (no checkpoints).
@@ -106,7 +107,8 @@ _REASONS = (("not finished", "not finished", "publish once they finish"),
             ("not started", "not started", "check --runs-dir and the --grid or --arch options"),
             ("trained from a tree", "trained from an uncommitted tree", "pass --allow-dirty"),
             ("its config.json names no clean", "with no clean git tree recorded", "pass --allow-dirty"),
-            ("its folder has no readable config.json", "with an unreadable config.json", None),
+            ("its config.json is unreadable", "with an unreadable config.json", None),
+            ("its folder has no config.json", "with no config.json", None),
             ("its status.json is unreadable", "with an unreadable status.json", None),
             ("no metrics.parquet", "with no metrics.parquet", None))
 
@@ -114,7 +116,8 @@ _REASONS = (("not finished", "not finished", "publish once they finish"),
 def _nothing_to_publish(root: Path, left_out: dict[str, str], unreadable: list[str]) -> str:
     """The one line for a publish that would copy nothing: why, counted by reason, and the fixes."""
     if not left_out:
-        folders = f" ({len(unreadable)} folder(s) with no readable config.json)" if unreadable else ""
+        folders = (f" ({len(unreadable)} folder(s) with no readable config.json: `study status --runs-dir {root}` "
+                   "says why)" if unreadable else "")
         return f"nothing to publish: no runs in {root}{folders}; pass --runs-dir to where your finished runs are"
     counts: dict[str, int] = {}
     fixes: list[str] = []
@@ -140,22 +143,26 @@ def publish(runs_dir: str | os.PathLike, out: str | os.PathLike, *, run_ids: Ite
         raise RunStoreError(missing)
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
         raise RunStoreError(f"--out {out} is inside the runs dir {root}; pass --out a directory outside it")
-    runs = {run.cfg.run_id: run for run in list_runs(root)}
+    damaged: list[tuple[str, str]] = []  # (config.json, why) of the folders whose config.json cannot be read
+    runs = {run.cfg.run_id: run for run in list_runs(root, damaged)}
+    damaged_why = {Path(path).parent.name: why for path, why in damaged}
     wanted = list(runs) if run_ids is None else list(dict.fromkeys(run_ids))
     done = Published()
     chosen = []
     for run_id in wanted:
         run = runs.get(run_id)
         if run is None:
-            why = ("its folder has no readable config.json" if (root / run_id / "config.json").exists()
-                   else "not started")
+            why = (f"its config.json is unreadable ({damaged_why[run_id]}): "
+                   f"{unreadable_fix('config.json', reason=damaged_why[run_id])}" if run_id in damaged_why
+                   else "its folder has no config.json" if (root / run_id).is_dir() else "not started")
         else:
             why = _why_not(run, allow_dirty)
         if why is not None:
             done.left_out[run_id] = why
         else:
             chosen.append(run)
-    unreadable = sorted(p.parent.name for p in root.glob("*/status.json") if p.parent.name not in runs)
+    # Folders of runs that cannot be read: a damaged config.json, or none beside a status.json (deleted?).
+    unreadable = sorted(set(damaged_why) | {p.parent.name for p in root.glob("*/status.json") if p.parent.name not in runs})
     if not chosen:  # a wrong --runs-dir or --grid, runs still training, dirty runs: say so, and write nothing
         raise RunStoreError(_nothing_to_publish(root, done.left_out, unreadable if run_ids is None else []))
     for run in chosen:
@@ -164,8 +171,11 @@ def publish(runs_dir: str | os.PathLike, out: str | os.PathLike, *, run_ids: Ite
     for run_id, why in done.left_out.items():  # said once nothing can stop the copying for bad input
         log(f"{run_id}: left out: {why}")
     if run_ids is None:
-        if unreadable:
-            log(f"left out {len(unreadable)} folder(s) with no readable config.json: {', '.join(unreadable)}")
+        for path, why in damaged:  # as the other commands note them
+            log(f"note: {unreadable_note(path, why)}")
+        if missing := [name for name in unreadable if name not in damaged_why]:
+            log(f"left out {len(missing)} folder(s) with a status.json but no config.json: {', '.join(missing)}; "
+                "copy it again if the run trained elsewhere")
     try:
         for run in chosen:
             folder = out / run.cfg.run_id

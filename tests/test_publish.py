@@ -90,6 +90,34 @@ def test_publish_takes_the_runs_a_study_run_command_line_selects(tmp_path, capsy
     assert "--seeds selects runs of a --grid or an --arch" in capsys.readouterr().err
 
 
+def test_publish_names_a_run_whose_config_json_cannot_be_read_and_why(tmp_path, capsys):
+    """A damaged config.json leaves its run out with the reason and fix the other commands give (a note for
+    every run, a line for a run selected by name); a folder whose config.json is gone is named as such."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    good, damaged, gone = make_run(runs, 0), make_run(runs, 1), make_run(runs, 2)
+    damaged.config_path.write_text('{"config":')
+    gone.config_path.unlink()
+    fix = "copy it again if the run trained elsewhere, or move the run's folder out of the runs dir and train it again"
+    why = "is unreadable (not JSON: Expecting value (line 1, column 11))"
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert f"note: {damaged.config_path} {why}, so the run is left out: {fix}" in printed, printed
+    assert (f"left out 1 folder(s) with a status.json but no config.json: {gone.cfg.run_id}; copy it again if the "
+            "run trained elsewhere") in printed, printed
+    assert sorted(p.name for p in out.iterdir()) == [good.cfg.run_id]
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(tmp_path / "out2"), "--arch", "plain", "--depth", "8",
+                 "--seeds", "0-2", "--iterations", "400", "--dataset", "fashion-mnist-mini"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert f"{damaged.cfg.run_id}: left out: its config.json {why}: {fix}" in printed, printed
+    assert f"{gone.cfg.run_id}: left out: its folder has no config.json" in printed, printed
+    good.dir.rename(tmp_path / "elsewhere")  # nothing left to publish: one line, exit 2, nothing written
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(tmp_path / "out3")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"study: error: nothing to publish: no runs in {runs} (2 folder(s) with no readable config.json: "
+                   f"`study status --runs-dir {runs}` says why); pass --runs-dir to where your finished runs are\n")
+    assert not (tmp_path / "out3").exists()
+
+
 @pytest.mark.parametrize("case", ["no runs dir", "out is a file", "out is the runs dir", "out in the runs dir",
                                   "a file in the way", "no runs in the runs dir", "no run finished", "every run dirty"])
 def test_publish_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
