@@ -498,9 +498,10 @@ def measure_reference(nets: list[tuple[str, int]], images: np.ndarray, labels: n
                       device: torch.device, log: Callable[[str], None]) -> dict[tuple[str, int], tuple]:
     """(a): (images/s per window, warm-up seconds) of each net, one after another, fed by one
     DataLoader (whose workers stop when this returns). cuDNN autotuning is on, as the recipes set
-    it, and restored afterwards."""
-    flag = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    it, and TF32 convolutions, PyTorch's default that they keep (`study` turns it off: the paper's fp32
+    is IEEE); both restored afterwards."""
+    flag, tf32 = torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.allow_tf32 = True
     try:
         loader = reference_loader(images, labels, settings["batch_size"], settings["workers"], device.type == "cuda")
         batches = forever(lambda: loader)
@@ -511,7 +512,7 @@ def measure_reference(nets: list[tuple[str, int]], images: np.ndarray, labels: n
             log(f"(a) reference {net[0]}{net[1]}: {statistics.median(rates[net][0]):,.0f} images/s")
         return rates
     finally:
-        torch.backends.cudnn.benchmark = flag
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = flag, tf32
 
 
 def measure_fast(nets: list[tuple[str, int]], images: np.ndarray, labels: np.ndarray, settings: dict,
@@ -643,7 +644,7 @@ def machine_info(device: torch.device) -> dict:
             "gpu_capability": f"{props.major}.{props.minor}",
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
-            "conv_tf32": torch.backends.cudnn.allow_tf32,  # on by default: "fp32" convs use TF32
+            "conv_tf32": torch.backends.cudnn.allow_tf32,  # PyTorch's default at start (True: "fp32" convs in TF32)
         }
     return info
 
@@ -829,6 +830,8 @@ def main(argv: list[str] | None = None) -> int:
                 "train_images": TRAIN_SIZE,
                 "reference_cudnn_benchmark": True,
                 "fast_cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "reference_conv_tf32": True,
+                "fast_conv_tf32": torch.backends.cudnn.allow_tf32,  # False once `tune_device` ran: IEEE fp32
                 "fast_channels_last": cuda,
                 "paper_images_per_grid": len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE,
             },

@@ -214,9 +214,10 @@ def evaluate_runs(
     }
     if todo:
         from .data.imagenet import make_ten_crop_loader
-        from .train import default_workers, resolve_device
+        from .train import default_workers, resolve_device, tune_device
 
         dev = resolve_device(device)  # a ConfigError naming the fix for a device this machine lacks
+        tune_device(dev)  # fp32 as the runs trained it: IEEE, not TF32
         for run in todo:
             if not (run.checkpoint_path.exists() or run.previous_checkpoint_path.exists()):
                 raise ConfigError(no_checkpoint(run, "evaluate it"))

@@ -323,3 +323,19 @@ def test_a_run_stopped_after_an_epochs_last_step_resumes_exactly(tmp_path, small
 
     assert train_run(cfg, cut, small_data, torch.device("cpu"), progress=False) == "done"
     pd.testing.assert_frame_equal(metrics_without_time(whole), metrics_without_time(cut))
+
+
+def test_fp32_is_ieee_not_tf32_in_training_and_probing(tmp_path, small_data, monkeypatch):
+    """PyTorch lets cuDNN compute fp32 convolutions in TF32 (a 10-bit mantissa) on Ampere and later GPUs by
+    default; the paper's fp32 is IEEE. Training and `study probe` turn TF32 off (process-wide flags, so set
+    on every device; on a CPU they change nothing)."""
+    from study.cli import main
+
+    for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):
+        monkeypatch.setattr(flags, "allow_tf32", True)  # PyTorch's cuDNN default; restored after the test
+    run = Run(tmp_path / "runs", tiny())
+    assert train_run(run.cfg, run, small_data, torch.device("cpu"), progress=False) == "done"
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    assert main(["probe", "--runs-dir", str(tmp_path / "runs"), "--device", "cpu", "--max-images", "20"]) == 0
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32

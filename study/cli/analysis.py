@@ -213,7 +213,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from ..models import build_model
     from ..probes import record_responses
     from ..runstore import missing_runs_dir, no_checkpoint, readable_runs, unwritable
-    from ..train import resolve_device
+    from ..train import resolve_device, tune_device
 
     if args.max_images is not None and args.max_images <= 0:
         raise ConfigError(f"--max-images must be a positive number of images; got {args.max_images}")
@@ -244,6 +244,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         if not chosen:
             raise NoRunsError(f"no finished run in {args.runs_dir} to probe; wait for one to finish or name run ids")
     device = resolve_device(args.device)  # a ConfigError naming the fix for a device this machine lacks
+    tune_device(device)  # the responses in IEEE fp32, not TF32
     cache: dict = {}
 
     def prepared(run):

@@ -67,8 +67,13 @@ def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def tune_device(device: torch.device) -> None:
-    """On CUDA let cuDNN time its algorithms for each new shape (the shapes of a run repeat every
-    step). It changes which kernels run, not what they compute beyond float rounding."""
+    """Keep fp32 the paper's: IEEE fp32 in convolutions and matmuls, not TF32 (10-bit mantissa), which
+    PyTorch lets cuDNN use for fp32 convolutions on Ampere and later GPUs by default (bf16 runs compute
+    their convolutions in bf16 under autocast either way). And on CUDA let cuDNN time its algorithms for
+    each new shape (the shapes of a run repeat every step): that changes which kernels run, not what they
+    compute beyond float rounding. Process-wide settings, the same for every run a process trains."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
