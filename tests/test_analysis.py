@@ -1291,3 +1291,26 @@ def test_budget_draws_each_nets_final_errors_against_its_budgets(tmp_path, cli):
     assert code == 0 and "study plot budget" not in (tmp_path / "one.md").read_text()
     code, _, _ = cli("report", "--runs-dir", tmp_path, "--out", tmp_path / "all.md")
     assert code == 0 and "study plot budget" in (tmp_path / "all.md").read_text()
+
+
+def test_the_default_study_is_the_one_closest_to_the_paper_whatever_the_folders_order(tmp_path):
+    """Among studies with the same nets, a pilot's longest budget (nearest the paper's 64k) is used, not the
+    first in folder order ("it16000" lists before "it32000"); then the paper's data set before another at
+    the same budget; and a note names the others."""
+    from study.analysis.load import pick_study
+
+    wanted = [("resnet", 20, "A"), ("resnet", 56, "A")]
+    runs = tmp_path / "runs"
+    for iterations in (4000, 16000, 32000):
+        for arch, depth, _ in wanted:
+            write_run(runs, arch, depth, iterations=iterations, dataset="fashion-mnist")
+    study, notes = pick_study(RunData.load(runs), "fig6", imagenet=False, wanted=wanted)
+    assert (study.dataset, study.iterations) == ("fashion-mnist", 32000)
+    assert notes == ["also present, not used here: fashion-mnist, 16,000 iterations; fashion-mnist, 4,000 iterations "
+                     "(`study plot`, `study table` and `study report` choose with "
+                     "--dataset/--iterations/--batch-size/--[no-]holdout/--variant)"], notes
+    for arch, depth, _ in wanted:  # CIFAR-10 at a shorter budget: the paper's data set comes first
+        write_run(runs, arch, depth, iterations=2000, dataset="cifar10")
+    study, _ = pick_study(RunData.load(runs), "fig6", imagenet=False, wanted=wanted)
+    assert (study.dataset, study.iterations) == ("cifar10", 2000)
+    assert pick_study(RunData.load(runs), "fig6", imagenet=False, wanted=wanted, dataset="fashion-mnist")[0].iterations == 32000

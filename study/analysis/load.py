@@ -333,6 +333,17 @@ class Study:
         return (self.dataset in ("cifar10", IMAGENET) and self.iterations == budget and self.batch_size == batch
                 and not self.variant)
 
+    def distance_from_paper(self) -> tuple[bool, float, float]:
+        """How far the setting is from the paper's, for ranking studies (`pick_study`): whether the data set
+        is another than the paper's (CIFAR-10 or ImageNet), and how many times the budget and the batch
+        size differ from the paper's (log ratios, 0 for the paper's: 32k and 128k iterations are as far
+        from 64k)."""
+        imagenet = self.dataset == IMAGENET
+        budget = IMAGENET_ITERATIONS if imagenet else CIFAR_ITERATIONS
+        batch = IMAGENET_BATCH_SIZE if imagenet else PAPER_BATCH_SIZE
+        return (self.dataset not in ("cifar10", IMAGENET), abs(math.log(self.iterations / budget)),
+                abs(math.log(self.batch_size / batch)))
+
     def deviations(self) -> list[str]:
         """How this study's setting differs from the paper's, in words (empty for the paper's own;
         only meaningful on CIFAR-10 and ImageNet)."""
@@ -440,7 +451,8 @@ def pick_study(
     `needs` (`metrics`, `responses` or `gradients`). Preferred: the study holding any of the
     paper's `wanted` series, then the paper's own setting, then the paper's protocol (no variant),
     then training on the whole training set (no hold-out: the paper's curves are test errors), then
-    the one with most of `wanted`, then the most runs. Returns the study and one note naming
+    the one with most of `wanted`, then the paper's data set, then the budget and batch size closest to
+    the paper's (`Study.distance_from_paper`), then the most runs. Returns the study and one note naming
     the studies left out. NoRunsError when no run qualifies.
     """
     runs = data.runs[data.runs["run_id"].isin(getattr(data, needs)["run_id"])]
@@ -473,7 +485,11 @@ def pick_study(
     def score(study: Study) -> tuple:
         group = study.select(candidates)
         hits = len(set(zip(group["arch"], group["depth"], group["shortcut"])) & wanted)
-        return (hits > 0, study.is_paper, not study.variant, not study.holdout, hits, len(group))
+        other_data, budget_gap, batch_gap = study.distance_from_paper()
+        # Then, among studies with as many of the wanted nets, the one closest to the paper's data set, budget
+        # and batch (a pilot's 32k before its 16k, whatever order their folders list in), then the most runs.
+        return (hits > 0, study.is_paper, not study.variant, not study.holdout, hits, not other_data, -budget_gap,
+                -batch_gap, len(group))
 
     ranked = sorted(studies(candidates), key=score, reverse=True)
     notes = []
