@@ -781,17 +781,31 @@ def test_table6_best_mean_std_over_seeds(study_dir, cli):
 
 
 def test_table6_difference_to_the_paper_on_cifar10(tmp_path):
-    for seed in (0, 1):
-        write_run(tmp_path, "resnet", 110, seed=seed, dataset="cifar10", iterations=2000, floor=(0.5, 7.0 + seed))
-    write_run(tmp_path, "resnet", 20, dataset="cifar10", iterations=2000, floor=(1.0, 9.0))
-    table = build_table("table6", RunData.load(tmp_path))
+    """At the paper's budget, our mean minus the paper's; at a shortened one no difference (the paper's
+    numbers are not for it), and Figure 6 marks no star at the end of the shortened curves."""
+    paper, short = tmp_path / "paper", tmp_path / "short"
+    for runs, iterations in ((paper, 64_000), (short, 2000)):
+        for seed in (0, 1):
+            write_run(runs, "resnet", 110, seed=seed, dataset="cifar10", iterations=iterations,
+                      floor=(0.5, 7.0 + seed), epoch_iters=iterations // 10)
+        write_run(runs, "resnet", 20, dataset="cifar10", iterations=iterations, floor=(1.0, 9.0),
+                  epoch_iters=iterations // 10)
+    table = build_table("table6", RunData.load(paper))
     frame = table.frame.set_index("net")
-    r110 = final_test_errors(tmp_path, [f"cifar10-resnet110-A-s{s}-it2000" for s in (0, 1)])
-    r20 = final_test_errors(tmp_path, ["cifar10-resnet20-A-s0-it2000"])
+    r110 = final_test_errors(paper, [f"cifar10-resnet110-A-s{s}" for s in (0, 1)])
+    r20 = final_test_errors(paper, ["cifar10-resnet20-A-s0"])
     # ResNet-110: our mean against the paper's mean of 5 runs; ResNet-20 against its single number.
     assert frame.loc["ResNet-110", "test_diff"] == pytest.approx(np.mean(r110) - 6.61)
     assert frame.loc["ResNet-20", "test_diff"] == pytest.approx(r20[0] - 8.75)
-    assert any("shortened (2,000 iterations, the paper's 64,000)" in n for n in table.notes)
+    table = build_table("table6", RunData.load(short))
+    assert table.frame["test_diff"].isna().all() and set(table.shown["diff test error"]) == {"–"}
+    assert table.frame.set_index("net").loc["ResNet-20", "test_paper"] == 8.75  # the paper's number still shown
+    assert ("your runs are shortened (2,000 iterations, the paper's 64,000): the paper's numbers are not for this "
+            "setting, so no difference is computed") in table.notes, table.notes
+    drawn = build("fig6", RunData.load(short))
+    assert not any(_stars(ax) for ax in drawn.figure.axes)
+    assert ("The paper's final numbers are not marked: your runs are shortened (2,000 iterations, the paper's "
+            "64,000).") in drawn.caption, drawn.caption
 
 
 def test_table6_of_holdout_runs_labels_the_papers_test_error_as_such(tmp_path, cli):

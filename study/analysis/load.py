@@ -333,6 +333,15 @@ class Study:
         return (self.dataset in ("cifar10", IMAGENET) and self.iterations == budget and self.batch_size == batch
                 and not self.variant)
 
+    @property
+    def on_paper_schedule(self) -> bool:
+        """The paper's data set, budget and batch size (a variant of the protocol, bf16 say, allowed): where
+        the paper's final numbers can stand beside ours (a star at the end of a curve, a table's difference)."""
+        imagenet = self.dataset == IMAGENET
+        return (self.dataset in ("cifar10", IMAGENET)
+                and self.iterations == (IMAGENET_ITERATIONS if imagenet else CIFAR_ITERATIONS)
+                and self.batch_size == (IMAGENET_BATCH_SIZE if imagenet else PAPER_BATCH_SIZE))
+
     def distance_from_paper(self) -> tuple[bool, float, float]:
         """How far the setting is from the paper's, for ranking studies (`pick_study`): whether the data set
         is another than the paper's (CIFAR-10 or ImageNet), and how many times the budget and the batch

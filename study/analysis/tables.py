@@ -101,8 +101,9 @@ def _compare(
     present = set(zip(runs["arch"], runs["depth"], runs["shortcut"]))
     # The paper's nets only: the follow-ups' arms (`preact`, `resnet+zeroinit`, ...) are the report's own section.
     rows = _sort({s for s in present if keep(s) and s[0] in PAPER_ARCHS} | set(wanted))
-    # The paper's numbers are CIFAR-10 / ImageNet ones: a difference with other data would mislead.
-    comparable = study.dataset in ("cifar10", IMAGENET)
+    # The paper's numbers are CIFAR-10 / ImageNet ones at its budget and batch: a difference with other
+    # data, or with a shortened schedule's, would mislead.
+    comparable = study.on_paper_schedule
     frame_rows, shown_rows = [], []
     for s in rows:
         mine = done[(done["arch"] == s[0]) & (done["depth"] == s[1]) & (done["shortcut"] == s[2])]
@@ -133,11 +134,14 @@ def _compare(
     frame = pd.DataFrame(frame_rows).assign(dataset=study.dataset, iterations=study.iterations)
     drawn = [s for s in rows if s in present]
     notes = coverage(runs, drawn, wanted) + notes
-    if not comparable:
+    if study.dataset not in ("cifar10", IMAGENET):
         notes.append(
             f"the paper's numbers are for {'ImageNet' if name != 'table6' else 'CIFAR-10'}; "
             f"yours are {study.dataset}, so no difference is computed"
         )
+    elif not comparable:
+        notes.append(f"your runs are {' and '.join(study.deviations())}: the paper's numbers are not for this "
+                     "setting, so no difference is computed")
     elif not study.is_paper:
         notes.append(f"your runs are {' and '.join(study.deviations())}: the paper's numbers are not for this setting")
     notes.append(
