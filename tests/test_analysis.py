@@ -1328,3 +1328,17 @@ def test_the_default_study_is_the_one_closest_to_the_paper_whatever_the_folders_
     study, _ = pick_study(RunData.load(runs), "fig6", imagenet=False, wanted=wanted)
     assert (study.dataset, study.iterations) == ("cifar10", 2000)
     assert pick_study(RunData.load(runs), "fig6", imagenet=False, wanted=wanted, dataset="fashion-mnist")[0].iterations == 32000
+
+
+def test_the_panels_of_figures_1_4_and_6_share_one_error_scale(tmp_path):
+    """Plain against ResNet (and training against test) read on one scale outside the paper's axes too:
+    the panels share their y range, which reaches the highest curve of any of them."""
+    write_run(tmp_path, "plain", 20, floor=(40.0, 45.0))
+    write_run(tmp_path, "plain", 56, floor=(50.0, 60.0))
+    write_run(tmp_path, "resnet", 20, floor=(2.0, 8.0))
+    data = RunData.load(tmp_path)
+    for name in ("fig1", "fig6"):
+        axes = build(name, data).figure.axes
+        limits = {ax.get_ylim() for ax in axes}
+        assert len(axes) == 2 and len(limits) == 1, (name, limits)
+        assert next(iter(limits))[1] > max(max(line.get_ydata(), default=0) for ax in axes for line in ax.get_lines())

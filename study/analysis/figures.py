@@ -140,12 +140,15 @@ def _seeds_text(runs: pd.DataFrame) -> str:
     return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
 
 
-def _new_figure(ncols: int, nrows: int = 1, *, width: float = 4.3, height: float = 3.4) -> tuple["Figure", list]:
+def _new_figure(ncols: int, nrows: int = 1, *, width: float = 4.3, height: float = 3.4,
+                sharey: bool = False) -> tuple["Figure", list]:
+    """A figure of panels; `sharey` gives them one error scale, so that levels compare across panels
+    (plain against ResNet), as on the paper's own axes."""
     # A bare Figure (not pyplot) needs no GUI backend and is not kept alive by pyplot's registry.
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width * ncols, height * nrows + 0.9), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
     return fig, axes
 
 
@@ -290,18 +293,19 @@ def fig1(data: RunData, **select: object) -> Drawn:
     plain = [s for s in _series_in(metrics) if s[0] == "plain"]  # nets with a logged epoch
     drawn = _choose(plain, wanted, sorted({plain[0], plain[-1]}) if plain else [])
     colors = _colors(drawn)
-    fig, axes = _new_figure(2)
+    fig, axes = _new_figure(2, sharey=True)
     for ax, (split, name) in zip(axes[0], (("train", "training"), (_eval_split(metrics), study.eval_name))):
         for s in drawn:
             rows = _rows_of(metrics, s)
             _curve(ax, rows[rows["split"] == split], colors[s], linewidth=1.6)
         ax.set_title(f"{name} error")
         _iteration_axis(ax, study.iterations)
-        _error_axis(ax, study, spec.ylim)
         if drawn:
             _legend(ax, drawn, colors, [])
         else:
             _empty(ax, "no plain-net runs in this study")
+    for ax in axes[0]:  # once every panel is drawn: their shared scale reaches the highest curve of any
+        _error_axis(ax, study, spec.ylim)
     notes = (coverage(runs, drawn, wanted if _of_paper_depths(runs) else [])
              + _not_logged(runs[runs["arch"] == "plain"], metrics, data.unreadable_metrics())
              + _off_chart(metrics, drawn, study, spec.ylim) + notes)
@@ -348,7 +352,7 @@ def _curve_panels(
     colors = _colors(all_drawn)
     few = _few(metrics, all_drawn)
     train_mark, eval_mark = (RING, {"marker": "o"}) if few else ({}, {})
-    fig, axes = _new_figure(len(panels))
+    fig, axes = _new_figure(len(panels), sharey=True)
     marked = False
     for ax, (title, drawn, wanted) in zip(axes[0], panels):
         for s in drawn:
@@ -360,7 +364,6 @@ def _curve_panels(
                 marked = True
         ax.set_title(title)
         _iteration_axis(ax, study.iterations)
-        _error_axis(ax, study, spec.ylim)
         if drawn:
             styles = [("training", {**train_line, **train_mark}), (study.eval_name, {"linewidth": 2.2, **eval_mark})]
             if any(s in paper for s in drawn):
@@ -368,6 +371,8 @@ def _curve_panels(
             _legend(ax, drawn, colors, styles)
         else:
             _empty(ax, "no runs: " + ", ".join(series_label(*s) for s in wanted))
+    for ax in axes[0]:  # once every panel is drawn: their shared scale reaches the highest curve of any
+        _error_axis(ax, study, spec.ylim)
     notes = (coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all if _of_paper_depths(runs) else [])
              + _not_logged(runs, metrics, data.unreadable_metrics())
              + _off_chart(metrics, all_drawn, study, spec.ylim) + notes)
