@@ -1046,9 +1046,9 @@ def test_a_claim_of_two_parts_says_which_part_failed(tmp_path):
     smaller, shrinking = claim.evidence.split("; ")
     assert smaller.startswith("mean response std ResNet vs plain") and smaller.endswith("(holds)"), claim.evidence
     assert shrinking.startswith("ResNet mean response std by depth") and shrinking.endswith("(does not hold)")
-    # Each comparison carries its statistic; one seed a net gives no interval, so not significant.
+    # Each comparison carries its statistic; one seed a net gives no interval, and the verdict says so.
     assert "56 vs 20: difference +0.100, higher in 1 of 1 seeds" in shrinking
-    assert claim.significance == "not significant"
+    assert claim.significance == "no interval"
 
 
 def test_claim_5_is_judged_on_the_papers_nets_alone(tmp_path):
@@ -1249,12 +1249,14 @@ def test_significance_of_a_verdict_that_holds_needs_every_interval_and_of_one_th
     one = Comparison(diff=3.0, low=None, high=None, above=1, paired=1)  # one seed: no interval
     assert _significance([(up, True), (down, False)], True) == "significant"
     assert _significance([(up, True), (wide, True)], True) == "not significant"  # every one is needed
-    assert _significance([(one, True)], True) == "not significant"
+    assert _significance([(one, True)], True) == "no interval"  # no test was possible: not "not significant"
+    assert _significance([(up, True), (one, True)], True) == "no interval"
     # Failing: one comparison significantly on the other side is enough; the claimed side is not.
     assert _significance([(up, True), (up, False)], False) == "significant"
     assert _significance([(wide, True), (down, True)], False) == "significant"
     assert _significance([(up, True), (wide, True)], False) == "not significant"
-    assert _significance([(one, False)], False) == "not significant"
+    assert _significance([(one, False)], False) == "no interval"
+    assert _significance([(down, True), (one, False)], False) == "significant"  # contradicted, whatever the rest
     assert _significance([], True) == _significance([], False) == ""
 
 

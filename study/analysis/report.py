@@ -75,9 +75,10 @@ class Claim:
     verdict: str
     evidence: str
     seeds: int
-    #: For a verdict that rests on two-way comparisons of means: `significant` or `not significant`
-    #: (Welch's t, 95%; `_significance`: a verdict that holds, every comparison's interval excludes 0 in
-    #: the claimed direction; one that does not, some interval excludes 0 in the other); else "".
+    #: For a verdict that rests on two-way comparisons of means: `significant`, `not significant` or, where
+    #: a comparison has no interval (one seed), `no interval` (Welch's t, 95%; `_significance`: a verdict
+    #: that holds, every comparison's interval excludes 0 in the claimed direction; one that does not,
+    #: some interval excludes 0 in the other); else "".
     significance: str = ""
 
     @property
@@ -181,12 +182,15 @@ def _significance(comparisons: list[tuple[Comparison, bool]], holds: bool) -> st
     """Whether the runs' verdict is significant (Welch's t, 95%), given the claim's comparisons and the
     side (`higher`) each claims. A verdict that holds is `significant` if every interval excludes 0 on its
     claimed side; one that does not hold, if some interval excludes 0 on the other side (the runs
-    significantly contradict the claim). Else `not significant`; "" where there is no comparison."""
+    significantly contradict the claim). Else `not significant` where every comparison has its interval,
+    `no interval` where one it needs has none (a net with a single seed, or seeds that agree to the last
+    digit: no test was possible, which "not significant" would not say); "" where there is no comparison."""
     if not comparisons:
         return ""
+    untested = "no interval" if any(c.low is None for c, _ in comparisons) else "not significant"
     if holds:
-        return "significant" if all(c.significant(higher) for c, higher in comparisons) else "not significant"
-    return "significant" if any(c.significant(not higher) for c, higher in comparisons) else "not significant"
+        return "significant" if all(c.significant(higher) for c, higher in comparisons) else untested
+    return "significant" if any(c.significant(not higher) for c, higher in comparisons) else untested
 
 
 def _combine(parts: list[tuple[str | None, str]], conjunctive: bool) -> tuple[str, str]:
