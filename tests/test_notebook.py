@@ -5,6 +5,7 @@ Needs nbformat, nbclient and ipykernel (`pip install nbformat nbclient ipykernel
 
 from __future__ import annotations
 
+import ast
 import os
 import warnings
 from pathlib import Path
@@ -124,6 +125,11 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
              for split in ("test", "train") for stat, agg in (("n", "count"), ("mean", "mean"), ("std", "std"))}
     assert shown == {(net, split, stat): f"{ours.at[net, f'{split}_{stat}']:.2f}" for net, split, stat in shown}
     assert (shown[("plain", 56), "test", "n"], shown[("resnet", 20), "test", "n"]) == ("1.00", "1.00")
+    # The comparison: ResNet-56's mean minus plain-56's, each over its finished seeds, as in the table
+    line = next(line for line in _text(compared).splitlines() if line.startswith("resnet minus plain at 56 layers"))
+    diff = {split: f"{v:.2f}" for split, v in ast.literal_eval(line.split(":", 1)[1].strip()).items()}
+    assert diff == {split: f"{ours.at[('resnet', 56), f'{split}_mean'] - ours.at[('plain', 56), f'{split}_mean']:.2f}"
+                    for split in ("test", "train")}, line
 
 
 @pytest.mark.slow
@@ -138,4 +144,5 @@ def test_explore_notebook_runs_on_resnets_alone_and_says_what_it_cannot_compare(
     nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path / "notebooks")}}).execute()
     compared = next(c for c in nb.cells if c.cell_type == "code" and "per_seed" in c.source)
-    assert "nothing to compare: the study has no depth with both plain and resnet runs (it has resnet)" in _text(compared)
+    assert ("nothing to compare: the study has no depth with both plain and resnet runs finished (finished: resnet)"
+            in _text(compared)), _text(compared)
