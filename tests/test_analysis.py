@@ -16,7 +16,7 @@ import pytest
 
 from study.analysis.figures import build
 from study.analysis.load import RunData, Study, _class_count, load_gradients, load_responses, load_run_table, load_runs
-from study.analysis.paper import TABLE2, TABLE6
+from study.analysis.paper import TABLE2, TABLE6, series_label
 from study.analysis.report import classify_claims
 from study.analysis.tables import build as build_table
 from study.analysis.tables import format_cell, series_summary
@@ -974,21 +974,93 @@ def test_a_net_above_the_papers_axis_is_named_with_its_final_errors(tmp_path):
     assert any(n == "missing runs: plain-56" for n in fig1.notes)
 
 
+def write_tencrop(run_dir, top1, iteration=600_000):
+    """A `tencrop.json` as `study evaluate` writes it (the fields the tables read)."""
+    (Path(run_dir) / "tencrop.json").write_text(json.dumps({"top1": top1, "top5": top1 / 3, "iteration": iteration}))
+
+
+def final_val_error(run_dir) -> float:
+    """A run's last logged (centre-crop) `val` error, read straight from its metrics file."""
+    df = pd.read_parquet(Path(run_dir) / "metrics.parquet")
+    return df[df.split == "val"].sort_values("iteration").error_pct.iloc[-1]
+
+
 def test_claim_6_uses_the_10_crop_test_where_the_runs_have_one(tmp_path):
     """Table 3's claim is about 10-crop errors: logged centre-crop errors decide it only until
-    `study evaluate` has tested the runs, and the evidence says which it used."""
+    `study evaluate` has tested every run it compares, and the evidence says which it used; a claim
+    whose runs are all tested uses 10-crop though another claim's are not."""
     floors = {("plain", "A"): 30.0, ("resnet", "A"): 27.0, ("resnet", "B"): 26.0, ("resnet", "C"): 25.0}
     dirs = {net: write_imagenet_run(tmp_path, net[0], 34, shortcut=net[1], floor=(20.0, val))
             for net, val in floors.items()}
+    plain18 = write_imagenet_run(tmp_path, "plain", 18, floor=(18.0, 29.0))
     claim6 = {c.number: c for c in classify_claims(RunData.load(tmp_path))}[6]
     assert claim6.verdict == "holds" and "centre-crop (run `study evaluate`" in claim6.evidence
     # 10-crop numbers of the final checkpoints that reverse B and C: the claim now fails on them.
     tencrop = {("plain", "A"): 29.0, ("resnet", "A"): 26.0, ("resnet", "B"): 24.0, ("resnet", "C"): 25.0}
     for net, top1 in tencrop.items():
-        (dirs[net] / "tencrop.json").write_text(json.dumps({"top1": top1, "top5": top1 / 3, "iteration": 600_000}))
-    claim6 = {c.number: c for c in classify_claims(RunData.load(tmp_path))}[6]
+        write_tencrop(dirs[net], top1)
+    write_tencrop(plain18, 27.5)
+    claims = {c.number: c for c in classify_claims(RunData.load(tmp_path))}
+    claim6 = claims[6]
     assert claim6.verdict == "does not hold" and "top-1 10-crop validation error" in claim6.evidence
     assert "C 25.00" in claim6.evidence and "B 24.00" in claim6.evidence, claim6.evidence
+    assert ", 10-crop val error 29.00 vs 27.50 (" in claims[1].evidence, claims[1].evidence
+    # One run of the four untested (ResNet-34 C): every net's centre-crop, not three 10-crop beside one
+    # centre-crop, and the run to test named; claim 1 (plain-18 vs plain-34, both tested) stays 10-crop.
+    (dirs[("resnet", "C")] / "tencrop.json").unlink()
+    claims = {c.number: c for c in classify_claims(RunData.load(tmp_path))}
+    claim6 = claims[6]
+    logged = {net: final_val_error(d) for net, d in dirs.items()}
+    assert claim6.verdict == "holds", claim6.evidence
+    assert claim6.evidence.startswith(
+        "top-1 centre-crop (not 10-crop, which not every run compared has: run `study evaluate` for "
+        f"imagenet-resnet34-C-s0) validation error plain-34 {logged[('plain', 'A')]:.2f}, ResNet-34 A "
+        f"{logged[('resnet', 'A')]:.2f}, B {logged[('resnet', 'B')]:.2f}, C {logged[('resnet', 'C')]:.2f} ("
+    ), claim6.evidence
+    assert ", 10-crop val error 29.00 vs 27.50 (" in claims[1].evidence, claims[1].evidence
+    # plain-18 untested instead: claim 1 compares the two plain nets' centre-crop errors.
+    write_tencrop(dirs[("resnet", "C")], 25.0)
+    (plain18 / "tencrop.json").unlink()
+    claims = {c.number: c for c in classify_claims(RunData.load(tmp_path))}
+    assert "top-1 10-crop validation error" in claims[6].evidence
+    assert (f"centre-crop (not 10-crop, which not every run compared has: run `study evaluate` for imagenet-plain18-A-s0) "
+            f"val error {logged[('plain', 'A')]:.2f} vs {final_val_error(plain18):.2f}") in claims[1].evidence
+
+
+def test_table2_and_table3_never_mix_10_crop_and_centre_crop(tmp_path):
+    """A reviewer's case: ImageNet runs of two seeds, every one tested by `study evaluate` but
+    plain-18's seed 1. Table 2 shows every net's logged centre-crop `val` (not plain-18's 10-crop seed 0
+    beside its centre-crop seed 1, a spread that would be mostly the gap between the two tests), and
+    names the run to test; Table 3, whose runs are all tested, shows their 10-crop numbers."""
+    dirs = {}
+    for arch, depth, shortcut in (("plain", 18, "A"), ("plain", 34, "A"), ("resnet", 18, "A"), ("resnet", 34, "A"),
+                                  ("resnet", 34, "B"), ("resnet", 34, "C")):
+        for seed in (0, 1):
+            d = dirs[arch, depth, shortcut, seed] = write_imagenet_run(tmp_path, arch, depth, shortcut=shortcut,
+                                                                       seed=seed)
+            if (arch, depth, seed) != ("plain", 18, 1):
+                write_tencrop(d, 27.90 if (arch, depth) == ("plain", 18) else 20.0 + depth / 10 + seed)
+    data = RunData.load(tmp_path)
+    table = build_table("table2", data)
+    shown = table.shown.set_index("net")
+    for arch, depth in (("plain", 18), ("plain", 34), ("resnet", 18), ("resnet", 34)):
+        logged = pd.Series([final_val_error(dirs[arch, depth, "A", seed]) for seed in (0, 1)])
+        net = shown.loc[series_label(arch, depth)]
+        assert net["ours: top-1"] == format_cell(2, logged.min(), logged.mean(), logged.std()), net
+        assert net["diff top-1"] == f"{logged.mean() - TABLE2[(arch, depth, 'A')].reference:+.2f}", net
+    assert (table.frame["tencrop_n"] == 0).all() and "27.90" not in table.markdown()
+    crop = [n for n in table.notes if "10-crop" in n]
+    assert crop == ["the paper's numbers are 10-crop testing; yours are the centre-crop `val` every run logged, as not "
+                    "every run has a 10-crop result and one table does not mix the two (tested: "
+                    "imagenet-plain18-A-s0, imagenet-plain34-A-s0, imagenet-plain34-A-s1, imagenet-resnet18-A-s0, "
+                    "imagenet-resnet18-A-s1, imagenet-resnet34-A-s0, imagenet-resnet34-A-s1): run `study evaluate` for imagenet-plain18-A-s1 to show 10-crop numbers"], crop
+    table3 = build_table("table3", data).shown.set_index("net")
+    assert table3.loc["ResNet-34 C", "ours: top-1"] == format_cell(2, 23.4, 23.9, pd.Series([23.4, 24.4]).std())
+    # Once plain-18's seed 1 is tested too, Table 2 is 10-crop throughout.
+    write_tencrop(dirs["plain", 18, "A", 1], 28.0)
+    table = build_table("table2", RunData.load(tmp_path))
+    assert table.shown.set_index("net").loc["plain-18", "ours: top-1"] == "27.90 (27.95 ± 0.07)"
+    assert (table.frame["tencrop_n"] == 2).all()
 
 
 def test_table3_top1_and_top5_per_shortcut_option(tmp_path, cli):

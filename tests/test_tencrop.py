@@ -19,6 +19,7 @@ from study.config import RunConfig
 from study.data.imagenet import IMAGENET_MEAN, make_loaders, make_ten_crop_loader, open_imagenet, ten_crop_error
 from study.data.imagenet import evaluate as evaluate_centre
 from study.models import build_model
+from study.analysis.tables import format_cell
 from study.runstore import Run
 from helpers import train_run
 
@@ -108,13 +109,17 @@ def test_the_run_trained_and_validated_with_the_per_pixel_mean(trained):
     assert logged.loss != pytest.approx(evaluate_centre(model, val, "cpu", mean=IMAGENET_MEAN).loss, rel=1e-6)
 
 
-def test_table2_and_table3_use_ten_crop_where_present_and_say_which_runs(trained, capsys, tmp_path):
+def test_table2_and_table3_use_ten_crop_only_once_every_run_has_it_and_say_which_runs(trained, capsys, tmp_path):
+    """One seed tested and one not: the table shows both seeds' logged centre-crop `val`, not the
+    one's 10-crop beside the other's centre-crop, and names the run to test; once both are tested, both
+    10-crop numbers."""
     root, source, _ = trained
     runs = tmp_path / "runs"
     shutil.copytree(source, runs)
     code, out, err = evaluate(capsys, runs, root)
     assert code == 0, err
     tested = json.loads((runs / CFG.run_id / "tencrop.json").read_text())
+    logged = pd.read_parquet(runs / CFG.run_id / "metrics.parquet").query("split == 'val'").error_pct.iloc[-1]
     # A second seed without a 10-crop result (same files, its logged val set apart at 50%).
     other = RunConfig(arch="resnet", depth=18, dataset="imagenet", iterations=2, batch_size=4, seed=1)
     shutil.copytree(runs / CFG.run_id, runs / other.run_id)
@@ -124,14 +129,28 @@ def test_table2_and_table3_use_ten_crop_where_present_and_say_which_runs(trained
     metrics = pd.read_parquet(runs / other.run_id / "metrics.parquet")
     metrics.loc[metrics.split == "val", "error_pct"] = 50.0
     metrics.assign(run_id=other.run_id, seed=1).to_parquet(runs / other.run_id / "metrics.parquet", index=False)
+    (runs / CFG.run_id / "tencrop.json").write_text(json.dumps({**tested, "top1": 12.34, "top5": 1.23}))
 
     code, out, err = cli(capsys, "table", "table2", "--runs-dir", runs, "--format", "csv")
     assert code == 0, err
     row = pd.read_csv(io.StringIO(out)).set_index("net").loc["ResNet-18"]
-    assert row.val_n == 2 and row.tencrop_n == 1
-    assert row.val_mean == pytest.approx((tested["top1"] + 50.0) / 2)
-    assert f"10-crop testing, as the paper (`study evaluate`): {CFG.run_id}" in err
-    assert f"centre-crop `val` as logged, not 10-crop (run `study evaluate` for these): {other.run_id}" in err
+    assert row.val_n == 2 and row.tencrop_n == 0
+    assert (row.val_best, row.val_mean) == (min(logged, 50.0), (logged + 50.0) / 2)  # both logged, 12.34 unused
+    assert f"(tested: {CFG.run_id}): run `study evaluate` for {other.run_id} to show 10-crop numbers" in err
+    code, out, err = cli(capsys, "table", "table2", "--runs-dir", runs)
+    assert code == 0, err
+    resnet18 = next(line for line in out.splitlines() if line.startswith("| ResNet-18"))
+    assert resnet18.split("|")[3].strip() == format_cell(2, min(logged, 50.0), (logged + 50.0) / 2,
+                                                         pd.Series([logged, 50.0]).std())
+    assert "yours are the centre-crop `val` every run logged" in out and "12.34" not in out
+
+    # Both tested: both 10-crop numbers, and the logged 50% nowhere.
+    (runs / other.run_id / "tencrop.json").write_text(json.dumps({**tested, "top1": 20.0, "top5": 2.0}))
+    code, out, err = cli(capsys, "table", "table2", "--runs-dir", runs, "--format", "csv")
+    assert code == 0, err
+    row = pd.read_csv(io.StringIO(out)).set_index("net").loc["ResNet-18"]
+    assert (row.val_n, row.tencrop_n, row.val_best, row.val_mean) == (2, 2, 12.34, (12.34 + 20.0) / 2)
+    assert "10-crop testing, as the paper: every run's final checkpoint, tested by `study evaluate`" in err
 
     # The markdown table shows the 10-crop number of the tested run: a planted one proves where it comes from.
     shutil.rmtree(runs / other.run_id)

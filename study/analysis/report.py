@@ -13,6 +13,7 @@ not hold, some interval excludes 0 in the other (the runs significantly contradi
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -231,11 +232,40 @@ class _Finals:
         metrics = study.select(data.metrics)
         self.df = final_errors(metrics[metrics["run_id"].isin(done["run_id"])]) if not metrics.empty else None
         self.eval = "val" if self.df is not None and "val" in self.df else "test"
-        # ImageNet: the 10-crop test (`study evaluate`) replaces the logged centre-crop `val` where a
-        # run has a current one, as in Tables 2 and 3.
+        # ImageNet: the 10-crop test (`study evaluate`) replaces the logged centre-crop `val` only where
+        # every run compared has a current one, as in Tables 2 and 3 (`compared` decides per comparison;
+        # until a claim narrows it, over all the study's finished runs).
+        self.runs: pd.DataFrame | None = None
+        self.crop = ""  # ImageNet: which test `val` is, for the evidence ("10-crop" or "centre-crop (...)")
         if study.dataset == IMAGENET and self.df is not None and self.eval == "val":
-            self.df, _ = with_tencrop(self.df, done)
+            self.runs, self.logged = done, self.df
+            self.df, self.crop = self._cropped(self.df)
         self.chance = _chance_error(study.dataset, done.get("classes"))
+
+    def _cropped(self, logged: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+        """`logged` with the 10-crop errors if every run in it has a current one (`with_tencrop`), and
+        which test that is, naming the runs to test where it is the centre-crop."""
+        df, _ = with_tencrop(logged, self.runs)
+        if df["tencrop"].all() and not df.empty:
+            return df, "10-crop"
+        if not df["tencrop_current"].any():
+            return df, "centre-crop (run `study evaluate` for the paper's 10-crop)"
+        untested = ", ".join(sorted(df.loc[~df["tencrop_current"], "run_id"]))
+        return df, f"centre-crop (not 10-crop, which not every run compared has: run `study evaluate` for {untested})"
+
+    def compared(self, nets: list[tuple[str, int, str]]) -> _Finals:
+        """These finals for one comparison of `nets` (arch, depth, shortcut): on ImageNet, their
+        10-crop errors if every finished run of them has a current one, else all their logged
+        centre-crop `val`, so that a claim never sets one test protocol against the other."""
+        if self.runs is None:
+            return self
+        logged = self.logged
+        chosen = pd.Series(False, index=logged.index)
+        for arch, depth, shortcut in nets:
+            chosen |= (logged["arch"] == arch) & (logged["depth"] == depth) & (logged["shortcut"] == shortcut)
+        view = copy.copy(self)
+        view.df, view.crop = self._cropped(logged[chosen])
+        return view
 
     def unlearned(self, train_errors: list[_Stat]) -> str | None:
         """Why a comparison of these nets (their training errors) cannot be judged, or None: when
@@ -272,6 +302,7 @@ def _deeper_is_worse(f: _Finals, arch: str, pair: tuple[int, int]
                      ) -> tuple[str | None, str, int, list[tuple[Comparison, bool]]]:
     """Degradation test of one pair: (verdict, evidence, seeds, comparisons with their claimed side)."""
     shallow, deep = pair
+    f = f.compared([(arch, shallow, "A"), (arch, deep, "A")])
     name_s, name_d = series_label(arch, shallow), series_label(arch, deep)
     tr_s, tr_d = f.get(arch, shallow, "train"), f.get(arch, deep, "train")
     te_s, te_d = f.get(arch, shallow, f.eval), f.get(arch, deep, f.eval)
@@ -283,7 +314,7 @@ def _deeper_is_worse(f: _Finals, arch: str, pair: tuple[int, int]
     train, test = compare(tr_d, tr_s), compare(te_d, te_s)
     evidence = (
         f"{f.study.dataset}: training error {name_d} {tr_d} vs {name_s} {tr_s} ({train}), "
-        f"{f.eval} error {te_d} vs {te_s} ({test})"
+        f"{f'{f.crop} ' if f.crop else ''}{f.eval} error {te_d} vs {te_s} ({test})"
     )
     return (HOLDS if worse else FAILS), evidence, min(tr_s.n, tr_d.n), [(train, True), (test, True)]
 
@@ -467,6 +498,7 @@ def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int, str]:
 
 def _claim6(f: _Finals | None) -> tuple[str, str, int, str]:
     nets = [("plain", "A"), ("resnet", "A"), ("resnet", "B"), ("resnet", "C")]
+    f = f.compared([(arch, 34, shortcut) for arch, shortcut in nets]) if f else None
     stats = {n: f.get(n[0], 34, f.eval, shortcut=n[1]) for n in nets} if f else {}
     if not stats or any(s is None for s in stats.values()):
         return UNKNOWN, "needs finished ImageNet plain-34 and ResNet-34 A, B and C runs", 0, ""
@@ -477,15 +509,8 @@ def _claim6(f: _Finals | None) -> tuple[str, str, int, str]:
     holds = c.mean < b.mean < a.mean < plain.mean
     steps = {"A vs plain": compare(a, plain), "B vs A": compare(b, a), "C vs B": compare(c, b)}
     paper = ", ".join(f"{series_label(*k)} {v[0]}" for k, v in TABLE3.items())
-    compared = f.df[f.df["depth"] == 34]["tencrop"] if "tencrop" in f.df else pd.Series([False])
-    if compared.all():
-        how = "10-crop"
-    elif compared.any():
-        how = "10-crop where `study evaluate` has tested the run, else centre-crop"
-    else:
-        how = "centre-crop (run `study evaluate` for the paper's 10-crop)"
     evidence = (
-        f"top-1 {how} validation error plain-34 {plain}, ResNet-34 A {a}, B {b}, C {c} "
+        f"top-1 {f.crop or 'centre-crop'} validation error plain-34 {plain}, ResNet-34 A {a}, B {b}, C {c} "
         f"({'; '.join(f'{k}: {v}' for k, v in steps.items())}); paper (10-crop): {paper}"
     )
     return (HOLDS if holds else FAILS), evidence, min(s.n for s in stats.values()), _significance(

@@ -4,9 +4,11 @@ With several seeds a cell reads "best (mean ± std)" as the paper reports ResNet
 the difference is our mean minus the paper's mean where it gives one, else its single number. Only
 finished (`done`) runs count; unfinished and missing runs are named in the table's notes.
 
-Tables 2 and 3 are the paper's 10-crop testing. A run that `study evaluate` has tested (its
-`tencrop.json`, of its final checkpoint) is shown with those numbers; any other falls back to the
-centre-crop `val` it logged, and the notes say which runs are which.
+Tables 2 and 3 are the paper's 10-crop testing. A table shows the 10-crop numbers `study evaluate`
+wrote (`tencrop.json`, of each run's final checkpoint) only where every finished run it counts has
+one; otherwise it shows the centre-crop `val` every run logged, never a mix of the two: a net's
+spread over seeds, or its difference from another net, would then be mostly the gap between the two
+protocols. The notes say which it is and name the runs still to test.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def _compare(
     """Rows: the paper's `wanted` nets and every net the study has (that `keep` accepts). Per
     measure (heading, final_errors column, the paper's values or None, and optionally the paper's
     heading where it measured something else): ours, paper, difference.
-    `tencrop`: `val` and `top5` come from the runs' 10-crop tests where current (`with_tencrop`)."""
+    `tencrop`: `val` and `top5` come from the runs' 10-crop tests if every run the table counts has a
+    current one, else all from what they logged (`with_tencrop`)."""
     runs = study.select(data.runs)
     final = final_errors(study.select(data.metrics))
     done = final[final["status"] == "done"]
@@ -127,7 +130,7 @@ def _compare(
             diff_heading = f"diff {heading}" if theirs == heading else f"diff ({heading} - paper's {theirs})"
             shown[diff_heading] = f"{diff:+.2f}" if not math.isnan(diff) else "–"
         if tencrop:
-            numeric["tencrop_n"] = int(mine["tencrop"].sum())  # of the runs counted, how many 10-crop
+            numeric["tencrop_n"] = int(mine["tencrop"].sum())  # of the runs counted, how many 10-crop: all or none
         frame_rows.append(numeric)
         shown_rows.append(shown)
     shown = pd.DataFrame(shown_rows)
@@ -152,18 +155,24 @@ def _compare(
 
 
 def with_tencrop(done: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """`done` (final_errors of finished runs) with `val` and `top5` replaced by each run's 10-crop
-    test where it has a current one (`tencrop.json` of a checkpoint not behind the run's last
-    iteration), a boolean column `tencrop` saying which, and one note naming the runs of each kind."""
+    """`done` (final_errors of the finished runs one table or claim compares) with `val` and `top5`
+    replaced by the runs' 10-crop tests if every one of them has a current one (`tencrop.json` of a
+    checkpoint not behind the run's last iteration), else all left as the centre-crop numbers they
+    logged: a mix would compare two test protocols. Boolean columns: `tencrop`, whether the run's
+    numbers are 10-crop, and `tencrop_current`, whether it has a current 10-crop result; and one note
+    saying which it is and naming the runs still to test."""
     # reindex: a run table built without the 10-crop columns reads as no run having one.
     crops = runs.set_index("run_id").reindex(columns=[*TENCROP_COLUMNS, "last_iteration"])
     done = done.join(crops, on="run_id")
     has = done["tencrop_top1"].notna()
     current = has & (done["tencrop_iteration"] >= done["last_iteration"])
-    done = done.assign(tencrop=current)
-    done.loc[current, "val"] = done.loc[current, "tencrop_top1"]
-    top5 = done["top5"] if "top5" in done else pd.Series(math.nan, index=done.index)
-    done["top5"] = top5.where(~current, done["tencrop_top5"])
+    every = bool(current.all())
+    done = done.assign(tencrop=every and not done.empty, tencrop_current=current)
+    if every:
+        done["val"] = done["tencrop_top1"]
+        done["top5"] = done["tencrop_top5"]
+    elif "top5" not in done:
+        done["top5"] = math.nan
     tested = sorted(done.loc[current, "run_id"])
     logged = sorted(done.loc[~current & ~has, "run_id"])
     stale = [
@@ -172,7 +181,7 @@ def with_tencrop(done: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, 
     ]
     if not tested and not stale and not logged:
         return done, []
-    if not (logged or stale):
+    if every:
         return done, ["10-crop testing, as the paper: every run's final checkpoint, tested by `study evaluate`"]
     centre = ", ".join(logged + stale)
     if not tested:
@@ -182,8 +191,9 @@ def with_tencrop(done: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, 
         )
     else:
         note = (
-            f"10-crop testing, as the paper (`study evaluate`): {', '.join(tested)}; "
-            f"centre-crop `val` as logged, not 10-crop (run `study evaluate` for these): {centre}"
+            "the paper's numbers are 10-crop testing; yours are the centre-crop `val` every run logged, as "
+            f"not every run has a 10-crop result and one table does not mix the two (tested: {', '.join(tested)}): "
+            f"run `study evaluate` for {centre} to show 10-crop numbers"
         )
     return done, [note]
 
