@@ -19,7 +19,7 @@ from study.analysis.load import RunData, Study, _class_count, load_gradients, lo
 from study.analysis.paper import TABLE2, TABLE6, series_label
 from study.analysis.report import classify_claims
 from study.analysis.tables import build as build_table
-from study.analysis.tables import format_cell, series_summary
+from study.analysis.tables import format_cell, format_params, series_summary
 from study.cli import analysis as commands
 from study.config import ConfigError, RunConfig
 from study.runstore import METRIC_COLUMNS, Run
@@ -806,6 +806,44 @@ def test_table6_difference_to_the_paper_on_cifar10(tmp_path):
     assert not any(_stars(ax) for ax in drawn.figure.axes)
     assert ("The paper's final numbers are not marked: your runs are shortened (2,000 iterations, the paper's "
             "64,000).") in drawn.caption, drawn.caption
+
+
+def test_table6_counts_each_nets_parameters_with_the_model_builder(tmp_path, cli):
+    """The paper's "# params" column, for every row: the model builder's count of the net as the study
+    trains it (its data set's channels and classes), exact in the CSV and in millions in the table, as
+    the paper writes them; the paper's CIFAR-10 nets give the paper's rounded counts."""
+    from study.models import build_model, count_params
+
+    # ResNet-1202's, from PROTOCOL.md, which test_models checks the builder gives (building it here again
+    # would take seconds).
+    resnet1202 = 19_421_274
+    for arch in ("plain", "resnet"):
+        write_run(tmp_path / "cifar", arch, 20, dataset="cifar10", iterations=2000)
+        write_run(tmp_path / "mnist", arch, 8, dataset="fashion-mnist-mini")
+    table = build_table("table6", RunData.load(tmp_path / "cifar"))
+    frame = table.frame.set_index("net")
+    assert list(frame.index) == ["plain-20", *(f"ResNet-{d}" for d in (20, 32, 44, 56, 110, 1202))]
+    for net, row in frame.drop("ResNet-1202").iterrows():
+        assert row.params == count_params(build_model(row.arch, row.depth, shortcut=row.shortcut)), net
+    assert frame.loc["ResNet-1202", "params"] == resnet1202
+    shown = table.shown.set_index("net")["# params"]
+    paper = {20: "0.27M", 32: "0.46M", 44: "0.66M", 56: "0.85M", 110: "1.7M", 1202: "19.4M"}
+    assert {d: shown[f"ResNet-{d}"] for d in paper} == paper and shown["plain-20"] == "0.27M"
+    assert frame.loc["ResNet-110", "params"] == 1_727_962 and not any("parameters:" in n for n in table.notes)
+    code, out, err = cli("table", "table6", "--runs-dir", tmp_path / "cifar")
+    assert code == 0 and "| net " in out and "| # params " in out, err
+    assert next(line for line in out.splitlines() if line.startswith("| ResNet-1202")).split("|")[2].strip() == "19.4M"
+    # Fashion-MNIST's one channel: each row's net for it (plain-8, its twin, the paper's ResNets).
+    table = build_table("table6", RunData.load(tmp_path / "mnist"))
+    frame = table.frame.set_index("net")
+    assert {"plain-8", "ResNet-8", "ResNet-1202"} <= set(frame.index)
+    for net, row in frame.drop("ResNet-1202").iterrows():
+        assert row.params == count_params(build_model(row.arch, row.depth, shortcut=row.shortcut, in_channels=1)), net
+    one_channel = 2 * 16 * 9  # conv1 sees one channel, not three
+    assert frame.loc["ResNet-20", "params"] == 269_722 - one_channel
+    assert frame.loc["ResNet-1202", "params"] == resnet1202 - one_channel
+    assert list(table.shown.set_index("net")["# params"]) == [format_params(c) for c in frame["params"]]
+    assert any(n.startswith("parameters: each net as built for fashion-mnist-mini's 1-channel images") for n in table.notes)
 
 
 def test_table6_of_holdout_runs_labels_the_papers_test_error_as_such(tmp_path, cli):

@@ -23,6 +23,7 @@ import study.cli as cli_module
 from study.analysis import report as report_module
 from study.analysis.load import RunData
 from study.analysis.report import ReportContent, ReportFigure, classify_claims, write_report
+from study.analysis.tables import build as build_table
 from study.config import ConfigError
 from test_analysis import FLOORS, write_gradients, write_imagenet_run, write_responses, write_run
 
@@ -143,6 +144,10 @@ def test_html_report_has_every_claim_figure_table_and_run(report, runs):
     for title in ("Table 2, ImageNet top-1", "Table 3, ImageNet 34-layer", "Table 6, test error"):
         assert title in text
     assert "missing runs:" in text  # the tables' and figures' notes come along
+    table6 = build_table("table6", data).shown  # the cells `study table table6` prints, "# params" included
+    cells = [list(table6.columns), *table6.astype(str).values.tolist()]
+    start = page.rows["data"].index(cells[0])
+    assert "# params" in cells[0] and page.rows["data"][start:start + len(cells)] == cells
 
     header, *rows = page.rows["runs"]
     assert header[:4] == ["run", "study", "status", "iterations"] and "torch" in header and "git commit" in header

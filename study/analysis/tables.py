@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..data import DataError, dataset_info
 from .load import TENCROP_COLUMNS, RunData, Study, coverage, pick_study
 from .paper import IMAGENET, PAPER_ARCHS, TABLE2, TABLE3, TABLE6, PaperError, Series, series_label
 
@@ -57,6 +58,14 @@ def final_errors(metrics: pd.DataFrame) -> pd.DataFrame:
         wide = wide.join(top5)
     identity = last.drop_duplicates("run_id").set_index("run_id")[["arch", "depth", "shortcut", "seed", "status"]]
     return identity.join(wide).reset_index()
+
+
+def format_params(count: float) -> str:
+    """A parameter count in millions as the paper's Table 6 writes it: two decimals below a million
+    (0.27M), one above (1.7M, 19.4M); `–` where it is unknown."""
+    if math.isnan(count):
+        return "–"
+    return f"{count / 1e6:.2f}M" if count < 1e6 else f"{count / 1e6:.1f}M"
 
 
 def series_summary(values: pd.Series) -> dict:
@@ -207,7 +216,7 @@ def table6(data: RunData, **select: object) -> Table:
     if study.holdout:
         notes.append("your runs held out 10% of the training set and report its (validation) error; "
                      "the paper's Table 6 is the test error")
-    return _compare(
+    table = _compare(
         "table6",
         f"Table 6, {study.eval_name} error (%)",
         data,
@@ -216,6 +225,29 @@ def table6(data: RunData, **select: object) -> Table:
         wanted,
         [(f"{study.eval_name} error", split, TABLE6, "test error"), ("training error", "train", None)],
     )
+    _add_params(table)
+    return table
+
+
+def _add_params(table: Table) -> None:
+    """The paper's "# params" column: each row's net as the study trains it (its data set's input
+    channels and classes), counted by the model builder as `study models` counts it, not copied from
+    the paper: `params` exact in the CSV, in millions as the paper writes them in the table."""
+    from ..models import net_params
+
+    try:
+        info = dataset_info(table.study.dataset)
+    except DataError:  # a data set this version does not know: no net to build
+        counts = [math.nan] * len(table.frame)
+    else:
+        counts = [net_params(arch, int(depth), shortcut, dataset=info.name, num_classes=info.num_classes,
+                             in_channels=info.in_channels)
+                  for arch, depth, shortcut in zip(table.frame["arch"], table.frame["depth"], table.frame["shortcut"])]
+        if (info.in_channels, info.num_classes) != (3, 10):
+            table.notes.insert(-1, f"parameters: each net as built for {info.name}'s {info.in_channels}-channel images "
+                                   f"and {info.num_classes} classes; the paper counts CIFAR-10's 3 and 10 (`study models`)")
+    table.frame.insert(table.frame.columns.get_loc("shortcut") + 1, "params", counts)
+    table.shown.insert(1, "# params", [format_params(c) for c in counts])
 
 
 def table2(data: RunData, **select: object) -> Table:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ __all__ = [
     "blocks_per_stage",
     "build_model",
     "count_params",
+    "net_params",
     "memory_format",
     "count_macs",
     "architecture_table",
@@ -75,6 +77,26 @@ def memory_format(device: torch.device) -> torch.memory_format:
 def count_params(model: nn.Module) -> int:
     """Number of parameters, BN affine parameters included (the paper's counts include them)."""
     return sum(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=None)
+def net_params(
+    arch: str, depth: int, shortcut: str = "A", *, dataset: str = "cifar10", num_classes: int | None = None,
+    in_channels: int = 3,
+) -> int:
+    """`count_params` of the net `build_model` makes of these, as `study models` counts it (Table 6 shows it
+    per net), remembered: a table names a net again and again. As `architecture_table` builds them: an
+    ImageNet net on the meta device (shapes, no storage), a CIFAR-style one on the CPU, where its
+    thousands of small initialisations take less time than on meta, with one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.device("meta") if dataset in IMAGENET_DATASETS else contextlib.nullcontext():
+            model = build_model(arch, depth, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels,
+                                dataset=dataset)
+    finally:
+        torch.set_num_threads(threads)
+    return count_params(model)
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
