@@ -843,7 +843,8 @@ def test_table6_counts_each_nets_parameters_with_the_model_builder(tmp_path, cli
     assert frame.loc["ResNet-20", "params"] == 269_722 - one_channel
     assert frame.loc["ResNet-1202", "params"] == resnet1202 - one_channel
     assert list(table.shown.set_index("net")["# params"]) == [format_params(c) for c in frame["params"]]
-    assert any(n.startswith("parameters: each net as built for fashion-mnist-mini's 1-channel images") for n in table.notes)
+    assert any(n.startswith("parameters: each net as built for fashion-mnist-mini's 1-channel images")
+               for n in table.notes)
 
 
 def test_table6_of_holdout_runs_labels_the_papers_test_error_as_such(tmp_path, cli):
@@ -1061,8 +1062,8 @@ def test_claim_6_uses_the_10_crop_test_where_the_runs_have_one(tmp_path):
     (plain18 / "tencrop.json").unlink()
     claims = {c.number: c for c in classify_claims(RunData.load(tmp_path))}
     assert "top-1 10-crop validation error" in claims[6].evidence
-    assert (f"centre-crop (not 10-crop, which not every run compared has: run `study evaluate` for imagenet-plain18-A-s0) "
-            f"val error {logged[('plain', 'A')]:.2f} vs {final_val_error(plain18):.2f}") in claims[1].evidence
+    assert ("centre-crop (not 10-crop, which not every run compared has: run `study evaluate` for "
+            f"imagenet-plain18-A-s0) val error {logged[('plain', 'A')]:.2f} vs {final_val_error(plain18):.2f}") in claims[1].evidence
 
 
 def test_table2_and_table3_never_mix_10_crop_and_centre_crop(tmp_path):
@@ -1091,7 +1092,8 @@ def test_table2_and_table3_never_mix_10_crop_and_centre_crop(tmp_path):
     assert crop == ["the paper's numbers are 10-crop testing; yours are the centre-crop `val` every run logged, as not "
                     "every run has a 10-crop result and one table does not mix the two (tested: "
                     "imagenet-plain18-A-s0, imagenet-plain34-A-s0, imagenet-plain34-A-s1, imagenet-resnet18-A-s0, "
-                    "imagenet-resnet18-A-s1, imagenet-resnet34-A-s0, imagenet-resnet34-A-s1): run `study evaluate` for imagenet-plain18-A-s1 to show 10-crop numbers"], crop
+                    "imagenet-resnet18-A-s1, imagenet-resnet34-A-s0, imagenet-resnet34-A-s1): run `study evaluate` for "
+                    "imagenet-plain18-A-s1 to show 10-crop numbers"], crop
     table3 = build_table("table3", data).shown.set_index("net")
     assert table3.loc["ResNet-34 C", "ours: top-1"] == format_cell(2, 23.4, 23.9, pd.Series([23.4, 24.4]).std())
     # Once plain-18's seed 1 is tested too, Table 2 is 10-crop throughout.

@@ -244,8 +244,9 @@ def _add_params(table: Table) -> None:
                              in_channels=info.in_channels)
                   for arch, depth, shortcut in zip(table.frame["arch"], table.frame["depth"], table.frame["shortcut"])]
         if (info.in_channels, info.num_classes) != (3, 10):
-            table.notes.insert(-1, f"parameters: each net as built for {info.name}'s {info.in_channels}-channel images "
-                                   f"and {info.num_classes} classes; the paper counts CIFAR-10's 3 and 10 (`study models`)")
+            table.notes.insert(-1, f"parameters: each net as built for {info.name}'s {info.in_channels}-channel "
+                                   f"images and {info.num_classes} classes; the paper counts CIFAR-10's 3 and 10 "
+                                   "(`study models`)")
     table.frame.insert(table.frame.columns.get_loc("shortcut") + 1, "params", counts)
     table.shown.insert(1, "# params", [format_params(c) for c in counts])
 
