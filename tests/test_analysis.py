@@ -534,8 +534,11 @@ def test_fig6_panels_series_and_labels_come_from_the_runs(study_dir):
     # The third panel (ResNet-110 vs 1202) has no runs: it is left out, and the figure is two panels wide.
     assert [ax.get_title() for ax in axes] == ["plain", "ResNet"]
     assert drawn.figure.get_figwidth() == pytest.approx(2 * 4.3)
-    assert _legend_texts(axes[0])[:2] == ["plain-20", "plain-56"] and "training" in _legend_texts(axes[0])
-    assert _legend_texts(axes[1])[:2] == ["ResNet-20", "ResNet-56"]
+    # A net whose curve is over fewer seeds than the title's 3 says so: plain-56 has no seed 2, and ResNet-56's
+    # curve is its finished runs alone (seed 1 still training would change the mean's seeds mid-curve).
+    assert _legend_texts(axes[0])[:2] == ["plain-20", "plain-56 (2 seeds)"] and "training" in _legend_texts(axes[0])
+    assert _legend_texts(axes[1])[:2] == ["ResNet-20", "ResNet-56 (2 seeds)"]
+    assert "drawn from finished runs alone, as the tables count them: ResNet-56 s1 not in the curves" in drawn.notes
     assert "ResNet-110, ResNet-1202" in drawn.caption.split("missing runs:")[1]  # named in the caption instead
     # Dashed training and bold test curve per series, on the runs' own budget.
     styles = [(line.get_linestyle(), line.get_linewidth()) for line in axes[0].get_lines() if len(line.get_xdata()) > 1]
@@ -1456,3 +1459,35 @@ def test_the_panels_of_figures_1_4_and_6_share_one_error_scale(tmp_path):
         limits = {ax.get_ylim() for ax in axes}
         assert len(axes) == 2 and len(limits) == 1, (name, limits)
         assert next(iter(limits))[1] > max(max(line.get_ydata(), default=0) for ax in axes for line in ax.get_lines())
+
+
+def test_each_curve_is_a_mean_over_one_set_of_seeds_from_start_to_end(tmp_path):
+    """A net with a finished run is drawn from its finished runs alone (a run still training would change
+    the mean's seeds where it stops); a net with none, from all its runs up to where every one of them has
+    come, marked running in the legend; the notes say both."""
+    for seed in (0, 1):
+        write_run(tmp_path, "plain", 20, seed=seed, floor=(10.0 + seed, 12.0 + seed))
+    write_run(tmp_path, "plain", 56, seed=0, floor=(20.0, 22.0))
+    write_run(tmp_path, "plain", 56, seed=1, floor=(40.0, 42.0), status="running", stop_at=200)
+    write_run(tmp_path, "resnet", 20, seed=0, floor=(8.0, 9.0), status="running", stop_at=300)
+    write_run(tmp_path, "resnet", 20, seed=1, floor=(8.5, 9.5), status="interrupted", stop_at=120)
+    data = RunData.load(tmp_path)
+    drawn = build("fig6", data)
+    plain, resnet = drawn.figure.axes
+    assert _legend_texts(plain)[:2] == ["plain-20", "plain-56 (1 seed)"]
+    assert _legend_texts(resnet)[0] == "ResNet-20 (running)"
+
+    def bold(ax):  # the test-error curves: (x, y) of each line of more than one point, drawn with width 2.2
+        return [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()
+                if line.get_linewidth() == 2.2 and len(line.get_xdata()) > 1]
+
+    test = data.metrics[data.metrics["split"] == "test"]
+    p56 = test[test["run_id"] == "fashion-mnist-mini-plain56-A-s0-it400"].sort_values("iteration")
+    assert (p56["iteration"].tolist(), p56["error_pct"].tolist()) in bold(plain)  # seed 0 alone, to the end
+    r20 = test[test["arch"] == "resnet"]
+    r20 = r20[r20["iteration"] <= 120].groupby("iteration")["error_pct"].mean()
+    assert bold(resnet) == [(r20.index.tolist(), pytest.approx(r20.tolist()))]  # both seeds, up to 120
+    assert "drawn from finished runs alone, as the tables count them: plain-56 s1 not in the curves" in drawn.notes
+    assert ("nets with no finished run (running) drawn as far as all their runs have come: ResNet-20 to 120 "
+            "iterations") in drawn.notes
+    assert _legend_texts(build("fig1", data).figure.axes[0]) == ["plain-20", "plain-56 (1 seed)"]

@@ -126,6 +126,47 @@ def _rows_of(df: pd.DataFrame, series: Series) -> pd.DataFrame:
     return df[(df["arch"] == arch) & (df["depth"] == depth) & (df["shortcut"] == shortcut)]
 
 
+def _curve_rows(metrics: pd.DataFrame, series: list[Series]) -> tuple[pd.DataFrame, set[Series], list[str]]:
+    """The rows each net's curve is drawn from, so that one curve is a mean over one set of seeds from
+    start to end: a net with a finished run, its finished runs alone (as the tables count them); a net
+    with none, all its runs, up to the last iteration every one of them has logged. Also the nets drawn
+    from unfinished runs, and a note saying what was left out of the curves (none if nothing was)."""
+    frames, running, left_out, cut = [], set(), [], []
+    for s in series:
+        rows = _rows_of(metrics, s)
+        if (rows["status"] == "done").any():
+            left_out += sorted({f"{series_label(*s)} s{seed}" for seed in rows.loc[rows["status"] != "done", "seed"]})
+            rows = rows[rows["status"] == "done"]
+        elif not rows.empty:
+            running.add(s)
+            last = rows.groupby("run_id")["iteration"].max()
+            if last.nunique() > 1:
+                cut.append(f"{series_label(*s)} to {int(last.min()):,}")
+            rows = rows[rows["iteration"] <= last.min()]
+        frames.append(rows)
+    notes = []
+    if left_out:
+        notes.append(f"drawn from finished runs alone, as the tables count them: {', '.join(left_out)} not in the curves")
+    if cut:
+        notes.append(f"nets with no finished run (running) drawn as far as all their runs have come: {', '.join(cut)} "
+                     "iterations")
+    return (pd.concat(frames) if frames else metrics.iloc[0:0]), running, notes
+
+
+def _net_labels(metrics: pd.DataFrame, series: list[Series], running: set[Series], runs: pd.DataFrame
+                ) -> dict[Series, str]:
+    """Each net's legend label: its name, with its number of seeds where that is not the figure's
+    (the title's), and `running` where its curve is of unfinished runs (`_curve_rows`)."""
+    everyone = len(set(runs["seed"]))
+    labels = {}
+    for s in series:
+        n = _rows_of(metrics, s)["run_id"].nunique()
+        extra = [f"{n} seed{'s' if n != 1 else ''}"] if n != everyone else []
+        labels[s] = series_label(*s) + (f" ({', '.join(extra + ['running'] * (s in running))})"
+                                        if extra or s in running else "")
+    return labels
+
+
 def _colors(series: list[Series]) -> dict[Series, tuple]:
     """One colour per depth (a plain net and its ResNet twin share it), fixed across panels."""
     import seaborn as sns
@@ -220,10 +261,11 @@ def _mark_paper(ax: "Axes", x: float, value: float, color: tuple) -> None:
 
 
 def _legend(
-    ax: "Axes", series: list[Series], colors: dict, styles: list[tuple[str, dict]], dashes: dict | None = None
+    ax: "Axes", series: list[Series], colors: dict, styles: list[tuple[str, dict]], dashes: dict | None = None,
+    labels: dict[Series, str] | None = None,
 ) -> None:
-    """Legend: one entry per series (its colour, and its dash pattern if `dashes` gives one), then
-    one grey entry per line style (training/test, the paper's star)."""
+    """Legend: one entry per series (its colour, and its dash pattern if `dashes` gives one; its label
+    from `labels`, else its name), then one grey entry per line style (training/test, the paper's star)."""
     from matplotlib.lines import Line2D
 
     handles = [
@@ -232,7 +274,7 @@ def _legend(
             [],
             color=colors[s],
             linewidth=2,
-            label=series_label(*s),
+            label=(labels or {}).get(s, series_label(*s)),
             **({"dashes": dashes[s]} if dashes and dashes[s] else {}),
         )
         for s in series
@@ -293,22 +335,24 @@ def fig1(data: RunData, **select: object) -> Drawn:
     plain = [s for s in _series_in(metrics) if s[0] == "plain"]  # nets with a logged epoch
     drawn = _choose(plain, wanted, sorted({plain[0], plain[-1]}) if plain else [])
     colors = _colors(drawn)
+    curves, running, curve_notes = _curve_rows(metrics, drawn)
+    labels = _net_labels(curves, drawn, running, runs)
     fig, axes = _new_figure(2, sharey=True)
     for ax, (split, name) in zip(axes[0], (("train", "training"), (_eval_split(metrics), study.eval_name))):
         for s in drawn:
-            rows = _rows_of(metrics, s)
+            rows = _rows_of(curves, s)
             _curve(ax, rows[rows["split"] == split], colors[s], linewidth=1.6)
         ax.set_title(f"{name} error")
         _iteration_axis(ax, study.iterations)
         if drawn:
-            _legend(ax, drawn, colors, [])
+            _legend(ax, drawn, colors, [], labels=labels)
         else:
             _empty(ax, "no plain-net runs in this study")
     for ax in axes[0]:  # once every panel is drawn: their shared scale reaches the highest curve of any
         _error_axis(ax, study, spec.ylim)
     notes = (coverage(runs, drawn, wanted if _of_paper_depths(runs) else [])
              + _not_logged(runs[runs["arch"] == "plain"], metrics, data.unreadable_metrics())
-             + _off_chart(metrics, drawn, study, spec.ylim) + notes)
+             + _off_chart(curves, drawn, study, spec.ylim) + curve_notes + notes)
     caption = (
         f"Plain nets of {' and '.join(str(s[1]) for s in drawn) or 'no'} layers (paper: 20 and 56, CIFAR-10). "
         "Line: mean over seeds; band: min to max over seeds. The paper gives no final numbers for plain nets."
@@ -350,13 +394,15 @@ def _curve_panels(
     split = _eval_split(metrics)
     all_drawn = [s for _, drawn, _ in panels for s in drawn]
     colors = _colors(all_drawn)
-    few = _few(metrics, all_drawn)
+    curves, running, curve_notes = _curve_rows(metrics, list(dict.fromkeys(all_drawn)))
+    labels = _net_labels(curves, all_drawn, running, runs)
+    few = _few(curves, all_drawn)
     train_mark, eval_mark = (RING, {"marker": "o"}) if few else ({}, {})
     fig, axes = _new_figure(len(panels), sharey=True)
     marked = False
     for ax, (title, drawn, wanted) in zip(axes[0], panels):
         for s in drawn:
-            rows = _rows_of(metrics, s)
+            rows = _rows_of(curves, s)
             _curve(ax, rows[rows["split"] == "train"], colors[s], hollow=True, **train_line)
             _curve(ax, rows[rows["split"] == split], colors[s], linewidth=2.2)
             if s in paper:
@@ -368,14 +414,14 @@ def _curve_panels(
             styles = [("training", {**train_line, **train_mark}), (study.eval_name, {"linewidth": 2.2, **eval_mark})]
             if any(s in paper for s in drawn):
                 styles.append((paper_label, {"marker": "*", "linestyle": "none", "markersize": 9}))
-            _legend(ax, drawn, colors, styles)
+            _legend(ax, drawn, colors, styles, labels=labels)
         else:
             _empty(ax, "no runs: " + ", ".join(series_label(*s) for s in wanted))
     for ax in axes[0]:  # once every panel is drawn: their shared scale reaches the highest curve of any
         _error_axis(ax, study, spec.ylim)
     notes = (coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all if _of_paper_depths(runs) else [])
              + _not_logged(runs, metrics, data.unreadable_metrics())
-             + _off_chart(metrics, all_drawn, study, spec.ylim) + notes)
+             + _off_chart(curves, all_drawn, study, spec.ylim) + curve_notes + notes)
     train_word = "dashed" if train_line.get("linestyle") == "--" else "thin"
     caption = (
         f"{train_word.capitalize()}{' (rings)' if few else ''}: training error; bold"
