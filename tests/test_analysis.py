@@ -1491,3 +1491,18 @@ def test_each_curve_is_a_mean_over_one_set_of_seeds_from_start_to_end(tmp_path):
     assert ("nets with no finished run (running) drawn as far as all their runs have come: ResNet-20 to 120 "
             "iterations") in drawn.notes
     assert _legend_texts(build("fig1", data).figure.axes[0]) == ["plain-20", "plain-56 (1 seed)"]
+
+
+def test_a_claim_names_a_diverged_run_of_the_nets_it_judges(tmp_path):
+    """A diverged run is left out of the means (as the tables leave it out); a claim whose nets include
+    it says so, rather than letting a deeper net that failed to train vanish from its verdict."""
+    for seed in (0, 1):
+        write_run(tmp_path, "plain", 20, seed=seed, floor=(10.0, 12.0))
+        write_run(tmp_path, "plain", 56, seed=seed, floor=(20.0, 22.0))
+        write_run(tmp_path, "resnet", 20, seed=seed, floor=(8.0, 9.0))
+    write_run(tmp_path, "resnet", 56, seed=0, floor=(6.0, 7.0))
+    write_run(tmp_path, "resnet", 56, seed=1, floor=(6.0, 7.0), status="diverged", stop_at=160)
+    claims = {c.number: c for c in classify_claims(RunData.load(tmp_path))}
+    assert claims[3].evidence.endswith("; diverged, so left out of the means: ResNet-56 s1 (a run that failed to "
+                                       "train, which the verdict above does not count)"), claims[3].evidence
+    assert "diverged" not in claims[1].evidence  # its nets (plain-20, plain-56) have no diverged run

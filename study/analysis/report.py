@@ -554,11 +554,32 @@ def classify_claims(data: RunData, **select: object) -> list[Claim]:
         6: _claim6(imagenet),
     }
     claims = [Claim(n, CLAIMS[n], *results[n]) for n in sorted(results)]
+    _name_diverged(claims, data, [s for s in (cifar_study, imagenet_study) if s is not None])
     if chosen := chosen_text(select):  # what the choice left out is not what the runs dir lacks
         for claim in claims:
             if claim.verdict == UNKNOWN:
                 claim.evidence += f" (among the runs matching {chosen})"
     return claims
+
+
+def _name_diverged(claims: list[Claim], data: RunData, studies: list[Study]) -> None:
+    """Add to each judged claim whose evidence names a net with a diverged run (in `studies`) that the run is
+    left out of the means: a run that failed to train would otherwise vanish from a verdict it may bear on
+    (a deeper ResNet that diverged, say, against "deeper ResNets are better")."""
+    import re
+
+    diverged = pd.concat([s.select(data.runs) for s in studies]) if studies else data.runs.iloc[0:0]
+    diverged = diverged[diverged["status"] == "diverged"]
+    if diverged.empty:
+        return
+    for claim in claims:
+        if claim.verdict == UNKNOWN:
+            continue
+        named = [f"{series_label(r.arch, r.depth, r.shortcut)} s{r.seed}" for r in diverged.itertuples()
+                 if re.search(rf"(?<![\w-]){re.escape(series_label(r.arch, r.depth, r.shortcut))}(?![\w])", claim.evidence)]
+        if named:
+            claim.evidence += (f"; diverged, so left out of the means: {', '.join(sorted(named))} (a run that failed to "
+                               "train, which the verdict above does not count)")
 
 
 def check_selection(data: RunData, **select: object) -> None:
