@@ -815,7 +815,9 @@ def test_table6_counts_each_nets_parameters_with_the_model_builder(tmp_path, cli
     """The paper's "# params" column, for every row: the model builder's count of the net as the study
     trains it (its data set's channels and classes), exact in the CSV and in millions in the table, as
     the paper writes them; the paper's CIFAR-10 nets give the paper's rounded counts."""
-    from study.models import build_model, count_params
+    import torch
+
+    from study.models import build_model, count_params, net_params
 
     # ResNet-1202's, from PROTOCOL.md, which test_models checks the builder gives (building it here again
     # would take seconds).
@@ -823,7 +825,10 @@ def test_table6_counts_each_nets_parameters_with_the_model_builder(tmp_path, cli
     for arch in ("plain", "resnet"):
         write_run(tmp_path / "cifar", arch, 20, dataset="cifar10", iterations=2000)
         write_run(tmp_path / "mnist", arch, 8, dataset="fashion-mnist-mini")
+    net_params.cache_clear()  # counted afresh here: building the nets must leave torch's generator as it was
+    state = torch.random.get_rng_state()
     table = build_table("table6", RunData.load(tmp_path / "cifar"))
+    assert torch.equal(torch.random.get_rng_state(), state)
     frame = table.frame.set_index("net")
     assert list(frame.index) == ["plain-20", *(f"ResNet-{d}" for d in (20, 32, 44, 56, 110, 1202))]
     for net, row in frame.drop("ResNet-1202").iterrows():

@@ -90,8 +90,9 @@ def net_params(
     thousands of small initialisations take less time than on meta, with one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        with torch.device("meta") if dataset in IMAGENET_DATASETS else contextlib.nullcontext():
+    try:  # the initialisation draws from torch's global generator: leave it as the caller had it
+        with torch.random.fork_rng(devices=[]), (
+                torch.device("meta") if dataset in IMAGENET_DATASETS else contextlib.nullcontext()):
             model = build_model(arch, depth, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels,
                                 dataset=dataset)
     finally:
