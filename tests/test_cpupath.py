@@ -235,7 +235,7 @@ def test_a_measured_path_says_how_long_the_run_takes_and_emulated_bf16_is_measur
     assert path.name == "channels-last-compiled" and path.how == "cached"
     hours = 20_000 * 13.0 / 3600  # 72.2 h
     assert f"about {int(hours)}h{round((hours % 1) * 60):02d}m of steps for the 20,000 iterations left" in lines[0]
-    assert len(lines) == 2 and "bf16 is emulated" in lines[1] and "10.0x this path's speed for plain-56" in lines[1]
+    assert len(lines) == 2 and lines[1].startswith("study: emulated bf16 measured against fp32") and "10.0x this path's speed for plain-56" in lines[1]
     # A cache without fp32 beside the bf16 paths (an earlier version's) is measured again, all paths together.
     del ms["fp32"]
     cpupath.cache_path().write_text(json.dumps({key: {"ms_per_step": ms, "onetime_s": dict.fromkeys(ms, 1.0)}}))
