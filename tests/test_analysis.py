@@ -491,6 +491,12 @@ def test_runs_without_metrics_yet_are_refused_alike_by_report_table_and_plot(tmp
                               "unreadable ones as the notes say, or pass --runs-dir to the directory that holds the "
                               "runs you meant"), (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "runs"]
+    # One unreadable, another with no epoch yet: both fixes.
+    Run(tmp_path / "damaged", RunConfig(arch="resnet", depth=20, iterations=400)).prepare("cpu")
+    code, _, err = cli("table", "table6", "--runs-dir", tmp_path / "damaged")
+    assert code == 2 and err.splitlines()[-1].endswith(
+        "the metrics files there are unreadable or not written yet: mend the unreadable ones as the notes say, or "
+        "wait for the other runs' first epoch, or pass --runs-dir to the directory that holds the runs you meant"), err
 
 
 # --- figures ---------------------------------------------------------------------------------
@@ -1371,6 +1377,7 @@ def test_significance_of_a_verdict_that_holds_needs_every_interval_and_of_one_th
     assert _significance([(up, True), (wide, True)], True) == "not significant"  # every one is needed
     assert _significance([(one, True)], True) == "no interval"  # no test was possible: not "not significant"
     assert _significance([(up, True), (one, True)], True) == "no interval"
+    assert _significance([(wide, True), (one, True)], True) == "not significant"  # a tested one falls short
     # Failing: one comparison significantly on the other side is enough; the claimed side is not.
     assert _significance([(up, True), (up, False)], False) == "significant"
     assert _significance([(wide, True), (down, True)], False) == "significant"

@@ -426,7 +426,12 @@ def no_metrics_fix(data: RunData) -> str:
     """What to do where no run in `data` has metrics: `pick_study`'s fix, and the report's (`require_metrics`).
     Where metrics files are there but unreadable, the notes printed above the error say which and how to mend
     them; otherwise no run has finished an epoch yet."""
-    if any(Path(path).name == "metrics.parquet" for path, _ in data.unreadable):
+    unreadable = {Path(path).parent.name for path, _ in data.unreadable if Path(path).name == "metrics.parquet"}
+    if unreadable and set(data.runs["run_id"]) - unreadable:  # others have logged nothing yet
+        return ("the metrics files there are unreadable or not written yet: mend the unreadable ones as the notes "
+                "say, or wait for the other runs' first epoch, or pass --runs-dir to the directory that holds the "
+                "runs you meant")
+    if unreadable:
         return ("no metrics file there can be read: mend the unreadable ones as the notes say, or pass --runs-dir "
                 "to the directory that holds the runs you meant")
     return "no run has finished an epoch yet: wait for one, or pass --runs-dir to the directory that holds them"

@@ -190,7 +190,11 @@ def _significance(comparisons: list[tuple[Comparison, bool]], holds: bool) -> st
         return ""
     untested = "no interval" if any(c.low is None for c, _ in comparisons) else "not significant"
     if holds:
-        return "significant" if all(c.significant(higher) for c, higher in comparisons) else untested
+        if all(c.significant(higher) for c, higher in comparisons):
+            return "significant"
+        # One tested comparison short of significance settles it; only untested ones leave it open.
+        tested_short = any(c.low is not None and not c.significant(higher) for c, higher in comparisons)
+        return "not significant" if tested_short else untested
     return "significant" if any(c.significant(not higher) for c, higher in comparisons) else untested
 
 
