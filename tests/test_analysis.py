@@ -1518,3 +1518,25 @@ def test_a_claim_names_a_diverged_run_of_the_nets_it_judges(tmp_path):
     assert claims[3].evidence.endswith("; diverged, so left out of the means: ResNet-56 s1 (a run that failed to "
                                        "train, which the verdict above does not count)"), claims[3].evidence
     assert "diverged" not in claims[1].evidence  # its nets (plain-20, plain-56) have no diverged run
+
+
+def test_table6_of_a_net_the_builder_refuses_shows_no_count_and_says_why(tmp_path, cli):
+    """A run another tool wrote (no config.json; its metrics name the net) at a depth the package cannot
+    build still gets its row: no parameter count, a note naming the net and why, exit 0."""
+    import shutil
+
+    write_run(tmp_path, "resnet", 20, dataset="cifar10", iterations=2000)
+    other = write_run(tmp_path, "resnet", 32, dataset="cifar10", iterations=2000)
+    foreign = tmp_path / "foreign-resnet18"
+    shutil.copytree(other.dir, foreign)
+    (foreign / "config.json").unlink()
+    metrics = pd.read_parquet(foreign / "metrics.parquet").assign(depth=18, run_id="foreign-resnet18")
+    metrics.to_parquet(foreign / "metrics.parquet", index=False)
+    table = build_table("table6", RunData.load(tmp_path))
+    frame = table.frame.set_index("net")
+    assert math.isnan(frame.loc["ResNet-18", "params"]) and frame.loc["ResNet-20", "params"] == 269_722  # option A, as PROTOCOL.md
+    assert table.shown.set_index("net").loc["ResNet-18", "# params"] == "–"
+    assert ("parameters not counted for nets this package cannot build: ResNet-18 (CIFAR depth must be 6n+2 with "
+            "n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...); got 18)") in table.notes, table.notes
+    code, out, err = cli("table", "table6", "--runs-dir", tmp_path)
+    assert code == 0 and "| ResNet-18 " in out, err

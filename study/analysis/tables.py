@@ -240,9 +240,16 @@ def _add_params(table: Table) -> None:
     except DataError:  # a data set this version does not know: no net to build
         counts = [math.nan] * len(table.frame)
     else:
-        counts = [net_params(arch, int(depth), shortcut, dataset=info.name, num_classes=info.num_classes,
-                             in_channels=info.in_channels)
-                  for arch, depth, shortcut in zip(table.frame["arch"], table.frame["depth"], table.frame["shortcut"])]
+        counts, unbuilt = [], []
+        for arch, depth, shortcut in zip(table.frame["arch"], table.frame["depth"], table.frame["shortcut"]):
+            try:
+                counts.append(net_params(arch, int(depth), shortcut, dataset=info.name, num_classes=info.num_classes,
+                                         in_channels=info.in_channels))
+            except ValueError as e:  # a net the builder refuses (a run another tool wrote, at a depth not 6n+2)
+                counts.append(math.nan)
+                unbuilt.append(f"{series_label(arch, int(depth), shortcut)} ({str(e).splitlines()[0]})")
+        if unbuilt:
+            table.notes.insert(-1, f"parameters not counted for nets this package cannot build: {', '.join(unbuilt)}")
         if (info.in_channels, info.num_classes) != (3, 10):
             table.notes.insert(-1, f"parameters: each net as built for {info.name}'s {info.in_channels}-channel "
                                    f"images and {info.num_classes} classes; the paper counts CIFAR-10's 3 and 10 "
