@@ -1487,7 +1487,7 @@ def test_each_curve_is_a_mean_over_one_set_of_seeds_from_start_to_end(tmp_path):
     drawn = build("fig6", data)
     plain, resnet = drawn.figure.axes
     assert _legend_texts(plain)[:2] == ["plain-20", "plain-56 (1 seed)"]
-    assert _legend_texts(resnet)[0] == "ResNet-20 (running)"
+    assert _legend_texts(resnet)[0] == "ResNet-20 (interrupted, running)"  # its runs' statuses, not "running" alone
 
     def bold(ax):  # the test-error curves: (x, y) of each line of more than one point, drawn with width 2.2
         return [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()
@@ -1500,8 +1500,8 @@ def test_each_curve_is_a_mean_over_one_set_of_seeds_from_start_to_end(tmp_path):
     r20 = r20[r20["iteration"] <= 120].groupby("iteration")["error_pct"].mean()
     assert bold(resnet) == [(r20.index.tolist(), pytest.approx(r20.tolist()))]  # both seeds, up to 120
     assert "drawn from finished runs alone, as the tables count them: plain-56 s1 not in the curves" in drawn.notes
-    assert ("nets with no finished run (running) drawn as far as all their runs have come: ResNet-20 to 120 "
-            "iterations") in drawn.notes
+    assert ("nets with no finished run (their status in the legend) drawn as far as all their runs have come: "
+            "ResNet-20 to 120 iterations") in drawn.notes
     assert _legend_texts(build("fig1", data).figure.axes[0]) == ["plain-20", "plain-56 (1 seed)"]
 
 

@@ -126,19 +126,20 @@ def _rows_of(df: pd.DataFrame, series: Series) -> pd.DataFrame:
     return df[(df["arch"] == arch) & (df["depth"] == depth) & (df["shortcut"] == shortcut)]
 
 
-def _curve_rows(metrics: pd.DataFrame, series: list[Series]) -> tuple[pd.DataFrame, set[Series], list[str]]:
+def _curve_rows(metrics: pd.DataFrame, series: list[Series]) -> tuple[pd.DataFrame, dict[Series, str], list[str]]:
     """The rows each net's curve is drawn from, so that one curve is a mean over one set of seeds from
     start to end: a net with a finished run, its finished runs alone (as the tables count them); a net
-    with none, all its runs, up to the last iteration every one of them has logged. Also the nets drawn
-    from unfinished runs, and a note saying what was left out of the curves (none if nothing was)."""
-    frames, running, left_out, cut = [], set(), [], []
+    with none, all its runs, up to the last iteration every one of them has logged. Also, for each net
+    drawn from unfinished runs, their statuses (`running`, `diverged`, ...), and a note saying what was
+    left out of the curves (none if nothing was)."""
+    frames, unfinished, left_out, cut = [], {}, [], []
     for s in series:
         rows = _rows_of(metrics, s)
         if (rows["status"] == "done").any():
             left_out += sorted({f"{series_label(*s)} s{seed}" for seed in rows.loc[rows["status"] != "done", "seed"]})
             rows = rows[rows["status"] == "done"]
         elif not rows.empty:
-            running.add(s)
+            unfinished[s] = ", ".join(sorted(set(rows["status"])))
             last = rows.groupby("run_id")["iteration"].max()
             if last.nunique() > 1:
                 cut.append(f"{series_label(*s)} to {int(last.min()):,}")
@@ -148,22 +149,21 @@ def _curve_rows(metrics: pd.DataFrame, series: list[Series]) -> tuple[pd.DataFra
     if left_out:
         notes.append(f"drawn from finished runs alone, as the tables count them: {', '.join(left_out)} not in the curves")
     if cut:
-        notes.append(f"nets with no finished run (running) drawn as far as all their runs have come: {', '.join(cut)} "
-                     "iterations")
-    return (pd.concat(frames) if frames else metrics.iloc[0:0]), running, notes
+        notes.append(f"nets with no finished run (their status in the legend) drawn as far as all their runs have "
+                     f"come: {', '.join(cut)} iterations")
+    return (pd.concat(frames) if frames else metrics.iloc[0:0]), unfinished, notes
 
 
-def _net_labels(metrics: pd.DataFrame, series: list[Series], running: set[Series], runs: pd.DataFrame
+def _net_labels(metrics: pd.DataFrame, series: list[Series], unfinished: dict[Series, str], runs: pd.DataFrame
                 ) -> dict[Series, str]:
     """Each net's legend label: its name, with its number of seeds where that is not the figure's
-    (the title's), and `running` where its curve is of unfinished runs (`_curve_rows`)."""
+    (the title's), and its runs' statuses where its curve is of unfinished runs (`_curve_rows`)."""
     everyone = len(set(runs["seed"]))
     labels = {}
     for s in series:
         n = _rows_of(metrics, s)["run_id"].nunique()
-        extra = [f"{n} seed{'s' if n != 1 else ''}"] if n != everyone else []
-        labels[s] = series_label(*s) + (f" ({', '.join(extra + ['running'] * (s in running))})"
-                                        if extra or s in running else "")
+        extra = ([f"{n} seed{'s' if n != 1 else ''}"] if n != everyone else []) + ([unfinished[s]] if s in unfinished else [])
+        labels[s] = series_label(*s) + (f" ({', '.join(extra)})" if extra else "")
     return labels
 
 
@@ -335,8 +335,8 @@ def fig1(data: RunData, **select: object) -> Drawn:
     plain = [s for s in _series_in(metrics) if s[0] == "plain"]  # nets with a logged epoch
     drawn = _choose(plain, wanted, sorted({plain[0], plain[-1]}) if plain else [])
     colors = _colors(drawn)
-    curves, running, curve_notes = _curve_rows(metrics, drawn)
-    labels = _net_labels(curves, drawn, running, runs)
+    curves, unfinished, curve_notes = _curve_rows(metrics, drawn)
+    labels = _net_labels(curves, drawn, unfinished, runs)
     fig, axes = _new_figure(2, sharey=True)
     for ax, (split, name) in zip(axes[0], (("train", "training"), (_eval_split(metrics), study.eval_name))):
         for s in drawn:
@@ -394,8 +394,8 @@ def _curve_panels(
     split = _eval_split(metrics)
     all_drawn = [s for _, drawn, _ in panels for s in drawn]
     colors = _colors(all_drawn)
-    curves, running, curve_notes = _curve_rows(metrics, list(dict.fromkeys(all_drawn)))
-    labels = _net_labels(curves, all_drawn, running, runs)
+    curves, unfinished, curve_notes = _curve_rows(metrics, list(dict.fromkeys(all_drawn)))
+    labels = _net_labels(curves, all_drawn, unfinished, runs)
     few = _few(curves, all_drawn)
     train_mark, eval_mark = (RING, {"marker": "o"}) if few else ({}, {})
     fig, axes = _new_figure(len(panels), sharey=True)
