@@ -1515,9 +1515,18 @@ def test_a_claim_names_a_diverged_run_of_the_nets_it_judges(tmp_path):
     write_run(tmp_path, "resnet", 56, seed=0, floor=(6.0, 7.0))
     write_run(tmp_path, "resnet", 56, seed=1, floor=(6.0, 7.0), status="diverged", stop_at=160)
     claims = {c.number: c for c in classify_claims(RunData.load(tmp_path))}
-    assert claims[3].evidence.endswith("; diverged, so left out of the means: ResNet-56 s1 (a run that failed to "
-                                       "train, which the verdict above does not count)"), claims[3].evidence
+    named = "; diverged, so in no mean: ResNet-56 s1 (runs that failed to train)"
+    assert claims[3].evidence.endswith(named), claims[3].evidence
+    assert claims[5].evidence.endswith(named), claims[5].evidence  # its evidence names depths, not nets
     assert "diverged" not in claims[1].evidence  # its nets (plain-20, plain-56) have no diverged run
+    # Every ResNet-20 and ResNet-56 run diverged: claim 3 cannot be judged, and says which runs failed.
+    for seed in (0, 1):
+        Run(tmp_path, RunConfig("resnet", 20, seed=seed, iterations=400)).set_status("diverged", iteration=160)
+    Run(tmp_path, RunConfig("resnet", 56, seed=0, iterations=400)).set_status("diverged", iteration=160)
+    claim3 = classify_claims(RunData.load(tmp_path))[2]
+    assert claim3.verdict == "cannot be judged" and claim3.evidence.endswith(
+        "; diverged, so in no mean: ResNet-20 s0, ResNet-20 s1, ResNet-56 s0, ResNet-56 s1 (runs that failed to "
+        "train)"), claim3.evidence
 
 
 def test_table6_of_a_net_the_builder_refuses_shows_no_count_and_says_why(tmp_path, cli):

@@ -566,24 +566,33 @@ def classify_claims(data: RunData, **select: object) -> list[Claim]:
     return claims
 
 
-def _name_diverged(claims: list[Claim], data: RunData, studies: list[Study]) -> None:
-    """Add to each judged claim whose evidence names a net with a diverged run (in `studies`) that the run is
-    left out of the means: a run that failed to train would otherwise vanish from a verdict it may bear on
-    (a deeper ResNet that diverged, say, against "deeper ResNets are better")."""
-    import re
+#: The nets each claim judges, for naming their diverged runs (`_name_diverged`): (arch, depth, shortcut,
+#: ImageNet or not) -> whether the claim's comparisons draw on that net.
+_CLAIM_NETS: dict[int, Callable[[str, int, str, bool], bool]] = {
+    1: lambda arch, depth, shortcut, imagenet: arch == "plain",
+    2: lambda arch, depth, shortcut, imagenet: arch == "plain" and not imagenet,
+    3: lambda arch, depth, shortcut, imagenet: arch == "resnet" and shortcut == "A" and not imagenet,
+    4: lambda arch, depth, shortcut, imagenet: arch == "resnet" and depth in (110, 1202) and not imagenet,
+    5: lambda arch, depth, shortcut, imagenet: arch in ("plain", "resnet") and shortcut == "A" and not imagenet,
+    6: lambda arch, depth, shortcut, imagenet: imagenet and depth == 34,
+}
 
+
+def _name_diverged(claims: list[Claim], data: RunData, studies: list[Study]) -> None:
+    """Add to each claim (judged or not) whose nets (`_CLAIM_NETS`) have a diverged run in `studies` that the
+    run is left out of the means: a run that failed to train would otherwise vanish from a verdict it may
+    bear on (a deeper ResNet that diverged, say, against "deeper ResNets are better"), or leave a claim
+    that cannot be judged without its reason."""
     diverged = pd.concat([s.select(data.runs) for s in studies]) if studies else data.runs.iloc[0:0]
     diverged = diverged[diverged["status"] == "diverged"]
     if diverged.empty:
         return
     for claim in claims:
-        if claim.verdict == UNKNOWN:
-            continue
-        named = [f"{series_label(r.arch, r.depth, r.shortcut)} s{r.seed}" for r in diverged.itertuples()
-                 if re.search(rf"(?<![\w-]){re.escape(series_label(r.arch, r.depth, r.shortcut))}(?![\w])", claim.evidence)]
+        judges = _CLAIM_NETS.get(claim.number)
+        named = sorted(f"{series_label(r.arch, r.depth, r.shortcut)} s{r.seed}" for r in diverged.itertuples()
+                       if judges and judges(r.arch, int(r.depth), r.shortcut, r.dataset == IMAGENET))
         if named:
-            claim.evidence += (f"; diverged, so left out of the means: {', '.join(sorted(named))} (a run that failed to "
-                               "train, which the verdict above does not count)")
+            claim.evidence += f"; diverged, so in no mean: {', '.join(named)} (runs that failed to train)"
 
 
 def check_selection(data: RunData, **select: object) -> None:
