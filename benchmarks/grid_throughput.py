@@ -831,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                 "reference_cudnn_benchmark": True,
                 "fast_cudnn_benchmark": torch.backends.cudnn.benchmark,
                 "reference_conv_tf32": True,
-                "fast_conv_tf32": torch.backends.cudnn.allow_tf32,  # False once `tune_device` ran: IEEE fp32
+                "fast_conv_tf32": False,  # `tune_device`, which (b) and after call, turns it off: IEEE fp32
                 "fast_channels_last": cuda,
                 "paper_images_per_grid": len(nets) * PAPER_ITERATIONS * PAPER_BATCH_SIZE,
             },

@@ -214,10 +214,9 @@ def evaluate_runs(
     }
     if todo:
         from .data.imagenet import make_ten_crop_loader
-        from .train import default_workers, resolve_device, tune_device
+        from .train import default_workers, ieee_fp32, resolve_device
 
         dev = resolve_device(device)  # a ConfigError naming the fix for a device this machine lacks
-        tune_device(dev)  # fp32 as the runs trained it: IEEE, not TF32
         for run in todo:
             if not (run.checkpoint_path.exists() or run.previous_checkpoint_path.exists()):
                 raise ConfigError(no_checkpoint(run, "evaluate it"))
@@ -236,7 +235,8 @@ def evaluate_runs(
             progress=show, log=log))
         for run in todo:
             # An unreadable image is a one-line DataError (`imagenet.batches` unwraps the worker's).
-            record = evaluate_run(run, loader, dev, progress=show, pixel_mean=pixel_mean)
+            with ieee_fp32():  # fp32 as the runs trained it: IEEE, not TF32
+                record = evaluate_run(run, loader, dev, progress=show, pixel_mean=pixel_mean)
             atomic_write_text(tencrop_path(run.dir), json.dumps(record, indent=1) + "\n")
             outcomes[run.cfg.run_id] = Outcome(run.cfg.run_id, record, computed=True)
             log(f"{run.cfg.run_id}: 10-crop top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}% "

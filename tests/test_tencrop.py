@@ -64,12 +64,20 @@ def files(path):
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).rglob("*") if p.is_file()}
 
 
-def test_evaluate_writes_the_checkpoints_ten_crop_error_then_skips_and_force_recomputes(trained, capsys):
+def test_evaluate_writes_the_checkpoints_ten_crop_error_then_skips_and_force_recomputes(trained, capsys, monkeypatch):
+    import study.evaluate
+
     root, runs, run = trained
     path = run.dir / "tencrop.json"
     path.unlink(missing_ok=True)
+    # In IEEE fp32 as the runs trained (TF32 off while it works), the caller's TF32 setting back after.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    seen, real = [], study.evaluate.evaluate_run
+    monkeypatch.setattr(study.evaluate, "evaluate_run",
+                        lambda *a, **k: (seen.append(torch.backends.cudnn.allow_tf32), real(*a, **k))[1])
     code, out, err = evaluate(capsys, runs, root)
     assert code == 0, err
+    assert seen == [False] and torch.backends.cudnn.allow_tf32
     record = json.loads(path.read_text())
     expected, iteration = direct_ten_crop(run, root)
     assert (record["loss"], record["top1"], record["top5"]) == tuple(expected)  # equal, not approximately

@@ -325,17 +325,30 @@ def test_a_run_stopped_after_an_epochs_last_step_resumes_exactly(tmp_path, small
     pd.testing.assert_frame_equal(metrics_without_time(whole), metrics_without_time(cut))
 
 
-def test_fp32_is_ieee_not_tf32_in_training_and_probing(tmp_path, small_data, monkeypatch):
+def test_fp32_is_ieee_not_tf32_in_training_and_probing_and_the_callers_settings_come_back(tmp_path, monkeypatch):
     """PyTorch lets cuDNN compute fp32 convolutions in TF32 (a 10-bit mantissa) on Ampere and later GPUs by
-    default; the paper's fp32 is IEEE. Training and `study probe` turn TF32 off (process-wide flags, so set
-    on every device; on a CPU they change nothing)."""
+    default; the paper's fp32 is IEEE. Training (`run_all`) and `study probe` turn TF32 off while they work
+    (process-wide flags, so set on every device; on a CPU they change nothing) and give the caller's settings
+    back when they return, as a notebook would want."""
+    import study.probes
     from study.cli import main
+
+    from helpers import run_all
+
+    def tf32() -> tuple[bool, bool]:
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
 
     for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):
         monkeypatch.setattr(flags, "allow_tf32", True)  # PyTorch's cuDNN default; restored after the test
-    run = Run(tmp_path / "runs", tiny())
-    assert train_run(run.cfg, run, small_data, torch.device("cpu"), progress=False) == "done"
-    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    seen = []
+    real_write = Run.write_metrics
+    monkeypatch.setattr(Run, "write_metrics", lambda self, rows: (seen.append(("train", tf32())), real_write(self, rows)))
+    assert run_all([tiny(iterations=6)], tmp_path / "runs", device="cpu", progress=False, log=lambda line: None) == {
+        tiny(iterations=6).run_id: "done"}
+    assert tf32() == (True, True)  # the caller's, back
+    real_record = study.probes.record_responses
+    monkeypatch.setattr(study.probes, "record_responses",
+                        lambda *a, **k: (seen.append(("probe", tf32())), real_record(*a, **k))[1])
     assert main(["probe", "--runs-dir", str(tmp_path / "runs"), "--device", "cpu", "--max-images", "20"]) == 0
-    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert tf32() == (True, True)
+    assert {kind for kind, _ in seen} == {"train", "probe"} and all(flags == (False, False) for _, flags in seen), seen

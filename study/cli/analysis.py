@@ -213,7 +213,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from ..models import build_model
     from ..probes import record_responses
     from ..runstore import missing_runs_dir, no_checkpoint, readable_runs, unwritable
-    from ..train import resolve_device, tune_device
+    from ..train import ieee_fp32, resolve_device
 
     if args.max_images is not None and args.max_images <= 0:
         raise ConfigError(f"--max-images must be a positive number of images; got {args.max_images}")
@@ -244,7 +244,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
         if not chosen:
             raise NoRunsError(f"no finished run in {args.runs_dir} to probe; wait for one to finish or name run ids")
     device = resolve_device(args.device)  # a ConfigError naming the fix for a device this machine lacks
-    tune_device(device)  # the responses in IEEE fp32, not TF32
     cache: dict = {}
 
     def prepared(run):
@@ -272,16 +271,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
                               "you can write")
     for run in chosen:
         model, iteration, data = prepared(run)
-        path = record_responses(
-            run,
-            model.to(device),
-            data.to(device),
-            iteration=iteration,
-            split=args.split,
-            bn_mode=args.bn_mode,
-            reduction=args.reduction,
-            include_first=args.include_first,
-            max_images=args.max_images,
-        )
+        with ieee_fp32():  # the responses in IEEE fp32, not TF32, as the runs trained
+            path = record_responses(
+                run,
+                model.to(device),
+                data.to(device),
+                iteration=iteration,
+                split=args.split,
+                bn_mode=args.bn_mode,
+                reduction=args.reduction,
+                include_first=args.include_first,
+                max_images=args.max_images,
+            )
         print(f"{run.cfg.run_id}: layer responses at iteration {iteration} -> {path}")
     return 0

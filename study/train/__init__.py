@@ -21,10 +21,10 @@ from .plan import AUTO_GPU_CONCURRENCY, ExecutionPlan, default_workers, resolve_
 from .runner import run_all
 from .schedule import Schedule, lr_at
 from .signals import StopRequested, graceful_stop
-from .step import compile_model, evaluate, lay_out_like_params, sgd_step, tune_device
+from .step import compile_model, evaluate, fp32_math, ieee_fp32, lay_out_like_params, sgd_step, tune_device
 
 __all__ = [
     "AUTO_GPU_CONCURRENCY", "Distributed", "ExecutionPlan", "Schedule", "Session", "StopFlag", "StopRequested", "compile_model",
     "default_workers", "distributed_from_env", "evaluate", "graceful_stop", "lay_out_like_params", "lr_at",
-    "resolve_device", "run_all", "sgd_step", "train_steps", "tune_device",
+    "resolve_device", "run_all", "sgd_step", "train_steps", "tune_device", "ieee_fp32", "fp32_math",
 ]

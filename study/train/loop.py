@@ -39,6 +39,7 @@ from .epoch import Tally, metric_row
 from .feeds import CifarFeed, input_of, make_feed, quiet
 from .plan import ExecutionPlan
 from .schedule import Schedule, warm_up_ends
+from .step import fp32_math, tune_device
 
 PROGRESS_EVERY = 20  # iterations between progress-bar refreshes (each costs one device sync)
 # Without a progress bar (output not a terminal, --no-progress, runs trained together), a run logs
@@ -152,8 +153,10 @@ class _Training:
         plan, cpu = plan.for_run(cfg, device, ddp, input_shape=input_shape, num_classes=classes,
                                  recorded=run.recorded_cpu_path(), iterations_left=cfg.iterations - int(run.status().get("iteration", 0)),
                                  log=log if ddp.writer else quiet, stop=session.stop)
+        tune_device(device)  # IEEE fp32 (and cuDNN's autotuning), as the trainee below sets it: recorded here
         session_record = dict(processes=ddp.world, step=plan.step_kind,
                               **({"cpu_path": cpu.record()} if cpu is not None else {}),
+                              **({"fp32_math": fp32_math()} if device.type == "cuda" else {}),
                               classes=classes,
                               **({"backend": dist.get_backend(), "sync_bn": plan.sync_bn} if ddp.enabled else {}),
                               **({"views": imagenet.views_decoder(data.decode)} if image_folders else {}))

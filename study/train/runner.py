@@ -29,6 +29,7 @@ from .distributed import SINGLE, Distributed, broadcast
 from .feeds import pixel_mean_options, quiet
 from .interleave import interleave
 from .loop import Session, train_steps
+from .step import ieee_fp32
 from .plan import ExecutionPlan, default_workers
 from .signals import StopRequested, graceful_stop
 
@@ -62,7 +63,17 @@ def run_all(
     data order, metrics, checkpoint, resume). Under DDP (`ddp`) every process of the job calls
     this with the same list; rank 0 holds each run's lock and writes its files. ImageNet runs read
     `data_dir` (default ./data/imagenet). `tensorboard` DIR: each run's events in DIR/<run id>.
+    fp32 is IEEE fp32 throughout (TF32 off), and the caller's TF32 settings are back on return.
     """
+    with ieee_fp32():
+        return _run_all(configs, runs_dir, plan, data_dir=data_dir, progress=progress, stop=stop, log=log, ddp=ddp,
+                        tensorboard=tensorboard)
+
+
+def _run_all(configs: Iterable[RunConfig], runs_dir: str | Path, plan: ExecutionPlan, *, data_dir: str | None,
+             progress: bool | None, stop: StopFlag | None, log: Callable[[str], None], ddp: Distributed,
+             tensorboard: str | None) -> dict[str, str]:
+    """`run_all`'s work, under its IEEE fp32."""
     configs = list(configs)
     if tensorboard is not None:
         from ..tensorboard import require

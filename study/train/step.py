@@ -10,9 +10,10 @@ may turn to its other runs (`study.train.interleave`; a fused run goes on to its
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,6 +65,24 @@ def compile_model(module: nn.Module, device: torch.device) -> nn.Module:
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     return torch.compile(module, mode=COMPILE_MODE_CUDA if device.type == "cuda" else None, dynamic=False)
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """fp32 the paper's within: TF32 off for convolutions and matmuls (`tune_device` turns it off for
+    training too), and the caller's settings back on the way out, so that a notebook that trains, tests
+    or probes through the package keeps its own."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def fp32_math() -> str:
+    """How this process computes fp32 convolutions on a GPU, for a run's record: `ieee`, or `tf32`."""
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
 
 
 def tune_device(device: torch.device) -> None:
