@@ -34,6 +34,7 @@ from .runstore import (
     list_runs,
     missing_runs_dir,
     parquet_error,
+    status_error,
     unreadable_fix,
     unreadable_note,
 )
@@ -61,7 +62,8 @@ def _why_not(run: Run, allow_dirty: bool) -> str | None:
 
     status = run_status(run).get("status")
     if status == "unknown":
-        return "its status.json is unreadable"
+        why = status_error(run.dir) or "unknown"
+        return f"its status.json is unreadable ({why}); {unreadable_fix('status.json', status, why)}"
     if status not in FINAL_STATUSES:
         return f"not finished ({status})"
     if not run.metrics_path.is_file():

@@ -241,6 +241,8 @@ def unreadable_fix(name: str, status: str | None = None, reason: str | None = No
         return "run the run's `study run` command again, which rewrites its metrics from its checkpoint"
     if name == "responses.parquet":
         return "`study probe` the run again"
+    if name == "status.json":  # its checkpoint says where the run stands
+        return "run the run's `study run` command again, which rewrites it from its checkpoint"
     return ("a diagnostic (claim 2's gradient check): copy it again if the run trained elsewhere, or delete it and "
             "the run goes without it")
 
@@ -254,14 +256,14 @@ def unreadable_note(path: str | os.PathLike, reason: str, *, whole_run: bool = F
     except (OSError, ValueError, AttributeError):
         status = None
     name = Path(path).name
-    left_out = "the run is left out" if name == "config.json" or whole_run else "its rows are left out"
+    left_out = ("the run is left out" if name == "config.json" or whole_run
+                else "the run counts as unfinished (status unknown)" if name == "status.json" else "its rows are left out")
     return f"{path} is unreadable ({reason}), so {left_out}: {unreadable_fix(name, status, reason)}"
 
 
-def read_config(path: str | os.PathLike) -> tuple[dict | None, str | None]:
-    """A run's config.json at `path`: (its record, None), or (None, why it is damaged): not readable, not
-    JSON, or no JSON object with a `config` object in it (every config.json `Run.prepare` writes has one). Its
-    values are not checked: a run written by another tool may hold settings `RunConfig` does not know."""
+def read_json(path: str | os.PathLike) -> tuple[dict | None, str | None]:
+    """A run's JSON file (config.json, status.json) at `path`: (its object, None), or (None, why it cannot be
+    read: PERMISSION_DENIED, the OS's reason (missing, say), empty, not JSON, not UTF-8, not an object)."""
     try:
         text = Path(path).read_text()
         record = json.loads(text)
@@ -276,9 +278,25 @@ def read_config(path: str | os.PathLike) -> tuple[dict | None, str | None]:
     if not isinstance(record, dict):
         kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(record), "a number")
         return None, f"it holds {kind}, not a JSON object"
-    if not isinstance(record.get("config"), dict):
-        return None, "it holds no run config (no `config` object)"
     return record, None
+
+
+def read_config(path: str | os.PathLike) -> tuple[dict | None, str | None]:
+    """A run's config.json at `path`: (its record, None), or (None, why it is damaged): not readable, not
+    JSON (`read_json`), or no JSON object with a `config` object in it (every config.json `Run.prepare` writes
+    has one). Its values are not checked: a run written by another tool may hold settings `RunConfig` does
+    not know."""
+    record, why = read_json(path)
+    if record is not None and not isinstance(record.get("config"), dict):
+        return None, "it holds no run config (no `config` object)"
+    return record, why
+
+
+def status_error(run_dir: str | os.PathLike) -> str | None:
+    """Why the run's status.json in `run_dir` cannot be read (`read_json`), or None where it reads or is not
+    there (a run never started)."""
+    path = Path(run_dir) / "status.json"
+    return read_json(path)[1] if path.exists() else None
 
 
 def refuse_damaged(unreadable: list[tuple[str, str]], run_ids: Iterable[str]) -> None:

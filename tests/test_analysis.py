@@ -337,25 +337,26 @@ def test_a_file_this_user_may_not_read_is_named_with_the_permissions_fix(tmp_pat
     runs = tmp_path / "runs"
     locked_config = write_run(runs, "plain", 20).config_path
     locked_metrics = write_run(runs, "resnet", 20).metrics_path
+    locked_status = write_run(runs, "plain", 56).status_path
     fix = "let this user read it (see its owner and mode with `ls -l`), then run the command again"
     assert read_config(locked_config)[1] is None
     assert unreadable_reason(PermissionError(13, "Permission denied")) == PERMISSION_DENIED
-    locked_config.chmod(0)
-    locked_metrics.chmod(0)
+    for path in (locked_config, locked_metrics, locked_status):
+        path.chmod(0)
     try:
         if not prefix:
             assert read_config(locked_config) == (None, PERMISSION_DENIED)
         # One process for both commands (each one's output after a marker line): torch's import is most of its time.
         script = ("import sys; from study.cli import main\n"
-                  "for argv in (['status'], ['table', 'table2']):\n"
+                  "for argv in (['status'], ['table', 'table6']):\n"
                   "    print('===', flush=True); main([*argv, '--runs-dir', sys.argv[1]]); sys.stdout.flush()")
         proc = subprocess.run([*prefix, sys.executable, "-c", script, str(runs)], capture_output=True, text=True,
                               timeout=300)
         out = dict(zip(("status", "table"), proc.stdout.split("===\n")[1:]))
         out["table"] += proc.stderr  # the notes go to stderr; status prints none there
     finally:
-        locked_config.chmod(0o644)
-        locked_metrics.chmod(0o644)
+        for path in (locked_config, locked_metrics, locked_status):
+            path.chmod(0o644)
     status = out["status"]
     assert (f"{locked_config.parent.name}: its config.json is unreadable (permission denied), so it is not listed: {fix}"
             in status), status
@@ -363,6 +364,11 @@ def test_a_file_this_user_may_not_read_is_named_with_the_permissions_fix(tmp_pat
     assert "train it again" not in status and "copy it again" not in status, status
     assert f"note: {locked_config} is unreadable (permission denied), so the run is left out: {fix}" in out["table"], out
     assert f"note: {locked_metrics} is unreadable (permission denied), so its rows are left out: {fix}" in out["table"], out
+    # A status.json: the run is not taken for a new one, and the line says why where it stands is unknown.
+    assert f"{locked_status.parent.name}: its status.json is unreadable (permission denied): {fix}" in status, status
+    assert (f"note: {locked_status} is unreadable (permission denied), so the run counts as unfinished (status "
+            f"unknown): {fix}") in out["table"], out
+    assert "plain-56 s0 (unknown," in out["table"], out
 
 
 # One kind of damage through every command (the kinds differ only in `read_config`'s reason, tested above).

@@ -66,7 +66,9 @@ def test_publish_leaves_out_what_it_cannot_vouch_for_and_keeps_the_copy_current(
     assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [diverged.cfg.run_id]
-    assert f"{corrupt.cfg.run_id}: left out: its status.json is unreadable" in printed
+    assert (f"{corrupt.cfg.run_id}: left out: its status.json is unreadable (not JSON: Expecting property name "
+            "enclosed in double quotes (line 1, column 2)); run the run's `study run` command again, which rewrites it "
+            "from its checkpoint") in printed, printed
     assert f"{bare.cfg.run_id}: left out: no metrics.parquet" in printed
     umask = os.umask(0)
     os.umask(umask)

@@ -24,7 +24,7 @@ import pandas as pd
 from ..config import IMAGENET_BATCH_SIZE, PAPER_BATCH_SIZE, ConfigError
 from ..evaluate import TENCROP_FILE
 from ..probes import PROBE_DEFAULTS
-from ..runstore import METRIC_COLUMNS, missing_runs_dir, read_config, unreadable_note, unreadable_reason
+from ..runstore import METRIC_COLUMNS, missing_runs_dir, read_config, status_error, unreadable_note, unreadable_reason
 from .paper import CIFAR_ITERATIONS, IMAGENET, IMAGENET_ITERATIONS, Series, series_label
 
 IDENTITY = ["run_id", "dataset", "arch", "depth", "shortcut", "seed"]
@@ -106,6 +106,9 @@ def _run_row(run_dir: Path, unreadable: list[tuple[str, str]] | None = None) -> 
     if "arch" not in cfg or "depth" not in cfg or "dataset" not in cfg:
         return None
     status = _read_json(run_dir / "status.json") or {}
+    if (why := status_error(run_dir)) is not None:  # there but unreadable: where the run stands is unknown
+        status = {"status": "unknown"}
+        _unreadable(run_dir / "status.json", why, unreadable)
     provenance = record.get("provenance") if record else None
     return {
         "run_id": run_dir.name,

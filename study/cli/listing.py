@@ -15,7 +15,7 @@ from ..config import ConfigError
 from ..grids import GRIDS, grid_configs
 from ..launch import list_runs_with_queued, run_status
 from ..runstore import (FINAL_STATUSES, Machine, Run, RunStoreError, bf16_unit_names, cpu_flags, duration,
-                        missing_runs_dir, parquet_error, this_cpu_label, trained_on, unreadable_fix)
+                        missing_runs_dir, parquet_error, status_error, this_cpu_label, trained_on, unreadable_fix)
 from .args import SELECTION, add_selection, path
 from .run import add_training_options, processes_per_run, run_configs
 
@@ -215,6 +215,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if metrics.empty and run.metrics_path.is_file() and (why := parquet_error(run.metrics_path)):
             print(f"{run.cfg.run_id}: its metrics.parquet is unreadable ({why}): "
                   f"{unreadable_fix('metrics.parquet', st['status'], why)}")
+        if st["status"] == "unknown" and (why := status_error(run.dir)):  # where the run stands cannot be read
+            print(f"{run.cfg.run_id}: its status.json is unreadable ({why}): {unreadable_fix('status.json', reason=why)}")
     _print_damaged(damaged)
     if stopped:
         print("(stopped: marked running, but no process is training it (killed, or its node failed); "
