@@ -327,41 +327,38 @@ class Study:
     variant: str = ""
 
     @property
-    def is_paper(self) -> bool:
-        """The paper's own setting: CIFAR-10 for 64k iterations at batch 128, or ImageNet for 60e4 at
-        batch 256, and no deviation of protocol (`variant`)."""
-        imagenet = self.dataset == IMAGENET
-        budget = IMAGENET_ITERATIONS if imagenet else CIFAR_ITERATIONS
-        batch = IMAGENET_BATCH_SIZE if imagenet else PAPER_BATCH_SIZE
-        return (self.dataset in ("cifar10", IMAGENET) and self.iterations == budget and self.batch_size == batch
-                and not self.variant)
+    def paper_budget(self) -> tuple[int, int]:
+        """The paper's iterations and batch size for this study's kind of data: CIFAR's 64k at 128, or
+        ImageNet's 60e4 at 256."""
+        if self.dataset == IMAGENET:
+            return IMAGENET_ITERATIONS, IMAGENET_BATCH_SIZE
+        return CIFAR_ITERATIONS, PAPER_BATCH_SIZE
 
     @property
     def on_paper_schedule(self) -> bool:
         """The paper's data set, budget and batch size (a variant of the protocol, bf16 say, allowed): where
         the paper's final numbers can stand beside ours (a star at the end of a curve, a table's difference)."""
-        imagenet = self.dataset == IMAGENET
-        return (self.dataset in ("cifar10", IMAGENET)
-                and self.iterations == (IMAGENET_ITERATIONS if imagenet else CIFAR_ITERATIONS)
-                and self.batch_size == (IMAGENET_BATCH_SIZE if imagenet else PAPER_BATCH_SIZE))
+        return self.dataset in ("cifar10", IMAGENET) and (self.iterations, self.batch_size) == self.paper_budget
+
+    @property
+    def is_paper(self) -> bool:
+        """The paper's own setting: CIFAR-10 for 64k iterations at batch 128, or ImageNet for 60e4 at
+        batch 256, and no deviation of protocol (`variant`)."""
+        return self.on_paper_schedule and not self.variant
 
     def distance_from_paper(self) -> tuple[bool, float, float]:
         """How far the setting is from the paper's, for ranking studies (`pick_study`): whether the data set
         is another than the paper's (CIFAR-10 or ImageNet), and how many times the budget and the batch
         size differ from the paper's (log ratios, 0 for the paper's: 32k and 128k iterations are as far
         from 64k)."""
-        imagenet = self.dataset == IMAGENET
-        budget = IMAGENET_ITERATIONS if imagenet else CIFAR_ITERATIONS
-        batch = IMAGENET_BATCH_SIZE if imagenet else PAPER_BATCH_SIZE
+        budget, batch = self.paper_budget
         return (self.dataset not in ("cifar10", IMAGENET), abs(math.log(self.iterations / budget)),
                 abs(math.log(self.batch_size / batch)))
 
     def deviations(self) -> list[str]:
         """How this study's setting differs from the paper's, in words (empty for the paper's own;
         only meaningful on CIFAR-10 and ImageNet)."""
-        imagenet = self.dataset == IMAGENET
-        budget = IMAGENET_ITERATIONS if imagenet else CIFAR_ITERATIONS
-        batch = IMAGENET_BATCH_SIZE if imagenet else PAPER_BATCH_SIZE
+        budget, batch = self.paper_budget
         out = []
         if self.iterations != budget:
             out.append(f"{'shortened' if self.iterations < budget else 'longer'} ({self.iterations:,} iterations, "
@@ -380,7 +377,7 @@ class Study:
     def label(self) -> str:
         """E.g. `fashion-mnist-mini, 200 iterations`; a non-paper batch size or a hold-out is named."""
         parts = [self.dataset, f"{self.iterations:,} iterations"]
-        if self.batch_size != (IMAGENET_BATCH_SIZE if self.dataset == IMAGENET else PAPER_BATCH_SIZE):
+        if self.batch_size != self.paper_budget[1]:
             parts.append(f"batch {self.batch_size}")
         if self.holdout:
             parts.append("90/10 hold-out")

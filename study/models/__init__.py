@@ -144,8 +144,9 @@ def architecture_table(
     # training spin-wait for one another for minutes.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        return _architecture_rows(depths, imagenet_depths)
+    try:  # the initialisations draw from torch's global generator: leave it as the caller had it
+        with torch.random.fork_rng(devices=[]):
+            return _architecture_rows(depths, imagenet_depths)
     finally:
         torch.set_num_threads(threads)
 
