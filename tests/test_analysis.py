@@ -1555,3 +1555,16 @@ def test_table6_of_a_net_the_builder_refuses_shows_no_count_and_says_why(tmp_pat
             "n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...); got 18)") in table.notes, table.notes
     code, out, err = cli("table", "table6", "--runs-dir", tmp_path)
     assert code == 0 and "| ResNet-18 " in out, err
+
+
+def test_table6_names_the_papers_missing_nets_only_for_a_study_of_the_papers_depths(tmp_path):
+    """As the figures: a study of other depths (quick's 8 and 20 layers) does not lack ResNet-32 and the rest;
+    one of the paper's 20 and 56 does, and the note says which."""
+    for arch in ("plain", "resnet"):
+        for depth in (8, 20):
+            write_run(tmp_path / "quick", arch, depth)
+        for depth in (20, 56):
+            write_run(tmp_path / "pair", arch, depth)
+    assert not any(n.startswith("missing runs") for n in build_table("table6", RunData.load(tmp_path / "quick")).notes)
+    notes = build_table("table6", RunData.load(tmp_path / "pair")).notes
+    assert "missing runs: ResNet-32, ResNet-44, ResNet-110, ResNet-1202" in notes, notes

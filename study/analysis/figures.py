@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from ..config import CIFAR_DEPTHS, IMAGENET_DEPTHS, ConfigError
+from ..config import ConfigError
 from ..runstore import file_in_the_way, unwritable
-from .load import (NoRunsError, RunData, Study, coverage, one_probe_setting, pick_study, studies, unsettled_bn,
-                   unsettled_bn_note)
+from .load import (NoRunsError, RunData, Study, coverage, of_paper_depths, one_probe_setting, pick_study, studies,
+                   unsettled_bn, unsettled_bn_note)
 from .paper import FIGURES, PAPER_ARCHS, TABLE2, TABLE6, Series, net_label, series_label
 
 if TYPE_CHECKING:
@@ -313,15 +313,6 @@ def _choose(present: list[Series], wanted: tuple[Series, ...], fallback: list[Se
     return chosen if len({s[1] for s in chosen}) >= 2 else fallback
 
 
-def _of_paper_depths(runs: pd.DataFrame) -> bool:
-    """Whether the study is one of the paper's depths (all of its depths are the paper's, or two of
-    them are): only then are the paper's nets that it lacks worth a note (a study of 8 and 20 layers
-    does not miss plain-56; one of 8, 20 and 56 layers does miss ResNet-56)."""
-    depths = set(runs["depth"].astype(int))
-    paper = depths & set(CIFAR_DEPTHS + IMAGENET_DEPTHS)
-    return bool(depths) and (paper == depths or len(paper) >= 2)
-
-
 # --- Figures 1, 4 and 6: error curves --------------------------------------------------------
 
 
@@ -350,7 +341,7 @@ def fig1(data: RunData, **select: object) -> Drawn:
             _empty(ax, "no plain-net runs in this study")
     for ax in axes[0]:  # once every panel is drawn: their shared scale reaches the highest curve of any
         _error_axis(ax, study, spec.ylim)
-    notes = (coverage(runs, drawn, wanted if _of_paper_depths(runs) else [])
+    notes = (coverage(runs, drawn, wanted if of_paper_depths(runs) else [])
              + _not_logged(runs[runs["arch"] == "plain"], metrics, data.unreadable_metrics())
              + _off_chart(curves, drawn, study, spec.ylim) + curve_notes + notes)
     caption = (
@@ -419,7 +410,7 @@ def _curve_panels(
             _empty(ax, "no runs: " + ", ".join(series_label(*s) for s in wanted))
     for ax in axes[0]:  # once every panel is drawn: their shared scale reaches the highest curve of any
         _error_axis(ax, study, spec.ylim)
-    notes = (coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all if _of_paper_depths(runs) else [])
+    notes = (coverage(runs, list(dict.fromkeys(all_drawn)), wanted_all if of_paper_depths(runs) else [])
              + _not_logged(runs, metrics, data.unreadable_metrics())
              + _off_chart(curves, all_drawn, study, spec.ylim) + curve_notes + notes)
     train_word = "dashed" if train_line.get("linestyle") == "--" else "thin"
@@ -582,7 +573,7 @@ def fig7(data: RunData, **select: object) -> Drawn:
         _legend(ax, drawn, colors, [], dashes={s: dashes[_kind(s[0])] for s in drawn})
     runs = study.select(data.runs)
     measured = runs[runs["run_id"].isin(responses["run_id"])]
-    notes = coverage(measured, drawn, wanted if _of_paper_depths(measured) else []) + notes
+    notes = coverage(measured, drawn, wanted if of_paper_depths(measured) else []) + notes
     if early := unsettled_bn(responses):
         notes.append(unsettled_bn_note(early))
     # Only the paper's nets count: the arms have their own figure, and a pre-activation net has no responses.
@@ -796,7 +787,7 @@ def arms(data: RunData, **select: object) -> Drawn:
     if not any(a not in PAPER_ARCHS for a in nets):
         raise NoRunsError(
             f"arms needs finished runs of a follow-up's arm (--arch preact, --init zero-residual or delta-orthogonal) "
-            f"in the study {study.label()} of {data.runs_dir}; train them (`study run --grid followups`)"
+            f"in {data.runs_dir} (its study: {study.label()}); train them (`study run --grid followups`)"
         )
     eval_split = "val" if "val" in finals.columns and finals["val"].notna().any() else "test"
     responses = study.select(data.responses)

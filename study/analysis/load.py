@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import IMAGENET_BATCH_SIZE, PAPER_BATCH_SIZE, ConfigError
+from ..config import CIFAR_DEPTHS, IMAGENET_BATCH_SIZE, IMAGENET_DEPTHS, PAPER_BATCH_SIZE, ConfigError
 from ..evaluate import TENCROP_FILE
 from ..probes import PROBE_DEFAULTS
 from ..runstore import METRIC_COLUMNS, missing_runs_dir, read_config, status_error, unreadable_note, unreadable_reason
@@ -511,6 +511,15 @@ def pick_study(
         others = "; ".join(s.label() for s in ranked[1:])
         notes.append(f"also present, not used here: {others} (`study plot`, `study table` and `study report` choose with {CHOOSERS})")
     return ranked[0], notes
+
+
+def of_paper_depths(runs: pd.DataFrame) -> bool:
+    """Whether the study is one of the paper's depths (all of its depths are the paper's, or two of
+    them are): only then are the paper's nets that it lacks worth a note (a study of 8 and 20 layers
+    does not miss plain-56; one of 8, 20 and 56 layers does miss ResNet-56)."""
+    depths = set(runs["depth"].astype(int))
+    paper = depths & set(CIFAR_DEPTHS + IMAGENET_DEPTHS)
+    return bool(depths) and (paper == depths or len(paper) >= 2)
 
 
 def coverage(runs: pd.DataFrame, drawn: Iterable[Series], wanted: Iterable[Series]) -> list[str]:

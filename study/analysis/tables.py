@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ..data import DataError, dataset_info
-from .load import TENCROP_COLUMNS, RunData, Study, coverage, pick_study
+from .load import TENCROP_COLUMNS, RunData, Study, coverage, of_paper_depths, pick_study
 from .paper import IMAGENET, PAPER_ARCHS, TABLE2, TABLE3, TABLE6, PaperError, Series, series_label
 
 TABLE_NAMES = ("table2", "table3", "table6")
@@ -145,7 +145,8 @@ def _compare(
     shown = pd.DataFrame(shown_rows)
     frame = pd.DataFrame(frame_rows).assign(dataset=study.dataset, iterations=study.iterations)
     drawn = [s for s in rows if s in present]
-    notes = coverage(runs, drawn, wanted) + notes
+    # The paper's nets a study of its depths lacks are named; a study of others (quick's 8 and 20) lacks none.
+    notes = coverage(runs, drawn, wanted if of_paper_depths(runs) else []) + notes
     if study.dataset not in ("cifar10", IMAGENET):
         notes.append(
             f"the paper's numbers are for {'ImageNet' if name != 'table6' else 'CIFAR-10'}; "

@@ -126,7 +126,7 @@ def add_selection(parser: argparse.ArgumentParser, *, required: bool, arch_help:
     what.add_argument("--grid", help="a named grid (see `study grids`)")
     what.add_argument("--arch", choices=ARCHS, help=arch_help + " (plain, resnet: the paper's; preact: the "
                       "pre-activation ResNet of its sequel, docs/followups.md)")
-    parser.add_argument("--depth", type=int, help="CIFAR 6n+2: 20, 32, 44, 56, 110, 1202; ImageNet 18 or 34 (with --arch)")
+    parser.add_argument("--depth", type=int, help="CIFAR 6n+2: 8, 14, 20, 32, 44, 56, 110, 1202, ...; ImageNet 18 or 34 (with --arch)")
     parser.add_argument("--shortcut", choices=("A", "B", "C"), help="residual shortcut option (default A)")
     parser.add_argument("--init", choices=INITS, help="he (the paper's, default); beyond the paper: zero-residual (every "
                         "residual block starts as the identity) or delta-orthogonal (docs/followups.md)")
