@@ -637,6 +637,7 @@ def test_listing_and_analysis_commands_do_not_import_torchvision():
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
 
+@pytest.mark.slow  # two processes of the entry point, 11-17 s: the default run stays under 10 minutes
 def test_console_script_in_a_pipe_is_quiet_and_fails_cleanly(tmp_path):
     """The installed `study` entry point: no progress bar in a pipe, no traceback on bad input."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

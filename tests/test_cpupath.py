@@ -46,6 +46,7 @@ def _run(runs_dir, *extra):
                  "--runs-dir", str(runs_dir), "--no-progress", *extra])
 
 
+@pytest.mark.slow  # two measured runs, 14-25 s: the default run stays under 10 minutes
 def test_the_same_command_twice_trains_the_same_path_to_identical_metrics(tmp_path, monkeypatch, capsys, cache_dir):
     """The first command measures the paths and caches what it measured; the second reads the cache,
     takes the same path and trains to the same metrics."""
