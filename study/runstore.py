@@ -251,10 +251,7 @@ def unreadable_note(path: str | os.PathLike, reason: str, *, whole_run: bool = F
     """One line for an unreadable file of a run: what it is, what is left out (the file's rows; for a
     config.json, or where the caller leaves the run out for it (`whole_run`), the run), and the fix
     (`unreadable_fix`)."""
-    try:
-        status = json.loads((Path(path).parent / "status.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        status = None
+    status = (read_json(Path(path).parent / "status.json")[0] or {}).get("status")
     name = Path(path).name
     left_out = ("the run is left out" if name == "config.json" or whole_run
                 else "the run counts as unfinished (status unknown)" if name == "status.json" else "its rows are left out")

@@ -24,7 +24,7 @@ import pandas as pd
 from ..config import CIFAR_DEPTHS, IMAGENET_BATCH_SIZE, IMAGENET_DEPTHS, PAPER_BATCH_SIZE, ConfigError
 from ..evaluate import TENCROP_FILE
 from ..probes import PROBE_DEFAULTS
-from ..runstore import METRIC_COLUMNS, missing_runs_dir, read_config, status_error, unreadable_note, unreadable_reason
+from ..runstore import METRIC_COLUMNS, missing_runs_dir, read_config, read_json, unreadable_note, unreadable_reason
 from .paper import CIFAR_ITERATIONS, IMAGENET, IMAGENET_ITERATIONS, Series, series_label
 
 IDENTITY = ["run_id", "dataset", "arch", "depth", "shortcut", "seed"]
@@ -69,14 +69,6 @@ class NoRunsError(ConfigError):
     """No run matches what was asked for. str(e) is one line naming the fix."""
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def _run_row(run_dir: Path, unreadable: list[tuple[str, str]] | None = None) -> dict | None:
     """One run's identity, budget and status, or None for a directory that is not a run, or a run left out
     because its config.json is damaged (`read_config`), or, without config.json, its metrics, which would
@@ -105,8 +97,8 @@ def _run_row(run_dir: Path, unreadable: list[tuple[str, str]] | None = None) -> 
         cfg["iterations"] = int(metrics["iteration"].max())
     if "arch" not in cfg or "depth" not in cfg or "dataset" not in cfg:
         return None
-    status = _read_json(run_dir / "status.json") or {}
-    if (why := status_error(run_dir)) is not None:  # there but unreadable: where the run stands is unknown
+    status, why = read_json(run_dir / "status.json") if (run_dir / "status.json").exists() else ({}, None)
+    if why is not None:  # there but unreadable: where the run stands is unknown
         status = {"status": "unknown"}
         _unreadable(run_dir / "status.json", why, unreadable)
     provenance = record.get("provenance") if record else None
@@ -137,7 +129,7 @@ def _class_count(value: object) -> float:
 
 def _tencrop(run_dir: Path) -> dict:
     """The run's 10-crop result as TENCROP_COLUMNS (NaN without a readable tencrop.json)."""
-    record = _read_json(run_dir / TENCROP_FILE) or {}
+    record = read_json(run_dir / TENCROP_FILE)[0] or {}
     try:
         values = [float(record[k]) for k in ("top1", "top5", "iteration")]
     except (KeyError, TypeError, ValueError):

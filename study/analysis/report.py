@@ -183,9 +183,10 @@ def _significance(comparisons: list[tuple[Comparison, bool]], holds: bool) -> st
     """Whether the runs' verdict is significant (Welch's t, 95%), given the claim's comparisons and the
     side (`higher`) each claims. A verdict that holds is `significant` if every interval excludes 0 on its
     claimed side; one that does not hold, if some interval excludes 0 on the other side (the runs
-    significantly contradict the claim). Else `not significant` where every comparison has its interval,
-    `no interval` where one it needs has none (a net with a single seed, or seeds that agree to the last
-    digit: no test was possible, which "not significant" would not say); "" where there is no comparison."""
+    significantly contradict the claim). Else `not significant`, or `no interval` where that turns on a
+    comparison with none (a net with a single seed, or seeds that agree to the last digit: no test was
+    possible, which "not significant" would not say; a tested comparison short of significance makes a
+    verdict that holds `not significant` whatever the others); "" where there is no comparison."""
     if not comparisons:
         return ""
     untested = "no interval" if any(c.low is None for c, _ in comparisons) else "not significant"
