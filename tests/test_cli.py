@@ -22,6 +22,56 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+def test_a_run_records_the_data_it_read_and_the_report_warns_when_a_studys_runs_read_different_data(tmp_path, capsys):
+    import gzip
+    import shutil
+
+    from study.analysis.load import RunData
+    from study.analysis.report import mixed_data_notes, run_table
+    from study.data import load_data
+    from study.data.sources import fingerprint
+    from study.data.fashion_mnist_mini.build import write_idx
+
+    from helpers import write_small_fashion_mnist
+
+    gz = write_small_fashion_mnist(tmp_path / "gz")
+    plain = tmp_path / "plain"  # the same release, unpacked: the same data
+    plain.mkdir()
+    for f in gz.iterdir():
+        with gzip.open(f) as src, open(plain / f.stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    other = tmp_path / "other"  # readable, the right shape, but one label changed
+    shutil.copytree(gz, other)
+    labels = load_data("fashion-mnist", other).train.labels.clone()
+    labels[0] = (labels[0] + 1) % 10
+    write_idx(other / "train-labels-idx1-ubyte.gz", labels.to(torch.uint8))
+
+    runs = tmp_path / "runs"
+    for seed, folder in ((0, gz), (1, plain), (2, other)):
+        code, _, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "8", "--dataset", "fashion-mnist",
+                               "--iterations", "2", "--batch-size", "32", "--seeds", str(seed), "--data-dir", str(folder),
+                               "--runs-dir", str(runs), "--device", "cpu", "--no-progress")
+        assert code == 0, err
+    source = {seed: json.loads((runs / f"fashion-mnist-plain8-A-s{seed}-it2-b32" / "config.json").read_text())["provenance"]["data"]
+              for seed in range(3)}
+    # The sha256 of the images and labels as read: the same for gzipped and unpacked files of one release.
+    assert source[0]["sha256"] == source[1]["sha256"] == fingerprint(*(lambda d: (d.train, d.eval))(load_data("fashion-mnist", plain)))
+    assert source[2]["sha256"] != source[0]["sha256"]
+    assert source[0]["dir"] == str(gz.absolute()) and source[1]["dir"] == str(plain.absolute())
+    assert source[0]["images"] == {"train": 96, "test": 40}
+
+    data = RunData.load(runs)
+    table = run_table(data).set_index("run")
+    assert table["data"].to_dict() == {f"fashion-mnist-plain8-A-s{seed}-it2-b32": f"sha256 {source[seed]['sha256'][:12]}"
+                                       for seed in range(3)}
+    [note] = mixed_data_notes(data)  # one study, two data sets: named, with the runs on each and the fix
+    assert f"sha256 {source[2]['sha256'][:12]}: fashion-mnist-plain8-A-s2-it2-b32" in note
+    assert f"sha256 {source[0]['sha256'][:12]}: fashion-mnist-plain8-A-s0-it2-b32, fashion-mnist-plain8-A-s1-it2-b32" in note
+    assert "--data-dir" in note
+    shutil.rmtree(runs / "fashion-mnist-plain8-A-s2-it2-b32")
+    assert mixed_data_notes(RunData.load(runs)) == []
+
+
 def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     runs = tmp_path / "runs"
     args = ["run", "--arch", "resnet", "--depth", "8", "--iterations", "6", "--batch-size", "32", "--seeds", "0,1"]

@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
 
 
 def test_grid_trains_every_imagenet_net_and_logs_train_and_val(trained):
-    _, runs = trained
+    root, runs = trained
     ids = sorted(p.name for p in runs.iterdir() if p.is_dir())
     assert ids == sorted(f"imagenet-{a}{d}-A-s0-it3-b2" for a in ("plain", "resnet") for d in (18, 34))
     # Beside them, the training set's per-pixel mean, computed once for the whole grid.
@@ -53,6 +53,8 @@ def test_grid_trains_every_imagenet_net_and_logs_train_and_val(trained):
         provenance = json.loads((runs / run_id / "config.json").read_text())["provenance"]
         assert provenance["classes"] == 3 and provenance["views"] == imagenet.views_decoder("cpu")
         assert ("libjpeg" in provenance["views"]) == (imagenet.partial_decoding() is not None)
+        # What it read: the root, its classes and the images of each split (not hashed: 1.3 million files).
+        assert provenance["data"] == {"dir": str(root.absolute()), "classes": 3, "images": {"train": 3, "val": 6}}
 
 
 def test_fig4_and_table2_from_the_imagenet_logs(trained, tmp_path, capsys):

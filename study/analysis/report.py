@@ -642,7 +642,7 @@ class ReportContent:
 # What `study run` records in config.json's provenance, as the Runs section shows it. A column of
 # the same name in RunData.runs is used where the run table carries it.
 PROVENANCE_KEYS = ("torch_version", "python_version", "package_version", "device", "device_name", "cpu", "cpu_flags",
-                   "cpu_capability", "git_commit", "git_dirty", "resumed")
+                   "cpu_capability", "git_commit", "git_dirty", "data", "resumed")
 REPORT_FORMATS = ("md", "html")
 
 
@@ -691,6 +691,40 @@ def commit_text(session: dict, width: int = 10) -> str | None:
     return str(commit)[:width] + (" (dirty)" if session.get("git_dirty") else "") if commit else None
 
 
+def data_text(session: dict, *, folder: bool = True) -> str | None:
+    """What a session read (`Data.source`), as the Runs section names it: the sha256 of the images and
+    labels, shortened, or for ImageNet (not hashed) its image counts and, with `folder`, its folder;
+    None where unrecorded."""
+    source = session.get("data")
+    if not isinstance(source, dict):
+        return None
+    if source.get("sha256"):
+        return f"sha256 {str(source['sha256'])[:12]}"
+    images = source.get("images") if isinstance(source.get("images"), dict) else {}
+    counts = " + ".join(f"{n:,} {split}" for split, n in images.items() if isinstance(n, int))
+    return ", ".join(filter(None, [f"{counts} images" if counts else None,
+                                   source.get("dir") if folder else None])) or None
+
+
+def mixed_data_notes(data: RunData) -> list[str]:
+    """One line for each study whose runs (or a run's sessions) read different data: a study's verdicts
+    assume one data set, which the data set's name alone does not prove (two copies of a release, one
+    damaged but still readable, or a data dir that changed between sessions)."""
+    notes = []
+    for study in studies(data.runs):
+        seen: dict[str, list[str]] = {}
+        for _, run in study.select(data.runs).iterrows():
+            prov = _provenance(data, run, ("data", "resumed"))
+            # One copy in several folders (each node's scratch disk, say) is one data set.
+            for text in {data_text(s, folder=False) for s in sessions(prov)} - {None}:
+                seen.setdefault(text, []).append(run["run_id"])
+        if len(seen) > 1:
+            notes.append(f"the runs of {study.label()} read different data ("
+                         + "; ".join(f"{text}: {', '.join(sorted(ids))}" for text, ids in sorted(seen.items()))
+                         + "); train them again on one copy (`--data-dir`)")
+    return notes
+
+
 def run_table(data: RunData) -> pd.DataFrame:
     """The report's Runs section: each run read, its study, status, progress, final errors (last
     logged epoch) and provenance, as text. Provenance columns no run recorded are left out."""
@@ -720,7 +754,8 @@ def run_table(data: RunData) -> pd.DataFrame:
             **{label: pct(final.get(split)) for split, label in splits.items() if split in finals.columns},
             **({"10-crop top-1 (%)": pct(run["tencrop_top1"])} if data.runs["tencrop_top1"].notna().any() else {}),
             "torch": torch_version, "python": prov["python_version"], "study version": prov["package_version"],
-            "device": device or None, "git commit": commit, "status updated": prov["updated"],
+            "device": device or None, "data": by_session(prov, data_text), "git commit": commit,
+            "status updated": prov["updated"],
         })
     table = pd.DataFrame(rows)
     table = table.dropna(axis=1, how="all")  # provenance no run recorded (runs written by other tools)
@@ -740,6 +775,7 @@ def gather(data: RunData, *, log=print, **select: object) -> ReportContent:
         f"Runs in `{data.runs_dir}`: {len(data.runs)} ({', '.join(f'{v} {k}' for k, v in statuses.items())}); "
         f"studies: {'; '.join(s.label() for s in studies(data.runs))}."
         + "".join(f" Left out: {note}." for note in data.notes())
+        + "".join(f" Warning: {note}." for note in mixed_data_notes(data))
     )
     claims = classify_claims(data, **select)
     for claim in claims:

@@ -7,10 +7,11 @@ paper's data sets are small enough to live on the device; batching and augmentat
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -92,11 +93,33 @@ class Data:
     eval: Split
     eval_split: str  # "test" (official test set) or "val" (held out of the training set)
     mean: torch.Tensor  # float32 (C, H, W), in [0, 1] scale
+    where: Path | None = None  # the folder its files were read from (None: built in memory)
+    _sha256: str | None = field(default=None, repr=False, compare=False)  # `fingerprint`, once computed
 
     def to(self, device: torch.device | str) -> Data:
         """Return this data with every tensor on ``device``."""
         return Data(self.info, self.train.to(device), self.eval.to(device), self.eval_split,
-                    self.mean.to(device))
+                    self.mean.to(device), self.where, self._sha256)
+
+    def source(self) -> dict:
+        """What a run read, for its provenance: the folder, the images of each split, and the sha256 of
+        the images and labels it trained and was evaluated on (`fingerprint`: the same for gzipped and
+        plain IDX files, or a download and Debian's copy of one release; computed once)."""
+        if self._sha256 is None:
+            self._sha256 = fingerprint(self.train, self.eval)
+        return {"dir": None if self.where is None else str(self.where), "sha256": self._sha256,
+                "images": {"train": len(self.train), self.eval_split: len(self.eval)}}
+
+
+def fingerprint(*splits: Split) -> str:
+    """The sha256 of the splits' images and labels as decoded (shapes, dtypes and bytes), in order."""
+    digest = hashlib.sha256()
+    for split in splits:
+        for tensor in (split.images, split.labels):
+            array = tensor.detach().cpu().contiguous().numpy()
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 #: The folders a torchvision download makes inside the data dir before it fetches anything (deepest
@@ -155,7 +178,8 @@ def _load_data(name: str, data_dir: str | os.PathLike | None = None, *, holdout:
     else:
         _check(test, info, "test", where)
         evaluation = test
-    return Data(info, train, evaluation, "val" if holdout else "test", pixel_mean(train.images))
+    return Data(info, train, evaluation, "val" if holdout else "test", pixel_mean(train.images),
+                where=Path(where).absolute())
 
 
 def pixel_mean(images: torch.Tensor) -> torch.Tensor:
