@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,8 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
     train_err, test_err = df.error_pct
     assert f"{ids[0]}: epoch 1, iteration 6 of 6: train error {train_err:.2f}%, test error {test_err:.2f}%" in err
     assert f"{ids[0]}: done (final error: train {train_err:.2f}%, test {test_err:.2f}%)" in out
+    assert re.fullmatch(rf"study: 2 runs in {re.escape(str(runs))}: 2 done, after 0:0\d:\d\d; "
+                        rf"judge them: study report --runs-dir {re.escape(str(runs))}", out.splitlines()[-1])
 
     code, out, err = run_cli(capsys, "status", "--runs-dir", str(runs))
     assert code == 0
@@ -397,6 +400,9 @@ def test_no_wait_leaves_a_held_run_to_its_process_and_returns(tmp_path, capsys):
     assert f"{held_run.cfg.run_id}: held by another process; left to it (--no-wait)" in out
     assert f"1 run(s) held by another process, left to it (--no-wait): {held_run.cfg.run_id}" in out
     assert free_run.status()["status"] == "done" and not held_run.config_path.exists()
+    # The last line: how the runs ended, the one left to its process counted, and what judges them.
+    assert re.fullmatch(rf"study: 2 runs in {re.escape(str(tmp_path))}: 1 done, 1 left to another process, after 0:0\d:\d\d; "
+                        rf"judge them: study report --runs-dir {re.escape(str(tmp_path))}", out.splitlines()[-1])
 
 
 def test_the_papers_schedule_on_a_cpu_is_announced_before_it_starts(tmp_path, capsys, monkeypatch):

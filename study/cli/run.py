@@ -7,7 +7,10 @@ options of args.py) and lists the runs `run_configs` says this command trains.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable
 
 from ..config import CPU_PATH_CHOICES, MAX_SEED, ConfigError, RunConfig, parse_seeds, torchrun_place
@@ -159,6 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return submit(configs, args.runs_dir, args, plan)
     ddp = distributed_from_env()
+    started = time.monotonic()
     try:
         with graceful_stop() as stop:
             results = run_all(configs, args.runs_dir, plan, data_dir=args.data_dir,
@@ -176,4 +180,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     unfinished = {k: v for k, v in results.items() if v != "done"}
     if unfinished and ddp.writer:
         print(f"study: not done: {', '.join(f'{k} ({v})' for k, v in unfinished.items())}", file=sys.stderr)
+    if ddp.writer:
+        print(end_summary(results, len(configs), args.runs_dir, time.monotonic() - started))
     return 1 if unfinished else 0
+
+
+def end_summary(results: dict[str, str], planned: int, runs_dir: str, seconds: float) -> str:
+    """The last line of `study run`: how its runs ended (those left to another process under --no-wait
+    included), how long it took, and the command that judges them."""
+    counts = Counter(results.values())
+    parts = [f"{counts[s]} {s}" for s in ("done", "diverged", "failed") if counts[s]]
+    parts += [f"{n} {s}" for s, n in counts.items() if s not in ("done", "diverged", "failed")]
+    if left := planned - len(results):
+        parts.append(f"{left} left to another process")
+    minutes, secs = divmod(round(seconds), 60)
+    line = (f"study: {planned} run{'s' if planned != 1 else ''} in {runs_dir}: {', '.join(parts) or 'none ended'}, "
+            f"after {minutes // 60}:{minutes % 60:02d}:{secs:02d}")
+    if counts["done"] or counts["diverged"]:
+        line += "; judge them: study report" + ("" if runs_dir == "runs" else f" --runs-dir {shlex.quote(str(runs_dir))}")
+    return line
