@@ -1,5 +1,6 @@
 """Every relative link in the README, docs/ and the published results' pages points at a file that
-exists, and, with an anchor, at a heading of that file (GitHub's slugs)."""
+exists, and, with an anchor, at a heading of that file (GitHub's slugs); every `study` command in their
+bash blocks parses."""
 
 import re
 from pathlib import Path
@@ -54,3 +55,52 @@ def test_code_fences_open_and_close_on_lines_of_their_own(page):
     bad = [f"line {n}: {line.strip()}" for n, line in fences if not re.fullmatch(r"\s*```[\w+-]*\s*", line)]
     assert bad == [], bad
     assert len(fences) % 2 == 0, f"{len(fences)} fences: one is not closed"
+
+
+def documented_commands(page: Path) -> list[tuple[int, str]]:
+    """The `study ...` command lines of a page's bash code blocks (comments dropped, continued lines joined)."""
+    commands, in_bash, pending = [], False, None
+    for n, line in enumerate(page.read_text().splitlines(), start=1):
+        if line.startswith("```"):
+            in_bash = not in_bash and line.strip() in ("```bash", "```sh", "```shell")
+            continue
+        if not in_bash:
+            continue
+        text = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if pending is not None:
+            pending = (pending[0], pending[1] + " " + text.rstrip("\\").strip())
+        elif text.startswith("study "):
+            pending = (n, text.rstrip("\\").strip())
+        if pending is not None and not text.endswith("\\"):
+            commands.append(pending)
+            pending = None
+    return commands
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_documented_study_command_parses(page, capsys):
+    """Each `study ...` line of a page's bash blocks is accepted by the command's own parser: a renamed or
+    removed option, or a misspelt one, in the docs fails here (nothing is run)."""
+    import shlex
+
+    from study.cli import build_parser
+
+    parser = build_parser()
+    refused = []
+    for n, command in documented_commands(page):
+        # Each `study` command of a chain (`&&`, `;`, a pipe), without its redirection (`> table6.csv`).
+        segments = [[]]
+        for token in shlex.split(command):
+            if token in ("&&", "||", ";", "|"):
+                segments.append([])
+            else:
+                segments[-1].append(token)
+        for argv in segments:
+            argv = argv[:next((i for i, t in enumerate(argv) if t.startswith((">", "2>"))), len(argv))]
+            if not argv or argv[0] != "study":
+                continue
+            try:
+                parser.parse_args(argv[1:])
+            except Exception as e:  # the package's parser raises UsageError (one line) where argparse would exit
+                refused.append(f"line {n}: {' '.join(argv)}: {e}")
+    assert refused == [], refused
