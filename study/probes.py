@@ -189,6 +189,26 @@ def record_responses(run: Run, model: nn.Module, data: Data, *, iteration: int |
     return path
 
 
+def recorded_with(run: Run, iteration: int, **options: object) -> bool:
+    """Whether `run`'s responses.parquet already holds what `record_responses` would write for the weights
+    of `iteration` with `options` (those left out at PROBE_DEFAULTS'), its BN scales included: `study
+    probe` then need not measure the run again. False for a missing or unreadable file."""
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(run.dir / "responses.parquet")
+    except Exception:  # missing, truncated, not Parquet: measured again (and the file replaced)
+        return False
+    wanted = {**PROBE_DEFAULTS, **{k: v for k, v in options.items() if k in PROBE_DEFAULTS}, "probed_iteration": iteration}
+    if df.empty or any(c not in df for c in (*wanted, "std", "bn_scale_rms")) or df["bn_scale_rms"].isna().any():
+        return False
+    for column, value in wanted.items():
+        values = df[column]
+        if not (values.isna().all() if value is None else (values.notna() & (values == value)).all()):
+            return False
+    return True
+
+
 class GradientNorms:
     """Per-layer L2 norms of the gradients of every conv and linear weight, every `every` iterations.
 

@@ -291,3 +291,47 @@ def test_probe_checks_every_run_and_the_data_before_writing_any(tmp_path, small_
     full.checkpoint_path.unlink()  # by name, the runs that can be probed are
     assert main([*probe[:1], trained[0].cfg.run_id, *probe[1:]]) == 0
     assert files[0].read_bytes() != before[0] and files[1].read_bytes() == before[1]
+
+
+def test_probe_skips_runs_whose_responses_with_these_options_are_recorded_unless_forced(tmp_path, small_data, capsys):
+    """A finished run records its responses (defaults, on its evaluation split): `study probe` with the same
+    options leaves them as they are and says so; --force, other options, or a file without the BN scales
+    (an older file) measure again."""
+    from helpers import train_run
+
+    from study.cli import main
+
+    runs = tmp_path / "runs"
+    run = Run(runs, RunConfig(arch="resnet", depth=8, iterations=3, batch_size=32))
+    assert train_run(run.cfg, run, small_data, torch.device("cpu"), progress=False) == "done"
+    path = run.dir / "responses.parquet"
+    recorded = pd.read_parquet(path)
+    probe = ["probe", "--runs-dir", str(runs), "--device", "cpu"]
+
+    def probed(*argv):
+        path.touch()
+        stamp = path.stat().st_mtime_ns
+        capsys.readouterr()
+        assert main([*probe, *argv]) == 0
+        out = capsys.readouterr().out
+        return path.stat().st_mtime_ns != stamp or path.stat().st_ino != inode, out
+
+    inode = path.stat().st_ino
+    measured, out = probed()
+    assert not measured and out == (f"{run.cfg.run_id}: layer responses of its checkpoint with these options already "
+                                    "recorded, skipped (--force measures them again)\n")
+    measured, out = probed(run.cfg.run_id)  # by name too
+    assert not measured and "skipped" in out
+    measured, out = probed("--force")
+    assert measured and out == f"{run.cfg.run_id}: layer responses at iteration 3 -> {path}\n"
+    assert len(pd.read_parquet(path)) == len(recorded)  # (on the whole embedded test split: the run saw a subset)
+    inode = path.stat().st_ino
+    measured, _ = probed("--max-images", "50")  # other options: measured, and the file now holds those
+    assert measured and set(pd.read_parquet(path)["max_images"]) == {50}
+    inode = path.stat().st_ino
+    measured, _ = probed()  # the defaults again: what the file holds is not theirs
+    assert measured
+    pd.read_parquet(path).drop(columns="bn_scale_rms").to_parquet(path)  # a file from before the column
+    inode = path.stat().st_ino
+    measured, _ = probed()
+    assert measured and pd.read_parquet(path)["bn_scale_rms"].notna().all()

@@ -80,6 +80,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     probe.add_argument("--max-images", type=int, help="use only the split's first N images")
     probe.add_argument("--data-dir", type=path, help="where the data set's files are (default ./data)")
     probe.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    probe.add_argument("--force", action="store_true",
+                       help="measure runs again whose responses of their checkpoint, with these options, are recorded")
     return {"plot": cmd_plot, "table": cmd_table, "report": cmd_report, "probe": cmd_probe}
 
 
@@ -211,7 +213,7 @@ def _probe_data(cfg, split: str, data_dir: str | None, cache: dict):
 def cmd_probe(args: argparse.Namespace) -> int:
     """Measure the layer responses of the named (or every finished) run from its checkpoint."""
     from ..models import build_model
-    from ..probes import record_responses
+    from ..probes import record_responses, recorded_with
     from ..runstore import missing_runs_dir, no_checkpoint, readable_runs, unwritable
     from ..train import ieee_fp32, resolve_device
 
@@ -245,12 +247,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
             raise NoRunsError(f"no finished run in {args.runs_dir} to probe; wait for one to finish or name run ids")
     device = resolve_device(args.device)  # a ConfigError naming the fix for a device this machine lacks
     cache: dict = {}
+    options = dict(split=args.split, bn_mode=args.bn_mode, reduction=args.reduction, include_first=args.include_first,
+                   max_images=args.max_images)
 
-    def prepared(run):
-        """The run's net with its checkpoint's weights, the checkpoint's iteration and the images to probe."""
+    def checkpoint(run):
         state = run.load_checkpoint()
         if state is None:
             raise ConfigError(no_checkpoint(run, "probe it"))
+        return state
+
+    def prepared(run, state=None):
+        """The run's net with its checkpoint's weights, the checkpoint's iteration and the images to probe."""
+        state = checkpoint(run) if state is None else state
         data = _probe_data(run.cfg, args.split, args.data_dir, cache)
         model = build_model(
             run.cfg.arch,
@@ -264,24 +272,25 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     # Every run's checkpoint and data first: a run that cannot be probed stops the command before any
     # responses.parquet is written (the data stay cached; a net's weights are read again below, one at a time).
+    # A run whose responses of its checkpoint, with these options, are recorded (as every run records them
+    # when it finishes, on its evaluation split) is not measured again, unless --force.
+    skipped = []
     for run in chosen:
-        prepared(run)
+        state = checkpoint(run)
+        if not args.force and recorded_with(run, int(state["iteration"]), **options):
+            skipped.append(run)
+            continue
+        prepared(run, state)
         if (why := unwritable(run.dir / "responses.parquet")) is not None:
             raise ConfigError(f"cannot write the responses of run {run.cfg.run_id}: {why}; probe runs whose folders "
                               "you can write")
+    chosen = [run for run in chosen if run not in skipped]
     for run in chosen:
         model, iteration, data = prepared(run)
         with ieee_fp32():  # the responses in IEEE fp32, not TF32, as the runs trained
-            path = record_responses(
-                run,
-                model.to(device),
-                data.to(device),
-                iteration=iteration,
-                split=args.split,
-                bn_mode=args.bn_mode,
-                reduction=args.reduction,
-                include_first=args.include_first,
-                max_images=args.max_images,
-            )
+            path = record_responses(run, model.to(device), data.to(device), iteration=iteration, **options)
         print(f"{run.cfg.run_id}: layer responses at iteration {iteration} -> {path}")
+    for run in skipped:
+        print(f"{run.cfg.run_id}: layer responses of its checkpoint with these options already recorded, skipped "
+              "(--force measures them again)")
     return 0
