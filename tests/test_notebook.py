@@ -83,6 +83,9 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert corr == {("plain", "20"): "-1.0", ("plain", "56"): "-1.0"}, corr
     assert "8 runs of the study" in _text(scales) and "variant=''" in _text(scales), _text(scales)
     assert "no bn_scale_rms for resnet-20, resnet-56 (probed before it was recorded)" in _text(scales)
+    curve = next(c for c in code if "One run's curve" in c.source)  # a finished run's, its status shown
+    rows = [line.split()[1:3] for line in _text(curve).splitlines() if "-it200" in line]
+    assert len(rows) == 6 and all(row == ["fashion-mnist-mini-plain56-A-s0-it200", "done"] for row in rows), _text(curve)
     figure6 = next(c for c in code if "relplot" in c.source)
     # Its finished runs: 8 less plain-56 s1 (running) and ResNet-20 s1 (diverged), as `study plot` counts them.
     assert "6 runs of the study" in _text(figure6) and "'variant': ''" in _text(figure6), _text(figure6)
