@@ -163,7 +163,14 @@ def test_an_unreadable_image_met_during_training_is_one_line_exit_2(tmp_path, ca
         assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot decode image" in err and bad.name in err
-    assert list(runs.iterdir()) == []
+    assert not runs.exists()  # nothing half-written: the runs dir this command made goes again
+    # A runs dir that was there (with another grid's runs, say) stays, as it was.
+    runs.mkdir()
+    (runs / "other").mkdir()
+    with no_worker_left_behind():
+        assert main(args) == 2
+    assert [p.name for p in runs.iterdir()] == ["other"] and "cannot decode image" in capsys.readouterr().err
+    (runs / "other").rmdir()
     # With the per-channel mean there is no such pass: the run meets it and is marked failed.
     with no_worker_left_behind():
         assert main([*args, "--mean", "channel"]) == 2

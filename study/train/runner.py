@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, RunConfig
-from ..data import Data, imagenet, load_data
+from ..data import Data, DataError, imagenet, load_data
 from ..fast.fused import Fuser, fusion_order
 from ..runstore import Run, check_not_in_a_run, check_writable, folders_made_by, publishing_from_a_dirty_tree
 from ..stopflag import StopFlag
@@ -83,18 +83,28 @@ def _run_all(configs: Iterable[RunConfig], runs_dir: str | Path, plan: Execution
     dev = plan.torch_device(ddp)
     plan.check(configs, str(dev))
     datasets = _open_data(configs, data_dir, plan, dev)
+    made = folders_made_by(Path(runs_dir)) + (folders_made_by(Path(tensorboard)) if tensorboard is not None else [])
     runs = _check_runs_dir(configs, runs_dir, ddp, tensorboard)
-    _check_kept_cpu_paths(runs, plan, dev)
     concurrency = plan.processes_per_device(dev.type, len(runs), ddp.enabled)
     loaders = any(cfg.imagenet for cfg in configs)  # only ImageNet runs have DataLoader workers
     plan = replace(plan, device=str(dev), download=False,
                    workers=default_workers() if plan.workers is None and loaders else plan.workers)
     log = log if ddp.writer else quiet
-    # ImageNet's per-pixel mean: one pass over train/ (or the runs dir's cache), here, before any
-    # worker process starts, so that they read it rather than each making its own pass.
-    for data in datasets.values():
-        if isinstance(data, imagenet.ImageNetData) and any(c.imagenet and c.mean == "pixel" for c in configs):
-            data.mean_for("pixel", runs_dir, **pixel_mean_options(plan.workers, dev, ddp, progress, log))
+    try:
+        _check_kept_cpu_paths(runs, plan, dev)
+        # ImageNet's per-pixel mean: one pass over train/ (or the runs dir's cache), here, before any
+        # worker process starts, so that they read it rather than each making its own pass.
+        for data in datasets.values():
+            if isinstance(data, imagenet.ImageNetData) and any(c.imagenet and c.mean == "pixel" for c in configs):
+                data.mean_for("pixel", runs_dir, **pixel_mean_options(plan.workers, dev, ddp, progress, log))
+    except (ConfigError, DataError):
+        # Refused before any run started (an unreadable training image, say): nothing half-written, so the
+        # runs dir goes again where this command made it and nothing was written there.
+        if ddp.writer:
+            for folder in made:  # deepest first
+                with suppress(OSError):
+                    folder.rmdir()
+        raise
     _notes_before_training(runs, runs_dir, dev, log)
     threads, own_threads = None, torch.get_num_threads()
     if dev.type == "cpu" and concurrency > 1:  # the processes share the CPU's threads, not each take all of them
