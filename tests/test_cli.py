@@ -28,7 +28,7 @@ def test_a_run_records_the_data_it_read_and_the_report_warns_when_a_studys_runs_
     import shutil
 
     from study.analysis.load import RunData
-    from study.analysis.report import mixed_data_notes, run_table
+    from study.analysis.report import mixed_data_notes, run_table, summary_text
     from study.data import load_data
     from study.data.sources import fingerprint
     from study.data.fashion_mnist_mini.build import write_idx
@@ -66,6 +66,7 @@ def test_a_run_records_the_data_it_read_and_the_report_warns_when_a_studys_runs_
     assert table["data"].to_dict() == {f"fashion-mnist-plain8-A-s{seed}-it2-b32": f"sha256 {source[seed]['sha256'][:12]}"
                                        for seed in range(3)}
     [note] = mixed_data_notes(data)  # one study, two data sets: named, with the runs on each and the fix
+    assert summary_text(data).endswith(f" Warning: {note}.")  # the report's first paragraph says so
     assert f"sha256 {source[2]['sha256'][:12]}: fashion-mnist-plain8-A-s2-it2-b32" in note
     assert f"sha256 {source[0]['sha256'][:12]}: fashion-mnist-plain8-A-s0-it2-b32, fashion-mnist-plain8-A-s1-it2-b32" in note
     assert "--data-dir" in note

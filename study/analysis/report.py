@@ -762,6 +762,18 @@ def run_table(data: RunData) -> pd.DataFrame:
     return table.fillna("–").astype(str)
 
 
+def summary_text(data: RunData) -> str:
+    """The report's first paragraph: the runs read, by status, the studies they form, the runs left out
+    and, where one study's runs read different data, a warning."""
+    statuses = data.runs["status"].value_counts().to_dict()
+    return (
+        f"Runs in `{data.runs_dir}`: {len(data.runs)} ({', '.join(f'{v} {k}' for k, v in statuses.items())}); "
+        f"studies: {'; '.join(s.label() for s in studies(data.runs))}."
+        + "".join(f" Left out: {note}." for note in data.notes())
+        + "".join(f" Warning: {note}." for note in mixed_data_notes(data))
+    )
+
+
 def gather(data: RunData, *, log=print, **select: object) -> ReportContent:
     """Judge the claims (one line each through `log`), build every figure and table the runs
     allow, and the Runs section: the content both report formats show. `select` (`load.pick_study`'s
@@ -770,13 +782,7 @@ def gather(data: RunData, *, log=print, **select: object) -> ReportContent:
 
     check_selection(data, **select)  # a choice that matches nothing is the user's mistake, not an empty report
 
-    statuses = data.runs["status"].value_counts().to_dict()
-    summary = (
-        f"Runs in `{data.runs_dir}`: {len(data.runs)} ({', '.join(f'{v} {k}' for k, v in statuses.items())}); "
-        f"studies: {'; '.join(s.label() for s in studies(data.runs))}."
-        + "".join(f" Left out: {note}." for note in data.notes())
-        + "".join(f" Warning: {note}." for note in mixed_data_notes(data))
-    )
+    summary = summary_text(data)
     claims = classify_claims(data, **select)
     for claim in claims:
         log(claim.line())
