@@ -67,8 +67,7 @@ GRIDS = {
         Grid(
             "degradation",
             "plain and residual (option A) x 20/32/44/56/110 on CIFAR-10, paper schedule (64k iterations; "
-            "a seed's 10 runs: about 2 hours on one H200, 4 at once, as projected from its measured throughput in "
-            "bf16 with TF32 convolutions, docs/performance.md; fp32, the default, is untimed on a GPU)",
+            "about 2 h a seed on one H200, 4 runs at once, projected from bf16/TF32 throughput: docs/performance.md)",
             _pairs(PAPER_DEPTHS, dataset="cifar10"),
         ),
         Grid(

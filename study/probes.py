@@ -200,7 +200,9 @@ def recorded_with(run: Run, iteration: int, **options: object) -> bool:
     except Exception:  # missing, truncated, not Parquet: measured again (and the file replaced)
         return False
     wanted = {**PROBE_DEFAULTS, **{k: v for k, v in options.items() if k in PROBE_DEFAULTS}, "probed_iteration": iteration}
-    if df.empty or any(c not in df for c in (*wanted, "std", "bn_scale_rms")) or df["bn_scale_rms"].isna().any():
+    if df.empty or any(c not in df for c in (*wanted, "run_id", "std", "bn_scale_rms")) or df["bn_scale_rms"].isna().any():
+        return False
+    if not (df["run_id"] == run.cfg.run_id).all():  # another run's file (a copied folder): not this run's
         return False
     for column, value in wanted.items():
         values = df[column]

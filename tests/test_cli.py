@@ -386,6 +386,27 @@ def test_a_damaged_metrics_file_is_named_left_out_and_rewritten_from_the_checkpo
     assert fix in out, out
 
 
+def test_the_summary_names_the_study_to_judge_where_the_runs_dir_holds_others(tmp_path):
+    """`study run`'s last line names the `study report` that judges its runs: with their study's choosers where
+    the runs dir holds another study too (the report would judge the one closest to the paper), and those
+    choosers parse."""
+    from study.cli import build_parser
+    from study.cli.run import report_command
+
+    paper = RunConfig("resnet", 8, iterations=6, batch_size=32)
+    other = RunConfig("resnet", 8, iterations=6, batch_size=32, holdout=True, precision="bf16")
+    Run(tmp_path, paper).prepare("cpu")
+    assert report_command([paper], str(tmp_path)) == f"study report --runs-dir {tmp_path}"
+    Run(tmp_path, other).prepare("cpu")
+    assert report_command([paper, other], str(tmp_path)) == f"study report --runs-dir {tmp_path}"  # two studies: the report's
+    for cfg, tail in ((paper, "--no-holdout --variant paper"), (other, "--holdout --variant bf16")):
+        command = report_command([cfg], str(tmp_path))
+        assert command == f"study report --runs-dir {tmp_path} --dataset fashion-mnist-mini --iterations 6 --batch-size 32 {tail}"
+        args = build_parser().parse_args(command.split()[1:])
+        assert (args.dataset, args.iterations, args.batch_size, args.holdout) == ("fashion-mnist-mini", 6, 32, cfg.holdout)
+    assert report_command([paper], "runs") == "study report"  # the default runs dir (none here)
+
+
 def test_no_wait_leaves_a_held_run_to_its_process_and_returns(tmp_path, capsys):
     """With --no-wait, a runner trains the runs it can lock and returns, leaving the one another
     process holds (here: this test) to it, untouched; exit 0 for what it did."""
@@ -424,7 +445,8 @@ def test_the_papers_schedule_on_a_cpu_is_announced_before_it_starts(tmp_path, ca
         run.set_status(status, iteration=iteration)
     code, out, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "20", "--seeds", "0-2",
                              "--runs-dir", str(tmp_path), "--device", "cpu")
-    assert code == 0 and "hours per run" not in out, out
+    # (exit 1: a run of the command is diverged, which its status says though this stub of the runner trained nothing)
+    assert code == 1 and "hours per run" not in out, out
     started[2].set_status("interrupted", iteration=50_000)
     code, out, err = run_cli(capsys, "run", "--arch", "plain", "--depth", "20", "--seeds", "0-2",
                              "--runs-dir", str(tmp_path), "--device", "cpu")

@@ -57,50 +57,74 @@ def test_code_fences_open_and_close_on_lines_of_their_own(page):
     assert len(fences) % 2 == 0, f"{len(fences)} fences: one is not closed"
 
 
-def documented_commands(page: Path) -> list[tuple[int, str]]:
-    """The `study ...` command lines of a page's bash code blocks (comments dropped, continued lines joined)."""
-    commands, in_bash, pending = [], False, None
+def documented_commands(page: Path) -> list[tuple[int, list[str]]]:
+    """The `study` commands of a page's bash code blocks, indented ones too, as argument lists: continued lines
+    joined, comments dropped, each command of a chain (`&&`, `;`, `&`, a pipe) apart, without its redirection
+    or its environment (`OMP_NUM_THREADS=1 study run ...`), and `torchrun ... -m study run ...` as `study run ...`."""
+    import shlex
+
+    lines, in_bash, pending = [], False, None
     for n, line in enumerate(page.read_text().splitlines(), start=1):
-        if line.startswith("```"):
+        if line.strip().startswith("```"):
             in_bash = not in_bash and line.strip() in ("```bash", "```sh", "```shell")
             continue
         if not in_bash:
             continue
-        text = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
-        if pending is not None:
-            pending = (pending[0], pending[1] + " " + text.rstrip("\\").strip())
-        elif text.startswith("study "):
-            pending = (n, text.rstrip("\\").strip())
-        if pending is not None and not text.endswith("\\"):
-            commands.append(pending)
+        text = "" if line.lstrip().startswith("#") else line.split(" #", 1)[0].strip()
+        start, joined = pending if pending is not None else (n, "")
+        pending = (start, f"{joined} {text.removesuffix(chr(92)).strip()}".strip())
+        if not text.endswith("\\"):
+            lines.append(pending)
             pending = None
-    return commands
-
-
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_documented_study_command_parses(page, capsys):
-    """Each `study ...` line of a page's bash blocks is accepted by the command's own parser: a renamed or
-    removed option, or a misspelt one, in the docs fails here (nothing is run)."""
-    import shlex
-
-    from study.cli import build_parser
-
-    parser = build_parser()
-    refused = []
-    for n, command in documented_commands(page):
-        # Each `study` command of a chain (`&&`, `;`, a pipe), without its redirection (`> table6.csv`).
+    commands = []
+    for n, line in lines:
         segments = [[]]
-        for token in shlex.split(command):
-            if token in ("&&", "||", ";", "|"):
+        for token in shlex.split(line):
+            if token in ("&&", "||", ";", "|", "&"):
                 segments.append([])
             else:
                 segments[-1].append(token)
         for argv in segments:
             argv = argv[:next((i for i, t in enumerate(argv) if t.startswith((">", "2>"))), len(argv))]
-            if not argv or argv[0] != "study":
-                continue
-            try:
-                parser.parse_args(argv[1:])
-            except Exception as e:  # the package's parser raises UsageError (one line) where argparse would exit
-                refused.append(f"line {n}: {' '.join(argv)}: {e}")
+            while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+                argv = argv[1:]
+            if argv[:1] != ["study"]:
+                module = next((i for i in range(len(argv) - 1) if argv[i:i + 2] == ["-m", "study"]), None)
+                argv = argv[module + 1:] if module is not None else []
+            if argv:
+                commands.append((n, argv))
+    return commands
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_documented_study_command_parses(page):
+    """Each `study` command of a page's bash blocks is accepted by the command's own parser, and the grids it
+    names exist: a renamed or removed option or grid, or a misspelt one, in the docs fails here (nothing is run)."""
+    from study.cli import build_parser
+    from study.grids import GRIDS
+
+    parser = build_parser()
+    refused = []
+    for n, argv in documented_commands(page):
+        try:
+            args = parser.parse_args(argv[1:])
+        except Exception as e:  # the package's parser raises UsageError (one line) where argparse would exit
+            refused.append(f"line {n}: {' '.join(argv)}: {e}")
+            continue
+        if getattr(args, "grid", None) is not None and args.grid not in GRIDS:
+            refused.append(f"line {n}: {' '.join(argv)}: no grid {args.grid!r}")
     assert refused == [], refused
+
+
+def test_the_command_finder_sees_indented_prefixed_continued_and_chained_commands(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("""text\n\n```bash\nstudy grids   # a comment\n```\n\n  ```bash\n  chain() {\n"""
+                    """    OMP_NUM_THREADS=1 study run --grid quick --no-wait > a.log 2>&1\n  }\n  ```\n\n"""
+                    """```bash\ntorchrun --nproc_per_node 2 \\\n    -m study run --grid degradation\n"""
+                    """pip install -e . && study run --grid quick && study report\n```\n\n```python\nstudy grids\n```\n""")
+    assert documented_commands(page) == [
+        (4, ["study", "grids"]),
+        (9, ["study", "run", "--grid", "quick", "--no-wait"]),
+        (14, ["study", "run", "--grid", "degradation"]),
+        (16, ["study", "run", "--grid", "quick"]), (16, ["study", "report"]),
+    ]

@@ -49,6 +49,9 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
                 # The plain nets' files carry the BN scales, falling where the std rises (correlation -1);
                 # the ResNets' are as probed before the column existed.
                 write_responses(run, stds, **({"bn_scale_rms": [3.0 - s for s in stds]} if arch == "plain" else {}))
+    # The study's deepest net has one run, still training: the one-run curve shows a finished run's, not its.
+    run = write_run(runs, "plain", 110, seed=0, iterations=200, floor=(10.5, 9.0), status="running", stop_at=100)
+    left_out.insert(0, f"{run.cfg.run_id} (running, 100/200 it.)")  # (the run table lists it first)
     for seed in (0, 1):  # another study of the same data set and budget: its runs stay out of Figure 6
         run = write_run(runs, "plain", 20, seed=seed, iterations=200, floor=(3.0, 7.0), precision="bf16")
         stds = [1.0 + ((7 * i) % 5) / 10 for i in range(19)]  # γ rising with the std: mixed in, plain-20's -1 would go
@@ -74,7 +77,7 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
 
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code)
-    assert "10 runs" in _text(code[0]) and "from ../runs" in _text(code[0])
+    assert "11 runs" in _text(code[0]) and "from ../runs" in _text(code[0])
     scales = next(c for c in code if "bn_scale_rms" in c.source)
     assert "correlation of response std and γ rms" in _text(scales), _text(scales)
     lines = _text(scales).splitlines()
@@ -106,7 +109,7 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     last = df[(df.variant == "") & (df.arch == "plain") & (df.split == "train")].sort_values("iteration")
     want = ["20", *(f"{last[(last.depth == 20) & (last.seed == seed)].error_pct.iat[-1]:.2f}" for seed in (0, 1))]
     per_seed = next(c for c in code if "plain_train" in c.source)
-    assert "8 runs of the study" in _text(per_seed) and want in [line.split() for line in _text(per_seed).splitlines()]
+    assert "9 runs of the study" in _text(per_seed) and want in [line.split() for line in _text(per_seed).splitlines()]
     # plain-56 s1 is still running: its seed has no final error (NaN), not its error at iteration 100
     want = ["56", f"{last[(last.depth == 56) & (last.seed == 0)].error_pct.iat[-1]:.2f}", "NaN"]
     assert want in [line.split() for line in _text(per_seed).splitlines()], _text(per_seed)
@@ -118,7 +121,7 @@ def test_explore_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     from study.analysis.load import STUDY_KEY
 
     table6 = tables.build("table6", RunData.load(runs))
-    assert table6.study.variant == "" and "unfinished: plain-56 s1 (running, 100/200 it.), ResNet-20 s1 (diverged, 160/200 it.)" in table6.notes
+    assert table6.study.variant == "" and "unfinished: plain-110 s0 (running, 100/200 it.), plain-56 s1 (running, 100/200 it.), ResNet-20 s1 (diverged, 160/200 it.)" in table6.notes
     ours = table6.frame[table6.frame.test_n > 0].set_index(["arch", "depth"])
     study = table6.study
     summary = pd.read_pickle(tmp_path / "summary.pkl").xs(  # the study's option-A nets: (arch, depth) rows

@@ -177,25 +177,63 @@ def cmd_run(args: argparse.Namespace) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+    if ddp.writer:
+        results = with_ended_elsewhere(results, configs, args.runs_dir)
     unfinished = {k: v for k, v in results.items() if v != "done"}
     if unfinished and ddp.writer:
         print(f"study: not done: {', '.join(f'{k} ({v})' for k, v in unfinished.items())}", file=sys.stderr)
     if ddp.writer:
-        print(end_summary(results, len(configs), args.runs_dir, time.monotonic() - started))
+        print(end_summary(results, len(configs), args.runs_dir, time.monotonic() - started,
+                          report_command(configs, args.runs_dir)))
     return 1 if unfinished else 0
 
 
-def end_summary(results: dict[str, str], planned: int, runs_dir: str, seconds: float) -> str:
+#: How a run can end: `run_all`'s outcomes.
+ENDED = ("done", "diverged", "failed")
+
+
+def with_ended_elsewhere(results: dict[str, str], configs: list[RunConfig], runs_dir: str) -> dict[str, str]:
+    """`results` (the runs this process claimed) with how each other run of `configs` ended where its
+    status says it has: under --no-wait the runs this command's other processes (--concurrency) trained,
+    which `run_all` returns without; those still held by another command are left out."""
+    from ..runstore import Run
+
+    ended = dict(results)
+    for cfg in configs:
+        if cfg.run_id not in ended and (status := Run(runs_dir, cfg).status().get("status")) in ENDED:
+            ended[cfg.run_id] = status
+    return ended
+
+
+def report_command(configs: list[RunConfig], runs_dir: str) -> str:
+    """The `study report` that judges these runs: with the choosers of their study where the runs dir holds
+    other studies too (the report would judge the one closest to the paper)."""
+    command = "study report" + ("" if runs_dir == "runs" else f" --runs-dir {shlex.quote(str(runs_dir))}")
+    from ..analysis.load import STUDY_KEY, _filter_text, load_run_table, studies, variant_of
+
+    mine = {(c.dataset, c.iterations, c.batch_size, c.holdout, variant_of(c.to_dict())) for c in configs}
+    try:
+        present = studies(load_run_table(runs_dir))
+    except Exception:  # a runs dir the report would refuse: it says why
+        return command
+    if len(mine) != 1 or len(present) < 2:
+        return command
+    flags = {"dataset": "--dataset", "iterations": "--iterations", "batch_size": "--batch-size",
+             "holdout": "--holdout", "variant": "--variant"}
+    return command + "".join(f" {_filter_text(flags[k], v)}" for k, v in zip(STUDY_KEY, next(iter(mine))))
+
+
+def end_summary(results: dict[str, str], planned: int, runs_dir: str, seconds: float, report: str) -> str:
     """The last line of `study run`: how its runs ended (those left to another process under --no-wait
-    included), how long it took, and the command that judges them."""
+    counted), how long it took, and `report`, the command that judges them, where any has errors to judge."""
     counts = Counter(results.values())
-    parts = [f"{counts[s]} {s}" for s in ("done", "diverged", "failed") if counts[s]]
-    parts += [f"{n} {s}" for s, n in counts.items() if s not in ("done", "diverged", "failed")]
+    parts = [f"{counts[s]} {s}" for s in ENDED if counts[s]]
+    parts += [f"{n} {s}" for s, n in counts.items() if s not in ENDED]
     if left := planned - len(results):
         parts.append(f"{left} left to another process")
     minutes, secs = divmod(round(seconds), 60)
-    line = (f"study: {planned} run{'s' if planned != 1 else ''} in {runs_dir}: {', '.join(parts) or 'none ended'}, "
-            f"after {minutes // 60}:{minutes % 60:02d}:{secs:02d}")
+    line = (f"study: {planned} run{'s' if planned != 1 else ''} in {shlex.quote(str(runs_dir))}: "
+            f"{', '.join(parts) or 'none ended'}, after {minutes // 60}:{minutes % 60:02d}:{secs:02d}")
     if counts["done"] or counts["diverged"]:
-        line += "; judge them: study report" + ("" if runs_dir == "runs" else f" --runs-dir {shlex.quote(str(runs_dir))}")
+        line += f"; judge {'them' if planned != 1 else 'it'}: {report}"
     return line

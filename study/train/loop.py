@@ -157,7 +157,9 @@ class _Training:
         session_record = dict(processes=ddp.world, step=plan.step_kind,
                               **({"cpu_path": cpu.record()} if cpu is not None else {}),
                               **({"fp32_math": fp32_math()} if device.type == "cuda" else {}),
-                              classes=classes, data=data.source(),
+                              classes=classes,
+                              # (rank 0's record alone is written: the others' would hash the data for nothing)
+                              **({"data": data.source()} if ddp.writer else {}),
                               **({"backend": dist.get_backend(), "sync_bn": plan.sync_bn} if ddp.enabled else {}),
                               **({"views": imagenet.views_decoder(data.decode)} if image_folders else {}))
         self.run.prepare(str(device), **session_record)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, RunConfig
-from ..data import Data, DataError, imagenet, load_data
+from ..data import Data, imagenet, load_data
 from ..fast.fused import Fuser, fusion_order
 from ..runstore import Run, check_not_in_a_run, check_writable, folders_made_by, publishing_from_a_dirty_tree
 from ..stopflag import StopFlag
@@ -97,9 +97,10 @@ def _run_all(configs: Iterable[RunConfig], runs_dir: str | Path, plan: Execution
         for data in datasets.values():
             if isinstance(data, imagenet.ImageNetData) and any(c.imagenet and c.mean == "pixel" for c in configs):
                 data.mean_for("pixel", runs_dir, **pixel_mean_options(plan.workers, dev, ddp, progress, log))
-    except (ConfigError, DataError):
-        # Refused before any run started (an unreadable training image, say): nothing half-written, so the
-        # runs dir goes again where this command made it and nothing was written there.
+    except BaseException:
+        # Refused or stopped before any run started (an unreadable training image, Ctrl-C in the per-pixel
+        # mean's long pass): nothing half-written, so the runs dir goes again where this command made it
+        # and nothing was written there.
         if ddp.writer:
             for folder in made:  # deepest first
                 with suppress(OSError):
