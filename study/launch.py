@@ -44,10 +44,13 @@ from .runstore import (
     FINAL_STATUSES,
     Run,
     atomic_write_text,
+    RunStoreError,
     check_not_in_a_run,
+    check_run_folders,
     check_writable,
     folders_made_by,
     list_runs,
+    unwritable,
 )
 
 try:  # optional: `pip install 'resnet-degradation-study[slurm]'`; submit() says so when it is missing
@@ -192,7 +195,16 @@ class SlurmTask(Checkpointable):
         record = read_job_file(run) or {}
         _write_job_file(run, requeues=int(record.get("requeues", 0)) + 1,
                         requeued=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self._requeue_recorded = True  # (submitit may yet decide not to: `_not_requeued` takes it back)
         return super().checkpoint(*args, **kwargs)
+
+    def _not_requeued(self, run: Run, reason: str) -> None:
+        """submitit did not requeue the task after all (more time-limit stops than --slurm-max-timeouts): take
+        back the requeue `checkpoint` recorded and say why, so that `study status` shows the run as it is
+        (`interrupted`), not `queued` for a job that will not come."""
+        record = read_job_file(run) or {}
+        requeues = int(record.get("requeues", 0)) - (1 if getattr(self, "_requeue_recorded", False) else 0)
+        _write_job_file(run, requeues=max(requeues, 0), not_requeued=reason)
 
     def __call__(self) -> dict[str, str]:
         from .train import (  # torch-heavy: only in the job
@@ -256,14 +268,19 @@ class SlurmTask(Checkpointable):
             print(f"study: {self.cfg.run_id}: stopped by {stopped} at iteration {st.get('iteration', 0)}; "
                   + ("checkpoint written" if stopped.checkpointed else "before its first step, nothing to keep"),
                   flush=True)
-            if preempted and callable(requeue):
-                requeue(usr_sig, None)  # calls self.checkpoint(), requeues, exits (rank 0 only)
-            elif stopped.signum == signal.SIGTERM:
-                # A preemption's USR2 may follow its SIGTERM: submitit's handler, back in place,
-                # requeues and exits if it comes within the wait.
-                deadline = time.monotonic() + PREEMPT_WAIT_S
-                while time.monotonic() < deadline:
-                    time.sleep(0.05)
+            try:
+                if preempted and callable(requeue):
+                    requeue(usr_sig, None)  # calls self.checkpoint(), requeues, exits (rank 0 only)
+                elif stopped.signum == signal.SIGTERM:
+                    # A preemption's USR2 may follow its SIGTERM: submitit's handler, back in place,
+                    # requeues and exits if it comes within the wait.
+                    deadline = time.monotonic() + PREEMPT_WAIT_S
+                    while time.monotonic() < deadline:
+                        time.sleep(0.05)
+            except submitit.core.utils.UncompletedJobError as e:  # submitit's "Job not requeued because: ..."
+                if ddp.writer:
+                    self._not_requeued(run, str(e))
+                raise
             raise stopped
         if results.get(self.cfg.run_id) == "failed":
             raise RuntimeError(f"{self.cfg.run_id} failed: {run.status().get('error', 'see the log above')}")
@@ -302,7 +319,9 @@ def _one_line_error(text: str) -> str:
 
 #: sbatch's words for a SLURM it cannot reach (no slurm.conf, no controller, no munge), as against a job it refuses.
 UNREACHABLE = re.compile(r"Could not establish a configuration source|slurm\.conf|Unable to contact slurm controller|"
-                         r"Connection refused|munge", re.I)
+                         r"Unable to process configuration file|Connection refused|munge", re.I)
+#: sbatch's words for a GPU request the cluster or partition cannot meet (it has no GPUs, or no such kind).
+NO_GPUS = re.compile(r"Invalid generic resource|gres", re.I)
 SUBMIT_LOCK = ".submitting.lock"  # in SLURM_DIR: held while a `study` command submits into it
 #: The files submitit writes into its folder before calling sbatch: the sbatch script and the pickled tasks.
 SUBMISSION_FILE = re.compile(r"^\.submission_file_[0-9a-f]+\.sh$|^[0-9a-f]{32}\.pkl$")
@@ -312,6 +331,9 @@ def _refusal(reason: str) -> str:
     """The fix for an sbatch refusal: SLURM's own setup where sbatch could not reach it, else the job's options."""
     if UNREACHABLE.search(reason):
         return "SLURM is not reachable from here: run on a login node of the cluster (`sinfo` works there) or use --launcher local"
+    if NO_GPUS.search(reason):
+        return ("the jobs ask for GPUs (--device auto or cuda), which this cluster or --partition does not offer: "
+                "pass --partition of GPU nodes, or --device cpu to train on the CPUs")
     return "check --partition, --account, --qos, --time, --gpus-per-run"
 
 
@@ -380,8 +402,19 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
             if key not in loaded:
                 loaded[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download)
             check_batch_fits(cfg, loaded[key])
-    made = folders_made_by(root)  # what check_writable creates
+    folder = root / SLURM_DIR  # submitit's: the job scripts, pickles and logs
+    made = folders_made_by(folder)  # what this command creates, deepest first: removed again if it is refused
     check_writable(root)
+    try:
+        if (why := unwritable(folder / SUBMIT_LOCK)) is not None:
+            raise RunStoreError(f"cannot submit into {folder}/ (the job scripts and logs): {why}; make it a folder "
+                                "you can write, or pass another --runs-dir")
+        check_run_folders(todo)
+    except RunStoreError:
+        for empty in made:
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+        raise
 
     unlisted = None
     if executor is None:
@@ -410,8 +443,6 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
         for run in todo
     ]
     captured = io.StringIO()  # submitit prints sbatch's stderr itself; we report its reason once
-    folder = root / SLURM_DIR
-    made = ([] if folder.is_dir() else [folder]) + made  # deepest first
     folder.mkdir(exist_ok=True)
     lock_path = folder / SUBMIT_LOCK
     with open(lock_path, "a") as lock:
@@ -434,7 +465,7 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
         print(unlisted, file=sys.stderr)
     submitted = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for run, job in zip(todo, jobs):
-        _write_job_file(run, job_id=str(job.job_id), submitted=submitted, requeues=0,
+        _write_job_file(run, job_id=str(job.job_id), submitted=submitted, requeues=0, not_requeued=None,
                         log=str(job.paths.stdout))
         print(f"{run.cfg.run_id} -> {job.job_id}")
     array = sorted({str(job.job_id).split("_")[0] for job in jobs})
@@ -471,6 +502,8 @@ def run_status(run: Run) -> dict:
     if job is None or st.get("status") in FINAL_STATUSES:
         return st
     st = {**st, "job_id": job.get("job_id")}
+    if job.get("not_requeued"):  # its job ended without the requeue it had begun (`SlurmTask._not_requeued`)
+        return st
     try:
         started_since = run.status_path.stat().st_mtime_ns > _job_file(run).stat().st_mtime_ns
     except FileNotFoundError:

@@ -186,6 +186,17 @@ def check_writable(runs_dir: Path, flag: str = "--runs-dir", what: str = "runs d
         ) from None
 
 
+def check_run_folders(runs: "Iterable[Run]") -> None:
+    """RunStoreError (one line, naming the run and the fix) for the first run whose folder cannot be
+    written (a read-only mount, a folder another user owns, a `lock` that is no file), found without
+    writing anything: a run takes its lock and writes its status there before anything else."""
+    for run in runs:
+        for name in ("lock", "status.json"):
+            if (why := unwritable(run.dir / name)) is not None:
+                raise RunStoreError(f"run {run.cfg.run_id} cannot be written: {why}; make its folder writable, "
+                                    "or move it out of the runs dir to start the run over")
+
+
 def _git(*args: str) -> str | None:
     """`git ARGS` run in the package's directory: its output, or None (no git, not a checkout)."""
     try:

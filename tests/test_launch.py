@@ -33,7 +33,7 @@ from study.launch import (
     run_status,
     submit,
 )
-from study.runstore import Run
+from study.runstore import Run, RunStoreError
 from helpers import TIMING_COLUMNS
 from test_imagenet import write_image_folder
 
@@ -244,6 +244,40 @@ def test_task_signals_stop_after_a_step_then_requeue(in_job, now, late, outcome,
         assert e.value.signum == signal.SIGTERM and time.monotonic() - started >= 0.6
 
 
+def test_a_requeue_submitit_refuses_leaves_the_run_interrupted_not_queued(in_job):
+    """More time-limit stops than --slurm-max-timeouts: submitit calls the task's checkpoint() (which records a
+    requeue), then requeues nothing ("timed-out too many times"). The record takes the requeue back and says
+    why, and `study status` shows the run `interrupted`, not `queued` for a job that will not come; the next
+    submission clears it."""
+    import study.train
+
+    task, calls, send = in_job
+    run = Run(task.runs_dir, CFG)
+    run.prepare("cpu")
+    run.set_status("interrupted", iteration=7)
+    launch._write_job_file(run, job_id="77", requeues=2)
+    time.sleep(0.01)
+
+    def refused(signum, frame):  # submitit's handler when the countdown has run out
+        task.checkpoint()
+        calls.append("not requeued")
+        raise submitit.core.utils.UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    previous = signal.signal(signal.SIGUSR2, refused)
+    try:
+        send(signal.SIGUSR2)
+        with pytest.raises(submitit.core.utils.UncompletedJobError):
+            task()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == ["stopped by SIGUSR2", "not requeued"]
+    record = read_job_file(run)
+    assert record["requeues"] == 2 and record["not_requeued"] == "Job not requeued because: timed-out too many times."
+    assert run_status(run)["status"] == "interrupted" and run_status(run)["job_id"] == "77"
+    launch._write_job_file(run, job_id="78", requeues=0, not_requeued=None)  # as a new submission writes it
+    assert run_status(run)["status"] == "queued"
+
+
 def test_task_set_up_error_marks_the_run_failed(in_job, monkeypatch):
     import study.train
 
@@ -370,6 +404,48 @@ def test_sbatch_refusal_is_one_line(tmp_path, fake_slurm, monkeypatch, reason):
     assert "\n" not in str(e.value) and str(e.value).endswith("check --partition, --account, --qos, --time, --gpus-per-run")
     assert not list((tmp_path / "runs").glob(f"*/{JOB_FILE}"))
     assert not (tmp_path / "runs").exists()  # nor submitit's sbatch script and pickles, nor the runs dir it made
+
+
+@pytest.mark.parametrize("reason, fix", [
+    ("Invalid generic resource (gres) specification", "pass --partition of GPU nodes, or --device cpu to train on the CPUs"),
+    ("Unable to process configuration file", "SLURM is not reachable from here: run on a login node of the cluster"),
+])
+def test_a_refusal_with_a_known_cause_names_its_fix(tmp_path, fake_slurm, monkeypatch, reason, fix):
+    """GPUs asked of a cluster without them (the default --device auto on a CPU cluster): --device cpu, not the
+    options of the generic fix; a SLURM_CONF naming no file: SLURM's set-up, not the job's options."""
+    monkeypatch.setenv("FAKE_SBATCH_ERROR", reason)
+    with pytest.raises(ConfigError) as e:
+        submit([RunConfig(arch="plain", depth=20)], str(tmp_path / "runs"), parse("--partition", "debug"))
+    assert str(e.value).startswith(f"sbatch refused the job array: {reason}; ") and fix in str(e.value)
+    assert "\n" not in str(e.value) and "check --partition, --account" not in str(e.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_slurm_folder_or_run_folder_that_cannot_be_written_is_refused_before_submitting(tmp_path, fake_slurm, capsys):
+    """What the jobs would fail on, found before anything is submitted: one line naming it and the fix, no job,
+    no file (a read-only mount or another user's folder fails the same check: a file that cannot be made)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / SLURM_DIR).write_text("not a folder")
+    cfg = RunConfig(arch="plain", depth=20)
+    with pytest.raises(RunStoreError) as e:
+        submit([cfg], str(runs), parse("--partition", "gpu"))
+    assert str(e.value) == (f"cannot submit into {runs / SLURM_DIR}/ (the job scripts and logs): {runs / SLURM_DIR} is "
+                            "a file, not a directory; make it a folder you can write, or pass another --runs-dir")
+    (runs / SLURM_DIR).unlink()
+    (runs / cfg.run_id / "lock").mkdir(parents=True)  # no file can be locked there
+    with pytest.raises(RunStoreError) as e:
+        submit([cfg], str(runs), parse("--partition", "gpu"))
+    assert str(e.value).startswith(f"run {cfg.run_id} cannot be written: {runs / cfg.run_id / 'lock'} is a directory; ")
+    assert sorted(p.name for p in runs.iterdir()) == [cfg.run_id] and not list(fake_slurm.glob("sbatch_*"))
+    # `study run` without SLURM says the same, before any run starts.
+    from study.cli import main
+
+    capsys.readouterr()
+    assert main(["run", "--arch", "plain", "--depth", "20", "--runs-dir", str(runs), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"study: error: run {cfg.run_id} cannot be written: ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in runs.iterdir()) == [cfg.run_id]
 
 
 def test_a_slurm_that_cannot_work_here_is_named_and_leaves_no_files(tmp_path, fake_slurm, monkeypatch, capsys):

@@ -23,7 +23,8 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..data import Data, imagenet, load_data
 from ..fast.fused import Fuser, fusion_order
-from ..runstore import Run, check_not_in_a_run, check_writable, folders_made_by, publishing_from_a_dirty_tree
+from ..runstore import (Run, check_not_in_a_run, check_run_folders, check_writable, folders_made_by,
+                        publishing_from_a_dirty_tree)
 from ..stopflag import StopFlag
 from .distributed import SINGLE, Distributed, broadcast
 from .feeds import pixel_mean_options, quiet
@@ -91,6 +92,8 @@ def _run_all(configs: Iterable[RunConfig], runs_dir: str | Path, plan: Execution
                    workers=default_workers() if plan.workers is None and loaders else plan.workers)
     log = log if ddp.writer else quiet
     try:
+        if ddp.writer:
+            check_run_folders(runs)  # each run takes its lock and writes its status first
         _check_kept_cpu_paths(runs, plan, dev)
         # ImageNet's per-pixel mean: one pass over train/ (or the runs dir's cache), here, before any
         # worker process starts, so that they read it rather than each making its own pass.
