@@ -335,3 +335,23 @@ def test_probe_skips_runs_whose_responses_with_these_options_are_recorded_unless
     inode = path.stat().st_ino
     measured, _ = probed()
     assert measured and pd.read_parquet(path)["bn_scale_rms"].notna().all()
+
+
+def test_a_bare_probe_of_a_holdout_run_measures_its_validation_split_as_the_run_did(tmp_path, capsys):
+    """A --holdout run records its responses on `val` when it finishes; `study probe` without --split takes each
+    run's own evaluation split, so it skips that run rather than replace them with the test set's."""
+    from helpers import train_run
+
+    from study.cli import main
+    from study.data import load_data
+
+    runs = tmp_path / "runs"
+    run = Run(runs, RunConfig(arch="plain", depth=8, iterations=2, batch_size=32, holdout=True))
+    assert train_run(run.cfg, run, load_data(run.cfg.dataset, holdout=True), torch.device("cpu"), progress=False) == "done"
+    path = run.dir / "responses.parquet"
+    assert set(pd.read_parquet(path)["split"]) == {"val"}
+    capsys.readouterr()
+    assert main(["probe", "--runs-dir", str(runs), "--device", "cpu"]) == 0
+    assert "already recorded, skipped" in capsys.readouterr().out and set(pd.read_parquet(path)["split"]) == {"val"}
+    assert main(["probe", "--runs-dir", str(runs), "--device", "cpu", "--split", "test", "--max-images", "100"]) == 0
+    assert "layer responses at iteration 2" in capsys.readouterr().out and set(pd.read_parquet(path)["split"]) == {"test"}

@@ -66,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     probe = sub.add_parser("probe", help="measure layer responses (Figure 7) of finished runs into responses.parquet")
     probe.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to probe (default: every finished run)")
     probe.add_argument("--runs-dir", type=path, default="runs", help="where the run directories are (default ./runs)")
-    probe.add_argument("--split", choices=SPLITS, default="test", help="images to use (default test)")
+    probe.add_argument("--split", choices=SPLITS, default=None,
+                       help="images to use (default: each run's evaluation split, test, or val for a --holdout run, "
+                            "as a run records them when it finishes)")
     probe.add_argument(
         "--bn-mode", choices=BN_MODES, default="eval", help="BN running stats (eval) or batch stats (train)"
     )
@@ -247,8 +249,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
             raise NoRunsError(f"no finished run in {args.runs_dir} to probe; wait for one to finish or name run ids")
     device = resolve_device(args.device)  # a ConfigError naming the fix for a device this machine lacks
     cache: dict = {}
-    options = dict(split=args.split, bn_mode=args.bn_mode, reduction=args.reduction, include_first=args.include_first,
-                   max_images=args.max_images)
+    def options(run) -> dict:
+        """How `run` is measured: the options asked for, its own evaluation split where none was."""
+        return dict(split=args.split or ("val" if run.cfg.holdout else "test"), bn_mode=args.bn_mode,
+                    reduction=args.reduction, include_first=args.include_first, max_images=args.max_images)
 
     def checkpoint(run):
         state = run.load_checkpoint()
@@ -259,7 +263,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     def prepared(run, state=None):
         """The run's net with its checkpoint's weights, the checkpoint's iteration and the images to probe."""
         state = checkpoint(run) if state is None else state
-        data = _probe_data(run.cfg, args.split, args.data_dir, cache)
+        data = _probe_data(run.cfg, options(run)["split"], args.data_dir, cache)
         model = build_model(
             run.cfg.arch,
             run.cfg.depth,
@@ -277,7 +281,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     skipped = []
     for run in chosen:
         state = checkpoint(run)
-        if not args.force and recorded_with(run, int(state["iteration"]), **options):
+        if not args.force and recorded_with(run, int(state["iteration"]), **options(run)):
             skipped.append(run)
             continue
         prepared(run, state)
@@ -288,7 +292,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     for run in chosen:
         model, iteration, data = prepared(run)
         with ieee_fp32():  # the responses in IEEE fp32, not TF32, as the runs trained
-            path = record_responses(run, model.to(device), data.to(device), iteration=iteration, **options)
+            path = record_responses(run, model.to(device), data.to(device), iteration=iteration, **options(run))
         print(f"{run.cfg.run_id}: layer responses at iteration {iteration} -> {path}")
     for run in skipped:
         print(f"{run.cfg.run_id}: layer responses of its checkpoint with these options already recorded, skipped "
