@@ -177,6 +177,29 @@ def evaluate_run(run: Run, loader, device, *, progress: bool = False, pixel_mean
     }
 
 
+def other_copy(run: Run, val) -> str | None:
+    """Why `val` (the ImageFolder to test on) is not the validation set `run` trained beside, where the run
+    recorded it (`ImageNetData.source`, in its latest session) and `val` has another number of images or
+    classes: a 10-crop result on another set would stand in Tables 2 and 3 for this one. None otherwise
+    (runs of a version that did not record it included)."""
+    from .runstore import sessions
+
+    try:
+        source = sessions(json.loads(run.config_path.read_text())["provenance"])[-1].get("data")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    images = source.get("images") if isinstance(source, dict) else None
+    count = images.get("val") if isinstance(images, dict) else None
+    if not isinstance(count, int):
+        return None
+    classes = source.get("classes")
+    if count == len(val) and classes in (None, len(val.classes)):
+        return None
+    recorded = f"{count:,} images" + (f" of {classes} classes" if isinstance(classes, int) else "")
+    return (f"run {run.cfg.run_id} validated on {recorded} in {source.get('dir')}/val, but {val.root} has "
+            f"{len(val):,} of {len(val.classes)}; pass --data-dir the ImageNet copy the run trained on")
+
+
 def evaluate_runs(
     runs_dir: str | Path = "runs",
     *,
@@ -221,6 +244,9 @@ def evaluate_runs(
             if not (run.checkpoint_path.exists() or run.previous_checkpoint_path.exists()):
                 raise ConfigError(no_checkpoint(run, "evaluate it"))
         loader = make_ten_crop_loader(data_dir, batch_size, default_workers() if workers is None else workers)
+        for run in todo:
+            if (why := other_copy(run, loader.dataset)) is not None:
+                raise ConfigError(why)
         for run in todo:
             try:
                 check_writable(run.dir)

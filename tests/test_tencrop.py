@@ -197,7 +197,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained, capsys, tmp_pa
     for split in ("train", "val"):
         shutil.rmtree(two / split / "cls_red")
     code, out, err = cli(capsys, "evaluate", "--runs-dir", runs, "--workers", 0, "--data-dir", two, "--force")
+    # (named from what the run recorded it read, before any checkpoint is loaded; a run that recorded nothing
+    # is refused when its checkpoint's classes do not fit: "trained with 3 classes")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "validated on 3 images of 3 classes" in err, err
+    assert "two-classes/val has 2 of 2; pass --data-dir the ImageNet copy the run trained on" in err, err
+    assert files(runs) == before
+    older = shutil.copytree(runs, tmp_path / "older-runs")  # runs of a version that recorded no data
+    for config in older.glob("*/config.json"):
+        record = json.loads(config.read_text())
+        del record["provenance"]["data"]
+        config.write_text(json.dumps(record))
+    code, out, err = cli(capsys, "evaluate", "--runs-dir", older, "--workers", 0, "--data-dir", two, "--force")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "trained with 3 classes" in err, err
+    # Another copy with the same classes but another validation set (one image more): the run recorded the
+    # one it validated on, and a 10-crop result on this one would stand in Tables 2 and 3 for it.
+    more = shutil.copytree(root, tmp_path / "one-more")
+    first = sorted((more / "val" / "cls_red").iterdir())[0]
+    shutil.copy(first, first.with_name("extra.JPEG"))
+    code, out, err = cli(capsys, "evaluate", "--runs-dir", runs, "--workers", 0, "--data-dir", more, "--force")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert f"validated on 3 images of 3 classes in {root.absolute()}/val, but {more / 'val'} has 4 of 3" in err, err
     assert files(runs) == before
 
     # No ImageNet runs: an empty runs dir, and one holding only a CIFAR-style run.
