@@ -281,7 +281,10 @@ class SlurmTask(Checkpointable):
                 if ddp.writer:
                     self._not_requeued(run, str(e))
                 raise
-            raise stopped
+            # Not requeued (scancel, or a SIGTERM no USR2 followed): the line above says what happened; the
+            # exit status says it as a process a signal ended would (128 + its number), with no traceback
+            # in the job's log for an expected stop.
+            raise SystemExit(128 + stopped.signum)
         if results.get(self.cfg.run_id) == "failed":
             raise RuntimeError(f"{self.cfg.run_id} failed: {run.status().get('error', 'see the log above')}")
         return results
