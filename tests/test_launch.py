@@ -472,14 +472,14 @@ def test_bad_flags_and_missing_sbatch_are_one_line_errors(tmp_path, monkeypatch)
     cfg = [RunConfig(arch="plain", depth=20)]
     runs = tmp_path / "runs"
     # As the CLI parses them: argparse rejects them with our one-line reason.
-    for argv, reason in ((["--time", "abc"], "is not a time limit; write minutes (90) or [D-]HH:MM:SS"),
+    for argv, reason in ((["--time", "abc"], "is not a time limit; write minutes (90), MM:SS, [D-]HH:MM:SS"),
                          (["--gpus-per-run", "0"], "must be a positive integer, got 0"),
                          (["--mem", "lots"], "is not a memory size")):
         with pytest.raises(argparse.ArgumentError, match=re.escape(reason)):
             parse(*argv)
     # Namespaces built by other callers are checked again by submit: ConfigError, one line.
     for field, value, message in (("time", "abc", "--time: 'abc' is not a time limit"),
-                                  ("time", "1:30", "--time: '1:30' is not a time limit"),
+                                  ("time", "1:30:60", "--time: '1:30:60' is not a time limit"),
                                   ("gpus_per_run", 0, "--gpus-per-run: must be a positive integer, got 0"),
                                   ("concurrency", 4, "--concurrency does not apply to --launcher slurm")):
         args = parse()
@@ -513,7 +513,12 @@ def test_bad_flags_and_missing_sbatch_are_one_line_errors(tmp_path, monkeypatch)
     local = argparse.Namespace(launcher="local", partition="gpu")
     with pytest.raises(ConfigError, match="--partition applies to --launcher slurm only"):
         study.train.ExecutionPlan.from_args(local, 1).check([])
-    assert [parse_time(t) for t in ("90", "01:30:00", "0:00:30", "2-00:00:00")] == [90, 90, 1, 2880]
+    # Every format sbatch takes: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (seconds round up).
+    assert [parse_time(t) for t in ("90", "90:00", "1:30", "01:30:00", "0:00:30", "2-0", "1-12", "1-1:30", "2-00:00:00")] == [
+        90, 90, 2, 90, 1, 2880, 2160, 1530, 2880]
+    for bad in ("1:60:00", "1:30:60", "2-1:60", "1:5", "-5", "1-2-3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a time limit"):
+            parse_time(bad)
 
 
 def test_ddp_environment_exported_as_torchrun_would(monkeypatch):

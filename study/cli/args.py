@@ -71,19 +71,26 @@ def count(minimum: int) -> Callable[[str | int], int]:
     return parse
 
 
+#: SLURM's time formats (sbatch --time): minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+#: days-hours:minutes and days-hours:minutes:seconds.
+TIME_FORMATS = (r"(?P<m>\d+)", r"(?P<m>\d+):(?P<s>\d\d)", r"(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d)",
+                r"(?P<d>\d+)-(?P<h>\d+)", r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d\d)",
+                r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d)")
+
+
 def parse_time(text: str | int) -> int:
-    """SLURM time limit -> whole minutes: `90` (minutes), `HH:MM:SS` or `D-HH:MM:SS`."""
+    """SLURM time limit -> whole minutes, in any of sbatch's formats (`TIME_FORMATS`): `90`, `90:00`,
+    `1:30:00`, `2-0`, `2-00:00`, `2-00:00:00`; seconds round up to a whole minute."""
     text = str(text).strip()
-    if text.isdigit():
-        minutes = int(text)
-    else:
-        m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", text)
-        if m is None or int(m[3]) >= 60 or int(m[4]) >= 60:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a time limit; write minutes (90) or [D-]HH:MM:SS (01:30:00, 2-00:00:00)"
-            )
-        days, hours, mins, secs = (int(g or 0) for g in m.groups())
-        minutes = math.ceil(((days * 24 + hours) * 60 + mins) + secs / 60)
+    m = next((m for f in TIME_FORMATS if (m := re.fullmatch(f, text))), None)
+    parts = {k: int(v) for k, v in m.groupdict().items() if v is not None} if m else {}
+    # A field after the first is at most 59 (sbatch's own minutes-only or minutes:seconds may be larger).
+    bounded = [k for k in ("m", "s") if k in parts and (k == "s" or "h" in parts)]
+    if m is None or any(parts[k] >= 60 for k in bounded):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time limit; write minutes (90), MM:SS, [D-]HH:MM:SS (01:30:00, 2-00:00:00), D-HH or D-HH:MM"
+        )
+    minutes = math.ceil(((parts.get("d", 0) * 24 + parts.get("h", 0)) * 60 + parts.get("m", 0)) + parts.get("s", 0) / 60)
     if minutes <= 0:
         raise argparse.ArgumentTypeError(f"the time limit must be at least 1 minute, got {text!r}")
     return minutes
@@ -194,7 +201,7 @@ def add_launcher_arguments(run_parser: argparse.ArgumentParser) -> None:
     g.add_argument("--qos", type=slurm_name, metavar="Q", help="quality of service (default: the cluster's)")
     g.add_argument(
         "--time", type=parse_time, metavar="T",
-        help=f"time limit per job: minutes or [D-]HH:MM:SS (default {DEFAULT_TIME_MIN // 60}:00:00); "
+        help=f"time limit per job: minutes, MM:SS, [D-]HH:MM:SS, D-HH or D-HH:MM (default {DEFAULT_TIME_MIN // 60}:00:00); "
         "a run that needs longer is requeued from its checkpoint",
     )
     g.add_argument(
