@@ -1349,6 +1349,11 @@ def test_a_comparison_is_welchs_interval_and_the_per_seed_order():
     # One seed a side: no interval, not significant, the order still said.
     one = compare(_Stat(pd.Series([5.0], index=[0])), _Stat(pd.Series([4.0], index=[0])))
     assert one.low is None and not one.significant(higher=True) and str(one) == "difference +1.00, higher in 1 of 1 seeds"
+    # A seed where both nets have the same error is a tie, neither higher nor lower.
+    tie = compare(_Stat(pd.Series([66.67], index=[0])), _Stat(pd.Series([66.67], index=[0])))
+    assert tie.tied == 1 and str(tie) == "difference +0.00, equal in 1 of 1 seeds"
+    some = compare(_Stat(pd.Series([3.0, 5.0, 7.0], index=[0, 1, 2])), _Stat(pd.Series([3.0, 6.0, 8.0], index=[0, 1, 2])))
+    assert some.diff < 0 and str(some).endswith("lower in 2 of 3 seeds (1 tied)")
 
 
 @pytest.mark.parametrize("gap, verdict, significance", [

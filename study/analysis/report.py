@@ -135,6 +135,8 @@ class Comparison:
     #: training, or diverged): the means are then over other seeds than the per-seed order. None where
     #: both nets have the same seeds.
     sizes: tuple[int, int] | None = None
+    #: Of the `paired` seeds, how many give the two nets the same error (neither above nor below).
+    tied: int = 0
 
     def significant(self, higher: bool) -> bool:
         """Whether the interval excludes 0 on the side of `a` higher (`higher`) or lower."""
@@ -148,9 +150,10 @@ class Comparison:
     def __format__(self, spec: str) -> str:
         """With `spec` the numbers' format (`.2f` for errors in %, `.3f` for response stds)."""
         spec = spec or ".2f"
-        side = "higher" if self.diff > 0 else "lower"
-        count = self.above if self.diff > 0 else self.paired - self.above
-        order = f"{side} in {count} of {self.paired} seeds" if self.paired else "no seed in common"
+        below = self.paired - self.above - self.tied
+        side, count = ("higher", self.above) if self.diff > 0 else ("lower", below) if self.diff < 0 else ("equal", self.tied)
+        ties = f" ({self.tied} tied)" if self.tied and side != "equal" else ""
+        order = f"{side} in {count} of {self.paired} seeds{ties}" if self.paired else "no seed in common"
         if self.sizes is not None and self.paired:
             order += f" both have; means over {self.sizes[0]} and {self.sizes[1]} seeds"
         elif self.sizes is not None:
@@ -175,8 +178,9 @@ def compare(a: _Stat, b: _Stat) -> Comparison:
             low = high = None
     both = a.values.index.intersection(b.values.index)
     above = int((a.values[both] > b.values[both]).sum())
+    tied = int((a.values[both] == b.values[both]).sum())
     same = len(both) == a.n == b.n
-    return Comparison(a.mean - b.mean, low, high, above, len(both), None if same else (a.n, b.n))
+    return Comparison(a.mean - b.mean, low, high, above, len(both), None if same else (a.n, b.n), tied)
 
 
 def _significance(comparisons: list[tuple[Comparison, bool]], holds: bool) -> str:
