@@ -396,6 +396,16 @@ def test_missing_or_malformed_folders_are_data_errors(tmp_path, folder):
     (tmp_path / "empty" / "val").mkdir()
     with pytest.raises(DataError, match="one folder of JPEGs per class"):
         make_loaders(tmp_path / "empty", 4, 0)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DataError, match=r"ImageNet root .*a-file is a file, not a folder; pass --data-dir"):
+        make_loaders(tmp_path / "a-file", 4, 0)
+    # One class folder without images among good ones: named, with its fix (not "put one folder per class").
+    root = write_image_folder(tmp_path / "one-empty", per_class=(1, 1))
+    (root / "train" / "cls_void").mkdir()
+    with pytest.raises(DataError) as err:
+        make_loaders(root, 4, 0)
+    assert str(err.value) == (f"{root / 'train'}/ has class folders with no image (cls_void); put that class's JPEGs "
+                              "in them, or delete them from train/ and val/ alike")
 
 
 def test_mismatched_classes_and_corrupt_images_are_data_errors(tmp_path):

@@ -38,6 +38,7 @@ import math
 import multiprocessing
 import multiprocessing.synchronize
 import os
+import re
 import signal
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -276,6 +277,9 @@ def load_image(path: str) -> Image.Image:
 def split_dir(root: str | os.PathLike, split: str) -> Path:
     """``root/split``, or DataError (one line, naming the fix) if it or ``root`` is missing."""
     where = Path(root) / split
+    if Path(root).exists() and not Path(root).is_dir():
+        raise DataError(f"ImageNet root {root} is a file, not a folder; pass --data-dir pointing at the folder "
+                        "that holds train/ and val/")
     if not Path(root).is_dir():
         raise DataError(f"ImageNet root {root}/ not found; pass --data-dir pointing at the folder "
                         "that holds train/ and val/")
@@ -295,6 +299,10 @@ def image_folder(root: str | os.PathLike, split: str, transform: Callable | None
         return ImageFolder(str(where), transform=transform, loader=loader)
     except FileNotFoundError as e:  # ImageFolder: no class folders, or a class without images
         first_sentence = str(e).split(". ")[0]
+        empty = re.match(r"Found no valid file for the classes (.+)", first_sentence)
+        if empty:  # some class folders hold no image: the others are fine
+            raise DataError(f"{where}/ has class folders with no image ({empty[1]}); put that class's JPEGs in "
+                            "them, or delete them from train/ and val/ alike") from e
         raise DataError(f"{where}/ holds no usable <class>/<image> files ({first_sentence}); "
                         f"put one folder of JPEGs per class in {where}/") from e
 
