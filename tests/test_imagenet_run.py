@@ -210,3 +210,31 @@ def test_an_unreadable_val_image_is_one_line_exit_2_up_front_or_when_the_run_val
     out = capsys.readouterr().out
     assert "worker process" not in out and "Traceback" not in out
     assert [line for line in out.splitlines() if last.name in line] == [f"{run_dir.name}: failed at iteration 1: {status['error']}"]
+
+
+def test_a_signal_during_the_per_pixel_mean_pass_ends_it_and_keeps_nothing(tmp_path):
+    """The pass over train/ takes an hour on ImageNet: a signal (SIGTERM, Ctrl-C) ends it after the current
+    batch, as it ends a training step, instead of after the whole pass; nothing is cached and the runs dir
+    this command made goes again. (Under DDP the ranks end the pass together, so it is left to finish.)"""
+    import signal
+
+    from helpers import run_all
+
+    from study.stopflag import StopFlag
+    from study.train import StopRequested
+    from study.train.distributed import SINGLE, Distributed
+    from study.train.feeds import pixel_mean_options
+
+    root = write_image_folder(tmp_path / "data", per_class=(1, 1))
+    runs = tmp_path / "runs"
+    stop = StopFlag()
+    stop.signum = signal.SIGTERM  # as graceful_stop's handler sets it
+    cfg = RunConfig(arch="resnet", depth=18, dataset="imagenet", iterations=1, batch_size=3)
+    with pytest.raises(StopRequested) as stopped:
+        run_all([cfg], runs, data_dir=str(root), device="cpu", workers=0, stop=stop, progress=False)
+    assert stopped.value.signum == signal.SIGTERM and not stopped.value.checkpointed
+    assert not runs.exists()  # no cache of a mean made from a part of train/, and no runs dir
+    # Wired for one process; a DDP rank gets no stop (the others would wait for it in all_reduce).
+    assert pixel_mean_options(0, torch.device("cpu"), SINGLE, False, print, stop)["stop"] is not None
+    ddp = Distributed(world=2, rank=0, local_rank=0)
+    assert pixel_mean_options(0, torch.device("cpu"), ddp, False, print, stop)["stop"] is None

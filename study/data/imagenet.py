@@ -133,6 +133,7 @@ def pixel_mean(
     progress: bool = False,
     log: Callable[[str], None] = print,
     train: ImageFolder | None = None,
+    stop: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """The per-pixel mean of ``root/train`` (the paper's, 3.4): a (3, 224, 224) float32 image in
     [0, 1] scale, the average of every training image resized to a shorter side of 256 and centre
@@ -143,7 +144,8 @@ def pixel_mean(
     another number of images than it holds (the folder has changed) is a DataError: recomputing it
     would change the mean under the runs that trained with it, so deleting it is the user's call.
     An unreadable cache is computed again. The cache is written by rank 0, atomically, one process
-    at a time (an flock on ``cache_dir``)."""
+    at a time (an flock on ``cache_dir``). ``stop``, called after each batch of the pass, may raise to
+    end it (a signal: the pass takes an hour on ImageNet), and nothing is cached."""
     import hashlib
 
     key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
@@ -152,7 +154,7 @@ def pixel_mean(
     if (mean := _read_pixel_mean(cache, log, images)) is not None:
         return mean
     if distributed:  # every process takes part in the one pass
-        return _compute_pixel_mean(root, cache, workers, device, distributed, progress, log, train)
+        return _compute_pixel_mean(root, cache, workers, device, distributed, progress, log, train, stop)
     # One process at a time: `--concurrency` workers, SLURM array tasks and `study evaluate` that
     # start together wait for the first one's pass and read its result.
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +163,7 @@ def pixel_mean(
         fcntl.flock(fd, fcntl.LOCK_EX)
         if (mean := _read_pixel_mean(cache, lambda message: None, images)) is not None:
             return mean
-        return _compute_pixel_mean(root, cache, workers, device, distributed, progress, log, train)
+        return _compute_pixel_mean(root, cache, workers, device, distributed, progress, log, train, stop)
     finally:
         os.close(fd)  # releases the flock
 
@@ -188,7 +190,8 @@ def _read_pixel_mean(cache: Path, log: Callable[[str], None], images: int | None
 
 
 def _compute_pixel_mean(root, cache: Path, workers: int, device, distributed: bool, progress: bool,
-                        log: Callable[[str], None], train: ImageFolder | None) -> torch.Tensor:
+                        log: Callable[[str], None], train: ImageFolder | None,
+                        stop: Callable[[], None] | None = None) -> torch.Tensor:
     """`pixel_mean`'s pass over the training set; rank 0 writes the cache."""
     from tqdm import tqdm
 
@@ -213,6 +216,8 @@ def _compute_pixel_mean(root, cache: Path, workers: int, device, distributed: bo
             total += images.to(device).double().sum(0)
             count += images.shape[0]
             bar.update(1)
+            if stop is not None:
+                stop()
     if distributed:
         dist.all_reduce(total)
         dist.all_reduce(count)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data import Data, DataError, augment, decode, imagenet, normalize
+from ..stopflag import StopFlag
 from .distributed import Distributed
 from ..models import memory_format
 from .step import evaluate
@@ -128,11 +129,15 @@ class ImageNetFeed:
 
 
 def pixel_mean_options(workers: int, device: torch.device, ddp: Distributed, progress: bool | None,
-                       log: Callable[[str], None]) -> dict:
+                       log: Callable[[str], None], stop: StopFlag | None = None) -> dict:
     """`imagenet.pixel_mean`'s options for this process: its workers and device, its share under
-    DDP, and rank 0 alone showing a bar and logging."""
+    DDP, rank 0 alone showing a bar and logging, and (one process: DDP's ranks must end the pass
+    together) a signal in `stop` ending the pass after the current batch."""
+    from .signals import raise_if_stopped
+
     return dict(workers=workers, device=device, distributed=ddp.enabled, log=log if ddp.writer else quiet,
-                progress=ddp.writer and (sys.stderr.isatty() if progress is None else progress))
+                progress=ddp.writer and (sys.stderr.isatty() if progress is None else progress),
+                stop=None if ddp.enabled or stop is None else (lambda: raise_if_stopped(stop)))
 
 
 def make_feed(cfg: RunConfig, data: "Data | imagenet.ImageNetData", device: torch.device, ddp: Distributed, *,

@@ -99,7 +99,7 @@ def _run_all(configs: Iterable[RunConfig], runs_dir: str | Path, plan: Execution
         # worker process starts, so that they read it rather than each making its own pass.
         for data in datasets.values():
             if isinstance(data, imagenet.ImageNetData) and any(c.imagenet and c.mean == "pixel" for c in configs):
-                data.mean_for("pixel", runs_dir, **pixel_mean_options(plan.workers, dev, ddp, progress, log))
+                data.mean_for("pixel", runs_dir, **pixel_mean_options(plan.workers, dev, ddp, progress, log, stop))
     except BaseException:
         # Refused or stopped before any run started (an unreadable training image, Ctrl-C in the per-pixel
         # mean's long pass): nothing half-written, so the runs dir goes again where this command made it
