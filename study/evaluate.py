@@ -177,6 +177,17 @@ def evaluate_run(run: Run, loader, device, *, progress: bool = False, pixel_mean
     }
 
 
+def recorded_root(run: Run) -> str | None:
+    """The ImageNet folder `run` recorded it read (`ImageNetData.source`, its latest session), or None."""
+    from .runstore import sessions
+
+    try:
+        source = sessions(json.loads(run.config_path.read_text())["provenance"])[-1].get("data")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return source.get("dir") if isinstance(source, dict) and isinstance(source.get("dir"), str) else None
+
+
 def other_copy(run: Run, val) -> str | None:
     """Why `val` (the ImageFolder to test on) is not the validation set `run` trained beside, where the run
     recorded it (`ImageNetData.source`, in its latest session) and `val` has another number of images or
@@ -253,6 +264,7 @@ def evaluate_runs(
             except RunStoreError as e:
                 raise RunStoreError(f"cannot write {run.dir / TENCROP_FILE}: {e}") from None
         show = sys.stderr.isatty() if progress is None else progress
+        from .data.imagenet import cached_pixel_mean
         from .data.imagenet import pixel_mean as compute_pixel_mean
 
         # As the runs trained: computed once (or read from the runs dir's cache), when first needed.
@@ -261,8 +273,14 @@ def evaluate_runs(
             progress=show, log=log))
         for run in todo:
             # An unreadable image is a one-line DataError (`imagenet.batches` unwraps the worker's).
+            # The mean the run trained with: that of the folder it recorded it trained on, cached in the runs dir,
+            # where it is there (a copy at another path, or a folder of val/ alone, then tests with it), else
+            # --data-dir's own.
+            own = recorded_root(run)
+            trained_mean = None if own is None else cached_pixel_mean(own, runs_dir)
             with ieee_fp32():  # fp32 as the runs trained it: IEEE, not TF32
-                record = evaluate_run(run, loader, dev, progress=show, pixel_mean=pixel_mean)
+                record = evaluate_run(run, loader, dev, progress=show,
+                                      pixel_mean=pixel_mean if trained_mean is None else (lambda m=trained_mean: m))
             atomic_write_text(tencrop_path(run.dir), json.dumps(record, indent=1) + "\n")
             outcomes[run.cfg.run_id] = Outcome(run.cfg.run_id, record, computed=True)
             log(f"{run.cfg.run_id}: 10-crop top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}% "

@@ -282,3 +282,29 @@ def test_an_unreadable_image_met_by_the_ten_crop_test_is_one_line_exit_2(trained
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "cannot decode image" in err and bad.name in err, err
     assert not (run.dir / "tencrop.json").exists()
+
+
+def test_evaluate_subtracts_the_mean_the_run_trained_with_from_another_copy_or_a_folder_of_val_alone(
+        trained, capsys, tmp_path):
+    """The run recorded the folder it trained on, whose per-pixel mean the runs dir caches: tested from a copy at
+    another path whose train/ differs (darkened), or from a folder holding val/ alone, it is tested with that
+    mean, so the same checkpoint scores the same; nothing of the copy's train/ is read or cached."""
+    from PIL import Image
+
+    source, src_runs, _ = trained
+    runs = shutil.copytree(src_runs, tmp_path / "runs")
+    code, _, err = evaluate(capsys, runs, source, "--force")
+    assert code == 0, err
+    reference = json.loads((runs / CFG.run_id / "tencrop.json").read_text())
+    darker = shutil.copytree(source, tmp_path / "darker")
+    for path in (darker / "train").rglob("*.JPEG"):
+        Image.eval(Image.open(path).convert("RGB"), lambda v: v // 3).save(path, "JPEG")
+    alone = tmp_path / "val-only"
+    shutil.copytree(source / "val", alone / "val")
+    caches = sorted(p.name for p in runs.glob(".imagenet-pixel-mean-*.pt"))
+    for root in (darker, alone):
+        code, _, err = evaluate(capsys, runs, root, "--force")
+        assert code == 0, err
+        record = json.loads((runs / CFG.run_id / "tencrop.json").read_text())
+        assert (record["loss"], record["top1"], record["top5"]) == (reference["loss"], reference["top1"], reference["top5"])
+        assert sorted(p.name for p in runs.glob(".imagenet-pixel-mean-*.pt")) == caches  # no pass over its train/

@@ -146,10 +146,7 @@ def pixel_mean(
     An unreadable cache is computed again. The cache is written by rank 0, atomically, one process
     at a time (an flock on ``cache_dir``). ``stop``, called after each batch of the pass, may raise to
     end it (a signal: the pass takes an hour on ImageNet), and nothing is cached."""
-    import hashlib
-
-    key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
-    cache = Path(cache_dir) / PIXEL_MEAN_FILE.format(key=key)
+    cache = pixel_mean_cache(root, cache_dir)
     images = None if train is None else len(train)
     if (mean := _read_pixel_mean(cache, log, images)) is not None:
         return mean
@@ -166,6 +163,20 @@ def pixel_mean(
         return _compute_pixel_mean(root, cache, workers, device, distributed, progress, log, train, stop)
     finally:
         os.close(fd)  # releases the flock
+
+
+def pixel_mean_cache(root: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
+    """Where `pixel_mean` caches the mean of ``root/train`` in ``cache_dir``: keyed by the root's absolute path."""
+    import hashlib
+
+    key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
+    return Path(cache_dir) / PIXEL_MEAN_FILE.format(key=key)
+
+
+def cached_pixel_mean(root: str | os.PathLike, cache_dir: str | os.PathLike) -> torch.Tensor | None:
+    """The mean of ``root/train`` cached in ``cache_dir`` (`pixel_mean`'s), read without the folder; None where
+    there is none, or it is unreadable."""
+    return _read_pixel_mean(pixel_mean_cache(root, cache_dir), lambda message: None)
 
 
 def _read_pixel_mean(cache: Path, log: Callable[[str], None], images: int | None = None) -> torch.Tensor | None:
