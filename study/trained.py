@@ -98,8 +98,14 @@ def _normalisation(run: Run, data_dir: str | os.PathLike | None, device: torch.d
     if cfg.imagenet:
         from .data import imagenet
 
-        data = imagenet.open_imagenet(data_dir or os.path.join("data", "imagenet"))
-        mean = data.mean_for(cfg.mean, run.dir.parent)
+        from .evaluate import recorded_root
+
+        data = imagenet.open_imagenet(data_dir or recorded_root(run) or os.path.join("data", "imagenet"))
+        # The mean it trained with: its recorded folder's, cached in the runs dir, whichever copy data_dir names.
+        own = recorded_root(run) if cfg.mean == "pixel" else None
+        mean = imagenet.cached_pixel_mean(own, run.dir.parent) if own is not None else None
+        if mean is None:
+            mean = data.mean_for(cfg.mean, run.dir.parent)
         return data.num_classes, 3, lambda images: imagenet.normalize(images.to(device), mean=mean)
     from .data import load_data, normalize
 

@@ -308,3 +308,20 @@ def test_evaluate_subtracts_the_mean_the_run_trained_with_from_another_copy_or_a
         record = json.loads((runs / CFG.run_id / "tencrop.json").read_text())
         assert (record["loss"], record["top1"], record["top5"]) == (reference["loss"], reference["top1"], reference["top5"])
         assert sorted(p.name for p in runs.glob(".imagenet-pixel-mean-*.pt")) == caches  # no pass over its train/
+
+
+def test_load_model_normalises_with_the_mean_the_run_trained_with_whichever_copy_data_dir_names(trained, tmp_path):
+    from PIL import Image
+
+    import study
+
+    source, runs, _ = trained
+    darker = shutil.copytree(source, tmp_path / "darker")
+    for path in (darker / "train").rglob("*.JPEG"):
+        Image.eval(Image.open(path).convert("RGB"), lambda v: v // 3).save(path, "JPEG")
+    images = torch.full((1, 3, 224, 224), 128, dtype=torch.uint8)
+    expected = study.load_model(CFG.run_id, runs, data_dir=source).preprocess(images)
+    caches = sorted(runs.glob(".imagenet-pixel-mean-*.pt"))
+    assert torch.equal(study.load_model(CFG.run_id, runs, data_dir=darker).preprocess(images), expected)
+    assert torch.equal(study.load_model(CFG.run_id, runs).preprocess(images), expected)  # its recorded folder
+    assert sorted(runs.glob(".imagenet-pixel-mean-*.pt")) == caches
