@@ -1086,6 +1086,27 @@ def test_claim_6_uses_the_10_crop_test_where_the_runs_have_one(tmp_path):
             f"imagenet-plain18-A-s0) val error {logged[('plain', 'A')]:.2f} vs {final_val_error(plain18):.2f}") in claims[1].evidence
 
 
+def test_claim_3_judges_resnet_34_against_resnet_18_on_imagenet_beside_cifar(tmp_path):
+    """Table 2's ResNet-34 below ResNet-18 is claim 3 on ImageNet: judged from the ImageNet runs (10-crop where
+    both are tested), as a part of its own beside the CIFAR-style ResNets, each part with its verdict."""
+    r18 = write_imagenet_run(tmp_path / "inet", "resnet", 18, floor=(22.0, 29.0))
+    r34 = write_imagenet_run(tmp_path / "inet", "resnet", 34, floor=(20.0, 27.0))
+    claim3 = {c.number: c for c in classify_claims(RunData.load(tmp_path / "inet"))}[3]
+    assert claim3.verdict == "holds" and claim3.evidence.startswith("imagenet: training error ResNet-34 "), claim3.evidence
+    assert "centre-crop (run `study evaluate` for the paper's 10-crop) val error" in claim3.evidence
+    write_tencrop(r18, 26.0)
+    write_tencrop(r34, 26.5)  # tested: ResNet-34 behind in 10-crop top-1
+    claim3 = {c.number: c for c in classify_claims(RunData.load(tmp_path / "inet"))}[3]
+    assert claim3.verdict == "does not hold" and "10-crop val error 26.50 vs 26.00" in claim3.evidence, claim3.evidence
+    # Beside CIFAR-style ResNets that improve with depth: each part says its verdict; one that fails fails the claim.
+    for depth, floor in ((8, 20.0), (20, 15.0)):
+        write_run(tmp_path / "inet", "resnet", depth, floor=(floor, floor + 2))
+    claim3 = {c.number: c for c in classify_claims(RunData.load(tmp_path / "inet"))}[3]
+    assert claim3.verdict == "does not hold", claim3.evidence
+    assert claim3.evidence.startswith("fashion-mnist-mini, training/test error: ResNet-8 ") and "(holds); imagenet: " in claim3.evidence
+    assert claim3.evidence.endswith("(does not hold)"), claim3.evidence
+
+
 def test_table2_and_table3_never_mix_10_crop_and_centre_crop(tmp_path):
     """A reviewer's case: ImageNet runs of two seeds, every one tested by `study evaluate` but
     plain-18's seed 1. Table 2 shows every net's logged centre-crop `val` (not plain-18's 10-crop seed 0

@@ -402,14 +402,31 @@ def _claim2(data: RunData, study: Study | None) -> tuple[str, str, int]:
     return verdict, "; ".join([evidence, dropped_note] if dropped else [evidence]), min(seeds, default=0)
 
 
-def _claim3(f: _Finals | None) -> tuple[str, str, int, str]:
+def _claim3(f: _Finals | None, imagenet: _Finals | None = None) -> tuple[str, str, int, str]:
+    """The CIFAR-style study's ResNets up to 110 layers; and where there are ImageNet runs, ResNet-34 against
+    ResNet-18 too (the paper's Table 2), each part judged on its own, as claim 1's."""
+    cifar = _claim3_cifar(f) if f is not None or imagenet is None else None
+    if imagenet is None:
+        verdict, evidence, seeds, comparisons = cifar
+        return verdict, evidence, seeds, _significance(comparisons, verdict == HOLDS) if comparisons else ""
+    parts, seeds, comparisons = [], [], []
+    for part in filter(None, (cifar, _claim3_imagenet(imagenet))):
+        verdict, evidence, n, compared = part
+        parts.append((None if verdict == UNKNOWN else verdict, evidence))
+        seeds.append(n)
+        comparisons += compared
+    verdict, evidence = _combine(parts, conjunctive=False)
+    return verdict, evidence, min(seeds, default=0), _significance(comparisons, verdict == HOLDS) if verdict != UNKNOWN else ""
+
+
+def _claim3_cifar(f: _Finals | None) -> tuple[str, str, int, list[tuple[Comparison, bool]]]:
     depths = [d for d in f.depths("resnet") if d <= 110] if f else []
     if len(depths) < 2:
         have = min((f.get("resnet", d, "train").n for d in depths), default=0)
-        return UNKNOWN, f"needs two finished ResNet depths up to 110, has {depths or 'none'}", have, ""
+        return UNKNOWN, f"needs two finished ResNet depths up to 110, has {depths or 'none'}", have, []
     rows = {d: (f.get("resnet", d, "train"), f.get("resnet", d, f.eval)) for d in depths}
     if (why := f.unlearned([tr for tr, _ in rows.values()])) is not None:
-        return UNKNOWN, why, min(s[0].n for s in rows.values()), ""
+        return UNKNOWN, why, min(s[0].n for s in rows.values()), []
     shallow, deep = rows[depths[0]], rows[depths[-1]]
     better = deep[0].mean < shallow[0].mean and deep[1].mean < shallow[1].mean
     listing = ", ".join(f"{series_label('resnet', d)} {tr.mean:.2f}/{te.mean:.2f}" for d, (tr, te) in rows.items())
@@ -420,8 +437,29 @@ def _claim3(f: _Finals | None) -> tuple[str, str, int, str]:
         f"{series_label('resnet', depths[0])}: training {train}, {f.eval} {test}; {f.eval} error "
         f"{'falls' if monotone else 'does not fall'} at every step in depth"
     )
-    return (HOLDS if better else FAILS), evidence, min(s[0].n for s in rows.values()), _significance(
-        [(train, False), (test, False)], better)
+    return (HOLDS if better else FAILS), evidence, min(s[0].n for s in rows.values()), [(train, False), (test, False)]
+
+
+def _claim3_imagenet(f: _Finals) -> tuple[str, str, int, list[tuple[Comparison, bool]]]:
+    """ResNet-34 against ResNet-18 on ImageNet (Table 2: 25.03 against 27.88% top-1, 10-crop), in training
+    and validation error, the latter 10-crop where every run compared has it (`_Finals.compared`)."""
+    pair = _pair(f.depths("resnet"), (18, 34))
+    if pair is None:
+        return UNKNOWN, f"{f.study.dataset}: needs two finished ResNet depths, has {f.depths('resnet') or 'none'}", 0, []
+    shallow, deep = pair
+    g = f.compared([("resnet", shallow, "A"), ("resnet", deep, "A")])
+    tr_s, tr_d = g.get("resnet", shallow, "train"), g.get("resnet", deep, "train")
+    te_s, te_d = g.get("resnet", shallow, g.eval), g.get("resnet", deep, g.eval)
+    name_s, name_d = series_label("resnet", shallow), series_label("resnet", deep)
+    if None in (tr_s, tr_d, te_s, te_d):
+        return UNKNOWN, f"{f.study.dataset}: {name_s} or {name_d} lacks a final training or {g.eval} error", 0, []
+    if (why := g.unlearned([tr_s, tr_d])) is not None:
+        return UNKNOWN, why, min(tr_s.n, tr_d.n), []
+    better = tr_d.mean < tr_s.mean and te_d.mean < te_s.mean
+    train, test = compare(tr_d, tr_s), compare(te_d, te_s)
+    evidence = (f"{f.study.dataset}: training error {name_d} {tr_d} vs {name_s} {tr_s} ({train}), "
+                f"{f'{g.crop} ' if g.crop else ''}{g.eval} error {te_d} vs {te_s} ({test})")
+    return (HOLDS if better else FAILS), evidence, min(tr_s.n, tr_d.n), [(train, False), (test, False)]
 
 
 def _claim4(f: _Finals | None) -> tuple[str, str, int, str]:
@@ -557,7 +595,7 @@ def classify_claims(data: RunData, **select: object) -> list[Claim]:
     results = {
         1: _claim1(cifar, imagenet),
         2: _claim2(data, cifar_study),
-        3: _claim3(cifar),
+        3: _claim3(cifar, imagenet),
         4: _claim4(cifar),
         5: _claim5(data, cifar_study),
         6: _claim6(imagenet),
@@ -576,7 +614,7 @@ def classify_claims(data: RunData, **select: object) -> list[Claim]:
 _CLAIM_NETS: dict[int, Callable[[str, int, str, bool], bool]] = {
     1: lambda arch, depth, shortcut, imagenet: arch == "plain",
     2: lambda arch, depth, shortcut, imagenet: arch == "plain" and not imagenet,
-    3: lambda arch, depth, shortcut, imagenet: arch == "resnet" and shortcut == "A" and not imagenet,
+    3: lambda arch, depth, shortcut, imagenet: arch == "resnet" and shortcut == "A",
     4: lambda arch, depth, shortcut, imagenet: arch == "resnet" and depth in (110, 1202) and not imagenet,
     5: lambda arch, depth, shortcut, imagenet: arch in ("plain", "resnet") and shortcut == "A" and not imagenet,
     6: lambda arch, depth, shortcut, imagenet: imagenet and depth == 34,
