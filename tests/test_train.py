@@ -133,6 +133,47 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, small_data, monkeypatch)
         assert torch.equal(v, cut.load_checkpoint()["model"][k]), k
 
 
+@pytest.mark.parametrize("iterations", [12, 10])  # the last step mid-epoch (5 per epoch), or an epoch's last
+def test_a_stop_at_the_runs_last_step_resumes_to_the_uninterrupted_runs_end(tmp_path, small_data, iterations):
+    """A signal during the run's last step: a mid-epoch checkpoint at the last iteration, `interrupted`. The
+    same command then closes that epoch (evaluates, logs, probes) and ends `done` with exactly the metrics,
+    final errors and layer responses of the uninterrupted run, not with the epoch before's."""
+    cfg = tiny(iterations=iterations)
+    whole = Run(tmp_path / "whole", cfg)
+    assert train_run(cfg, whole, small_data, torch.device("cpu"), progress=False) == "done"
+
+    cut, stop = Run(tmp_path / "cut", cfg), StopFlag()
+    steps = train_steps_of(cfg, cut, small_data, torch.device("cpu"), progress=False, stop=stop)
+    with pytest.raises(StopRequested):
+        for done in range(iterations):
+            next(steps)
+            if done == iterations - 2:  # the signal arrives during the last step
+                stop.signum = signal.SIGTERM
+    assert cut.status()["status"] == "interrupted" and cut.status()["iteration"] == iterations
+    assert train_run(cfg, cut, small_data, torch.device("cpu"), progress=False) == "done"
+    pd.testing.assert_frame_equal(metrics_without_time(whole), metrics_without_time(cut))
+    pd.testing.assert_frame_equal(pd.read_parquet(whole.dir / "responses.parquet"), pd.read_parquet(cut.dir / "responses.parquet"))
+    assert {k: cut.status()[k] for k in ("status", "iteration", "train_error", "eval_error")} == {
+        k: whole.status()[k] for k in ("status", "iteration", "train_error", "eval_error")}
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_the_next_session(tmp_path, small_data):
+    """A kill after the last epoch's checkpoint, during the layer-response probe: status still `running`, no
+    responses. The next session writes what it had left (responses, `done` with the final errors), and
+    trains nothing."""
+    cfg = tiny(iterations=10)
+    whole = Run(tmp_path / "whole", cfg)
+    assert train_run(cfg, whole, small_data, torch.device("cpu"), progress=False) == "done"
+    (whole.dir / "responses.parquet").unlink()
+    whole.set_status("running", iteration=10, epoch=2)
+    before = metrics_without_time(whole)
+    assert train_run(cfg, whole, small_data, torch.device("cpu"), progress=False) == "done"
+    pd.testing.assert_frame_equal(metrics_without_time(whole), before)
+    last = before.groupby("split").error_pct.last()
+    assert (whole.status()["train_error"], whole.status()["eval_error"]) == (last["train"], last["test"])
+    assert len(pd.read_parquet(whole.dir / "responses.parquet")) > 0
+
+
 def test_a_resumed_session_is_recorded_and_the_runs_table_names_each_sessions_cpu_and_commit(
         tmp_path, small_data, monkeypatch):
     """A run stopped after its epoch-2 checkpoint (iteration 10) and resumed on another CPU from a tree with

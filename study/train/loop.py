@@ -91,12 +91,22 @@ def train_steps(
     """
     t = _Training(cfg, run, data, plan, session, gradient_every)
     at = t.at
-    if at.iteration >= cfg.iterations:
-        t.run.set_status("done", iteration=at.iteration, epoch=at.epoch)
-        return "done"
+    if at.iteration >= cfg.iterations and at.partial_epoch is None:
+        # Its last epoch closed and checkpointed, what follows (the layer responses, `done` with the final
+        # errors) not written, or lost since (a kill during the probe, a damaged status.json): written now.
+        t.train_err, t.eval_err = t.last_errors()
+        try:
+            return t.finish()
+        except Exception as e:
+            t.failed(e)
+            raise
+        finally:
+            t.feed.close()
     t.begin()
     try:
-        while at.iteration < cfg.iterations:
+        # (A checkpoint written mid-epoch at the run's last step, on a signal after it, resumes here too: its
+        # epoch is closed, evaluated and logged as it would have been.)
+        while at.iteration < cfg.iterations or at.partial_epoch is not None:
             tally = t.start_epoch()
             # The rate the epoch's row records if a run stopped after an epoch's last step resumes
             # with no step left in it: its last step's (exact unless that step ended the warm-up).
@@ -293,6 +303,13 @@ class _Training:
         self.bar.close()
         self.feed.close()
         self.tb.close()
+
+    def last_errors(self) -> tuple[float | None, float | None]:
+        """The training and evaluation error of the last epoch logged (the checkpoint's rows); None where none was."""
+        def last(split: str) -> float | None:
+            return next((float(r["error_pct"]) for r in reversed(self.at.metrics) if r["split"] == split), None)
+
+        return last("train"), last(self.feed.eval_split)
 
     def finish(self) -> str:
         """After the last epoch: Figure 7's layer responses (CIFAR-style runs; defaults: eval split,
