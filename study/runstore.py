@@ -487,13 +487,12 @@ class Run:
 
     # --- status -----------------------------------------------------------------------------
     def status(self) -> dict:
-        """The run's status record; `{"status": "new"}` for a run never started."""
-        try:
-            return json.loads(self.status_path.read_text())
-        except FileNotFoundError:
+        """The run's status record; `{"status": "new"}` for a run never started, `{"status": "unknown"}` for
+        one whose status.json cannot be read as a record (damaged: not UTF-8, not JSON, not an object)."""
+        if not self.status_path.exists() and not self.status_path.is_symlink():
             return {"status": "new"}
-        except (json.JSONDecodeError, OSError):
-            return {"status": "unknown"}
+        record, _ = read_json(self.status_path)
+        return record if record is not None else {"status": "unknown"}
 
     def set_status(self, status: str, **extra: Any) -> None:
         """Replace `status.json` atomically. Where that cannot be done for want of space (a full
@@ -652,8 +651,21 @@ class Run:
         instant if it is free; creates nothing where there is no lock file (no process holds it)."""
         if not (self.dir / "lock").exists():
             return False
-        with self.lock() as free:
-            return not free
+        try:
+            with self.lock() as free:
+                return not free
+        except OSError:  # a folder this user may not write (a read-only mount, a colleague's): a shared flock
+            try:
+                fd = os.open(self.dir / "lock", os.O_RDONLY)
+            except OSError:
+                return False  # cannot even be read: no way to tell, so not held as far as this process knows
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(fd)
 
     def is_finished(self) -> bool:
         return self.status().get("status") in FINAL_STATUSES

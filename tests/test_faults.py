@@ -195,3 +195,50 @@ def test_config_conflicting_with_existing_run_dir(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "different or unreadable config.json" in proc.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]  # nothing written
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe", b"[]", b"null", b'"done"', b"{"])
+def test_a_status_json_that_is_no_record_leaves_the_run_unknown_not_a_traceback(tmp_path, capsys, damage):
+    """Not UTF-8, an array, null, a string, broken JSON: the run's standing is unknown; `study status` says so
+    and the run's command rewrites the record from its checkpoint."""
+    from study.cli import main
+    from study.config import RunConfig
+    from study.runstore import Run
+
+    args = ["run", "--arch", "plain", "--depth", "8", "--iterations", "3", "--batch-size", "32", "--runs-dir",
+            str(tmp_path), "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    run = Run(tmp_path, RunConfig("plain", 8, iterations=3, batch_size=32))
+    run.status_path.write_bytes(damage)
+    assert run.status() == {"status": "unknown"}
+    capsys.readouterr()
+    assert main(["status", "--runs-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "unknown" in out, out + err
+    assert main(args) == 0 and run.status()["status"] == "done"
+
+
+def test_is_held_tells_a_held_run_in_a_folder_this_user_cannot_write(tmp_path, monkeypatch):
+    """`study status` on a read-only copy of a runs dir: the lock cannot be opened to write, so it is tested with
+    a shared flock on a read-only descriptor, not a traceback."""
+    import fcntl
+
+    from study.config import RunConfig
+    from study.runstore import Run
+
+    run = Run(tmp_path, RunConfig("plain", 8, iterations=3, batch_size=32))
+    run.dir.mkdir(parents=True)
+    (run.dir / "lock").touch()
+
+    def read_only(self, *, wait=False):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Run, "lock", read_only)
+    assert run.is_held() is False
+    holder = os.open(run.dir / "lock", os.O_RDWR)  # another process's training session, as far as flock goes
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert run.is_held() is True
+    finally:
+        os.close(holder)
+    assert run.is_held() is False

@@ -355,3 +355,24 @@ def test_a_bare_probe_of_a_holdout_run_measures_its_validation_split_as_the_run_
     assert "already recorded, skipped" in capsys.readouterr().out and set(pd.read_parquet(path)["split"]) == {"val"}
     assert main(["probe", "--runs-dir", str(runs), "--device", "cpu", "--split", "test", "--max-images", "100"]) == 0
     assert "layer responses at iteration 2" in capsys.readouterr().out and set(pd.read_parquet(path)["split"]) == {"test"}
+
+
+def test_probe_says_when_it_falls_back_to_the_previous_checkpoint_and_keeps_a_finished_runs_responses(
+        tmp_path, small_data, capsys):
+    from helpers import train_run
+
+    from study.cli import main
+
+    runs = tmp_path / "runs"
+    run = Run(runs, RunConfig(arch="plain", depth=8, iterations=12, batch_size=32))  # checkpoints at 10 and 12
+    assert train_run(run.cfg, run, small_data, torch.device("cpu"), progress=False) == "done"
+    kept = (run.dir / "responses.parquet").read_bytes()  # of the final weights, iteration 12
+    run.checkpoint_path.write_bytes(run.checkpoint_path.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(["probe", "--runs-dir", str(runs), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "checkpoint.pt is unreadable" in err and "using the previous good state, checkpoint.prev.pt" in err, err
+    assert "skipped" in out and (run.dir / "responses.parquet").read_bytes() == kept  # not replaced by older weights'
+    assert main(["probe", "--runs-dir", str(runs), "--device", "cpu", "--force"]) == 0
+    out, err = capsys.readouterr()
+    assert "layer responses at iteration 10 ->" in out and err.count("checkpoint.pt is unreadable") == 1, err

@@ -254,8 +254,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return dict(split=args.split or ("val" if run.cfg.holdout else "test"), bn_mode=args.bn_mode,
                     reduction=args.reduction, include_first=args.include_first, max_images=args.max_images)
 
+    told: set[str] = set()
+
     def checkpoint(run):
-        state = run.load_checkpoint()
+        # An unreadable checkpoint.pt, and the previous one used instead, said once on stderr: the responses are
+        # then of older weights, as the line that records them says (its iteration).
+        said: list[str] = []
+        state = run.load_checkpoint(log=said.append)
+        if state is not None and run.cfg.run_id not in told:  # (none readable: the error below says so)
+            for line in said:
+                print(line, file=sys.stderr)
+        told.add(run.cfg.run_id)
         if state is None:
             raise ConfigError(no_checkpoint(run, "probe it"))
         return state
@@ -281,7 +290,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     skipped = []
     for run in chosen:
         state = checkpoint(run)
-        if not args.force and recorded_with(run, int(state["iteration"]), **options(run)):
+        # (A finished run's responses of its last weights are kept even where only an older checkpoint is left.)
+        final = run.status().get("iteration") if run.status().get("status") == "done" else None
+        if not args.force and any(recorded_with(run, int(i), **options(run))
+                                  for i in {state["iteration"], final} if isinstance(i, int)):
             skipped.append(run)
             continue
         prepared(run, state)
