@@ -242,3 +242,39 @@ def test_is_held_tells_a_held_run_in_a_folder_this_user_cannot_write(tmp_path, m
     finally:
         os.close(holder)
     assert run.is_held() is False
+
+
+@pytest.mark.parametrize("where", ["set-up", "probe"])
+def test_a_failure_outside_the_steps_is_recorded_in_status_json(tmp_path, monkeypatch, small_data, where):
+    """A full disk while a session sets up (writing its record) or after the last epoch (the layer responses):
+    the run's status.json says `failed` with the error, as for a failure during the steps, not `running` or
+    `interrupted` with no word of it."""
+    import errno
+
+    import torch
+
+    import study.train.loop as loop
+    from helpers import train_run
+
+    from study.config import RunConfig
+    from study.runstore import Run
+
+    cfg = RunConfig("plain", 8, iterations=3, batch_size=32)
+    run = Run(tmp_path, cfg)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if where == "set-up":
+        run.prepare("cpu")
+        run.set_status("interrupted", iteration=2, epoch=0)
+
+        def broken(*args, **kwargs):
+            raise full
+        monkeypatch.setattr(loop, "make_feed", broken)
+    else:
+        def broken(*args, **kwargs):
+            raise full
+        monkeypatch.setattr(loop, "record_responses", broken)
+    with pytest.raises(OSError):
+        train_run(cfg, run, small_data, torch.device("cpu"), progress=False)
+    status = run.status()
+    assert status["status"] == "failed" and status["error"] == "OSError: [Errno 28] No space left on device", status
+    assert status["iteration"] == (2 if where == "set-up" else 3)

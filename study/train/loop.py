@@ -15,6 +15,8 @@ What survives what:
 
 from __future__ import annotations
 
+import contextlib
+
 import signal
 import sys
 import time
@@ -89,7 +91,17 @@ def train_steps(
     every N iterations (long ImageNet epochs on preemptible clusters). Under DDP every process calls
     this with the same arguments; rank 0 alone writes.
     """
-    t = _Training(cfg, run, data, plan, session, gradient_every)
+    try:
+        t = _Training(cfg, run, data, plan, session, gradient_every)
+    except signals.StopRequested:  # a signal while the CPU paths are measured: not a failure
+        raise
+    except Exception as e:  # setting up (a resume's files, a full disk): recorded as the loop records its own
+        if session.ddp.writer:
+            st = run.status()
+            with contextlib.suppress(OSError):
+                run.set_status("failed", iteration=st.get("iteration", 0), epoch=st.get("epoch", 0),
+                               error=f"{type(e).__name__}: {e}")
+        raise
     at = t.at
     if at.iteration >= cfg.iterations and at.partial_epoch is None:
         # Its last epoch closed and checkpointed, what follows (the layer responses, `done` with the final
@@ -142,7 +154,11 @@ def train_steps(
         raise
     finally:
         t.close()
-    return t.finish()
+    try:
+        return t.finish()
+    except Exception as e:  # the layer responses or the status record (a full disk): the run says it failed
+        t.failed(e)
+        raise
 
 
 class _Training:
