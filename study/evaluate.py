@@ -177,15 +177,21 @@ def evaluate_run(run: Run, loader, device, *, progress: bool = False, pixel_mean
     }
 
 
-def recorded_root(run: Run) -> str | None:
-    """The ImageNet folder `run` recorded it read (`ImageNetData.source`, its latest session), or None."""
+def recorded_source(run: Run) -> dict | None:
+    """What `run` recorded it read (`ImageNetData.source`, in its latest session), or None."""
     from .runstore import sessions
 
     try:
         source = sessions(json.loads(run.config_path.read_text())["provenance"])[-1].get("data")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return source.get("dir") if isinstance(source, dict) and isinstance(source.get("dir"), str) else None
+    return source if isinstance(source, dict) else None
+
+
+def recorded_root(run: Run) -> str | None:
+    """The ImageNet folder `run` recorded it read, or None."""
+    source = recorded_source(run) or {}
+    return source.get("dir") if isinstance(source.get("dir"), str) else None
 
 
 def other_copy(run: Run, val) -> str | None:
@@ -193,13 +199,8 @@ def other_copy(run: Run, val) -> str | None:
     recorded it (`ImageNetData.source`, in its latest session) and `val` has another number of images or
     classes: a 10-crop result on another set would stand in Tables 2 and 3 for this one. None otherwise
     (runs of a version that did not record it included)."""
-    from .runstore import sessions
-
-    try:
-        source = sessions(json.loads(run.config_path.read_text())["provenance"])[-1].get("data")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    images = source.get("images") if isinstance(source, dict) else None
+    source = recorded_source(run) or {}
+    images = source.get("images")
     count = images.get("val") if isinstance(images, dict) else None
     if not isinstance(count, int):
         return None

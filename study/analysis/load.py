@@ -402,9 +402,12 @@ CHOOSERS = "--dataset/--iterations/--batch-size/--[no-]holdout/--variant"
 def chosen_text(select: dict) -> str:
     """The study choosers given (`pick_study`'s keywords), as the command line gives them:
     `--iterations 32000, --variant bf16`; "" for none."""
-    flags = {"dataset": "--dataset", "iterations": "--iterations", "batch_size": "--batch-size",
-             "holdout": "--holdout", "variant": "--variant"}
-    return ", ".join(_filter_text(flags[k], v) for k, v in select.items() if v is not None and k in flags)
+    return ", ".join(_filter_text(CHOOSER_FLAGS[k], v) for k, v in select.items() if v is not None and k in CHOOSER_FLAGS)
+
+
+#: The study choosers (`pick_study`'s keywords, STUDY_KEY) as the analysis commands take them.
+CHOOSER_FLAGS = {"dataset": "--dataset", "iterations": "--iterations", "batch_size": "--batch-size",
+                 "holdout": "--holdout", "variant": "--variant"}
 
 
 def _filter_text(flag: str, value: object) -> str:

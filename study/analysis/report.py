@@ -307,9 +307,10 @@ def _pair(depths: list[int], preferred: tuple[int, int]) -> tuple[int, int] | No
     return (depths[0], depths[-1]) if len(depths) >= 2 else None
 
 
-def _deeper_is_worse(f: _Finals, arch: str, pair: tuple[int, int]
+def _depth_pair(f: _Finals, arch: str, pair: tuple[int, int], worse: bool = True
                      ) -> tuple[str | None, str, int, list[tuple[Comparison, bool]]]:
-    """Degradation test of one pair: (verdict, evidence, seeds, comparisons with their claimed side)."""
+    """Degradation test of one pair (`worse=False`: the deeper net is better, claim 3's): (verdict, evidence,
+    seeds, comparisons with their claimed side)."""
     shallow, deep = pair
     f = f.compared([(arch, shallow, "A"), (arch, deep, "A")])
     name_s, name_d = series_label(arch, shallow), series_label(arch, deep)
@@ -319,13 +320,13 @@ def _deeper_is_worse(f: _Finals, arch: str, pair: tuple[int, int]
         return None, f"{f.study.dataset}: {name_s} or {name_d} lacks a final training or {f.eval} error", 0, []
     if (why := f.unlearned([tr_s, tr_d])) is not None:
         return None, why, min(tr_s.n, tr_d.n), []
-    worse = tr_d.mean > tr_s.mean and te_d.mean > te_s.mean
+    holds = (tr_d.mean > tr_s.mean and te_d.mean > te_s.mean) if worse else (tr_d.mean < tr_s.mean and te_d.mean < te_s.mean)
     train, test = compare(tr_d, tr_s), compare(te_d, te_s)
     evidence = (
         f"{f.study.dataset}: training error {name_d} {tr_d} vs {name_s} {tr_s} ({train}), "
         f"{f'{f.crop} ' if f.crop else ''}{f.eval} error {te_d} vs {te_s} ({test})"
     )
-    return (HOLDS if worse else FAILS), evidence, min(tr_s.n, tr_d.n), [(train, True), (test, True)]
+    return (HOLDS if holds else FAILS), evidence, min(tr_s.n, tr_d.n), [(train, worse), (test, worse)]
 
 
 def _claim1(cifar: _Finals | None, imagenet: _Finals | None) -> tuple[str, str, int, str]:
@@ -339,7 +340,7 @@ def _claim1(cifar: _Finals | None, imagenet: _Finals | None) -> tuple[str, str, 
                 (None, f"{f.study.dataset}: needs two finished plain depths, has {f.depths('plain') or 'none'}")
             )
             continue
-        verdict, evidence, n, compared = _deeper_is_worse(f, "plain", pair)
+        verdict, evidence, n, compared = _depth_pair(f, "plain", pair)
         parts.append((verdict, evidence))
         seeds.append(n)
         comparisons += compared
@@ -442,24 +443,12 @@ def _claim3_cifar(f: _Finals | None) -> tuple[str, str, int, list[tuple[Comparis
 
 def _claim3_imagenet(f: _Finals) -> tuple[str, str, int, list[tuple[Comparison, bool]]]:
     """ResNet-34 against ResNet-18 on ImageNet (Table 2: 25.03 against 27.88% top-1, 10-crop), in training
-    and validation error, the latter 10-crop where every run compared has it (`_Finals.compared`)."""
+    and validation error, the latter 10-crop where every run compared has it, as claim 1's pair."""
     pair = _pair(f.depths("resnet"), (18, 34))
     if pair is None:
         return UNKNOWN, f"{f.study.dataset}: needs two finished ResNet depths, has {f.depths('resnet') or 'none'}", 0, []
-    shallow, deep = pair
-    g = f.compared([("resnet", shallow, "A"), ("resnet", deep, "A")])
-    tr_s, tr_d = g.get("resnet", shallow, "train"), g.get("resnet", deep, "train")
-    te_s, te_d = g.get("resnet", shallow, g.eval), g.get("resnet", deep, g.eval)
-    name_s, name_d = series_label("resnet", shallow), series_label("resnet", deep)
-    if None in (tr_s, tr_d, te_s, te_d):
-        return UNKNOWN, f"{f.study.dataset}: {name_s} or {name_d} lacks a final training or {g.eval} error", 0, []
-    if (why := g.unlearned([tr_s, tr_d])) is not None:
-        return UNKNOWN, why, min(tr_s.n, tr_d.n), []
-    better = tr_d.mean < tr_s.mean and te_d.mean < te_s.mean
-    train, test = compare(tr_d, tr_s), compare(te_d, te_s)
-    evidence = (f"{f.study.dataset}: training error {name_d} {tr_d} vs {name_s} {tr_s} ({train}), "
-                f"{f'{g.crop} ' if g.crop else ''}{g.eval} error {te_d} vs {te_s} ({test})")
-    return (HOLDS if better else FAILS), evidence, min(tr_s.n, tr_d.n), [(train, False), (test, False)]
+    verdict, evidence, n, compared = _depth_pair(f, "resnet", pair, worse=False)
+    return verdict or UNKNOWN, evidence, n, compared
 
 
 def _claim4(f: _Finals | None) -> tuple[str, str, int, str]:

@@ -291,7 +291,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     for run in chosen:
         state = checkpoint(run)
         # (A finished run's responses of its last weights are kept even where only an older checkpoint is left.)
-        final = run.status().get("iteration") if run.status().get("status") == "done" else None
+        status = run.status()
+        final = status.get("iteration") if status.get("status") == "done" else None
         if not args.force and any(recorded_with(run, int(i), **options(run))
                                   for i in {state["iteration"], final} if isinstance(i, int)):
             skipped.append(run)

@@ -209,7 +209,7 @@ def report_command(configs: list[RunConfig], runs_dir: str) -> str:
     """The `study report` that judges these runs: with the choosers of their study where the runs dir holds
     other studies too (the report would judge the one closest to the paper)."""
     command = "study report" + ("" if runs_dir == "runs" else f" --runs-dir {shlex.quote(str(runs_dir))}")
-    from ..analysis.load import STUDY_KEY, _filter_text, load_run_table, studies, variant_of
+    from ..analysis.load import CHOOSER_FLAGS, STUDY_KEY, _filter_text, load_run_table, studies, variant_of
 
     mine = {(c.dataset, c.iterations, c.batch_size, c.holdout, variant_of(c.to_dict())) for c in configs}
     try:
@@ -218,9 +218,7 @@ def report_command(configs: list[RunConfig], runs_dir: str) -> str:
         return command
     if len(mine) != 1 or len(present) < 2:
         return command
-    flags = {"dataset": "--dataset", "iterations": "--iterations", "batch_size": "--batch-size",
-             "holdout": "--holdout", "variant": "--variant"}
-    return command + "".join(f" {_filter_text(flags[k], v)}" for k, v in zip(STUDY_KEY, next(iter(mine))))
+    return command + "".join(f" {_filter_text(CHOOSER_FLAGS[k], v)}" for k, v in zip(STUDY_KEY, next(iter(mine))))
 
 
 def end_summary(results: dict[str, str], planned: int, runs_dir: str, seconds: float, report: str) -> str:
