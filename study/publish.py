@@ -10,9 +10,12 @@ Only runs trained from a committed tree are published by default: a run whose co
 git tree had uncommitted changes (or says nothing of it: trained outside a git checkout) cannot be
 traced to a commit, so it is left out with a line saying why unless `allow_dirty`. (The tree is the
 one the run's first session recorded.) Runs neither `done` nor `diverged`, and runs with no metrics,
-are left out too. Every destination is checked before anything is copied; each file is then written
-whole or not at all (a temporary file with a plain file's permissions, renamed), and a published file
-the run no longer has (a stale tencrop.json, say) is removed.
+are left out too. Every destination is checked before anything is copied; each run's folder is then
+written whole or not at all: its files are copied into a hidden staging folder beside it, which is renamed
+into place (over the old copy, where there was one), so a publish killed midway never leaves a run that
+looks finished without its metrics. A published file the run no longer has (a stale tencrop.json, say)
+goes with the old copy; other files a user put in the folder are kept. A killed publish's staging
+folders are removed by the next one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +31,8 @@ from pathlib import Path
 from .runstore import (
     FINAL_STATUSES,
     Run,
+    _UMASK,
     RunStoreError,
-    atomic_write,
     check_writable,
     dirty_tree,
     list_runs,
@@ -96,11 +100,57 @@ def _check_destination(folder: Path) -> None:
                                 "or pass --out another directory")
 
 
-def _copy(src: Path, dst: Path) -> bool:
-    """Copy `src` to `dst` atomically; False (and nothing written) if `dst` already holds the same bytes."""
-    if dst.exists() and dst.read_bytes() == src.read_bytes():
+#: The start of a run's staging folder's name (beside its published folder, hidden from the analysis,
+#: which only reads folders named as their run), and the end of the old copy's while it is swapped out.
+_STAGING, _OLD = ".publishing-", ".old"
+
+
+def _same(run: Run, folder: Path) -> bool:
+    """Whether `folder` already holds exactly `run`'s small files, byte for byte (and no stale one)."""
+    return folder.is_dir() and all(
+        (run.dir / name).is_file() == (folder / name).is_file()
+        and (not (run.dir / name).is_file() or (run.dir / name).read_bytes() == (folder / name).read_bytes())
+        for name in SMALL_FILES)
+
+
+def _clear_staging(out: Path, run_id: str) -> None:
+    """Remove what a killed publish of `run_id` left in `out`: its staging folder, or the old copy it had
+    swapped out (which goes back into place if the run's folder is missing: the kill came between the
+    two renames)."""
+    for path in sorted(out.glob(f"{_STAGING}{run_id}.*")):
+        if path.is_dir() and not path.is_symlink():
+            if path.name.endswith(_OLD) and not (out / run_id).exists():
+                os.rename(path, out / run_id)
+            else:
+                shutil.rmtree(path)
+
+
+def _publish_run(run: Run, folder: Path) -> bool:
+    """Write `run`'s small files to `folder` whole or not at all; False (nothing written) if it already
+    holds them. The files are copied into a staging folder beside it (with any file of the user's in the
+    old copy), which is renamed into place; an old copy is first renamed aside, then removed."""
+    _clear_staging(folder.parent, folder.name)
+    if _same(run, folder):
         return False
-    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    stage = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{folder.name}.", dir=folder.parent))
+    old = stage.with_name(stage.name + _OLD)
+    try:
+        os.chmod(stage, 0o777 & ~_UMASK)  # a plainly made folder's permissions, not mkdtemp's 0700
+        for name in SMALL_FILES:
+            if (run.dir / name).is_file():
+                shutil.copyfile(run.dir / name, stage / name)
+        if folder.is_dir():
+            for path in folder.iterdir():  # what the user added (a note, say) stays with the run
+                if path.name not in SMALL_FILES:
+                    (shutil.copytree if path.is_dir() and not path.is_symlink() else shutil.copy2)(path, stage / path.name)
+            os.rename(folder, old)
+        os.rename(stage, folder)
+    except BaseException:
+        if old.exists() and not folder.exists():
+            os.rename(old, folder)
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return True
 
 
@@ -180,13 +230,7 @@ def publish(runs_dir: str | os.PathLike, out: str | os.PathLike, *, run_ids: Ite
                 "copy it again if the run trained elsewhere")
     try:
         for run in chosen:
-            folder = out / run.cfg.run_id
-            folder.mkdir(parents=True, exist_ok=True)
-            changed = [_copy(run.dir / name, folder / name) for name in SMALL_FILES if (run.dir / name).is_file()]
-            stale = [folder / name for name in SMALL_FILES if not (run.dir / name).is_file() and (folder / name).exists()]
-            for path in stale:
-                path.unlink()
-            (done.copied if any(changed) or stale else done.unchanged).append(run.cfg.run_id)
+            (done.copied if _publish_run(run, out / run.cfg.run_id) else done.unchanged).append(run.cfg.run_id)
     except OSError as e:
         raise RunStoreError(f"could not publish to {out} ({e.strerror or e}); free space or fix its permissions, "
                             "and run the same command again") from None

@@ -79,6 +79,61 @@ def test_publish_leaves_out_what_it_cannot_vouch_for_and_keeps_the_copy_current(
     assert not (out / diverged.cfg.run_id / "tencrop.json").exists() and "published 1 run(s)" in capsys.readouterr().out
 
 
+_KILLED_PUBLISH = """
+import os, signal, sys
+from pathlib import Path
+import study.publish as publish
+where, runs, out = sys.argv[1:]
+real_copy, real_rename, renames = publish.shutil.copyfile, publish.os.rename, []
+def copyfile(src, dst, **kwargs):
+    if where == "copy" and Path(dst).name == "metrics.parquet":  # config and status are copied before it
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_copy(src, dst, **kwargs)
+def rename(src, dst):
+    renames.append(src)
+    if where == "swap" and len(renames) == 2:  # the old copy renamed aside, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_rename(src, dst)
+publish.shutil.copyfile, publish.os.rename = copyfile, rename
+publish.publish(runs, out)
+"""
+
+
+@pytest.mark.parametrize("where", ["copy", "swap"])
+def test_a_killed_publish_leaves_no_run_half_written_and_the_next_one_finishes_it(tmp_path, capsys, where):
+    """SIGKILL while a run's files are copied (first publish) or while the new copy replaces the old one
+    (a publish that updates it): no run is left that looks published without all of its files, a file the
+    user put in the run's folder is kept, and publishing again completes it with nothing left behind."""
+    import subprocess
+    import sys
+
+    from study.runstore import list_runs
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    run = make_run(runs, 0)
+    folder = out / run.cfg.run_id
+    if where == "swap":
+        assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 0
+        (folder / "NOTES.md").write_text("seen on the cluster")
+        (run.dir / "tencrop.json").write_text('{"top1": 1.0}')
+    killed = subprocess.run([sys.executable, "-c", _KILLED_PUBLISH, where, str(runs), str(out)], capture_output=True)
+    assert killed.returncode == -9, killed.stderr
+    assert list_runs(out) == [] and not folder.exists()  # nothing that looks like a run, finished or not
+    # Its staging folder; when updating, also the old copy renamed aside.
+    assert len(list(out.iterdir())) == (2 if where == "swap" else 1)
+    capsys.readouterr()
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    assert "published 1 run(s)" in capsys.readouterr().out
+    assert [p.name for p in out.iterdir()] == [run.cfg.run_id]
+    expected = sorted(n for n in SMALL_FILES if (run.dir / n).exists()) + (["NOTES.md"] if where == "swap" else [])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
+    for name in SMALL_FILES:
+        if (run.dir / name).exists():
+            assert (folder / name).read_bytes() == (run.dir / name).read_bytes()
+    if where == "swap":
+        assert (folder / "NOTES.md").read_text() == "seen on the cluster"
+
+
 def test_publish_takes_the_runs_a_study_run_command_line_selects(tmp_path, capsys):
     runs, out = tmp_path / "runs", tmp_path / "out"
     make_run(runs, 0), make_run(runs, 1), make_run(runs, 0, iterations=800)
