@@ -286,6 +286,32 @@ def test_rows_past_the_checkpoint_are_redone_not_duplicated(tmp_path, small_data
     pd.testing.assert_frame_equal(metrics_without_time(whole), metrics_without_time(run))
 
 
+@pytest.mark.parametrize("saves_before", [0, 1])
+def test_a_ctrl_c_that_stops_a_checkpoint_being_written_records_where_the_run_will_resume(
+        tmp_path, small_data, monkeypatch, saves_before):
+    """A second Ctrl-C while the first one's checkpoint is written (here: a save interrupted before it
+    wrote) leaves the last checkpoint as it was: status.json says the run stands there (0 with none), not
+    at the iteration it had reached, and the run resumes from there."""
+    cfg = tiny()
+    run = Run(tmp_path, cfg)
+    real_save, saves = Run.save_checkpoint, []
+
+    def save(self, state):
+        if len(saves) == saves_before:
+            raise KeyboardInterrupt
+        real_save(self, state)
+        saves.append(state["iteration"])
+
+    monkeypatch.setattr(Run, "save_checkpoint", save)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, run, small_data, torch.device("cpu"), progress=False)
+    status = run.status()
+    resumes_at = saves[-1] if saves else 0
+    assert status["status"] == "interrupted" and status["iteration"] == resumes_at
+    assert status["epoch"] == (1 if saves else 0)
+    assert (run.load_checkpoint() or {"iteration": 0})["iteration"] == resumes_at
+
+
 def test_run_all_skips_finished_runs(tmp_path):
     cfg = RunConfig(arch="plain", depth=8, dataset="fashion-mnist-mini", iterations=3, batch_size=32)
     log = []

@@ -146,8 +146,8 @@ def train_steps(
                 return "diverged"
     except signals.StopRequested:
         raise
-    except KeyboardInterrupt:
-        t.run.set_status("interrupted", iteration=at.iteration, epoch=at.epoch)
+    except KeyboardInterrupt:  # where the run will resume: its last checkpoint (a second Ctrl-C may stop a save)
+        t.run.set_status("interrupted", iteration=t.saved[0], epoch=t.saved[1])
         raise
     except Exception as e:
         t.failed(e)
@@ -225,6 +225,7 @@ class _Training:
                         dynamic_ncols=True, leave=False)
         self.start, self.onetime_start = time.perf_counter(), onetime.total()
         self.run.set_status("running", iteration=at.iteration, epoch=at.epoch)
+        self.saved = (at.iteration, at.epoch)  # the (iteration, epoch) a resume starts from: the last checkpoint's
         self.tb = LiveWriter(self.session.tensorboard if self.ddp.writer else None, cfg, at.iteration)
         self.last_line: float | None = None  # when this session last logged an epoch line
 
@@ -239,6 +240,7 @@ class _Training:
         checkpoint.save(self.run, model=self.net.model, opt=self.net.opt, gen=self.gen, schedule=self.schedule,
                         state=self.at, elapsed_s=self.elapsed_s(), onetime_s=self.onetime_s(),
                         partial_epoch=partial_epoch)
+        self.saved = (self.at.iteration, self.at.epoch)
 
     def save_gradients(self) -> None:
         if self.ddp.writer:
