@@ -446,6 +446,25 @@ def test_runs_written_before_warmup_s_still_load_and_plot(tmp_path, cli):
     assert code == 0, err
 
 
+def test_runs_left_out_for_a_damaged_config_json_are_the_error_not_no_runs(tmp_path, cli):
+    """A runs dir whose every run has a damaged config.json is not "no runs, train some first": the one
+    line names the damaged file and its fix (and how many more there are)."""
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(runs, "plain", 20, seed=seed)
+    first, second = sorted(runs.glob("*/config.json"))
+    first.write_text('{"config":')
+    code, out, err = cli("report", "--runs-dir", runs)
+    assert code == 0, err  # one readable run: reported, with the damaged one as a note
+    second.write_text("")
+    for argv in (["plot", "fig6"], ["table", "table6"], ["report"]):
+        code, out, err = cli(*argv, "--runs-dir", runs)
+        assert code == 2 and err.count("\n") == 1, (argv, err)
+        assert err.startswith(f"study: error: no readable runs in {runs}: {first} is unreadable (not JSON: "), err
+        assert "copy it again if the run trained elsewhere" in err and "train some first" not in err
+        assert f"(and 1 more run folder(s) like it: `study status --runs-dir {runs}` names them)" in err, err
+
+
 def test_no_runs_at_all_is_a_one_line_error_exit_2(tmp_path, cli):
     with pytest.raises(ConfigError, match="no runs in"):
         load_runs(tmp_path)

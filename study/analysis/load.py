@@ -161,6 +161,13 @@ def load_run_table(runs_dir: str | os.PathLike = "runs", unreadable: list[tuple[
 def _no_runs(runs_dir: str | os.PathLike) -> NoRunsError:
     if (missing := missing_runs_dir(runs_dir)) is not None:  # a mistyped path is not "no runs"
         return NoRunsError(missing)
+    # Run folders left out for a damaged config.json: that, not "train some first", is what to fix.
+    damaged = [(path, why) for path in sorted(Path(runs_dir).glob("*/config.json"))
+               if (why := read_config(path)[1]) is not None]
+    if damaged:
+        more = (f" (and {len(damaged) - 1} more run folder(s) like it: `study status --runs-dir {runs_dir}` names them)"
+                if len(damaged) > 1 else "")
+        return NoRunsError(f"no readable runs in {runs_dir}: {unreadable_note(*damaged[0])}{more}")
     return NoRunsError(
         f"no runs in {runs_dir}; train some first (e.g. `study run --grid quick`) "
         "or pass --runs-dir to the directory that holds them"
