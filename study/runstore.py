@@ -411,6 +411,23 @@ def sessions(prov: dict) -> list[dict]:
     return [prov, *(s for s in later if isinstance(s, dict))] if isinstance(later, list) else [prov]
 
 
+#: What a run's numbers depend on besides its config and seed, as its sessions record them: a resume
+#: that changes one of them goes on, but is no longer bit-identical to an uninterrupted run.
+EXACT_WITHIN = (("device", "device"), ("device_name", "device"), ("cpu", "CPU"), ("cpu_capability", "CPU kernels"),
+                ("threads", "threads"), ("torch_version", "torch"))
+
+
+def resumed_elsewhere(last: dict, now: dict) -> str | None:
+    """What in session record `now` differs from `last` in `EXACT_WITHIN` ("threads 1 -> 2, torch
+    2.14.1 -> 2.11.0"), or None; a value the last record lacks (a run begun before it was recorded) is
+    not a difference, nor, on a GPU, the host's CPU and thread count."""
+    on_gpu = not str(now.get("device", "cpu")).startswith("cpu")  # the host's CPU and threads do not count there
+    changed = [f"{label} {last[key]} -> {now.get(key)}" for key, label in EXACT_WITHIN
+               if last.get(key) is not None and now.get(key) != last[key]
+               and not (on_gpu and key in ("cpu", "cpu_capability", "threads"))]
+    return ", ".join(dict.fromkeys(changed)) or None
+
+
 class Machine(NamedTuple):
     """Where a session trained: `kind` "cpu" (`name` its `cpu_label`; `bf16` whether it has bf16 units,
     None where its flags were not recorded) or a device type ("cuda": `name` the device's name)."""
@@ -524,18 +541,22 @@ class Run:
         record = {"run_id": self.cfg.run_id, "config": self.cfg.to_dict(), "provenance": {**provenance(device), **provenance_extra}}
         atomic_write_text(self.config_path, json.dumps(record, indent=1) + "\n")
 
-    def record_resume(self, device: str, iteration: int, **provenance_extra: Any) -> None:
+    def record_resume(self, device: str, iteration: int, **provenance_extra: Any) -> str | None:
         """Add this session, resuming the run from its checkpoint at `iteration`, to config.json's
-        provenance (`resumed`, see `sessions`): where, with what and from which commit it trains now."""
+        provenance (`resumed`, see `sessions`): where, with what and from which commit it trains now.
+        Returns what in it differs from the last session's record in what the numbers depend on
+        (`resumed_elsewhere`), or None."""
         record = json.loads(self.config_path.read_text())
         session = {"from_iteration": iteration, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    **provenance(device), **provenance_extra}
         if not isinstance(record.get("provenance"), dict):  # a config.json written by another tool
             record["provenance"] = {}
+        last = sessions(record["provenance"])[-1]
         if not isinstance(record["provenance"].get("resumed"), list):
             record["provenance"]["resumed"] = []
         record["provenance"]["resumed"].append(session)
         atomic_write_text(self.config_path, json.dumps(record, indent=1) + "\n")
+        return resumed_elsewhere(last, session)
 
     def recorded_cpu_path(self) -> str | None:
         """The CPU path (`study.train.cpupath`) the run recorded, if any (its first session's, or that of

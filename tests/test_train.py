@@ -133,6 +133,43 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, small_data, monkeypatch)
         assert torch.equal(v, cut.load_checkpoint()["model"][k]), k
 
 
+def test_a_resume_on_changed_ground_says_so_in_one_line_and_is_recorded(tmp_path, small_data, monkeypatch):
+    """A run resumed with another thread count (or torch, CPU, device) than its last session's goes on,
+    with one note saying what changed and that it is no longer bit-identical; an unchanged resume says
+    nothing of the kind, and a value an old record lacks is no change."""
+    from study.runstore import resumed_elsewhere
+
+    cfg = tiny(iterations=17, depth=14)
+    run = Run(tmp_path, cfg)
+    stop_after_the_epoch_2_checkpoint(cfg, run, small_data, monkeypatch)
+    record = json.loads(run.config_path.read_text())
+    threads = record["provenance"]["threads"]
+    record["provenance"]["threads"] = threads + 3  # as if its first session had had more threads
+    run.config_path.write_text(json.dumps(record))
+    log = []
+    assert train_run(cfg, run, small_data, torch.device("cpu"), progress=False, log=log.append) == "done"
+    notes = [line for line in log if "note: resumed on changed ground" in line]
+    assert notes == [f"{cfg.run_id}: note: resumed on changed ground (threads {threads + 3} -> {threads}): it goes on, "
+                     "but is no longer bit-identical to an uninterrupted run (results are exact for one device, torch "
+                     "and thread count); config.json's `resumed` records it"], log
+    assert json.loads(run.config_path.read_text())["provenance"]["resumed"][-1]["threads"] == threads
+
+    again = Run(tmp_path / "again", cfg)  # the same ground: no note
+    stop_after_the_epoch_2_checkpoint(cfg, again, small_data, monkeypatch)
+    log.clear()
+    assert train_run(cfg, again, small_data, torch.device("cpu"), progress=False, log=log.append) == "done"
+    assert any("resuming from its checkpoint" in line for line in log)
+    assert not any("changed ground" in line for line in log), log
+
+    cpu = {"device": "cpu", "cpu": "AMD EPYC", "cpu_capability": "AVX512", "threads": 1, "torch_version": "2.14.1"}
+    assert resumed_elsewhere(cpu, {**cpu, "torch_version": "2.11.0", "cpu_capability": "AVX2"}) == (
+        "CPU kernels AVX512 -> AVX2, torch 2.14.1 -> 2.11.0")
+    assert resumed_elsewhere({"device": "cpu"}, cpu) is None  # a record from before these were kept
+    gpu = {"device": "cuda", "device_name": "NVIDIA H100", "cpu": "AMD EPYC", "threads": 16}
+    assert resumed_elsewhere(gpu, {**gpu, "cpu": "Intel Xeon", "threads": 8}) is None  # the host does not count
+    assert resumed_elsewhere(gpu, {**gpu, "device_name": "NVIDIA H200"}) == "device NVIDIA H100 -> NVIDIA H200"
+
+
 @pytest.mark.parametrize("iterations", [12, 10])  # the last step mid-epoch (5 per epoch), or an epoch's last
 def test_a_stop_at_the_runs_last_step_resumes_to_the_uninterrupted_runs_end(tmp_path, small_data, iterations):
     """A signal during the run's last step: a mid-epoch checkpoint at the last iteration, `interrupted`. The

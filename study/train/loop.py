@@ -204,9 +204,13 @@ class _Training:
             self.at = checkpoint.restore(ckpt, model=self.net.model, opt=self.net.opt, gen=self.gen,
                                          schedule=self.schedule)
             if self.at.iteration < cfg.iterations:
-                self.run.record_resume(str(device), self.at.iteration, **session_record)
+                changed = self.run.record_resume(str(device), self.at.iteration, **session_record)
                 if ddp.writer:
                     log(f"{cfg.run_id}: resuming from its checkpoint at iteration {self.at.iteration:,} of {cfg.iterations:,}")
+                    if changed:
+                        log(f"{cfg.run_id}: note: resumed on changed ground ({changed}): it goes on, but is no longer "
+                            "bit-identical to an uninterrupted run (results are exact for one device, torch and "
+                            "thread count); config.json's `resumed` records it")
         # The checkpoint holds every row so far: rewriting the file from it drops rows written after
         # the checkpoint (a kill between the two writes) and repairs an unreadable file.
         self.run.write_metrics(self.at.metrics)
