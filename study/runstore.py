@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import os
 import platform
@@ -616,10 +617,15 @@ class Run:
 
     def save_checkpoint(self, state: dict) -> None:
         """Write the new checkpoint beside the old one, keep the old one as `checkpoint.prev.pt`
-        (the fallback if the new one is ever unreadable), then move the new one into place."""
+        (the fallback if the new one is ever unreadable), then move the new one into place. It is
+        serialized in memory and written by Python, so a full disk is the OSError that names it (No space
+        left on device), not torch's writer's RuntimeError ("unexpected pos")."""
         tmp = _temporary(self.dir, ".checkpoint.")
         try:
-            torch.save(state, tmp)
+            serialized = io.BytesIO()
+            torch.save(state, serialized)
+            with open(tmp, "wb") as f:
+                f.write(serialized.getbuffer())
             if self.checkpoint_path.exists():
                 os.replace(self.checkpoint_path, self.previous_checkpoint_path)
             os.replace(tmp, self.checkpoint_path)

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ def main_with_faults() -> int:
     parser.add_argument("study_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     study.train.runner.load_data = small
+    study_args = args.study_args[1:] if args.study_args[:1] == ["--"] else args.study_args
     steps = {"n": 0}
 
     real_step = torch.optim.SGD.step
@@ -65,9 +67,12 @@ def main_with_faults() -> int:
             if isinstance(obj, dict) and "optimizer" in obj:
                 saves["n"] += 1
                 if saves["n"] == args.kill_in_checkpoint:
+                    # Serialized in memory (`Run.save_checkpoint`), then written to its temporary file: half written.
                     real_save(obj, f, *a, **kw)
-                    with open(f, "r+b") as fh:
-                        fh.truncate(os.path.getsize(f) // 2)
+                    whole = f.getvalue()
+                    runs_dir = study_args[study_args.index("--runs-dir") + 1]
+                    (tmp,) = Path(runs_dir).glob("*/.checkpoint.*.tmp")
+                    tmp.write_bytes(whole[: len(whole) // 2])
                     die()
             return real_save(obj, f, *a, **kw)
 
@@ -84,7 +89,6 @@ def main_with_faults() -> int:
 
         study.train.step.F.cross_entropy = cross_entropy
 
-    study_args = args.study_args[1:] if args.study_args[:1] == ["--"] else args.study_args
     return main(study_args)
 
 

@@ -244,6 +244,38 @@ def test_is_held_tells_a_held_run_in_a_folder_this_user_cannot_write(tmp_path, m
     assert run.is_held() is False
 
 
+_FULL_DISK = """
+import resource, sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from conftest import make_small_data
+from helpers import train_run
+from study.config import RunConfig
+from study.runstore import Run
+data = make_small_data()  # read before the limit
+cfg = RunConfig("resnet", 8, iterations=12, batch_size=64)
+run = Run(sys.argv[1], cfg)
+run.prepare("cpu")
+limit = 100_000  # the run's small files fit; its checkpoint (about 0.6 MB) does not
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: a write fails with EFBIG
+train_run(cfg, run, data, torch.device("cpu"), progress=False)
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_recorded_with_the_os_error_that_names_it(tmp_path):
+    """A checkpoint write that the file system refuses (here a file-size limit; a full disk alike) marks the
+    run failed with the OS's own words ("File too large", "No space left on device"), not torch's
+    writer's ("unexpected pos"), and leaves no temporary file behind."""
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "OSError: [Errno 27] File too large" in proc.stderr, proc.stderr[-2000:]
+    (folder,) = tmp_path.iterdir()
+    st = json.loads((folder / "status.json").read_text())
+    assert st["status"] == "failed" and st["error"] == "OSError: [Errno 27] File too large", st
+    assert not (folder / "checkpoint.pt").exists() and not list(folder.glob(".checkpoint.*")), list(folder.iterdir())
+
+
 @pytest.mark.parametrize("where", ["set-up", "probe"])
 def test_a_failure_outside_the_steps_is_recorded_in_status_json(tmp_path, monkeypatch, small_data, where):
     """A full disk while a session sets up (writing its record) or after the last epoch (the layer responses):
