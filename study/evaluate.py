@@ -247,6 +247,10 @@ def evaluate_runs(
         for run in runs
         if run not in todo
     }
+    for o in outcomes.values():  # kept from a test on another folder: say so, as it is not --data-dir's
+        if isinstance(kept_on := o.record.get("data_dir"), str) and Path(kept_on) != Path(data_dir).resolve():
+            print(f"note: {o.run_id}: its 10-crop result is kept from a test on {kept_on} ({o.record['images']:,} "
+                  f"images), not on --data-dir {data_dir}; pass --force to test it on {data_dir}", file=sys.stderr)
     if todo:
         from .data.imagenet import make_ten_crop_loader
         from .train import default_workers, ieee_fp32, resolve_device

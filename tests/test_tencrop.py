@@ -92,6 +92,14 @@ def test_evaluate_writes_the_checkpoints_ten_crop_error_then_skips_and_force_rec
     code, out, err = evaluate(capsys, runs, root)
     assert code == 0, err
     assert json.loads(path.read_text())["top1"] == 12.5 and "kept" in out and "12.50" in out
+    assert "note:" not in err, err
+    # Kept from a test on another folder: kept, with a note saying so and how to test it on this one.
+    copy = shutil.copytree(root, root.parent / "imagenet-copy")
+    code, out, err = evaluate(capsys, runs, copy)
+    assert code == 0 and "kept" in out, err
+    assert err == (f"note: {CFG.run_id}: its 10-crop result is kept from a test on {root.resolve()} (3 images), not on "
+                   f"--data-dir {copy}; pass --force to test it on {copy}\n"), err
+    shutil.rmtree(copy)
     # ... and --force recomputes them.
     code, out, err = evaluate(capsys, runs, root, "--force")
     assert code == 0, err
