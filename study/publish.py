@@ -15,23 +15,26 @@ written whole or not at all: its files are copied into a hidden staging folder b
 into place (over the old copy, where there was one), so a publish killed midway never leaves a run that
 looks finished without its metrics. A published file the run no longer has (a stale tencrop.json, say)
 goes with the old copy; other files a user put in the folder are kept. A killed publish's staging
-folders are removed by the next one.
+folders are cleared by the next publish to the same folder (for any run), and two publishes to one folder
+take turns.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .runstore import (
     FINAL_STATUSES,
     Run,
-    _UMASK,
     RunStoreError,
     check_writable,
     dirty_tree,
@@ -100,9 +103,11 @@ def _check_destination(folder: Path) -> None:
                                 "or pass --out another directory")
 
 
-#: The start of a run's staging folder's name (beside its published folder, hidden from the analysis,
-#: which only reads folders named as their run), and the end of the old copy's while it is swapped out.
+#: The start of a run's staging folder's name (beside its published folder; hidden, so the analysis and
+#: `list_runs` pass it over), and the end of the old copy's while it is swapped out. A staging folder is
+#: `.publishing-<run id>.<8 random characters>`, its old copy the same with `.old`.
 _STAGING, _OLD = ".publishing-", ".old"
+_LEFTOVER = re.compile(re.escape(_STAGING) + r"(?P<run_id>.+)\.[a-z0-9]{8}(?P<old>" + re.escape(_OLD) + ")?")
 
 
 def _same(run: Run, folder: Path) -> bool:
@@ -113,36 +118,64 @@ def _same(run: Run, folder: Path) -> bool:
         for name in SMALL_FILES)
 
 
-def _clear_staging(out: Path, run_id: str) -> None:
-    """Remove what a killed publish of `run_id` left in `out`: its staging folder, or the old copy it had
-    swapped out (which goes back into place if the run's folder is missing: the kill came between the
-    two renames)."""
-    for path in sorted(out.glob(f"{_STAGING}{run_id}.*")):
-        if path.is_dir() and not path.is_symlink():
-            if path.name.endswith(_OLD) and not (out / run_id).exists():
-                os.rename(path, out / run_id)
-            else:
-                shutil.rmtree(path)
+def _clear_leftovers(out: Path) -> None:
+    """Remove what a killed publish left in `out`, for any run: staging folders, and old copies swapped out
+    (one goes back into place where its run's folder is missing: the kill came between the two renames).
+    Called under `_publishing`'s lock, so no other publish is midway."""
+    for path in sorted(out.iterdir(), key=lambda p: p.name):  # a staging folder sorts before its `.old`
+        if (m := _LEFTOVER.fullmatch(path.name)) is None or path.is_symlink() or not path.is_dir():
+            continue
+        if m["old"] and not (out / m["run_id"]).exists():
+            os.rename(path, out / m["run_id"])
+        else:
+            shutil.rmtree(path)
+
+
+@contextmanager
+def _publishing(out: Path) -> Iterator[None]:
+    """Hold an exclusive flock on the `out` folder itself while publishing into it: two publishes to one
+    folder take turns (no file is added to a published study for it)."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _staging_folder(folder: Path) -> Path:
+    """A new, empty staging folder for `folder`, made by a plain mkdir: the umask, a default ACL and the
+    parent's setgid bit give it the permissions and group a folder made there gets (mkdtemp's are 0700)."""
+    for _ in range(100):
+        stage = folder.with_name(f"{_STAGING}{folder.name}.{secrets.token_hex(4)}")
+        try:
+            stage.mkdir()
+            return stage
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free staging folder name beside {folder}")
 
 
 def _publish_run(run: Run, folder: Path) -> bool:
     """Write `run`'s small files to `folder` whole or not at all; False (nothing written) if it already
-    holds them. The files are copied into a staging folder beside it (with any file of the user's in the
-    old copy), which is renamed into place; an old copy is first renamed aside, then removed."""
-    _clear_staging(folder.parent, folder.name)
+    holds them. The files are copied into a staging folder beside it (with anything of the user's in the
+    old copy, links copied as links), which is renamed into place; an old copy is first renamed aside,
+    then removed."""
     if _same(run, folder):
         return False
-    stage = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{folder.name}.", dir=folder.parent))
+    stage = _staging_folder(folder)
     old = stage.with_name(stage.name + _OLD)
     try:
-        os.chmod(stage, 0o777 & ~_UMASK)  # a plainly made folder's permissions, not mkdtemp's 0700
         for name in SMALL_FILES:
             if (run.dir / name).is_file():
                 shutil.copyfile(run.dir / name, stage / name)
         if folder.is_dir():
             for path in folder.iterdir():  # what the user added (a note, say) stays with the run
                 if path.name not in SMALL_FILES:
-                    (shutil.copytree if path.is_dir() and not path.is_symlink() else shutil.copy2)(path, stage / path.name)
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.copytree(path, stage / path.name, symlinks=True)
+                    else:
+                        shutil.copy2(path, stage / path.name, follow_symlinks=False)
             os.rename(folder, old)
         os.rename(stage, folder)
     except BaseException:
@@ -150,7 +183,8 @@ def _publish_run(run: Run, folder: Path) -> bool:
             os.rename(old, folder)
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        shutil.rmtree(old)  # an error here is the command's one line; the next publish clears what is left
     return True
 
 
@@ -229,8 +263,10 @@ def publish(runs_dir: str | os.PathLike, out: str | os.PathLike, *, run_ids: Ite
             log(f"left out {len(missing)} folder(s) with a status.json but no config.json: {', '.join(missing)}; "
                 "copy it again if the run trained elsewhere")
     try:
-        for run in chosen:
-            (done.copied if _publish_run(run, out / run.cfg.run_id) else done.unchanged).append(run.cfg.run_id)
+        with _publishing(out):
+            _clear_leftovers(out)
+            for run in chosen:
+                (done.copied if _publish_run(run, out / run.cfg.run_id) else done.unchanged).append(run.cfg.run_id)
     except OSError as e:
         raise RunStoreError(f"could not publish to {out} ({e.strerror or e}); free space or fix its permissions, "
                             "and run the same command again") from None

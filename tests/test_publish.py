@@ -107,6 +107,7 @@ def test_a_killed_publish_leaves_no_run_half_written_and_the_next_one_finishes_i
     import subprocess
     import sys
 
+    from study.analysis.load import load_run_table
     from study.runstore import list_runs
 
     runs, out = tmp_path / "runs", tmp_path / "out"
@@ -118,7 +119,8 @@ def test_a_killed_publish_leaves_no_run_half_written_and_the_next_one_finishes_i
         (run.dir / "tencrop.json").write_text('{"top1": 1.0}')
     killed = subprocess.run([sys.executable, "-c", _KILLED_PUBLISH, where, str(runs), str(out)], capture_output=True)
     assert killed.returncode == -9, killed.stderr
-    assert list_runs(out) == [] and not folder.exists()  # nothing that looks like a run, finished or not
+    # Nothing that looks like a run, finished or not, to the commands or to the analysis.
+    assert list_runs(out) == [] and load_run_table(out).empty and not folder.exists()
     # Its staging folder; when updating, also the old copy renamed aside.
     assert len(list(out.iterdir())) == (2 if where == "swap" else 1)
     capsys.readouterr()
@@ -132,6 +134,63 @@ def test_a_killed_publish_leaves_no_run_half_written_and_the_next_one_finishes_i
             assert (folder / name).read_bytes() == (run.dir / name).read_bytes()
     if where == "swap":
         assert (folder / "NOTES.md").read_text() == "seen on the cluster"
+
+
+def test_a_publish_clears_any_runs_leftovers_and_keeps_a_users_links_and_the_folders_group(tmp_path, capsys):
+    """What a killed publish left for a run that this publish does not touch is cleared too (and an old copy
+    goes back into place), by the whole run id (ids with dots: `wd0` is not `wd0.0005`); a user's
+    link in a run's folder is copied as a link; a published folder gets the group and setgid bit of a
+    folder made there, and the folder's lock is no file of its own."""
+    import os
+    import stat
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    a, b = make_run(runs, 0), make_run(runs, 1)
+    out.mkdir()
+    os.chmod(out, 0o2775)  # a group's shared folder: new folders inherit its group (setgid)
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    capsys.readouterr()
+    folder_a, folder_b = out / a.cfg.run_id, out / b.cfg.run_id
+    assert all(f.stat().st_mode & stat.S_ISGID for f in (folder_a, folder_b))
+    # A killed publish of run b, between its two renames: its old copy aside, its folder gone.
+    parked = out / f".publishing-{b.cfg.run_id}.abcd1234.old"
+    folder_b.rename(parked)
+    (out / f".publishing-{b.cfg.run_id}.abcd1234").mkdir()
+    # The old copy of another run, whose id is run a's and more after a dot.
+    other = out / f".publishing-{a.cfg.run_id}.5.abcd1234.old"
+    other.mkdir()
+    (folder_a / "figs").symlink_to(tmp_path / "elsewhere")  # a dangling link of the user's
+    (a.dir / "tencrop.json").write_text("{}")  # run a changed: republished
+    assert main(["publish", "--runs-dir", str(runs), "--out", str(out), "--arch", "plain", "--depth", "8", "--seed",
+                 "0", "--iterations", "400", "--dataset", "fashion-mnist-mini"]) == 0, capsys.readouterr().err
+    # Each old copy went back as the run whose whole id it names: `<a>.5` is not `a`.
+    assert sorted(p.name for p in out.iterdir()) == sorted([a.cfg.run_id, b.cfg.run_id, f"{a.cfg.run_id}.5"])
+    assert (folder_b / "metrics.parquet").read_bytes() == b.metrics_path.read_bytes()  # put back in place
+    assert (folder_a / "figs").is_symlink() and os.readlink(folder_a / "figs") == str(tmp_path / "elsewhere")
+    assert (folder_a / "tencrop.json").exists() and folder_a.stat().st_mode & stat.S_ISGID
+
+
+def test_two_publishes_to_one_folder_take_turns(tmp_path):
+    """A publish waits while another holds the folder's lock, then publishes."""
+    import fcntl
+    import os
+    import threading
+
+    from study.publish import publish
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    make_run(runs, 0)
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as another publish holds it
+    done = []
+    worker = threading.Thread(target=lambda: done.append(publish(runs, out, log=lambda line: None)))
+    worker.start()
+    worker.join(1.0)
+    assert worker.is_alive() and not done and list(out.iterdir()) == []
+    os.close(fd)
+    worker.join(30)
+    assert len(done) == 1 and len(done[0].copied) == 1
 
 
 def test_publish_takes_the_runs_a_study_run_command_line_selects(tmp_path, capsys):

@@ -24,7 +24,7 @@ import pandas as pd
 from ..config import CIFAR_DEPTHS, IMAGENET_BATCH_SIZE, IMAGENET_DEPTHS, PAPER_BATCH_SIZE, ConfigError
 from ..evaluate import TENCROP_FILE
 from ..probes import PROBE_DEFAULTS
-from ..runstore import METRIC_COLUMNS, missing_runs_dir, read_config, read_json, unreadable_note, unreadable_reason
+from ..runstore import METRIC_COLUMNS, list_runs, missing_runs_dir, read_config, read_json, unreadable_note, unreadable_reason
 from .paper import CIFAR_ITERATIONS, IMAGENET, IMAGENET_ITERATIONS, Series, series_label
 
 IDENTITY = ["run_id", "dataset", "arch", "depth", "shortcut", "seed"]
@@ -154,7 +154,9 @@ def load_run_table(runs_dir: str | os.PathLike = "runs", unreadable: list[tuple[
     (`tencrop_top1`, `tencrop_top5`, `tencrop_iteration`; NaN otherwise). Empty (with these
     columns) when there are none."""
     root = Path(runs_dir)
-    rows = [_run_row(d, unreadable) for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+    # Hidden folders are no runs' (a publish's staging folder, say: `study publish`).
+    rows = ([_run_row(d, unreadable) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+            if root.is_dir() else [])
     return pd.DataFrame([r for r in rows if r is not None], columns=RUN_COLUMNS + ["classes"] + TENCROP_COLUMNS)
 
 
@@ -162,8 +164,8 @@ def _no_runs(runs_dir: str | os.PathLike) -> NoRunsError:
     if (missing := missing_runs_dir(runs_dir)) is not None:  # a mistyped path is not "no runs"
         return NoRunsError(missing)
     # Run folders left out for a damaged config.json: that, not "train some first", is what to fix.
-    damaged = [(path, why) for path in sorted(Path(runs_dir).glob("*/config.json"))
-               if (why := read_config(path)[1]) is not None]
+    damaged: list[tuple[str, str]] = []
+    list_runs(runs_dir, damaged)
     if damaged:
         more = (f" (and {len(damaged) - 1} more run folder(s) like it: `study status --runs-dir {runs_dir}` names them)"
                 if len(damaged) > 1 else "")
