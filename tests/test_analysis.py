@@ -1480,6 +1480,11 @@ def test_budget_draws_each_nets_final_errors_against_its_budgets(tmp_path, cli):
     assert code == 0 and _is_png(tmp_path / "figs" / "budget.png") and "1,000/2,000/4,000 iterations" in out
     code, _, err = cli("plot", "budget", "--runs-dir", tmp_path, "--iterations", "1000", "--out", tmp_path / "f2")
     assert code == 2 and "drop --iterations" in err and len(err.strip().splitlines()) == 1
+    # `plot all --iterations N` draws the others at N and the budget figure over every budget, as the report does.
+    code, out, err = cli("plot", "all", "--runs-dir", tmp_path, "--iterations", "1000", "--out", tmp_path / "f4")
+    assert code == 0, err
+    assert _is_png(tmp_path / "f4" / "budget.png") and "budget: " in out and "1,000/2,000/4,000 iterations" in out, out
+    assert _is_png(tmp_path / "f4" / "fig6.png") and "fig6: fashion-mnist-mini, 1,000 iterations" in out, out
     one = tmp_path / "one"
     write_run(one, "resnet", 20)
     code, _, err = cli("plot", "budget", "--runs-dir", one, "--out", tmp_path / "f3")

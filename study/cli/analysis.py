@@ -141,8 +141,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     data = _load(args.runs_dir)
     drawn_any = False
     for name in names:
+        select = _selection(args)
+        if args.figure == "all" and name == "budget":  # it draws every budget: --iterations does not narrow it
+            select.pop("iterations", None)
         try:
-            drawn = build(name, data, **_selection(args))
+            drawn = build(name, data, **select)
         except NoRunsError as e:
             if args.figure != "all":
                 raise
