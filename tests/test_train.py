@@ -139,7 +139,7 @@ def test_a_resume_on_changed_ground_says_so_in_one_line_and_is_recorded(tmp_path
     nothing of the kind, and a value an old record lacks is no change."""
     from study.runstore import resumed_elsewhere
 
-    cfg = tiny(iterations=17, depth=14)
+    cfg = tiny()
     run = Run(tmp_path, cfg)
     stop_after_the_epoch_2_checkpoint(cfg, run, small_data, monkeypatch)
     record = json.loads(run.config_path.read_text())
