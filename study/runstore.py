@@ -65,16 +65,29 @@ def _temporary(directory: Path, prefix: str) -> str:
     return tmp
 
 
+def fsync(path: str | os.PathLike) -> None:
+    """Flush `path` (a file, or a folder: its entries, a rename's) to the disk, so that what was written
+    survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call `write(tmp_path)` then rename the temporary file onto `path` (same directory, so the
-    rename is atomic on POSIX)."""
+    rename is atomic on POSIX); the file reaches the disk before the rename, and the rename after it,
+    so a power loss leaves the old file or the new one, whole."""
     tmp = _temporary(path.parent, f".{path.name}.")
     try:
         write(Path(tmp))
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -638,6 +651,7 @@ class Run:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        fsync(self.dir)
 
     def load_checkpoint(self, log: Any = None) -> dict | None:
         """The newest readable checkpoint, or None. An unreadable one (truncated, corrupt) is

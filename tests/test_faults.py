@@ -310,3 +310,36 @@ def test_a_failure_outside_the_steps_is_recorded_in_status_json(tmp_path, monkey
     status = run.status()
     assert status["status"] == "failed" and status["error"] == "OSError: [Errno 28] No space left on device", status
     assert status["iteration"] == (2 if where == "set-up" else 3)
+
+
+def test_files_reach_the_disk_before_they_replace_the_old_and_the_rename_after(tmp_path, monkeypatch):
+    """For a power loss: every atomic write (status, config, metrics) and every checkpoint is fsynced
+    before it is renamed over the old file, and its folder after (the rename itself)."""
+    import study.runstore as runstore
+    from study.config import RunConfig
+    from study.runstore import Run
+
+    run = Run(tmp_path, RunConfig("plain", 8, iterations=3, batch_size=32))
+    run.prepare("cpu")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(runstore.os, "fsync", fsync)
+    monkeypatch.setattr(runstore.os, "replace", replace)
+    run.set_status("running", iteration=1, epoch=0)
+    tmp = events[1][1]
+    assert events == [("fsync", tmp), ("replace", tmp, str(run.status_path)), ("fsync", str(run.dir))], events
+    events.clear()
+    run.save_checkpoint({"model": {}, "optimizer": {}, "iteration": 1})
+    run.save_checkpoint({"model": {}, "optimizer": {}, "iteration": 2})
+    tmp = events[-2][1]
+    assert events[-4:] == [("fsync", tmp), ("replace", str(run.checkpoint_path), str(run.previous_checkpoint_path)),
+                           ("replace", tmp, str(run.checkpoint_path)), ("fsync", str(run.dir))], events
