@@ -71,6 +71,9 @@ def fsync(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot: nothing more to do
+            raise
     finally:
         os.close(fd)
 
