@@ -646,8 +646,7 @@ class Run:
             torch.save(state, serialized)
             with open(tmp, "wb") as f:
                 f.write(serialized.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
+            fsync(tmp)
             if self.checkpoint_path.exists():
                 os.replace(self.checkpoint_path, self.previous_checkpoint_path)
             os.replace(tmp, self.checkpoint_path)
