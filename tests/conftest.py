@@ -17,6 +17,19 @@ def make_small_data(n_train: int = 320, n_test: int = 200) -> Data:
     return Data(info=full.info, train=train, eval=test, eval_split="test", mean=train.images.float().div(255).mean(0))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def precision_notes_said():
+    """The once-per-process note on this CPU's bf16 units (`cpupath.precision_note`), said before any test:
+    otherwise the first fp32 run of the session on a CPU with bf16 units (bf16 run, on one without) adds
+    it to its output, and a test's one-line output would hold on some machines and test orders only.
+    tests/test_cpupath.py tests the note itself, with the record of notes said emptied."""
+    from study.config import RunConfig
+    from study.train import cpupath
+
+    for precision in ("fp32", "bf16"):
+        cpupath.precision_note(RunConfig("plain", 20, iterations=1, precision=precision), lambda line: None)
+
+
 @pytest.fixture(scope="session")
 def small_data() -> Data:
     return make_small_data()

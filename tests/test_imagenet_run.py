@@ -15,6 +15,7 @@ from study.data import imagenet
 from study.data.imagenet import loaders_for, open_imagenet, set_epoch
 from study.train import Schedule
 
+from helpers import TIMING_COLUMNS
 from test_imagenet import write_image_folder
 
 
@@ -210,6 +211,41 @@ def test_an_unreadable_val_image_is_one_line_exit_2_up_front_or_when_the_run_val
     out = capsys.readouterr().out
     assert "worker process" not in out and "Traceback" not in out
     assert [line for line in out.splitlines() if last.name in line] == [f"{run_dir.name}: failed at iteration 1: {status['error']}"]
+
+
+def test_a_run_whose_validation_meets_an_unreadable_image_keeps_the_epoch_and_resumes_exactly(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """The epoch's training before a failed validation is checkpointed: fixed, the same command
+    validates that epoch and goes on, to the metrics and gradients of a run that never failed."""
+    from study.train import loop
+
+    monkeypatch.setitem(loop.train_steps.__kwdefaults__, "gradient_every", 1)  # every step's gradients
+    root = write_image_folder(tmp_path / "data", per_class=(1, 1))  # 3 training images: 2 steps an epoch at batch 2
+    last = sorted((root / "val").glob("*/*.JPEG"))[-1]
+    args = ["run", "--arch", "resnet", "--depth", "18", "--dataset", "imagenet", "--iterations", "3",
+            "--batch-size", "2", "--workers", "1", "--device", "cpu", "--no-progress", "--data-dir", str(root)]
+    assert main([*args, "--runs-dir", str(tmp_path / "whole")]) == 0
+    good = last.read_bytes()
+    last.write_bytes(b"\xff\xd8 this is not a JPEG")
+    runs = tmp_path / "runs"
+    with no_worker_left_behind():
+        assert main([*args, "--runs-dir", str(runs)]) == 2
+    assert f"cannot decode image {last}" in capsys.readouterr().err
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["status"], status["iteration"], status["epoch"]) == ("failed", 2, 0)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    last.write_bytes(good)
+    assert main([*args, "--runs-dir", str(runs)]) == 0
+    assert "resuming from its checkpoint at iteration 2 of 3" in capsys.readouterr().err
+    whole = tmp_path / "whole" / run_dir.name
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
+    resumed, uninterrupted = (pd.read_parquet(d / "metrics.parquet").drop(columns=TIMING_COLUMNS) for d in (run_dir, whole))
+    assert len(resumed) == 4  # epoch 1 and the partial epoch 2, training and val rows
+    pd.testing.assert_frame_equal(resumed, uninterrupted)
+    resumed, uninterrupted = (pd.read_parquet(d / "gradients.parquet") for d in (run_dir, whole))
+    assert sorted(set(resumed["iteration"])) == [1, 2, 3]
+    pd.testing.assert_frame_equal(resumed, uninterrupted)
 
 
 def test_a_signal_during_the_per_pixel_mean_pass_ends_it_and_keeps_nothing(tmp_path):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .. import onetime
 from ..config import RunConfig
-from ..data import Data, imagenet
+from ..data import Data, DataError, imagenet
 from ..probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_responses, truncate_gradients
 from ..runstore import Run
 from ..stopflag import StopFlag
@@ -280,7 +280,18 @@ class _Training:
         if ddp.enabled:  # every process evaluates rank 0's BN statistics (the checkpoint's)
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        evaluated = self.feed.evaluate(model, self.net.autocast)
+        try:
+            evaluated = self.feed.evaluate(model, self.net.autocast)
+        except DataError:
+            # An unreadable image in val/ (found by a worker only now): the epoch's training is sound and kept,
+            # checkpointed at its last step as a stop there would keep it, so that once the file is fixed the
+            # same command evaluates it and goes on. (Under DDP the other processes wait in the evaluation's
+            # reductions: the job ends, and resumes from the epoch's start.)
+            if not ddp.enabled:
+                at.epoch -= 1
+                self.save_gradients()
+                self.save({**self.feed.state(), **tally.state()})
+            raise
         self.schedule.end_epoch(evaluated["error_pct"])
         # The metrics' column keeps its first name, `warmup_s`: published runs' files still load.
         common = dict(epoch=at.epoch, iteration=at.iteration, lr=lr, elapsed_s=self.elapsed_s(),
