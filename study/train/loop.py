@@ -286,8 +286,9 @@ class _Training:
             # An unreadable image in val/ (found by a worker only now): the epoch's training is sound and kept,
             # checkpointed at its last step as a stop there would keep it, so that once the file is fixed the
             # same command evaluates it and goes on. (Under DDP the other processes wait in the evaluation's
-            # reductions: the job ends, and resumes from the epoch's start.)
-            if not ddp.enabled:
+            # reductions: the job ends, and resumes from the epoch's start. An epoch whose loss was not finite
+            # is not kept: the last good checkpoint stays, as for any diverged epoch.)
+            if not ddp.enabled and bad_at < 0:
                 at.epoch -= 1
                 self.save_gradients()
                 self.save({**self.feed.state(), **tally.state()})
