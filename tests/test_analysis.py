@@ -1371,7 +1371,7 @@ def test_end_to_end_real_runs_probe_plot_table_report(tmp_path, cli, small_data)
 def test_a_comparison_is_welchs_interval_and_the_per_seed_order():
     """Known answers: 3 seeds a side, each with standard deviation 1, means 10 apart: Welch's
     interval is 10 ± t(0.975, 4 df) x sqrt(1/3 + 1/3) = 10 ± 2.7764 x 0.8165; the seeds all agree."""
-    from study.analysis.report import _Stat, compare
+    from study.analysis.report import _Stat, _significance, compare
 
     a, b = _Stat(pd.Series([31.0, 32.0, 33.0], index=[0, 1, 2])), _Stat(pd.Series([21.0, 22.0, 23.0], index=[0, 1, 2]))
     c = compare(a, b)
@@ -1392,6 +1392,14 @@ def test_a_comparison_is_welchs_interval_and_the_per_seed_order():
     # One seed a side: no interval, not significant, the order still said.
     one = compare(_Stat(pd.Series([5.0], index=[0])), _Stat(pd.Series([4.0], index=[0])))
     assert one.low is None and not one.significant(higher=True) and str(one) == "difference +1.00, higher in 1 of 1 seeds"
+    # Seeds that agree to the last digit on both sides: no spread to test against, so no interval (scipy's
+    # would be zero-width, "significant"), and no verdict resting on it is called significant.
+    flat = compare(_Stat(pd.Series([5.0, 5.0], index=[0, 1])), _Stat(pd.Series([3.0, 3.0], index=[0, 1])))
+    assert flat.low is None and str(flat) == "difference +2.00, higher in 2 of 2 seeds"
+    assert _significance([(flat, True)], True) == "no interval"
+    # Spread on one side is enough for Welch's interval.
+    half = compare(_Stat(pd.Series([5.0, 5.0], index=[0, 1])), _Stat(pd.Series([3.0, 4.0], index=[0, 1])))
+    assert half.low is not None and half.low < 0 < half.high
     # A seed where both nets have the same error is a tie, neither higher nor lower.
     tie = compare(_Stat(pd.Series([66.67], index=[0])), _Stat(pd.Series([66.67], index=[0])))
     assert tie.tied == 1 and str(tie) == "difference +0.00, equal in 1 of 1 seeds"

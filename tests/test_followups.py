@@ -209,6 +209,19 @@ def test_initialisation_arms_fuse_and_equal_their_runs_alone(tmp_path, small_dat
 # --- the report and the figure ----------------------------------------------------------------
 
 
+def test_an_arm_and_its_reference_at_chance_cannot_be_judged(tmp_path):
+    """Nets that have not learned (about 90% error for 10 classes) say nothing about an arm against
+    the paper's net, whichever is a point "better": both of the arm's questions cannot be judged."""
+    floors = {("plain", "he"): {20: 89.5, 56: 90.2}, ("plain", "delta-orthogonal"): {20: 89.0, 56: 89.6}}
+    for (arch, init), by_depth in floors.items():
+        for depth, floor in by_depth.items():
+            for seed in (0, 1, 2):
+                write_run(tmp_path, arch, depth, seed=seed, init=init, floor=(floor + 0.1 * seed, floor + 0.2 + 0.1 * seed))
+    arms = gather(RunData.load(tmp_path), log=lambda line: None).arms
+    assert [(f.verdict, f.significance) for f in arms] == [("cannot be judged", "")] * 2
+    assert all("no net compared has learned" in f.evidence for f in arms)
+
+
 def test_the_report_judges_each_arm_and_the_figure_draws_it(tmp_path):
     """Synthetic runs with known answers: the pre-activation ResNet improves with depth and beats
     ResNet-56; the delta-orthogonal plain net still degrades and does not beat plain-56."""

@@ -66,6 +66,9 @@ def judge_arms(finals) -> list:
         if None in (tr_d, tr_r):
             findings.append(Claim(len(findings) + 1, question, UNKNOWN, f"{name_d} or {name_r} lacks a final training error", 0))
             continue
+        if (why := finals.unlearned([tr_d, tr_r])) is not None:
+            findings.append(Claim(len(findings) + 1, question, UNKNOWN, why, min(tr_d.n, tr_r.n)))
+            continue
         train = compare(tr_d, tr_r)
         evidence = f"training error {name_d} {tr_d} vs {name_r} {tr_r} ({train})"
         if te_d is not None and te_r is not None:

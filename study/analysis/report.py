@@ -168,13 +168,15 @@ def compare(a: _Stat, b: _Stat) -> Comparison:
     from scipy import stats
 
     low = high = None
-    if a.n > 1 and b.n > 1:
-        with warnings.catch_warnings():  # seeds that agree to the last digit: no interval, said below, not warned
+    # Seeds that agree to the last digit on both sides leave no spread to test against: no interval (scipy
+    # would give a zero-width one, at 1 degree of freedom, that excludes any difference but 0).
+    if a.n > 1 and b.n > 1 and not (a.values.nunique() == 1 and b.values.nunique() == 1):
+        with warnings.catch_warnings():  # scipy warns of its own degenerate cases: said below, not warned
             warnings.simplefilter("ignore", RuntimeWarning)
             result = stats.ttest_ind(a.values.to_numpy(float), b.values.to_numpy(float), equal_var=False)
             interval = result.confidence_interval(0.95)
         low, high = float(interval.low), float(interval.high)
-        if math.isnan(low) or math.isnan(high):  # no spread on either side: no interval
+        if not (math.isfinite(low) and math.isfinite(high)):  # a degenerate case scipy did not resolve: no interval
             low = high = None
     both = a.values.index.intersection(b.values.index)
     above = int((a.values[both] > b.values[both]).sum())
