@@ -339,6 +339,34 @@ def test_a_pair_page_judges_no_training_row_of_nets_still_at_chance(tmp_path):
     assert "| **no** (significant) |" in deeper, deeper  # ResNet-20 learned: ResNet-56 at chance is worse
 
 
+def test_a_pair_pages_claim_3_row_names_the_resnets_the_report_compared(tmp_path):
+    """Claim 3 is `study report`'s: the shallowest ResNet against the deepest up to 110 layers. A pair study
+    with a ResNet-110 too (here ResNet-56's runs copied as ResNet-110's) judges ResNet-110 against ResNet-20,
+    and the page's row says so rather than naming the 56-layer net."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from study.analysis import pages
+
+    _copy_the_followups_pair(tmp_path)
+    for run in sorted(tmp_path.glob("fashion-mnist-resnet56-A-*")):
+        copy = tmp_path / run.name.replace("resnet56", "resnet110")
+        shutil.copytree(run, copy)
+        config = json.loads((copy / "config.json").read_text())
+        config["run_id"], config["config"]["depth"] = copy.name, 110
+        (copy / "config.json").write_text(json.dumps(config))
+        df = pd.read_parquet(copy / "metrics.parquet").assign(run_id=copy.name, depth=110)
+        df.to_parquet(copy / "metrics.parquet", index=False)
+    page = tmp_path / "README.md"
+    page.write_text("".join(f"<!-- paper-depths-{b} -->\n<!-- /paper-depths-{b} -->\n" for b in PAGE_BLOCKS))
+    assert pages.main(["paper-depths", str(tmp_path)]) == 0
+    claim3 = next(line for line in _page_text(page).splitlines() if line.startswith("| claim 3:"))
+    assert claim3.startswith("| claim 3: ResNet-110 trains and tests better than ResNet-20 |"), claim3
+    assert "ResNet-110 vs ResNet-20" in claim3, claim3
+
+
 def test_the_pages_module_refuses_bad_input_in_one_line_and_leaves_the_page(tmp_path, capsys):
     """No page, markers missing, no runs, runs lacking a net of the pair: one line, exit 2, page unchanged."""
     from study.analysis import pages

@@ -116,8 +116,11 @@ def pair_blocks(results: str | Path, marker: str) -> dict[str, list[str]]:
 
     claims = {c.number: c for c in classify_claims(data)}
     verdicts = [f"| the paper's claim (`study report`) | evidence ({evidence}; mean ± std, %) | verdict |", "|---|---|---|"]
+    # Claim 3 is the report's: the shallowest ResNet against the deepest up to 110 layers (20 against 56
+    # where the study has no other depth); its row names the pair it judged.
+    resnets = [d for d in finals.depths("resnet") if d <= 110]
     for number, text in ((1, "plain-56 trains and tests worse than plain-20"),
-                         (3, "ResNet-56 trains and tests better than ResNet-20")):
+                         (3, f"ResNet-{resnets[-1]} trains and tests better than ResNet-{resnets[0]}")):
         c = claims[number]
         verdicts.append(f"| claim {number}: {text} | {_minus(c.evidence)} | **{c.verdict}**"
                         f"{f' ({c.significance})' if c.significance else ''} |")
