@@ -49,6 +49,9 @@ REFUSED = [
     (IMAGENET + ["--cuda-graph"], 1, "--cuda-graph is for the CIFAR-style data sets"),
     (RUN + ["--decode", "gpu"], 1, "--decode applies only to ImageNet runs"),
     (IMAGENET + ["--decode", "gpu", "--device", "cpu"], 1, "--decode gpu decodes JPEGs with the GPU's decoder"),
+    # Under --launcher slurm the --device given is the nodes': refused here, not by each job on its node.
+    (IMAGENET + ["--decode", "gpu", "--device", "cpu", "--launcher", "slurm"], 1, "needs CUDA (the device is cpu)"),
+    (RUN + ["--cpu-path", "eager", "--device", "cuda", "--launcher", "slurm"], 1, "(the device is cuda); drop it"),
     (RUN + ["--streams", "0"], 1, "--streams: must be a positive integer"),  # argparse's type, before the plan
     (RUN + ["--fuse", "0"], 1, "--fuse: must be a positive integer"),
     (RUN + ["--device", "mps"], 1, "--device mps cannot be used here"),

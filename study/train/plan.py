@@ -166,8 +166,10 @@ class ExecutionPlan:
             if preact is not None:
                 raise ConfigError(f"--fuse groups the paper's blocks, not the pre-activation ResNet's ({preact}); "
                                   "drop --fuse for it")
-        if device is None and not slurm and self.device != "auto":
-            device = self.device  # as given: --device cpu is known to be no GPU before it is resolved
+        if device is None and self.device != "auto":
+            # As given: --device cpu is known to be no GPU before it is resolved, here or (--launcher slurm) on
+            # the nodes, whose device this machine's cannot tell.
+            device = self.device
         if self.cpu_path != "auto":
             if self.cpu_path not in CPU_PATHS:
                 raise ConfigError(f"unknown --cpu-path {self.cpu_path!r}; choose from {', '.join(cpupath.CPU_PATH_CHOICES)}")
