@@ -413,7 +413,11 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
             raise RunStoreError(f"cannot submit into {folder}/ (the job scripts and logs): {why}; make it a folder "
                                 "you can write, or pass another --runs-dir")
         check_run_folders(todo)
-    except RunStoreError:
+        if getattr(args, "tensorboard", None) is not None:  # where the jobs will write their event files
+            from .tensorboard import check_dir
+
+            check_dir(args.tensorboard)
+    except (RunStoreError, ConfigError):
         for empty in made:
             with contextlib.suppress(OSError):
                 empty.rmdir()

@@ -448,6 +448,18 @@ def test_a_slurm_folder_or_run_folder_that_cannot_be_written_is_refused_before_s
     assert sorted(p.name for p in runs.iterdir()) == [cfg.run_id]
 
 
+def test_a_tensorboard_folder_that_cannot_be_written_is_refused_before_submitting(tmp_path, fake_slurm):
+    """--tensorboard under SLURM: checked as `study run` checks it locally, before any job is submitted; the
+    runs dir and submission folder this command made go again."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError) as e:
+        submit([RunConfig(arch="plain", depth=20)], str(runs), parse("--partition", "gpu", tensorboard=str(blocker / "tb")))
+    assert str(e.value).startswith(f"--tensorboard {blocker / 'tb'} is not a writable directory (")
+    assert not runs.exists() and not list(fake_slurm.glob("sbatch_*"))
+
+
 def test_a_slurm_that_cannot_work_here_is_named_and_leaves_no_files(tmp_path, fake_slurm, monkeypatch, capsys):
     """sbatch installed but SLURM not set up (Debian's slurm-wlm without a slurm.conf): sbatch's own
     reason and the fix, one line; a submission folder that was there keeps its files and loses the new ones."""
