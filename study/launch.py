@@ -220,7 +220,7 @@ class SlurmTask(Checkpointable):
         if dist is not None:
             where += f", {dist}"
         print(f"study: {self.cfg.run_id}: {where}", flush=True)
-        ddp = distributed_from_env()  # the single process unless WORLD_SIZE > 1
+        ddp = distributed_from_env(self.plan.device)  # the single process unless WORLD_SIZE > 1
 
         run = Run(self.runs_dir, self.cfg)
         usr_sig = _preempt_signal()

@@ -147,3 +147,21 @@ def test_sigterm_to_torchrun_stops_both_processes_at_one_step_and_resume_is_exac
     a = pd.read_parquet(tmp_path / "whole" / run_id / "metrics.parquet").drop(columns=TIMING_COLUMNS)
     b = pd.read_parquet(cut / run_id / "metrics.parquet").drop(columns=TIMING_COLUMNS)
     pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("auto", "nccl"), ("cuda", "nccl")])
+def test_the_process_group_backend_follows_the_device_asked_for(monkeypatch, device, backend):
+    """On a machine with GPUs, `--device cpu` under torchrun trains on the CPUs: gloo, no GPU claimed
+    (NCCL with the model on the CPU fails); otherwise NCCL on the process's own GPU."""
+    import study.train.distributed as distributed
+
+    joined, claimed = [], []
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", claimed.append)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: joined.append(backend))
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    ddp = distributed.distributed_from_env(device)
+    assert (ddp.rank, ddp.world, ddp.local_rank) == (1, 2, 1)
+    assert joined == [backend] and claimed == ([] if backend == "gloo" else [1])

@@ -161,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from ..launch import submit
 
         return submit(configs, args.runs_dir, args, plan)
-    ddp = distributed_from_env()
+    ddp = distributed_from_env(plan.device)
     started = time.monotonic()
     try:
         with graceful_stop() as stop:

@@ -34,15 +34,16 @@ class Distributed:
 SINGLE = Distributed()
 
 
-def distributed_from_env() -> Distributed:
+def distributed_from_env(device: str = "auto") -> Distributed:
     """Join the DDP job torchrun (or SLURM via submitit) describes in RANK / WORLD_SIZE /
     LOCAL_RANK / MASTER_ADDR / MASTER_PORT; the single process when WORLD_SIZE is unset or 1.
-    NCCL on CUDA, gloo on CPU."""
+    NCCL on CUDA, gloo on CPU: `device` is --device, so that `--device cpu` on a machine with GPUs
+    trains on its CPUs through gloo."""
     rank, world, local_rank = torchrun_place()
     if world <= 1:
         return SINGLE
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
+        cuda = device != "cpu" and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
