@@ -165,6 +165,18 @@ def export_distributed_env() -> str | None:
     return f"rank {dist.rank} of {dist.world_size}, master {dist.master_addr}:{dist.master_port}"
 
 
+def _record_failure(run: Run, error: Exception) -> None:
+    """Record a job's set-up error (joining the processes, data, device, run dir), which leaves no status behind,
+    so that `study status` does not show the run queued forever; a status train_steps recorded (or a finished
+    run's) is kept."""
+    st = run.status()
+    if st.get("status") not in (*FINAL_STATUSES, "failed"):
+        with contextlib.suppress(OSError):  # an unwritable runs dir: the log has the error
+            run.dir.mkdir(parents=True, exist_ok=True)
+            run.set_status("failed", iteration=st.get("iteration", 0), epoch=st.get("epoch", 0),
+                           error=f"{type(error).__name__}: {error}")
+
+
 class SlurmTask(Checkpointable):
     """One array task: train (or resume) one run. Its state is the run directory, so the
     checkpoint submitit pickles on requeue is the task itself, unchanged."""
@@ -215,14 +227,18 @@ class SlurmTask(Checkpointable):
         )
 
         env = submitit.JobEnvironment()
-        where = f"job {env.job_id} on {env.hostname} (pid {os.getpid()})"
-        dist = export_distributed_env()
-        if dist is not None:
-            where += f", {dist}"
-        print(f"study: {self.cfg.run_id}: {where}", flush=True)
-        ddp = distributed_from_env(self.plan.device)  # the single process unless WORLD_SIZE > 1
-
         run = Run(self.runs_dir, self.cfg)
+        where = f"job {env.job_id} on {env.hostname} (pid {os.getpid()})"
+        try:
+            dist = export_distributed_env()
+            if dist is not None:
+                where += f", {dist}"
+            print(f"study: {self.cfg.run_id}: {where}", flush=True)
+            ddp = distributed_from_env(self.plan.device)  # the single process unless WORLD_SIZE > 1
+        except Exception as e:  # the job's processes could not join (fewer GPUs than --gpus-per-run, say)
+            if env.global_rank == 0:
+                _record_failure(run, e)
+            raise
         usr_sig = _preempt_signal()
         requeue = signal.getsignal(usr_sig)  # submitit's checkpoint-and-requeue handler
         preempted = False
@@ -247,14 +263,8 @@ class SlurmTask(Checkpointable):
                 except StopRequested as e:
                     stopped = e
         except Exception as e:
-            # Set-up errors (data, device, run dir) leave no status behind; record them, so that
-            # `study status` does not show the run queued forever. (train_steps records its own.)
-            st = run.status()
-            if ddp.writer and st.get("status") not in (*FINAL_STATUSES, "failed"):
-                with contextlib.suppress(OSError):  # an unwritable runs dir: the log has the error
-                    run.dir.mkdir(parents=True, exist_ok=True)
-                    run.set_status("failed", iteration=st.get("iteration", 0), epoch=st.get("epoch", 0),
-                                   error=f"{type(e).__name__}: {e}")
+            if ddp.writer:
+                _record_failure(run, e)
             raise
         finally:
             signal.signal(usr_sig, requeue)  # graceful_stop has put submitit's SIGTERM handler back

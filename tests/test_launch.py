@@ -558,3 +558,28 @@ def test_ddp_environment_exported_as_torchrun_would(monkeypatch):
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_a_job_whose_processes_cannot_join_is_failed_not_queued(in_job, monkeypatch, capsys):
+    """An error before training, in joining the job's processes (fewer GPUs than --gpus-per-run, say), is
+    recorded as the run's failure, so that `study status` does not show it queued for a job that has ended."""
+    import study.train
+    from study.cli import main
+
+    task, calls, send = in_job
+    run = Run(task.runs_dir, CFG)
+    run.dir.mkdir(parents=True)
+    launch._write_job_file(run, job_id="77")  # as the submission leaves it
+
+    def cannot_join(device):
+        raise RuntimeError("CUDA error: invalid device ordinal")
+
+    monkeypatch.setattr(study.train, "distributed_from_env", cannot_join)
+    capsys.readouterr()
+    with pytest.raises(RuntimeError):
+        task()
+    status = run.status()
+    assert (status["status"], status["error"]) == ("failed", "RuntimeError: CUDA error: invalid device ordinal")
+    assert main(["status", "--runs-dir", task.runs_dir]) == 0
+    out = capsys.readouterr().out
+    assert f"{CFG.run_id}: failed at iteration 0: RuntimeError: CUDA error: invalid device ordinal" in out, out
