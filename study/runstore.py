@@ -725,11 +725,21 @@ class Run:
         if self.dir.exists() and not self.dir.is_dir():
             raise RunStoreError(f"{self.dir} is a file, where run {self.cfg.run_id} keeps its folder; "
                                 "move it away or use another --runs-dir")
-        if self.conflicts():
-            raise RunStoreError(
-                f"{self.dir} holds a run with a different or unreadable config.json; "
-                "move that directory away or use another --runs-dir"
-            )
+        if not self.conflicts():
+            return
+        record, why = read_config(self.config_path)
+        if record is None:  # damaged: the same line as wherever else a run asked for by name has one
+            raise RunStoreError(damaged_config(self.config_path, why))
+        try:
+            there = RunConfig.from_dict(record["config"]).to_dict()
+        except (KeyError, TypeError, ValueError) as e:  # settings this version does not know (another tool's run)
+            raise RunStoreError(f"{self.config_path} holds settings this version cannot read ({e}); move that directory "
+                                "away or use another --runs-dir") from None
+        asked = self.cfg.to_dict()
+        differ = "; ".join(f"{k} {there.get(k)!r} there, {asked.get(k)!r} asked for"
+                           for k in sorted(set(there) | set(asked)) if there.get(k) != asked.get(k))
+        raise RunStoreError(f"{self.dir} holds a run with other settings ({differ}); move that directory away or use "
+                            "another --runs-dir")
 
     def conflicts(self) -> bool:
         """True if the directory holds a config.json that is not this run's config."""

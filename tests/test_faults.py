@@ -193,8 +193,18 @@ def test_config_conflicting_with_existing_run_dir(tmp_path):
     (run_dir / "config.json").write_text(json.dumps({"config": {"arch": "plain", "depth": 20}}))
     proc = study(tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "different or unreadable config.json" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert ("holds a run with other settings (arch 'plain' there, 'resnet' asked for; batch_size 128 there, 64 asked "
+            "for; depth 20 there, 8 asked for; iterations 64000 there, 17 asked for); move that directory away") in proc.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]  # nothing written
+    # A damaged one is named as damaged, with its fix.
+    (run_dir / "config.json").write_text('{"conf')
+    proc = study(tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"study: error: {run_dir / 'config.json'} is unreadable (not JSON: "), proc.stderr
+    assert proc.stderr.rstrip().endswith("copy it again if the run trained elsewhere, or move the run's folder out of "
+                                         "the runs dir and train it again"), proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
 
 
 @pytest.mark.parametrize("damage", [b"\xff\xfe", b"[]", b"null", b'"done"', b"{"])
