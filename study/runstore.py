@@ -6,6 +6,7 @@ any moment leaves either the old or the new version, never a truncated one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -184,17 +185,36 @@ def folders_made_by(folder: str | os.PathLike) -> list[Path]:
     return [p for p in (folder, *folder.parents) if not p.exists()]
 
 
+#: What `check_writable` writes to prove there is room: a run's first files (config.json, status.json, its
+#: first metrics) take a few KiB.
+SPACE_PROBE_BYTES = 64 * 1024
+
+
 def check_writable(runs_dir: Path, flag: str = "--runs-dir", what: str = "runs dir") -> None:
     """Create `runs_dir` if needed and prove a file can be written there; RunStoreError naming the fix
     (the option `flag`, the folder called `what`) otherwise. (A real write, not os.access: root passes
     access checks on read-only mounts.)"""
     if (blocker := file_in_the_way(runs_dir)) is not None:
         raise RunStoreError(f"{what} {runs_dir}: {blocker} is a file, not a directory; pass {flag} to a directory")
+    made = folders_made_by(runs_dir)
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=runs_dir):
-            pass
+        with tempfile.TemporaryFile(dir=runs_dir) as probe:
+            # Some bytes written through to the disk: a full disk (or quota) takes an empty file, not a run's files.
+            probe.write(bytes(SPACE_PROBE_BYTES))
+            probe.flush()
+            try:
+                os.fsync(probe.fileno())
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync: as `fsync`
+                    raise
     except OSError as e:
+        for folder in made:  # nothing left behind: the folders this call made go again
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunStoreError(f"{what} {runs_dir} has no space left ({e.strerror}); free some space there or pass "
+                                f"{flag} to another disk") from None
         # A folder that exists yet "has no such file" for a new one is a file system that makes none (/proc).
         reason = ("its file system accepts no new files" if e.errno == errno.ENOENT and runs_dir.is_dir()
                   else e.strerror or e)

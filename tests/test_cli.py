@@ -813,3 +813,35 @@ def test_a_runs_cpu_label_names_its_model_kernels_and_bf16_units():
     assert cpu_label({"cpu": "AMD EPYC"}) == "AMD EPYC"  # written before cpu_flags and cpu_capability
     assert cpu_label({"cpu": "Neoverse-N1", "cpu_flags": None, "cpu_capability": "DEFAULT"}) == "Neoverse-N1"
     assert cpu_label({"device_name": "x86_64"}) is None
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real file system with no space left: a small tmpfs, filled (needs mount rights: root, as in CI)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount rights)")
+    try:
+        (disk / "kept").mkdir()
+        with open(disk / "filler", "wb", buffering=0) as f:
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    f.write(bytes(4096))
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_runs_dir_on_a_full_disk_is_one_line_exit_2_and_nothing_is_left(full_disk, capsys):
+    """A full disk takes an empty file but not a run's: found before any run starts (it used to fail each run
+    with an empty folder left behind), the folders this command made removed again, a folder that was there
+    left as it was."""
+    args = ["run", "--arch", "plain", "--depth", "8", "--iterations", "2", "--device", "cpu"]
+    for runs in (full_disk / "new" / "runs", full_disk / "kept"):
+        assert main([*args, "--runs-dir", str(runs)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"study: error: runs dir {runs} has no space left (No space left on device); free some space "
+                       "there or pass --runs-dir to another disk\n"), err
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "kept"]
+    assert list((full_disk / "kept").iterdir()) == []
