@@ -133,8 +133,11 @@ def test_run_single_net_writes_run_directory_and_status(tmp_path, capsys):
         code, out, err = run_cli(capsys, "status", *args[1:], "--runs-dir", str(runs), "--launcher", "slurm",
                                  "--gpus-per-run", "2", *extra)
         assert code == 0, err
-        assert [line.split()[0] for line in out.strip().splitlines()[1:]] == [
+        assert [line.split()[0] for line in out.strip().splitlines()[1:3]] == [
             f"fashion-mnist-mini-resnet8-A-s{s}-it6-b32{suffix}" for s in (0, 1)]
+        # Runs of another BN split cost as much per step, but none has trained: not guessed at, and said so.
+        assert out.strip().splitlines()[3:] == (
+            ["(2 runs not estimated (no run of the same depth and settings has trained yet))"] if suffix else []), out
     # An option no command has: one line that points at the command's own help.
     code, out, err = run_cli(capsys, "status", "--runs-dir", str(runs), "--bogus", "1")
     assert code == 2 and err == "study: error: unrecognized arguments: --bogus 1; see `study status --help`\n"
@@ -207,6 +210,7 @@ def test_status_says_how_long_each_run_trained_and_has_left(tmp_path, capsys):
     code, out, err = run_cli(capsys, "status", "--arch", "preact", "--depth", "14", "--iterations", "400",
                              "--dataset", "fashion-mnist-mini", "--runs-dir", str(tmp_path))
     assert code == 0 and out.splitlines()[1].split()[-1] == "-", out
+    assert out.splitlines()[-1] == "(1 run not estimated (no run of the same depth and settings has trained yet))", out
 
     # The speed of a net's runs is pooled over their iterations: a finished run of 1,600 iterations at
     # 3 s a step counts for its length, (120 + 480 + 4,800) s / 2,100 iterations = 2.57 s a step, so the
@@ -845,3 +849,24 @@ def test_a_runs_dir_on_a_full_disk_is_one_line_exit_2_and_nothing_is_left(full_d
                        "there or pass --runs-dir to another disk\n"), err
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "kept"]
     assert list((full_disk / "kept").iterdir()) == []
+
+
+def test_status_names_a_finished_runs_deleted_metrics_and_reads_a_damaged_status_from_its_metrics(tmp_path, capsys):
+    """A finished run whose metrics.parquet was deleted is named with its fix (its `study run` command rewrites
+    it); one whose status.json is damaged stands where its metrics reach, not at 0 with the whole run left."""
+    runs = tmp_path / "runs"
+    train = ["run", "--arch", "plain", "--depth", "8", "--seeds", "0,1", "--iterations", "10", "--batch-size", "64",
+             "--runs-dir", str(runs), "--device", "cpu", "--no-progress"]
+    assert run_cli(capsys, *train)[0] == 0
+    deleted, damaged = (runs / f"fashion-mnist-mini-plain8-A-s{seed}-it10-b64" for seed in (0, 1))
+    (deleted / "metrics.parquet").unlink()
+    (damaged / "status.json").write_text('{"status": "do')
+    code, out, err = run_cli(capsys, "status", "--runs-dir", str(runs))
+    assert code == 0, err
+    assert (f"{deleted.name}: its metrics.parquet is missing: run the run's `study run` command again, which rewrites "
+            "its metrics from its checkpoint") in out, out
+    row = next(line.split() for line in out.splitlines() if line.startswith(damaged.name))
+    assert (row[1], row[2], row[-1]) == ("unknown", "10/10", "-"), out
+    assert "left: about" not in out, out
+    code, out, err = run_cli(capsys, *train)
+    assert code == 0 and f"{deleted.name}: its metrics.parquet is missing: rewritten from its checkpoint" in out, out

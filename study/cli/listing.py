@@ -187,20 +187,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         # The evaluated split: `val` with --holdout and on ImageNet (its validation set), else `test`.
         eval_split = next((s for s in ("val", "test") if s in last), None)
         eval_err = f"{last[eval_split]:.2f}" if eval_split else "-"
-        it = f"{st.get('iteration', 0)}/{run.cfg.iterations}"
+        # Where the run stands: its status's iteration; where that cannot be read, its metrics' last (the checkpoint's
+        # or later), so a finished run with a damaged status.json is not counted as all left to train.
+        at = int(st.get("iteration", metrics["iteration"].max() if not metrics.empty else 0) or 0)
+        it = f"{at}/{run.cfg.iterations}"
         elapsed = float(metrics["elapsed_s"].max()) if not metrics.empty else float("nan")
         trained = duration(elapsed) if elapsed == elapsed else "-"
         left = "-"
         if st["status"] == "failed":
             failed += 1  # whether a process training now takes it up again depends on its place in their lists
-        elif st["status"] not in FINAL_STATUSES:
+        elif st["status"] not in FINAL_STATUSES and at < run.cfg.iterations:
             own = _seconds_per_step(metrics)
             key = _net_key(run) if _net_key(run) in rates else _net_key(run, any_kind=True)
             rate = own if own is not None else rates.get(key)
             if rate is not None:
                 measured_on |= machines[key] if own is None else trained_on(run.dir)
                 bf16_left |= run.cfg.precision == "bf16"
-                seconds = rate * max(run.cfg.iterations - int(st.get("iteration", 0) or 0), 0)
+                seconds = rate * max(run.cfg.iterations - at, 0)
                 total_left += seconds
                 lefts.append((seconds, st["status"] == "running"))
                 guessed |= own is None
@@ -215,6 +218,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if metrics.empty and run.metrics_path.is_file() and (why := parquet_error(run.metrics_path)):
             print(f"{run.cfg.run_id}: its metrics.parquet is unreadable ({why}): "
                   f"{unreadable_fix('metrics.parquet', st['status'], why)}")
+        elif not run.metrics_path.exists() and st["status"] in FINAL_STATUSES:  # deleted since it finished
+            print(f"{run.cfg.run_id}: its metrics.parquet is missing: {unreadable_fix('metrics.parquet', st['status'])}")
         if st["status"] == "unknown" and (why := status_error(run.dir)):  # where the run stands cannot be read
             print(f"{run.cfg.run_id}: its status.json is unreadable ({why}): {unreadable_fix('status.json', reason=why)}")
     _print_damaged(damaged)
@@ -241,8 +246,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if note := _measured_on(measured_on, bf16_left):
             parts.append(note)
         print(f"({'; '.join(parts)})")
-    elif failed:
-        print(f"({_failed_not_counted(failed)})")
+    elif failed or unknown:
+        parts = [f"{unknown} run{'s' if unknown > 1 else ''} not estimated (no run of the same depth and settings has "
+                 "trained yet)"] if unknown else []
+        print(f"({'; '.join(parts + ([_failed_not_counted(failed)] if failed else []))})")
     if args.grid is None and args.arch is None:
         print("(the runs on disk; with the --grid or --arch options you gave `study run`, also those not started)")
     return 0
