@@ -265,7 +265,7 @@ def evaluate_runs(
                 raise ConfigError(why)
         for run in todo:
             try:
-                check_writable(run.dir)
+                check_writable(run.dir, None, "run folder")
             except RunStoreError as e:
                 raise RunStoreError(f"cannot write {run.dir / TENCROP_FILE}: {e}") from None
         show = sys.stderr.isatty() if progress is None else progress

@@ -426,6 +426,8 @@ def submit(configs: list[RunConfig], runs_dir: str, args: argparse.Namespace, pl
         if getattr(args, "tensorboard", None) is not None:  # where the jobs will write their event files
             from .tensorboard import check_dir
 
+            made += folders_made_by(args.tensorboard)  # gone again if the submission is refused
+            made.sort(key=lambda p: len(p.parts), reverse=True)  # deepest first, as each list was
             check_dir(args.tensorboard)
     except (RunStoreError, ConfigError):
         for empty in made:

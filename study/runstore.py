@@ -190,10 +190,10 @@ def folders_made_by(folder: str | os.PathLike) -> list[Path]:
 SPACE_PROBE_BYTES = 64 * 1024
 
 
-def check_writable(runs_dir: Path, flag: str = "--runs-dir", what: str = "runs dir") -> None:
+def check_writable(runs_dir: Path, flag: str | None = "--runs-dir", what: str = "runs dir") -> None:
     """Create `runs_dir` if needed and prove a file can be written there; RunStoreError naming the fix
-    (the option `flag`, the folder called `what`) otherwise. (A real write, not os.access: root passes
-    access checks on read-only mounts.)"""
+    (the option `flag` that names another folder, None where there is none; the folder called `what`)
+    otherwise. (A real write, not os.access: root passes access checks on read-only mounts.)"""
     if (blocker := file_in_the_way(runs_dir)) is not None:
         raise RunStoreError(f"{what} {runs_dir}: {blocker} is a file, not a directory; pass {flag} to a directory")
     made = folders_made_by(runs_dir)
@@ -213,14 +213,13 @@ def check_writable(runs_dir: Path, flag: str = "--runs-dir", what: str = "runs d
             with contextlib.suppress(OSError):
                 folder.rmdir()
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RunStoreError(f"{what} {runs_dir} has no space left ({e.strerror}); free some space there or pass "
-                                f"{flag} to another disk") from None
+            raise RunStoreError(f"{what} {runs_dir} has no space left ({e.strerror}); free some space there"
+                                + (f" or pass {flag} to another disk" if flag else "")) from None
         # A folder that exists yet "has no such file" for a new one is a file system that makes none (/proc).
         reason = ("its file system accepts no new files" if e.errno == errno.ENOENT and runs_dir.is_dir()
                   else e.strerror or e)
-        raise RunStoreError(
-            f"{what} {runs_dir} is not writable ({reason}); pass {flag} to a directory you can write"
-        ) from None
+        raise RunStoreError(f"{what} {runs_dir} is not writable ({reason}); "
+                            + (f"pass {flag} to a directory you can write" if flag else "make it writable")) from None
 
 
 def check_run_folders(runs: "Iterable[Run]") -> None:

@@ -849,6 +849,10 @@ def test_a_runs_dir_on_a_full_disk_is_one_line_exit_2_and_nothing_is_left(full_d
                        "there or pass --runs-dir to another disk\n"), err
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "kept"]
     assert list((full_disk / "kept").iterdir()) == []
+    # `study evaluate` writes into each run's own folder: no other folder to pass, only space to free.
+    with pytest.raises(study.runstore.RunStoreError) as e:
+        study.runstore.check_writable(full_disk / "kept", None, "run folder")
+    assert str(e.value) == f"run folder {full_disk / 'kept'} has no space left (No space left on device); free some space there"
 
 
 def test_status_names_a_finished_runs_deleted_metrics_and_reads_a_damaged_status_from_its_metrics(tmp_path, capsys):

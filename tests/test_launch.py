@@ -448,7 +448,7 @@ def test_a_slurm_folder_or_run_folder_that_cannot_be_written_is_refused_before_s
     assert sorted(p.name for p in runs.iterdir()) == [cfg.run_id]
 
 
-def test_a_tensorboard_folder_that_cannot_be_written_is_refused_before_submitting(tmp_path, fake_slurm):
+def test_a_tensorboard_folder_that_cannot_be_written_is_refused_before_submitting(tmp_path, fake_slurm, monkeypatch):
     """--tensorboard under SLURM: checked as `study run` checks it locally, before any job is submitted; the
     runs dir and submission folder this command made go again."""
     blocker = tmp_path / "a-file"
@@ -458,6 +458,11 @@ def test_a_tensorboard_folder_that_cannot_be_written_is_refused_before_submittin
         submit([RunConfig(arch="plain", depth=20)], str(runs), parse("--partition", "gpu", tensorboard=str(blocker / "tb")))
     assert str(e.value).startswith(f"--tensorboard {blocker / 'tb'} is not a writable directory (")
     assert not runs.exists() and not list(fake_slurm.glob("sbatch_*"))
+    # A folder it made for the event files goes again when sbatch then refuses the array, as the runs dir does.
+    monkeypatch.setenv("FAKE_SBATCH_ERROR", "Invalid partition name specified")
+    with pytest.raises(ConfigError, match="sbatch refused the job array"):
+        submit([RunConfig(arch="plain", depth=20)], str(runs), parse("--partition", "gpu", tensorboard=str(runs / "tb" / "x")))
+    assert not runs.exists()
 
 
 def test_a_slurm_that_cannot_work_here_is_named_and_leaves_no_files(tmp_path, fake_slurm, monkeypatch, capsys):

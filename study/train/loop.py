@@ -288,10 +288,14 @@ class _Training:
             # same command evaluates it and goes on. (Under DDP the other processes wait in the evaluation's
             # reductions: the job ends, and resumes from the epoch's start. An epoch whose loss was not finite
             # is not kept: the last good checkpoint stays, as for any diverged epoch.)
+            at.epoch -= 1  # not closed: the run stands in it, at its last step
             if not ddp.enabled and bad_at < 0:
-                at.epoch -= 1
-                self.save_gradients()
-                self.save({**self.feed.state(), **tally.state()})
+                try:
+                    self.save_gradients()
+                    self.save({**self.feed.state(), **tally.state()})
+                except OSError as e:  # (a full disk): the unreadable image stays the error the run records
+                    self.session.log(f"{cfg.run_id}: the epoch's training could not be checkpointed ({e}); the run "
+                                     "resumes from its last checkpoint")
             raise
         self.schedule.end_epoch(evaluated["error_pct"])
         # The metrics' column keeps its first name, `warmup_s`: published runs' files still load.
