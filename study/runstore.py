@@ -71,12 +71,18 @@ def fsync(path: str | os.PathLike) -> None:
     survives a power loss."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot: nothing more to do
-            raise
+        fsync_fd(fd)
     finally:
         os.close(fd)
+
+
+def fsync_fd(fd: int) -> None:
+    """`os.fsync(fd)`, where a file system that cannot sync (EINVAL, ENOTSUP) is no error: nothing more to do."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -203,11 +209,7 @@ def check_writable(runs_dir: Path, flag: str | None = "--runs-dir", what: str = 
             # Some bytes written through to the disk: a full disk (or quota) takes an empty file, not a run's files.
             probe.write(bytes(SPACE_PROBE_BYTES))
             probe.flush()
-            try:
-                os.fsync(probe.fileno())
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync: as `fsync`
-                    raise
+            fsync_fd(probe.fileno())
     except OSError as e:
         for folder in made:  # nothing left behind: the folders this call made go again
             with contextlib.suppress(OSError):

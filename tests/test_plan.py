@@ -43,7 +43,7 @@ REFUSED = [
     (RUN + ["--fuse", "2"], 2, "--fuse trains a run in one process"),
     (IMAGENET + ["--fuse", "2"], 1, "--fuse is for the CIFAR-style data sets"),
     (RUN + ["--fuse", "2", "--batch-split", "2"], 1, "--fuse does not split BN over parts of a batch"),
-    (RUN + ["--cuda-graph", "--launcher", "slurm", "--device", "cpu"], 1, "--cuda-graph captures CUDA graphs and needs a GPU;"),
+    (RUN + ["--cuda-graph", "--launcher", "slurm", "--device", "cpu"], 1, "--cuda-graph captures CUDA graphs and needs a GPU (the device is cpu)"),
     (RUN + ["--cuda-graph", "--device", "cpu"], 1, "needs a GPU (the device is cpu)"),
     (RUN + ["--cuda-graph", "--compile"], 1, "--cuda-graph and --compile are two ways"),
     (IMAGENET + ["--cuda-graph"], 1, "--cuda-graph is for the CIFAR-style data sets"),

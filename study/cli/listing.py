@@ -101,6 +101,11 @@ def _side_by_side(training: list[float], waiting: list[float]) -> float:
     return max(places)
 
 
+def _not_estimated(n: int) -> str:
+    """The status line's words for the runs left out of the time left for want of a speed."""
+    return f"{n} run{'s' if n > 1 else ''} not estimated (no run of the same depth and settings has trained yet)"
+
+
 def _failed_not_counted(n: int) -> str:
     """The status line's words for the failed runs left out of the time left."""
     runs, them = ("runs", "them") if n > 1 else ("run", "it")
@@ -239,17 +244,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             parts.append("~: at the speed of other runs of the same net, or where none has trained yet, of the "
                          "same depth and settings")
         if unknown:
-            parts.append(f"{unknown} run{'s' if unknown > 1 else ''} not estimated (no run of the same depth and "
-                         "settings has trained yet)")
+            parts.append(_not_estimated(unknown))
         if failed:
             parts.append(_failed_not_counted(failed))
         if note := _measured_on(measured_on, bf16_left):
             parts.append(note)
         print(f"({'; '.join(parts)})")
     elif failed or unknown:
-        parts = [f"{unknown} run{'s' if unknown > 1 else ''} not estimated (no run of the same depth and settings has "
-                 "trained yet)"] if unknown else []
-        print(f"({'; '.join(parts + ([_failed_not_counted(failed)] if failed else []))})")
+        parts = ([_not_estimated(unknown)] if unknown else []) + ([_failed_not_counted(failed)] if failed else [])
+        print(f"({'; '.join(parts)})")
     if args.grid is None and args.arch is None:
         print("(the runs on disk; with the --grid or --arch options you gave `study run`, also those not started)")
     return 0

@@ -138,8 +138,7 @@ def train_steps(
                 if signals.stop_requested(session.stop, session.ddp, at.iteration):
                     t.stop(tally)
                 if checkpoint_every and at.iteration % checkpoint_every == 0:
-                    t.save_gradients()
-                    t.save({**t.feed.state(), **tally.state()})
+                    t.save_mid_epoch(tally)
                 yield  # the step and its bookkeeping are done: the process may turn to its other runs
             # End of an epoch, or of a shortened run inside one (that partial epoch is logged too).
             if t.end_epoch(tally, lr) == "diverged":
@@ -246,6 +245,11 @@ class _Training:
                         partial_epoch=partial_epoch)
         self.saved = (self.at.iteration, self.at.epoch)
 
+    def save_mid_epoch(self, tally: Tally) -> None:
+        """The gradient norms so far, then a checkpoint inside the epoch: where its data and sums stand."""
+        self.save_gradients()
+        self.save({**self.feed.state(), **tally.state()})
+
     def save_gradients(self) -> None:
         if self.ddp.writer:
             append_gradients(self.run, self.grad_norms.rows(self.cfg.run_id))
@@ -265,8 +269,7 @@ class _Training:
     def stop(self, tally: Tally) -> None:
         """Checkpoint mid-epoch, mark the run interrupted and raise StopRequested."""
         stop, at = self.session.stop, self.at
-        self.save_gradients()
-        self.save({**self.feed.state(), **tally.state()})
+        self.save_mid_epoch(tally)
         signum = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
         self.run.set_status("interrupted", iteration=at.iteration, epoch=at.epoch, signal=signal.Signals(signum).name)
         raise signals.StopRequested(signum)
@@ -291,8 +294,7 @@ class _Training:
             at.epoch -= 1  # not closed: the run stands in it, at its last step
             if not ddp.enabled and bad_at < 0:
                 try:
-                    self.save_gradients()
-                    self.save({**self.feed.state(), **tally.state()})
+                    self.save_mid_epoch(tally)
                 except OSError as e:  # (a full disk): the unreadable image stays the error the run records
                     self.session.log(f"{cfg.run_id}: the epoch's training could not be checkpointed ({e}); the run "
                                      "resumes from its last checkpoint")

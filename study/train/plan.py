@@ -182,8 +182,6 @@ class ExecutionPlan:
                 raise ConfigError(f"--cpu-path chooses how a run trains on a CPU (the device is {device}); "
                                   "drop it or use --device cpu")
         if self.cuda_graph:
-            if slurm and self.device == "cpu":
-                raise ConfigError("--cuda-graph captures CUDA graphs and needs a GPU; drop it or --device cpu")
             if device is not None and not device.startswith("cuda"):
                 raise ConfigError(f"--cuda-graph captures CUDA graphs and needs a GPU (the device is {device}); drop it")
             if self.compile:
