@@ -70,6 +70,21 @@ def test_plain_and_option_a_twins_start_from_identical_weights():
     assert all(torch.equal(plain[k], resnet[k]) for k in plain)
 
 
+def test_a_net_on_the_meta_device_draws_no_initial_values_and_has_the_cpu_nets_counts(monkeypatch):
+    """`study models` counts the ImageNet nets on the meta device: their He initialisation is skipped there
+    (each draw on meta costs milliseconds of Python for no value), and their shapes are the CPU net's."""
+    draws = []
+    real = torch.nn.init.kaiming_normal_
+    monkeypatch.setattr(torch.nn.init, "kaiming_normal_", lambda *a, **k: draws.append(1) or real(*a, **k))
+    with torch.device("meta"):
+        meta = imagenet("resnet", 18, "B")
+    assert draws == [] and all(p.is_meta for p in meta.parameters())
+    cpu = imagenet("resnet", 18, "B")
+    assert len(draws) == sum(isinstance(m, torch.nn.Conv2d) for m in cpu.modules())  # He init on the CPU
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in cpu.state_dict().items()}
+    assert count_params(meta) == count_params(cpu)
+
+
 def test_table_lists_imagenet_nets_with_paper_params_and_macs():
     rows = architecture_table(depths=(), imagenet_depths=(18, 34))
     by_key = {(r["arch"], r["depth"], r["shortcut"]): r for r in rows}

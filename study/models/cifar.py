@@ -232,7 +232,11 @@ def delta_orthogonal_init(model: nn.Module) -> None:
 def init_weights(model: nn.Module) -> None:
     """He initialisation (fan-out normal, as in fb.resnet.torch and torchvision) for convs,
     BN scale 1 and shift 0; the FC layer keeps PyTorch's default. Modules are visited in
-    registration order, so a plain net and its option-A twin consume the RNG identically."""
+    registration order, so a plain net and its option-A twin consume the RNG identically. A net on the
+    meta device (shapes, no storage: how `study models` counts the ImageNet nets) has no values to set,
+    and is left as it is: there each draw costs milliseconds of Python for nothing."""
+    if any(p.is_meta for p in model.parameters()):
+        return
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
