@@ -282,6 +282,7 @@ def test_the_figures_name_unprobed_runs_but_not_the_pre_activation_nets_which_ha
     assert [n for n in fig7.notes if "not probed" in n] == [
         f"finished but not probed (run `study probe`): {runs[('plain', 'he', 20)].cfg.run_id}"]
     arms = build("arms", data)
+    assert arms.figure.axes[2].get_yscale() == "linear" and "log scale" not in arms.caption  # responses 0.6 to 1
     assert any(n.startswith("no layer responses for PreAct-ResNet:") for n in arms.notes), arms.notes
     # At the deepest depth, the zero-init ResNet-56 is the one arm run the user can still probe.
     assert [n for n in arms.notes if "not probed" in n] == [
@@ -296,3 +297,21 @@ def test_the_figures_name_unprobed_runs_but_not_the_pre_activation_nets_which_ha
     assert any(n.startswith("no layer responses for PreAct-ResNet:") for n in arms.notes), arms.notes
     assert [n for n in arms.notes if "not probed" in n] == ["finished but not probed (run `study probe`): "
                                                             "fashion-mnist-mini-plain56-A-s0-it400"]
+
+
+def test_the_arms_response_panel_is_drawn_on_a_log_scale_where_one_arm_dwarfs_the_others(tmp_path):
+    """A delta-orthogonal plain-56's first layers respond with a std of tens after BN, the other nets' about 1:
+    on a linear axis every other line would lie flat on the floor; the panel and its caption go log."""
+    from test_analysis import write_responses
+
+    for arch, init, stds in (("plain", "he", [4.7, 2.0, 1.0]), ("plain", "delta-orthogonal", [48.3, 9.0, 1.1]),
+                             ("resnet", "he", [1.0, 0.9, 0.8])):
+        for depth in (20, 56):
+            run = write_run(tmp_path, arch, depth, init=init, floor=(8.0, 9.0))
+            write_responses(run, stds)
+    arms = build("arms", RunData.load(tmp_path))
+    panel = arms.figure.axes[2]
+    assert panel.get_yscale() == "log" and panel.get_ylabel() == "std (log scale)"
+    assert "on a log scale (they span more than a factor of 10)" in arms.caption
+    drawn = sorted(max(line.get_ydata()) for line in panel.get_lines())
+    assert drawn == [1.0, 4.7, 48.3]  # every net's responses, as measured

@@ -769,6 +769,11 @@ def budget(data: RunData, **select: object) -> Drawn:
 # --- Beyond the paper: the follow-ups' arms ----------------------------------------------------
 
 
+#: The arms figure draws its response panel on a log scale where the largest mean response is more than
+#: this many times the smallest.
+RESPONSE_LOG_RANGE = 10
+
+
 def arms(data: RunData, **select: object) -> Drawn:
     """Beyond the paper: Figure 6's question per arm. Each net's final training (left) and test error
     (middle) against depth, one line per net (the paper's plain net and ResNet, and each arm: the
@@ -814,18 +819,25 @@ def arms(data: RunData, **select: object) -> Drawn:
     axes[0][0].legend(handles=[Line2D([], [], color=colors[a], linewidth=2, label=net_label(a),
                                       **({"dashes": dashes[a]} if dashes[a] else {})) for a in nets],
                       fontsize=7, loc="best", framealpha=0.85, handlelength=3.5)
+    log_responses = False
     if not probed.empty:
         ax = axes[0][2]
-        for a in nets:
-            rows = probed[probed["arch"] == a]
-            if rows.empty:
-                continue
-            mean = rows.groupby("layer_index")["std"].mean()
+        means = {a: probed[probed["arch"] == a].groupby("layer_index")["std"].mean() for a in nets}
+        means = {a: m for a, m in means.items() if not m.empty}
+        for a, mean in means.items():
             ax.plot(mean.index, mean.to_numpy(), color=colors[a], linewidth=1.3,
                     **({"dashes": dashes[a]} if dashes[a] else {}))
+        # Where one arm's responses dwarf the others' (a delta-orthogonal plain net's first layers: tens,
+        # against about 1), a linear axis flattens every other line onto the floor.
+        shown = pd.concat(means.values())
+        log_responses = bool((shown > 0).all() and shown.max() > RESPONSE_LOG_RANGE * shown.min())
         ax.set_xlabel("layer index (original)")
-        ax.set_ylabel("std")
-        ax.set_ylim(bottom=0)
+        if log_responses:
+            ax.set_yscale("log")
+            ax.set_ylabel("std (log scale)")
+        else:
+            ax.set_ylabel("std")
+            ax.set_ylim(bottom=0)
         ax.set_title(f"layer responses, {deepest} layers")
     # Per run, probed panel or not: a pre-activation net has no responses by design; any other finished run
     # at the deepest depth without them can still be probed.
@@ -843,7 +855,9 @@ def arms(data: RunData, **select: object) -> Drawn:
         "error over seeds at each depth; dots: the seeds. Dashed: plain nets (the paper's, and delta-orthogonal); "
         "solid: residual nets (the paper's ResNet, pre-activation, zero-init). "
         + ("Right: Figure 7's response std (after BN, before the nonlinearity or addition) of each 3x3 layer at "
-           f"{deepest} layers, mean over seeds. " if not probed.empty else "")
+           f"{deepest} layers, mean over seeds"
+           + (f", on a log scale (they span more than a factor of {RESPONSE_LOG_RANGE})" if log_responses else "")
+           + ". " if not probed.empty else "")
         + "A plain arm whose line falls with depth has no degradation; `study report` gives each arm's verdicts."
     )
     text, label = _finish(fig, _title("The follow-ups' arms", study, runs), caption, notes)
