@@ -1484,6 +1484,8 @@ def test_budget_draws_each_nets_final_errors_against_its_budgets(tmp_path, cli):
     got = sorted(tuple(np.round(line.get_ydata(), 6)) for line in lines)
     want = sorted(tuple(np.round([np.mean(expected[(d, b)]) for b in (1000, 2000, 4000)], 6)) for d in (20, 56))
     assert got == want
+    # Its caption says what is drawn: two seeds a net (bands and dots), ResNets alone (no dashes to explain).
+    assert "band and dots: the seeds" in drawn.caption and "dashed" not in drawn.caption
     code, out, _ = cli("plot", "budget", "--runs-dir", tmp_path, "--out", tmp_path / "figs")
     assert code == 0 and _is_png(tmp_path / "figs" / "budget.png") and "1,000/2,000/4,000 iterations" in out
     code, _, err = cli("plot", "budget", "--runs-dir", tmp_path, "--iterations", "1000", "--out", tmp_path / "f2")
@@ -1493,6 +1495,14 @@ def test_budget_draws_each_nets_final_errors_against_its_budgets(tmp_path, cli):
     assert code == 0, err
     assert _is_png(tmp_path / "f4" / "budget.png") and "budget: " in out and "1,000/2,000/4,000 iterations" in out, out
     assert _is_png(tmp_path / "f4" / "fig6.png") and "fig6: fashion-mnist-mini, 1,000 iterations" in out, out
+    # One seed of a plain net and a ResNet at two budgets: no bands to explain; the dashes are.
+    pair = tmp_path / "pair"
+    for arch in ("plain", "resnet"):
+        for budget in (1000, 2000):
+            write_run(pair, arch, 20, iterations=budget)
+    caption = build("budget", RunData.load(pair)).caption
+    assert "One seed: each point is one run." in caption and "band" not in caption
+    assert "Solid: residual nets; dashed: plain nets." in caption
     one = tmp_path / "one"
     write_run(one, "resnet", 20)
     code, _, err = cli("plot", "budget", "--runs-dir", one, "--out", tmp_path / "f3")

@@ -755,11 +755,16 @@ def budget(data: RunData, **select: object) -> Drawn:
         ax.set_title(f"final {name} error")
         _legend(ax, series, colors, [], dashes)
     runs = data.runs[data.runs["run_id"].isin(finals["run_id"])]
+    # The caption says what is drawn: bands and dots only where a net has several seeds, the dashes only
+    # where there are plain nets beside residual ones.
+    seeded = any(_rows_of(finals, s)["seed"].nunique() > 1 for s in series)
+    kinds = {_kind(s[0]) == "plain" for s in series}
     caption = (
         "Each point: a net's error at the end of a run of that many iterations, with the paper's protocol and "
-        "its schedule shortened (lr / 10 at 50% and 75% of the run). Line: mean over seeds; band and dots: the "
-        "seeds. Solid: ResNets; dashed: plain nets. A deeper net pays off where its line falls below the "
-        "shallower one's."
+        "its schedule shortened (lr / 10 at 50% and 75% of the run). "
+        + ("Line: mean over seeds; band and dots: the seeds. " if seeded else "One seed: each point is one run. ")
+        + ("Solid: residual nets; dashed: plain nets. " if len(kinds) > 1 else "")
+        + "A deeper net pays off where its line falls below the shallower one's."
     )
     text, label = _finish(fig, f"Error against budget from your runs: {study.label()}, {_seeds_text(runs)}",
                           caption, notes)
