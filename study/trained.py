@@ -34,6 +34,13 @@ class TrainedModel(NamedTuple):
     config: RunConfig
     iteration: int
 
+    def autocast(self) -> torch.autocast:
+        """The precision the run evaluated in, as a context for the forward pass: bf16 autocast for a
+        `--precision bf16` run, off (fp32) for any other, on the model's device. Under it a bf16 run's
+        test loss and error come out as it logged them (on the path it trained on: `load_model`)."""
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.config.bf16)
+
 
 def _run_of(run: str | os.PathLike, runs_dir: str | os.PathLike) -> Run:
     """The run named by a run directory or a run id under `runs_dir`."""

@@ -35,6 +35,8 @@ def test_the_loaded_model_gives_the_runs_logged_test_error(finished):
             wrong += (net.model(net.preprocess(images)).argmax(1) != labels).sum().item()
     logged = Run(runs, cfg).read_metrics().query("split == 'test'").error_pct.iloc[-1]
     assert 100.0 * wrong / len(test.labels) == logged
+    with net.autocast():  # an fp32 run's: off
+        assert not torch.is_autocast_enabled("cpu")
     # The same run named by its directory.
     again = study.load_model(runs / cfg.run_id, data_dir=data)
     for k, v in net.model.state_dict().items():
@@ -87,3 +89,28 @@ def test_a_missing_run_or_checkpoint_is_a_one_line_error(finished, tmp_path, cap
     (gone / cfg.run_id / "config.json").write_text('{"config": {"arch"')
     with pytest.raises(ConfigError, match=r"config.json is unreadable \(not JSON: .*so run .* cannot be read: copy it again"):
         study.load_model(cfg.run_id, runs_dir=gone)
+
+
+def test_a_bf16_runs_model_under_its_autocast_gives_the_runs_logged_test_loss(tmp_path):
+    """A `--precision bf16` run evaluated in bf16: `net.autocast()` puts the loaded model back in it, and the
+    test loss, summed as the run summed it, is the logged one to the last bit (in fp32 it is not)."""
+    from study.train.step import EVAL_BATCH_SIZE
+
+    data = write_small_fashion_mnist(tmp_path / "data" / "fashion-mnist")
+    cfg = RunConfig(arch="resnet", depth=8, dataset="fashion-mnist", iterations=5, batch_size=32, seed=2,
+                    precision="bf16")
+    assert run_all([cfg], tmp_path / "runs", device="cpu", progress=False, log=lambda m: None,
+                   data_dir=str(data)) == {cfg.run_id: "done"}
+    net = study.load_model(cfg.run_id, runs_dir=tmp_path / "runs", data_dir=data)
+    test = load_data(cfg.dataset, data).eval
+
+    def test_loss(autocast) -> float:
+        total = torch.zeros(())
+        with torch.no_grad(), autocast:
+            for images, labels in eval_batches(test, EVAL_BATCH_SIZE):
+                total += torch.nn.functional.cross_entropy(net.model(net.preprocess(images)), labels, reduction="sum")
+        return total.item() / len(test.labels)
+
+    logged = Run(tmp_path / "runs", cfg).read_metrics().query("split == 'test'").loss.iloc[-1]
+    assert test_loss(net.autocast()) == logged
+    assert test_loss(torch.autocast("cpu", enabled=False)) != logged
