@@ -221,6 +221,37 @@ def test_status_says_how_long_each_run_trained_and_has_left(tmp_path, capsys):
     assert code == 0 and out.splitlines()[1].split()[-1] == "~17m", out
 
 
+def test_status_times_a_run_by_its_last_epochs_not_a_busier_session_before(tmp_path, capsys):
+    """A run of 1,000 iterations logged every 100: its first three epochs at 3 s a step (an earlier session
+    on busy cores), its last five at 1 s a step, with a resume's 20 s of compiling among them. Its 200
+    iterations left take 200 s at its speed now (its whole-run average, 1.75 s a step, would say 350 s)."""
+    import pandas as pd
+
+    from study.config import RunConfig
+    from study.runstore import METRIC_COLUMNS, Run
+
+    cfg = RunConfig("plain", 8, iterations=1000, dataset="fashion-mnist-mini")
+    run = Run(tmp_path, cfg)
+    run.prepare("cpu")
+    rows, elapsed, onetime = [], 10.0, 10.0  # 10 s of compiling before the first step
+    for epoch in range(1, 9):
+        elapsed += 300.0 if epoch <= 3 else 100.0
+        if epoch == 6:  # resumed here: 20 s more of compiling
+            elapsed, onetime = elapsed + 20.0, onetime + 20.0
+        for split in ("train", "test"):
+            row = dict.fromkeys(METRIC_COLUMNS)
+            row.update(run_id=cfg.run_id, dataset=cfg.dataset, arch="plain", depth=8, shortcut="A", seed=0, epoch=epoch,
+                       iteration=100 * epoch, split=split, loss=1.0, error_pct=30.0, lr=0.1,
+                       elapsed_s=elapsed + (2.0 if split == "test" else 0.0), warmup_s=onetime)  # test: after evaluating
+            rows.append(row)
+    pd.DataFrame(rows, columns=METRIC_COLUMNS).to_parquet(run.metrics_path, index=False)
+    run.set_status("interrupted", iteration=800)
+    code, out, err = run_cli(capsys, "status", "--runs-dir", str(tmp_path))
+    assert code == 0, err
+    assert out.splitlines()[1].split()[-1] == "3m", out  # 200 x 1.0 s (the average: 6m)
+    assert "at its own speed over its last 5 epochs" in out, out
+
+
 def test_status_estimates_the_wall_time_of_runs_trained_side_by_side(tmp_path, capsys):
     """Two runs training now (their processes hold their locks), 6 and 4 minutes left at 1.2 s a step, and
     one waiting, 8 minutes at their speed: side by side the waiting run starts when the 4-minute one ends,

@@ -62,21 +62,36 @@ def cmd_grids(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `study status` times a run's steps over its last this-many logged epochs (all of them where it has
+#: fewer): the speed it trains at now, not an average dragged by an earlier session on busier cores.
+RECENT_EPOCHS = 5
+
+
 def _training_time(metrics) -> tuple[float, int] | None:
-    """A run's training seconds so far (its one-time costs, compiling, left out) and the iterations they
-    trained, from its metrics; None before its first epoch (or where no time was recorded)."""
+    """A run's training seconds over its last RECENT_EPOCHS logged epochs, or since its start where it has
+    no more (its one-time costs, compiling, left out), and the iterations they trained, from its metrics;
+    None before its first epoch (or where no time was recorded)."""
     if metrics.empty or "elapsed_s" not in metrics or not (metrics["iteration"] > 0).any():
         return None
-    last = metrics.loc[metrics["iteration"].idxmax()]
-    elapsed = float(last["elapsed_s"])
-    if elapsed != elapsed:  # NaN: written by a tool that keeps no clock
+    logged = metrics[metrics["iteration"] > 0].assign(
+        onetime=metrics["warmup_s"].fillna(0.0) if "warmup_s" in metrics else 0.0)
+    clock = logged.groupby("iteration")[["elapsed_s", "onetime"]].max().sort_index()  # an epoch's rows: its end
+    if clock["elapsed_s"].iloc[-1] != clock["elapsed_s"].iloc[-1]:  # NaN: written by a tool that keeps no clock
         return None
-    onetime = float(last["warmup_s"]) if "warmup_s" in metrics and last["warmup_s"] == last["warmup_s"] else 0.0
-    return max(elapsed - onetime, 0.0), int(last["iteration"])
+    end, start, trained = clock.iloc[-1], None, int(clock.index[-1])
+    if len(clock) > RECENT_EPOCHS:
+        start = clock.iloc[-1 - RECENT_EPOCHS]
+        if start["elapsed_s"] != start["elapsed_s"]:
+            start = None
+    if start is None:
+        return max(float(end["elapsed_s"] - end["onetime"]), 0.0), trained
+    seconds = float((end["elapsed_s"] - start["elapsed_s"]) - (end["onetime"] - start["onetime"]))
+    return max(seconds, 0.0), trained - int(clock.index[-1 - RECENT_EPOCHS])
 
 
 def _seconds_per_step(metrics) -> float | None:
-    """A run's training seconds per iteration so far; None before its first epoch."""
+    """A run's training seconds per iteration over its last epochs (`_training_time`); None before its
+    first epoch."""
     timed = _training_time(metrics)
     return timed[0] / timed[1] if timed is not None else None
 
@@ -171,7 +186,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if st["status"] == "running" and not run.is_held():  # its process was killed, or its node failed
             st, stopped = {**st, "status": "stopped"}, True
         rows.append((run, st, run.read_metrics()))
-    # Each net's (and each depth's) seconds and iterations so far, for its runs not started yet: pooled, so
+    # Each net's (and each depth's) seconds and iterations (over their last epochs), for its runs not started yet: pooled, so
     # a long run's speed counts for its length, not as much as a short run's trained beside more others.
     seen: dict[str, list[tuple[float, int]]] = {}
     machines: dict[str, set[Machine]] = {}  # where the runs behind each speed trained
@@ -232,8 +247,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("(stopped: marked running, but no process is training it (killed, or its node failed); "
               "`study run` with the same options resumes it from its last checkpoint)")
     if total_left:
-        parts = [f"left: about {duration(total_left)} in all, each run's remaining iterations at its own speed so far "
-                 "(runs trained side by side overlap)"]
+        parts = [f"left: about {duration(total_left)} in all, each run's remaining iterations at its own speed "
+                 f"over its last {RECENT_EPOCHS} epochs (runs trained side by side overlap)"]
         now = sum(running for _, running in lefts)
         if now >= 2 and not unknown:
             waiting = [s for s, running in lefts if not running]
