@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     probe.add_argument("--include-first", action="store_true", help="also measure the first conv layer")
     probe.add_argument("--max-images", type=int, help="use only the split's first N images")
     probe.add_argument("--data-dir", type=path, help="where the data set's files are (default ./data)")
-    probe.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    probe.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (one GPU of several; default auto)")
     probe.add_argument("--force", action="store_true",
                        help="measure runs again whose responses of their checkpoint, with these options, are recorded")
     return {"plot": cmd_plot, "table": cmd_table, "report": cmd_report, "probe": cmd_probe}

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     )
     evaluate.add_argument("--batch-size", type=count(1), default=32, help="images per batch, 10 crops each (default 32)")
     evaluate.add_argument("--workers", type=count(0), help="DataLoader workers; 0 loads in this process (default: CPUs, at most 12)")
-    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (one GPU of several; default auto)")
     evaluate.add_argument("--force", action="store_true", help="recompute runs that already have a 10-crop result")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     return {"evaluate": cmd_evaluate}

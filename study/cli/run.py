@@ -45,7 +45,7 @@ def add_training_options(run: argparse.ArgumentParser) -> None:
                      help="where the data set's files are (default ./data; Fashion-MNIST also Debian's "
                      "/usr/share/datasets/fashion-mnist; ImageNet: ./data/imagenet)")
     run.add_argument("--download", action="store_true", help="download the data set if missing (needs internet)")
-    run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (one GPU of several; default auto)")
     run.add_argument(
         "--concurrency", type=positive_int,
         help="runs trained at once by separate processes (default: 4 on a GPU, else 1; 1 with --streams or --fuse "
