@@ -378,6 +378,33 @@ def parquet_error(path: str | os.PathLike) -> str | None:
     return None
 
 
+#: `study status` and a run's epoch lines time its steps over its last this-many logged epochs (all of them
+#: where it has fewer): the speed it trains at now, not an average dragged by an earlier session on busier cores.
+RECENT_EPOCHS = 5
+
+
+def recent_speed(metrics: pd.DataFrame) -> tuple[float, int] | None:
+    """A run's training seconds over its last RECENT_EPOCHS logged epochs, or since its start where it has
+    no more (its one-time costs, compiling, left out), and the iterations they trained, from its metrics;
+    None before its first epoch (or where no time was recorded)."""
+    if metrics.empty or "elapsed_s" not in metrics or not (metrics["iteration"] > 0).any():
+        return None
+    logged = metrics[metrics["iteration"] > 0].assign(
+        onetime=metrics["warmup_s"].fillna(0.0) if "warmup_s" in metrics else 0.0)
+    clock = logged.groupby("iteration")[["elapsed_s", "onetime"]].max().sort_index()  # an epoch's rows: its end
+    if clock["elapsed_s"].iloc[-1] != clock["elapsed_s"].iloc[-1]:  # NaN: written by a tool that keeps no clock
+        return None
+    end, start, trained = clock.iloc[-1], None, int(clock.index[-1])
+    if len(clock) > RECENT_EPOCHS:
+        start = clock.iloc[-1 - RECENT_EPOCHS]
+        if start["elapsed_s"] != start["elapsed_s"]:
+            start = None
+    if start is None:
+        return max(float(end["elapsed_s"] - end["onetime"]), 0.0), trained
+    seconds = float((end["elapsed_s"] - start["elapsed_s"]) - (end["onetime"] - start["onetime"]))
+    return max(seconds, 0.0), trained - int(clock.index[-1 - RECENT_EPOCHS])
+
+
 def duration(seconds: float) -> str:
     """A run's length as `study status` and `study run` write it: 12s, 42m, 3h05m."""
     if seconds < 60:

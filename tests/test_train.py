@@ -373,6 +373,15 @@ def test_without_a_progress_bar_epochs_are_logged_at_most_once_a_minute(tmp_path
         epochs = [int(line.split("epoch ")[1].split(",")[0]) for line in lines if ": epoch " in line]
         assert epochs == expected, lines
     assert lines[-1].startswith(f"{cfg.run_id}: epoch 3, iteration 20 of 20: train error ")
+    # Each line but the last says about how long the run has left, at its speed so far, as `study status` does.
+    from study.runstore import duration, recent_speed
+
+    metrics = Run(tmp_path / "0.0", cfg).read_metrics()
+    for line in lines[:-1]:
+        iteration = int(line.split("iteration ")[1].split(" of")[0])
+        seconds, steps = recent_speed(metrics[metrics["iteration"] <= iteration])
+        assert line.endswith(f" s, about {duration(seconds / steps * (20 - iteration))} left"), line
+    assert lines[-1].endswith(" s") and "left" not in lines[-1]
 
 
 def whole_and_stopped(tmp_path, cfg: RunConfig, data, steps_before_stop: int) -> tuple[Run, Run]:

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from ..config import ConfigError
 from ..grids import GRIDS, grid_configs
 from ..launch import list_runs_with_queued, run_status
-from ..runstore import (FINAL_STATUSES, Machine, Run, RunStoreError, bf16_unit_names, cpu_flags, duration,
-                        missing_runs_dir, parquet_error, status_error, this_cpu_label, trained_on, unreadable_fix)
+from ..runstore import (FINAL_STATUSES, RECENT_EPOCHS, Machine, Run, RunStoreError, bf16_unit_names, cpu_flags, duration,
+                        missing_runs_dir, parquet_error, recent_speed, status_error, this_cpu_label, trained_on,
+                        unreadable_fix)
 from .args import SELECTION, add_selection, path
 from .run import add_training_options, processes_per_run, run_configs
 
@@ -62,37 +63,10 @@ def cmd_grids(args: argparse.Namespace) -> int:
     return 0
 
 
-#: `study status` times a run's steps over its last this-many logged epochs (all of them where it has
-#: fewer): the speed it trains at now, not an average dragged by an earlier session on busier cores.
-RECENT_EPOCHS = 5
-
-
-def _training_time(metrics) -> tuple[float, int] | None:
-    """A run's training seconds over its last RECENT_EPOCHS logged epochs, or since its start where it has
-    no more (its one-time costs, compiling, left out), and the iterations they trained, from its metrics;
-    None before its first epoch (or where no time was recorded)."""
-    if metrics.empty or "elapsed_s" not in metrics or not (metrics["iteration"] > 0).any():
-        return None
-    logged = metrics[metrics["iteration"] > 0].assign(
-        onetime=metrics["warmup_s"].fillna(0.0) if "warmup_s" in metrics else 0.0)
-    clock = logged.groupby("iteration")[["elapsed_s", "onetime"]].max().sort_index()  # an epoch's rows: its end
-    if clock["elapsed_s"].iloc[-1] != clock["elapsed_s"].iloc[-1]:  # NaN: written by a tool that keeps no clock
-        return None
-    end, start, trained = clock.iloc[-1], None, int(clock.index[-1])
-    if len(clock) > RECENT_EPOCHS:
-        start = clock.iloc[-1 - RECENT_EPOCHS]
-        if start["elapsed_s"] != start["elapsed_s"]:
-            start = None
-    if start is None:
-        return max(float(end["elapsed_s"] - end["onetime"]), 0.0), trained
-    seconds = float((end["elapsed_s"] - start["elapsed_s"]) - (end["onetime"] - start["onetime"]))
-    return max(seconds, 0.0), trained - int(clock.index[-1 - RECENT_EPOCHS])
-
-
 def _seconds_per_step(metrics) -> float | None:
-    """A run's training seconds per iteration over its last epochs (`_training_time`); None before its
+    """A run's training seconds per iteration over its last epochs (`recent_speed`); None before its
     first epoch."""
-    timed = _training_time(metrics)
+    timed = recent_speed(metrics)
     return timed[0] / timed[1] if timed is not None else None
 
 
@@ -191,7 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     seen: dict[str, list[tuple[float, int]]] = {}
     machines: dict[str, set[Machine]] = {}  # where the runs behind each speed trained
     for run, metrics in [(run, metrics) for run, _, metrics in rows] + [(r, r.read_metrics()) for r in others]:
-        if (timed := _training_time(metrics)) is not None:
+        if (timed := recent_speed(metrics)) is not None:
             where = trained_on(run.dir)
             for key in {_net_key(run), _net_key(run, any_kind=True)}:
                 seen.setdefault(key, []).append(timed)

@@ -32,7 +32,7 @@ from .. import onetime
 from ..config import RunConfig
 from ..data import Data, DataError, imagenet
 from ..probes import GRADIENT_EVERY, GradientNorms, append_gradients, record_responses, truncate_gradients
-from ..runstore import Run
+from ..runstore import Run, duration, recent_speed
 from ..stopflag import StopFlag
 from ..tensorboard import LiveWriter
 from . import checkpoint, cpupath, signals
@@ -326,8 +326,19 @@ class _Training:
             self.last_line = now
             self.session.log(f"{cfg.run_id}: epoch {at.epoch}, iteration {at.iteration:,} of {cfg.iterations:,}: "
                              f"train error {self.train_err:.2f}%, {self.feed.eval_split} error {self.eval_err:.2f}%, "
-                             f"lr {lr:g}, {common['elapsed_s']:.0f} s")
+                             f"lr {lr:g}, {common['elapsed_s']:.0f} s{self.left_text(at)}")
         return "running"
+
+    def left_text(self, at) -> str:
+        """The epoch line's end: about how long the run has left, at its speed over its last epochs (as
+        `study status` estimates it); nothing at its last epoch or before a step was timed."""
+        import pandas as pd
+
+        left = self.cfg.iterations - at.iteration
+        timed = recent_speed(pd.DataFrame(at.metrics)) if left > 0 else None
+        if timed is None or timed[1] <= 0:
+            return ""
+        return f", about {duration(timed[0] / timed[1] * left)} left"
 
     def failed(self, error: Exception) -> None:
         """Mark the run failed with the error's one-line reason. Where the disk is full the record
