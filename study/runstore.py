@@ -394,13 +394,11 @@ def recent_speed(metrics: pd.DataFrame) -> tuple[float, int] | None:
     clock = logged.groupby("iteration")[["elapsed_s", "onetime"]].max().sort_index()  # an epoch's rows: its end
     if clock["elapsed_s"].iloc[-1] != clock["elapsed_s"].iloc[-1]:  # NaN: written by a tool that keeps no clock
         return None
-    end, start, trained = clock.iloc[-1], None, int(clock.index[-1])
-    if len(clock) > RECENT_EPOCHS:
-        start = clock.iloc[-1 - RECENT_EPOCHS]
-        if start["elapsed_s"] != start["elapsed_s"]:
-            start = None
-    if start is None:
+    clock = clock.dropna(subset=["elapsed_s"])  # the window counts epochs whose clock was kept
+    end, trained = clock.iloc[-1], int(clock.index[-1])
+    if len(clock) <= RECENT_EPOCHS:
         return max(float(end["elapsed_s"] - end["onetime"]), 0.0), trained
+    start = clock.iloc[-1 - RECENT_EPOCHS]
     seconds = float((end["elapsed_s"] - start["elapsed_s"]) - (end["onetime"] - start["onetime"]))
     return max(seconds, 0.0), trained - int(clock.index[-1 - RECENT_EPOCHS])
 

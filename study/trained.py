@@ -36,8 +36,9 @@ class TrainedModel(NamedTuple):
 
     def autocast(self) -> torch.autocast:
         """The precision the run evaluated in, as a context for the forward pass: bf16 autocast for a
-        `--precision bf16` run, off (fp32) for any other, on the model's device. Under it a bf16 run's
-        test loss and error come out as it logged them (on the path it trained on: `load_model`)."""
+        `--precision bf16` run, off (fp32) for any other, on the model's device. Under it a bf16 run trained
+        on the CPU's eager NCHW path gives the test loss and error it logged; one trained channels-last or
+        compiled rounds differently from the NCHW net `load_model` builds."""
         device = next(self.model.parameters()).device.type
         return torch.autocast(device, dtype=torch.bfloat16, enabled=self.config.bf16)
 

@@ -252,6 +252,60 @@ def test_status_times_a_run_by_its_last_epochs_not_a_busier_session_before(tmp_p
     assert "at its own speed over its last 5 epochs" in out, out
 
 
+def test_recent_speed_times_the_last_clocked_epochs():
+    """`recent_speed`: fewer than 5 epochs, from the start (one-time cost left out); an epoch without a clock
+    does not count in the window (its start is the clocked epoch before); metrics without `warmup_s`; a last
+    epoch without a clock: unknown."""
+    import pandas as pd
+
+    from study.runstore import recent_speed
+
+    def metrics(clocks, onetime=10.0):
+        rows = [{"iteration": 100 * (k + 1), "split": split, "elapsed_s": clock + (1.0 if split == "test" else 0.0),
+                 "warmup_s": onetime} for k, clock in enumerate(clocks) for split in ("train", "test")]
+        return pd.DataFrame(rows)
+
+    assert recent_speed(metrics([110.0, 210.0, 310.0])) == (310.0 + 1.0 - 10.0, 300)  # 3 epochs: all (to the end of the last evaluation), less compiling
+    nan = float("nan")
+    # 8 epochs, the 3rd without a clock: the window is the last 5 clocked (from epoch 2's end at 220 s).
+    got = recent_speed(metrics([120.0, 220.0, nan, 420.0, 520.0, 620.0, 720.0, 820.0]))
+    assert got == (820.0 - 220.0, 800 - 200)
+    assert recent_speed(metrics([110.0, 210.0]).drop(columns="warmup_s")) == (211.0, 200)
+    assert recent_speed(metrics([110.0, nan])) is None
+    assert recent_speed(pd.DataFrame(columns=["iteration", "split", "elapsed_s"])) is None
+
+
+def test_status_pools_speeds_over_runs_weighted_by_how_long_each_trained(tmp_path, capsys):
+    """A finished run of 100 epochs at 1 s a step and a 3-epoch run at 3 s a step (trained beside more
+    others): a new run of the net is estimated at (100 x 1 x 100 + 3 x 3 x 100) / 10,300 = about 1.06 s a step
+    (each run's speed over its last epochs, weighted by its length), not at 1.75 (their last epochs alone)."""
+    import pandas as pd
+
+    from study.config import RunConfig
+    from study.runstore import METRIC_COLUMNS, Run
+
+    def ran(seed, epochs, per_step, status):
+        cfg = RunConfig("plain", 8, seed=seed, iterations=100 * epochs, dataset="fashion-mnist-mini")
+        run = Run(tmp_path, cfg)
+        run.prepare("cpu")
+        rows = []
+        for epoch in range(1, epochs + 1):
+            row = dict.fromkeys(METRIC_COLUMNS)
+            row.update(run_id=cfg.run_id, dataset=cfg.dataset, arch="plain", depth=8, shortcut="A", seed=seed,
+                       epoch=epoch, iteration=100 * epoch, split="train", loss=1.0, error_pct=30.0, lr=0.1,
+                       elapsed_s=per_step * 100 * epoch, warmup_s=0.0)
+            rows.append(row)
+        pd.DataFrame(rows, columns=METRIC_COLUMNS).to_parquet(run.metrics_path, index=False)
+        run.set_status(status, iteration=100 * epochs)
+
+    ran(0, 100, 1.0, "done")
+    ran(1, 3, 3.0, "done")
+    code, out, err = run_cli(capsys, "status", "--arch", "plain", "--depth", "8", "--seeds", "2", "--iterations", "6000",
+                             "--dataset", "fashion-mnist-mini", "--runs-dir", str(tmp_path))
+    assert code == 0, err
+    assert out.splitlines()[1].split()[-1] == "~1h46m", out  # 6,000 x 1.0602 s = 6,361 s
+
+
 def test_status_estimates_the_wall_time_of_runs_trained_side_by_side(tmp_path, capsys):
     """Two runs training now (their processes hold their locks), 6 and 4 minutes left at 1.2 s a step, and
     one waiting, 8 minutes at their speed: side by side the waiting run starts when the 4-minute one ends,

@@ -315,3 +315,34 @@ def test_the_arms_response_panel_is_drawn_on_a_log_scale_where_one_arm_dwarfs_th
     assert "on a log scale (they span more than a factor of 10)" in arms.caption
     drawn = sorted(max(line.get_ydata()) for line in panel.get_lines())
     assert drawn == [1.0, 4.7, 48.3]  # every net's responses, as measured
+
+
+def test_the_arms_response_panel_reads_one_probe_setting_and_names_runs_probed_too_early(tmp_path):
+    """The arms panel reads responses as Figure 7 does: a run probed per channel beside runs probed over the
+    whole tensor is left out and named, so its numbers cannot decide the scale; a run probed with BN in eval
+    mode before its statistics settled is named with the fix. A zero among the means does not turn the log
+    scale off."""
+    from test_analysis import write_responses
+
+    runs = {}
+    for arch, init, stds in (("plain", "he", [4.7, 2.0, 1.0]), ("plain", "delta-orthogonal", [48.3, 9.0, 0.0]),
+                             ("resnet", "he", [1.0, 0.9, 0.8])):
+        for depth in (20, 56):
+            runs[(arch, init, depth)] = run = write_run(tmp_path, arch, depth, init=init, floor=(8.0, 9.0))
+            write_responses(run, stds)
+    odd = runs[("resnet", "he", 56)]
+    write_responses(odd, [900.0, 0.001, 1.0], reduction="channel")  # another setting: not comparable
+    arms = build("arms", RunData.load(tmp_path))
+    panel = arms.figure.axes[2]
+    assert panel.get_yscale() == "log"
+    assert sorted(max(line.get_ydata()) for line in panel.get_lines()) == [4.7, 48.3]  # the odd run left out
+    assert any(odd.cfg.run_id in n for n in arms.notes), arms.notes
+    early = tmp_path / "early"
+    for arch in ("plain", "preact"):
+        for depth in (20, 56):
+            run = write_run(early, arch, depth, iterations=60, floor=(8.0, 9.0))
+            if arch == "plain":
+                write_responses(run, [1.0, 0.9, 0.8])
+    arms = build("arms", RunData.load(early))
+    assert any("measured with BN in eval mode after fewer than 100 iterations" in n
+               and "fashion-mnist-mini-plain56-A-s0-it60" in n for n in arms.notes), arms.notes

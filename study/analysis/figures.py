@@ -800,9 +800,13 @@ def arms(data: RunData, **select: object) -> Drawn:
             f"in {data.runs_dir} (its study: {study.label()}); train them (`study run --grid followups`)"
         )
     eval_split = "val" if "val" in finals.columns and finals["val"].notna().any() else "test"
-    responses = study.select(data.responses)
+    # Read as Figure 7 reads them: one setting of the probe's options, and a note on runs probed too early.
+    responses, mixed = one_probe_setting(study.select(data.responses).copy())
+    notes = notes + mixed
     deepest = int(finals["depth"].max())
     probed = responses[(responses["depth"] == deepest) & responses["arch"].isin(nets)]
+    if early := unsettled_bn(probed):
+        notes.append(unsettled_bn_note(early))
     fig, axes = _new_figure(3 if not probed.empty else 2, width=4.0)
     colors = dict(zip(nets, _palette(len(nets))))
     dashes = {a: (4, 2) if _kind(a) == "plain" else None for a in nets}
@@ -835,7 +839,8 @@ def arms(data: RunData, **select: object) -> Drawn:
         # Where one arm's responses dwarf the others' (a delta-orthogonal plain net's first layers: tens,
         # against about 1), a linear axis flattens every other line onto the floor.
         shown = pd.concat(means.values())
-        log_responses = bool((shown > 0).all() and shown.max() > RESPONSE_LOG_RANGE * shown.min())
+        shown = shown[shown > 0]  # a log axis leaves out the rest (and NaN), so they do not decide it
+        log_responses = bool(not shown.empty and shown.max() > RESPONSE_LOG_RANGE * shown.min())
         ax.set_xlabel("layer index (original)")
         if log_responses:
             ax.set_yscale("log")

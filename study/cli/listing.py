@@ -160,15 +160,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         if st["status"] == "running" and not run.is_held():  # its process was killed, or its node failed
             st, stopped = {**st, "status": "stopped"}, True
         rows.append((run, st, run.read_metrics()))
-    # Each net's (and each depth's) seconds and iterations (over their last epochs), for its runs not started yet: pooled, so
-    # a long run's speed counts for its length, not as much as a short run's trained beside more others.
+    # Each net's (and each depth's) speed, for its runs not started yet: each run's speed over its last epochs,
+    # pooled over the runs weighted by the iterations each trained in all, so that a long run's speed counts
+    # for its length, not as much as a short run's trained beside more others.
     seen: dict[str, list[tuple[float, int]]] = {}
     machines: dict[str, set[Machine]] = {}  # where the runs behind each speed trained
     for run, metrics in [(run, metrics) for run, _, metrics in rows] + [(r, r.read_metrics()) for r in others]:
-        if (timed := recent_speed(metrics)) is not None:
+        if (timed := recent_speed(metrics)) is not None and timed[1] > 0:
             where = trained_on(run.dir)
+            length = int(metrics["iteration"].max())
             for key in {_net_key(run), _net_key(run, any_kind=True)}:
-                seen.setdefault(key, []).append(timed)
+                seen.setdefault(key, []).append((timed[0] / timed[1] * length, length))
                 machines.setdefault(key, set()).update(where)
     rates = {key: sum(t for t, _ in times) / sum(n for _, n in times) for key, times in seen.items()}
     measured_on: set[Machine] = set()  # where the speeds behind the time left were measured
@@ -222,7 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               "`study run` with the same options resumes it from its last checkpoint)")
     if total_left:
         parts = [f"left: about {duration(total_left)} in all, each run's remaining iterations at its own speed "
-                 f"over its last {RECENT_EPOCHS} epochs (runs trained side by side overlap)"]
+                 f"over its last {RECENT_EPOCHS} epochs, or all where it has fewer (runs trained side by side overlap)"]
         now = sum(running for _, running in lefts)
         if now >= 2 and not unknown:
             waiting = [s for s, running in lefts if not running]

@@ -87,8 +87,7 @@ def net_params(
     """`count_params` of the net `build_model` makes of these, as `study models` counts it (Table 6 shows it
     per net), remembered: a table names a net again and again. As `architecture_table` builds them: an
     ImageNet net on the meta device (shapes, no storage, no initial values drawn), a CIFAR-style one on the
-    CPU with one thread (for its MACs, one image through its thousands of small layers is faster there than
-    on meta)."""
+    CPU with one thread (the table builds it there for its MACs; its count is the same on either)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the initialisation draws from torch's global generator: leave it as the caller had it

@@ -335,7 +335,10 @@ class _Training:
         import pandas as pd
 
         left = self.cfg.iterations - at.iteration
-        timed = recent_speed(pd.DataFrame(at.metrics)) if left > 0 else None
+        try:
+            timed = recent_speed(pd.DataFrame(at.metrics)) if left > 0 else None
+        except Exception:  # an estimate for the log: never the reason a run of hours stops
+            return ""
         if timed is None or timed[1] <= 0:
             return ""
         return f", about {duration(timed[0] / timed[1] * left)} left"
