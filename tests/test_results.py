@@ -317,6 +317,34 @@ def test_a_pair_page_written_by_the_pages_module_passes_its_check_and_a_changed_
     assert page.read_text() == before
 
 
+def test_the_pages_module_writes_the_blocks_another_page_quotes_and_refuses_one_that_quotes_none(tmp_path, capsys):
+    """`python -m study.analysis.pages MARKER RESULTS_DIR PAGE`: the study's page gets every block, the other
+    page those whose markers it holds (its other text kept); a page holding none of them is one line, exit 2,
+    and no page is written, the study's own included."""
+    from study.analysis import pages
+
+    _copy_the_followups_pair(tmp_path)
+    page = tmp_path / "README.md"
+    empty = "".join(f"<!-- paper-depths-{b} -->\n<!-- /paper-depths-{b} -->\n" for b in PAGE_BLOCKS)
+    page.write_text(empty)
+    quoting = tmp_path / "top.md"
+    quoting.write_text("# top\n<!-- paper-depths-verdicts -->\nold\n<!-- /paper-depths-verdicts -->\nend\n")
+    assert pages.main(["paper-depths", str(tmp_path), str(quoting)]) == 0
+    blocks = pages.pair_blocks(tmp_path, "paper-depths")
+    assert quoting.read_text() == ("# top\n<!-- paper-depths-verdicts -->\n" + "\n".join(blocks["paper-depths-verdicts"])
+                                   + "\n<!-- /paper-depths-verdicts -->\nend\n")
+    assert all(_between(page.read_text(), m) == "\n" + "\n".join(rows) + "\n" for m, rows in blocks.items())
+    page.write_text(empty)
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    capsys.readouterr()
+    assert pages.main(["paper-depths", str(tmp_path), str(bare)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"study.analysis.pages: error: {bare} holds none of the markers of: paper-depths-errors"), err
+    assert page.read_text() == empty and bare.read_text() == "no markers\n"
+
+
 def test_a_pair_page_judges_no_training_row_of_nets_still_at_chance(tmp_path):
     """Two nets at chance (90% error on 10 classes): which is "better" is noise, so the page's twin row
     cannot be judged, as `study report`'s claims say of such nets; a row of nets that learned is judged."""
@@ -411,8 +439,13 @@ def test_the_paper_depths_page_states_what_its_runs_show():
     grid = {cfg.run_id for cfg in grid_configs("paper-depths")}
     assert published <= grid, published - grid
     text = (results / "README.md").read_text()
-    for marker, rows in pages.pair_blocks(results, "paper-depths").items():
+    blocks = pages.pair_blocks(results, "paper-depths")
+    for marker, rows in blocks.items():
         assert _between(text, marker) == "\n" + "\n".join(rows) + "\n", marker
+    # The repository's README quotes its errors and verdicts, written by the same module.
+    readme = (ROOT / "README.md").read_text()
+    for marker in ("paper-depths-errors", "paper-depths-verdicts"):
+        assert _between(readme, marker) == "\n" + "\n".join(blocks[marker]) + "\n", marker
     if published != grid:
         pytest.skip(f"results/paper-depths/ is still training: {len(published)} of {len(grid)} runs published")
     assert_paper_depths_page(results)

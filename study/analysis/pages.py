@@ -7,7 +7,9 @@ paper's pair (plain and ResNet x 20/56, several seeds): its final errors, the pa
 `study report` judges them, the twin (ResNet-56 against plain-56), and ResNet-56 against ResNet-20 in
 training error alone; and how each of its runs was trained (CPU, CPU path, threads, commit, clock).
 A study with follow-up arms (`python -m study.analysis.pages followups results/followups`) has their
-rows in the errors table too, and a block of their questions and answers (`<marker>-arms`).
+rows in the errors table too, and a block of their questions and answers (`<marker>-arms`). Pages named
+after the folder (`... paper-depths results/paper-depths README.md`) get those of the blocks whose markers
+they hold: the repository's README quotes a study's tables so.
 """
 
 from __future__ import annotations
@@ -167,36 +169,38 @@ def runs_rows(data: RunData, study) -> list[str]:
     return rows
 
 
-def fill(page: str | Path, blocks: dict[str, list[str]]) -> list[str]:
-    """Write each block between its markers in `page`; return the markers it lacks, in which case the page
-    is left as it was."""
-    page = Path(page)
-    text = page.read_text(encoding="utf-8")
+def _span(marker: str) -> str:
+    return rf"<!-- {re.escape(marker)} -->.*?<!-- /{re.escape(marker)} -->"
 
-    def span(m: str) -> str:
-        return rf"<!-- {re.escape(m)} -->.*?<!-- /{re.escape(m)} -->"
 
-    missing = [m for m in blocks if not re.search(span(m), text, flags=re.DOTALL)]
-    if missing:
-        return missing
+def filled(text: str, blocks: dict[str, list[str]], *, every: bool = True) -> tuple[str, list[str]]:
+    """`text` with each block written between its markers, and the markers it lacks. `every`: it must hold
+    all of them (a study's page), else the text is returned as it was; otherwise those it holds are
+    written (another page quoting some of the blocks, such as the repository's README), and it must hold one."""
+    missing = [m for m in blocks if not re.search(_span(m), text, flags=re.DOTALL)]
+    if (every and missing) or len(missing) == len(blocks):
+        return text, missing
     for marker, rows in blocks.items():
         new = f"<!-- {marker} -->\n" + "\n".join(rows) + f"\n<!-- /{marker} -->"
-        text = re.sub(span(marker), lambda _, new=new: new, text, flags=re.DOTALL)
-    atomic_write_text(page, text)  # whole or not at all
-    return []
+        text = re.sub(_span(marker), lambda _, new=new: new, text, flags=re.DOTALL)
+    return text, []
 
 
 def main(argv: list[str]) -> int:
-    """Bad input (no runs, no page, markers missing) is one line on stderr and exit code 2, the page unchanged."""
-    if len(argv) != 2:
-        print("usage: python -m study.analysis.pages MARKER RESULTS_DIR (e.g. paper-depths results/paper-depths)",
-              file=sys.stderr)
+    """Write the blocks into RESULTS_DIR/README.md, and into each further PAGE those of them whose markers it
+    holds (e.g. the repository's README quoting the study's tables). Bad input (no runs, no page, markers
+    missing) is one line on stderr and exit code 2, every page unchanged."""
+    if len(argv) < 2:
+        print("usage: python -m study.analysis.pages MARKER RESULTS_DIR [PAGE ...] (e.g. paper-depths "
+              "results/paper-depths README.md)", file=sys.stderr)
         return 2
-    marker, results = argv
+    marker, results, *others = argv
     page = Path(results) / "README.md"
+    pages = [(page, True), *((Path(p), False) for p in others)]
     try:
-        if not page.is_file():
-            raise ConfigError(f"{page} does not exist; write the page, with its markers, first")
+        for path, _ in pages:
+            if not path.is_file():
+                raise ConfigError(f"{path} does not exist; write the page, with its markers, first")
         blocks = pair_blocks(results, marker)
     except ConfigError as e:
         print(f"study.analysis.pages: error: {e}", file=sys.stderr)
@@ -205,19 +209,30 @@ def main(argv: list[str]) -> int:
         print(f"study.analysis.pages: error: cannot read the runs in {results}: {e.strerror or e}; check the folder's permissions",
               file=sys.stderr)
         return 2
-    try:
-        missing = fill(page, blocks)
-    except UnicodeDecodeError:
-        print(f"study.analysis.pages: error: {page} is not UTF-8 text; save it as UTF-8", file=sys.stderr)
-        return 2
-    except OSError as e:  # an unreadable page, or a folder the new page cannot be written into
-        print(f"study.analysis.pages: error: cannot rewrite {page}: {e.strerror or e}; check its and its folder's permissions",
-              file=sys.stderr)
-        return 2
-    if missing:
-        print(f"study.analysis.pages: error: {page} lacks the markers of: {', '.join(missing)}; add <!-- NAME --> and <!-- /NAME -->",
-              file=sys.stderr)
-        return 2
+    texts = []  # every page checked and filled before any is written
+    for path, every in pages:
+        try:
+            text, missing = filled(path.read_text(encoding="utf-8"), blocks, every=every)
+        except UnicodeDecodeError:
+            print(f"study.analysis.pages: error: {path} is not UTF-8 text; save it as UTF-8", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"study.analysis.pages: error: cannot read {path}: {e.strerror or e}; check its permissions",
+                  file=sys.stderr)
+            return 2
+        if missing:
+            what = "lacks the markers of" if every else "holds none of the markers of"
+            print(f"study.analysis.pages: error: {path} {what}: {', '.join(missing)}; add <!-- NAME --> and "
+                  "<!-- /NAME -->", file=sys.stderr)
+            return 2
+        texts.append((path, text))
+    for path, text in texts:
+        try:
+            atomic_write_text(path, text)  # each whole or not at all
+        except OSError as e:  # a folder the new page cannot be written into
+            print(f"study.analysis.pages: error: cannot rewrite {path}: {e.strerror or e}; check its and its folder's "
+                  "permissions", file=sys.stderr)
+            return 2
     return 0
 
 
