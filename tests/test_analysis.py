@@ -1639,3 +1639,37 @@ def test_table6_names_the_papers_missing_nets_only_for_a_study_of_the_papers_dep
     assert not any(n.startswith("missing runs") for n in build_table("table6", RunData.load(tmp_path / "quick")).notes)
     notes = build_table("table6", RunData.load(tmp_path / "pair")).notes
     assert "missing runs: ResNet-32, ResNet-44, ResNet-110, ResNet-1202" in notes, notes
+
+
+def test_claim_5_judges_the_nets_figure_7_draws_not_resnet_1202(tmp_path):
+    """The paper reads Figure 7 (plain-20/56, ResNet-20/56/110): a ResNet-1202 whose responses are larger
+    than ResNet-110's, probed as every finished run is, does not decide claim 5; nor does ResNet-32 between."""
+    stds = {("plain", 20): 1.2, ("plain", 56): 1.4, ("resnet", 20): 1.0, ("resnet", 32): 1.1, ("resnet", 56): 0.8,
+            ("resnet", 110): 0.6, ("resnet", 1202): 0.7}
+    for (arch, depth), std in stds.items():
+        for seed in (0, 1):
+            write_responses(write_run(tmp_path, arch, depth, seed=seed), [std + 0.01 * seed] * 3)
+    claim5 = {c.number: c for c in classify_claims(RunData.load(tmp_path))}[5]
+    assert claim5.verdict == "holds", claim5.evidence
+    assert "1202" not in claim5.evidence and "32:" not in claim5.evidence, claim5.evidence
+    assert "20: 1.005, 56: 0.805, 110: 0.605" in claim5.evidence, claim5.evidence
+
+
+def test_claim_3_cannot_be_judged_where_a_resnet_has_no_final_error_and_counts_only_judged_seeds(tmp_path):
+    """Finished ResNet-56 runs whose test error is NaN (files written by another tool): claim 3 says which net
+    lacks it, instead of the report failing. A part that cannot be judged (ImageNet's, without two ResNet
+    depths) adds no `0 seeds` to a claim the other part judges."""
+    for seed in (0, 1, 2):
+        write_run(tmp_path, "resnet", 20, seed=seed, floor=(8.0, 9.0))
+        write_run(tmp_path, "resnet", 56, seed=seed, floor=(6.0, 7.0))
+    for depth in (18, 34):
+        write_imagenet_run(tmp_path, "plain", depth, floor=(20.0, 30.0))
+    claim3 = {c.number: c for c in classify_claims(RunData.load(tmp_path))}[3]
+    assert claim3.verdict == "holds" and claim3.seeds == 3, (claim3.verdict, claim3.seeds, claim3.evidence)
+    for seed in (0, 1, 2):  # (one seed's NaN would leave the net its other seeds' mean, said so)
+        bad = tmp_path / f"fashion-mnist-mini-resnet56-A-s{seed}-it400" / "metrics.parquet"
+        metrics = pd.read_parquet(bad)
+        metrics.loc[metrics["split"] == "test", "error_pct"] = float("nan")
+        metrics.to_parquet(bad, index=False)
+    claim3 = {c.number: c for c in classify_claims(RunData.load(tmp_path))}[3]
+    assert claim3.verdict == "cannot be judged" and "ResNet-56 lacks a final training or test error" in claim3.evidence, claim3.evidence

@@ -24,7 +24,7 @@ from ..config import ConfigError
 from ..runstore import file_in_the_way, unwritable
 from .load import (NoRunsError, RunData, Study, coverage, of_paper_depths, one_probe_setting, pick_study, studies,
                    unsettled_bn, unsettled_bn_note)
-from .paper import FIGURES, PAPER_ARCHS, TABLE2, TABLE6, Series, net_label, series_label
+from .paper import FIGURES, PAPER_ARCHS, TABLE2, TABLE6, Series, choose_series, net_label, series_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -305,14 +305,6 @@ def _title(number: str, study: Study, runs: pd.DataFrame) -> str:
     return f"{number} from your runs: {study.label()}, {_seeds_text(runs)}"
 
 
-def _choose(present: list[Series], wanted: tuple[Series, ...], fallback: list[Series]) -> list[Series]:
-    """The paper's series the runs have, where they span at least two depths (a comparison of
-    depth, as the paper's is); else `fallback`, the depths the runs have (a study at other depths,
-    such as `quick`'s 8 and 20 layers, would otherwise show one net alone)."""
-    chosen = [s for s in wanted if s in present]
-    return chosen if len({s[1] for s in chosen}) >= 2 else fallback
-
-
 # --- Figures 1, 4 and 6: error curves --------------------------------------------------------
 
 
@@ -324,7 +316,7 @@ def fig1(data: RunData, **select: object) -> Drawn:
     study, notes = pick_study(data, "fig1", imagenet=False, wanted=wanted, **select)
     runs, metrics = study.select(data.runs), study.select(data.metrics)
     plain = [s for s in _series_in(metrics) if s[0] == "plain"]  # nets with a logged epoch
-    drawn = _choose(plain, wanted, sorted({plain[0], plain[-1]}) if plain else [])
+    drawn = choose_series(plain, wanted, sorted({plain[0], plain[-1]}) if plain else [])
     colors = _colors(drawn)
     curves, unfinished, curve_notes = _curve_rows(metrics, drawn)
     labels = _net_labels(curves, drawn, unfinished, runs)
@@ -534,7 +526,7 @@ def fig7(data: RunData, **select: object) -> Drawn:
     if not present:
         raise NoRunsError(f"fig7 draws the paper's plain nets and ResNets; the probed runs of {study.label()} are "
                           "other nets (`study plot arms` draws those)")
-    drawn = _choose(present, wanted, present)
+    drawn = choose_series(present, wanted, present)
     responses = pd.concat([_rows_of(responses, s) for s in drawn], ignore_index=True)
     responses["net"] = [series_label(a, d, sc) for a, d, sc in zip(responses.arch, responses.depth, responses.shortcut)]
     responses["kind"] = responses["arch"].map(_kind)

@@ -113,6 +113,14 @@ FIGURES: dict[str, FigureSpec] = {
     ),
 }
 
+def choose_series(present: list[Series], wanted: tuple[Series, ...], fallback: list[Series]) -> list[Series]:
+    """The paper's series the runs have (a figure's, `wanted`), where they span at least two depths (a comparison of
+    depth, as the paper's is); else `fallback`, the depths the runs have (a study at other depths,
+    such as `quick`'s 8 and 20 layers, would otherwise show one net alone)."""
+    chosen = [s for s in wanted if s in present]
+    return chosen if len({s[1] for s in chosen}) >= 2 else fallback
+
+
 # "Claims the study exists to test" (PROTOCOL.md), numbered as there.
 CLAIMS: dict[int, str] = {
     1: "Degradation: a deeper plain net has higher training error than a shallower one, so it is not over-fitting",

@@ -30,7 +30,8 @@ from ..data import DataError, dataset_info
 from .arms import judge_arms
 from .load import (NoRunsError, RunData, Study, chosen_text, one_probe_setting, pick_study, require_metrics, studies,
                    unsettled_bn, unsettled_bn_note)
-from .paper import CLAIMS, FIGURES, IMAGENET, PAPER_ARCHS, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, series_label
+from .paper import (CLAIMS, FIGURES, IMAGENET, PAPER_ARCHS, RESNET1202_TRAIN_ERROR_BELOW, TABLE3, TABLE6, choose_series,
+                    series_label)
 from ..runstore import atomic_write_text, cpu_label, sessions, unwritable
 from .tables import TABLE_NAMES, final_errors, with_tencrop
 
@@ -344,7 +345,8 @@ def _claim1(cifar: _Finals | None, imagenet: _Finals | None) -> tuple[str, str, 
             continue
         verdict, evidence, n, compared = _depth_pair(f, "plain", pair)
         parts.append((verdict, evidence))
-        seeds.append(n)
+        if verdict is not None:  # the seeds of the parts judged
+            seeds.append(n)
         comparisons += compared
     if not parts:
         parts.append((None, "no finished plain-net runs"))
@@ -416,7 +418,8 @@ def _claim3(f: _Finals | None, imagenet: _Finals | None = None) -> tuple[str, st
     for part in filter(None, (cifar, _claim3_imagenet(imagenet))):
         verdict, evidence, n, compared = part
         parts.append((None if verdict == UNKNOWN else verdict, evidence))
-        seeds.append(n)
+        if verdict != UNKNOWN:  # the seeds of the parts judged: a part that could not be has none to count
+            seeds.append(n)
         comparisons += compared
     verdict, evidence = _combine(parts, conjunctive=False)
     return verdict, evidence, min(seeds, default=0), _significance(comparisons, verdict == HOLDS) if verdict != UNKNOWN else ""
@@ -424,6 +427,10 @@ def _claim3(f: _Finals | None, imagenet: _Finals | None = None) -> tuple[str, st
 
 def _claim3_cifar(f: _Finals | None) -> tuple[str, str, int, list[tuple[Comparison, bool]]]:
     depths = [d for d in f.depths("resnet") if d <= 110] if f else []
+    lacking = [d for d in depths if f.get("resnet", d, "train") is None or f.get("resnet", d, f.eval) is None]
+    if lacking:  # a finished run without a final error (NaN, or a file written by another tool)
+        return (UNKNOWN, f"{f.study.dataset}: {', '.join(series_label('resnet', d) for d in lacking)} "
+                f"lack{'s' if len(lacking) == 1 else ''} a final training or {f.eval} error", 0, [])
     if len(depths) < 2:
         have = min((f.get("resnet", d, "train").n for d in depths), default=0)
         return UNKNOWN, f"needs two finished ResNet depths up to 110, has {depths or 'none'}", have, []
@@ -487,6 +494,11 @@ def _claim5(data: RunData, study: Study | None) -> tuple[str, str, int, str]:
     if dropped := sorted(set(ours(everything)["run_id"]) - set(resp["run_id"])):
         mixed.append(f"left out, measured with other `study probe` options than the study's other runs: "
                      f"{', '.join(dropped)} (probe them again with the options the others used)")
+    # The nets Figure 7 draws: the paper's plain-20/56 and ResNet-20/56/110 where the runs span two of their
+    # depths (not ResNet-32/44 or 1202, which the paper's reading does not cover), else every net measured.
+    present = sorted({(a, int(d), s) for a, d, s in zip(resp["arch"], resp["depth"], resp["shortcut"])})
+    drawn = set(choose_series(present, FIGURES["fig7"].panels[0][1], present))
+    resp = resp[[(a, int(d), s) in drawn for a, d, s in zip(resp["arch"], resp["depth"], resp["shortcut"])]]
     if resp.empty:
         return UNKNOWN, "; ".join(["no layer responses of finished runs (`study probe`)", *mixed]), 0, ""
     if early := unsettled_bn(resp):
