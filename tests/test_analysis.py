@@ -912,6 +912,20 @@ def test_a_holdout_study_at_the_papers_budget_is_not_the_papers_setting(tmp_path
     assert (table.study.iterations, table.study.holdout) == (32000, False), table.study
 
 
+def test_table6_is_of_the_study_the_claims_are_judged_on_even_without_its_resnets(tmp_path):
+    """A CIFAR-10 study of the paper's plain-20/56 at its setting beside a ResNet pilot on another data set:
+    Table 6 (which has plain rows) shows the study the claims and Figures 1 and 6 use, not the pilot."""
+    from study.analysis.report import _cifar_study
+
+    for depth in (20, 56):
+        for seed in (0, 1):
+            write_run(tmp_path, "plain", depth, seed=seed, dataset="cifar10", iterations=64000, floor=(5.0, 8.0))
+    write_run(tmp_path, "resnet", 20, iterations=400)
+    data = RunData.load(tmp_path)
+    table = build_table("table6", data)
+    assert table.study == _cifar_study(data) and table.study.dataset == "cifar10", table.study
+
+
 def test_holdout_chooses_between_a_holdout_study_and_one_on_the_whole_training_set(tmp_path, cli):
     """Both studies beside each other: by default the one on the whole training set (the paper's
     curves are test errors), though the hold-out one has more runs; the note names the other one
