@@ -165,3 +165,35 @@ def test_the_process_group_backend_follows_the_device_asked_for(monkeypatch, dev
     ddp = distributed.distributed_from_env(device)
     assert (ddp.rank, ddp.world, ddp.local_rank) == (1, 2, 1)
     assert joined == [backend] and claimed == ([] if backend == "gloo" else [1])
+
+
+@pytest.mark.parametrize("rank,local_rank,expected", [
+    (0, 0, [("fetch", True), "barrier", "barrier"]),       # rank 0 fetches first
+    (2, 0, ["barrier", ("fetch", True), "barrier"]),       # another node's first process: its data dir may be its own
+    (3, 1, ["barrier", "barrier", ("fetch", False)]),      # the rest read what those fetched
+])
+def test_download_under_torchrun_fetches_one_process_at_a_time(monkeypatch, rank, local_rank, expected):
+    """`--download` under torchrun: the processes would all write one archive and unpack it over one another;
+    rank 0 fetches first, then each other node's first process, then the rest read without fetching."""
+    from types import SimpleNamespace
+
+    import study.train.runner as runner
+    from study.config import RunConfig
+    from study.train.distributed import Distributed
+    from study.train.plan import ExecutionPlan
+
+    events = []
+
+    def load_data(dataset, data_dir, *, holdout, download):
+        events.append(("fetch", download))
+        return SimpleNamespace(to=lambda dev: SimpleNamespace(train=range(1000)))
+
+    monkeypatch.setattr(runner, "load_data", load_data)
+    monkeypatch.setattr(runner, "all_reduce", lambda values, ddp: events.append("barrier"))
+    cfg = RunConfig("resnet", 20, dataset="cifar10")
+    ddp = Distributed(rank=rank, world=4, local_rank=local_rank)
+    datasets = runner._open_data([cfg, cfg], None, ExecutionPlan(download=True), torch.device("cpu"), ddp)
+    assert events == expected and list(datasets) == [("cifar10", False)]
+    events.clear()
+    runner._open_data([cfg], None, ExecutionPlan(download=False), torch.device("cpu"), ddp)
+    assert events == [("fetch", False)]  # nothing to fetch: no waiting

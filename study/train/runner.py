@@ -26,7 +26,7 @@ from ..fast.fused import Fuser, fusion_order
 from ..runstore import (Run, check_not_in_a_run, check_run_folders, check_writable, folders_made_by,
                         publishing_from_a_dirty_tree)
 from ..stopflag import StopFlag
-from .distributed import SINGLE, Distributed, broadcast
+from .distributed import SINGLE, Distributed, all_reduce, broadcast
 from .feeds import pixel_mean_options, quiet
 from .interleave import interleave
 from .loop import Session, train_steps
@@ -83,7 +83,7 @@ def _run_all(configs: Iterable[RunConfig], runs_dir: str | Path, plan: Execution
     plan = replace(plan, processes=ddp.world)  # the job's processes train each run, whatever the caller's plan said
     dev = plan.torch_device(ddp)
     plan.check(configs, str(dev))
-    datasets = _open_data(configs, data_dir, plan, dev)
+    datasets = _open_data(configs, data_dir, plan, dev, ddp)
     made = folders_made_by(Path(runs_dir)) + (folders_made_by(Path(tensorboard)) if tensorboard is not None else [])
     runs = _check_runs_dir(configs, runs_dir, ddp, tensorboard)
     concurrency = plan.processes_per_device(dev.type, len(runs), ddp.enabled)
@@ -183,18 +183,35 @@ def _check_kept_cpu_paths(runs: list[Run], plan: ExecutionPlan, dev: torch.devic
                               f"{fix}, or move its directory out of the runs dir to start it over")
 
 
-def _open_data(configs: list[RunConfig], data_dir: str | None, plan: ExecutionPlan, dev: torch.device
-               ) -> dict[tuple[str, bool], "Data | imagenet.ImageNetData"]:
-    """Each data set the runs train on, once: on the device (CIFAR-style), or ImageNet's scanned folders."""
-    datasets: dict[tuple[str, bool], Data | imagenet.ImageNetData] = {}
-    for cfg in configs:
-        key = (cfg.dataset, cfg.holdout)
-        if key in datasets:
-            continue
-        if cfg.imagenet:
-            datasets[key] = imagenet.open_imagenet(data_dir or os.path.join("data", "imagenet"), decode=plan.decode)
-        else:
-            datasets[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=plan.download).to(dev)
+def _open_data(configs: list[RunConfig], data_dir: str | None, plan: ExecutionPlan, dev: torch.device,
+               ddp: Distributed = SINGLE) -> dict[tuple[str, bool], "Data | imagenet.ImageNetData"]:
+    """Each data set the runs train on, once: on the device (CIFAR-style), or ImageNet's scanned folders.
+    With --download under torchrun, one process fetches at a time: rank 0 first, then the first process of
+    each other node (its data dir may not be shared), the rest reading what they fetched: torchrun's
+    processes would otherwise write the same archive and unpack it over one another."""
+
+    def opened(download: bool) -> dict[tuple[str, bool], Data | imagenet.ImageNetData]:
+        datasets: dict[tuple[str, bool], Data | imagenet.ImageNetData] = {}
+        for cfg in configs:
+            key = (cfg.dataset, cfg.holdout)
+            if key in datasets:
+                continue
+            if cfg.imagenet:
+                datasets[key] = imagenet.open_imagenet(data_dir or os.path.join("data", "imagenet"), decode=plan.decode)
+            else:
+                datasets[key] = load_data(cfg.dataset, data_dir, holdout=cfg.holdout, download=download).to(dev)
+        return datasets
+
+    if ddp.enabled and plan.download:
+        turn = 0 if ddp.rank == 0 else 1 if ddp.local_rank == 0 else 2
+        datasets = None
+        for fetching in (0, 1):
+            if turn == fetching:
+                datasets = opened(download=True)
+            all_reduce(torch.zeros(1, device=dev), ddp)  # a barrier: the turn's fetches are done
+        datasets = datasets if datasets is not None else opened(download=False)
+    else:
+        datasets = opened(plan.download)
     for cfg in configs:
         check_batch_fits(cfg, datasets[(cfg.dataset, cfg.holdout)])
     return datasets
