@@ -174,7 +174,7 @@ def test_cifar100_loads_fine_labels(cifar100):
     assert data.info.num_classes == 100
 
 
-def test_cifar_corrupted_batch_is_a_one_line_error(cifar10):
+def test_cifar_corrupted_batch_is_a_one_line_error(cifar10, monkeypatch):
     path = cifar10["folder"] / "data_batch_3"
     raw = bytearray(path.read_bytes())
     raw[100:110] = bytes(b ^ 0xFF for b in raw[100:110])
@@ -182,7 +182,16 @@ def test_cifar_corrupted_batch_is_a_one_line_error(cifar10):
     with pytest.raises(DataError) as error:
         load_data("cifar10", cifar10["root"])
     _assert_one_line_naming(error, str(cifar10["root"]))
-    assert "--download" in str(error.value)
+    assert f"{path} fails its md5" in str(error.value) and "--download" in str(error.value)
+    # A missing batch is named as missing; a download that does not check out says to delete and retry.
+    path.unlink()
+    with pytest.raises(DataError) as error:
+        load_data("cifar10", cifar10["root"])
+    assert f"{path} is missing" in str(error.value), error.value
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", lambda self: None)  # as if fetched, still bad
+    with pytest.raises(DataError) as error:
+        load_data("cifar10", cifar10["root"], download=True)
+    assert "the download did not check out: delete" in str(error.value) and "retry --download" in str(error.value)
 
 
 def test_cifar_unreadable_batch_with_matching_md5(cifar10, monkeypatch):

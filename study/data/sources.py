@@ -271,10 +271,10 @@ def _load_cifar(name: str, data_dir: str | os.PathLike | None, *, train: bool,
     try:
         ds = cls(root=root, train=train, download=download)
     except RuntimeError as e:
-        # torchvision's "not found or corrupted": a file is missing or its md5 does not match.
-        raise DataError(
-            f"{title} not found or corrupted in {root}/ (expected {folder}/ from {cls.filename}); "
-            f"put the extracted archive there or pass --download when online") from e
+        # torchvision's "not found or corrupted": a file is missing or its md5 does not match. Which one:
+        raise DataError(f"{title} not found or corrupted in {root}/ ({_cifar_fault(cls, folder)}); " + (
+            f"the download did not check out: delete {folder}/ and {root / cls.filename} and retry --download"
+            if download else "put the extracted archive there or pass --download when online")) from e
     except OSError as e:  # a failed download, or a file that cannot be opened
         raise DataError(f"{title} could not be read or downloaded into {root}/ ({_one_line(e)}); "
                         f"put the extracted {cls.filename} there or retry --download when online"
@@ -288,6 +288,20 @@ def _load_cifar(name: str, data_dir: str | os.PathLike | None, *, train: bool,
     # torchvision keeps CIFAR as HWC numpy; the models want CHW tensors.
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return Split(images, torch.as_tensor(ds.targets, dtype=torch.int64))
+
+
+def _cifar_fault(cls: type, folder: Path) -> str:
+    """The first of a CIFAR folder's files that is missing or fails its official md5, in words."""
+    from torchvision.datasets.utils import check_integrity
+
+    listed = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+    for name, md5 in listed:
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing" if folder.is_dir() else f"expected {folder}/ from {cls.filename}"
+        if not check_integrity(str(path), md5):
+            return f"{path} fails its md5"
+    return f"expected {folder}/ from {cls.filename}"
 
 
 # --- Fashion-MNIST (raw IDX files) ---------------------------------------------------------------
