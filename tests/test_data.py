@@ -276,6 +276,41 @@ def test_fashion_mnist_corrupt_gzip(tmp_path):
     _assert_one_line_naming(error, str(tmp_path))
 
 
+def test_a_damaged_unpacked_idx_file_beside_its_gz_says_to_delete_it(tmp_path):
+    """An unpacked file is read before its .gz: where it is damaged (an interrupted unpack) and the intact .gz
+    is beside it, the error says to delete it; with it deleted, the .gz is read."""
+    _write_fashion_mnist(tmp_path)
+    packed = tmp_path / "t10k-images-idx3-ubyte.gz"
+    unpacked = tmp_path / "t10k-images-idx3-ubyte"
+    unpacked.write_bytes(gzip.decompress(packed.read_bytes())[:500])  # cut short
+    with pytest.raises(DataError) as error:
+        load_data("fashion-mnist", tmp_path)
+    assert "\n" not in str(error.value) and str(error.value).startswith(f"{unpacked} is corrupt")
+    assert str(error.value).endswith("delete it, and t10k-images-idx3-ubyte.gz beside it is read instead")
+    unpacked.unlink()
+    assert load_data("fashion-mnist", tmp_path).eval.images.shape == (10, 1, 28, 28)
+
+
+def test_no_room_to_unpack_a_gz_names_the_temporary_folder_not_the_data(tmp_path, monkeypatch):
+    """A full temporary folder is not a damaged data set (nor a broken install for the embedded subset)."""
+    import errno
+
+    import torchvision.datasets.utils
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "extract_archive", full)
+    _write_fashion_mnist(tmp_path)
+    for name, where in (("fashion-mnist", tmp_path), ("fashion-mnist-mini", None)):
+        with pytest.raises(DataError) as error:
+            load_data(name, where)
+        message = str(error.value)
+        assert message.startswith("cannot unpack ") and "into the temporary folder" in message, message
+        assert message.endswith("free space there, or set TMPDIR to a folder with room") and "\n" not in message
+        assert "corrupt" not in message and "reinstall" not in message
+
+
 def test_fashion_mnist_wrong_header(tmp_path):
     _write_fashion_mnist(tmp_path)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", torch.zeros(10, 28, dtype=torch.uint8))

@@ -7,6 +7,7 @@ paper's data sets are small enough to live on the device; batching and augmentat
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
@@ -377,24 +378,35 @@ def _load_mini(split: str) -> Split:
     """A split of the embedded subset; missing files mean a broken install, not a user mistake."""
     try:
         return read_idx_split(MINI_DIR, split)
+    except _UnpackError:  # no room to unpack: nothing wrong with the install
+        raise
     except DataError as e:
         raise DataError(f"the embedded fashion-mnist-mini is missing or damaged in {MINI_DIR}/ "
                         f"({e}); reinstall the package, or rebuild it with "
                         "`python -m study.data.fashion_mnist_mini.build`") from e
 
 
+class _UnpackError(DataError):
+    """A gzipped IDX file that could not be unpacked for want of room in the temporary folder."""
+
+
 def _read_idx_file(path: Path, reader, what: str) -> torch.Tensor:
     """`_read_idx`, with any failure a one-line DataError naming the file and what is wrong."""
+    # An unpacked file is read before its .gz: where the unpacked one is damaged (an interrupted unpack,
+    # say) and the .gz is beside it, the fix is to delete it.
+    gz = path.with_name(path.name + ".gz")
+    fix = (f"delete it, and {gz.name} beside it is read instead" if path.suffix != ".gz" and gz.is_file()
+           else "replace it with the intact raw Fashion-MNIST file")
     try:
         return _read_idx(path, reader)
+    except _UnpackError:
+        raise
     except AssertionError:  # torchvision's reader asserts on the header: magic number, dimensions
-        raise DataError(f"{path} is corrupt: its header is not that of an IDX file of {what}; replace it "
-                        "with the intact raw Fashion-MNIST file") from None
+        raise DataError(f"{path} is corrupt: its header is not that of an IDX file of {what}; {fix}") from None
     except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the reader raise
         # gzip raises OSError/EOFError on a damaged archive, a truncated body fails to reshape, a
         # type byte the header check lets through (10) or skips (python -O) is a KeyError.
-        raise DataError(f"{path} is corrupt ({_one_line(e)}); replace it with the intact raw "
-                        "Fashion-MNIST file") from e
+        raise DataError(f"{path} is corrupt ({_one_line(e)}); {fix}") from e
 
 
 def _read_idx(path: Path, reader) -> torch.Tensor:
@@ -404,5 +416,11 @@ def _read_idx(path: Path, reader) -> torch.Tensor:
     # with torchvision's own extractor rather than keeping a decompressed copy next to the data.
     from torchvision.datasets.utils import extract_archive
 
-    with tempfile.TemporaryDirectory() as tmp:
-        return reader(str(extract_archive(str(path), tmp)))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return reader(str(extract_archive(str(path), tmp)))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # no room to write the unpacked copy: the temporary folder
+            raise _UnpackError(f"cannot unpack {path} into the temporary folder {tempfile.gettempdir()} "
+                               f"({_one_line(e)}); free space there, or set TMPDIR to a folder with room") from e
+        raise
