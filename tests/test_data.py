@@ -311,6 +311,19 @@ def test_no_room_to_unpack_a_gz_names_the_temporary_folder_not_the_data(tmp_path
         assert "corrupt" not in message and "reinstall" not in message
 
 
+def test_download_stopped_by_torchvisions_old_processed_cache_says_so(tmp_path):
+    """torchvision (before 0.9) cached Fashion-MNIST as processed/training.pt and test.pt; where they are,
+    its FashionMNIST reads them and downloads nothing: the error names that folder, not missing raw files."""
+    legacy = tmp_path / "FashionMNIST" / "processed"
+    legacy.mkdir(parents=True)
+    for name in ("training.pt", "test.pt"):
+        torch.save((torch.zeros(2, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64)), legacy / name)
+    with pytest.raises(DataError) as error:
+        load_data("fashion-mnist", tmp_path, download=True)
+    assert f"torchvision found its old cache {legacy}/ and stopped there; delete that folder and retry" in str(
+        error.value) and "\n" not in str(error.value), error.value
+
+
 def test_fashion_mnist_wrong_header(tmp_path):
     _write_fashion_mnist(tmp_path)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", torch.zeros(10, 28, dtype=torch.uint8))

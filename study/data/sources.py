@@ -344,7 +344,11 @@ def _find_fashion_mnist(data_dir: str | os.PathLike | None, download: bool) -> P
             raise DataError(f"Fashion-MNIST download into {root}/FashionMNIST/raw failed "
                             f"({_one_line(e)}); retry when online, or install "
                             "dataset-fashion-mnist (apt-get) and drop --download") from e
-        return root / "FashionMNIST" / "raw"
+        raw, legacy = root / "FashionMNIST" / "raw", root / "FashionMNIST" / "processed"
+        if not _has_fashion_mnist(raw) and legacy.is_dir():  # torchvision reads its pre-0.9 cache, downloads nothing
+            raise DataError(f"--download fetched nothing into {raw}/: torchvision found its old cache {legacy}/ and "
+                            "stopped there; delete that folder and retry")
+        return raw
     raise DataError(
         f"Fashion-MNIST not found (searched {', '.join(map(str, searched))} for "
         f"{FASHION_MNIST_FILES['train'][0]}[.gz] and the other three raw files); "
