@@ -186,6 +186,12 @@ def filled(text: str, blocks: dict[str, list[str]], *, every: bool = True) -> tu
     return text, []
 
 
+def _refuse(message: str) -> int:
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"study.analysis.pages: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str]) -> int:
     """Write the blocks into RESULTS_DIR/README.md, and into each further PAGE those of them whose markers it
     holds (e.g. the repository's README quoting the study's tables). Bad input (no runs, no page, markers
@@ -203,36 +209,26 @@ def main(argv: list[str]) -> int:
                 raise ConfigError(f"{path} does not exist; write the page, with its markers, first")
         blocks = pair_blocks(results, marker)
     except ConfigError as e:
-        print(f"study.analysis.pages: error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(str(e))
     except OSError as e:
-        print(f"study.analysis.pages: error: cannot read the runs in {results}: {e.strerror or e}; check the folder's permissions",
-              file=sys.stderr)
-        return 2
+        return _refuse(f"cannot read the runs in {results}: {e.strerror or e}; check the folder's permissions")
     texts = []  # every page checked and filled before any is written
     for path, every in pages:
         try:
             text, missing = filled(path.read_text(encoding="utf-8"), blocks, every=every)
         except UnicodeDecodeError:
-            print(f"study.analysis.pages: error: {path} is not UTF-8 text; save it as UTF-8", file=sys.stderr)
-            return 2
+            return _refuse(f"{path} is not UTF-8 text; save it as UTF-8")
         except OSError as e:
-            print(f"study.analysis.pages: error: cannot read {path}: {e.strerror or e}; check its permissions",
-                  file=sys.stderr)
-            return 2
+            return _refuse(f"cannot read {path}: {e.strerror or e}; check its permissions")
         if missing:
             what = "lacks the markers of" if every else "holds none of the markers of"
-            print(f"study.analysis.pages: error: {path} {what}: {', '.join(missing)}; add <!-- NAME --> and "
-                  "<!-- /NAME -->", file=sys.stderr)
-            return 2
+            return _refuse(f"{path} {what}: {', '.join(missing)}; add <!-- NAME --> and <!-- /NAME -->")
         texts.append((path, text))
     for path, text in texts:
         try:
             atomic_write_text(path, text)  # each whole or not at all
         except OSError as e:  # a folder the new page cannot be written into
-            print(f"study.analysis.pages: error: cannot rewrite {path}: {e.strerror or e}; check its and its folder's "
-                  "permissions", file=sys.stderr)
-            return 2
+            return _refuse(f"cannot rewrite {path}: {e.strerror or e}; check its and its folder's permissions")
     return 0
 
 
