@@ -1702,3 +1702,21 @@ def test_claim_3_cannot_be_judged_where_a_resnet_has_no_final_error_and_counts_o
         metrics.to_parquet(bad, index=False)
     claim3 = {c.number: c for c in classify_claims(RunData.load(tmp_path))}[3]
     assert claim3.verdict == "cannot be judged" and "ResNet-56 lacks a final training or test error" in claim3.evidence, claim3.evidence
+
+
+def test_the_imagenet_claims_are_judged_on_the_study_of_their_own_table(tmp_path):
+    """Table 2's pairs at one budget and Table 3's 34-layer nets at another: claims 1 and 3 (18 against 34
+    layers) are judged on the first, as `study table table2` shows it, claim 6 on the second, as table3."""
+    for arch, depth, floor in (("plain", 18, (18.0, 28.0)), ("plain", 34, (20.0, 29.0)), ("resnet", 18, (19.0, 27.5)),
+                               ("resnet", 34, (17.0, 25.0))):
+        write_imagenet_run(tmp_path, arch, depth, iterations=300_000, floor=floor)
+    for (arch, shortcut), floor in {("plain", "A"): 30.0, ("resnet", "A"): 27.0, ("resnet", "B"): 26.0,
+                                    ("resnet", "C"): 25.0}.items():
+        write_imagenet_run(tmp_path, arch, 34, seed=1, shortcut=shortcut, iterations=200_000, floor=(20.0, floor))
+    data = RunData.load(tmp_path)
+    claims = {c.number: c for c in classify_claims(data)}
+    assert claims[1].verdict == "holds" and claims[3].verdict == "holds", (claims[1].evidence, claims[3].evidence)
+    assert "ResNet-18" in claims[3].evidence and "plain-18" in claims[1].evidence
+    assert claims[6].verdict == "holds" and "C " in claims[6].evidence, claims[6].evidence
+    assert build_table("table2", data).study.iterations == 300_000
+    assert build_table("table3", data).study.iterations == 200_000
