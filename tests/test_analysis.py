@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from study.analysis.figures import build
-from study.analysis.load import RunData, Study, _class_count, load_gradients, load_responses, load_run_table, load_runs
+from study.analysis.load import (RunData, Study, _class_count, load_gradients, load_responses, load_run_table, load_runs,
+                                 pick_study)
 from study.analysis.paper import TABLE2, TABLE6, series_label
 from study.analysis.report import classify_claims
 from study.analysis.tables import build as build_table
@@ -1309,6 +1310,37 @@ def test_chance_is_that_of_the_classes_the_runs_recorded(tmp_path):
             assert claim.verdict == "cannot be judged" and "chance 66.7%" in claim.evidence, claim.line()
         else:
             assert claim.verdict == "holds", claim.line()
+
+
+def test_an_imagenet_subset_at_the_papers_budget_is_not_the_papers_setting(tmp_path):
+    """ImageNet runs on 100 of the 1000 classes, at the paper's 60e4 iterations and batch 256: their own
+    study (not one with runs on the whole set), not the paper's setting; Table 2 computes no difference
+    with the paper's numbers and says why; Figure 4 marks none of them; a study on the whole set beside
+    them is the one the analysis picks."""
+    subset, both = tmp_path / "subset", tmp_path / "both"
+    for runs in (subset, both):
+        for arch in ("plain", "resnet"):
+            for depth in (18, 34):
+                write_imagenet_run(runs, arch, depth, classes=100)
+    study, _ = pick_study(RunData.load(subset), "table2", imagenet=True)
+    assert study.subset == 100 and study.variant == "classes100" and not study.on_paper_schedule and not study.is_paper
+    assert study.label() == "imagenet, 600,000 iterations, 100 classes"
+    table = build_table("table2", RunData.load(subset))
+    assert set(table.shown["diff top-1"]) == {"–"}, table.shown
+    assert any(n.startswith("your runs are on 100 of ImageNet's 1,000 classes: the paper's numbers are not for this "
+                            "setting, so no difference is computed") for n in table.notes), table.notes
+    fig4 = build("fig4", RunData.load(subset))
+    assert "Star" not in fig4.caption and "your runs are on 100 of ImageNet's 1,000 classes" in fig4.caption, fig4.caption
+    # Runs on the whole set (1000 recorded, or no count: runs written before provenance had one) beside them.
+    for arch in ("plain", "resnet"):
+        for depth, classes in ((18, 1000), (34, None)):
+            write_imagenet_run(both, arch, depth, seed=1, classes=classes)
+    data = RunData.load(both)
+    assert sorted(data.runs.drop_duplicates("variant")["variant"]) == ["", "classes100"]
+    whole, _ = pick_study(data, "table2", imagenet=True)
+    assert whole.is_paper and whole.subset is None and len(whole.select(data.runs)) == 4
+    table = build_table("table2", data)
+    assert table.study == whole and "–" not in set(table.shown["diff top-1"]), table.shown
 
 
 @pytest.fixture(scope="module")

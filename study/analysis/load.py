@@ -30,6 +30,9 @@ from .paper import CIFAR_ITERATIONS, IMAGENET, IMAGENET_ITERATIONS, Series, seri
 IDENTITY = ["run_id", "dataset", "arch", "depth", "shortcut", "seed"]
 STUDY_KEY = ["dataset", "iterations", "batch_size", "holdout", "variant"]
 RUN_COLUMNS = IDENTITY + ["iterations", "batch_size", "holdout", "variant", "status", "last_iteration"]
+IMAGENET_CLASSES = 1000  # the full ILSVRC set: the paper's
+#: The variant part naming an ImageNet subset (`classes100`: a run whose data held 100 of the 1000 classes).
+SUBSET_PART = "classes"
 
 
 def net_of(cfg: dict) -> str:
@@ -102,6 +105,7 @@ def _run_row(run_dir: Path, unreadable: list[tuple[str, str]] | None = None) -> 
         status = {"status": "unknown"}
         _unreadable(run_dir / "status.json", why, unreadable)
     provenance = record.get("provenance") if record else None
+    classes = _class_count(provenance.get("classes") if isinstance(provenance, dict) else None)
     return {
         "run_id": run_dir.name,
         "dataset": str(cfg["dataset"]),
@@ -112,12 +116,21 @@ def _run_row(run_dir: Path, unreadable: list[tuple[str, str]] | None = None) -> 
         "iterations": int(cfg.get("iterations", CIFAR_ITERATIONS)),
         "batch_size": int(cfg.get("batch_size", PAPER_BATCH_SIZE)),
         "holdout": bool(cfg.get("holdout", False)),
-        "variant": variant_of(cfg),
+        "variant": _with_subset(variant_of(cfg), str(cfg["dataset"]), classes),
         "status": str(status.get("status", "new")),
         "last_iteration": int(status.get("iteration", 0)),
-        "classes": _class_count(provenance.get("classes") if isinstance(provenance, dict) else None),
+        "classes": classes,
         **_tencrop(run_dir),
     }
+
+
+def _with_subset(variant: str, dataset: str, classes: float) -> str:
+    """`variant` with `classesN` added where an ImageNet run's data held fewer than its 1000 classes (the
+    count its provenance recorded): such runs are not the paper's setting, and not one study with runs on
+    the whole set. A count not recorded (runs written before provenance had it) is taken as the whole set."""
+    if dataset != IMAGENET or not (classes < IMAGENET_CLASSES):
+        return variant
+    return ",".join(sorted([p for p in variant.split(",") if p] + [f"{SUBSET_PART}{int(classes)}"]))
 
 
 def _class_count(value: object) -> float:
@@ -336,10 +349,25 @@ class Study:
         return CIFAR_ITERATIONS, PAPER_BATCH_SIZE
 
     @property
+    def subset(self) -> int | None:
+        """The class count of an ImageNet subset (`classes100` in `variant`); None for the whole set."""
+        for part in self.variant.split(","):
+            if part.startswith(SUBSET_PART) and part[len(SUBSET_PART):].isdigit():
+                return int(part[len(SUBSET_PART):])
+        return None
+
+    @property
+    def protocol_variant(self) -> str:
+        """`variant` without the subset part: the deviations of protocol alone (bf16, ...)."""
+        return ",".join(p for p in self.variant.split(",") if p and not p.startswith(SUBSET_PART))
+
+    @property
     def on_paper_schedule(self) -> bool:
-        """The paper's data set, budget and batch size (a variant of the protocol, bf16 say, allowed): where
-        the paper's final numbers can stand beside ours (a star at the end of a curve, a table's difference)."""
-        return self.dataset in ("cifar10", IMAGENET) and (self.iterations, self.batch_size) == self.paper_budget
+        """The paper's data set (all of it: not an ImageNet subset), budget and batch size (a variant of the
+        protocol, bf16 say, allowed): where the paper's final numbers can stand beside ours (a star at the
+        end of a curve, a table's difference)."""
+        return (self.dataset in ("cifar10", IMAGENET) and (self.iterations, self.batch_size) == self.paper_budget
+                and self.subset is None)
 
     @property
     def is_paper(self) -> bool:
@@ -367,8 +395,10 @@ class Study:
                        f"the paper's {budget:,})")
         if self.batch_size != batch:
             out.append(f"at batch {self.batch_size} (the paper's {batch})")
-        if self.variant:
-            out.append(f"a variant of the protocol ({self.variant})")
+        if self.subset is not None:
+            out.append(f"on {self.subset:,} of ImageNet's {IMAGENET_CLASSES:,} classes")
+        if self.protocol_variant:
+            out.append(f"a variant of the protocol ({self.protocol_variant})")
         if self.holdout:
             out.append("trained on 90% of the training set (a 10% hold-out)")
         return out
@@ -385,8 +415,10 @@ class Study:
             parts.append(f"batch {self.batch_size}")
         if self.holdout:
             parts.append("90/10 hold-out")
-        if self.variant:
-            parts.append(f"variant {self.variant}")
+        if self.subset is not None:
+            parts.append(f"{self.subset:,} classes")
+        if self.protocol_variant:
+            parts.append(f"variant {self.protocol_variant}")
         return ", ".join(parts)
 
     def select(self, df: pd.DataFrame) -> pd.DataFrame:

@@ -28,8 +28,8 @@ import pandas as pd
 from ..config import ConfigError
 from ..data import DataError, dataset_info
 from .arms import judge_arms
-from .load import (NoRunsError, RunData, Study, chosen_text, one_probe_setting, pick_study, require_metrics, studies,
-                   unsettled_bn, unsettled_bn_note)
+from .load import (IMAGENET_CLASSES, NoRunsError, RunData, Study, chosen_text, one_probe_setting, pick_study,
+                   require_metrics, studies, unsettled_bn, unsettled_bn_note)
 from .paper import (CLAIMS, FIGURES, IMAGENET, PAPER_ARCHS, RESNET1202_TRAIN_ERROR_BELOW, TABLE2, TABLE3, TABLE6,
                     choose_series,
                     series_label)
@@ -62,7 +62,6 @@ SAME_TRAIN_ERROR_PP = 0.5
 # chance (a demo run of a few steps) are equally untrained, and which is "better" is noise. One
 # net at chance beside one that learned is judged: that is what degradation can look like.
 LEARNED_FRACTION_OF_CHANCE = 0.9
-IMAGENET_CLASSES = 1000  # the full ILSVRC set: for runs written before config.json recorded `classes`
 
 
 def _seeds(n: int) -> str:

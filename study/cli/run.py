@@ -209,13 +209,15 @@ def report_command(configs: list[RunConfig], runs_dir: str) -> str:
     """The `study report` that judges these runs: with the choosers of their study where the runs dir holds
     other studies too (the report would judge the one closest to the paper)."""
     command = "study report" + ("" if runs_dir == "runs" else f" --runs-dir {shlex.quote(str(runs_dir))}")
-    from ..analysis.load import CHOOSER_FLAGS, STUDY_KEY, _filter_text, load_run_table, studies, variant_of
+    from ..analysis.load import CHOOSER_FLAGS, STUDY_KEY, _filter_text, load_run_table, studies
 
-    mine = {(c.dataset, c.iterations, c.batch_size, c.holdout, variant_of(c.to_dict())) for c in configs}
     try:
-        present = studies(load_run_table(runs_dir))
+        table = load_run_table(runs_dir)
     except Exception:  # a runs dir the report would refuse: it says why
         return command
+    present = studies(table)
+    # As the analysis files them (an ImageNet subset's runs by the class count their data recorded).
+    mine = set(table.loc[table["run_id"].isin({c.run_id for c in configs}), STUDY_KEY].itertuples(index=False))
     if len(mine) != 1 or len(present) < 2:
         return command
     return command + "".join(f" {_filter_text(CHOOSER_FLAGS[k], v)}" for k, v in zip(STUDY_KEY, next(iter(mine))))
