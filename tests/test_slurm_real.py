@@ -107,9 +107,9 @@ def test_submit_one_task_per_run_and_train_as_locally(slurm_cluster, local_runs,
     assert queued & set(jobs.values()), (queued, jobs)
     for rid, job in jobs.items():
         assert json.loads((runs / rid / "slurm_job.json").read_text())["job_id"] == job
+    ref = local_runs(6, "0,1")  # the reference, trained while the jobs run
     wait_gone(slurm_cluster, jobs.values())
     assert statuses(tmp_path, runs) == {rid: ("done", "6/6") for rid in jobs}, job_logs(runs)
-    ref = local_runs(6, "0,1")
     for rid in jobs:
         pd.testing.assert_frame_equal(metrics(runs, rid), metrics(ref, rid))
     # Everything finished: nothing to submit.
